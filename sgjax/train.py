@@ -1,0 +1,211 @@
+"""The compiled training loop: ``lax.scan`` over chunks of steps, evaluation between chunks.
+
+Data lives on the device; every minibatch is sampled inside the compiled loop from
+``fold_in(key, step)``, so the host only sees chunk boundaries (progress, evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax.config import TrainConfig
+from sgjax.data import DeviceData, sample_batch, scale_images, to_device
+from sgjax.datasets import Dataset
+from sgjax.schedules import make_optimizer, piecewise_schedule
+from sgjax.steps import ModelState, StepMetrics, evaluate, init_model, make_train_step, network_of
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during a run."""
+
+    model: ModelState
+    step: jax.Array
+    """Number of updates done so far (int32 scalar)."""
+    key: jax.Array
+    """Base key; the batch of step t is sampled with ``fold_in(key, t)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    """One row of metrics.csv: training means over the chunk, test metrics at its end."""
+
+    step: int
+    learning_rate: float
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    sg_loss: tuple[float, ...]
+    elapsed_s: float
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    state: TrainState
+    records: list[EvalRecord]
+    status: str
+    compile_time_s: float
+    train_time_s: float
+    eval_time_s: float
+    steps_done: int
+    message: str = ""
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps_done / self.train_time_s if self.train_time_s > 0 else float("nan")
+
+
+ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
+
+
+def init_train_state(config: TrainConfig, seed: int | None = None) -> TrainState:
+    """Initial state for ``seed`` (default: the config's)."""
+    key = jax.random.PRNGKey(config.seed if seed is None else seed)
+    init_key, data_key = jax.random.split(key)
+    model = init_model(init_key, config, make_optimizer(_schedule(config)))
+    return TrainState(model, jnp.zeros((), jnp.int32), data_key)
+
+
+def _schedule(config: TrainConfig):
+    return piecewise_schedule(config.learning_rate, config.resolved_lr_boundaries)
+
+
+def make_run_chunk(config: TrainConfig, num_steps: int) -> ChunkFn:
+    """Pure function running ``num_steps`` train steps in one ``lax.scan``.
+
+    Returns the new state and the metrics averaged over those steps.
+    """
+    step_fn = make_train_step(config, make_optimizer(_schedule(config)))
+
+    def run_chunk(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
+        def body(carry: TrainState, _: None) -> tuple[TrainState, StepMetrics]:
+            batch = sample_batch(jax.random.fold_in(carry.key, carry.step), data, config.batch_size)
+            model, metrics = step_fn(carry.model, batch.images, batch.labels)
+            return TrainState(model, carry.step + 1, carry.key), metrics
+
+        state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+        return state, jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+
+    return run_chunk
+
+
+def evaluate_state(state: TrainState, data: DeviceData) -> tuple[jax.Array, jax.Array]:
+    """Test loss and accuracy on the whole test split (BatchNorm running averages)."""
+    blocks, output = network_of(state.model)
+    return evaluate(blocks, output, scale_images(data.test_images), data.test_labels)
+
+
+def chunk_lengths(num_steps: int, eval_every: int) -> list[int]:
+    """Lengths of the scanned chunks: ``eval_every`` each, the last one possibly shorter."""
+    full, rest = divmod(num_steps, eval_every)
+    return [eval_every] * full + ([rest] if rest else [])
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(record: EvalRecord, num_steps: int, steps_per_s: float) -> str:
+    """One human line per chunk: step, losses, accuracies, speed and ETA."""
+    eta = (num_steps - record.step) / steps_per_s if steps_per_s > 0 else float("nan")
+    line = (
+        f"step {record.step:>7d}/{num_steps} | loss {record.train_loss:.4f} "
+        f"acc {record.train_accuracy:.4f} | test loss {record.test_loss:.4f} "
+        f"acc {record.test_accuracy:.4f}"
+    )
+    if record.sg_loss:
+        line += " | sg loss " + " ".join(f"{v:.2e}" for v in record.sg_loss)
+    return line + f" | {steps_per_s:,.0f} steps/s | ETA {_format_eta(eta)}"
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    *,
+    on_record: Callable[[EvalRecord], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Run ``config`` on ``dataset``: compile every chunk shape first, then train and evaluate.
+
+    ``on_record`` receives each evaluation row as soon as it exists (metrics.csv is written from
+    it). A ``KeyboardInterrupt`` between or during chunks ends the run with status "interrupted"
+    and the records so far; a non-finite loss ends it with status "diverged".
+    """
+    data = to_device(dataset)
+    state = init_train_state(config)
+    schedule = _schedule(config)
+
+    lengths = chunk_lengths(config.num_steps, config.eval_every)
+    compile_start = time.perf_counter()
+    compiled = {
+        n: jax.jit(make_run_chunk(config, n), donate_argnums=0).lower(state, data).compile()
+        for n in sorted(set(lengths))
+    }
+    evaluate_compiled = jax.jit(evaluate_state).lower(state, data).compile()
+    compile_time = time.perf_counter() - compile_start
+    log(f"compiled {len(compiled)} chunk shape(s) and the evaluation in {compile_time:.1f} s")
+
+    records: list[EvalRecord] = []
+    train_time = eval_time = 0.0
+    steps_done = 0
+    status, message = "completed", ""
+    try:
+        for n in lengths:
+            start = time.perf_counter()
+            state, metrics = compiled[n](state, data)
+            metrics = jax.device_get(metrics)
+            train_time += time.perf_counter() - start
+            steps_done += n
+
+            start = time.perf_counter()
+            test_loss, test_acc = jax.device_get(evaluate_compiled(state, data))
+            eval_time += time.perf_counter() - start
+
+            record = EvalRecord(
+                step=steps_done,
+                learning_rate=float(schedule(steps_done - 1)),
+                train_loss=float(metrics.loss),
+                train_accuracy=float(metrics.accuracy),
+                test_loss=float(test_loss),
+                test_accuracy=float(test_acc),
+                sg_loss=tuple(float(v) for v in np.asarray(metrics.sg_loss)),
+                elapsed_s=train_time + eval_time,
+            )
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+            log(progress_line(record, config.num_steps, steps_done / train_time))
+            diverged = _divergence(record)
+            if diverged:
+                status, message = "diverged", diverged
+                break
+    except KeyboardInterrupt:
+        status = "interrupted"
+        message = f"interrupted after {steps_done} steps"
+    return RunResult(
+        state, records, status, compile_time, train_time, eval_time, steps_done, message
+    )
+
+
+def _divergence(record: EvalRecord) -> str:
+    """A one-line description of the first non-finite training quantity, or ''."""
+    if not math.isfinite(record.train_loss):
+        return f"training loss became {record.train_loss} by step {record.step}"
+    for layer, value in enumerate(record.sg_loss, start=1):
+        if not math.isfinite(value):
+            return f"synthetic-gradient loss of layer {layer} became {value} by step {record.step}"
+    return ""
