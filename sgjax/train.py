@@ -31,6 +31,8 @@ class TrainState(NamedTuple):
     """Number of updates done so far (int32 scalar)."""
     key: jax.Array
     """Base key; the batch of step t is sampled with ``fold_in(key, t)``."""
+    learning_rate: jax.Array
+    """Initial learning rate (float32 scalar): traced, so one program serves a sweep over it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +70,23 @@ class RunResult:
 ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
 
 
-def init_train_state(config: TrainConfig, seed: int | None = None) -> TrainState:
-    """Initial state for ``seed`` (default: the config's)."""
+def init_train_state(
+    config: TrainConfig,
+    seed: int | jax.Array | None = None,
+    learning_rate: float | jax.Array | None = None,
+) -> TrainState:
+    """Initial state for ``seed`` and ``learning_rate`` (defaults: the config's); traceable."""
     key = jax.random.PRNGKey(config.seed if seed is None else seed)
     init_key, data_key = jax.random.split(key)
-    model = init_model(init_key, config, make_optimizer(_schedule(config)))
-    return TrainState(model, jnp.zeros((), jnp.int32), data_key)
+    lr = jnp.asarray(config.learning_rate if learning_rate is None else learning_rate, jnp.float32)
+    model = init_model(init_key, config, make_optimizer(schedule_for(config, lr)))
+    return TrainState(model, jnp.zeros((), jnp.int32), data_key, lr)
 
 
-def _schedule(config: TrainConfig):
-    return piecewise_schedule(config.learning_rate, config.resolved_lr_boundaries)
+def schedule_for(config: TrainConfig, learning_rate: float | jax.Array | None = None):
+    """The run's piecewise-constant schedule, starting at ``learning_rate`` (default: config's)."""
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    return piecewise_schedule(lr, config.resolved_lr_boundaries)
 
 
 def make_run_chunk(config: TrainConfig, num_steps: int) -> ChunkFn:
@@ -85,13 +94,14 @@ def make_run_chunk(config: TrainConfig, num_steps: int) -> ChunkFn:
 
     Returns the new state and the metrics averaged over those steps.
     """
-    step_fn = make_train_step(config, make_optimizer(_schedule(config)))
 
     def run_chunk(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
+        step_fn = make_train_step(config, make_optimizer(schedule_for(config, state.learning_rate)))
+
         def body(carry: TrainState, _: None) -> tuple[TrainState, StepMetrics]:
             batch = sample_batch(jax.random.fold_in(carry.key, carry.step), data, config.batch_size)
             model, metrics = step_fn(carry.model, batch.images, batch.labels)
-            return TrainState(model, carry.step + 1, carry.key), metrics
+            return carry._replace(model=model, step=carry.step + 1), metrics
 
         state, metrics = jax.lax.scan(body, state, None, length=num_steps)
         return state, jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
@@ -103,6 +113,58 @@ def evaluate_state(state: TrainState, data: DeviceData) -> tuple[jax.Array, jax.
     """Test loss and accuracy on the whole test split (BatchNorm running averages)."""
     blocks, output = network_of(state.model)
     return evaluate(blocks, output, scale_images(data.test_images), data.test_labels)
+
+
+class RunHistory(NamedTuple):
+    """Per-evaluation metrics of a whole compiled run (leading axis: evaluations)."""
+
+    step: jax.Array
+    train_loss: jax.Array
+    train_accuracy: jax.Array
+    test_loss: jax.Array
+    test_accuracy: jax.Array
+    sg_loss: jax.Array
+
+
+def make_train(
+    config: TrainConfig,
+) -> Callable[[jax.Array, jax.Array, DeviceData], tuple[TrainState, RunHistory]]:
+    """``train(seed, learning_rate, data)``: the whole run as one pure, jittable function.
+
+    Evaluation runs inside the program after every chunk, so ``jax.jit(jax.vmap(train, (0, 0,
+    None)))`` trains many seeds or learning rates at once. Its numbers equal those of ``train``
+    (the Python-driven loop) for the same seed, chunk for chunk.
+    """
+    lengths = chunk_lengths(config.num_steps, config.eval_every)
+    full_chunks = lengths.count(config.eval_every)
+    run_full = make_run_chunk(config, config.eval_every)
+    run_rest = make_run_chunk(config, lengths[-1]) if lengths[-1] != config.eval_every else None
+
+    def chunk_and_evaluate(
+        state: TrainState, data: DeviceData, run_chunk: ChunkFn
+    ) -> tuple[TrainState, RunHistory]:
+        state, metrics = run_chunk(state, data)
+        test_loss, test_accuracy = evaluate_state(state, data)
+        record = RunHistory(
+            state.step, metrics.loss, metrics.accuracy, test_loss, test_accuracy, metrics.sg_loss
+        )
+        return state, record
+
+    def train_run(
+        seed: jax.Array, learning_rate: jax.Array, data: DeviceData
+    ) -> tuple[TrainState, RunHistory]:
+        state = init_train_state(config, seed, learning_rate)
+        state, history = jax.lax.scan(
+            lambda s, _: chunk_and_evaluate(s, data, run_full), state, None, length=full_chunks
+        )
+        if run_rest is not None:
+            state, last = chunk_and_evaluate(state, data, run_rest)
+            history = jax.tree_util.tree_map(
+                lambda h, x: jnp.concatenate([h, x[None]]), history, last
+            )
+        return state, history
+
+    return train_run
 
 
 def chunk_lengths(num_steps: int, eval_every: int) -> list[int]:
@@ -147,7 +209,7 @@ def train(
     """
     data = to_device(dataset)
     state = init_train_state(config)
-    schedule = _schedule(config)
+    schedule = schedule_for(config)
 
     lengths = chunk_lengths(config.num_steps, config.eval_every)
     compile_start = time.perf_counter()

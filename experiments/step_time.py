@@ -1,0 +1,62 @@
+"""Milliseconds per train step of each mode: scanned loop vs. jitted step from a Python loop.
+
+python experiments/step_time.py --modes=bp,sg,cdni --steps=200
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from sgjax.cli import make_flags_parser
+from sgjax.config import TrainConfig
+from sgjax.data import load_dataset, to_device
+from sgjax.report import device_info
+from sgjax.timing import flops_per_step, matmul_gflops, time_python_loop, time_scanned
+
+flags.DEFINE_list("modes", ["bp", "sg", "cdni"], "Modes to time.")
+flags.DEFINE_integer("steps", 200, "Steps per timed run.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timed runs per variant (median reported).", lower_bound=1)
+flags.DEFINE_integer("batch_size", 256, "Minibatch size.", lower_bound=1)
+flags.DEFINE_integer("sg_hidden_layers", None, "Module depth (default: the mode's).")
+flags.DEFINE_integer("sg_hidden_units", 1024, "Module width.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    data = to_device(load_dataset("mnist", None))
+    device = device_info()
+    print(f"device: {device['platform']} ({device['device_kind']})")
+    print(f"float32 matmul: {matmul_gflops():.0f} GFLOP/s")
+    header = "| mode | module | scanned ms/step | python-loop ms/step | loop/scan | GFLOP/step |"
+    header += " GFLOP/s (scanned) | compile s (scan / step) |"
+    print(header)
+    print("|" + "---|" * 8)
+    for mode in FLAGS.modes:
+        config = TrainConfig(
+            mode=mode,
+            batch_size=FLAGS.batch_size,
+            sg_hidden_layers=FLAGS.sg_hidden_layers,
+            sg_hidden_units=FLAGS.sg_hidden_units,
+        ).validate()
+        scanned = time_scanned(config, data, FLAGS.steps, FLAGS.repeats)
+        looped = time_python_loop(config, data, FLAGS.steps, FLAGS.repeats)
+        gflop = flops_per_step(config, data) / 1e9
+        layers = config.resolved_sg_hidden_layers
+        module = (
+            "-" if mode == "bp" else f"{layers}x{config.sg_hidden_units}" if layers else "linear"
+        )
+        print(
+            f"| {mode} | {module} | {scanned.ms_per_step:.2f} | {looped.ms_per_step:.2f} | "
+            f"{looped.ms_per_step / scanned.ms_per_step:.2f} | {gflop:.3f} | "
+            f"{gflop / scanned.ms_per_step * 1e3:.0f} | "
+            f"{scanned.compile_s:.1f} / {looped.compile_s:.1f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main, flags_parser=make_flags_parser(FLAGS)))
