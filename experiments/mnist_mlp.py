@@ -11,8 +11,9 @@ import sys
 
 from absl import app, flags
 
-from sgjax.cli import make_flags_parser, parse_int_list, run_training
+from sgjax.cli import make_flags_parser, parse_int_list
 from sgjax.config import DATASETS, MODES, TrainConfig
+from sgjax.runner import run_training
 
 _DEFAULTS = TrainConfig()
 
@@ -43,7 +44,14 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed (initialisation and batch sampling).")
 flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.")
+flags.DEFINE_integer(
+    "checkpoint_every",
+    None,
+    "Steps between checkpoints, a multiple of --eval_every (default: every evaluation; 0: none).",
+)
 flags.DEFINE_string("output_dir", None, "Where results go (default: runs/<mode>).")
+flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --output_dir.")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.")
 
 FLAGS = flags.FLAGS
 
@@ -64,9 +72,10 @@ def main(argv: list[str]) -> int:
         data_dir=FLAGS.data_dir,
         seed=FLAGS.seed,
         eval_every=FLAGS.eval_every,
+        checkpoint_every=FLAGS.checkpoint_every,
         output_dir=FLAGS.output_dir,
     )
-    return run_training(config)
+    return run_training(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from absl import flags
+from absl import flags, logging
 
 from sgjax.config import ConfigError, TrainConfig
 from sgjax.datasets import DataError, load_dataset
@@ -40,6 +40,8 @@ def make_flags_parser(
     def parse(argv: Sequence[str]) -> list[str]:
         try:
             rest = flag_values(argv)
+            # JAX and orbax log routine INFO lines through absl; keep stderr for what matters.
+            logging.set_verbosity(logging.WARNING)
         except flags.Error as error:
             fail(f"{error}; see --helpshort for the valid values")
         if len(rest) > 1:

@@ -40,6 +40,8 @@ class TrainConfig:
     data_dir: str | None = None
     seed: int = 0
     eval_every: int = 10_000
+    checkpoint_every: int | None = None
+    """Steps between checkpoints: None means at every evaluation, 0 means never."""
     output_dir: str | None = None
 
     @property
@@ -86,7 +88,19 @@ class TrainConfig:
                 f"--learning_rate={self.learning_rate} must be a positive finite number"
             )
         _validate_boundaries(self.resolved_lr_boundaries, self.num_steps, self.lr_boundaries)
+        if self.checkpoint_every is not None and (
+            self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every
+        ):
+            raise ConfigError(
+                f"--checkpoint_every={self.checkpoint_every} must be 0 (no checkpoints) or a "
+                f"multiple of --eval_every={self.eval_every}: checkpoints are taken at evaluations"
+            )
         return self
+
+    @property
+    def resolved_checkpoint_every(self) -> int:
+        """Steps between checkpoints (0: none)."""
+        return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
 
     def to_dict(self) -> dict:
         """Every field, with derived values (module depth, boundaries) filled in."""

@@ -64,8 +64,21 @@ class RunResult:
 
     @property
     def steps_per_s(self) -> float:
+        """Training steps per second over the whole run (all sessions, compile excluded)."""
         return self.steps_done / self.train_time_s if self.train_time_s > 0 else float("nan")
 
+
+class Resume(NamedTuple):
+    """Where a resumed run starts: a checkpoint's state, records and times so far."""
+
+    state: TrainState
+    records: list[EvalRecord]
+    train_time_s: float
+    eval_time_s: float
+
+
+SaveCheckpoint = Callable[[TrainState, list[EvalRecord], float, float], None]
+"""``save(state, records, train_time_s, eval_time_s)``, called at checkpoint steps."""
 
 ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
 
@@ -200,18 +213,30 @@ def train(
     *,
     on_record: Callable[[EvalRecord], None] | None = None,
     log: Callable[[str], None] = print,
+    start: Resume | None = None,
+    save_checkpoint: SaveCheckpoint | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> RunResult:
     """Run ``config`` on ``dataset``: compile every chunk shape first, then train and evaluate.
 
-    ``on_record`` receives each evaluation row as soon as it exists (metrics.csv is written from
-    it). A ``KeyboardInterrupt`` between or during chunks ends the run with status "interrupted"
-    and the records so far; a non-finite loss ends it with status "diverged".
+    ``start`` resumes from a checkpoint (a chunk boundary, so the rest of the run is exactly what
+    an uninterrupted run computes). ``on_record`` receives each evaluation row as soon as it
+    exists; ``save_checkpoint`` is called every ``config.resolved_checkpoint_every`` steps, at the
+    end, and when ``stop_requested()`` turns true after a chunk (status "interrupted"). A
+    non-finite loss ends the run with status "diverged" without checkpointing the bad state; a
+    ``KeyboardInterrupt`` ends it at once with status "interrupted".
     """
     data = to_device(dataset)
-    state = init_train_state(config)
+    if start is None:
+        initial = jax.jit(init_train_state, static_argnums=0)(config)
+        start = Resume(initial, [], 0.0, 0.0)
+    state = start.state
+    records = list(start.records)
+    steps_done = int(state.step)
     schedule = schedule_for(config)
+    every = config.resolved_checkpoint_every
 
-    lengths = chunk_lengths(config.num_steps, config.eval_every)
+    lengths = chunk_lengths(config.num_steps - steps_done, config.eval_every)
     compile_start = time.perf_counter()
     compiled = {
         n: jax.jit(make_run_chunk(config, n), donate_argnums=0).lower(state, data).compile()
@@ -221,21 +246,23 @@ def train(
     compile_time = time.perf_counter() - compile_start
     log(f"compiled {len(compiled)} chunk shape(s) and the evaluation in {compile_time:.1f} s")
 
-    records: list[EvalRecord] = []
-    train_time = eval_time = 0.0
-    steps_done = 0
+    train_time, eval_time = start.train_time_s, start.eval_time_s
+    session_steps, session_time = 0, 0.0
     status, message = "completed", ""
     try:
         for n in lengths:
-            start = time.perf_counter()
+            begin = time.perf_counter()
             state, metrics = compiled[n](state, data)
             metrics = jax.device_get(metrics)
-            train_time += time.perf_counter() - start
+            elapsed = time.perf_counter() - begin
+            train_time += elapsed
+            session_time += elapsed
             steps_done += n
+            session_steps += n
 
-            start = time.perf_counter()
+            begin = time.perf_counter()
             test_loss, test_acc = jax.device_get(evaluate_compiled(state, data))
-            eval_time += time.perf_counter() - start
+            eval_time += time.perf_counter() - begin
 
             record = EvalRecord(
                 step=steps_done,
@@ -250,14 +277,22 @@ def train(
             records.append(record)
             if on_record is not None:
                 on_record(record)
-            log(progress_line(record, config.num_steps, steps_done / train_time))
-            diverged = _divergence(record)
-            if diverged:
-                status, message = "diverged", diverged
+            log(progress_line(record, config.num_steps, session_steps / session_time))
+            message = _divergence(record)
+            if message:
+                status = "diverged"
+                break
+            stopping = stop_requested()
+            last = steps_done == config.num_steps
+            if save_checkpoint is not None and (
+                last or stopping or (every and steps_done % every == 0)
+            ):
+                save_checkpoint(state, records, train_time, eval_time)
+            if stopping and not last:
+                status, message = "interrupted", f"stopped after step {steps_done}"
                 break
     except KeyboardInterrupt:
-        status = "interrupted"
-        message = f"interrupted after {steps_done} steps"
+        status, message = "interrupted", f"interrupted after step {steps_done}"
     return RunResult(
         state, records, status, compile_time, train_time, eval_time, steps_done, message
     )

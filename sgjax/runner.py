@@ -1,0 +1,167 @@
+"""One run end to end, as the command line does it: output folder, checkpoints, signals, exit code.
+
+Order matters for "nothing half-written": the configuration, the data and the output folder are
+all checked before the first file is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import jax
+
+from sgjax.checkpoint import Checkpointer, CheckpointError
+from sgjax.cli import EXIT_DIVERGED, fail
+from sgjax.config import ConfigError, TrainConfig
+from sgjax.datasets import DataError, Dataset, load_dataset
+from sgjax.report import (
+    MetricsWriter,
+    OutputError,
+    build_results,
+    prepare_output_dir,
+    summary_lines,
+    write_json_atomic,
+)
+from sgjax.train import Resume, init_train_state, train
+
+DEFAULT_OUTPUT_ROOT = "runs"
+RUN_FILES = ("results.json", "metrics.csv", "checkpoints")
+EXIT_CODE_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the loop to stop after the current chunk,
+    a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in EXIT_CODE_FOR_SIGNAL:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        name = signal.Signals(signum).name
+        print(
+            f"{name} received: stopping after the current chunk (Ctrl-C again stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def output_dir_for(config: TrainConfig) -> Path:
+    return Path(config.output_dir or Path(DEFAULT_OUTPUT_ROOT) / config.mode)
+
+
+def claim_output_dir(folder: Path, resume: bool, overwrite: bool) -> Path:
+    """Refuse a folder holding an earlier run unless resuming or overwriting; make it writable."""
+    earlier = [name for name in RUN_FILES if (folder / name).exists()]
+    if earlier and not (resume or overwrite):
+        raise OutputError(
+            f"--output_dir={str(folder)!r} already holds a run ({', '.join(earlier)}); pass "
+            "--resume to continue it, --overwrite to replace it, or choose another folder"
+        )
+    prepare_output_dir(folder)
+    if overwrite and not resume:
+        for name in earlier:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return folder
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes this run."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return " ".join(["python", *kept, "--resume"])
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
+    """Validate, load data, train (resuming if asked), write results; returns the exit code."""
+    try:
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+        config.validate()
+        dataset = load_dataset(config.dataset, config.data_dir)
+        _check_fits(config, dataset)
+        output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
+        checkpointer = Checkpointer(output_dir / "checkpoints")
+        start = _resume_point(checkpointer, config) if resume else None
+    except (ConfigError, DataError, OutputError, CheckpointError) as error:
+        fail(str(error))
+    print(f"data: {dataset.reason}", flush=True)
+    if start is not None:
+        print(f"resuming from step {int(start.state.step)} in {output_dir}", flush=True)
+    else:
+        print(f"writing to {output_dir}", flush=True)
+
+    def save(state, records, train_time_s, eval_time_s) -> None:  # noqa: ANN001
+        checkpointer.save(state, records, config, train_time_s, eval_time_s)
+
+    stop = StopRequest()
+    stop.install()
+    metrics = MetricsWriter(output_dir / "metrics.csv", config.hidden_layers * config.decoupled)
+    try:
+        for record in start.records if start else []:
+            metrics.write(record)
+        result = train(
+            config,
+            dataset,
+            on_record=metrics.write,
+            start=start,
+            save_checkpoint=save if config.resolved_checkpoint_every else None,
+            stop_requested=stop,
+        )
+    finally:
+        metrics.close()
+        checkpointer.close()
+    results = build_results(config, dataset, result)
+    write_json_atomic(output_dir / "results.json", results)
+    for line in summary_lines(results):
+        print(line, flush=True)
+    return _report_status(result.status, result.message, output_dir, stop.signal)
+
+
+def _check_fits(config: TrainConfig, dataset: Dataset) -> None:
+    if config.batch_size > dataset.train_size:
+        raise ConfigError(
+            f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
+            f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
+        )
+
+
+def _resume_point(checkpointer: Checkpointer, config: TrainConfig) -> Resume | None:
+    if checkpointer.latest_step() is None:
+        print(f"no checkpoint in {checkpointer.directory}: starting from step 0", flush=True)
+        return None
+    return checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
+
+
+def _report_status(status: str, message: str, output_dir: Path, signum: int | None) -> int:
+    if status == "diverged":
+        print(
+            f"error: run diverged: {message}; the last good checkpoint is kept in "
+            f"{output_dir / 'checkpoints'}; lower --learning_rate and start again",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_DIVERGED
+    if status == "interrupted":
+        print(
+            f"{message}; results so far in {output_dir}; resume with: {resume_command(sys.argv)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_CODE_FOR_SIGNAL.get(signum, 130)
+    return 0
