@@ -1,0 +1,176 @@
+"""Runs that survive: SIGKILL then --resume, SIGINT, divergence, refused output folders.
+
+Every case runs the real command line in a subprocess on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sgjax.checkpoint import Checkpointer
+from sgjax.config import TrainConfig
+from sgjax.train import init_train_state
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
+# Long enough (about 40 chunks) that a signal lands mid-run; small enough to take seconds.
+RUN = dict(mode="cdni", num_steps=800, eval_every=20, hidden_units=64, learning_rate=1e-3)
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+
+
+def _args(output_dir: Path, **overrides) -> list[str]:
+    flags = RUN | overrides
+    return [sys.executable, SCRIPT, f"--output_dir={output_dir}"] + [
+        f"--{k}={v}" for k, v in flags.items()
+    ]
+
+
+def _run(args: list[str], extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args + list(extra), capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO
+    )
+
+
+def _start_and_signal(args: list[str], output_dir: Path, sig: int, after_rows: int):
+    """Start a run, send ``sig`` once metrics.csv has ``after_rows`` rows, wait for the end."""
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+    )
+    metrics = output_dir / "metrics.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > after_rows:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=240)
+    return process.returncode, stdout, stderr
+
+
+def _results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def _comparable(results: dict) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in results["history"]]
+
+
+def _final_state(output_dir: Path):
+    config = TrainConfig(**RUN)
+    checkpointer = Checkpointer(output_dir / "checkpoints")
+    try:
+        restored = checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
+    finally:
+        checkpointer.close()
+    return restored
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    done = _run(_args(output_dir))
+    assert done.returncode == 0, done.stderr
+    return output_dir
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _results(a)["status"] == _results(b)["status"] == "completed"
+    assert _comparable(_results(a)) == _comparable(_results(b))
+    state_a, state_b = _final_state(a).state, _final_state(b).state
+    assert int(state_a.step) == int(state_b.step) == RUN["num_steps"]
+    for x, y in zip(
+        jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path):
+    code, _, _ = _start_and_signal(_args(tmp_path), tmp_path, signal.SIGKILL, after_rows=5)
+    assert code == -signal.SIGKILL
+    assert not (tmp_path / "results.json").exists() or _results(tmp_path)["status"] != "completed"
+
+    resumed = _run(_args(tmp_path), ("--resume",))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step" in resumed.stdout
+    _assert_same_run(uninterrupted, tmp_path)
+
+
+def test_sigint_checkpoints_and_the_resumed_run_completes(uninterrupted, tmp_path):
+    code, _, stderr = _start_and_signal(_args(tmp_path), tmp_path, signal.SIGINT, after_rows=3)
+    assert code == 130, stderr
+    results = _results(tmp_path)
+    assert results["status"] == "interrupted"
+    assert 0 < results["steps_done"] < RUN["num_steps"]
+    assert "--resume" in stderr.strip().splitlines()[-1]
+    assert _final_state(tmp_path).state.step == results["steps_done"]
+
+    resumed = _run(_args(tmp_path), ("--resume",))
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(uninterrupted, tmp_path)
+
+
+def test_sigterm_exits_143_with_status_interrupted(tmp_path):
+    code, _, stderr = _start_and_signal(_args(tmp_path), tmp_path, signal.SIGTERM, after_rows=2)
+    assert code == 143, stderr
+    assert _results(tmp_path)["status"] == "interrupted"
+
+
+def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path):
+    done = _run(_args(tmp_path, learning_rate=1e8, eval_every=1, num_steps=50))
+    assert done.returncode == 3, done.stderr
+    results = _results(tmp_path)
+    assert results["status"] == "diverged"
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and f"by step {results['steps_done']}" in error_lines[0]
+
+    config = TrainConfig(**(RUN | dict(learning_rate=1e8, eval_every=1, num_steps=50)))
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    restored = checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
+    checkpointer.close()
+    assert int(restored.state.step) < results["steps_done"]
+    leaves = jax.tree_util.tree_leaves(restored.state.model)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path):
+    short = dict(num_steps=40, eval_every=20)
+    assert _run(_args(tmp_path, **short)).returncode == 0
+    before = (tmp_path / "results.json").read_text()
+
+    refused = _run(_args(tmp_path, **short))
+    assert refused.returncode == 2
+    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert (tmp_path / "results.json").read_text() == before
+
+    mismatched = _run(_args(tmp_path, **short, hidden_units=32), ("--resume",))
+    assert mismatched.returncode == 2
+    assert "--hidden_units=64 (now 32)" in mismatched.stderr
+    assert "Traceback" not in mismatched.stderr
+
+    replaced = _run(_args(tmp_path, **short, hidden_units=32), ("--overwrite",))
+    assert replaced.returncode == 0, replaced.stderr
+    assert _results(tmp_path)["config"]["hidden_units"] == 32
+
+
+def test_a_corrupt_checkpoint_is_refused_with_a_message(tmp_path):
+    short = dict(num_steps=40, eval_every=20)
+    assert _run(_args(tmp_path, **short)).returncode == 0
+    latest = tmp_path / "checkpoints" / "40"
+    for path in (latest / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    refused = _run(_args(tmp_path, **short), ("--resume",))
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert str(latest) in refused.stderr
