@@ -13,7 +13,8 @@ EXIT_DIVERGED = 3
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
     """Print one line to stderr and exit with ``code``."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

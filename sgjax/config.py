@@ -19,6 +19,11 @@ DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0}
 """DNI modules have 2 hidden layers of 1024 units; cDNI modules are linear (paper settings)."""
 
 
+MAX_STEPS = 2**31 - 1
+"""The step counter is an int32 on the device."""
+MAX_SEED = 2**32 - 1
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line saying what to change."""
 
@@ -78,6 +83,10 @@ class TrainConfig:
             )
         for name in ("num_steps", "batch_size", "hidden_layers", "hidden_units", "eval_every"):
             _require_positive(name, getattr(self, name))
+        if self.num_steps > MAX_STEPS:
+            raise ConfigError(f"--num_steps={self.num_steps} is above the limit of {MAX_STEPS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed={self.seed} must be between 0 and {MAX_SEED}")
         if self.sg_hidden_layers is not None and self.sg_hidden_layers < 0:
             raise ConfigError(
                 f"--sg_hidden_layers={self.sg_hidden_layers} is negative; use 0 (linear) or more"
@@ -101,6 +110,23 @@ class TrainConfig:
     def resolved_checkpoint_every(self) -> int:
         """Steps between checkpoints (0: none)."""
         return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
+
+    def estimated_bytes(self) -> int:
+        """Rough memory need: parameters with gradients and two Adam moments, plus activations.
+
+        Used to refuse impossible sizes before anything is allocated; not a precise figure.
+        """
+        units, hidden = self.hidden_units, self.hidden_layers
+        params = INPUT_DIM * units + (hidden - 1) * units * units + units * NUM_CLASSES
+        widths = [units] * hidden
+        if self.decoupled:
+            depth, width = self.resolved_sg_hidden_layers, self.sg_hidden_units
+            module_in = units + (NUM_CLASSES if self.conditioned else 0)
+            sizes = [module_in] + [width] * depth + [units]
+            params += hidden * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+            widths += [width] * depth * hidden
+        activations = self.batch_size * (INPUT_DIM + 8 * sum(widths))
+        return 4 * (4 * params + activations)
 
     def to_dict(self) -> dict:
         """Every field, with derived values (module depth, boundaries) filled in."""

@@ -6,6 +6,7 @@ all checked before the first file is written.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -134,11 +135,26 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
 
 
 def _check_fits(config: TrainConfig, dataset: Dataset) -> None:
+    available = device_memory_bytes()
+    if config.estimated_bytes() > available:
+        raise ConfigError(
+            f"this network needs about {config.estimated_bytes() / 2**30:.1f} GiB but the "
+            f"device has {available / 2**30:.1f} GiB; reduce --hidden_units, --hidden_layers, "
+            "--sg_hidden_units or --batch_size"
+        )
     if config.batch_size > dataset.train_size:
         raise ConfigError(
             f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
             f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
         )
+
+
+def device_memory_bytes() -> int:
+    """Memory of the default device: its allocator limit, or the host's RAM for the CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _resume_point(checkpointer: Checkpointer, config: TrainConfig) -> Resume | None:
