@@ -1,0 +1,65 @@
+"""Measure checkpoint size, save and restore time at the paper's network sizes.
+
+  python tools/checkpoint_cost.py [--saves=5]
+
+Each mode first trains 20 steps so Adam's moments are non-zero (an initial state compresses far
+better than a real one), then saves ``--saves`` times and restores once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from sgjax.checkpoint import Checkpointer
+from sgjax.cli import make_flags_parser
+from sgjax.config import TrainConfig
+from sgjax.data import load_dataset
+from sgjax.train import init_train_state, train
+
+flags.DEFINE_integer("saves", 5, "Saves per mode (median reported).", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    dataset = load_dataset("mnist", None)
+    print("| mode | floats in state | on disk | save (median) | restore |")
+    print("|---|---|---|---|---|")
+    for mode in ("bp", "cdni", "sg"):
+        config = TrainConfig(mode=mode, num_steps=20, eval_every=20, learning_rate=1e-3)
+        state = train(config, dataset, log=lambda _: None).state
+        folder = Path(tempfile.mkdtemp(prefix=f"ckpt-{mode}-"))
+        checkpointer = Checkpointer(folder)
+        saves = []
+        for _ in range(FLAGS.saves):
+            state = state._replace(step=state.step + 10_000)
+            start = time.perf_counter()
+            checkpointer.save(state, [], config, 0.0, 0.0)
+            saves.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        checkpointer.restore(config, jax.eval_shape(lambda c=config: init_train_state(c)))
+        restore = time.perf_counter() - start
+        latest = folder / str(checkpointer.latest_step())
+        size = int(subprocess.check_output(["du", "-sb", str(latest)]).split()[0])
+        floats = sum(x.size for x in jax.tree_util.tree_leaves(state.model))
+        print(
+            f"| {mode} | {floats / 1e6:.2f} M | {size / 2**20:.1f} MiB | "
+            f"{statistics.median(saves) * 1e3:.0f} ms | {restore * 1e3:.0f} ms |",
+            flush=True,
+        )
+        checkpointer.close()
+        shutil.rmtree(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main, flags_parser=make_flags_parser(FLAGS)))
