@@ -9,11 +9,12 @@ import sys
 
 from absl import app, flags
 
+from sgjax.benchmark_report import module_label
 from sgjax.cli import make_flags_parser
 from sgjax.config import TrainConfig
 from sgjax.data import load_dataset, to_device
 from sgjax.report import device_info
-from sgjax.timing import flops_per_step, matmul_gflops, time_python_loop, time_scanned
+from sgjax.timing import matmul_gflops, time_python_loop, time_scanned
 
 flags.DEFINE_list("modes", ["bp", "sg", "cdni"], "Modes to time.")
 flags.DEFINE_integer("steps", 200, "Steps per timed run.", lower_bound=1)
@@ -43,13 +44,10 @@ def main(argv: list[str]) -> int:
         ).validate()
         scanned = time_scanned(config, data, FLAGS.steps, FLAGS.repeats)
         looped = time_python_loop(config, data, FLAGS.steps, FLAGS.repeats)
-        gflop = flops_per_step(config, data) / 1e9
-        layers = config.resolved_sg_hidden_layers
-        module = (
-            "-" if mode == "bp" else f"{layers}x{config.sg_hidden_units}" if layers else "linear"
-        )
+        gflop = looped.flops_per_step / 1e9
         print(
-            f"| {mode} | {module} | {scanned.ms_per_step:.2f} | {looped.ms_per_step:.2f} | "
+            f"| {mode} | {module_label(config)} | {scanned.ms_per_step:.2f} | "
+            f"{looped.ms_per_step:.2f} | "
             f"{looped.ms_per_step / scanned.ms_per_step:.2f} | {gflop:.3f} | "
             f"{gflop / scanned.ms_per_step * 1e3:.0f} | "
             f"{scanned.compile_s:.1f} / {looped.compile_s:.1f} |",

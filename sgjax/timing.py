@@ -17,17 +17,25 @@ from sgjax.config import TrainConfig
 from sgjax.data import DeviceData, sample_batch
 from sgjax.schedules import make_optimizer
 from sgjax.steps import make_train_step
-from sgjax.train import TrainState, init_train_state, make_run_chunk, schedule_for
+from sgjax.train import (
+    TrainState,
+    evaluate_state,
+    init_train_state,
+    make_run_chunk,
+    schedule_for,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopTiming:
-    """Median milliseconds per step over ``repeats`` timed runs, and the compile time."""
+    """Median milliseconds per step over ``repeats`` timed runs, the compile time, and XLA's
+    FLOP count of one step of the timed program (XLA counts a loop body once)."""
 
     ms_per_step: float
     compile_s: float
     steps: int
     repeats: int
+    flops_per_step: float = float("nan")
 
 
 def _make_single_step(config: TrainConfig):
@@ -61,7 +69,7 @@ def time_scanned(
         state, _ = chunk(state, data)
         jax.block_until_ready(state)
         runs.append(time.perf_counter() - start)
-    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats)
+    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats, compiled_flops(chunk))
 
 
 def time_python_loop(
@@ -82,21 +90,59 @@ def time_python_loop(
             state = step(state, data)
         jax.block_until_ready(state)
         runs.append(time.perf_counter() - start)
-    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats)
+    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats, compiled_flops(step))
 
 
-def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
-    """XLA's FLOP count for one compiled train step (batch sampling included)."""
-    state = init_train_state(config)
-    compiled = jax.jit(_make_single_step(config)).lower(state, data).compile()
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+    """XLA's FLOP count of a compiled program (a loop body is counted once); NaN if unknown."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):  # older jax returns one dict per computation
         analysis = analysis[0]
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
+def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """XLA's estimate of a compiled program's memory: arguments, outputs and temporaries."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if stats is None:
+        return None
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
+    """XLA's FLOP count for one compiled train step (batch sampling included)."""
+    state = init_train_state(config)
+    return compiled_flops(jax.jit(_make_single_step(config)).lower(state, data).compile())
+
+
+def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
+    """XLA's FLOP count for one evaluation on the whole test split."""
+    state = init_train_state(config)
+    return compiled_flops(jax.jit(evaluate_state).lower(state, data).compile())
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's devices so far (max over them); None where the
+    backend keeps no statistics (the CPU)."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matrix-product rate of the default device, in GFLOP/s."""
+    """The default device's float32 matrix-product rate in GFLOP/s: the best of ``repeats``
+    timed products, i.e. what the device reaches when nothing else competes for it."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     product = jax.jit(lambda x: x @ x)
     jax.block_until_ready(product(a))
@@ -105,4 +151,4 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
         start = time.perf_counter()
         jax.block_until_ready(product(a))
         runs.append(time.perf_counter() - start)
-    return 2 * size**3 / _median(runs) / 1e9
+    return 2 * size**3 / min(runs) / 1e9

@@ -1,0 +1,231 @@
+"""The benchmark's command line: flags (presets applied under explicit flags), run, write files.
+
+``experiments/benchmark.py`` only defines these flags on ``absl.flags.FLAGS`` and calls ``main``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from absl import flags
+
+from sgjax.benchmark import BenchmarkResult, BenchmarkSettings, run_benchmark
+from sgjax.benchmark_report import build_json, build_rows, table_markdown
+from sgjax.cli import fail, parse_int_list
+from sgjax.config import DATASETS, MODES, ConfigError, TrainConfig
+from sgjax.datasets import DataError, Dataset, load_dataset
+from sgjax.plots import plot_curves, plot_sg_loss, plot_time_per_step
+from sgjax.presets import PRESETS, apply_preset
+from sgjax.report import OutputError, prepare_output_dir, write_json_atomic
+from sgjax.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
+
+DEFAULT_OUTPUT_DIR = "runs/benchmark"
+_DEFAULTS = TrainConfig()
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Define the benchmark's flags on ``fv``: the training flags of mnist_mlp.py (``--modes``
+    instead of ``--mode``) plus preset, seeds, sweeps and the extra timings."""
+    presets = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
+    flags.DEFINE_enum(
+        "preset",
+        None,
+        list(PRESETS),
+        f"Named settings; explicit flags override them. {presets}",
+        flag_values=fv,
+    )
+    flags.DEFINE_list("modes", list(MODES), "Modes to compare (bp, sg, cdni).", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_seeds",
+        1,
+        "Seeds (--seed, --seed+1, ...) trained in one vmapped program.",
+        flag_values=fv,
+    )
+    flags.DEFINE_multi_string(
+        "sweep",
+        [],
+        "name=v1,v2: run every value (repeat the flag for more names; every combination runs). "
+        f"Vmapped in one program: {', '.join(TRACED_FIELDS)}; one program per value: "
+        f"{', '.join(STATIC_FIELDS)}.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("num_steps", _DEFAULTS.num_steps, "Training steps.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Minibatch size.", flag_values=fv)
+    flags.DEFINE_float(
+        "learning_rate", _DEFAULTS.learning_rate, "Initial Adam learning rate.", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "lr_boundaries",
+        None,
+        "Steps at which the learning rate is divided by 10 (default: 0.6 and 0.8 of --num_steps).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "hidden_layers", _DEFAULTS.hidden_layers, "Hidden blocks (Dense-BN-ReLU).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "hidden_units", _DEFAULTS.hidden_units, "Units per hidden block.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "sg_hidden_layers",
+        None,
+        "Hidden layers of every synthetic-gradient module, for sg and cdni alike "
+        "(default: 2 for sg, 0 for cdni).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "sg_hidden_units",
+        _DEFAULTS.sg_hidden_units,
+        "Units per synthetic-gradient module layer.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum("dataset", _DEFAULTS.dataset, DATASETS, "Dataset.", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "Folder with the MNIST-format IDX files.", flag_values=fv)
+    flags.DEFINE_integer("seed", _DEFAULTS.seed, "First seed.", flag_values=fv)
+    flags.DEFINE_integer(
+        "eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        DEFAULT_OUTPUT_DIR,
+        "Where table.md, benchmark.json and plots go.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "loop_steps",
+        200,
+        "Steps per timing of the lax.scan loop vs. the jitted step from a Python loop (0: skip).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("loop_repeats", 3, "Timed repeats (median).", flag_values=fv)
+    flags.DEFINE_boolean(
+        "compare_separate",
+        True,
+        "With several runs per program, also run each alone (time ratio and equality check).",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() first (multi-host: runs shard over every host).",
+        flag_values=fv,
+    )
+
+
+def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
+    """Apply ``--preset`` under the explicit flags, then build and validate the settings.
+
+    Raises ConfigError (one line) for settings that cannot run.
+    """
+    if fv.preset:
+        apply_preset(fv, fv.preset)
+    base = TrainConfig(
+        mode=MODES[0],
+        num_steps=fv.num_steps,
+        batch_size=fv.batch_size,
+        learning_rate=fv.learning_rate,
+        lr_boundaries=parse_int_list("lr_boundaries", fv.lr_boundaries),
+        hidden_layers=fv.hidden_layers,
+        hidden_units=fv.hidden_units,
+        sg_hidden_layers=fv.sg_hidden_layers,
+        sg_hidden_units=fv.sg_hidden_units,
+        dataset=fv.dataset,
+        data_dir=fv.data_dir,
+        seed=fv.seed,
+        eval_every=fv.eval_every,
+        output_dir=fv.output_dir,
+    )
+    return BenchmarkSettings(
+        base=base,
+        modes=tuple(fv.modes),
+        num_seeds=fv.num_seeds,
+        sweeps=parse_sweeps(fv.sweep),
+        loop_steps=fv.loop_steps,
+        loop_repeats=fv.loop_repeats,
+        compare_separate=fv.compare_separate,
+        preset=fv.preset,
+    ).validate()
+
+
+def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
+    """Every dataset the programs use, checked against their batch sizes."""
+    datasets: dict[str, Dataset] = {}
+    for spec in settings.programs():
+        config = spec.config
+        if config.dataset not in datasets:
+            datasets[config.dataset] = load_dataset(config.dataset, config.data_dir)
+        dataset = datasets[config.dataset]
+        if config.batch_size > dataset.train_size:
+            raise ConfigError(
+                f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
+                f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
+            )
+    return datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkFiles:
+    """Paths of everything a benchmark writes."""
+
+    table: Path
+    json: Path
+    curves: Path
+    sg_loss: Path
+    time_per_step: Path
+
+
+def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
+    """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png."""
+    rows = build_rows(result)
+    table = folder / "table.md"
+    table.write_text(table_markdown(result, rows))
+    json_path = folder / "benchmark.json"
+    write_json_atomic(json_path, build_json(result, rows))
+    return BenchmarkFiles(
+        table=table,
+        json=json_path,
+        curves=plot_curves(rows, folder / "curves.png"),
+        sg_loss=plot_sg_loss(rows, folder / "sg_loss.png"),
+        time_per_step=plot_time_per_step(
+            rows, result.loops, result.matmul_gflops, folder / "time_per_step.png"
+        ),
+    )
+
+
+def run(
+    fv: flags.FlagValues, log: Callable[[str], None] = print
+) -> tuple[BenchmarkResult, BenchmarkFiles | None]:
+    """Flags -> settings -> data -> programs -> files (written by process 0 only).
+
+    Bad input prints one line and exits with code 2 before any training.
+    """
+    if fv.distributed:
+        jax.distributed.initialize()
+    try:
+        settings = settings_from_flags(fv)
+        datasets = load_datasets(settings)
+        folder = prepare_output_dir(fv.output_dir)
+    except (ConfigError, DataError, OutputError) as error:
+        fail(str(error))
+    for dataset in datasets.values():
+        log(f"data: {dataset.reason}")
+    if settings.preset:
+        log(f"preset {settings.preset}: {PRESETS[settings.preset].description}")
+    result = run_benchmark(settings, datasets, log=log)
+    files = write_outputs(result, folder) if jax.process_index() == 0 else None
+    return result, files
+
+
+def main(fv: flags.FlagValues) -> int:
+    """Run the benchmark, print table.md and where the files went; returns the exit code."""
+    start = time.perf_counter()
+    _, files = run(fv, log=lambda line: print(line, flush=True))
+    if files is not None:
+        print(files.table.read_text(), flush=True)
+        print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
+    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    return 0

@@ -1,0 +1,280 @@
+"""The benchmark: files and columns, vmapped and sharded runs equal separate ones, presets, sweeps.
+
+One tiny benchmark (bp and sg, two hidden blocks of 16 units, 20 steps, 2 seeds x 2 learning
+rates in one program per mode) is run once per module and shared by the tests that read its results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import matplotlib.image
+import numpy as np
+import pytest
+from absl import flags
+
+from sgjax.benchmark_cli import define_flags, run, settings_from_flags
+from sgjax.benchmark_report import TABLE_HEADERS
+from sgjax.config import ConfigError
+from sgjax.sweep import parse_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FLAGS = [
+    "--modes=bp,sg",
+    "--num_steps=20",
+    "--eval_every=10",
+    "--batch_size=32",
+    "--hidden_layers=2",
+    "--hidden_units=16",
+    "--sg_hidden_layers=1",
+    "--sg_hidden_units=16",
+    "--num_seeds=2",
+    "--sweep=learning_rate=1e-3,3e-3",
+    "--loop_steps=5",
+    "--loop_repeats=1",
+]
+# vmap batches the matrix products differently from a run alone, so results agree to float
+# reassociation, not bit for bit: a tight relative tolerance.
+RTOL = 1e-4
+ATOL = 1e-6
+
+
+def _parse(argv: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["benchmark", *argv])
+    return fv
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("bench")
+    result, files = run(_parse([*TINY_FLAGS, f"--output_dir={output_dir}"]), log=lambda _: None)
+    return result, files
+
+
+# ---------------------------------------------------------------------------------- files
+
+
+def _main_table(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line for line in text.splitlines() if line.startswith("| run |")]
+    start = text.splitlines().index(lines[0])
+    table = []
+    for line in text.splitlines()[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table[0], table[2:]
+
+
+def test_tiny_benchmark_writes_every_file_and_column(tiny):
+    result, files = tiny
+    for path in dataclasses.astuple(files):
+        assert Path(path).stat().st_size > 0, path
+
+    text = files.table.read_text()
+    headers, rows = _main_table(text)
+    assert tuple(headers) == TABLE_HEADERS
+    assert len(rows) == 2 * 2  # modes x learning rates
+    for row in rows:
+        assert len(row) == len(headers)
+        assert all(cell for cell in row)
+    assert any(row[0].startswith("sg (DNI 1x16) learning_rate=0.003") for row in rows)
+    assert "±" in rows[0][1]  # mean ± std over 2 seeds
+    bp_row = next(row for row in rows if row[0].startswith("bp"))
+    assert bp_row[TABLE_HEADERS.index("time / bp")] == "1.00"
+    for section in ("lax.scan loop vs.", "Arithmetic rate", "Runs vmapped", "## Summary"):
+        assert section in text
+    summary = text.split("## Summary")[1]
+    assert "FLOP ratio" in summary and "paper" in summary
+
+    record = json.loads(files.json.read_text())
+    assert record["table_columns"] == list(TABLE_HEADERS)
+    assert len(record["rows"]) == 4
+    assert record["settings"]["num_seeds"] == 2
+    assert record["settings"]["base_config"]["hidden_units"] == 16
+    assert {"platform", "device_kind", "matmul_gflops"} <= set(record["device"])
+    assert "jax" in record["versions"]
+    for row in record["rows"]:
+        assert row["gflop_per_step"] > 0 and row["ms_per_step"] > 0
+        assert len(row["test_accuracy_per_seed"]) == 2
+    sg = next(r for r in record["rows"] if r["mode"] == "sg")
+    assert sg["flop_ratio_bp"] > 1  # the modules add arithmetic
+    assert len(record["loop_comparison"]) == 2
+    assert len(result.programs) == 2  # learning rates share one program per mode
+
+
+@pytest.mark.parametrize("name", ["curves", "sg_loss", "time_per_step"])
+def test_plots_are_real_images_with_drawn_content(tiny, name):
+    _, files = tiny
+    image = matplotlib.image.imread(getattr(files, name))
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    pixels = image[..., :3].reshape(-1, 3)
+    assert pixels.std() > 0.05
+    colours = np.unique(np.round(pixels * 255).astype(np.uint8), axis=0)
+    assert len(colours) > 20
+
+
+# ---------------------------------------------------------------------------------- equality
+
+
+def test_vmapped_runs_equal_separate_runs_and_seeds_differ(tiny):
+    result, _ = tiny
+    for program in result.programs:
+        assert program.separate is not None
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
+            program.history,
+            program.separate.history,
+        )
+        # runs 0 and 1: same learning rate, seeds 0 and 1; runs 0 and 2: other learning rate
+        losses = program.history.test_loss
+        assert np.max(np.abs(losses[0] - losses[1])) > 1e-3
+        assert np.max(np.abs(losses[0] - losses[2])) > 1e-3
+
+
+SHARDED = """
+import dataclasses, json, sys
+import jax, numpy as np
+from sgjax.benchmark import run_mesh, train_runs
+from sgjax.config import TrainConfig
+from sgjax.data import load_dataset, to_device
+
+config = TrainConfig(**json.loads(sys.argv[1]))
+seeds, lrs = np.asarray(json.loads(sys.argv[2])), np.asarray(json.loads(sys.argv[3]))
+assert jax.device_count() == 2, jax.devices()
+data = to_device(load_dataset(config.dataset, config.data_dir))
+execution = train_runs(config, seeds, lrs, data, run_mesh())
+np.savez(sys.argv[4], num_devices=execution.num_devices, **execution.history._asdict())
+"""
+
+
+def test_sharded_run_axis_over_two_devices_equals_unsharded(tiny, tmp_path):
+    result, _ = tiny
+    program = result.programs[0]  # bp
+    runs = slice(0, 3)  # 3 runs over 2 devices: also exercises the padding
+    seeds = program.spec.run_seeds()[runs].tolist()
+    lrs = program.spec.run_learning_rates()[runs].tolist()
+    out = tmp_path / "sharded.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["JAX_PLATFORMS"] = "cpu"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SHARDED,
+            json.dumps(dataclasses.asdict(program.spec.config)),
+            json.dumps(seeds),
+            json.dumps(lrs),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    sharded = np.load(out)
+    assert int(sharded["num_devices"]) == 2
+    for name, unsharded in program.history._asdict().items():
+        np.testing.assert_allclose(sharded[name], unsharded[runs], rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------- presets
+
+
+def test_paper_500k_preset_is_the_papers_settings():
+    settings = settings_from_flags(_parse(["--preset=paper_500k"]))
+    base = settings.base
+    assert (base.num_steps, base.batch_size, base.learning_rate) == (500_000, 256, 3e-5)
+    assert base.resolved_lr_boundaries == (300_000, 400_000)
+    assert (base.hidden_layers, base.hidden_units) == (3, 256)
+    assert settings.modes == ("bp", "sg", "cdni")
+    modules = {
+        p.config.mode: (p.config.resolved_sg_hidden_layers, p.config.sg_hidden_units)
+        for p in settings.programs()
+    }
+    assert modules["sg"] == (2, 1024)
+    assert modules["cdni"][0] == 0  # linear
+
+
+def test_paper_100k_preset_keeps_the_schedule_shape():
+    base = settings_from_flags(_parse(["--preset=paper_100k"])).base
+    assert (base.num_steps, base.batch_size, base.learning_rate) == (100_000, 256, 3e-5)
+    assert base.resolved_lr_boundaries == (60_000, 80_000)
+
+
+def test_explicit_flags_override_the_preset():
+    argv = ["--preset=paper_500k", "--batch_size=128", "--num_steps=50000", "--sg_hidden_units=256"]
+    settings = settings_from_flags(_parse([*argv, "--modes=bp,sg", "--num_seeds=3"]))
+    base = settings.base
+    assert (base.batch_size, base.num_steps, base.sg_hidden_units) == (128, 50_000, 256)
+    assert base.learning_rate == 3e-5  # from the preset
+    assert base.resolved_lr_boundaries == (30_000, 40_000)
+    assert settings.modes == ("bp", "sg") and settings.seeds == (0, 1, 2)
+
+
+def test_quick_preset_is_small():
+    settings = settings_from_flags(_parse(["--preset=quick"]))
+    assert settings.base.num_steps <= 1000 and settings.num_seeds >= 2
+    assert all(p.config.resolved_sg_hidden_layers <= 1 for p in settings.programs())
+
+
+# ---------------------------------------------------------------------------------- sweeps
+
+
+def test_traced_sweep_shares_a_program_and_static_sweep_does_not():
+    fv = _parse(["--sweep=learning_rate=1e-4,3e-4", "--sweep=sg_hidden_units=64,128"])
+    programs = settings_from_flags(fv).programs()
+    # bp ignores the module width: 1 program; sg and cdni: one per width; rates vmapped inside
+    assert [(p.config.mode, dict(p.static)) for p in programs] == [
+        ("bp", {}),
+        ("sg", {"sg_hidden_units": 64}),
+        ("sg", {"sg_hidden_units": 128}),
+        ("cdni", {"sg_hidden_units": 64}),
+        ("cdni", {"sg_hidden_units": 128}),
+    ]
+    assert all(p.learning_rates == (1e-4, 3e-4) and p.num_runs == 2 for p in programs)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "learning_rate",
+        "=1e-4",
+        "learning_rate=",
+        "learning_rate=1e-4,,3e-4",
+        "learning_rate=fast",
+        "hidden_units=1.5",
+        "nonsense=1,2",
+        "mode=bp,sg",
+        "learning_rate=1e-4,1e-4",
+    ],
+)
+def test_malformed_sweep_is_a_config_error(spec):
+    with pytest.raises(ConfigError):
+        parse_sweep(spec)
+
+
+def test_malformed_sweep_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "benchmark.py"),
+            "--sweep=learning_rate",
+            f"--output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --sweep=learning_rate")
+    assert not list(tmp_path.iterdir())  # nothing ran
