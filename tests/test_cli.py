@@ -23,7 +23,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, SCRIPT, *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         cwd=REPO,
         env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )
@@ -68,22 +68,26 @@ def test_a_tiny_run_writes_results_and_metrics(tmp_path):
     assert "embedded MNIST" in done.stdout  # the data line says which data and why
 
 
-def _idx_folder(folder: Path, *, labels_override: np.ndarray | None = None) -> Path:
-    """Four small, valid IDX files (gzipped) with 20 train and 10 test images."""
+def _idx_folder(
+    folder: Path, *, labels_override: np.ndarray | None = None, compress: bool = True
+) -> Path:
+    """Four small, valid IDX files (gzipped unless told) with 20 train and 10 test images."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    suffix = ".gz" if compress else ""
+    pack = gzip.compress if compress else bytes
     for prefix, count in (("train", 20), ("t10k", 10)):
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = np.arange(count, dtype=np.uint8) % 10
         if labels_override is not None and prefix == "train":
             labels = labels_override
         header = np.array([2051, count, 28, 28], ">i4").tobytes()
-        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(header + images.tobytes())
+        (folder / f"{prefix}-images-idx3-ubyte{suffix}").write_bytes(
+            pack(header + images.tobytes())
         )
-        header = np.array([2049, count], ">i4").tobytes()
-        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(header + labels.tobytes())
+        header = np.array([2049, len(labels)], ">i4").tobytes()
+        (folder / f"{prefix}-labels-idx1-ubyte{suffix}").write_bytes(
+            pack(header + labels.tobytes())
         )
     return folder
 
@@ -92,8 +96,31 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
     folder = tmp_path / f"idx-{kind}"
     if kind == "empty":
         folder.mkdir()
+    elif kind == "nonexistent":
+        pass
+    elif kind == "a file":
+        folder.write_bytes(b"not a folder")
     elif kind == "labels":
-        _idx_folder(folder, labels_override=np.full(20, 12, np.uint8))
+        labels = np.arange(20, dtype=np.uint8) % 10
+        labels[7] = 10  # one past the last class
+        _idx_folder(folder, labels_override=labels)
+    elif kind == "count":
+        _idx_folder(folder, labels_override=np.arange(19, dtype=np.uint8) % 10)
+    elif kind == "missing":
+        _idx_folder(folder)
+        (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    elif kind == "gzip":
+        _idx_folder(folder)
+        images = folder / "train-images-idx3-ubyte.gz"
+        images.write_bytes(images.read_bytes()[:40])  # gzip magic, then a cut-off stream
+    elif kind == "raw truncated":
+        _idx_folder(folder, compress=False)
+        images = folder / "t10k-images-idx3-ubyte"
+        images.write_bytes(images.read_bytes()[:-100])
+    elif kind == "raw extra bytes":
+        _idx_folder(folder, compress=False)
+        labels = folder / "t10k-labels-idx1-ubyte"
+        labels.write_bytes(labels.read_bytes() + b"\0\0")
     else:
         _idx_folder(folder)
         images = folder / "train-images-idx3-ubyte.gz"
@@ -121,6 +148,24 @@ BAD_INPUTS = {
     "batch above training set": (["--batch_size=6000"], "--batch_size"),
     "stray argument": (["sg"], "unexpected"),
     "unknown flag": (["--steps=5"], "steps"),
+    "empty mode": (["--mode="], "--mode"),
+    "negative steps": (["--num_steps=-5"], "--num_steps"),
+    "steps above the int32 step counter": ([f"--num_steps={2**31}"], "--num_steps"),
+    "zero batch": (["--batch_size=0"], "--batch_size"),
+    "fraction for an integer": (["--batch_size=2.5"], "--batch_size"),
+    "negative width": (["--hidden_units=-32"], "--hidden_units"),
+    "zero eval interval": (["--eval_every=0"], "--eval_every"),
+    "seed out of range": ([f"--seed={2**40}"], "--seed"),
+    "text boundaries": (["--lr_boundaries=a,b"], "--lr_boundaries"),
+    "fractional boundary": (["--lr_boundaries=1.5"], "--lr_boundaries"),
+    "repeated boundary": (["--lr_boundaries=5,5"], "--lr_boundaries"),
+    "boundary at num_steps": (["--lr_boundaries=5,20"], "--lr_boundaries"),
+    "zero boundary": (["--lr_boundaries=0,5"], "--lr_boundaries"),
+    "negative learning rate": (["--learning_rate=-0.1"], "--learning_rate"),
+    "nan learning rate": (["--learning_rate=nan"], "--learning_rate"),
+    "infinite learning rate": (["--learning_rate=inf"], "--learning_rate"),
+    "text learning rate": (["--learning_rate=fast"], "--learning_rate"),
+    "two stray arguments": (["sg", "more"], "unexpected"),
 }
 
 
@@ -133,14 +178,38 @@ def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path):
     assert not output_dir.exists()
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "magic", "labels"])
+# What each broken --data_dir must name: the file (or folder) at fault and what is wrong with it.
+BAD_DATA = {
+    "empty": ("idx-empty", "missing", "train-images-idx3-ubyte"),
+    "nonexistent": ("idx-nonexistent", "does not exist"),
+    "a file": ("idx-a file", "not a folder"),
+    "missing": ("t10k-labels-idx1-ubyte", "missing"),
+    "truncated": ("train-images-idx3-ubyte.gz", "truncated"),
+    "magic": ("train-images-idx3-ubyte.gz", "magic 1234"),
+    "labels": ("train-labels-idx1-ubyte.gz", "label 10"),
+    "count": ("train-labels-idx1-ubyte.gz", "19 labels"),
+    "gzip": ("train-images-idx3-ubyte.gz", "gzip"),
+    "raw truncated": ("t10k-images-idx3-ubyte", "truncated"),
+    "raw extra bytes": ("t10k-labels-idx1-ubyte", "beyond"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_DATA))
 def test_bad_data_dir_names_the_file(kind: str, tmp_path):
     folder = _bad_data(tmp_path, kind)
     output_dir = tmp_path / "out"
     done = _run(*TINY, f"--data_dir={folder}", f"--output_dir={output_dir}", "--batch_size=8")
-    expected = folder.name if kind == "empty" else "train-"
-    _assert_one_line_error(done, expected)
+    _assert_one_line_error(done, *BAD_DATA[kind])
     assert not output_dir.exists()
+
+
+def test_a_late_error_leaves_an_existing_output_folder_as_it_was(tmp_path):
+    # The batch check needs the data loaded: the last check before the folder is claimed.
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    done = _run(*TINY, f"--output_dir={output_dir}", "--batch_size=6000")
+    _assert_one_line_error(done, "--batch_size", "5000")
+    assert list(output_dir.iterdir()) == []
 
 
 def test_valid_idx_folder_is_used(tmp_path):
@@ -151,16 +220,44 @@ def test_valid_idx_folder_is_used(tmp_path):
     assert (dataset["source"], dataset["train_size"], dataset["test_size"]) == ("idx", 20, 10)
 
 
+def test_library_logging_stays_off_stderr(tmp_path):
+    # Without JAX_PLATFORMS, JAX logs its backend probing (e.g. "I1125 ... Unable to initialize
+    # backend 'tpu'") through absl; the batch check initialises the backend before it fails.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    output_dir = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, SCRIPT, *TINY, f"--output_dir={output_dir}", "--batch_size=6000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+    _assert_one_line_error(done, "--batch_size")
+    assert not output_dir.exists()
+
+
 def test_unwritable_output_folder(tmp_path):
+    # Root ignores permission bits, so block the folder with a regular file instead.
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     done = _run(*TINY, f"--output_dir={blocker / 'out'}")
     _assert_one_line_error(done, str(blocker / "out"))
+    assert blocker.is_file() and blocker.read_text() == ""
 
 
-def _assert_one_line_error(done: subprocess.CompletedProcess, keyword: str) -> None:
+def test_output_folder_under_proc(tmp_path):
+    output_dir = Path("/proc") / f"sgjax-test-{os.getpid()}" / "out"
+    done = _run(*TINY, f"--output_dir={output_dir}")
+    _assert_one_line_error(done, str(output_dir), "--output_dir")
+    assert not output_dir.exists()
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess, *keywords: str) -> None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ") and keyword in lines[0], lines[0]
+    assert lines[0].startswith("error: "), lines[0]
+    for keyword in keywords:
+        assert keyword in lines[0], (keyword, lines[0])
