@@ -45,6 +45,11 @@ flags.DEFINE_string(
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed (initialisation and batch sampling).")
 flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.")
 flags.DEFINE_integer(
+    "chunk_steps",
+    _DEFAULTS.chunk_steps,
+    "Longest compiled chunk of steps: a progress line, and a chance to stop cleanly, after each.",
+)
+flags.DEFINE_integer(
     "checkpoint_every",
     None,
     "Steps between checkpoints, a multiple of --eval_every (default: every evaluation; 0: none).",
@@ -72,6 +77,7 @@ def main(argv: list[str]) -> int:
         data_dir=FLAGS.data_dir,
         seed=FLAGS.seed,
         eval_every=FLAGS.eval_every,
+        chunk_steps=FLAGS.chunk_steps,
         checkpoint_every=FLAGS.checkpoint_every,
         output_dir=FLAGS.output_dir,
     )

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sgjax.config import TrainConfig
-from sgjax.train import EvalRecord, Resume, TrainState
+from sgjax.train import EvalRecord, PeriodMetrics, Resume, TrainState
 
 CHECKPOINT_FORMAT = 1
 KEEP_LAST = 3
@@ -50,27 +50,21 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(
-        self,
-        state: TrainState,
-        records: list[EvalRecord],
-        config: TrainConfig,
-        train_time_s: float,
-        eval_time_s: float,
-    ) -> None:
-        """Write a checkpoint for ``state.step`` and wait until it is complete on disk."""
+    def save(self, point: Resume, config: TrainConfig) -> None:
+        """Write a checkpoint for ``point.state.step`` and wait until it is complete on disk."""
         meta = {
             "format": CHECKPOINT_FORMAT,
             "config": _comparable(config),
-            "records": [dataclasses.asdict(r) for r in records],
-            "train_time_s": train_time_s,
-            "eval_time_s": eval_time_s,
+            "records": [dataclasses.asdict(r) for r in point.records],
+            "period": dataclasses.asdict(point.period),
+            "train_time_s": point.train_time_s,
+            "eval_time_s": point.eval_time_s,
         }
-        step = int(state.step)
+        step = int(point.state.step)
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(point.state), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
@@ -108,7 +102,8 @@ class Checkpointer:
                 "delete it to resume from an earlier one, or start again with --overwrite"
             ) from None
         records = [EvalRecord(**(r | {"sg_loss": tuple(r["sg_loss"])})) for r in meta["records"]]
-        return Resume(restored, records, meta["train_time_s"], meta["eval_time_s"])
+        period = PeriodMetrics(**(meta["period"] | {"sg_loss": tuple(meta["period"]["sg_loss"])}))
+        return Resume(restored, records, period, meta["train_time_s"], meta["eval_time_s"])
 
     def close(self) -> None:
         self._manager.close()

@@ -45,6 +45,8 @@ class TrainConfig:
     data_dir: str | None = None
     seed: int = 0
     eval_every: int = 10_000
+    chunk_steps: int = 1_000
+    """Longest compiled chunk: a progress line, and a chance to stop cleanly, after each."""
     checkpoint_every: int | None = None
     """Steps between checkpoints: None means at every evaluation, 0 means never."""
     output_dir: str | None = None
@@ -81,7 +83,14 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}"
             )
-        for name in ("num_steps", "batch_size", "hidden_layers", "hidden_units", "eval_every"):
+        for name in (
+            "num_steps",
+            "batch_size",
+            "hidden_layers",
+            "hidden_units",
+            "eval_every",
+            "chunk_steps",
+        ):
             _require_positive(name, getattr(self, name))
         if self.num_steps > MAX_STEPS:
             raise ConfigError(f"--num_steps={self.num_steps} is above the limit of {MAX_STEPS}")

@@ -52,6 +52,9 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write strict JSON (non-finite floats as null) to a temporary file in the same folder,
     fsync it, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; results are for everyone to read
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(_finite_or_none(payload), handle, indent=2, allow_nan=False)

@@ -107,8 +107,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     else:
         print(f"writing to {output_dir}", flush=True)
 
-    def save(state, records, train_time_s, eval_time_s) -> None:  # noqa: ANN001
-        checkpointer.save(state, records, config, train_time_s, eval_time_s)
+    def save(point: Resume) -> None:
+        checkpointer.save(point, config)
 
     stop = StopRequest()
     stop.install()

@@ -68,17 +68,45 @@ class RunResult:
         return self.steps_done / self.train_time_s if self.train_time_s > 0 else float("nan")
 
 
+@dataclasses.dataclass
+class PeriodMetrics:
+    """Step-weighted sums of the training metrics since the last evaluation."""
+
+    steps: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+    sg_loss: tuple[float, ...] = ()
+
+    def add(self, steps: int, metrics: StepMetrics) -> None:
+        """Add a chunk's mean metrics, weighted by its number of steps."""
+        sg = tuple(steps * float(v) for v in np.asarray(metrics.sg_loss))
+        if self.sg_loss:
+            sg = tuple(a + b for a, b in zip(self.sg_loss, sg, strict=True))
+        self.sg_loss = sg
+        self.loss += steps * float(metrics.loss)
+        self.accuracy += steps * float(metrics.accuracy)
+        self.steps += steps
+
+    def mean(self, name: str) -> float | tuple[float, ...]:
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            return tuple(v / self.steps for v in value)
+        return value / self.steps
+
+
 class Resume(NamedTuple):
-    """Where a resumed run starts: a checkpoint's state, records and times so far."""
+    """Where a resumed run starts: a checkpoint's state, records, partial period and times."""
 
     state: TrainState
     records: list[EvalRecord]
+    period: PeriodMetrics
     train_time_s: float
     eval_time_s: float
 
 
-SaveCheckpoint = Callable[[TrainState, list[EvalRecord], float, float], None]
-"""``save(state, records, train_time_s, eval_time_s)``, called at checkpoint steps."""
+SaveCheckpoint = Callable[[Resume], None]
+"""Called with everything a checkpoint must hold, at checkpoint steps."""
+
 
 ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
 
@@ -146,7 +174,8 @@ def make_train(
 
     Evaluation runs inside the program after every chunk, so ``jax.jit(jax.vmap(train, (0, 0,
     None)))`` trains many seeds or learning rates at once. Its numbers equal those of ``train``
-    (the Python-driven loop) for the same seed, chunk for chunk.
+    (the Python-driven loop) for the same seed to float rounding (``train`` averages the training
+    metrics over sub-chunks on the host).
     """
     lengths = chunk_lengths(config.num_steps, config.eval_every)
     full_chunks = lengths.count(config.eval_every)
@@ -181,9 +210,28 @@ def make_train(
 
 
 def chunk_lengths(num_steps: int, eval_every: int) -> list[int]:
-    """Lengths of the scanned chunks: ``eval_every`` each, the last one possibly shorter."""
+    """Lengths of the evaluation periods: ``eval_every`` each, the last one possibly shorter."""
     full, rest = divmod(num_steps, eval_every)
     return [eval_every] * full + ([rest] if rest else [])
+
+
+def chunk_plan(start: int, num_steps: int, eval_every: int, max_chunk: int) -> list[int]:
+    """Scanned chunk lengths from step ``start`` on.
+
+    Each evaluation period is cut into pieces of ``max_chunk`` steps counted from the period's
+    start, so a run resumed at any chunk boundary continues with exactly the same chunks, and
+    there are at most four distinct chunk shapes to compile.
+    """
+    lengths = []
+    step = start
+    while step < num_steps:
+        period_start = step - step % eval_every
+        period_end = min(period_start + eval_every, num_steps)
+        piece_end = period_start + ((step - period_start) // max_chunk + 1) * max_chunk
+        end = min(piece_end, period_end)
+        lengths.append(end - step)
+        step = end
+    return lengths
 
 
 def _format_eta(seconds: float) -> str:
@@ -219,28 +267,30 @@ def train(
 ) -> RunResult:
     """Run ``config`` on ``dataset``: compile every chunk shape first, then train and evaluate.
 
-    ``start`` resumes from a checkpoint (a chunk boundary, so the rest of the run is exactly what
-    an uninterrupted run computes). ``on_record`` receives each evaluation row as soon as it
-    exists; ``save_checkpoint`` is called every ``config.resolved_checkpoint_every`` steps, at the
-    end, and when ``stop_requested()`` turns true after a chunk (status "interrupted"). A
-    non-finite loss ends the run with status "diverged" without checkpointing the bad state; a
+    Chunks are at most ``config.chunk_steps`` long (``chunk_plan``); between evaluations each chunk
+    prints a progress line. ``start`` resumes from a checkpoint (a chunk boundary, so the rest of
+    the run is exactly what an uninterrupted run computes). ``on_record`` receives each
+    evaluation row as soon as it exists; ``save_checkpoint`` is called every
+    ``config.resolved_checkpoint_every`` steps, at the end, and when ``stop_requested()`` turns
+    true after a chunk (status "interrupted"). A non-finite loss ends the run at the end of that
+    chunk with status "diverged" and a last record, without checkpointing the bad state; a
     ``KeyboardInterrupt`` ends it at once with status "interrupted".
     """
     data = to_device(dataset)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
-        start = Resume(initial, [], 0.0, 0.0)
-    state = start.state
+        start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
+    state, period = start.state, dataclasses.replace(start.period)
     records = list(start.records)
     steps_done = int(state.step)
     schedule = schedule_for(config)
     every = config.resolved_checkpoint_every
 
-    lengths = chunk_lengths(config.num_steps - steps_done, config.eval_every)
+    plan = chunk_plan(steps_done, config.num_steps, config.eval_every, config.chunk_steps)
     compile_start = time.perf_counter()
     compiled = {
         n: jax.jit(make_run_chunk(config, n), donate_argnums=0).lower(state, data).compile()
-        for n in sorted(set(lengths))
+        for n in sorted(set(plan))
     }
     evaluate_compiled = jax.jit(evaluate_state).lower(state, data).compile()
     compile_time = time.perf_counter() - compile_start
@@ -250,7 +300,7 @@ def train(
     session_steps, session_time = 0, 0.0
     status, message = "completed", ""
     try:
-        for n in lengths:
+        for n in plan:
             begin = time.perf_counter()
             state, metrics = compiled[n](state, data)
             metrics = jax.device_get(metrics)
@@ -259,35 +309,40 @@ def train(
             session_time += elapsed
             steps_done += n
             session_steps += n
+            period.add(n, metrics)
+            speed = session_steps / session_time
 
-            begin = time.perf_counter()
-            test_loss, test_acc = jax.device_get(evaluate_compiled(state, data))
-            eval_time += time.perf_counter() - begin
-
-            record = EvalRecord(
-                step=steps_done,
-                learning_rate=float(schedule(steps_done - 1)),
-                train_loss=float(metrics.loss),
-                train_accuracy=float(metrics.accuracy),
-                test_loss=float(test_loss),
-                test_accuracy=float(test_acc),
-                sg_loss=tuple(float(v) for v in np.asarray(metrics.sg_loss)),
-                elapsed_s=train_time + eval_time,
-            )
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
-            log(progress_line(record, config.num_steps, session_steps / session_time))
-            message = _divergence(record)
+            at_eval = steps_done % config.eval_every == 0 or steps_done == config.num_steps
+            message = _divergence(period, steps_done)
+            if not (at_eval or message):
+                log(_chunk_line(steps_done, config.num_steps, metrics, speed))
+            else:
+                begin = time.perf_counter()
+                test_loss, test_acc = jax.device_get(evaluate_compiled(state, data))
+                eval_time += time.perf_counter() - begin
+                record = EvalRecord(
+                    step=steps_done,
+                    learning_rate=float(schedule(steps_done - 1)),
+                    train_loss=period.mean("loss"),
+                    train_accuracy=period.mean("accuracy"),
+                    test_loss=float(test_loss),
+                    test_accuracy=float(test_acc),
+                    sg_loss=period.mean("sg_loss"),
+                    elapsed_s=train_time + eval_time,
+                )
+                period = PeriodMetrics()
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+                log(progress_line(record, config.num_steps, speed))
             if message:
                 status = "diverged"
                 break
             stopping = stop_requested()
             last = steps_done == config.num_steps
-            if save_checkpoint is not None and (
-                last or stopping or (every and steps_done % every == 0)
-            ):
-                save_checkpoint(state, records, train_time, eval_time)
+            due = at_eval and every and steps_done % every == 0
+            if save_checkpoint is not None and (last or stopping or due):
+                save_checkpoint(Resume(state, records, period, train_time, eval_time))
             if stopping and not last:
                 status, message = "interrupted", f"stopped after step {steps_done}"
                 break
@@ -298,11 +353,21 @@ def train(
     )
 
 
-def _divergence(record: EvalRecord) -> str:
+def _chunk_line(step: int, num_steps: int, metrics: StepMetrics, steps_per_s: float) -> str:
+    """Progress between evaluations: the chunk's mean training metrics, speed and ETA."""
+    eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+    return (
+        f"step {step:>7d}/{num_steps} | loss {float(metrics.loss):.4f} "
+        f"acc {float(metrics.accuracy):.4f} (last chunk) | {steps_per_s:,.0f} steps/s | "
+        f"ETA {_format_eta(eta)}"
+    )
+
+
+def _divergence(period: PeriodMetrics, step: int) -> str:
     """A one-line description of the first non-finite training quantity, or ''."""
-    if not math.isfinite(record.train_loss):
-        return f"training loss became {record.train_loss} by step {record.step}"
-    for layer, value in enumerate(record.sg_loss, start=1):
+    if not math.isfinite(period.loss):
+        return f"training loss became {period.mean('loss')} by step {step}"
+    for layer, value in enumerate(period.mean("sg_loss"), start=1):
         if not math.isfinite(value):
-            return f"synthetic-gradient loss of layer {layer} became {value} by step {record.step}"
+            return f"synthetic-gradient loss of layer {layer} became {value} by step {step}"
     return ""

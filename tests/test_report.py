@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -12,6 +13,7 @@ from sgjax.train import EvalRecord
 
 
 def test_results_json_is_strict_and_replaced_whole(tmp_path):
+    os.umask(0o022)
     path = tmp_path / "results.json"
     write_json_atomic(path, {"status": "completed", "loss": 0.5})
     write_json_atomic(path, {"status": "diverged", "loss": float("nan"), "xs": [float("inf"), 1.0]})
@@ -21,6 +23,7 @@ def test_results_json_is_strict_and_replaced_whole(tmp_path):
         "xs": [None, 1.0],
     }
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by others, like any plain file
 
 
 def test_metrics_rows_are_on_disk_as_soon_as_written(tmp_path):

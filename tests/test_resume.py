@@ -23,8 +23,16 @@ from sgjax.train import init_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
-# Long enough (about 40 chunks) that a signal lands mid-run; small enough to take seconds.
-RUN = dict(mode="cdni", num_steps=800, eval_every=20, hidden_units=64, learning_rate=1e-3)
+# Long enough (200 chunks) that a signal lands mid-run; small enough to take seconds. Chunks of
+# 10 steps in evaluation periods of 40: most chunk boundaries fall between evaluations.
+RUN = dict(
+    mode="cdni",
+    num_steps=2000,
+    eval_every=40,
+    chunk_steps=10,
+    hidden_units=64,
+    learning_rate=1e-3,
+)
 ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
 
 
@@ -41,21 +49,22 @@ def _run(args: list[str], extra: tuple[str, ...] = ()) -> subprocess.CompletedPr
     )
 
 
-def _start_and_signal(args: list[str], output_dir: Path, sig: int, after_rows: int):
-    """Start a run, send ``sig`` once metrics.csv has ``after_rows`` rows, wait for the end."""
-    process = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
-    )
-    metrics = output_dir / "metrics.csv"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) > after_rows:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be signalled"
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=240)
-    return process.returncode, stdout, stderr
+def _start_and_signal(args: list[str], log_dir: Path, sig: int, after_lines: int):
+    """Start a run, send ``sig`` once it printed ``after_lines`` progress lines, wait for it."""
+    stdout_path = log_dir / "stdout.txt"
+    with stdout_path.open("w") as stdout:
+        process = subprocess.Popen(
+            args, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+        )
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if stdout_path.read_text().count("\nstep ") >= after_lines:
+                break
+            time.sleep(0.005)
+        assert process.poll() is None, "the run ended before it could be signalled"
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=240)
+    return process.returncode, stdout_path.read_text(), stderr
 
 
 def _results(output_dir: Path) -> dict:
@@ -96,7 +105,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path):
-    code, _, _ = _start_and_signal(_args(tmp_path), tmp_path, signal.SIGKILL, after_rows=5)
+    code, _, _ = _start_and_signal(_args(tmp_path / "run"), tmp_path, signal.SIGKILL, 17)
+    tmp_path = tmp_path / "run"
     assert code == -signal.SIGKILL
     assert not (tmp_path / "results.json").exists() or _results(tmp_path)["status"] != "completed"
 
@@ -107,13 +117,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
 
 
 def test_sigint_checkpoints_and_the_resumed_run_completes(uninterrupted, tmp_path):
-    code, _, stderr = _start_and_signal(_args(tmp_path), tmp_path, signal.SIGINT, after_rows=3)
+    code, _, stderr = _start_and_signal(_args(tmp_path / "run"), tmp_path, signal.SIGINT, 13)
+    tmp_path = tmp_path / "run"
     assert code == 130, stderr
     results = _results(tmp_path)
     assert results["status"] == "interrupted"
     assert 0 < results["steps_done"] < RUN["num_steps"]
     assert "--resume" in stderr.strip().splitlines()[-1]
-    assert _final_state(tmp_path).state.step == results["steps_done"]
+    restored = _final_state(tmp_path)
+    assert restored.state.step == results["steps_done"]
+    print(f"stopped at step {results['steps_done']}, {restored.period.steps} steps into a period")
 
     resumed = _run(_args(tmp_path), ("--resume",))
     assert resumed.returncode == 0, resumed.stderr
@@ -121,20 +134,23 @@ def test_sigint_checkpoints_and_the_resumed_run_completes(uninterrupted, tmp_pat
 
 
 def test_sigterm_exits_143_with_status_interrupted(tmp_path):
-    code, _, stderr = _start_and_signal(_args(tmp_path), tmp_path, signal.SIGTERM, after_rows=2)
+    code, _, stderr = _start_and_signal(_args(tmp_path / "run"), tmp_path, signal.SIGTERM, 6)
+    tmp_path = tmp_path / "run"
     assert code == 143, stderr
     assert _results(tmp_path)["status"] == "interrupted"
 
 
 def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path):
-    done = _run(_args(tmp_path, learning_rate=1e8, eval_every=1, num_steps=50))
+    done = _run(_args(tmp_path, learning_rate=1e8, eval_every=1, chunk_steps=1, num_steps=50))
     assert done.returncode == 3, done.stderr
     results = _results(tmp_path)
     assert results["status"] == "diverged"
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and f"by step {results['steps_done']}" in error_lines[0]
 
-    config = TrainConfig(**(RUN | dict(learning_rate=1e8, eval_every=1, num_steps=50)))
+    config = TrainConfig(
+        **(RUN | dict(learning_rate=1e8, eval_every=1, chunk_steps=1, num_steps=50))
+    )
     checkpointer = Checkpointer(tmp_path / "checkpoints")
     restored = checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
     checkpointer.close()

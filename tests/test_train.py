@@ -8,7 +8,7 @@ import pytest
 
 from sgjax.config import TrainConfig
 from sgjax.data import load_dataset, to_device
-from sgjax.train import chunk_lengths, init_train_state, make_run_chunk, train
+from sgjax.train import chunk_lengths, chunk_plan, init_train_state, make_run_chunk, train
 
 # Floors measured on the embedded MNIST (BUILD_NOTES.md, "Accuracy floors"): 300 steps at
 # learning rate 1e-3, seeds 0-2 reached bp 0.946-0.950, sg 0.827-0.847, cdni 0.836-0.857.
@@ -61,6 +61,26 @@ def test_another_seed_gives_other_numbers(mnist):
     a = train(TrainConfig(seed=0, **base), mnist, log=lambda _: None)
     b = train(TrainConfig(seed=1, **base), mnist, log=lambda _: None)
     assert a.records[-1].train_loss != b.records[-1].train_loss
+
+
+def test_chunk_plan_cuts_periods_the_same_way_from_any_boundary():
+    plan = chunk_plan(0, 25, 10, 4)
+    assert plan == [4, 4, 2, 4, 4, 2, 4, 1]
+    boundaries = np.cumsum(plan)
+    assert {10, 20, 25} <= set(boundaries)  # every evaluation point ends a chunk
+    for i, boundary in enumerate(boundaries[:-1]):
+        assert chunk_plan(int(boundary), 25, 10, 4) == plan[i + 1 :]
+    assert chunk_plan(0, 500_000, 10_000, 1_000) == [1_000] * 500
+
+
+def test_sub_chunks_change_only_the_rounding_of_training_means(mnist):
+    base = dict(mode="bp", hidden_units=32, num_steps=40, eval_every=20, learning_rate=1e-3)
+    whole = train(TrainConfig(**base, chunk_steps=20), mnist, log=lambda _: None)
+    pieces = train(TrainConfig(**base, chunk_steps=7), mnist, log=lambda _: None)
+    for a, b in zip(whole.records, pieces.records, strict=True):
+        assert a.step == b.step
+        assert a.test_loss == b.test_loss  # same parameters after the same steps
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
 
 
 def test_chunk_lengths_cover_the_run():

@@ -23,7 +23,7 @@ from sgjax.checkpoint import Checkpointer
 from sgjax.cli import make_flags_parser
 from sgjax.config import TrainConfig
 from sgjax.data import load_dataset
-from sgjax.train import init_train_state, train
+from sgjax.train import PeriodMetrics, Resume, init_train_state, train
 
 flags.DEFINE_integer("saves", 5, "Saves per mode (median reported).", lower_bound=1)
 FLAGS = flags.FLAGS
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         for _ in range(FLAGS.saves):
             state = state._replace(step=state.step + 10_000)
             start = time.perf_counter()
-            checkpointer.save(state, [], config, 0.0, 0.0)
+            checkpointer.save(Resume(state, [], PeriodMetrics(), 0.0, 0.0), config)
             saves.append(time.perf_counter() - start)
         start = time.perf_counter()
         checkpointer.restore(config, jax.eval_shape(lambda c=config: init_train_state(c)))
