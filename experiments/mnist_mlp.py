@@ -11,39 +11,17 @@ import sys
 
 from absl import app, flags
 
-from sgjax.cli import make_flags_parser, parse_int_list
-from sgjax.config import DATASETS, MODES, TrainConfig
+from sgjax.cli import make_flags_parser
+from sgjax.config import MODES, TrainConfig
 from sgjax.runner import run_training
+from sgjax.train_flags import config_from_flags, define_train_flags
 
 _DEFAULTS = TrainConfig()
 
 flags.DEFINE_enum(
     "mode", _DEFAULTS.mode, MODES, "bp: backprop; sg: DNI; cdni: label-conditioned DNI."
 )
-flags.DEFINE_integer("num_steps", _DEFAULTS.num_steps, "Training steps (minibatch updates).")
-flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Minibatch size.")
-flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Initial Adam learning rate.")
-flags.DEFINE_list(
-    "lr_boundaries",
-    None,
-    "Steps at which the learning rate is divided by 10 (default: 0.6 and 0.8 of --num_steps).",
-)
-flags.DEFINE_integer("hidden_layers", _DEFAULTS.hidden_layers, "Hidden blocks (Dense-BN-ReLU).")
-flags.DEFINE_integer("hidden_units", _DEFAULTS.hidden_units, "Units per hidden block.")
-flags.DEFINE_integer(
-    "sg_hidden_layers",
-    None,
-    "Hidden layers of each synthetic-gradient module (default: 2 for sg, 0 for cdni).",
-)
-flags.DEFINE_integer(
-    "sg_hidden_units", _DEFAULTS.sg_hidden_units, "Units per synthetic-gradient module layer."
-)
-flags.DEFINE_enum("dataset", _DEFAULTS.dataset, DATASETS, "Dataset to train and test on.")
-flags.DEFINE_string(
-    "data_dir", None, "Folder with the four MNIST-format IDX files (optionally .gz)."
-)
-flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed (initialisation and batch sampling).")
-flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.")
+define_train_flags(flags.FLAGS)
 flags.DEFINE_integer(
     "chunk_steps",
     _DEFAULTS.chunk_steps,
@@ -63,20 +41,9 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> int:
     del argv
-    config = TrainConfig(
+    config = config_from_flags(
+        FLAGS,
         mode=FLAGS.mode,
-        num_steps=FLAGS.num_steps,
-        batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate,
-        lr_boundaries=parse_int_list("lr_boundaries", FLAGS.lr_boundaries),
-        hidden_layers=FLAGS.hidden_layers,
-        hidden_units=FLAGS.hidden_units,
-        sg_hidden_layers=FLAGS.sg_hidden_layers,
-        sg_hidden_units=FLAGS.sg_hidden_units,
-        dataset=FLAGS.dataset,
-        data_dir=FLAGS.data_dir,
-        seed=FLAGS.seed,
-        eval_every=FLAGS.eval_every,
         chunk_steps=FLAGS.chunk_steps,
         checkpoint_every=FLAGS.checkpoint_every,
         output_dir=FLAGS.output_dir,

@@ -15,13 +15,15 @@ from absl import flags
 
 from sgjax.benchmark import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.benchmark_report import build_json, build_rows, table_markdown
-from sgjax.cli import fail, parse_int_list
-from sgjax.config import DATASETS, MODES, ConfigError, TrainConfig
+from sgjax.cli import fail
+from sgjax.config import MODES, ConfigError, TrainConfig
 from sgjax.datasets import DataError, Dataset, load_dataset
 from sgjax.plots import plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.presets import PRESETS, apply_preset
 from sgjax.report import OutputError, prepare_output_dir, write_json_atomic
+from sgjax.runner import check_fits
 from sgjax.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
+from sgjax.train_flags import config_from_flags, define_train_flags
 
 DEFAULT_OUTPUT_DIR = "runs/benchmark"
 _DEFAULTS = TrainConfig()
@@ -53,42 +55,7 @@ def define_flags(fv: flags.FlagValues) -> None:
         f"{', '.join(STATIC_FIELDS)}.",
         flag_values=fv,
     )
-    flags.DEFINE_integer("num_steps", _DEFAULTS.num_steps, "Training steps.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Minibatch size.", flag_values=fv)
-    flags.DEFINE_float(
-        "learning_rate", _DEFAULTS.learning_rate, "Initial Adam learning rate.", flag_values=fv
-    )
-    flags.DEFINE_list(
-        "lr_boundaries",
-        None,
-        "Steps at which the learning rate is divided by 10 (default: 0.6 and 0.8 of --num_steps).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "hidden_layers", _DEFAULTS.hidden_layers, "Hidden blocks (Dense-BN-ReLU).", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "hidden_units", _DEFAULTS.hidden_units, "Units per hidden block.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "sg_hidden_layers",
-        None,
-        "Hidden layers of every synthetic-gradient module, for sg and cdni alike "
-        "(default: 2 for sg, 0 for cdni).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "sg_hidden_units",
-        _DEFAULTS.sg_hidden_units,
-        "Units per synthetic-gradient module layer.",
-        flag_values=fv,
-    )
-    flags.DEFINE_enum("dataset", _DEFAULTS.dataset, DATASETS, "Dataset.", flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "Folder with the MNIST-format IDX files.", flag_values=fv)
-    flags.DEFINE_integer("seed", _DEFAULTS.seed, "First seed.", flag_values=fv)
-    flags.DEFINE_integer(
-        "eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.", flag_values=fv
-    )
+    define_train_flags(fv)
     flags.DEFINE_string(
         "output_dir",
         DEFAULT_OUTPUT_DIR,
@@ -123,22 +90,7 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
     """
     if fv.preset:
         apply_preset(fv, fv.preset)
-    base = TrainConfig(
-        mode=MODES[0],
-        num_steps=fv.num_steps,
-        batch_size=fv.batch_size,
-        learning_rate=fv.learning_rate,
-        lr_boundaries=parse_int_list("lr_boundaries", fv.lr_boundaries),
-        hidden_layers=fv.hidden_layers,
-        hidden_units=fv.hidden_units,
-        sg_hidden_layers=fv.sg_hidden_layers,
-        sg_hidden_units=fv.sg_hidden_units,
-        dataset=fv.dataset,
-        data_dir=fv.data_dir,
-        seed=fv.seed,
-        eval_every=fv.eval_every,
-        output_dir=fv.output_dir,
-    )
+    base = config_from_flags(fv, mode=MODES[0], output_dir=fv.output_dir)
     return BenchmarkSettings(
         base=base,
         modes=tuple(fv.modes),
@@ -159,11 +111,7 @@ def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
         if config.dataset not in datasets:
             datasets[config.dataset] = load_dataset(config.dataset, config.data_dir)
         dataset = datasets[config.dataset]
-        if config.batch_size > dataset.train_size:
-            raise ConfigError(
-                f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
-                f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
-            )
+        check_fits(config, dataset)
     return datasets
 
 

@@ -95,7 +95,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         config.validate()
         dataset = load_dataset(config.dataset, config.data_dir)
-        _check_fits(config, dataset)
+        check_fits(config, dataset)
         output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
         checkpointer = Checkpointer(output_dir / "checkpoints")
         start = _resume_point(checkpointer, config) if resume else None
@@ -134,7 +134,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     return _report_status(result.status, result.message, output_dir, stop.signal)
 
 
-def _check_fits(config: TrainConfig, dataset: Dataset) -> None:
+def check_fits(config: TrainConfig, dataset: Dataset) -> None:
+    """Refuse a network too big for the device or a batch bigger than the training set."""
     available = device_memory_bytes()
     if config.estimated_bytes() > available:
         raise ConfigError(
