@@ -203,6 +203,9 @@ class BenchmarkResult:
     loops: list[LoopComparison]
     matmul_gflops: float
     datasets: Mapping[str, Dataset]
+    status: str = "completed"
+    """"completed", "interrupted" (stopped between programs) or "diverged"."""
+    message: str = ""
 
 
 # ---------------------------------------------------------------------------------- sharding
@@ -353,16 +356,33 @@ def run_benchmark(
     settings: BenchmarkSettings,
     datasets: Mapping[str, Dataset],
     log: Callable[[str], None] = print,
+    *,
+    done: Mapping[int, ProgramResult] | None = None,
+    on_program: Callable[[int, ProgramResult], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    divergence: Callable[[ProgramResult], str] = lambda _: "",
 ) -> BenchmarkResult:
-    """Run every program of ``settings`` on ``datasets`` (by name) and measure it."""
+    """Run every program of ``settings`` on ``datasets`` (by name) and measure it.
+
+    Programs in ``done`` (by index, from an earlier session) are not run again; each new one is
+    passed to ``on_program`` as soon as it finishes. The benchmark stops between programs when
+    ``stop_requested()`` (status "interrupted") or when ``divergence(result)`` names a
+    non-finite loss (status "diverged").
+    """
+    done = done or {}
+    status, message = "completed", ""
     mesh = run_mesh()
     device_data = {name: to_device(ds) for name, ds in datasets.items()}
     rate = matmul_gflops()
     log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
     programs: list[ProgramResult] = []
     loops: list[LoopComparison] = []
-    for spec in settings.programs():
+    for index, spec in enumerate(settings.programs()):
         config, data = spec.config, device_data[spec.config.dataset]
+        if index in done:
+            programs.append(done[index])
+            log(f"{config.mode}{_static_label(spec)}: done in an earlier session, not run again")
+            continue
         loop = next((t for t in loops if t.config == config), None)
         if settings.loop_steps and all(t.mode != config.mode for t in loops):
             loop = compare_loops(config, data, settings.loop_steps, settings.loop_repeats)
@@ -393,7 +413,16 @@ def run_benchmark(
                 f"vmapped / separate = {result.run_s / result.separate.total_run_s:.2f}; "
                 f"largest difference {result.separate_difference().format()}"
             )
-    return BenchmarkResult(settings, programs, loops, rate, datasets)
+        if on_program is not None:
+            on_program(index, result)
+        message = divergence(result)
+        if message:
+            status = "diverged"
+            break
+        if stop_requested() and index + 1 < len(settings.programs()):
+            status, message = "interrupted", f"stopped after {index + 1} program(s)"
+            break
+    return BenchmarkResult(settings, programs, loops, rate, datasets, status, message)
 
 
 def _static_label(spec: ProgramSpec) -> str:

@@ -15,13 +15,14 @@ from absl import flags
 
 from sgjax.benchmark import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.benchmark_report import build_json, build_rows, table_markdown
+from sgjax.benchmark_store import OUTPUT_FILES, ProgramStore, divergence
 from sgjax.cli import fail
 from sgjax.config import MODES, ConfigError, TrainConfig
 from sgjax.datasets import DataError, Dataset, load_dataset
 from sgjax.plots import plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.presets import PRESETS, apply_preset
-from sgjax.report import OutputError, prepare_output_dir, write_json_atomic
-from sgjax.runner import check_fits
+from sgjax.report import OutputError, write_json_atomic
+from sgjax.runner import StopRequest, check_fits, claim_output_dir, report_status
 from sgjax.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
 from sgjax.train_flags import config_from_flags, define_train_flags
 
@@ -74,6 +75,15 @@ def define_flags(fv: flags.FlagValues) -> None:
         True,
         "With several runs per program, also run each alone (time ratio and equality check).",
         flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "resume",
+        False,
+        "Continue a stopped benchmark in --output_dir: finished programs are not run again.",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "overwrite", False, "Replace an earlier benchmark in --output_dir.", flag_values=fv
     )
     flags.DEFINE_boolean(
         "distributed",
@@ -146,34 +156,49 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
 
 def run(
     fv: flags.FlagValues, log: Callable[[str], None] = print
-) -> tuple[BenchmarkResult, BenchmarkFiles | None]:
+) -> tuple[BenchmarkResult, BenchmarkFiles | None, int | None]:
     """Flags -> settings -> data -> programs -> files (written by process 0 only).
 
-    Bad input prints one line and exits with code 2 before any training.
+    Bad input prints one line and exits with code 2 before any training. Returns the result,
+    the files and the signal that stopped the benchmark (None if none did).
     """
     if fv.distributed:
         jax.distributed.initialize()
     try:
+        if fv.resume and fv.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         settings = settings_from_flags(fv)
         datasets = load_datasets(settings)
-        folder = prepare_output_dir(fv.output_dir)
+        folder = claim_output_dir(Path(fv.output_dir), fv.resume, fv.overwrite, OUTPUT_FILES)
+        store = ProgramStore(folder)
+        done = store.start(settings, fv.resume)
     except (ConfigError, DataError, OutputError) as error:
         fail(str(error))
     for dataset in datasets.values():
         log(f"data: {dataset.reason}")
     if settings.preset:
         log(f"preset {settings.preset}: {PRESETS[settings.preset].description}")
-    result = run_benchmark(settings, datasets, log=log)
+    with StopRequest() as stop:
+        result = run_benchmark(
+            settings,
+            datasets,
+            log=log,
+            done=done,
+            on_program=store.save,
+            stop_requested=stop,
+            divergence=divergence,
+        )
     files = write_outputs(result, folder) if jax.process_index() == 0 else None
-    return result, files
+    return result, files, stop.signal
 
 
 def main(fv: flags.FlagValues) -> int:
     """Run the benchmark, print table.md and where the files went; returns the exit code."""
     start = time.perf_counter()
-    _, files = run(fv, log=lambda line: print(line, flush=True))
+    result, files, signum = run(fv, log=lambda line: print(line, flush=True))
     if files is not None:
         print(files.table.read_text(), flush=True)
         print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
     print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
-    return 0
+    folder = fv.output_dir
+    return report_status(result.status, result.message, Path(folder), signum)

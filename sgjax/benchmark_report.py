@@ -430,9 +430,17 @@ def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
     """The contents of table.md."""
     body = [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
     body += [_paper_row(p) for p in paper_results(result.settings.base.num_steps)]
+    status = []
+    if result.status != "completed":
+        status = [
+            f"**Status: {result.status}** ({result.message}); the rows below are the "
+            "programs that finished.",
+            "",
+        ]
     lines = [
         "# Backprop vs. synthetic gradients: one table",
         "",
+        *status,
         *settings_lines(result),
         "",
         *_markdown(TABLE_HEADERS, body),
@@ -490,6 +498,8 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
 def build_json(result: BenchmarkResult, rows: Sequence[Row]) -> dict[str, Any]:
     """The contents of benchmark.json: every number of the table, settings, device, versions."""
     return {
+        "status": result.status,
+        "message": result.message,
         "settings": result.settings.to_dict(),
         "device": {
             **device_info(),

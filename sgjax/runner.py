@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import jax
 
@@ -41,10 +42,16 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> StopRequest:
         for sig in EXIT_CODE_FOR_SIGNAL:
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -66,9 +73,11 @@ def output_dir_for(config: TrainConfig) -> Path:
     return Path(config.output_dir or Path(DEFAULT_OUTPUT_ROOT) / config.mode)
 
 
-def claim_output_dir(folder: Path, resume: bool, overwrite: bool) -> Path:
+def claim_output_dir(
+    folder: Path, resume: bool, overwrite: bool, run_files: Sequence[str] = RUN_FILES
+) -> Path:
     """Refuse a folder holding an earlier run unless resuming or overwriting; make it writable."""
-    earlier = [name for name in RUN_FILES if (folder / name).exists()]
+    earlier = [name for name in run_files if (folder / name).exists()]
     if earlier and not (resume or overwrite):
         raise OutputError(
             f"--output_dir={str(folder)!r} already holds a run ({', '.join(earlier)}); pass "
@@ -110,20 +119,19 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     def save(point: Resume) -> None:
         checkpointer.save(point, config)
 
-    stop = StopRequest()
-    stop.install()
     metrics = MetricsWriter(output_dir / "metrics.csv", config.hidden_layers * config.decoupled)
     try:
         for record in start.records if start else []:
             metrics.write(record)
-        result = train(
-            config,
-            dataset,
-            on_record=metrics.write,
-            start=start,
-            save_checkpoint=save if config.resolved_checkpoint_every else None,
-            stop_requested=stop,
-        )
+        with StopRequest() as stop:
+            result = train(
+                config,
+                dataset,
+                on_record=metrics.write,
+                start=start,
+                save_checkpoint=save if config.resolved_checkpoint_every else None,
+                stop_requested=stop,
+            )
     finally:
         metrics.close()
         checkpointer.close()
@@ -131,7 +139,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     write_json_atomic(output_dir / "results.json", results)
     for line in summary_lines(results):
         print(line, flush=True)
-    return _report_status(result.status, result.message, output_dir, stop.signal)
+    return report_status(result.status, result.message, output_dir, stop.signal)
 
 
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
@@ -165,11 +173,12 @@ def _resume_point(checkpointer: Checkpointer, config: TrainConfig) -> Resume | N
     return checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
 
 
-def _report_status(status: str, message: str, output_dir: Path, signum: int | None) -> int:
+def report_status(status: str, message: str, output_dir: Path, signum: int | None) -> int:
+    """Say how a run ended (one line on stderr unless completed); returns the exit code."""
     if status == "diverged":
         print(
-            f"error: run diverged: {message}; the last good checkpoint is kept in "
-            f"{output_dir / 'checkpoints'}; lower --learning_rate and start again",
+            f"error: run diverged: {message}; results so far and the last good checkpoint are "
+            f"in {output_dir}; lower --learning_rate and start again",
             file=sys.stderr,
             flush=True,
         )

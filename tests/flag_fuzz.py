@@ -53,7 +53,8 @@ def run_once(module, argv: list[str]) -> tuple[int | None, str]:
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
             rest = make_flags_parser(flags.FLAGS)(argv)
-            module.main(rest)
+            # mnist_mlp.main takes argv; benchmark_cli.main takes the parsed flags.
+            module.main(flags.FLAGS if module.__name__.endswith("benchmark") else rest)
         except SystemExit as stop:
             code = stop.code
     return code, stderr.getvalue()
@@ -83,7 +84,8 @@ def fuzz(script: Path, cases: dict[str, st.SearchStrategy[str]], base: list[str]
     print(f"{checked['count']} invalid values of {len(cases)} flags: each exit 2, one line")
 
 
-def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
+def shared_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
+    """Invalid values of the training flags both scripts take, and valid tiny base flags."""
     blocker = tmp / "a_file"
     blocker.write_text("")
     base = [
@@ -97,14 +99,12 @@ def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
     cases = {name: NOT_POSITIVE for name in positive}
     cases |= {
         "eval_every": NOT_POSITIVE,
-        "mode": LETTERS.filter(lambda v: v not in ("bp", "sg", "cdni")),
         "dataset": LETTERS.filter(lambda v: v not in ("mnist", "fashion_mnist")),
         "num_steps": NOT_POSITIVE | st.integers(min_value=2**31).map(str),
         "batch_size": NOT_POSITIVE | st.integers(5001, 10**7).map(str),
         "hidden_units": NOT_POSITIVE | st.integers(10**7, 10**12).map(str),
         "seed": NEGATIVE | st.integers(min_value=2**32).map(str),
         "sg_hidden_layers": NEGATIVE,
-        "checkpoint_every": NEGATIVE | st.integers(1, 10**6).filter(lambda n: n % 5).map(str),
         "learning_rate": NOT_POSITIVE_FLOAT,
         "lr_boundaries": _invalid_boundaries(5),
         "data_dir": LETTERS.map(lambda v: str(tmp / "missing" / v.strip("\n"))),
@@ -113,11 +113,47 @@ def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
     return cases, base
 
 
+def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
+    cases, base = shared_cases(tmp)
+    cases |= {
+        "mode": LETTERS.filter(lambda v: v not in ("bp", "sg", "cdni")),
+        "chunk_steps": NOT_POSITIVE,
+        "checkpoint_every": NEGATIVE | st.integers(1, 10**6).filter(lambda n: n % 5).map(str),
+    }
+    return cases, base
+
+
+def _valid_modes(text: str) -> bool:
+    names = [n.strip() for n in text.split(",")]
+    return (
+        bool(names)
+        and all(n in ("bp", "sg", "cdni") for n in names)
+        and len(set(names)) == len(names)
+    )
+
+
+def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
+    cases, base = shared_cases(tmp)
+    base = [*base, "--loop_steps=0", "--modes=cdni"]
+    bad_sweeps = st.sampled_from(
+        ["learning_rate=", "learning_rate=abc", "nope=1,2", "num_steps=0", "batch_size=-1,2"]
+    )
+    cases |= {
+        "preset": LETTERS.filter(lambda v: v not in ("paper_500k", "paper_100k", "quick")),
+        "modes": LETTERS.filter(lambda v: not _valid_modes(v)),
+        "num_seeds": NOT_POSITIVE,
+        "sweep": LETTERS | bad_sweeps,
+        "loop_steps": NEGATIVE,
+        "loop_repeats": NOT_POSITIVE,
+    }
+    return cases, base
+
+
 if __name__ == "__main__":
     script_path, examples = Path(sys.argv[1]), int(sys.argv[2])
     with tempfile.TemporaryDirectory() as folder:
-        if script_path.stem == "mnist_mlp":
-            table, base_args = mnist_mlp_cases(Path(folder))
-        else:
+        make_cases = {"mnist_mlp": mnist_mlp_cases, "benchmark": benchmark_cases}
+        if script_path.stem not in make_cases:
             raise SystemExit(f"no fuzz cases for {script_path}")
+        table, base_args = make_cases[script_path.stem](Path(folder))
         fuzz(script_path, table, base_args, examples)

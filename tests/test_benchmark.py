@@ -55,7 +55,7 @@ def _parse(argv: list[str]) -> flags.FlagValues:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("bench")
-    result, files = run(_parse([*TINY_FLAGS, f"--output_dir={output_dir}"]), log=lambda _: None)
+    result, files, _ = run(_parse([*TINY_FLAGS, f"--output_dir={output_dir}"]), log=lambda _: None)
     return result, files
 
 

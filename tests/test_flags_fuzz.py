@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["mnist_mlp.py"])
+@pytest.mark.parametrize("script", ["mnist_mlp.py", "benchmark.py"])
 def test_invalid_flag_values_fail_cleanly(script: str):
     done = subprocess.run(
         [sys.executable, str(REPO / "tests" / "flag_fuzz.py"), f"experiments/{script}", "200"],

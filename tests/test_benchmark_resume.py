@@ -1,0 +1,89 @@
+"""A stopped benchmark keeps its finished programs and resumes without running them again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "experiments" / "benchmark.py")
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+TINY = [
+    "--modes=bp,sg,cdni",
+    "--num_steps=20",
+    "--eval_every=10",
+    "--batch_size=32",
+    "--hidden_layers=2",
+    "--hidden_units=16",
+    "--sg_hidden_layers=1",
+    "--sg_hidden_units=16",
+    "--loop_steps=0",
+]
+
+
+def _args(output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, SCRIPT, *TINY, f"--output_dir={output_dir}", *extra]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+
+
+def _benchmark(output_dir: Path) -> dict:
+    return json.loads((output_dir / "benchmark.json").read_text())
+
+
+def test_sigint_after_a_program_then_resume(tmp_path):
+    output_dir = tmp_path / "bench"
+    log = tmp_path / "stdout.txt"
+    with log.open("w") as stdout:
+        process = subprocess.Popen(
+            _args(output_dir), stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+        )
+        deadline = time.monotonic() + 240
+        while process.poll() is None and time.monotonic() < deadline:
+            if "sg: compiling" in log.read_text():  # bp is done; sg has started
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, "the benchmark ended before it could be signalled"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr.strip().splitlines()[-1]
+    stopped = _benchmark(output_dir)
+    assert stopped["status"] == "interrupted"
+    finished = [p["config"]["mode"] for p in stopped["programs"]]
+    assert finished[0] == "bp" and len(finished) < 3
+    assert (output_dir / "table.md").read_text().count("Status: interrupted") == 1
+
+    refused = _run(_args(output_dir))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    other = _run(_args(output_dir, "--resume", "--num_steps=30"))
+    assert other.returncode == 2 and "other settings" in other.stderr, other.stderr
+
+    resumed = _run(_args(output_dir, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "bp: done in an earlier session, not run again" in resumed.stdout
+    complete = _benchmark(output_dir)
+    assert complete["status"] == "completed"
+    assert [p["config"]["mode"] for p in complete["programs"]] == ["bp", "sg", "cdni"]
+    np.testing.assert_array_equal(
+        complete["programs"][0]["history"]["test_loss"],
+        stopped["programs"][0]["history"]["test_loss"],
+    )
+
+
+def test_a_diverging_benchmark_stops_with_exit_3(tmp_path):
+    done = _run(_args(tmp_path, "--learning_rate=1e8"))
+    assert done.returncode == 3, done.stderr
+    assert _benchmark(tmp_path)["status"] == "diverged"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not finite by step" in errors[0]
