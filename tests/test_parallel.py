@@ -1,0 +1,422 @@
+"""Layer-parallel training: placement, the pipeline's staleness, equality with single-device runs.
+
+The multi-device cases run this file as a script in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must be set before JAX starts); it
+prints one JSON object that the tests below check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from optax import tree_utils as otu
+
+from sgjax.config import ConfigError, TrainConfig
+from sgjax.data import Dataset, load_dataset, sample_batch, to_device
+from sgjax.layers import apply_block
+from sgjax.parallel import parallel_kind, train_layer_parallel, validate_parallel
+from sgjax.parallel_bp import (
+    accumulated_backprop_step,
+    merge_optimizer_states,
+    stage_optimizer_state,
+)
+from sgjax.parallel_sg import module_gradients
+from sgjax.parallel_stages import Activations, ideal_speedup, stage_devices
+from sgjax.schedules import make_optimizer
+from sgjax.steps import (
+    BackpropState,
+    DecoupledState,
+    NetworkSpec,
+    OutputLayerState,
+    backprop_step,
+    decoupled_gradients,
+    hidden_backward,
+    hidden_forward,
+    update_hidden_layer,
+)
+from sgjax.synthetic import apply_module
+from sgjax.train import init_train_state, schedule_for
+
+TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
+
+# Measured on the embedded MNIST (3x256 network, 2x256 modules, 300 steps, learning rate 1e-3),
+# sg_pipeline on 4 simulated CPU devices, seeds 0-2: test accuracy 0.835, 0.835, 0.851
+# (synchronous sg with the same settings: 0.827-0.847, tests/test_train.py).
+FLOOR_CONFIG = dict(num_steps=300, eval_every=150, learning_rate=1e-3, sg_hidden_units=256)
+PIPELINE_FLOOR = 0.78
+
+
+def quiet(_: str) -> None:
+    """A log function that drops the lines."""
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist", None)
+
+
+def _leaves(tree: Any) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def max_difference(a: Any, b: Any) -> float:
+    """Largest absolute difference between two pytrees of the same structure."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    return max(
+        float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
+        for x, y in zip(_leaves(a), _leaves(b), strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    id: int
+    platform: str = "cpu"
+
+
+@pytest.mark.parametrize(
+    ("num_devices", "expected"),
+    [(1, [0, 0, 0, 0]), (2, [0, 0, 1, 1]), (3, [0, 0, 1, 2]), (4, [0, 1, 2, 3])],
+)
+def test_stages_are_grouped_evenly_and_contiguously(num_devices: int, expected: list[int]):
+    devices = [FakeDevice(i) for i in range(8)]
+    placed = stage_devices(4, num_devices, devices)
+    assert [d.id for d in placed] == expected
+
+
+def test_never_more_devices_than_stages_and_bad_counts_refused():
+    devices = [FakeDevice(i) for i in range(8)]
+    assert [d.id for d in stage_devices(3, 8, devices)] == [0, 1, 2]
+    for bad in (0, 9):
+        with pytest.raises(ConfigError, match="--num_devices"):
+            stage_devices(3, bad, devices)
+
+
+def test_ideal_speedup_from_stage_times():
+    times = [4.0, 2.0, 2.0, 1.0]
+    assert ideal_speedup(times, [0, 1, 2, 3], None) == pytest.approx(9 / 4)
+    assert ideal_speedup(times, [0, 0, 1, 1], None) == pytest.approx(9 / 6)
+    assert ideal_speedup(times, [0, 0, 0, 0], None) == pytest.approx(1.0)
+    # Backprop: one minibatch crosses the devices one after another (no gain), GPipe's
+    # microbatches overlap: 4 * 9 / (9 + 3 * 4) with the busiest device at 4 ms.
+    assert ideal_speedup(times, [0, 1, 2, 3], 1) == pytest.approx(1.0)
+    assert ideal_speedup(times, [0, 1, 2, 3], 4) == pytest.approx(36 / 21)
+    assert ideal_speedup(times, [0, 0, 1, 1], 4) == pytest.approx(36 / 27)
+
+
+def test_schedule_choice_and_refusals():
+    assert parallel_kind("sg") == parallel_kind("cdni") == "sg_pipeline"
+    assert parallel_kind("bp") == "bp_model_parallel"
+    assert parallel_kind("bp", 4) == "bp_gpipe"
+    sg, bp = TrainConfig(mode="sg"), TrainConfig(mode="bp", batch_size=256)
+    validate_parallel(sg, "sg_pipeline", 1)
+    validate_parallel(bp, "bp_gpipe", 8)
+    for config, kind, micro, words in [
+        (bp, "sg_pipeline", 1, "--mode=sg"),
+        (sg, "bp_model_parallel", 1, "--mode=bp"),
+        (bp, "bp_model_parallel", 2, "GPipe"),
+        (bp, "bp_gpipe", 3, "multiple"),
+        (bp, "bp_gpipe", 0, "positive"),
+        (bp, "layers", 1, "unknown"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            validate_parallel(config, kind, micro)
+
+
+# --------------------------------------------------------------------------- stage functions
+
+
+def test_module_regression_is_hidden_backwards_module_half():
+    config = TrainConfig(mode="cdni", sg_hidden_layers=1, **TINY)
+    spec = NetworkSpec.from_config(config)
+    model = jax.jit(init_train_state, static_argnums=0)(config).model
+    key_x, key_y, key_t = jax.random.split(jax.random.PRNGKey(3), 3)
+    h_in = jax.random.normal(key_x, (32, 32))
+    labels = jax.random.randint(key_y, (32,), 0, 10)
+    target = jax.random.normal(key_t, (32, 32))
+    layer = model.hidden[1]
+    h_out = jax.jit(lambda: hidden_forward(layer, h_in, labels, spec).output)()
+    expected = jax.jit(lambda: hidden_backward(hidden_forward(layer, h_in, labels, spec), target))()
+    got = jax.jit(module_gradients, static_argnums=3)(
+        layer, Activations(h_out, labels), target, spec
+    )
+    assert float(got.sg_loss) > 0
+    assert float(got.sg_loss) == pytest.approx(float(expected.sg_loss), rel=1e-6)
+    assert max_difference(got.grads, expected.module) < 1e-6
+
+
+def test_adam_state_split_by_stage_and_merged_back():
+    config = TrainConfig(mode="bp", **TINY)
+    state = jax.jit(init_train_state, static_argnums=0)(config).model
+    # Non-zero moments, distinct per layer, so a mixed-up split cannot pass.
+    opt = jax.tree_util.tree_map(
+        lambda x: x + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / 7, state.opt_state
+    )
+    stages = [stage_optimizer_state(opt, lambda p, k=k: p.blocks[k]) for k in range(3)]
+    stages.append(stage_optimizer_state(opt, lambda p: p.output))
+    optimizer = make_optimizer(schedule_for(config))
+    assert jax.tree_util.tree_structure(stages[1]) == jax.tree_util.tree_structure(
+        optimizer.init(state.blocks[1].params)
+    )
+    assert max_difference(merge_optimizer_states(stages), opt) == 0.0
+
+
+def test_one_microbatch_is_backprop_and_four_are_not(mnist):
+    config = TrainConfig(mode="bp", **TINY)
+    optimizer = make_optimizer(schedule_for(config))
+    initial = init_train_state(config)
+    batch = sample_batch(initial.key, to_device(mnist), 32)
+    plain, plain_metrics = jax.jit(functools.partial(backprop_step, optimizer=optimizer))(
+        initial.model, batch.images, batch.labels
+    )
+    accumulated = jax.jit(accumulated_backprop_step, static_argnums=(3, 4))
+    one, one_metrics = accumulated(initial.model, batch.images, batch.labels, optimizer, 1)
+    four, _ = accumulated(initial.model, batch.images, batch.labels, optimizer, 4)
+    assert max_difference(one, plain) < 1e-6
+    assert float(one_metrics.loss) == pytest.approx(float(plain_metrics.loss), rel=1e-6)
+    # BatchNorm over 8 examples instead of 32: a different step (the GPipe tests rely on it).
+    assert max_difference(four, plain) > 1e-3
+
+
+# --------------------------------------------------------------------------- staleness
+
+
+def _stale_module_step(
+    state: DecoupledState,
+    old_modules: tuple[Any, ...],
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    spec: NetworkSpec,
+    optimizer: optax.GradientTransformation,
+) -> DecoupledState:
+    """Synchronous sg in which every synthetic gradient (for the block's update and for the
+    bootstrapped target) comes from ``old_modules``; modules regress with current parameters."""
+    h = images
+    synthetic, module_stats = [], []
+    for layer, old in zip(state.hidden, old_modules, strict=True):
+        h, _ = apply_block(layer.block.params, layer.block.batch_stats, h, True)
+        g, stats = apply_module(spec.module(), old, layer.module.batch_stats, h, labels, True)
+        synthetic.append(g)
+        module_stats.append(stats)
+    grads = decoupled_gradients(state, images, labels, spec, synthetic_override=synthetic)
+    hidden = tuple(
+        update_hidden_layer(layer, fwd._replace(module_stats=stats), g, optimizer)
+        for layer, fwd, g, stats in zip(
+            state.hidden, grads.forwards, grads.hidden, module_stats, strict=True
+        )
+    )
+    updates, opt_state = optimizer.update(grads.output, state.output.opt_state, state.output.params)
+    output = OutputLayerState(optax.apply_updates(state.output.params, updates), opt_state)
+    return DecoupledState(hidden, output)
+
+
+def stale_module_reference(config: TrainConfig, dataset: Dataset, lag: int) -> DecoupledState:
+    """``config.num_steps`` synchronous steps whose synthetic gradients for minibatch b come from
+    the modules as they were after max(b - lag, 0) updates."""
+    spec = NetworkSpec.from_config(config)
+    optimizer = make_optimizer(schedule_for(config))
+    initial = jax.jit(init_train_state, static_argnums=0)(config)
+    data = to_device(dataset)
+    step = jax.jit(functools.partial(_stale_module_step, spec=spec, optimizer=optimizer))
+    state = initial.model
+    history = [tuple(layer.module.params for layer in state.hidden)]
+    for b in range(config.num_steps):
+        batch = sample_batch(jax.random.fold_in(initial.key, b), data, config.batch_size)
+        state = step(state, history[max(b - lag, 0)], batch.images, batch.labels)
+        history.append(tuple(layer.module.params for layer in state.hidden))
+    return state
+
+
+# --------------------------------------------------------------------------- four devices
+
+
+def _reference_bp(
+    config: TrainConfig, dataset: Dataset, microbatches: int
+) -> tuple[Any, list[float]]:
+    """Single-device backprop (gradients accumulated over ``microbatches``), per-step losses."""
+    optimizer = make_optimizer(schedule_for(config))
+    initial = jax.jit(init_train_state, static_argnums=0)(config)
+    data = to_device(dataset)
+    step = jax.jit(accumulated_backprop_step, static_argnums=(3, 4))
+    state, losses = initial.model, []
+    for b in range(config.num_steps):
+        batch = sample_batch(jax.random.fold_in(initial.key, b), data, config.batch_size)
+        state, metrics = step(state, batch.images, batch.labels, optimizer, microbatches)
+        losses.append(float(metrics.loss))
+    return state, losses
+
+
+def _pre_batchnorm(path: tuple) -> bool:
+    """A hidden block's Dense bias (in front of BatchNorm) or BatchNorm's running mean."""
+    name = jax.tree_util.keystr(path)
+    return name.startswith(".blocks[") and (
+        name.endswith("['Dense_0']['bias']") or name.endswith("['BatchNorm_0']['mean']")
+    )
+
+
+def bp_difference(a: BackpropState, b: BackpropState) -> dict[str, float]:
+    """Largest difference of two backprop states, apart from the pre-BatchNorm biases.
+
+    BatchNorm subtracts the mean, so a block's Dense bias has an exactly zero gradient in exact
+    arithmetic; Adam scales its rounding noise up to full-size steps (about the learning rate),
+    which differ between any two orders of the same sums (a whole-network jit against per-stage
+    jits), and the running mean inherits them. ``bias_moment`` (Adam's first moment of those
+    biases) shows their gradients are noise.
+    """
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
+    rest = [
+        abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max(initial=0.0)
+        for p, x, y in zip(
+            paths, jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True
+        )
+        if not _pre_batchnorm(p)
+    ]
+    mu = otu.tree_get(a.opt_state, "mu")
+    bias_moment = max(float(np.abs(blk["Dense_0"]["bias"]).max()) for blk in mu.blocks)
+    return {"rest": float(max(rest)), "bias_moment": bias_moment}
+
+
+def _strip(records) -> list[dict]:
+    return [dataclasses.asdict(r) | {"elapsed_s": 0.0} for r in records]
+
+
+def four_device_results() -> dict[str, Any]:
+    """Everything the multi-device tests check (run under 4 simulated devices)."""
+    assert len(jax.devices()) == 4, jax.devices()
+    mnist = load_dataset("mnist", None)
+    out: dict[str, Any] = {}
+
+    # Conditioned modules with a hidden BatchNorm layer: labels and statistics must flow right.
+    sg = TrainConfig(
+        mode="cdni", sg_hidden_layers=1, num_steps=8, eval_every=4, learning_rate=1e-2, **TINY
+    )
+    runs = {
+        n: train_layer_parallel(sg, mnist, kind="sg_pipeline", num_devices=n, log=quiet)
+        for n in (4, 2, 1)
+    }
+    out["sg"] = {
+        "placement": {n: list(r.stage_devices) for n, r in runs.items()},
+        "difference_4_vs_1": max_difference(runs[4].state.model, runs[1].state.model),
+        "difference_2_vs_1": max_difference(runs[2].state.model, runs[1].state.model),
+        "records_equal": _strip(runs[4].records)
+        == _strip(runs[1].records)
+        == _strip(runs[2].records),
+        # The staleness statement of sgjax.parallel_sg (lag 2), and two lags it is not.
+        "stale_reference": {
+            lag: max_difference(runs[4].state.model, stale_module_reference(sg, mnist, lag))
+            for lag in (0, 1, 2)
+        },
+        "update_counts": sorted(
+            {
+                int(count)
+                for opt in [runs[4].state.model.output.opt_state]
+                + [
+                    o
+                    for layer in runs[4].state.model.hidden
+                    for o in (layer.block_opt, layer.module_opt)
+                ]
+                for _, count in otu.tree_get_all_with_path(opt, "count")
+            }
+        ),
+        "moved": max_difference(
+            [layer.block.params for layer in runs[4].state.model.hidden],
+            [layer.block.params for layer in init_train_state(sg).model.hidden],
+        ),
+    }
+
+    bp = TrainConfig(mode="bp", num_steps=6, eval_every=3, learning_rate=1e-2, **TINY)
+    plain, plain_losses = _reference_bp(bp, mnist, 1)
+    accumulated, accumulated_losses = _reference_bp(bp, mnist, 4)
+    model_parallel = train_layer_parallel(
+        bp, mnist, kind="bp_model_parallel", num_devices=4, log=quiet
+    )
+    gpipe = train_layer_parallel(
+        bp, mnist, kind="bp_gpipe", num_devices=4, microbatches=4, log=quiet
+    )
+    out["bp"] = {
+        "placement": [list(model_parallel.stage_devices), list(gpipe.stage_devices)],
+        "model_parallel_vs_bp": bp_difference(model_parallel.state.model, plain),
+        "gpipe_vs_accumulated": bp_difference(gpipe.state.model, accumulated),
+        "gpipe_vs_bp": bp_difference(gpipe.state.model, plain),
+        "loss_pairs": [
+            [model_parallel.records[-1].train_loss, float(np.mean(plain_losses[3:]))],
+            [gpipe.records[-1].train_loss, float(np.mean(accumulated_losses[3:]))],
+        ],
+    }
+
+    floor = TrainConfig(mode="sg", seed=0, **FLOOR_CONFIG)
+    run = train_layer_parallel(floor, mnist, kind="sg_pipeline", num_devices=4, log=quiet)
+    out["floor"] = {
+        "status": run.status,
+        "placement": list(run.stage_devices),
+        "accuracy": [r.test_accuracy for r in run.records],
+    }
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_devices() -> dict[str, Any]:
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sg_pipeline_on_four_devices_computes_what_one_device_computes(four_devices):
+    sg = four_devices["sg"]
+    assert sg["placement"] == {"4": [0, 1, 2, 3], "2": [0, 0, 1, 1], "1": [0, 0, 0, 0]}
+    assert sg["difference_4_vs_1"] <= 1e-6
+    assert sg["difference_2_vs_1"] <= 1e-6
+    assert sg["records_equal"]
+    assert sg["moved"] > 1e-2  # the compared states really trained
+
+
+def test_sg_pipeline_is_sg_with_modules_two_updates_stale(four_devices):
+    """Synthetic gradients from modules two updates old; everything else as synchronous sg."""
+    stale = four_devices["sg"]["stale_reference"]
+    assert stale["2"] < 2e-5, stale
+    assert stale["0"] > 1e-3 and stale["1"] > 1e-3, stale  # sync sg, a one-update lag
+    assert four_devices["sg"]["update_counts"] == [8]  # every layer and module, once per batch
+
+
+def test_model_parallel_and_gpipe_equal_their_single_device_backprop(four_devices):
+    bp = four_devices["bp"]
+    assert bp["placement"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    for pair in ("model_parallel_vs_bp", "gpipe_vs_accumulated"):
+        assert bp[pair]["rest"] < 1e-5, pair
+        assert bp[pair]["bias_moment"] < 1e-6, pair
+    # GPipe's BatchNorm sees microbatches: a different run from plain backprop.
+    assert bp["gpipe_vs_bp"]["rest"] > 1e-3
+    for got, expected in bp["loss_pairs"]:
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_layer_parallel_sg_trains_on_mnist(four_devices):
+    floor = four_devices["floor"]
+    assert floor["status"] == "completed"
+    assert floor["placement"] == [0, 1, 2, 3]
+    assert floor["accuracy"][-1] >= PIPELINE_FLOOR
+    assert floor["accuracy"][-1] > floor["accuracy"][0] - 0.02
+
+
+if __name__ == "__main__":
+    print(json.dumps(four_device_results()))
