@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 
 from sgjax.cli import make_flags_parser
-from sgjax.config import MODES, TrainConfig
+from sgjax.config import MODES, PARALLEL, TrainConfig
 from sgjax.runner import run_training
 from sgjax.train_flags import config_from_flags, define_train_flags
 
@@ -22,6 +22,21 @@ flags.DEFINE_enum(
     "mode", _DEFAULTS.mode, MODES, "bp: backprop; sg: DNI; cdni: label-conditioned DNI."
 )
 define_train_flags(flags.FLAGS)
+flags.DEFINE_enum(
+    "parallel",
+    _DEFAULTS.parallel,
+    PARALLEL,
+    "none: one device; layers: every layer (block with its module, output layer) on its own "
+    "device, pipelined (sg, cdni) or model-parallel / GPipe (bp).",
+)
+flags.DEFINE_integer(
+    "num_devices", _DEFAULTS.num_devices, "Devices for --parallel=layers (0: all there are)."
+)
+flags.DEFINE_integer(
+    "microbatches",
+    _DEFAULTS.microbatches,
+    "GPipe microbatches per minibatch for --parallel=layers --mode=bp (1: model parallelism).",
+)
 flags.DEFINE_integer(
     "chunk_steps",
     _DEFAULTS.chunk_steps,
@@ -45,6 +60,9 @@ def main(argv: list[str]) -> int:
         FLAGS,
         mode=FLAGS.mode,
         chunk_steps=FLAGS.chunk_steps,
+        parallel=FLAGS.parallel,
+        num_devices=FLAGS.num_devices,
+        microbatches=FLAGS.microbatches,
         checkpoint_every=FLAGS.checkpoint_every,
         output_dir=FLAGS.output_dir,
     )

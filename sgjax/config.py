@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 MODES = ("bp", "sg", "cdni")
 DATASETS = ("mnist", "fashion_mnist")
+PARALLEL = ("none", "layers")
 INPUT_DIM = 784
 NUM_CLASSES = 10
 
@@ -47,6 +48,12 @@ class TrainConfig:
     eval_every: int = 10_000
     chunk_steps: int = 1_000
     """Longest compiled chunk: a progress line, and a chance to stop cleanly, after each."""
+    parallel: str = "none"
+    """"none": one device; "layers": every layer on its own device, pipelined."""
+    num_devices: int = 0
+    """Devices for --parallel=layers (0: all there are)."""
+    microbatches: int = 1
+    """GPipe microbatches for --parallel=layers with --mode=bp (1: plain model parallelism)."""
     checkpoint_every: int | None = None
     """Steps between checkpoints: None means at every evaluation, 0 means never."""
     output_dir: str | None = None
@@ -101,6 +108,13 @@ class TrainConfig:
                 f"--sg_hidden_layers={self.sg_hidden_layers} is negative; use 0 (linear) or more"
             )
         _require_positive("sg_hidden_units", self.sg_hidden_units)
+        _require_positive("microbatches", self.microbatches)
+        if self.parallel not in PARALLEL:
+            raise ConfigError(
+                f"unknown --parallel={self.parallel!r}; choose one of {', '.join(PARALLEL)}"
+            )
+        if self.num_devices < 0:
+            raise ConfigError(f"--num_devices={self.num_devices} must be 0 (all) or more")
         if not self.learning_rate > 0 or self.learning_rate == float("inf"):
             raise ConfigError(
                 f"--learning_rate={self.learning_rate} must be a positive finite number"

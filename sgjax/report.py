@@ -136,6 +136,15 @@ def versions() -> dict[str, str]:
 def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> dict[str, Any]:
     """The contents of results.json."""
     last = result.records[-1] if result.records else None
+    parallel = None
+    if hasattr(result, "stage_devices"):
+        parallel = {
+            "kind": result.kind,
+            "stage_devices": list(result.stage_devices),
+            "microbatches": result.microbatches,
+            "stage_ms": list(result.stage_ms),
+            "ideal_speedup": result.ideal_speedup,
+        }
     return {
         "mode": config.mode,
         "status": result.status,
@@ -156,6 +165,7 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
         "device": device_info(),
         "versions": versions(),
         "config": config.to_dict(),
+        "parallel": parallel,
         "history": [dataclasses.asdict(r) for r in result.records],
     }
 
@@ -172,4 +182,14 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         else "no evaluation was reached",
         f"training {results['train_time_s']:.1f} s ({results['steps_per_s']:.1f} steps/s), "
         f"compile {results['compile_time_s']:.1f} s, evaluation {results['eval_time_s']:.1f} s",
+    ] + _parallel_lines(results.get("parallel"))
+
+
+def _parallel_lines(parallel: dict[str, Any] | None) -> list[str]:
+    if not parallel:
+        return []
+    stage_ms = " / ".join(f"{ms:.2f}" for ms in parallel["stage_ms"])
+    return [
+        f"{parallel['kind']} on devices {parallel['stage_devices']}: each stage's step alone "
+        f"{stage_ms} ms; ideal speed-up from those times {parallel['ideal_speedup']:.2f}x"
     ]

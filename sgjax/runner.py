@@ -21,6 +21,8 @@ from sgjax.checkpoint import Checkpointer, CheckpointError
 from sgjax.cli import EXIT_DIVERGED, fail
 from sgjax.config import ConfigError, TrainConfig
 from sgjax.datasets import DataError, Dataset, load_dataset
+from sgjax.parallel import parallel_kind, train_layer_parallel, validate_parallel
+from sgjax.parallel_stages import stage_devices
 from sgjax.report import (
     MetricsWriter,
     OutputError,
@@ -32,6 +34,8 @@ from sgjax.report import (
 from sgjax.train import Resume, init_train_state, train
 
 DEFAULT_OUTPUT_ROOT = "runs"
+STAGE_TIMING_REPEATS = 20
+"""Calls per stage when timing each layer's step alone after a layer-parallel run."""
 RUN_FILES = ("results.json", "metrics.csv", "checkpoints")
 EXIT_CODE_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -103,6 +107,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         config.validate()
+        if config.parallel == "layers":
+            _check_parallel(config, resume)
         dataset = load_dataset(config.dataset, config.data_dir)
         check_fits(config, dataset)
         output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
@@ -124,14 +130,26 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         for record in start.records if start else []:
             metrics.write(record)
         with StopRequest() as stop:
-            result = train(
-                config,
-                dataset,
-                on_record=metrics.write,
-                start=start,
-                save_checkpoint=save if config.resolved_checkpoint_every else None,
-                stop_requested=stop,
-            )
+            if config.parallel == "layers":
+                result = train_layer_parallel(
+                    config,
+                    dataset,
+                    kind=parallel_kind(config.mode, config.microbatches),
+                    num_devices=_parallel_devices(config),
+                    microbatches=config.microbatches,
+                    on_record=metrics.write,
+                    stop_requested=stop,
+                    stage_timing_repeats=STAGE_TIMING_REPEATS,
+                )
+            else:
+                result = train(
+                    config,
+                    dataset,
+                    on_record=metrics.write,
+                    start=start,
+                    save_checkpoint=save if config.resolved_checkpoint_every else None,
+                    stop_requested=stop,
+                )
     finally:
         metrics.close()
         checkpointer.close()
@@ -156,6 +174,24 @@ def check_fits(config: TrainConfig, dataset: Dataset) -> None:
             f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
             f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
         )
+
+
+def _check_parallel(config: TrainConfig, resume: bool) -> None:
+    """Refuse layer-parallel settings that cannot run, before any file is written."""
+    if resume:
+        raise ConfigError(
+            "--resume is not available with --parallel=layers (the pipeline keeps no "
+            "checkpoints); start again with --overwrite"
+        )
+    validate_parallel(config, parallel_kind(config.mode, config.microbatches), config.microbatches)
+    stage_devices(config.hidden_layers + 1, _parallel_devices(config))
+
+
+def _parallel_devices(config: TrainConfig) -> int:
+    """--num_devices, or (0) as many devices as there are, at most one per stage."""
+    if config.num_devices:
+        return config.num_devices
+    return min(jax.device_count(), config.hidden_layers + 1)
 
 
 def device_memory_bytes() -> int:

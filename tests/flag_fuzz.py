@@ -118,6 +118,9 @@ def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
     cases |= {
         "mode": LETTERS.filter(lambda v: v not in ("bp", "sg", "cdni")),
         "chunk_steps": NOT_POSITIVE,
+        "parallel": LETTERS.filter(lambda v: v not in ("none", "layers")),
+        "num_devices": NEGATIVE,
+        "microbatches": NOT_POSITIVE,
         "checkpoint_every": NEGATIVE | st.integers(1, 10**6).filter(lambda n: n % 5).map(str),
     }
     return cases, base

@@ -166,6 +166,14 @@ BAD_INPUTS = {
     "infinite learning rate": (["--learning_rate=inf"], "--learning_rate"),
     "text learning rate": (["--learning_rate=fast"], "--learning_rate"),
     "two stray arguments": (["sg", "more"], "unexpected"),
+    "unknown parallel": (["--parallel=rows"], "--parallel"),
+    "more devices than there are": (["--parallel=layers", "--num_devices=3"], "--num_devices"),
+    "microbatches without GPipe": (["--parallel=layers", "--microbatches=2"], "--microbatches"),
+    "microbatches not dividing": (
+        ["--parallel=layers", "--mode=bp", "--microbatches=3"],
+        "--microbatches",
+    ),
+    "resume a pipeline": (["--parallel=layers", "--resume"], "--resume"),
 }
 
 
@@ -235,6 +243,34 @@ def test_library_logging_stays_off_stderr(tmp_path):
     )
     _assert_one_line_error(done, "--batch_size")
     assert not output_dir.exists()
+
+
+def test_layer_parallel_run_on_four_devices(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            *TINY,
+            "--mode=cdni",
+            "--parallel=layers",
+            f"--output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=os.environ
+        | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "completed" and results["config"]["parallel"] == "layers"
+    parallel = results["parallel"]
+    assert parallel["kind"] == "sg_pipeline"
+    assert parallel["stage_devices"] == [0, 1, 2, 3]
+    assert len(parallel["stage_ms"]) == 4 and min(parallel["stage_ms"]) > 0
+    assert parallel["ideal_speedup"] > 1
+    assert "ideal speed-up" in done.stdout
 
 
 def test_unwritable_output_folder(tmp_path):
