@@ -9,12 +9,20 @@ Writes table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png t
 
 from __future__ import annotations
 
+import os
 import sys
 
-from absl import app, flags
+if "--parallel=layers" in sys.argv and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Layer-parallel runs on a CPU need simulated devices, which must be asked for before JAX
+    # starts (they share the machine's cores). Harmless on GPUs.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
 
-from sgjax.benchmark_cli import define_flags, main
-from sgjax.cli import make_flags_parser
+from absl import app, flags  # noqa: E402
+
+from sgjax.benchmark_cli import define_flags, main  # noqa: E402
+from sgjax.cli import make_flags_parser  # noqa: E402
 
 FLAGS = flags.FLAGS
 define_flags(FLAGS)

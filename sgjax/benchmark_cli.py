@@ -16,12 +16,19 @@ from absl import flags
 from sgjax.benchmark import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.benchmark_report import build_json, build_rows, table_markdown
 from sgjax.benchmark_store import OUTPUT_FILES, ProgramStore, divergence
-from sgjax.cli import fail
+from sgjax.cli import fail, parse_int_list
 from sgjax.config import MODES, ConfigError, TrainConfig
 from sgjax.datasets import DataError, Dataset, load_dataset
+from sgjax.parallel import validate_parallel
+from sgjax.parallel_benchmark import (
+    ParallelBenchmarkSettings,
+    notes,
+    run_parallel_benchmark,
+    table_lines,
+)
 from sgjax.plots import plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.presets import PRESETS, apply_preset
-from sgjax.report import OutputError, write_json_atomic
+from sgjax.report import OutputError, device_info, versions, write_json_atomic
 from sgjax.runner import StopRequest, check_fits, claim_output_dir, report_status
 from sgjax.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
 from sgjax.train_flags import config_from_flags, define_train_flags
@@ -75,6 +82,21 @@ def define_flags(fv: flags.FlagValues) -> None:
         True,
         "With several runs per program, also run each alone (time ratio and equality check).",
         flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "parallel",
+        "none",
+        ["none", "layers"],
+        "layers: instead of the vmapped programs, compare bp (single device, model-parallel, "
+        "GPipe) with the first synthetic-gradient mode of --modes (single device, layer-parallel "
+        "pipeline) on --parallel_devices devices.",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "parallel_devices", ["1", "2", "4"], "Device counts for --parallel=layers.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "microbatches", 4, "GPipe microbatches for --parallel=layers.", flag_values=fv
     )
     flags.DEFINE_boolean(
         "resume",
@@ -164,6 +186,8 @@ def run(
     """
     if fv.distributed:
         jax.distributed.initialize()
+    if fv.parallel == "layers":
+        return run_layer_parallel(fv, log)
     try:
         if fv.resume and fv.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
@@ -192,6 +216,76 @@ def run(
     return result, files, stop.signal
 
 
+def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSettings:
+    """The layer-parallel comparison's settings; raises ConfigError (one line)."""
+    if fv.preset:
+        apply_preset(fv, fv.preset)
+    if fv.resume or fv.sweep or fv.num_seeds != 1:
+        raise ConfigError(
+            "--parallel=layers runs one seed without sweeps or --resume; drop --resume, --sweep "
+            "and --num_seeds"
+        )
+    decoupled = [m for m in fv.modes if m != "bp"]
+    if not decoupled or decoupled[0] not in MODES:
+        raise ConfigError("--parallel=layers needs sg or cdni in --modes (compared with bp)")
+    base = dict(output_dir=fv.output_dir)
+    settings = ParallelBenchmarkSettings(
+        sg=config_from_flags(fv, mode=decoupled[0], **base).validate(),
+        bp=config_from_flags(fv, mode="bp", **base).validate(),
+        device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
+        microbatches=fv.microbatches,
+    )
+    if any(n < 1 for n in settings.device_counts):
+        raise ConfigError("--parallel_devices must list positive device counts, e.g. 1,2,4")
+    validate_parallel(settings.bp, "bp_gpipe", settings.microbatches)
+    return settings
+
+
+def run_layer_parallel(
+    fv: flags.FlagValues, log: Callable[[str], None]
+) -> tuple[None, BenchmarkFiles | None, int | None]:
+    """--parallel=layers: run the comparison and write table.md and benchmark.json."""
+    try:
+        settings = parallel_settings_from_flags(fv)
+        dataset = load_dataset(settings.bp.dataset, settings.bp.data_dir)
+        check_fits(settings.sg, dataset)
+        folder = claim_output_dir(Path(fv.output_dir), False, fv.overwrite, OUTPUT_FILES)
+    except (ConfigError, DataError, OutputError) as error:
+        fail(str(error))
+    log(f"data: {dataset.reason}")
+    rows = run_parallel_benchmark(settings, dataset, log=log)
+    table = folder / "table.md"
+    lines = ["# Layer-parallel training: backprop vs. synthetic gradients", ""]
+    table.write_text("\n".join([*lines, *table_lines(rows), "", *notes(settings)]) + "\n")
+    json_path = folder / "benchmark.json"
+    write_json_atomic(
+        json_path,
+        {
+            "status": "completed",
+            "parallel": True,
+            "settings": {
+                "sg": settings.sg.to_dict(),
+                "bp": settings.bp.to_dict(),
+                "device_counts": list(settings.device_counts),
+                "microbatches": settings.microbatches,
+            },
+            "device": device_info(),
+            "versions": versions(),
+            "dataset": dataset.describe(),
+            "rows": [dataclasses.asdict(row) for row in rows],
+        },
+    )
+    return None, ParallelFiles(table, json_path), None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelFiles:
+    """What --parallel=layers writes."""
+
+    table: Path
+    json: Path
+
+
 def main(fv: flags.FlagValues) -> int:
     """Run the benchmark, print table.md and where the files went; returns the exit code."""
     start = time.perf_counter()
@@ -200,5 +294,6 @@ def main(fv: flags.FlagValues) -> int:
         print(files.table.read_text(), flush=True)
         print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
     print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
-    folder = fv.output_dir
-    return report_status(result.status, result.message, Path(folder), signum)
+    if result is None:  # --parallel=layers
+        return 0
+    return report_status(result.status, result.message, Path(fv.output_dir), signum)
