@@ -186,6 +186,10 @@ def run(
     """
     if fv.distributed:
         jax.distributed.initialize()
+    try:
+        _check_parallel_flags(fv)
+    except ConfigError as error:
+        fail(str(error))
     if fv.parallel == "layers":
         return run_layer_parallel(fv, log)
     try:
@@ -216,6 +220,15 @@ def run(
     return result, files, stop.signal
 
 
+def _check_parallel_flags(fv: flags.FlagValues) -> None:
+    """The layer-parallel flags must make sense even when --parallel=layers is not given."""
+    if fv.microbatches < 1:
+        raise ConfigError(f"--microbatches={fv.microbatches} must be a positive integer")
+    counts = parse_int_list("parallel_devices", fv.parallel_devices) or ()
+    if not counts or any(n < 1 for n in counts):
+        raise ConfigError("--parallel_devices must list positive device counts, e.g. 1,2,4")
+
+
 def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSettings:
     """The layer-parallel comparison's settings; raises ConfigError (one line)."""
     if fv.preset:
@@ -235,8 +248,6 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
         device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
         microbatches=fv.microbatches,
     )
-    if any(n < 1 for n in settings.device_counts):
-        raise ConfigError("--parallel_devices must list positive device counts, e.g. 1,2,4")
     validate_parallel(settings.bp, "bp_gpipe", settings.microbatches)
     return settings
 

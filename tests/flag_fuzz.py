@@ -148,6 +148,9 @@ def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
         "sweep": LETTERS | bad_sweeps,
         "loop_steps": NEGATIVE,
         "loop_repeats": NOT_POSITIVE,
+        "parallel": LETTERS.filter(lambda v: v not in ("none", "layers")),
+        "parallel_devices": LETTERS | st.integers(max_value=0).map(str),
+        "microbatches": NOT_POSITIVE,
     }
     return cases, base
 
