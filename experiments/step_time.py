@@ -14,7 +14,7 @@ from sgjax.cli import make_flags_parser
 from sgjax.config import TrainConfig
 from sgjax.data import load_dataset, to_device
 from sgjax.report import device_info
-from sgjax.timing import matmul_gflops, time_python_loop, time_scanned
+from sgjax.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
 
 flags.DEFINE_list("modes", ["bp", "sg", "cdni"], "Modes to time.")
 flags.DEFINE_integer("steps", 200, "Steps per timed run.", lower_bound=1)
@@ -27,14 +27,16 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> int:
     del argv
-    data = to_device(load_dataset("mnist", None))
+    dataset = load_dataset("mnist", None)
+    data = to_device(dataset)
     device = device_info()
     print(f"device: {device['platform']} ({device['device_kind']})")
     print(f"float32 matmul: {matmul_gflops():.0f} GFLOP/s")
-    header = "| mode | module | scanned ms/step | python-loop ms/step | loop/scan | GFLOP/step |"
-    header += " GFLOP/s (scanned) | compile s (scan / step) |"
+    header = "| mode | module | scanned ms/step | python-loop ms/step | loop/scan |"
+    header += " host-fed loop ms/step | host-fed/scan | GFLOP/step | GFLOP/s (scanned) |"
+    header += " compile s (scan / step) |"
     print(header)
-    print("|" + "---|" * 8)
+    print("|" + "---|" * 10)
     for mode in FLAGS.modes:
         config = TrainConfig(
             mode=mode,
@@ -44,11 +46,13 @@ def main(argv: list[str]) -> int:
         ).validate()
         scanned = time_scanned(config, data, FLAGS.steps, FLAGS.repeats)
         looped = time_python_loop(config, data, FLAGS.steps, FLAGS.repeats)
+        host_fed = time_host_fed_loop(config, dataset, FLAGS.steps, FLAGS.repeats)
         gflop = looped.flops_per_step / 1e9
         print(
             f"| {mode} | {module_label(config)} | {scanned.ms_per_step:.2f} | "
             f"{looped.ms_per_step:.2f} | "
-            f"{looped.ms_per_step / scanned.ms_per_step:.2f} | {gflop:.3f} | "
+            f"{looped.ms_per_step / scanned.ms_per_step:.2f} | {host_fed.ms_per_step:.2f} | "
+            f"{host_fed.ms_per_step / scanned.ms_per_step:.2f} | {gflop:.3f} | "
             f"{gflop / scanned.ms_per_step * 1e3:.0f} | "
             f"{scanned.compile_s:.1f} / {looped.compile_s:.1f} |",
             flush=True,
