@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,23 +58,38 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
+def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float:
+    """Median wall time of ``run()`` (which advances its own state) after ``warmups`` calls."""
+    for _ in range(warmups):
+        jax.block_until_ready(run())
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        runs.append(time.perf_counter() - start)
+    return _median(runs)
+
+
+def _compile(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
 def time_scanned(
     config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
     """``steps`` train steps inside one ``lax.scan``."""
     state = init_train_state(config)
-    start = time.perf_counter()
-    chunk = jax.jit(make_run_chunk(config, steps)).lower(state, data).compile()
-    compile_s = time.perf_counter() - start
-    state, _ = chunk(state, data)  # warm-up
-    jax.block_until_ready(state)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    chunk, compile_s = _compile(make_run_chunk(config, steps), state, data)
+
+    def run() -> TrainState:
+        nonlocal state
         state, _ = chunk(state, data)
-        jax.block_until_ready(state)
-        runs.append(time.perf_counter() - start)
-    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats, compiled_flops(chunk))
+        return state
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(chunk))
 
 
 def time_python_loop(
@@ -80,20 +97,16 @@ def time_python_loop(
 ) -> LoopTiming:
     """The same step, jitted alone and called ``steps`` times from a Python loop."""
     state = init_train_state(config)
-    start = time.perf_counter()
-    step = jax.jit(_make_single_step(config)).lower(state, data).compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(5):  # warm-up
-        state = step(state, data)
-    jax.block_until_ready(state)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    step, compile_s = _compile(_make_single_step(config), state, data)
+
+    def run() -> TrainState:
+        nonlocal state
         for _ in range(steps):
             state = step(state, data)
-        jax.block_until_ready(state)
-        runs.append(time.perf_counter() - start)
-    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats, compiled_flops(step))
+        return state
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(step))
 
 
 def time_host_fed_loop(
@@ -104,7 +117,7 @@ def time_host_fed_loop(
 
     Shows what keeping the data on the device and sampling inside the compiled loop saves.
     """
-    state = init_train_state(config)
+    model = init_train_state(config).model
     step_fn = make_train_step(config, make_optimizer(schedule_for(config)))
     rng = np.random.default_rng(config.seed)
 
@@ -113,22 +126,16 @@ def time_host_fed_loop(
         images = dataset.train_images[index].astype(np.float32) / 255.0
         return jax.device_put(images), jax.device_put(dataset.train_labels[index])
 
-    images, labels = host_batch()
-    start = time.perf_counter()
-    step = jax.jit(step_fn).lower(state.model, images, labels).compile()
-    compile_s = time.perf_counter() - start
-    model = state.model
-    for _ in range(5):  # warm-up
-        model, _ = step(model, *host_batch())
-    jax.block_until_ready(model)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    step, compile_s = _compile(step_fn, model, *host_batch())
+
+    def run() -> Any:
+        nonlocal model
         for _ in range(steps):
             model, _ = step(model, *host_batch())
-        jax.block_until_ready(model)
-        runs.append(time.perf_counter() - start)
-    return LoopTiming(1e3 * _median(runs) / steps, compile_s, steps, repeats, compiled_flops(step))
+        return model
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(step))
 
 
 def compiled_flops(compiled: jax.stages.Compiled) -> float:
