@@ -5,6 +5,7 @@ parameter pytrees, so they can be reused in other JAX code.
 """
 
 from sgjax.config import ConfigError, TrainConfig
+from sgjax.datasets import Dataset, load_dataset
 from sgjax.layers import HiddenBlock, OutputLayer, apply_block, apply_output
 from sgjax.schedules import make_optimizer, piecewise_schedule
 from sgjax.steps import (
@@ -25,11 +26,13 @@ from sgjax.steps import (
     output_backward,
 )
 from sgjax.synthetic import SyntheticGradient
+from sgjax.train import make_train, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackpropState",
+    "Dataset",
     "ConfigError",
     "DecoupledState",
     "HiddenBlock",
@@ -50,7 +53,10 @@ __all__ = [
     "hidden_forward",
     "init_backprop",
     "init_decoupled",
+    "load_dataset",
+    "make_train",
     "make_optimizer",
     "output_backward",
     "piecewise_schedule",
+    "train",
 ]
