@@ -47,7 +47,7 @@ from sgjax.steps import (
     LayerVars,
     OutputLayerState,
     StepMetrics,
-    _adam_update,
+    adam_update,
     backprop_gradients,
     output_backward,
 )
@@ -81,7 +81,7 @@ def accumulated_backprop_step(
         accuracies.append(accuracy(logits, y))
     mean = jax.tree_util.tree_map(lambda g: g / microbatches, total)
     params = BackpropParams(tuple(b.params for b in state.blocks), state.output)
-    params, opt_state = _adam_update(optimizer, mean, state.opt_state, params)
+    params, opt_state = adam_update(optimizer, mean, state.opt_state, params)
     blocks = tuple(LayerVars(p, b.batch_stats) for p, b in zip(params.blocks, blocks, strict=True))
     loss = jnp.mean(jnp.stack(losses))
     metrics = StepMetrics(loss, jnp.mean(jnp.stack(accuracies)), jnp.zeros((0,), loss.dtype))
@@ -206,7 +206,7 @@ def apply_mean_gradients(
 ) -> Updated:
     """One Adam update with the mean of the microbatches' gradients."""
     mean = jax.tree_util.tree_map(lambda g: g / microbatches, grad_sum)
-    return Updated(*_adam_update(optimizer, mean, opt_state, params))
+    return Updated(*adam_update(optimizer, mean, opt_state, params))
 
 
 class BlockCalls(NamedTuple):

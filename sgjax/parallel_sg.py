@@ -66,7 +66,7 @@ from sgjax.steps import (
     LayerVars,
     NetworkSpec,
     OutputLayerState,
-    _adam_update,
+    adam_update,
     hidden_backward,
     hidden_forward,
     output_backward,
@@ -143,14 +143,14 @@ def hidden_tick(
         # Only the block's half of hidden_backward is used (M_i learns from `target` below);
         # the module half, computed against a dummy target, is dropped by the compiler.
         grads = hidden_backward(fwd, fwd.synthetic_grad)
-        params, block_opt = _adam_update(optimizer, grads.block, layer.block_opt, block.params)
+        params, block_opt = adam_update(optimizer, grads.block, layer.block_opt, block.params)
         block = LayerVars(params, fwd.block_stats)
         module = LayerVars(module.params, fwd.module_stats)
         sent = Activations(fwd.output, inputs.labels)
         message = grads.input_grad if send_message else None
     if stored is not None and target is not None:
         regression = module_gradients(layer, stored, target, spec)
-        params, module_opt = _adam_update(
+        params, module_opt = adam_update(
             optimizer, regression.grads, layer.module_opt, layer.module.params
         )
         module = LayerVars(params, module.batch_stats)
@@ -190,7 +190,7 @@ def output_tick(
 ) -> OutputTick:
     """The output stage's tick: true-gradient update; dLoss/dh_L goes back to stage L."""
     grads, h_grad, loss, logits = output_backward(state.params, inputs.h, inputs.labels)
-    params, opt_state = _adam_update(optimizer, grads, state.opt_state, state.params)
+    params, opt_state = adam_update(optimizer, grads, state.opt_state, state.params)
     return OutputTick(
         OutputLayerState(params, opt_state), h_grad, loss, accuracy(logits, inputs.labels)
     )

@@ -353,7 +353,7 @@ def decoupled_gradients(
     )
 
 
-def _adam_update(
+def adam_update(
     optimizer: optax.GradientTransformation, grads: Any, opt_state: optax.OptState, params: Any
 ) -> tuple[Any, optax.OptState]:
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -367,10 +367,10 @@ def update_hidden_layer(
     optimizer: optax.GradientTransformation,
 ) -> HiddenLayerState:
     """Apply block i's and module i's own Adam updates."""
-    block_params, block_opt = _adam_update(
+    block_params, block_opt = adam_update(
         optimizer, grads.block, layer.block_opt, layer.block.params
     )
-    module_params, module_opt = _adam_update(
+    module_params, module_opt = adam_update(
         optimizer, grads.module, layer.module_opt, layer.module.params
     )
     return HiddenLayerState(
@@ -394,7 +394,7 @@ def decoupled_step(
         update_hidden_layer(layer, fwd, g, optimizer)
         for layer, fwd, g in zip(state.hidden, grads.forwards, grads.hidden, strict=True)
     )
-    output_params, output_opt = _adam_update(
+    output_params, output_opt = adam_update(
         optimizer, grads.output, state.output.opt_state, state.output.params
     )
     sg_loss = jnp.stack([g.sg_loss for g in grads.hidden])
