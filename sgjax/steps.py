@@ -356,6 +356,7 @@ def decoupled_gradients(
 def adam_update(
     optimizer: optax.GradientTransformation, grads: Any, opt_state: optax.OptState, params: Any
 ) -> tuple[Any, optax.OptState]:
+    """One optimizer step on ``params``: the new parameters and optimizer state."""
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
