@@ -10,7 +10,6 @@ checkpoint that looks finished.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ CHECKPOINT_FORMAT = 1
 KEEP_LAST = 3
 IGNORED_CONFIG_KEYS = ("output_dir", "data_dir", "checkpoint_every")
 """Flags that may differ on resume: they do not change what the run computes."""
-
-logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 class CheckpointError(ValueError):

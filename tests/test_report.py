@@ -12,8 +12,14 @@ from sgjax.report import MetricsWriter, OutputError, prepare_output_dir, write_j
 from sgjax.train import EvalRecord
 
 
-def test_results_json_is_strict_and_replaced_whole(tmp_path):
-    os.umask(0o022)
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_results_json_is_strict_and_replaced_whole(tmp_path, umask_022):
     path = tmp_path / "results.json"
     write_json_atomic(path, {"status": "completed", "loss": 0.5})
     write_json_atomic(path, {"status": "diverged", "loss": float("nan"), "xs": [float("inf"), 1.0]})
