@@ -21,8 +21,8 @@ if "--parallel=layers" in sys.argv and "device_count" not in os.environ.get("XLA
 
 from absl import app, flags  # noqa: E402
 
-from sgjax.benchmark_cli import define_flags, main  # noqa: E402
-from sgjax.cli import make_flags_parser  # noqa: E402
+from sgjax.cli.benchmark import define_flags, main  # noqa: E402
+from sgjax.cli.errors import make_flags_parser  # noqa: E402
 
 FLAGS = flags.FLAGS
 define_flags(FLAGS)

@@ -11,10 +11,10 @@ import sys
 
 from absl import app, flags
 
-from sgjax.cli import make_flags_parser
-from sgjax.config import MODES, PARALLEL, TrainConfig
-from sgjax.runner import run_training
-from sgjax.train_flags import config_from_flags, define_train_flags
+from sgjax.cli.errors import fail, make_flags_parser
+from sgjax.cli.flags import config_from_flags, define_train_flags
+from sgjax.cli.run import run_training
+from sgjax.training.config import MODES, PARALLEL, ConfigError, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -56,16 +56,19 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> int:
     del argv
-    config = config_from_flags(
-        FLAGS,
-        mode=FLAGS.mode,
-        chunk_steps=FLAGS.chunk_steps,
-        parallel=FLAGS.parallel,
-        num_devices=FLAGS.num_devices,
-        microbatches=FLAGS.microbatches,
-        checkpoint_every=FLAGS.checkpoint_every,
-        output_dir=FLAGS.output_dir,
-    )
+    try:
+        config = config_from_flags(
+            FLAGS,
+            mode=FLAGS.mode,
+            chunk_steps=FLAGS.chunk_steps,
+            parallel=FLAGS.parallel,
+            num_devices=FLAGS.num_devices,
+            microbatches=FLAGS.microbatches,
+            checkpoint_every=FLAGS.checkpoint_every,
+            output_dir=FLAGS.output_dir,
+        )
+    except ConfigError as error:
+        fail(str(error))
     return run_training(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
 
 

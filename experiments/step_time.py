@@ -9,12 +9,12 @@ import sys
 
 from absl import app, flags
 
-from sgjax.benchmark_report import module_label
-from sgjax.cli import make_flags_parser
-from sgjax.config import TrainConfig
-from sgjax.data import load_dataset, to_device
-from sgjax.report import device_info
-from sgjax.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
+from sgjax.bench.report import module_label
+from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
+from sgjax.cli.errors import make_flags_parser
+from sgjax.data.device import load_dataset, to_device
+from sgjax.training.config import TrainConfig
+from sgjax.training.records import device_info
 
 flags.DEFINE_list("modes", ["bp", "sg", "cdni"], "Modes to time.")
 flags.DEFINE_integer("steps", 200, "Steps per timed run.", lower_bound=1)

@@ -1,62 +1,53 @@
 """sgjax: synthetic gradients (Decoupled Neural Interfaces) in JAX, benchmarked against backprop.
 
-The layers, synthetic-gradient modules and update steps are pure functions over explicit
-parameter pytrees, so they can be reused in other JAX code.
+Decouple any chain of Flax modules::
+
+    method = sgjax.dni(sgjax.synthesizers.dense(1, 256))
+    trainer = sgjax.Trainer(stages, method, loss, optax.adam(1e-3))
+    state = trainer.init(key, sample_x)
+    state, metrics = trainer.step(state, x, y)
+
+Everything in ``sgjax.core`` is pure JAX (jit, vmap, scan, shard); ``sgjax.training`` runs the
+paper's MNIST MLP with checkpoints and records; ``sgjax.parallel`` places stages on devices.
 """
 
-from sgjax.config import ConfigError, TrainConfig
-from sgjax.datasets import Dataset, load_dataset
-from sgjax.layers import HiddenBlock, OutputLayer, apply_block, apply_output
-from sgjax.schedules import make_optimizer, piecewise_schedule
-from sgjax.steps import (
-    BackpropState,
-    DecoupledState,
-    HiddenLayerState,
-    LayerVars,
-    NetworkSpec,
-    activation_gradients,
-    backprop_gradients,
-    backprop_step,
-    decoupled_gradients,
-    decoupled_step,
-    hidden_backward,
-    hidden_forward,
-    init_backprop,
-    init_decoupled,
-    output_backward,
-)
-from sgjax.synthetic import SyntheticGradient
-from sgjax.train import make_train, train
+from sgjax.core import synthesizers
+from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
+from sgjax.core.methods import DNI, Backprop, backprop, dni
+from sgjax.core.optim import adam, learning_rate_of, piecewise_schedule, with_learning_rate
+from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
+from sgjax.data import Dataset, load_dataset
+from sgjax.models.mlp import mlp_stages
+from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.loop import make_train, train_and_evaluate
+from sgjax.training.model import trainer_for
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "BackpropState",
-    "Dataset",
+    "DNI",
+    "Backprop",
     "ConfigError",
-    "DecoupledState",
+    "Dataset",
     "HiddenBlock",
-    "HiddenLayerState",
-    "LayerVars",
-    "NetworkSpec",
     "OutputLayer",
-    "SyntheticGradient",
+    "StageState",
+    "StepMetrics",
     "TrainConfig",
-    "activation_gradients",
-    "apply_block",
-    "apply_output",
-    "backprop_gradients",
-    "backprop_step",
-    "decoupled_gradients",
-    "decoupled_step",
-    "hidden_backward",
-    "hidden_forward",
-    "init_backprop",
-    "init_decoupled",
+    "Trainer",
+    "TrainerState",
+    "accuracy",
+    "adam",
+    "backprop",
+    "cross_entropy",
+    "dni",
+    "learning_rate_of",
     "load_dataset",
     "make_train",
-    "make_optimizer",
-    "output_backward",
+    "mlp_stages",
     "piecewise_schedule",
-    "train",
+    "synthesizers",
+    "train_and_evaluate",
+    "trainer_for",
+    "with_learning_rate",
 ]

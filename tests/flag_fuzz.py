@@ -19,7 +19,7 @@ from absl import flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgjax.cli import make_flags_parser
+from sgjax.cli.errors import make_flags_parser
 
 LETTERS = st.text(alphabet=string.ascii_letters + "!@#%-_ \n", min_size=1)
 NOT_POSITIVE = st.integers(max_value=0).map(str) | LETTERS

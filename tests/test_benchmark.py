@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from sgjax.benchmark_cli import define_flags, run, settings_from_flags
-from sgjax.benchmark_report import TABLE_HEADERS
-from sgjax.config import ConfigError
-from sgjax.sweep import parse_sweep
+from sgjax.cli.benchmark import define_flags, run, settings_from_flags
+from sgjax.bench.report import TABLE_HEADERS
+from sgjax.training.config import ConfigError
+from sgjax.bench.sweep import parse_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = [
@@ -142,9 +142,9 @@ def test_vmapped_runs_equal_separate_runs_and_seeds_differ(tiny):
 SHARDED = """
 import dataclasses, json, sys
 import jax, numpy as np
-from sgjax.benchmark import run_mesh, train_runs
-from sgjax.config import TrainConfig
-from sgjax.data import load_dataset, to_device
+from sgjax.bench.programs import run_mesh, train_runs
+from sgjax.training.config import TrainConfig
+from sgjax.data.device import load_dataset, to_device
 
 config = TrainConfig(**json.loads(sys.argv[1]))
 seeds, lrs = np.asarray(json.loads(sys.argv[2])), np.asarray(json.loads(sys.argv[3]))

@@ -1,4 +1,4 @@
-"""Tests for sgjax.datasets (host loading) and sgjax.data (device arrays, batch sampling)."""
+"""Tests for sgjax.data.sources (host loading) and sgjax.data.device (device arrays, batch sampling)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax import data, datasets
-from sgjax.datasets import DataError
+from sgjax.data import device as data, sources as datasets
+from sgjax.data.sources import DataError
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_allow_tfds_false_says_so(offline):
 
 def test_no_tfds_import_when_offline(tmp_path):
     code = (
-        "import sys; import sgjax.datasets as d;"
+        "import sys; import sgjax.data.sources as d;"
         "d._network_available = lambda *a, **k: False;"
         "ds = d.load_dataset('mnist', None);"
         "assert ds.source == 'embedded', ds.source;"

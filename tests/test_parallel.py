@@ -22,17 +22,17 @@ import optax
 import pytest
 from optax import tree_utils as otu
 
-from sgjax.config import ConfigError, TrainConfig
-from sgjax.data import Dataset, load_dataset, sample_batch, to_device
+from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.data.device import Dataset, load_dataset, sample_batch, to_device
 from sgjax.layers import apply_block
-from sgjax.parallel import parallel_kind, train_layer_parallel, validate_parallel
-from sgjax.parallel_bp import (
+from sgjax.parallel.layers import parallel_kind, train_layer_parallel, validate_parallel
+from sgjax.parallel.bp_pipeline import (
     accumulated_backprop_step,
     merge_optimizer_states,
     stage_optimizer_state,
 )
-from sgjax.parallel_sg import module_gradients
-from sgjax.parallel_stages import Activations, ideal_speedup, stage_devices
+from sgjax.parallel.sg_pipeline import module_gradients
+from sgjax.parallel.stages import Activations, ideal_speedup, stage_devices
 from sgjax.schedules import make_optimizer
 from sgjax.steps import (
     BackpropState,
@@ -46,7 +46,7 @@ from sgjax.steps import (
     update_hidden_layer,
 )
 from sgjax.synthetic import apply_module
-from sgjax.train import init_train_state, schedule_for
+from sgjax.training.loop import init_train_state, schedule_for
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 
@@ -316,7 +316,7 @@ def four_device_results() -> dict[str, Any]:
         "records_equal": _strip(runs[4].records)
         == _strip(runs[1].records)
         == _strip(runs[2].records),
-        # The staleness statement of sgjax.parallel_sg (lag 2), and two lags it is not.
+        # The staleness statement of sgjax.parallel.sg_pipeline (lag 2), and two lags it is not.
         "stale_reference": {
             lag: max_difference(runs[4].state.model, stale_module_reference(sg, mnist, lag))
             for lag in (0, 1, 2)

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax.checkpoint import Checkpointer
-from sgjax.config import TrainConfig
-from sgjax.train import init_train_state
+from sgjax.training.checkpoint import Checkpointer
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import init_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sgjax.config import ConfigError, TrainConfig
+from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.schedules import piecewise_schedule
 
 

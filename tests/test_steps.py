@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from sgjax import steps
-from sgjax.config import TrainConfig
+from sgjax.training.config import TrainConfig
 from sgjax.schedules import make_optimizer
 
 

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax.config import TrainConfig
-from sgjax.data import load_dataset, to_device
-from sgjax.train import chunk_lengths, chunk_plan, init_train_state, make_run_chunk, train
+from sgjax.training.config import TrainConfig
+from sgjax.data.device import load_dataset, to_device
+from sgjax.training.loop import chunk_lengths, chunk_plan, init_train_state, make_run_chunk, train_and_evaluate
 
 # Floors measured on the embedded MNIST (BUILD_NOTES.md, "Accuracy floors"): 300 steps at
 # learning rate 1e-3, seeds 0-2 reached bp 0.946-0.950, sg 0.827-0.847, cdni 0.836-0.857.
@@ -28,8 +28,8 @@ def _leaves(tree) -> list[np.ndarray]:
 @pytest.mark.parametrize("mode", ["bp", "sg", "cdni"])
 def test_short_run_reaches_floor_and_repeats_exactly(mode: str, mnist):
     config = TrainConfig(mode=mode, seed=0, **FLOOR_CONFIG)
-    first = train(config, mnist, log=lambda _: None)
-    second = train(config, mnist, log=lambda _: None)
+    first = train_and_evaluate(config, mnist, log=lambda _: None)
+    second = train_and_evaluate(config, mnist, log=lambda _: None)
 
     assert first.status == "completed"
     assert [r.step for r in first.records] == [150, 300]
@@ -58,8 +58,8 @@ def _blocks(model):
 
 def test_another_seed_gives_other_numbers(mnist):
     base = dict(mode="cdni", num_steps=20, eval_every=20, hidden_units=32)
-    a = train(TrainConfig(seed=0, **base), mnist, log=lambda _: None)
-    b = train(TrainConfig(seed=1, **base), mnist, log=lambda _: None)
+    a = train_and_evaluate(TrainConfig(seed=0, **base), mnist, log=lambda _: None)
+    b = train_and_evaluate(TrainConfig(seed=1, **base), mnist, log=lambda _: None)
     assert a.records[-1].train_loss != b.records[-1].train_loss
 
 
@@ -75,8 +75,8 @@ def test_chunk_plan_cuts_periods_the_same_way_from_any_boundary():
 
 def test_sub_chunks_change_only_the_rounding_of_training_means(mnist):
     base = dict(mode="bp", hidden_units=32, num_steps=40, eval_every=20, learning_rate=1e-3)
-    whole = train(TrainConfig(**base, chunk_steps=20), mnist, log=lambda _: None)
-    pieces = train(TrainConfig(**base, chunk_steps=7), mnist, log=lambda _: None)
+    whole = train_and_evaluate(TrainConfig(**base, chunk_steps=20), mnist, log=lambda _: None)
+    pieces = train_and_evaluate(TrainConfig(**base, chunk_steps=7), mnist, log=lambda _: None)
     for a, b in zip(whole.records, pieces.records, strict=True):
         assert a.step == b.step
         assert a.test_loss == b.test_loss  # same parameters after the same steps
@@ -113,7 +113,7 @@ def test_a_chunk_compiles_once_across_calls(mode: str, mnist):
 
 def test_learning_rate_in_records_follows_the_schedule(mnist):
     config = TrainConfig(mode="bp", hidden_units=16, num_steps=10, eval_every=1, learning_rate=1e-3)
-    result = train(config, mnist, log=lambda _: None)
+    result = train_and_evaluate(config, mnist, log=lambda _: None)
     rates = [r.learning_rate for r in result.records]
     # Record k describes steps up to k; step index k-1 used the rate shown (boundaries 6, 8).
     assert rates == pytest.approx([1e-3] * 6 + [1e-4] * 2 + [1e-5] * 2, rel=1e-5)

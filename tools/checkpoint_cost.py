@@ -19,11 +19,11 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from sgjax.checkpoint import Checkpointer
-from sgjax.cli import make_flags_parser
-from sgjax.config import TrainConfig
-from sgjax.data import load_dataset
-from sgjax.train import PeriodMetrics, Resume, init_train_state, train
+from sgjax.cli.errors import make_flags_parser
+from sgjax.data.device import load_dataset
+from sgjax.training.checkpoint import Checkpointer
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import PeriodMetrics, Resume, init_train_state, train_and_evaluate
 
 flags.DEFINE_integer("saves", 5, "Saves per mode (median reported).", lower_bound=1)
 FLAGS = flags.FLAGS
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|---|---|")
     for mode in ("bp", "cdni", "sg"):
         config = TrainConfig(mode=mode, num_steps=20, eval_every=20, learning_rate=1e-3)
-        state = train(config, dataset, log=lambda _: None).state
+        state = train_and_evaluate(config, dataset, log=lambda _: None).state
         folder = Path(tempfile.mkdtemp(prefix=f"ckpt-{mode}-"))
         checkpointer = Checkpointer(folder)
         saves = []

@@ -1,0 +1,1 @@
+"""The benchmark: programs of vmapped runs, presets, sweeps, timing, tables and plots."""

@@ -1,0 +1,146 @@
+"""Benchmark figures: learning curves, synthetic-gradient losses, time and FLOPs per step.
+
+Figures are drawn with matplotlib's object API on the Agg canvas, so importing this module
+changes no global backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sgjax.bench.programs import LoopComparison
+from sgjax.bench.report import Row
+
+DPI = 110
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def _band(axes: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: str) -> None:
+    """Mean over seeds (axis 0) as a line, mean +- std as a shaded band."""
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    axes.plot(steps, mean, marker="o", markersize=3, label=label, color=color)
+    if values.shape[0] > 1:
+        axes.fill_between(steps, mean - std, mean + std, alpha=0.2, color=color)
+
+
+def _colors(count: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(count)]
+
+
+def plot_curves(rows: Sequence[Row], path: Path) -> Path:
+    """Train and test accuracy and loss against steps, every row on one page (mean +- std)."""
+    figure = Figure(figsize=(12, 8.5), layout="constrained")
+    grid = figure.subplots(2, 2, sharex=True)
+    panels = (
+        (grid[0, 0], "train_accuracy", "train accuracy (chunk mean)"),
+        (grid[0, 1], "test_accuracy", "test accuracy"),
+        (grid[1, 0], "train_loss", "train loss (chunk mean)"),
+        (grid[1, 1], "test_loss", "test loss"),
+    )
+    for row, color in zip(rows, _colors(len(rows)), strict=True):
+        history = row.history
+        steps = history.step[0]
+        for axes, metric, _ in panels:
+            _band(axes, steps, getattr(history, metric), row.label, color)
+    for axes, _, title in panels:
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+    for axes, _, _ in panels[2:]:
+        axes.set_xlabel("step")
+        axes.set_yscale("log")
+    grid[0, 1].legend(fontsize="small")
+    figure.suptitle("Learning curves (mean over seeds, band: +- 1 std)")
+    return _save(figure, path)
+
+
+def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
+    """Synthetic-gradient loss of every hidden layer's module against steps, per decoupled row."""
+    decoupled = [r for r in rows if r.config.decoupled]
+    layers = max((r.config.hidden_layers for r in decoupled), default=1)
+    figure = Figure(figsize=(4.5 * layers, 4.2), layout="constrained")
+    axes_row = np.atleast_1d(figure.subplots(1, layers, sharey=True))
+    for row, color in zip(decoupled, _colors(len(decoupled)), strict=True):
+        history = row.history
+        for layer in range(row.config.hidden_layers):
+            _band(axes_row[layer], history.step[0], history.sg_loss[..., layer], row.label, color)
+    for layer, axes in enumerate(axes_row, start=1):
+        axes.set_title(f"module of hidden layer {layer}")
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if decoupled:
+            axes.set_yscale("log")
+    axes_row[0].set_ylabel("synthetic-gradient loss (chunk mean)")
+    if decoupled:
+        axes_row[-1].legend(fontsize="small")
+    else:
+        axes_row[0].text(0.5, 0.5, "no sg or cdni mode was run", ha="center", va="center")
+    figure.suptitle("Synthetic-gradient loss per layer: ||M_i(h_i) - target_i||^2")
+    return _save(figure, path)
+
+
+def plot_time_per_step(
+    rows: Sequence[Row], loops: Sequence[LoopComparison], matmul_gflops: float, path: Path
+) -> Path:
+    """Bars per row: ms per step (with the Python-loop timing beside it), GFLOP per step, and
+    the achieved GFLOP/s against the measured matmul rate."""
+    figure = Figure(figsize=(14, 5), layout="constrained")
+    time_axes, flop_axes, rate_axes = figure.subplots(1, 3)
+    labels = [r.label for r in rows]
+    positions = np.arange(len(rows))
+    colors = _colors(len(rows))
+
+    timed = [next((t for t in loops if t.config == r.program.spec.config), None) for r in rows]
+    per_run_ms = [r.program.ms_per_step / r.program.spec.num_runs for r in rows]
+    width = 0.27 if loops else 0.6
+    time_axes.bar(positions, per_run_ms, width, color=colors, label="whole run compiled, per run")
+    if loops:
+        time_axes.bar(
+            positions + width,
+            [t.scanned.ms_per_step if t else np.nan for t in timed],
+            width,
+            color=colors,
+            alpha=0.6,
+            hatch="..",
+            label="lax.scan chunk",
+        )
+        time_axes.bar(
+            positions + 2 * width,
+            [t.python_loop.ms_per_step if t else np.nan for t in timed],
+            width,
+            color=colors,
+            alpha=0.35,
+            hatch="//",
+            label="jitted step from a Python loop",
+        )
+    loop_ms = [ms for t in timed if t for ms in (t.scanned.ms_per_step, t.python_loop.ms_per_step)]
+    tallest = max(per_run_ms + loop_ms)
+    time_axes.set_ylim(0, 1.4 * tallest)  # room for the legend above the bars
+    time_axes.legend(fontsize="small", loc="upper left")
+    time_axes.set_title("time per step of one run (ms)")
+
+    flop_axes.bar(positions, [r.program.step_flops / 1e9 for r in rows], 0.6, color=colors)
+    flop_axes.set_title("GFLOP per step (XLA cost analysis)")
+
+    rate_axes.bar(positions, [r.program.achieved_gflops for r in rows], 0.6, color=colors)
+    rate_axes.axhline(matmul_gflops, color="black", linestyle="--", label="float32 matmul rate")
+    rate_axes.set_title("achieved GFLOP/s")
+    rate_axes.set_ylim(0, 1.3 * max(matmul_gflops, *[r.program.achieved_gflops for r in rows]))
+    rate_axes.legend(fontsize="small", loc="upper left")
+
+    for axes in (time_axes, flop_axes, rate_axes):
+        axes.set_xticks(positions + (width if axes is time_axes and loops else 0))
+        axes.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
+        axes.grid(axis="y", alpha=0.3)
+    figure.suptitle("Cost per step of every mode")
+    return _save(figure, path)

@@ -1,0 +1,126 @@
+"""Named flag settings for the benchmark, and the paper's published numbers.
+
+A preset sets flags the command line did not give: ``--preset=paper_100k --batch_size=128``
+runs the paper's 100k settings with a batch of 128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from absl import flags
+
+from sgjax.training.config import PAPER_LEARNING_RATE, PAPER_NUM_STEPS
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Flag values (as absl holds them) and one line saying what they are for."""
+
+    description: str
+    values: Mapping[str, Any]
+
+
+_PAPER_NETWORK = MappingProxyType(
+    {
+        "modes": ["bp", "sg", "cdni"],
+        "batch_size": 256,
+        "learning_rate": PAPER_LEARNING_RATE,
+        # None: divided by 10 at 0.6 and 0.8 of --num_steps (300k/400k of 500k, 60k/80k of 100k).
+        "lr_boundaries": None,
+        "hidden_layers": 3,
+        "hidden_units": 256,
+        # None: the mode's module, 2x1024 for DNI (sg) and linear for cDNI (cdni).
+        "sg_hidden_layers": None,
+        "sg_hidden_units": 1024,
+        "dataset": "mnist",
+        "num_seeds": 1,
+    }
+)
+
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "paper_500k": Preset(
+            "the paper's settings: 500k steps of batch 256, Adam 3e-5 divided by 10 at 300k and "
+            "400k, 3x256 network, DNI modules 2x1024, cDNI linear",
+            {**_PAPER_NETWORK, "num_steps": PAPER_NUM_STEPS, "eval_every": 10_000},
+        ),
+        "paper_100k": Preset(
+            "the paper's 100k run: as paper_500k with the schedule shape kept (60k and 80k)",
+            {**_PAPER_NETWORK, "num_steps": 100_000, "eval_every": 5_000},
+        ),
+        "quick": Preset(
+            "a couple of minutes on a 2-core CPU: the paper's 3x256 network, 1x256 modules for "
+            "both DNI modes (the size a PyTorch DNI library is measured at), 300 steps at 1e-3, "
+            "2 seeds vmapped and run apart",
+            {
+                "modes": ["bp", "sg", "cdni"],
+                "num_steps": 300,
+                "batch_size": 256,
+                "learning_rate": 1e-3,
+                "lr_boundaries": None,
+                "hidden_layers": 3,
+                "hidden_units": 256,
+                "sg_hidden_layers": 1,
+                "sg_hidden_units": 256,
+                "dataset": "mnist",
+                "eval_every": 50,
+                "num_seeds": 2,
+                "loop_steps": 50,
+                "loop_repeats": 3,
+            },
+        ),
+    }
+)
+
+
+class PaperResult(NamedTuple):
+    """One row of the paper's table (GTX 1080 Ti, TensorFlow)."""
+
+    mode: str
+    num_steps: int
+    test_accuracy: float
+    train_time_s: float
+
+    @property
+    def ms_per_step(self) -> float:
+        """Training time per step in milliseconds."""
+        return 1e3 * self.train_time_s / self.num_steps
+
+
+PAPER_DEVICE = "GTX 1080 Ti, TensorFlow"
+PAPER_RESULTS = (
+    PaperResult("bp", 500_000, 0.9763, 7290.0),
+    PaperResult("sg", 500_000, 0.9580, 2497.0),
+    PaperResult("bp", 100_000, 0.9781, 823.0),
+    PaperResult("sg", 100_000, 0.9336, 597.0),
+)
+
+
+def paper_results(num_steps: int) -> tuple[PaperResult, ...]:
+    """The paper's rows for runs of ``num_steps`` (empty for other lengths)."""
+    return tuple(r for r in PAPER_RESULTS if r.num_steps == num_steps)
+
+
+def paper_time_ratio(num_steps: int) -> float | None:
+    """The paper's SG / backprop training-time ratio at ``num_steps`` (None if not reported)."""
+    rows = {r.mode: r for r in paper_results(num_steps)}
+    if "bp" in rows and "sg" in rows:
+        return rows["sg"].train_time_s / rows["bp"].train_time_s
+    return None
+
+
+def apply_preset(flag_values: flags.FlagValues, name: str) -> list[str]:
+    """Set every flag of preset ``name`` that the command line did not give; returns their names.
+
+    Raises KeyError for an unknown preset.
+    """
+    applied = []
+    for flag_name, value in PRESETS[name].values.items():
+        if flag_name in flag_values and not flag_values[flag_name].present:
+            flag_values[flag_name].value = list(value) if isinstance(value, list) else value
+            applied.append(flag_name)
+    return applied

@@ -1,0 +1,433 @@
+"""Benchmark execution: every program is a whole run compiled once, its runs vmapped and sharded.
+
+A program (``sgjax.bench.sweep.ProgramSpec``) trains several independent runs (seeds x learning
+rates) of one configuration with ``jax.jit(jax.vmap(make_train(config)))``. The run axis is
+sharded over every device of ``jax.devices()`` (all hosts after ``jax.distributed.initialize()``),
+so more devices train more runs at once. Compile time is measured apart from run time;
+arithmetic is XLA's count for one step and one evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sgjax.bench.sweep import ProgramSpec, SweepAxis, plan_programs
+from sgjax.bench.timing import (
+    LoopTiming,
+    compiled_memory_bytes,
+    flops_per_evaluation,
+    flops_per_step,
+    matmul_gflops,
+    peak_memory_bytes,
+    time_python_loop,
+    time_scanned,
+)
+from sgjax.data.device import DeviceData, to_device
+from sgjax.data.sources import Dataset
+from sgjax.training.config import MODES, ConfigError, TrainConfig
+from sgjax.training.loop import RunHistory, make_train
+
+RUN_AXIS = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSettings:
+    """What to run: the base configuration, modes, seeds, sweeps and the extra timings."""
+
+    base: TrainConfig
+    modes: tuple[str, ...] = MODES
+    num_seeds: int = 1
+    sweeps: tuple[SweepAxis, ...] = ()
+    loop_steps: int = 0
+    """Steps per timing of lax.scan vs. a Python loop of the jitted step (0: skip it)."""
+    loop_repeats: int = 3
+    compare_separate: bool = True
+    """With several runs per program, also run each one alone (time and equality)."""
+    preset: str | None = None
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """``--seed``, ``--seed + 1``, ... (``num_seeds`` of them)."""
+        return tuple(range(self.base.seed, self.base.seed + self.num_seeds))
+
+    def validate(self) -> BenchmarkSettings:
+        """Raise ConfigError (one line) for settings that cannot run."""
+        if not self.modes:
+            raise ConfigError(f"--modes is empty; choose from {','.join(MODES)}")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ConfigError(
+                    f"unknown mode {mode!r} in --modes; choose from {','.join(MODES)}"
+                )
+        if len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"--modes={','.join(self.modes)} names a mode twice")
+        if self.num_seeds < 1:
+            raise ConfigError(f"--num_seeds={self.num_seeds} must be at least 1")
+        if self.loop_steps < 0 or self.loop_repeats < 1:
+            raise ConfigError("--loop_steps must be >= 0 and --loop_repeats >= 1")
+        self.programs()  # validates every swept configuration
+        return self
+
+    def programs(self) -> list[ProgramSpec]:
+        """The compiled programs to run, in order."""
+        return plan_programs(self.base, self.modes, self.sweeps, self.seeds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings, with the base configuration's derived values filled in."""
+        return {
+            "preset": self.preset,
+            "modes": list(self.modes),
+            "num_seeds": self.num_seeds,
+            "seeds": list(self.seeds),
+            "sweeps": [axis.describe() for axis in self.sweeps],
+            "loop_steps": self.loop_steps,
+            "loop_repeats": self.loop_repeats,
+            "compare_separate": self.compare_separate,
+            "base_config": self.base.to_dict(),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparateRuns:
+    """The runs of a program, each compiled alone (one compile) and run one after another."""
+
+    compile_s: float
+    run_s: tuple[float, ...]
+    history: RunHistory
+    """Numpy arrays with a leading run axis, like ``ProgramResult.history``."""
+
+    @property
+    def total_run_s(self) -> float:
+        """Sum of the runs' wall times (compile excluded)."""
+        return float(sum(self.run_s))
+
+
+class Difference(NamedTuple):
+    """A largest absolute difference and the metric it was found in."""
+
+    value: float
+    metric: str
+
+    def format(self) -> str:
+        """'1.8e-03 (test_accuracy)'."""
+        return f"{self.value:.1e} ({self.metric})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramResult:
+    """One compiled program's measurements and per-run metrics."""
+
+    spec: ProgramSpec
+    history: RunHistory
+    """Numpy arrays of shape (runs, evaluations[, layers])."""
+    compile_s: float
+    run_s: float
+    step_flops: float
+    eval_flops: float
+    num_devices: int
+    peak_memory_bytes: int | None
+    program_memory_bytes: int | None
+    separate: SeparateRuns | None = None
+
+    @property
+    def num_evals(self) -> int:
+        """Evaluations inside each run."""
+        return int(self.history.step.shape[1])
+
+    @property
+    def total_flops(self) -> float:
+        """Arithmetic of the whole program: every run's steps and evaluations."""
+        per_run = self.spec.config.num_steps * self.step_flops + self.num_evals * self.eval_flops
+        return self.spec.num_runs * per_run
+
+    @property
+    def achieved_gflops(self) -> float:
+        """Arithmetic rate the program achieved, GFLOP/s."""
+        return self.total_flops / self.run_s / 1e9
+
+    @property
+    def ms_per_step(self) -> float:
+        """Program wall time per step (all of its runs advance one step)."""
+        return 1e3 * self.run_s / self.spec.config.num_steps
+
+    @property
+    def single_run_ms_per_step(self) -> float | None:
+        """Median wall time per step of one run alone (None without separate runs)."""
+        if self.separate is None:
+            return None
+        return 1e3 * float(np.median(self.separate.run_s)) / self.spec.config.num_steps
+
+    def separate_difference(self) -> Difference | None:
+        """Largest |vmapped - separate| over every recorded metric and evaluation, and the
+        metric where it occurs (None without separate runs)."""
+        if self.separate is None:
+            return None
+        return max(
+            Difference(float(np.max(np.abs(np.asarray(a, np.float64) - b), initial=0.0)), name)
+            for name, a, b in zip(
+                RunHistory._fields, self.history, self.separate.history, strict=True
+            )
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopComparison:
+    """The same step timed inside ``lax.scan`` and called from a Python loop."""
+
+    mode: str
+    config: TrainConfig
+    scanned: LoopTiming
+    python_loop: LoopTiming
+
+    @property
+    def ratio(self) -> float:
+        """Python-loop time over scanned time (> 1: compiling the loop pays)."""
+        return self.python_loop.ms_per_step / self.scanned.ms_per_step
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkResult:
+    """Everything a benchmark measured."""
+
+    settings: BenchmarkSettings
+    programs: list[ProgramResult]
+    loops: list[LoopComparison]
+    matmul_gflops: float
+    datasets: Mapping[str, Dataset]
+    status: str = "completed"
+    """"completed", "interrupted" (stopped between programs) or "diverged"."""
+    message: str = ""
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+
+def run_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh over ``devices`` (default: every device of every process)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (RUN_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A full copy of every leaf on every device of ``mesh`` (works across hosts)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(leaf: Any) -> jax.Array:
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Split ``values`` along the run axis over ``mesh``, padded (repeating the last run) to a
+    multiple of the device count; the padded runs are dropped from the results."""
+    padded_size = -(-len(values) // mesh.size) * mesh.size
+    padded = np.concatenate([values, np.repeat(values[-1:], padded_size - len(values))])
+    sharding = NamedSharding(mesh, PartitionSpec(RUN_AXIS))
+    return jax.make_array_from_callback(padded.shape, sharding, lambda index: padded[index])
+
+
+def gather(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-host) sharded arrays."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+# ---------------------------------------------------------------------------------- programs
+
+
+def compile_runs(
+    config: TrainConfig, seeds: jax.Array, learning_rates: jax.Array, data: DeviceData
+) -> tuple[jax.stages.Compiled, float]:
+    """``jax.jit(jax.vmap(make_train(config)))`` compiled for these arrays, and the compile time."""
+    start = time.perf_counter()
+    program = jax.jit(jax.vmap(make_train(config), in_axes=(0, 0, None)))
+    compiled = program.lower(seeds, learning_rates, data).compile()
+    return compiled, time.perf_counter() - start
+
+
+class Execution(NamedTuple):
+    """One program run: per-run metrics (numpy, leading run axis) and what it cost."""
+
+    history: RunHistory
+    compile_s: float
+    run_s: float
+    num_devices: int
+    program_memory_bytes: int | None
+    peak_memory_bytes: int | None
+
+
+def train_runs(
+    config: TrainConfig,
+    seeds: np.ndarray,
+    learning_rates: np.ndarray,
+    data: DeviceData,
+    mesh: Mesh | None = None,
+) -> Execution:
+    """Train one run per (seed, learning rate) pair in one program sharded over ``mesh``.
+
+    Run ``i`` equals ``make_train(config)(seeds[i], learning_rates[i], data)`` run alone, up to
+    float reassociation (vmap batches the matrix products differently).
+    """
+    mesh = mesh or run_mesh()
+    num_runs = len(seeds)
+    sharded_seeds = shard_runs(np.asarray(seeds, np.int32), mesh)
+    sharded_lrs = shard_runs(np.asarray(learning_rates, np.float32), mesh)
+    replicated = replicate(data, mesh)
+    compiled, compile_s = compile_runs(config, sharded_seeds, sharded_lrs, replicated)
+    start = time.perf_counter()
+    _, history = compiled(sharded_seeds, sharded_lrs, replicated)
+    jax.block_until_ready(history)
+    run_s = time.perf_counter() - start
+    history = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], gather(history))
+    return Execution(
+        history,
+        compile_s,
+        run_s,
+        mesh.size,
+        compiled_memory_bytes(compiled),
+        peak_memory_bytes(),
+    )
+
+
+def run_separately(spec: ProgramSpec, data: DeviceData) -> SeparateRuns:
+    """Each run of ``spec`` alone: ``jax.jit(make_train(config))`` compiled once, run per run."""
+    seeds, learning_rates = spec.run_seeds(), spec.run_learning_rates()
+    start = time.perf_counter()
+    compiled = jax.jit(make_train(spec.config)).lower(seeds[0], learning_rates[0], data).compile()
+    compile_s = time.perf_counter() - start
+    histories, times = [], []
+    for seed, lr in zip(seeds, learning_rates, strict=True):
+        start = time.perf_counter()
+        _, history = compiled(jnp.asarray(seed), jnp.asarray(lr), data)
+        histories.append(jax.device_get(history))
+        times.append(time.perf_counter() - start)
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *histories)
+    return SeparateRuns(compile_s, tuple(times), stacked)
+
+
+def run_program(
+    spec: ProgramSpec,
+    data: DeviceData,
+    mesh: Mesh | None = None,
+    separate: bool = False,
+    step_flops: float | None = None,
+) -> ProgramResult:
+    """Compile and run ``spec`` (vmapped, sharded); count its arithmetic (``step_flops`` when
+    already known); optionally rerun every run alone for the vmapped-vs-separate comparison."""
+    execution = train_runs(spec.config, spec.run_seeds(), spec.run_learning_rates(), data, mesh)
+    return ProgramResult(
+        spec=spec,
+        history=execution.history,
+        compile_s=execution.compile_s,
+        run_s=execution.run_s,
+        step_flops=flops_per_step(spec.config, data) if step_flops is None else step_flops,
+        eval_flops=flops_per_evaluation(spec.config, data),
+        num_devices=execution.num_devices,
+        peak_memory_bytes=execution.peak_memory_bytes,
+        program_memory_bytes=execution.program_memory_bytes,
+        separate=run_separately(spec, data) if separate else None,
+    )
+
+
+def compare_loops(
+    config: TrainConfig, data: DeviceData, steps: int, repeats: int
+) -> LoopComparison:
+    """The step of ``config`` in ``lax.scan`` vs. jitted alone and called from Python."""
+    return LoopComparison(
+        config.mode,
+        config,
+        time_scanned(config, data, steps, repeats),
+        time_python_loop(config, data, steps, repeats),
+    )
+
+
+def run_benchmark(
+    settings: BenchmarkSettings,
+    datasets: Mapping[str, Dataset],
+    log: Callable[[str], None] = print,
+    *,
+    done: Mapping[int, ProgramResult] | None = None,
+    on_program: Callable[[int, ProgramResult], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    divergence: Callable[[ProgramResult], str] = lambda _: "",
+) -> BenchmarkResult:
+    """Run every program of ``settings`` on ``datasets`` (by name) and measure it.
+
+    Programs in ``done`` (by index, from an earlier session) are not run again; each new one is
+    passed to ``on_program`` as soon as it finishes. The benchmark stops between programs when
+    ``stop_requested()`` (status "interrupted") or when ``divergence(result)`` names a
+    non-finite loss (status "diverged").
+    """
+    done = done or {}
+    status, message = "completed", ""
+    mesh = run_mesh()
+    device_data = {name: to_device(ds) for name, ds in datasets.items()}
+    rate = matmul_gflops()
+    log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
+    programs: list[ProgramResult] = []
+    loops: list[LoopComparison] = []
+    for index, spec in enumerate(settings.programs()):
+        config, data = spec.config, device_data[spec.config.dataset]
+        if index in done:
+            programs.append(done[index])
+            log(f"{config.mode}{_static_label(spec)}: done in an earlier session, not run again")
+            continue
+        loop = next((t for t in loops if t.config == config), None)
+        if settings.loop_steps and all(t.mode != config.mode for t in loops):
+            loop = compare_loops(config, data, settings.loop_steps, settings.loop_repeats)
+            loops.append(loop)
+            log(
+                f"{config.mode}: lax.scan {loop.scanned.ms_per_step:.2f} ms/step, Python loop "
+                f"{loop.python_loop.ms_per_step:.2f} ms/step (loop/scan {loop.ratio:.2f}); "
+                f"expect roughly {_estimate_s(spec, loop.scanned):.0f} s for {spec.num_runs} "
+                f"run(s) of {config.num_steps} steps"
+            )
+        log(
+            f"{config.mode}{_static_label(spec)}: compiling and running {spec.num_runs} run(s) "
+            f"of {config.num_steps} steps in one program on {mesh.size} device(s)"
+        )
+        separate = settings.compare_separate and spec.num_runs > 1
+        step_flops = loop.python_loop.flops_per_step if loop is not None else None
+        result = run_program(spec, data, mesh, separate, step_flops)
+        programs.append(result)
+        accuracy = result.history.test_accuracy[:, -1]
+        log(
+            f"  compile {result.compile_s:.1f} s, run {result.run_s:.1f} s "
+            f"({result.ms_per_step:.2f} ms/step, {result.achieved_gflops:.1f} GFLOP/s), "
+            f"test accuracy {np.mean(accuracy):.4f} +- {np.std(accuracy):.4f}"
+        )
+        if result.separate is not None:
+            log(
+                f"  {spec.num_runs} separate runs: {result.separate.total_run_s:.1f} s; "
+                f"vmapped / separate = {result.run_s / result.separate.total_run_s:.2f}; "
+                f"largest difference {result.separate_difference().format()}"
+            )
+        if on_program is not None:
+            on_program(index, result)
+        message = divergence(result)
+        if message:
+            status = "diverged"
+            break
+        if stop_requested() and index + 1 < len(settings.programs()):
+            status, message = "interrupted", f"stopped after {index + 1} program(s)"
+            break
+    return BenchmarkResult(settings, programs, loops, rate, datasets, status, message)
+
+
+def _static_label(spec: ProgramSpec) -> str:
+    return "".join(f" {name}={value}" for name, value in spec.static)
+
+
+def _estimate_s(spec: ProgramSpec, scanned: LoopTiming) -> float:
+    return scanned.ms_per_step * spec.config.num_steps * spec.num_runs / 1e3

@@ -1,0 +1,527 @@
+"""Benchmark records: table rows (mean and std over seeds), table.md with its summary, JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from sgjax.bench.presets import (
+    PAPER_DEVICE,
+    PAPER_RESULTS,
+    PaperResult,
+    paper_results,
+    paper_time_ratio,
+)
+from sgjax.bench.programs import BenchmarkResult, ProgramResult
+from sgjax.bench.sweep import SG_FIELDS
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import RunHistory
+from sgjax.training.records import device_info, versions
+
+MODE_NAMES = {"bp": "backprop", "sg": "DNI", "cdni": "cDNI"}
+RATE_TOLERANCE = 1.15
+"""Achieved rates within this factor of each other count as the same in the summary."""
+
+
+def module_label(config: TrainConfig) -> str:
+    """The synthetic-gradient module of ``config``: '-', 'linear' or 'LxW'."""
+    if not config.decoupled:
+        return "-"
+    layers = config.resolved_sg_hidden_layers
+    return f"{layers}x{config.sg_hidden_units}" if layers else "linear"
+
+
+def mode_label(config: TrainConfig) -> str:
+    """'bp (backprop)', 'sg (DNI 2x1024)', 'cdni (cDNI linear)'."""
+    name = MODE_NAMES[config.mode]
+    module = module_label(config)
+    return f"{config.mode} ({name})" if module == "-" else f"{config.mode} ({name} {module})"
+
+
+def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
+    """' learning_rate=0.0001 hidden_units=64' (empty without sweeps)."""
+    return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
+
+
+class Stat(NamedTuple):
+    """Mean and population standard deviation over seeds."""
+
+    mean: float
+    std: float
+    count: int
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Stat:
+        values = np.asarray(values, np.float64)
+        return cls(float(np.mean(values)), float(np.std(values)), int(values.size))
+
+    def format(self, digits: int = 4) -> str:
+        """'0.9512' for one seed, '0.9512 ± 0.0021' for several."""
+        if self.count == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One table row: a mode and swept values, its seeds summarised."""
+
+    label: str
+    config: TrainConfig
+    sweep: tuple[tuple[str, Any], ...]
+    program: ProgramResult
+    runs: slice
+    time_ratio_bp: float | None
+    flop_ratio_bp: float | None
+
+    @property
+    def history(self) -> RunHistory:
+        """This row's runs (one per seed) of the program's metrics."""
+        return jax.tree_util.tree_map(lambda x: x[self.runs], self.program.history)
+
+    def final(self, metric: str) -> Stat:
+        """``metric`` (a RunHistory field) at the last evaluation, over seeds."""
+        return Stat.of(getattr(self.history, metric)[:, -1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row's numbers as JSON-ready values."""
+        p = self.program
+        return {
+            "label": self.label,
+            "mode": self.config.mode,
+            "module": module_label(self.config),
+            "sweep": dict(self.sweep),
+            "learning_rate": self.config.learning_rate,
+            "seeds": list(p.spec.seeds),
+            **{
+                f"{metric}_{stat}": getattr(self.final(metric), stat)
+                for metric in ("test_accuracy", "test_loss", "train_accuracy", "train_loss")
+                for stat in ("mean", "std")
+            },
+            "test_accuracy_per_seed": self.history.test_accuracy[:, -1].tolist(),
+            "train_time_s": p.run_s,
+            "runs_in_program": p.spec.num_runs,
+            "ms_per_step": p.ms_per_step,
+            "steps_per_s": 1e3 / p.ms_per_step,
+            "compile_s": p.compile_s,
+            "gflop_per_step": p.step_flops / 1e9,
+            "gflop_per_evaluation": p.eval_flops / 1e9,
+            "achieved_gflops": p.achieved_gflops,
+            "time_ratio_bp": self.time_ratio_bp,
+            "flop_ratio_bp": self.flop_ratio_bp,
+            "peak_memory_bytes": p.peak_memory_bytes,
+            "program_memory_bytes": p.program_memory_bytes,
+            "num_devices": p.num_devices,
+        }
+
+
+def _bp_key(row_sweep: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in row_sweep if k not in SG_FIELDS)
+
+
+def build_rows(result: BenchmarkResult) -> list[Row]:
+    """One row per program and learning rate; ratios against the bp row with the same values."""
+    unrated = []
+    for program in result.programs:
+        spec = program.spec
+        for index, lr in enumerate(spec.learning_rates):
+            config = dataclasses.replace(spec.config, learning_rate=lr)
+            sweep = spec.static + ((("learning_rate", lr),) if spec.lr_swept else ())
+            label = mode_label(config) + sweep_label(sweep)
+            unrated.append(Row(label, config, sweep, program, spec.runs_of(index), None, None))
+    bp_rows = {_bp_key(r.sweep): r for r in unrated if r.config.mode == "bp"}
+    rows = []
+    for row in unrated:
+        bp = bp_rows.get(_bp_key(row.sweep))
+        if bp is not None:
+            row = dataclasses.replace(
+                row,
+                time_ratio_bp=row.program.run_s / bp.program.run_s,
+                flop_ratio_bp=row.program.step_flops / bp.program.step_flops,
+            )
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- table.md
+
+
+def _bytes(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+Column = tuple[str, Callable[[Row], str]]
+TABLE_COLUMNS: tuple[Column, ...] = (
+    ("run", lambda r: r.label),
+    ("test accuracy", lambda r: r.final("test_accuracy").format()),
+    ("training time (s)", lambda r: f"{r.program.run_s:.1f}"),
+    ("ms/step", lambda r: f"{r.program.ms_per_step:.2f}"),
+    ("steps/s", lambda r: f"{1e3 / r.program.ms_per_step:,.1f}"),
+    ("compile (s)", lambda r: f"{r.program.compile_s:.1f}"),
+    ("GFLOP/step", lambda r: f"{r.program.step_flops / 1e9:.3g}"),
+    ("GFLOP/s", lambda r: f"{r.program.achieved_gflops:.1f}"),
+    ("time / bp", lambda r: _ratio(r.time_ratio_bp)),
+    ("FLOPs / bp", lambda r: _ratio(r.flop_ratio_bp)),
+    ("peak device memory", lambda r: _bytes(r.program.peak_memory_bytes)),
+    ("XLA program memory", lambda r: _bytes(r.program.program_memory_bytes)),
+    ("seeds x runs/program", lambda r: f"{len(r.program.spec.seeds)} x {r.program.spec.num_runs}"),
+)
+TABLE_HEADERS = tuple(name for name, _ in TABLE_COLUMNS)
+
+
+def _paper_row(paper: PaperResult) -> list[str]:
+    bp = next(r for r in PAPER_RESULTS if r.mode == "bp" and r.num_steps == paper.num_steps)
+    cells = {
+        "run": f"paper: {MODE_NAMES[paper.mode]}, {paper.num_steps // 1000}k steps "
+        f"({PAPER_DEVICE})",
+        "test accuracy": f"{paper.test_accuracy:.4f}",
+        "training time (s)": f"{paper.train_time_s:.0f}",
+        "ms/step": f"{paper.ms_per_step:.2f}",
+        "steps/s": f"{1e3 / paper.ms_per_step:,.1f}",
+        "time / bp": f"{paper.train_time_s / bp.train_time_s:.2f}",
+    }
+    return [cells.get(name, "-") for name in TABLE_HEADERS]
+
+
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def settings_lines(result: BenchmarkResult) -> list[str]:
+    """What was run, in a few lines."""
+    s = result.settings
+    base = s.base
+    device = device_info()
+    datasets = "; ".join(ds.reason for ds in result.datasets.values())
+    lines = [
+        f"- preset: {s.preset or 'none'}; modes: {','.join(s.modes)}; seeds: "
+        f"{','.join(map(str, s.seeds))}"
+        + (f"; sweeps: {' '.join(a.describe() for a in s.sweeps)}" if s.sweeps else ""),
+        f"- network: {base.hidden_layers}x{base.hidden_units} (Dense-BN-ReLU) + Dense 10; batch "
+        f"{base.batch_size}; {base.num_steps} steps; Adam {base.learning_rate:g} divided by 10 at "
+        f"{', '.join(map(str, base.resolved_lr_boundaries))}; test evaluation every "
+        f"{base.eval_every} steps (inside the program)",
+        f"- data: {datasets}",
+        f"- device: {_device_name()}, {device['device_count']} "
+        f"device(s), {os.cpu_count()} CPU core(s); float32 matmul "
+        f"{result.matmul_gflops:.0f} GFLOP/s",
+        "- training time: wall time of the whole compiled run (every run of the program vmapped, "
+        "test evaluations included, compile excluded); ms/step and steps/s are of that program; "
+        "GFLOP/step is XLA's count for one step of one run; GFLOP/s counts every run's steps and "
+        "evaluations; peak device memory is the process's peak so far (n/a where the backend "
+        "keeps no statistics, e.g. the CPU); XLA program memory is the compiled program's "
+        "arguments, outputs and temporaries",
+    ]
+    return lines
+
+
+def loop_lines(result: BenchmarkResult) -> list[str]:
+    """Scanned whole run vs. a Python loop of the jitted step, per mode."""
+    if not result.loops:
+        return []
+    table = []
+    for loop in result.loops:
+        program = next(p for p in result.programs if p.spec.config == loop.config)
+        whole = program.single_run_ms_per_step
+        table.append(
+            [
+                mode_label(loop.config),
+                f"{loop.scanned.ms_per_step:.2f}",
+                f"{loop.python_loop.ms_per_step:.2f}",
+                f"{loop.ratio:.2f}",
+                f"{loop.scanned.steps} x {loop.scanned.repeats}",
+                "n/a" if whole is None else f"{whole:.2f}",
+            ]
+        )
+    headers = [
+        "mode",
+        "lax.scan ms/step",
+        "Python loop ms/step",
+        "loop / scan",
+        "steps x repeats",
+        "whole compiled run ms/step (one run alone, evaluation included)",
+    ]
+    return [
+        "",
+        "## lax.scan loop vs. the jitted step called from a Python loop",
+        "",
+        *_markdown(headers, table),
+    ]
+
+
+def rate_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
+    """Achieved arithmetic rate of every row beside the machine's measured matmul rate."""
+    table = [
+        [
+            r.label,
+            f"{r.program.step_flops / 1e9:.3g}",
+            f"{r.program.achieved_gflops:.1f}",
+            f"{result.matmul_gflops:.0f}",
+            f"{100 * r.program.achieved_gflops / result.matmul_gflops:.0f}%",
+        ]
+        for r in rows
+    ]
+    headers = ["run", "GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s", "of matmul"]
+    return ["", "## Arithmetic rate", "", *_markdown(headers, table)]
+
+
+def vmap_lines(result: BenchmarkResult) -> list[str]:
+    """N runs vmapped in one program vs. the same N runs one after another."""
+    table = []
+    for p in result.programs:
+        if p.separate is None:
+            continue
+        table.append(
+            [
+                mode_label(p.spec.config) + sweep_label(p.spec.static),
+                f"{p.spec.num_runs}",
+                f"{p.run_s:.1f}",
+                f"{p.separate.total_run_s:.1f}",
+                f"{p.run_s / p.separate.total_run_s:.2f}",
+                f"{p.compile_s:.1f} / {p.separate.compile_s:.1f}",
+                p.separate_difference().format(),
+            ]
+        )
+    if not table:
+        return []
+    headers = [
+        "program",
+        "runs",
+        "vmapped (s)",
+        "separate (s)",
+        "vmapped / separate",
+        "compile (s) vmapped / one separate",
+        "largest difference of any metric (where)",
+    ]
+    note = (
+        "vmap batches the matrix products differently from a run alone, so results agree up to "
+        "float reassociation, which training amplifies over many steps: compare the difference "
+        "with the spread over seeds."
+    )
+    return [
+        "",
+        "## Runs vmapped in one program vs. the same runs one after another",
+        "",
+        *_markdown(headers, table),
+        "",
+        note,
+    ]
+
+
+def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
+    """The honest summary: measured time ratio, FLOP ratio and the paper's claim, with a why."""
+    lines = []
+    by_mode = {}
+    for row in rows:
+        by_mode.setdefault(row.config.mode, row)
+    bp = by_mode.get("bp")
+    for mode in ("sg", "cdni"):
+        row = by_mode.get(mode)
+        if row is None or row.time_ratio_bp is None or bp is None:
+            continue
+        lines.append(
+            f"- {row.label} vs. bp: training time ratio {row.time_ratio_bp:.2f}, FLOP ratio "
+            f"{row.flop_ratio_bp:.2f} ({row.program.step_flops / 1e9:.3g} vs. "
+            f"{bp.program.step_flops / 1e9:.3g} GFLOP/step), achieved "
+            f"{row.program.achieved_gflops:.0f} vs. {bp.program.achieved_gflops:.0f} GFLOP/s."
+        )
+    ratios = {
+        steps: paper_time_ratio(steps)
+        for steps in sorted({r.num_steps for r in PAPER_RESULTS}, reverse=True)
+    }
+    lines.append(
+        f"- The paper ({PAPER_DEVICE}) reports SG-DNI training in "
+        + " and ".join(
+            f"{ratio:.2f}x backprop's time at {steps // 1000}k steps"
+            for steps, ratio in ratios.items()
+        )
+        + ", and concludes it is over 3x faster."
+    )
+    reference = by_mode.get("sg") or by_mode.get("cdni")
+    if reference is not None and reference.time_ratio_bp is not None and bp is not None:
+        lines.append(_verdict(reference, bp, result))
+        paper_line = _paper_rate_line(reference, bp)
+        if paper_line:
+            lines.append(paper_line)
+    lines.append(
+        "- On one device a decoupled step does all of backprop's network arithmetic plus the "
+        "modules' forward and backward passes; decoupling saves wall time only when the layers "
+        "run on separate devices at once (layer-parallel), which these single-program runs do not."
+    )
+    return lines
+
+
+def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
+    """Whether the paper's speed-up holds here, and why, from the time, FLOP and rate ratios."""
+    time_ratio, flop_ratio = row.time_ratio_bp, row.flop_ratio_bp
+    mode = row.config.mode
+    rate, bp_rate = row.program.achieved_gflops, bp.program.achieved_gflops
+    rates = f"{rate:.0f} vs. {bp_rate:.0f} GFLOP/s, matmul {result.matmul_gflops:.0f}"
+    if time_ratio < 1:
+        head = (
+            f"- On this device ({_device_name()}) {mode} takes {time_ratio:.2f}x bp's time "
+            f"although it does {flop_ratio:.2f}x the arithmetic per step: the paper's direction "
+            f"holds here"
+        )
+    else:
+        head = (
+            f"- On this device ({_device_name()}) {mode} takes {time_ratio:.2f}x bp's time, so "
+            f"the paper's speed-up does not hold here"
+        )
+    if rate > RATE_TOLERANCE * bp_rate:
+        why = (
+            f"; its time grows less than its arithmetic because its extra work runs at a higher "
+            f"rate ({rates}): bp's smaller step leaves the device idle for a larger share of it."
+        )
+    elif rate * RATE_TOLERANCE < bp_rate:
+        why = (
+            f"; its time grows more than its arithmetic because it runs more, smaller operations "
+            f"per step at a lower rate ({rates})."
+        )
+    else:
+        why = f": the time follows the arithmetic, both run at about the same rate ({rates})."
+    return head + why
+
+
+def _device_name() -> str:
+    device = device_info()
+    if device["device_kind"].lower() == device["platform"].lower():
+        return device["platform"]
+    return f"{device['platform']}, {device['device_kind']}"
+
+
+def _paper_rate_line(row: Row, bp: Row) -> str:
+    """For the paper's network: the GFLOP/s the paper's times imply at XLA's FLOP counts."""
+    c = row.config
+    paper_network = (
+        c.batch_size == 256
+        and c.hidden_layers == 3
+        and c.hidden_units == 256
+        and c.mode == "sg"
+        and module_label(c) == "2x1024"
+    )
+    if not paper_network:
+        return ""
+    parts = []
+    for steps in sorted({r.num_steps for r in PAPER_RESULTS}, reverse=True):
+        paper = {r.mode: r for r in paper_results(steps)}
+        bp_rate = bp.program.step_flops * steps / paper["bp"].train_time_s / 1e9
+        sg_rate = row.program.step_flops * steps / paper["sg"].train_time_s / 1e9
+        parts.append(f"{bp_rate:.0f} (bp) and {sg_rate:.0f} (SG) GFLOP/s at {steps // 1000}k")
+    return (
+        "- At this network's FLOP counts the paper's times imply "
+        + "; ".join(parts)
+        + ": its backprop ran far slower per FLOP than its SG run, so its speed-up reflects a "
+        "per-step overhead in its backprop run rather than less arithmetic."
+    )
+
+
+def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
+    """The contents of table.md."""
+    body = [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
+    body += [_paper_row(p) for p in paper_results(result.settings.base.num_steps)]
+    status = []
+    if result.status != "completed":
+        status = [
+            f"**Status: {result.status}** ({result.message}); the rows below are the "
+            "programs that finished.",
+            "",
+        ]
+    lines = [
+        "# Backprop vs. synthetic gradients: one table",
+        "",
+        *status,
+        *settings_lines(result),
+        "",
+        *_markdown(TABLE_HEADERS, body),
+        *loop_lines(result),
+        *rate_lines(result, rows),
+        *vmap_lines(result),
+        "",
+        "## Summary",
+        "",
+        *summary_lines(result, rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- benchmark.json
+
+
+def _history_dict(history: RunHistory) -> dict[str, list]:
+    return {name: np.asarray(value).tolist() for name, value in history._asdict().items()}
+
+
+def _program_dict(p: ProgramResult) -> dict[str, Any]:
+    separate = p.separate
+    return {
+        "mode": p.spec.config.mode,
+        "static_sweep": dict(p.spec.static),
+        "config": p.spec.config.to_dict(),
+        "learning_rates": list(p.spec.learning_rates),
+        "seeds": list(p.spec.seeds),
+        "num_runs": p.spec.num_runs,
+        "num_devices": p.num_devices,
+        "compile_s": p.compile_s,
+        "run_s": p.run_s,
+        "ms_per_step": p.ms_per_step,
+        "flops_per_step": p.step_flops,
+        "flops_per_evaluation": p.eval_flops,
+        "num_evaluations": p.num_evals,
+        "total_flops": p.total_flops,
+        "achieved_gflops": p.achieved_gflops,
+        "peak_memory_bytes": p.peak_memory_bytes,
+        "program_memory_bytes": p.program_memory_bytes,
+        "separate_runs": None
+        if separate is None
+        else {
+            "compile_s": separate.compile_s,
+            "run_s": list(separate.run_s),
+            "total_run_s": separate.total_run_s,
+            "vmapped_over_separate": p.run_s / separate.total_run_s,
+            "largest_difference": p.separate_difference()._asdict(),
+        },
+        "history": _history_dict(p.history),
+    }
+
+
+def build_json(result: BenchmarkResult, rows: Sequence[Row]) -> dict[str, Any]:
+    """The contents of benchmark.json: every number of the table, settings, device, versions."""
+    return {
+        "status": result.status,
+        "message": result.message,
+        "settings": result.settings.to_dict(),
+        "device": {
+            **device_info(),
+            "process_count": jax.process_count(),
+            "cpu_count": os.cpu_count(),
+            "matmul_gflops": result.matmul_gflops,
+        },
+        "versions": versions(),
+        "datasets": {name: ds.describe() for name, ds in result.datasets.items()},
+        "table_columns": list(TABLE_HEADERS),
+        "rows": [row.to_dict() for row in rows],
+        "paper": [p._asdict() for p in paper_results(result.settings.base.num_steps)],
+        "loop_comparison": [
+            {
+                "mode": loop.mode,
+                "config": loop.config.to_dict(),
+                "scanned": dataclasses.asdict(loop.scanned),
+                "python_loop": dataclasses.asdict(loop.python_loop),
+                "loop_over_scan": loop.ratio,
+            }
+            for loop in result.loops
+        ],
+        "programs": [_program_dict(p) for p in result.programs],
+        "summary": summary_lines(result, rows),
+    }

@@ -1,0 +1,139 @@
+"""Finished benchmark programs on disk, so a stopped benchmark resumes where it stopped.
+
+Each program's per-run metrics go to ``programs/NNN.npz`` and its measurements to
+``programs/NNN.json`` (both written to a temporary name and renamed), next to
+``programs/settings.json``, the settings that made them. A resumed benchmark with other settings
+is refused. The unit of work is one compiled program: a program stopped midway runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sgjax.bench.programs import BenchmarkSettings, ProgramResult, SeparateRuns
+from sgjax.bench.sweep import ProgramSpec
+from sgjax.training.config import ConfigError
+from sgjax.training.loop import RunHistory
+from sgjax.training.records import write_json_atomic
+
+OUTPUT_FILES = ("table.md", "benchmark.json", "programs")
+_SCALARS = (
+    "compile_s",
+    "run_s",
+    "step_flops",
+    "eval_flops",
+    "num_devices",
+    "peak_memory_bytes",
+    "program_memory_bytes",
+)
+
+
+class ProgramStore:
+    """Reads and writes the finished programs of one benchmark folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder) / "programs"
+
+    def start(self, settings: BenchmarkSettings, resume: bool) -> dict[int, ProgramResult]:
+        """Prepare the store; on resume, return the finished programs (refusing other settings)."""
+        wanted = _comparable(settings)
+        if resume and (self.folder / "settings.json").exists():
+            saved = json.loads((self.folder / "settings.json").read_text())
+            if saved != wanted:
+                changed = sorted(
+                    k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
+                )
+                raise ConfigError(
+                    f"the benchmark in {self.folder.parent} was run with other settings "
+                    f"({', '.join(changed)} differ); resume with the same flags or use --overwrite"
+                )
+            return self._load_all(settings.programs())
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        write_json_atomic(self.folder / "settings.json", wanted)
+        return {}
+
+    def save(self, index: int, result: ProgramResult) -> None:
+        """Store one finished program (arrays first, then the JSON that marks it complete)."""
+        arrays = {f"history.{k}": np.asarray(v) for k, v in result.history._asdict().items()}
+        if result.separate is not None:
+            separate = result.separate.history._asdict()
+            arrays |= {f"separate.{k}": np.asarray(v) for k, v in separate.items()}
+        tmp = self.folder / f".{index:03d}.npz.tmp"
+        with tmp.open("wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.folder / f"{index:03d}.npz")
+        meta: dict[str, Any] = {name: getattr(result, name) for name in _SCALARS}
+        if result.separate is not None:
+            meta["separate"] = {
+                "compile_s": result.separate.compile_s,
+                "run_s": list(result.separate.run_s),
+            }
+        write_json_atomic(self.folder / f"{index:03d}.json", meta)
+
+    def _load_all(self, specs: list[ProgramSpec]) -> dict[int, ProgramResult]:
+        done = {}
+        for index, spec in enumerate(specs):
+            meta_path = self.folder / f"{index:03d}.json"
+            if meta_path.exists():
+                done[index] = self._load(index, spec, json.loads(meta_path.read_text()))
+        return done
+
+    def _load(self, index: int, spec: ProgramSpec, meta: dict[str, Any]) -> ProgramResult:
+        path = self.folder / f"{index:03d}.npz"
+        try:
+            with np.load(path) as arrays:
+                history = RunHistory(*(arrays[f"history.{k}"] for k in RunHistory._fields))
+                separate = None
+                if "separate" in meta:
+                    separate = SeparateRuns(
+                        meta["separate"]["compile_s"],
+                        tuple(meta["separate"]["run_s"]),
+                        RunHistory(*(arrays[f"separate.{k}"] for k in RunHistory._fields)),
+                    )
+        except (OSError, KeyError, ValueError) as error:
+            raise ConfigError(
+                f"cannot read {path} ({error}); delete it to run that program again, or use "
+                "--overwrite"
+            ) from None
+        scalars = {name: meta[name] for name in _SCALARS}
+        return ProgramResult(spec=spec, history=history, separate=separate, **scalars)
+
+
+def _comparable(settings: BenchmarkSettings) -> dict[str, Any]:
+    values = json.loads(json.dumps(settings.to_dict(), default=str))
+    values.get("base_config", {}).pop("output_dir", None)
+    values.get("base_config", {}).pop("data_dir", None)
+    return values
+
+
+def divergence(result: ProgramResult) -> str:
+    """One line naming the first run whose final training or synthetic-gradient loss is not
+    finite, or ''."""
+    spec = result.spec
+    for run in range(spec.num_runs):
+        where = (
+            f"{spec.config.mode} run {run} (seed {spec.run_seeds()[run]}, learning rate "
+            f"{spec.run_learning_rates()[run]:g})"
+        )
+        losses = result.history.train_loss[run]
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            step = int(result.history.step[run][bad[0]])
+            return f"{where}: training loss not finite by step {step}"
+        sg = result.history.sg_loss[run]
+        if sg.size and not np.all(np.isfinite(sg)):
+            evaluation, layer = np.argwhere(~np.isfinite(sg))[0]
+            step = int(result.history.step[run][evaluation])
+            return (
+                f"{where}: synthetic-gradient loss of layer {layer + 1} not finite by step {step}"
+            )
+    return ""

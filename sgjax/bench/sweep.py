@@ -1,0 +1,176 @@
+"""Flag sweeps: ``--sweep=name=v1,v2,...`` parsed, and expanded into compiled programs.
+
+Every combination of the swept values is run. Values that can be traced (the learning rate) are
+vmapped inside one program together with the seeds; every other swept flag changes shapes or
+structure, so each of its values gets a program (one compile) of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sgjax.training.config import ConfigError, TrainConfig
+
+TRACED_FIELDS = ("learning_rate",)
+"""Swept inside one vmapped program (TrainState carries them as arrays)."""
+STATIC_FIELDS = (
+    "num_steps",
+    "batch_size",
+    "hidden_layers",
+    "hidden_units",
+    "sg_hidden_layers",
+    "sg_hidden_units",
+    "eval_every",
+    "dataset",
+)
+"""Swept with one program per value."""
+SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")
+"""Settings that backprop ignores: bp runs once for all their values."""
+_FIELD_TYPES = {
+    field.name: field.type
+    for field in dataclasses.fields(TrainConfig)
+    if field.name in TRACED_FIELDS + STATIC_FIELDS
+}
+_NOT_SWEPT = {
+    "mode": "use --modes",
+    "seed": "use --seed and --num_seeds",
+    "lr_boundaries": "its values contain commas; run one command per schedule",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepAxis:
+    """One swept flag and its values, in the order given."""
+
+    name: str
+    values: tuple[Any, ...]
+
+    @property
+    def traced(self) -> bool:
+        """Whether the values are vmapped inside one program instead of compiled apart."""
+        return self.name in TRACED_FIELDS
+
+    def describe(self) -> str:
+        """The flag as it was given, e.g. ``learning_rate=1e-05,3e-05``."""
+        return f"{self.name}=" + ",".join(str(v) for v in self.values)
+
+
+def _parse_value(name: str, text: str, spec: str) -> Any:
+    kind = _FIELD_TYPES[name]
+    try:
+        if "float" in str(kind):
+            return float(text)
+        if "int" in str(kind):
+            return int(text)
+    except ValueError:
+        expected = "a number" if "float" in str(kind) else "an integer"
+        raise ConfigError(f"--sweep={spec}: {text!r} is not {expected}") from None
+    return text
+
+
+def parse_sweep(spec: str) -> SweepAxis:
+    """Parse ``name=v1,v2,...``; a ConfigError (one line) says what is wrong."""
+    name, sep, values_text = spec.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ConfigError(
+            f"--sweep={spec} must look like name=v1,v2 (e.g. learning_rate=1e-4,3e-4)"
+        )
+    if name in _NOT_SWEPT:
+        raise ConfigError(f"--sweep={spec}: {name} cannot be swept; {_NOT_SWEPT[name]}")
+    if name not in _FIELD_TYPES:
+        choices = ", ".join(TRACED_FIELDS + STATIC_FIELDS)
+        raise ConfigError(f"--sweep={spec}: unknown flag {name!r}; sweepable flags: {choices}")
+    texts = [t.strip() for t in values_text.split(",")]
+    if not values_text.strip() or any(not t for t in texts):
+        raise ConfigError(f"--sweep={spec}: give comma-separated values with none empty")
+    values = tuple(_parse_value(name, t, spec) for t in texts)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--sweep={spec}: a value is repeated")
+    return SweepAxis(name, values)
+
+
+def parse_sweeps(specs: Sequence[str]) -> tuple[SweepAxis, ...]:
+    """Parse every ``--sweep`` flag; a flag swept twice is an error."""
+    axes = tuple(parse_sweep(spec) for spec in specs)
+    names = [axis.name for axis in axes]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"--sweep names {name} twice; give all its values in one --sweep")
+    return axes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """One compiled program: a configuration and the (learning rate, seed) runs vmapped in it.
+
+    Runs are ordered learning-rate major: run ``i`` has ``learning_rates[i // len(seeds)]``
+    and ``seeds[i % len(seeds)]``.
+    """
+
+    config: TrainConfig
+    static: tuple[tuple[str, Any], ...]
+    """Values of the statically swept flags (empty when none is swept)."""
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    lr_swept: bool
+
+    @property
+    def num_runs(self) -> int:
+        """Independent training runs inside the program."""
+        return len(self.learning_rates) * len(self.seeds)
+
+    def run_seeds(self) -> np.ndarray:
+        """int32 seed of every run."""
+        return np.tile(np.asarray(self.seeds, np.int32), len(self.learning_rates))
+
+    def run_learning_rates(self) -> np.ndarray:
+        """float32 initial learning rate of every run."""
+        return np.repeat(np.asarray(self.learning_rates, np.float32), len(self.seeds))
+
+    def runs_of(self, lr_index: int) -> slice:
+        """The runs (one per seed) of the ``lr_index``-th learning rate."""
+        return slice(lr_index * len(self.seeds), (lr_index + 1) * len(self.seeds))
+
+
+def plan_programs(
+    base: TrainConfig,
+    modes: Sequence[str],
+    axes: Sequence[SweepAxis],
+    seeds: Sequence[int],
+) -> list[ProgramSpec]:
+    """One program per mode and combination of static values; bp ignores the module settings.
+
+    Every configuration is validated (ConfigError names the flag and value that cannot run).
+    """
+    static_axes = [a for a in axes if not a.traced]
+    lr_axis = next((a for a in axes if a.name == "learning_rate"), None)
+    learning_rates = lr_axis.values if lr_axis else (base.learning_rate,)
+    programs: list[ProgramSpec] = []
+    seen: set[tuple[str, tuple[tuple[str, Any], ...]]] = set()
+    for mode in modes:
+        for combination in itertools.product(*(a.values for a in static_axes)):
+            static = tuple(
+                (a.name, v)
+                for a, v in zip(static_axes, combination, strict=True)
+                if mode != "bp" or a.name not in SG_FIELDS
+            )
+            if (mode, static) in seen:
+                continue
+            seen.add((mode, static))
+            config = dataclasses.replace(
+                base, mode=mode, learning_rate=learning_rates[0], **dict(static)
+            )
+            for lr in learning_rates:
+                dataclasses.replace(config, learning_rate=lr).validate()
+            programs.append(
+                ProgramSpec(
+                    config, static, tuple(learning_rates), tuple(seeds), lr_axis is not None
+                )
+            )
+    return programs

@@ -1,0 +1,195 @@
+"""Step timing and arithmetic counts: scanned loop vs. a jitted step driven from Python.
+
+The scanned and Python-loop variants run the identical step on identical device-resident data;
+only the loop differs. A third variant feeds each batch from the host, as unoptimised code does.
+Compile time is measured apart (ahead-of-time ``lower().compile()``), runs are warmed up first
+and every timing ends with ``block_until_ready``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax.data.device import DeviceData, sample_batch
+from sgjax.data.sources import Dataset
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import TrainState, evaluate_state, init_train_state, make_run_chunk
+from sgjax.training.model import trainer_for
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopTiming:
+    """Median milliseconds per step over ``repeats`` timed runs, the compile time, and XLA's
+    FLOP count of one step of the timed program (XLA counts a loop body once)."""
+
+    ms_per_step: float
+    compile_s: float
+    steps: int
+    repeats: int
+    flops_per_step: float = float("nan")
+
+
+def _make_single_step(config: TrainConfig):
+    step_fn = trainer_for(config).step
+
+    def single_step(state: TrainState, data: DeviceData) -> TrainState:
+        batch = sample_batch(jax.random.fold_in(state.key, state.step), data, config.batch_size)
+        model, _ = step_fn(state.model, batch.images, batch.labels)
+        return state._replace(model=model, step=state.step + 1)
+
+    return single_step
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float:
+    """Median wall time of ``run()`` (which advances its own state) after ``warmups`` calls."""
+    for _ in range(warmups):
+        jax.block_until_ready(run())
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        runs.append(time.perf_counter() - start)
+    return _median(runs)
+
+
+def _compile(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_scanned(
+    config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
+) -> LoopTiming:
+    """``steps`` train steps inside one ``lax.scan``."""
+    state = init_train_state(config)
+    chunk, compile_s = _compile(make_run_chunk(config, steps), state, data)
+
+    def run() -> TrainState:
+        nonlocal state
+        state, _ = chunk(state, data)
+        return state
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(chunk))
+
+
+def time_python_loop(
+    config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
+) -> LoopTiming:
+    """The same step, jitted alone and called ``steps`` times from a Python loop."""
+    state = init_train_state(config)
+    step, compile_s = _compile(_make_single_step(config), state, data)
+
+    def run() -> TrainState:
+        nonlocal state
+        for _ in range(steps):
+            state = step(state, data)
+        return state
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(step))
+
+
+def time_host_fed_loop(
+    config: TrainConfig, dataset: Dataset, steps: int = 200, repeats: int = 3
+) -> LoopTiming:
+    """The common unoptimised pattern: each step's batch is drawn, gathered and scaled with numpy
+    on the host, copied to the device, and the jitted step called from Python.
+
+    Shows what keeping the data on the device and sampling inside the compiled loop saves.
+    """
+    model = init_train_state(config).model
+    step_fn = trainer_for(config).step
+    rng = np.random.default_rng(config.seed)
+
+    def host_batch() -> tuple[jax.Array, jax.Array]:
+        index = rng.integers(0, dataset.train_size, config.batch_size)
+        images = dataset.train_images[index].astype(np.float32) / 255.0
+        return jax.device_put(images), jax.device_put(dataset.train_labels[index])
+
+    step, compile_s = _compile(step_fn, model, *host_batch())
+
+    def run() -> Any:
+        nonlocal model
+        for _ in range(steps):
+            model, _ = step(model, *host_batch())
+        return model
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(step))
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+    """XLA's FLOP count of a compiled program (a loop body is counted once); NaN if unknown."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax returns one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """XLA's estimate of a compiled program's memory: arguments, outputs and temporaries."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if stats is None:
+        return None
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
+    """XLA's FLOP count for one compiled train step (batch sampling included)."""
+    state = init_train_state(config)
+    return compiled_flops(jax.jit(_make_single_step(config)).lower(state, data).compile())
+
+
+def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
+    """XLA's FLOP count for one evaluation on the whole test split."""
+    state = init_train_state(config)
+    return compiled_flops(
+        jax.jit(evaluate_state, static_argnums=0).lower(config, state, data).compile()
+    )
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's devices so far (max over them); None where the
+    backend keeps no statistics (the CPU)."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The default device's float32 matrix-product rate in GFLOP/s: the best of ``repeats``
+    timed products, i.e. what the device reaches when nothing else competes for it."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a))
+        runs.append(time.perf_counter() - start)
+    return 2 * size**3 / min(runs) / 1e9

@@ -1,0 +1,1 @@
+"""Command-line plumbing: flags to configs, one-line errors, exit codes, signals."""

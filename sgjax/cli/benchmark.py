@@ -1,0 +1,310 @@
+"""The benchmark's command line: flags (presets applied under explicit flags), run, write files.
+
+``experiments/benchmark.py`` only defines these flags on ``absl.flags.FLAGS`` and calls ``main``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from absl import flags
+
+from sgjax.bench.parallel import (
+    ParallelBenchmarkSettings,
+    notes,
+    run_parallel_benchmark,
+    table_lines,
+)
+from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
+from sgjax.bench.presets import PRESETS, apply_preset
+from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
+from sgjax.bench.report import build_json, build_rows, table_markdown
+from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
+from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
+from sgjax.cli.errors import fail, parse_int_list
+from sgjax.cli.flags import config_from_flags, define_train_flags
+from sgjax.cli.run import StopRequest, check_fits, claim_output_dir, report_status
+from sgjax.data.sources import DataError, Dataset, load_dataset
+from sgjax.parallel.layers import validate_parallel
+from sgjax.training.config import MODES, ConfigError, TrainConfig
+from sgjax.training.records import OutputError, device_info, versions, write_json_atomic
+
+DEFAULT_OUTPUT_DIR = "runs/benchmark"
+_DEFAULTS = TrainConfig()
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """Define the benchmark's flags on ``fv``: the training flags of mnist_mlp.py (``--modes``
+    instead of ``--mode``) plus preset, seeds, sweeps and the extra timings."""
+    presets = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
+    flags.DEFINE_enum(
+        "preset",
+        None,
+        list(PRESETS),
+        f"Named settings; explicit flags override them. {presets}",
+        flag_values=fv,
+    )
+    flags.DEFINE_list("modes", list(MODES), "Modes to compare (bp, sg, cdni).", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_seeds",
+        1,
+        "Seeds (--seed, --seed+1, ...) trained in one vmapped program.",
+        flag_values=fv,
+    )
+    flags.DEFINE_multi_string(
+        "sweep",
+        [],
+        "name=v1,v2: run every value (repeat the flag for more names; every combination runs). "
+        f"Vmapped in one program: {', '.join(TRACED_FIELDS)}; one program per value: "
+        f"{', '.join(STATIC_FIELDS)}.",
+        flag_values=fv,
+    )
+    define_train_flags(fv)
+    flags.DEFINE_string(
+        "output_dir",
+        DEFAULT_OUTPUT_DIR,
+        "Where table.md, benchmark.json and plots go.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "loop_steps",
+        200,
+        "Steps per timing of the lax.scan loop vs. the jitted step from a Python loop (0: skip).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("loop_repeats", 3, "Timed repeats (median).", flag_values=fv)
+    flags.DEFINE_boolean(
+        "compare_separate",
+        True,
+        "With several runs per program, also run each alone (time ratio and equality check).",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "parallel",
+        "none",
+        ["none", "layers"],
+        "layers: instead of the vmapped programs, compare bp (single device, model-parallel, "
+        "GPipe) with the first synthetic-gradient mode of --modes (single device, layer-parallel "
+        "pipeline) on --parallel_devices devices.",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "parallel_devices", ["1", "2", "4"], "Device counts for --parallel=layers.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "microbatches", 4, "GPipe microbatches for --parallel=layers.", flag_values=fv
+    )
+    flags.DEFINE_boolean(
+        "resume",
+        False,
+        "Continue a stopped benchmark in --output_dir: finished programs are not run again.",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "overwrite", False, "Replace an earlier benchmark in --output_dir.", flag_values=fv
+    )
+    flags.DEFINE_boolean(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() first (multi-host: runs shard over every host).",
+        flag_values=fv,
+    )
+
+
+def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
+    """Apply ``--preset`` under the explicit flags, then build and validate the settings.
+
+    Raises ConfigError (one line) for settings that cannot run.
+    """
+    if fv.preset:
+        apply_preset(fv, fv.preset)
+    base = config_from_flags(fv, mode=MODES[0], output_dir=fv.output_dir)
+    return BenchmarkSettings(
+        base=base,
+        modes=tuple(fv.modes),
+        num_seeds=fv.num_seeds,
+        sweeps=parse_sweeps(fv.sweep),
+        loop_steps=fv.loop_steps,
+        loop_repeats=fv.loop_repeats,
+        compare_separate=fv.compare_separate,
+        preset=fv.preset,
+    ).validate()
+
+
+def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
+    """Every dataset the programs use, checked against their batch sizes."""
+    datasets: dict[str, Dataset] = {}
+    for spec in settings.programs():
+        config = spec.config
+        if config.dataset not in datasets:
+            datasets[config.dataset] = load_dataset(config.dataset, config.data_dir)
+        dataset = datasets[config.dataset]
+        check_fits(config, dataset)
+    return datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkFiles:
+    """Paths of everything a benchmark writes."""
+
+    table: Path
+    json: Path
+    curves: Path
+    sg_loss: Path
+    time_per_step: Path
+
+
+def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
+    """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png."""
+    rows = build_rows(result)
+    table = folder / "table.md"
+    table.write_text(table_markdown(result, rows))
+    json_path = folder / "benchmark.json"
+    write_json_atomic(json_path, build_json(result, rows))
+    return BenchmarkFiles(
+        table=table,
+        json=json_path,
+        curves=plot_curves(rows, folder / "curves.png"),
+        sg_loss=plot_sg_loss(rows, folder / "sg_loss.png"),
+        time_per_step=plot_time_per_step(
+            rows, result.loops, result.matmul_gflops, folder / "time_per_step.png"
+        ),
+    )
+
+
+def run(
+    fv: flags.FlagValues, log: Callable[[str], None] = print
+) -> tuple[BenchmarkResult, BenchmarkFiles | None, int | None]:
+    """Flags -> settings -> data -> programs -> files (written by process 0 only).
+
+    Bad input prints one line and exits with code 2 before any training. Returns the result,
+    the files and the signal that stopped the benchmark (None if none did).
+    """
+    if fv.distributed:
+        jax.distributed.initialize()
+    try:
+        _check_parallel_flags(fv)
+    except ConfigError as error:
+        fail(str(error))
+    if fv.parallel == "layers":
+        return run_layer_parallel(fv, log)
+    try:
+        if fv.resume and fv.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+        settings = settings_from_flags(fv)
+        datasets = load_datasets(settings)
+        folder = claim_output_dir(Path(fv.output_dir), fv.resume, fv.overwrite, OUTPUT_FILES)
+        store = ProgramStore(folder)
+        done = store.start(settings, fv.resume)
+    except (ConfigError, DataError, OutputError) as error:
+        fail(str(error))
+    for dataset in datasets.values():
+        log(f"data: {dataset.reason}")
+    if settings.preset:
+        log(f"preset {settings.preset}: {PRESETS[settings.preset].description}")
+    with StopRequest() as stop:
+        result = run_benchmark(
+            settings,
+            datasets,
+            log=log,
+            done=done,
+            on_program=store.save,
+            stop_requested=stop,
+            divergence=divergence,
+        )
+    files = write_outputs(result, folder) if jax.process_index() == 0 else None
+    return result, files, stop.signal
+
+
+def _check_parallel_flags(fv: flags.FlagValues) -> None:
+    """The layer-parallel flags must make sense even when --parallel=layers is not given."""
+    if fv.microbatches < 1:
+        raise ConfigError(f"--microbatches={fv.microbatches} must be a positive integer")
+    counts = parse_int_list("parallel_devices", fv.parallel_devices) or ()
+    if not counts or any(n < 1 for n in counts):
+        raise ConfigError("--parallel_devices must list positive device counts, e.g. 1,2,4")
+
+
+def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSettings:
+    """The layer-parallel comparison's settings; raises ConfigError (one line)."""
+    if fv.preset:
+        apply_preset(fv, fv.preset)
+    if fv.resume or fv.sweep or fv.num_seeds != 1:
+        raise ConfigError(
+            "--parallel=layers runs one seed without sweeps or --resume; drop --resume, --sweep "
+            "and --num_seeds"
+        )
+    decoupled = [m for m in fv.modes if m != "bp"]
+    if not decoupled or decoupled[0] not in MODES:
+        raise ConfigError("--parallel=layers needs sg or cdni in --modes (compared with bp)")
+    base = dict(output_dir=fv.output_dir)
+    settings = ParallelBenchmarkSettings(
+        sg=config_from_flags(fv, mode=decoupled[0], **base).validate(),
+        bp=config_from_flags(fv, mode="bp", **base).validate(),
+        device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
+        microbatches=fv.microbatches,
+    )
+    validate_parallel(settings.bp, "bp_gpipe", settings.microbatches)
+    return settings
+
+
+def run_layer_parallel(
+    fv: flags.FlagValues, log: Callable[[str], None]
+) -> tuple[None, BenchmarkFiles | None, int | None]:
+    """--parallel=layers: run the comparison and write table.md and benchmark.json."""
+    try:
+        settings = parallel_settings_from_flags(fv)
+        dataset = load_dataset(settings.bp.dataset, settings.bp.data_dir)
+        check_fits(settings.sg, dataset)
+        folder = claim_output_dir(Path(fv.output_dir), False, fv.overwrite, OUTPUT_FILES)
+    except (ConfigError, DataError, OutputError) as error:
+        fail(str(error))
+    log(f"data: {dataset.reason}")
+    rows = run_parallel_benchmark(settings, dataset, log=log)
+    table = folder / "table.md"
+    lines = ["# Layer-parallel training: backprop vs. synthetic gradients", ""]
+    table.write_text("\n".join([*lines, *table_lines(rows), "", *notes(settings)]) + "\n")
+    json_path = folder / "benchmark.json"
+    write_json_atomic(
+        json_path,
+        {
+            "status": "completed",
+            "parallel": True,
+            "settings": {
+                "sg": settings.sg.to_dict(),
+                "bp": settings.bp.to_dict(),
+                "device_counts": list(settings.device_counts),
+                "microbatches": settings.microbatches,
+            },
+            "device": device_info(),
+            "versions": versions(),
+            "dataset": dataset.describe(),
+            "rows": [dataclasses.asdict(row) for row in rows],
+        },
+    )
+    return None, ParallelFiles(table, json_path), None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelFiles:
+    """What --parallel=layers writes."""
+
+    table: Path
+    json: Path
+
+
+def main(fv: flags.FlagValues) -> int:
+    """Run the benchmark, print table.md and where the files went; returns the exit code."""
+    start = time.perf_counter()
+    result, files, signum = run(fv, log=lambda line: print(line, flush=True))
+    if files is not None:
+        print(files.table.read_text(), flush=True)
+        print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
+    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    if result is None:  # --parallel=layers
+        return 0
+    return report_status(result.status, result.message, Path(fv.output_dir), signum)

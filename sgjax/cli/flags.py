@@ -1,0 +1,88 @@
+"""The training flags shared by the scripts, and the config they make.
+
+``experiments/mnist_mlp.py`` and ``experiments/benchmark.py`` take the same network, data and
+schedule flags; defining them once keeps their names, defaults and help identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+
+from sgjax.cli.errors import parse_int_list
+from sgjax.training.config import DATASETS, TrainConfig
+
+_DEFAULTS = TrainConfig()
+SHARED_FIELDS = (
+    "num_steps",
+    "batch_size",
+    "learning_rate",
+    "lr_boundaries",
+    "hidden_layers",
+    "hidden_units",
+    "sg_hidden_layers",
+    "sg_hidden_units",
+    "dataset",
+    "data_dir",
+    "seed",
+    "eval_every",
+)
+
+
+def define_train_flags(fv: flags.FlagValues) -> None:
+    """Define the shared training flags on ``fv`` with the paper's defaults."""
+    flags.DEFINE_integer(
+        "num_steps", _DEFAULTS.num_steps, "Training steps (minibatch updates).", flag_values=fv
+    )
+    flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Minibatch size.", flag_values=fv)
+    flags.DEFINE_float(
+        "learning_rate", _DEFAULTS.learning_rate, "Initial Adam learning rate.", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "lr_boundaries",
+        None,
+        "Steps at which the learning rate is divided by 10 (default: 0.6 and 0.8 of "
+        "--num_steps; an empty value keeps it constant).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "hidden_layers", _DEFAULTS.hidden_layers, "Hidden blocks (Dense-BN-ReLU).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "hidden_units", _DEFAULTS.hidden_units, "Units per hidden block.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "sg_hidden_layers",
+        None,
+        "Hidden layers of each synthetic-gradient module (default: 2 for sg, 0 for cdni).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "sg_hidden_units",
+        _DEFAULTS.sg_hidden_units,
+        "Units per synthetic-gradient module layer.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "dataset", _DEFAULTS.dataset, DATASETS, "Dataset to train and test on.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "data_dir",
+        None,
+        "Folder with the four MNIST-format IDX files (optionally .gz).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "seed", _DEFAULTS.seed, "Random seed (initialisation, batch sampling).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.", flag_values=fv
+    )
+
+
+def config_from_flags(fv: flags.FlagValues, **fields: Any) -> TrainConfig:
+    """A TrainConfig from the shared flags; ``fields`` sets the rest (mode, output_dir, ...)."""
+    values = {name: fv[name].value for name in SHARED_FIELDS}
+    values["lr_boundaries"] = parse_int_list("lr_boundaries", values["lr_boundaries"])
+    return TrainConfig(**values, **fields)

@@ -1,0 +1,232 @@
+"""One run end to end, as the command line does it: output folder, checkpoints, signals, exit code.
+
+Order matters for "nothing half-written": the configuration, the data and the output folder are
+all checked before the first file is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import jax
+
+from sgjax.cli.errors import EXIT_DIVERGED, fail
+from sgjax.data.sources import DataError, Dataset, load_dataset
+from sgjax.training.checkpoint import Checkpointer, CheckpointError
+from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.loop import Resume, init_train_state, train_and_evaluate
+from sgjax.training.records import (
+    MetricsWriter,
+    OutputError,
+    build_results,
+    prepare_output_dir,
+    summary_lines,
+    write_json_atomic,
+)
+
+DEFAULT_OUTPUT_ROOT = "runs"
+STAGE_TIMING_REPEATS = 20
+"""Calls per stage when timing each layer's step alone after a layer-parallel run."""
+RUN_FILES = ("results.json", "metrics.csv", "checkpoints")
+EXIT_CODE_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the loop to stop after the current chunk,
+    a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in EXIT_CODE_FOR_SIGNAL:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        name = signal.Signals(signum).name
+        print(
+            f"{name} received: stopping after the current chunk (Ctrl-C again stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def output_dir_for(config: TrainConfig) -> Path:
+    return Path(config.output_dir or Path(DEFAULT_OUTPUT_ROOT) / config.mode)
+
+
+def claim_output_dir(
+    folder: Path, resume: bool, overwrite: bool, run_files: Sequence[str] = RUN_FILES
+) -> Path:
+    """Refuse a folder holding an earlier run unless resuming or overwriting; make it writable."""
+    earlier = [name for name in run_files if (folder / name).exists()]
+    if earlier and not (resume or overwrite):
+        raise OutputError(
+            f"--output_dir={str(folder)!r} already holds a run ({', '.join(earlier)}); pass "
+            "--resume to continue it, --overwrite to replace it, or choose another folder"
+        )
+    prepare_output_dir(folder)
+    if overwrite and not resume:
+        for name in earlier:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return folder
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes this run."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return " ".join(["python", *kept, "--resume"])
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
+    """Validate, load data, train (resuming if asked), write results; returns the exit code."""
+    try:
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+        config.validate()
+        if config.parallel == "layers":
+            _check_parallel(config, resume)
+        dataset = load_dataset(config.dataset, config.data_dir)
+        check_fits(config, dataset)
+        output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
+        checkpointer = Checkpointer(output_dir / "checkpoints")
+        start = _resume_point(checkpointer, config) if resume else None
+    except (ConfigError, DataError, OutputError, CheckpointError) as error:
+        fail(str(error))
+    print(f"data: {dataset.reason}", flush=True)
+    if start is not None:
+        print(f"resuming from step {int(start.state.step)} in {output_dir}", flush=True)
+    else:
+        print(f"writing to {output_dir}", flush=True)
+
+    def save(point: Resume) -> None:
+        checkpointer.save(point, config)
+
+    metrics = MetricsWriter(output_dir / "metrics.csv", config.hidden_layers * config.decoupled)
+    try:
+        for record in start.records if start else []:
+            metrics.write(record)
+        with StopRequest() as stop:
+            if config.parallel == "layers":
+                from sgjax.parallel.layers import parallel_kind, train_layer_parallel
+
+                result = train_layer_parallel(
+                    config,
+                    dataset,
+                    kind=parallel_kind(config.mode, config.microbatches),
+                    num_devices=_parallel_devices(config),
+                    microbatches=config.microbatches,
+                    on_record=metrics.write,
+                    stop_requested=stop,
+                    stage_timing_repeats=STAGE_TIMING_REPEATS,
+                )
+            else:
+                result = train_and_evaluate(
+                    config,
+                    dataset,
+                    on_record=metrics.write,
+                    start=start,
+                    save_checkpoint=save if config.resolved_checkpoint_every else None,
+                    stop_requested=stop,
+                )
+    finally:
+        metrics.close()
+        checkpointer.close()
+    results = build_results(config, dataset, result)
+    write_json_atomic(output_dir / "results.json", results)
+    for line in summary_lines(results):
+        print(line, flush=True)
+    return report_status(result.status, result.message, output_dir, stop.signal)
+
+
+def check_fits(config: TrainConfig, dataset: Dataset) -> None:
+    """Refuse a network too big for the device or a batch bigger than the training set."""
+    available = device_memory_bytes()
+    if config.estimated_bytes() > available:
+        raise ConfigError(
+            f"this network needs about {config.estimated_bytes() / 2**30:.1f} GiB but the "
+            f"device has {available / 2**30:.1f} GiB; reduce --hidden_units, --hidden_layers, "
+            "--sg_hidden_units or --batch_size"
+        )
+    if config.batch_size > dataset.train_size:
+        raise ConfigError(
+            f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
+            f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
+        )
+
+
+def _check_parallel(config: TrainConfig, resume: bool) -> None:
+    """Refuse layer-parallel settings that cannot run, before any file is written."""
+    if resume:
+        raise ConfigError(
+            "--resume is not available with --parallel=layers (the pipeline keeps no "
+            "checkpoints); start again with --overwrite"
+        )
+    from sgjax.parallel.layers import parallel_kind, validate_parallel
+    from sgjax.parallel.stages import stage_devices
+
+    validate_parallel(config, parallel_kind(config.mode, config.microbatches), config.microbatches)
+    stage_devices(config.hidden_layers + 1, _parallel_devices(config))
+
+
+def _parallel_devices(config: TrainConfig) -> int:
+    """--num_devices, or (0) as many devices as there are, at most one per stage."""
+    if config.num_devices:
+        return config.num_devices
+    return min(jax.device_count(), config.hidden_layers + 1)
+
+
+def device_memory_bytes() -> int:
+    """Memory of the default device: its allocator limit, or the host's RAM for the CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _resume_point(checkpointer: Checkpointer, config: TrainConfig) -> Resume | None:
+    if checkpointer.latest_step() is None:
+        print(f"no checkpoint in {checkpointer.directory}: starting from step 0", flush=True)
+        return None
+    return checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
+
+
+def report_status(status: str, message: str, output_dir: Path, signum: int | None) -> int:
+    """Say how a run ended (one line on stderr unless completed); returns the exit code."""
+    if status == "diverged":
+        print(
+            f"error: run diverged: {message}; results so far and the last good checkpoint are "
+            f"in {output_dir}; lower --learning_rate and start again",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_DIVERGED
+    if status == "interrupted":
+        print(
+            f"{message}; results so far in {output_dir}; resume with: {resume_command(sys.argv)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_CODE_FOR_SIGNAL.get(signum, 130)
+    return 0

@@ -1,0 +1,72 @@
+"""Synthesizers: modules M_k that predict dLoss/dh_k from h_k (and, for cDNI, the label).
+
+A synthesizer *factory* (``dense``) says how to build one for a boundary once the activation's
+shape is known; the built module is called as ``module(h, context, train=...)`` where ``context``
+is the one-hot label (cDNI) or None. Its last layer starts at zero, so the first synthetic
+gradients are exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sgjax.core.layers import batch_norm
+
+
+class SynthesizerFactory(Protocol):
+    """Builds the synthesizer of one boundary for activations of ``shape`` (batch excluded)."""
+
+    def build(self, shape: tuple[int, ...]) -> nn.Module: ...
+
+
+class DenseSynthesizer(nn.Module):
+    """``hidden_layers`` x (Dense -> BatchNorm -> ReLU), then a zero-initialised Dense layer.
+
+    Activations of any shape are flattened per example and the output reshaped back.
+    """
+
+    shape: tuple[int, ...]
+    hidden_layers: int
+    units: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array, context: jax.Array | None, train: bool) -> jax.Array:
+        x = h.reshape((h.shape[0], -1))
+        if context is not None:
+            x = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
+        for _ in range(self.hidden_layers):
+            x = nn.relu(batch_norm(train)(nn.Dense(self.units)(x)))
+        out = nn.Dense(
+            math.prod(self.shape),
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.zeros,
+        )(x)
+        return out.reshape((h.shape[0], *self.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """Factory of ``DenseSynthesizer``s (see ``dense``)."""
+
+    hidden_layers: int = 0
+    units: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.hidden_layers < 0:
+            raise ValueError(f"hidden_layers={self.hidden_layers} must be 0 (linear) or more")
+        if self.units <= 0:
+            raise ValueError(f"units={self.units} must be a positive integer")
+
+    def build(self, shape: tuple[int, ...]) -> nn.Module:
+        return DenseSynthesizer(tuple(shape), self.hidden_layers, self.units)
+
+
+def dense(hidden_layers: int = 0, units: int = 1024) -> Dense:
+    """Fully connected synthesizers: the paper's DNI uses ``dense(2, 1024)``, cDNI ``dense(0)``."""
+    return Dense(hidden_layers, units)

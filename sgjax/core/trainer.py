@@ -1,0 +1,480 @@
+"""``Trainer``: any chain of Flax modules trained by backprop or with synthetic gradients.
+
+Notation (DESIGN.md): stages f_1..f_K; decoupled boundaries split them into groups; the group
+above boundary k ends with h_k and carries the synthesizer M_k, g_k = M_k(h_k [, label]).
+
+* every group but the last is updated with the VJP of the group at its (constant) input with the
+  synthetic gradient of the boundary above it; the last group gets the true loss gradient;
+* that VJP at the group's input is the message sent down: the bootstrapped target of the
+  boundary below; the last group sends dLoss/dh down;
+* every M_k regresses g_k onto its target (stop_gradient): mean over the batch of ||g_k - t_k||^2,
+  with its own optimizer state.
+
+Every stage and synthesizer keeps its own optimizer state. The per-group pieces
+(``group_forward``, ``group_backward``, ``last_group_gradients``, ``synthesizer_gradients``)
+are public so that engines can run groups on separate devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sgjax.core.methods import DNI, Backprop, Method
+from sgjax.core.optim import apply_optimizer
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class StageState(NamedTuple):
+    """A stage's (or synthesizer's) parameters, other variables and optimizer state."""
+
+    params: Any
+    collections: Any
+    """Non-parameter variables, e.g. ``{"batch_stats": ...}``; ``{}`` when there are none."""
+    opt_state: optax.OptState
+
+
+class TrainerState(NamedTuple):
+    """Everything a ``Trainer`` updates: one ``StageState`` per stage and per synthesizer."""
+
+    stages: tuple[StageState, ...]
+    synthesizers: tuple[StageState, ...]
+    """One per decoupled boundary, bottom to top; empty for backprop."""
+
+
+class StepMetrics(NamedTuple):
+    """Per-step metrics; ``sg_loss`` has one entry per decoupled boundary (none for bp)."""
+
+    loss: jax.Array
+    accuracy: jax.Array
+    sg_loss: jax.Array
+
+
+class GroupForward(NamedTuple):
+    """What a decoupled group's forward pass leaves for its backward pass.
+
+    The VJP closures are ``jax.tree_util.Partial`` pytrees, so they can cross a jit boundary.
+    """
+
+    output: jax.Array
+    synthetic_grad: jax.Array
+    group_vjp: Callable
+    synthesizer_vjp: Callable
+    collections: tuple[Any, ...]
+    synthesizer_collections: Any
+
+
+class GroupGradients(NamedTuple):
+    """Gradients of a decoupled group (per stage) and of its synthesizer."""
+
+    stages: tuple[Any, ...]
+    synthesizer: Any
+    input_grad: jax.Array | None
+    """VJP at the group's input: the bootstrapped target of the boundary below (None for the
+    first group)."""
+    sg_loss: jax.Array
+
+
+class LastGroupGradients(NamedTuple):
+    """The last group's true gradients, dLoss/d(its input), the loss and the output."""
+
+    stages: tuple[Any, ...]
+    input_grad: jax.Array | None
+    collections: tuple[Any, ...]
+    loss: jax.Array
+    output: jax.Array
+
+
+class SynthesizerGradients(NamedTuple):
+    grads: Any
+    sg_loss: jax.Array
+
+
+def apply_module(
+    module: nn.Module, params: Any, collections: Any, *args: Any, train: bool
+) -> tuple[jax.Array, Any]:
+    """``module(*args, train=train)``; returns the output and the (updated, if training) other
+    variables. BatchNorm statistics are updated only in training and only when present."""
+    variables = {"params": params, **collections}
+    if train and collections:
+        out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
+        return out, {**collections, **mutated}
+    return module.apply(variables, *args, train=train), collections
+
+
+def init_module(key: jax.Array, module: nn.Module, *args: Any) -> tuple[Any, Any]:
+    """Parameters and other variables of ``module`` initialised on example ``args``."""
+    variables = dict(module.init(key, *args, train=False))
+    params = variables.pop("params", {})
+    return params, variables
+
+
+def sg_regression_loss(synthetic: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean over the batch of ||g - t||^2 (summed over the rest); the target is a constant."""
+    error = synthetic - jax.lax.stop_gradient(target)
+    return jnp.sum(jnp.square(error)) / error.shape[0]
+
+
+def _zero_accuracy(output: jax.Array, labels: jax.Array) -> jax.Array:
+    del output, labels
+    return jnp.zeros((), jnp.float32)
+
+
+class Trainer:
+    """Train a chain of Flax modules with ``method`` (``backprop()`` or ``dni(...)``).
+
+    Args:
+      stages: Flax modules, each called as ``module(x, train=...)``; the last one produces the
+        output that ``loss`` reads.
+      method: ``sgjax.backprop()`` or ``sgjax.dni(...)``.
+      loss: ``loss(output, labels) -> scalar``.
+      optimizer: an optax optimizer; every stage gets its own state of it.
+      synthesizer_optimizer: the synthesizers' optimizer (default: ``optimizer``).
+      accuracy: optional ``accuracy(output, labels) -> scalar`` reported in the metrics.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        method: Method,
+        loss: LossFn,
+        optimizer: optax.GradientTransformation,
+        *,
+        synthesizer_optimizer: optax.GradientTransformation | None = None,
+        accuracy: LossFn | None = None,
+    ) -> None:
+        self.stages = tuple(stages)
+        if not self.stages:
+            raise ValueError("a Trainer needs at least one stage")
+        if not isinstance(method, Backprop | DNI):
+            raise TypeError(f"method must be sgjax.backprop() or sgjax.dni(...), got {method!r}")
+        self.method = method
+        self.loss = loss
+        self.optimizer = optimizer
+        self.synthesizer_optimizer = synthesizer_optimizer or optimizer
+        self.accuracy = accuracy or _zero_accuracy
+        self.groups = self._groups()
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def decoupled(self) -> bool:
+        return isinstance(self.method, DNI)
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """0-based indices of the stages after which the chain is decoupled."""
+        if not isinstance(self.method, DNI):
+            return ()
+        if self.method.boundaries is None:
+            return tuple(range(len(self.stages) - 1))
+        return self.method.boundaries
+
+    def _groups(self) -> tuple[tuple[int, ...], ...]:
+        last = len(self.stages) - 1
+        for b in self.boundaries:
+            if not 0 <= b < last:
+                raise ValueError(
+                    f"boundary {b} is not after a stage that has a stage above it; choose "
+                    f"indices between 0 and {last - 1}"
+                )
+        starts = [0, *(b + 1 for b in self.boundaries)]
+        ends = [*(b + 1 for b in self.boundaries), len(self.stages)]
+        return tuple(tuple(range(s, e)) for s, e in zip(starts, ends, strict=True))
+
+    def _synthesizer(self, shape: tuple[int, ...]) -> nn.Module:
+        assert isinstance(self.method, DNI)
+        return self.method.synthesizer.build(tuple(shape))
+
+    def _context(self, labels: jax.Array, dtype: Any) -> jax.Array | None:
+        if not (isinstance(self.method, DNI) and self.method.conditioned):
+            return None
+        return jax.nn.one_hot(labels, self.method.num_classes, dtype=dtype)
+
+    # ------------------------------------------------------------------ init and apply
+
+    def init(self, key: jax.Array, sample_x: jax.Array) -> TrainerState:
+        """Initial state; ``sample_x`` is an example batch (only its shape matters).
+
+        Stage k is initialised with ``split(key, K)[k]``, synthesizer j with
+        ``split(fold_in(key, 1), J)[j]``, so backprop and DNI start from the same network.
+        """
+        keys = jax.random.split(key, len(self.stages))
+        stages, outputs = [], []
+        h = sample_x
+        for module, k in zip(self.stages, keys, strict=True):
+            params, collections = init_module(k, module, h)
+            h = module.apply({"params": params, **collections}, h, train=False)
+            outputs.append(h)
+            stages.append(StageState(params, collections, self.optimizer.init(params)))
+        synthesizers = []
+        if self.boundaries:
+            synth_keys = jax.random.split(jax.random.fold_in(key, 1), len(self.boundaries))
+            for b, k in zip(self.boundaries, synth_keys, strict=True):
+                h = jnp.zeros_like(outputs[b])
+                context = self._context(jnp.zeros(h.shape[:1], jnp.int32), h.dtype)
+                params, collections = init_module(k, self._synthesizer(h.shape[1:]), h, context)
+                opt_state = self.synthesizer_optimizer.init(params)
+                synthesizers.append(StageState(params, collections, opt_state))
+        return TrainerState(tuple(stages), tuple(synthesizers))
+
+    def apply_group(
+        self,
+        j: int,
+        params: Sequence[Any],
+        collections: Sequence[Any],
+        h: jax.Array,
+        train: bool,
+    ) -> tuple[jax.Array, tuple[Any, ...]]:
+        """Group ``j``'s output and its stages' (updated, if training) other variables."""
+        new = []
+        for k, p, c in zip(self.groups[j], params, collections, strict=True):
+            h, c = apply_module(self.stages[k], p, c, h, train=train)
+            new.append(c)
+        return h, tuple(new)
+
+    def apply(self, state: TrainerState, x: jax.Array) -> jax.Array:
+        """The chain's output in evaluation mode (BatchNorm running averages)."""
+        h = x
+        for module, stage in zip(self.stages, state.stages, strict=True):
+            h, _ = apply_module(module, stage.params, stage.collections, h, train=False)
+        return h
+
+    def evaluate(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Loss and accuracy in evaluation mode."""
+        output = self.apply(state, x)
+        return self.loss(output, labels), self.accuracy(output, labels)
+
+    # ------------------------------------------------------------------ per-group pieces
+
+    def _group_state(self, stages: Sequence[StageState], j: int) -> tuple[tuple, tuple]:
+        chosen = [stages[k] for k in self.groups[j]]
+        return tuple(s.params for s in chosen), tuple(s.collections for s in chosen)
+
+    def group_forward(
+        self,
+        stages: Sequence[StageState],
+        synthesizer: StageState,
+        j: int,
+        h_in: jax.Array,
+        labels: jax.Array,
+    ) -> GroupForward:
+        """Decoupled group ``j`` (not the last): its output h and g = M(h), with their VJPs.
+
+        ``stages`` is the whole tuple of stage states (only group ``j``'s are read).
+        """
+        params, collections = self._group_state(stages, j)
+        if j == 0:
+            output, group_vjp, new_collections = jax.vjp(
+                lambda p: self.apply_group(j, p, collections, h_in, True), params, has_aux=True
+            )
+        else:
+            output, group_vjp, new_collections = jax.vjp(
+                lambda p, x: self.apply_group(j, p, collections, x, True),
+                params,
+                h_in,
+                has_aux=True,
+            )
+        # M's input is a constant for M: its loss must not reach the group.
+        h_const = jax.lax.stop_gradient(output)
+        context = self._context(labels, output.dtype)
+        module = self._synthesizer(output.shape[1:])
+        synthetic, synth_vjp, synth_collections = jax.vjp(
+            lambda p: apply_module(
+                module, p, synthesizer.collections, h_const, context, train=True
+            ),
+            synthesizer.params,
+            has_aux=True,
+        )
+        return GroupForward(
+            output, synthetic, group_vjp, synth_vjp, new_collections, synth_collections
+        )
+
+    def group_backward(
+        self, fwd: GroupForward, target: jax.Array, synthetic_grad: jax.Array | None = None
+    ) -> GroupGradients:
+        """Group gradients from g (or ``synthetic_grad``, e.g. the oracle's) and the
+        synthesizer's gradient towards the constant ``target``."""
+        g = fwd.synthetic_grad if synthetic_grad is None else synthetic_grad
+        cotangents = fwd.group_vjp(jax.lax.stop_gradient(g))
+        input_grad = cotangents[1] if len(cotangents) == 2 else None
+        error = fwd.synthetic_grad - jax.lax.stop_gradient(target)
+        batch = error.shape[0]
+        (synth_grads,) = fwd.synthesizer_vjp(2.0 * error / batch)
+        sg_loss = jnp.sum(jnp.square(error)) / batch
+        return GroupGradients(cotangents[0], synth_grads, input_grad, sg_loss)
+
+    def last_group_gradients(
+        self, stages: Sequence[StageState], h_in: jax.Array, labels: jax.Array
+    ) -> LastGroupGradients:
+        """The last group's true gradients and dLoss/dh_in (the top boundary's target)."""
+        j = len(self.groups) - 1
+        params, collections = self._group_state(stages, j)
+
+        def loss_fn(p: Any, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
+            output, new = self.apply_group(j, p, collections, x, True)
+            return self.loss(output, labels), (output, new)
+
+        argnums = (0, 1) if j > 0 else (0,)
+        (loss, (output, new)), grads = jax.value_and_grad(loss_fn, argnums, has_aux=True)(
+            params, h_in
+        )
+        input_grad = grads[1] if j > 0 else None
+        return LastGroupGradients(grads[0], input_grad, new, loss, output)
+
+    def synthesizer_gradients(
+        self, synthesizer: StageState, h: jax.Array, labels: jax.Array, target: jax.Array
+    ) -> SynthesizerGradients:
+        """M's gradient towards a constant target on a (stored) h, with M's current
+        parameters: the loss is ``group_backward``'s."""
+        module = self._synthesizer(h.shape[1:])
+        context = self._context(labels, h.dtype)
+        loss, grads = jax.value_and_grad(
+            lambda p: sg_regression_loss(
+                apply_module(module, p, synthesizer.collections, h, context, train=True)[0],
+                target,
+            )
+        )(synthesizer.params)
+        return SynthesizerGradients(grads, loss)
+
+    def update_stages(
+        self,
+        stages: Sequence[StageState],
+        indices: Sequence[int],
+        grads: Sequence[Any],
+        collections: Sequence[Any],
+    ) -> dict[int, StageState]:
+        """New states of stages ``indices`` after one optimizer step each."""
+        new = {}
+        for k, g, c in zip(indices, grads, collections, strict=True):
+            params, opt_state = apply_optimizer(
+                self.optimizer, g, stages[k].opt_state, stages[k].params
+            )
+            new[k] = StageState(params, c, opt_state)
+        return new
+
+    def update_synthesizer(
+        self, synthesizer: StageState, grads: Any, collections: Any
+    ) -> StageState:
+        params, opt_state = apply_optimizer(
+            self.synthesizer_optimizer, grads, synthesizer.opt_state, synthesizer.params
+        )
+        return StageState(params, collections, opt_state)
+
+    # ------------------------------------------------------------------ true gradients
+
+    def boundary_gradients(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[jax.Array, ...]:
+        """True dLoss/dh_k at every decoupled boundary (training mode): the oracle, and the
+        reference for probes such as the cosine with the synthetic gradients."""
+        num_groups = len(self.groups)
+
+        def forward(offsets: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+            h, outputs = x, []
+            for j in range(num_groups):
+                params, collections = self._group_state(state.stages, j)
+                h, _ = self.apply_group(j, params, collections, h, True)
+                if j < num_groups - 1:
+                    h = h + offsets[j]
+                    outputs.append(h)
+            return self.loss(h, labels), outputs
+
+        shapes = jax.eval_shape(lambda: forward([0.0] * (num_groups - 1))[1])
+        zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+        return tuple(jax.grad(lambda o: forward(o)[0])(zeros))
+
+    # ------------------------------------------------------------------ steps
+
+    def step(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[TrainerState, StepMetrics]:
+        """One update of every stage (and synthesizer); pure, jittable, vmappable."""
+        if isinstance(self.method, DNI):
+            return self._decoupled_step(state, x, labels)
+        return self._backprop_step(state, x, labels)
+
+    def backprop_gradients(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...], jax.Array, jax.Array]:
+        """True gradients of every stage, new other variables, loss and output."""
+
+        def loss_fn(params: tuple[Any, ...]) -> tuple[jax.Array, tuple]:
+            h, new = x, []
+            for module, p, s in zip(self.stages, params, state.stages, strict=True):
+                h, c = apply_module(module, p, s.collections, h, train=True)
+                new.append(c)
+            return self.loss(h, labels), (h, tuple(new))
+
+        params = tuple(s.params for s in state.stages)
+        (loss, (output, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, new, loss, output
+
+    def _backprop_step(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[TrainerState, StepMetrics]:
+        grads, collections, loss, output = self.backprop_gradients(state, x, labels)
+        indices = range(len(self.stages))
+        new = self.update_stages(state.stages, indices, grads, collections)
+        metrics = StepMetrics(
+            loss, self.accuracy(output, labels), jnp.zeros((0,), jnp.asarray(loss).dtype)
+        )
+        return TrainerState(tuple(new[k] for k in indices), state.synthesizers), metrics
+
+    def decoupled_gradients(
+        self,
+        state: TrainerState,
+        x: jax.Array,
+        labels: jax.Array,
+        synthetic_override: Sequence[jax.Array] | None = None,
+    ) -> tuple[list[GroupForward], list[GroupGradients], LastGroupGradients, list[jax.Array]]:
+        """One synchronous decoupled pass: forwards, group gradients (bottom to top), the last
+        group's, and the targets. ``synthetic_override`` replaces every g_k (for the groups'
+        updates and for the bootstrapped targets)."""
+        num_decoupled = len(self.groups) - 1
+        forwards = []
+        h = x
+        for j in range(num_decoupled):
+            fwd = self.group_forward(state.stages, state.synthesizers[j], j, h, labels)
+            forwards.append(fwd)
+            h = fwd.output
+        last = self.last_group_gradients(state.stages, h, labels)
+
+        grads: list[GroupGradients] = [None] * num_decoupled  # type: ignore[list-item]
+        targets: list[jax.Array] = [None] * num_decoupled  # type: ignore[list-item]
+        target = last.input_grad
+        for j in reversed(range(num_decoupled)):
+            override = None if synthetic_override is None else synthetic_override[j]
+            targets[j] = target
+            grads[j] = self.group_backward(forwards[j], target, override)
+            target = grads[j].input_grad
+        return forwards, grads, last, targets
+
+    def _decoupled_step(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[TrainerState, StepMetrics]:
+        assert isinstance(self.method, DNI)
+        override = self.boundary_gradients(state, x, labels) if self.method.oracle else None
+        forwards, grads, last, _ = self.decoupled_gradients(state, x, labels, override)
+        new: dict[int, StageState] = {}
+        synthesizers = []
+        for j, (fwd, g) in enumerate(zip(forwards, grads, strict=True)):
+            new.update(self.update_stages(state.stages, self.groups[j], g.stages, fwd.collections))
+            synthesizers.append(
+                self.update_synthesizer(
+                    state.synthesizers[j], g.synthesizer, fwd.synthesizer_collections
+                )
+            )
+        new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
+        sg_loss = jnp.stack([g.sg_loss for g in grads]) if grads else jnp.zeros((0,))
+        metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
+        stages = tuple(new[k] for k in range(len(self.stages)))
+        return TrainerState(stages, tuple(synthesizers)), metrics

@@ -1,0 +1,68 @@
+"""Device side of the data path: arrays placed on a device once, batches sampled inside jit.
+
+Host-side loading lives in ``sgjax.data.sources``; its main names are re-exported here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax.data.sources import DataError, Dataset, load_dataset
+
+__all__ = [
+    "Batch",
+    "DataError",
+    "Dataset",
+    "DeviceData",
+    "load_dataset",
+    "sample_batch",
+    "scale_images",
+    "to_device",
+]
+
+
+class DeviceData(NamedTuple):
+    """A dataset resident on one device: uint8 (N, 784) images, int32 (N,) labels."""
+
+    train_images: jax.Array
+    train_labels: jax.Array
+    test_images: jax.Array
+    test_labels: jax.Array
+
+
+class Batch(NamedTuple):
+    """A minibatch: float32 (B, 784) images in [0, 1], int32 (B,) labels."""
+
+    images: jax.Array
+    labels: jax.Array
+
+
+def to_device(ds: Dataset, device: Any = None) -> DeviceData:
+    """Copy the dataset's arrays to ``device`` (default device if None) in one transfer."""
+    host = DeviceData(
+        train_images=np.asarray(ds.train_images, dtype=np.uint8),
+        train_labels=np.asarray(ds.train_labels, dtype=np.int32),
+        test_images=np.asarray(ds.test_images, dtype=np.uint8),
+        test_labels=np.asarray(ds.test_labels, dtype=np.int32),
+    )
+    return jax.device_put(host, device)
+
+
+def scale_images(images_uint8: jax.Array) -> jax.Array:
+    """uint8 pixels 0..255 -> float32 in [0, 1]."""
+    return jnp.asarray(images_uint8).astype(jnp.float32) / jnp.float32(255.0)
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def sample_batch(key: jax.Array, data: DeviceData, batch_size: int) -> Batch:
+    """Draw ``batch_size`` training examples uniformly with replacement, on device."""
+    n = data.train_images.shape[0]
+    idx = jax.random.randint(key, (batch_size,), 0, n)
+    images = scale_images(jnp.take(data.train_images, idx, axis=0))
+    labels = jnp.take(data.train_labels, idx, axis=0)
+    return Batch(images=images, labels=labels)

@@ -1,0 +1,1 @@
+"""Model builders: chains of Flax stages for the papers' networks."""

@@ -1,0 +1,1 @@
+"""Training runs: configuration, the period loop and its engines, checkpoints, records."""

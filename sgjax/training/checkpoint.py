@@ -1,0 +1,143 @@
+"""Checkpoints with orbax: the whole training state plus the run's records, and a safe resume.
+
+A checkpoint holds every layer's and module's parameters, BatchNorm statistics and Adam state,
+the step, the PRNG key and learning rate (all in ``TrainState``), and as JSON the metrics so far,
+the training time so far and the configuration that made it. Orbax writes each checkpoint to a
+temporary folder and renames it when complete, so a killed process never leaves a half-written
+checkpoint that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import EvalRecord, PeriodMetrics, Resume, TrainState
+
+CHECKPOINT_FORMAT = 1
+KEEP_LAST = 3
+IGNORED_CONFIG_KEYS = ("output_dir", "data_dir", "checkpoint_every")
+"""Flags that may differ on resume: they do not change what the run computes."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line saying what to do."""
+
+
+class Checkpointer:
+    """Saves and restores run checkpoints under ``directory`` (one sub-folder per step)."""
+
+    def __init__(self, directory: Path, keep_last: int = KEEP_LAST) -> None:
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_last, create=True, enable_async_checkpointing=False
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, point: Resume, config: TrainConfig) -> None:
+        """Write a checkpoint for ``point.state.step`` and wait until it is complete on disk."""
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": _comparable(config),
+            "records": [dataclasses.asdict(r) for r in point.records],
+            "period": dataclasses.asdict(point.period),
+            "train_time_s": point.train_time_s,
+            "eval_time_s": point.eval_time_s,
+        }
+        step = int(point.state.step)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(point.state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, config: TrainConfig, template: TrainState, step: int | None = None) -> Resume:
+        """Restore ``step`` (default: the latest), refusing one made by another configuration.
+
+        ``template`` gives the state's structure, shapes and dtypes (``jax.eval_shape`` will do).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as error:  # orbax raises many kinds; all mean "unreadable"
+            raise CheckpointError(
+                f"cannot read checkpoint {where} ({_short(error)}); delete it to resume from an "
+                "earlier one, or start again with --overwrite"
+            ) from None
+        _check_compatible(meta, config, where)
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template
+        )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read the training state in checkpoint {where} ({_short(error)}); "
+                "delete it to resume from an earlier one, or start again with --overwrite"
+            ) from None
+        records = [EvalRecord(**(r | {"sg_loss": tuple(r["sg_loss"])})) for r in meta["records"]]
+        period = PeriodMetrics(**(meta["period"] | {"sg_loss": tuple(meta["period"]["sg_loss"])}))
+        return Resume(restored, records, period, meta["train_time_s"], meta["eval_time_s"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    for key in IGNORED_CONFIG_KEYS:
+        values.pop(key, None)
+    return values
+
+
+def _check_compatible(meta: Any, config: TrainConfig, where: Path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{where} is not an sgjax checkpoint of format {CHECKPOINT_FORMAT}; "
+            "start again with --overwrite"
+        )
+    saved, now = meta.get("config", {}), _comparable(config)
+    differences = [
+        f"--{key}={_flag_value(saved.get(key))} (now {_flag_value(now.get(key))})"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {where} was made with {', '.join(differences)}; resume with the same "
+            "flags, or start again with --overwrite"
+        )
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

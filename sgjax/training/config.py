@@ -1,0 +1,184 @@
+"""One typed run configuration shared by every entry point, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+MODES = ("bp", "sg", "cdni")
+DATASETS = ("mnist", "fashion_mnist")
+PARALLEL = ("none", "layers")
+INPUT_DIM = 784
+NUM_CLASSES = 10
+
+PAPER_NUM_STEPS = 500_000
+PAPER_LEARNING_RATE = 3e-5
+PAPER_BOUNDARY_FRACTIONS = (0.6, 0.8)
+"""The paper divides the learning rate by 10 at 300k and 400k of 500k steps."""
+
+DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0}
+"""DNI modules have 2 hidden layers of 1024 units; cDNI modules are linear (paper settings)."""
+
+
+MAX_STEPS = 2**31 - 1
+"""The step counter is an int32 on the device."""
+MAX_SEED = 2**32 - 1
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line saying what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; defaults are the paper's."""
+
+    mode: str = "sg"
+    num_steps: int = PAPER_NUM_STEPS
+    batch_size: int = 256
+    learning_rate: float = PAPER_LEARNING_RATE
+    lr_boundaries: tuple[int, ...] | None = None
+    hidden_layers: int = 3
+    hidden_units: int = 256
+    sg_hidden_layers: int | None = None
+    sg_hidden_units: int = 1024
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    seed: int = 0
+    eval_every: int = 10_000
+    chunk_steps: int = 1_000
+    """Longest compiled chunk: a progress line, and a chance to stop cleanly, after each."""
+    parallel: str = "none"
+    """"none": one device; "layers": every layer on its own device, pipelined."""
+    num_devices: int = 0
+    """Devices for --parallel=layers (0: all there are)."""
+    microbatches: int = 1
+    """GPipe microbatches for --parallel=layers with --mode=bp (1: plain model parallelism)."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints: None means at every evaluation, 0 means never."""
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        # A config that exists is one that can run: the library refuses mode="dni" here, not
+        # silently later.
+        self.validate()
+
+    @property
+    def decoupled(self) -> bool:
+        """Whether the run uses synthetic gradients (sg or cdni)."""
+        return self.mode != "bp"
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether synthetic-gradient modules see the one-hot label (cDNI)."""
+        return self.mode == "cdni"
+
+    @property
+    def resolved_sg_hidden_layers(self) -> int:
+        """Module depth: the flag's value, else the paper's default for the mode."""
+        if self.sg_hidden_layers is not None:
+            return self.sg_hidden_layers
+        return DEFAULT_SG_HIDDEN_LAYERS.get(self.mode, 0)
+
+    @property
+    def resolved_lr_boundaries(self) -> tuple[int, ...]:
+        """Steps at which the learning rate is divided by 10."""
+        if self.lr_boundaries is not None:
+            return tuple(self.lr_boundaries)
+        return tuple(int(round(f * self.num_steps)) for f in PAPER_BOUNDARY_FRACTIONS)
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError, naming the flag and a fix, for settings that cannot run."""
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown --mode={self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(
+                f"unknown --dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}"
+            )
+        for name in (
+            "num_steps",
+            "batch_size",
+            "hidden_layers",
+            "hidden_units",
+            "eval_every",
+            "chunk_steps",
+        ):
+            _require_positive(name, getattr(self, name))
+        if self.num_steps > MAX_STEPS:
+            raise ConfigError(f"--num_steps={self.num_steps} is above the limit of {MAX_STEPS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed={self.seed} must be between 0 and {MAX_SEED}")
+        if self.sg_hidden_layers is not None and self.sg_hidden_layers < 0:
+            raise ConfigError(
+                f"--sg_hidden_layers={self.sg_hidden_layers} is negative; use 0 (linear) or more"
+            )
+        _require_positive("sg_hidden_units", self.sg_hidden_units)
+        _require_positive("microbatches", self.microbatches)
+        if self.parallel not in PARALLEL:
+            raise ConfigError(
+                f"unknown --parallel={self.parallel!r}; choose one of {', '.join(PARALLEL)}"
+            )
+        if self.num_devices < 0:
+            raise ConfigError(f"--num_devices={self.num_devices} must be 0 (all) or more")
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
+            raise ConfigError(
+                f"--learning_rate={self.learning_rate} must be a positive finite number"
+            )
+        _validate_boundaries(self.resolved_lr_boundaries, self.num_steps, self.lr_boundaries)
+        if self.checkpoint_every is not None and (
+            self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every
+        ):
+            raise ConfigError(
+                f"--checkpoint_every={self.checkpoint_every} must be 0 (no checkpoints) or a "
+                f"multiple of --eval_every={self.eval_every}: checkpoints are taken at evaluations"
+            )
+        return self
+
+    @property
+    def resolved_checkpoint_every(self) -> int:
+        """Steps between checkpoints (0: none)."""
+        return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
+
+    def estimated_bytes(self) -> int:
+        """Rough memory need: parameters with gradients and two Adam moments, plus activations.
+
+        Used to refuse impossible sizes before anything is allocated; not a precise figure.
+        """
+        units, hidden = self.hidden_units, self.hidden_layers
+        params = INPUT_DIM * units + (hidden - 1) * units * units + units * NUM_CLASSES
+        widths = [units] * hidden
+        if self.decoupled:
+            depth, width = self.resolved_sg_hidden_layers, self.sg_hidden_units
+            module_in = units + (NUM_CLASSES if self.conditioned else 0)
+            sizes = [module_in] + [width] * depth + [units]
+            params += hidden * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+            widths += [width] * depth * hidden
+        activations = self.batch_size * (INPUT_DIM + 8 * sum(widths))
+        return 4 * (4 * params + activations)
+
+    def to_dict(self) -> dict:
+        """Every field, with derived values (module depth, boundaries) filled in."""
+        values = dataclasses.asdict(self)
+        values["sg_hidden_layers"] = self.resolved_sg_hidden_layers
+        values["lr_boundaries"] = list(self.resolved_lr_boundaries)
+        return values
+
+
+def _require_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"--{name}={value} must be a positive integer")
+
+
+def _validate_boundaries(
+    boundaries: Sequence[int], num_steps: int, given: Sequence[int] | None
+) -> None:
+    if given is None:
+        return
+    previous = 0
+    for b in boundaries:
+        if not previous < b < num_steps:
+            raise ConfigError(
+                f"--lr_boundaries={','.join(map(str, boundaries))} must be increasing steps "
+                f"between 1 and --num_steps={num_steps} (exclusive)"
+            )
+        previous = b

@@ -1,0 +1,387 @@
+"""The compiled training loop: ``lax.scan`` over chunks of steps, evaluation between chunks.
+
+Data lives on the device; every minibatch is sampled inside the compiled loop from
+``fold_in(key, step)``, so the host only sees chunk boundaries (progress, evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgjax.core.optim import learning_rate_of, piecewise_schedule, with_learning_rate
+from sgjax.core.trainer import StepMetrics, TrainerState
+from sgjax.data.device import DeviceData, sample_batch, scale_images, to_device
+from sgjax.data.sources import Dataset
+from sgjax.training.config import TrainConfig
+from sgjax.training.model import SAMPLE_SHAPE, trainer_for
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during a run."""
+
+    model: TrainerState
+    """Every stage's and synthesizer's variables and optimizer state; the initial learning rate
+    is a hyperparameter in the optimizer states (traced, so one program serves a sweep)."""
+    step: jax.Array
+    """Number of updates done so far (int32 scalar)."""
+    key: jax.Array
+    """Base key; the batch of step t is sampled with ``fold_in(key, t)``."""
+
+    @property
+    def learning_rate(self) -> jax.Array:
+        """The run's initial learning rate, read from its optimizer states."""
+        return learning_rate_of(self.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    """One row of metrics.csv: training means over the chunk, test metrics at its end."""
+
+    step: int
+    learning_rate: float
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    sg_loss: tuple[float, ...]
+    elapsed_s: float
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    state: TrainState
+    records: list[EvalRecord]
+    status: str
+    compile_time_s: float
+    train_time_s: float
+    eval_time_s: float
+    steps_done: int
+    message: str = ""
+
+    @property
+    def steps_per_s(self) -> float:
+        """Training steps per second over the whole run (all sessions, compile excluded)."""
+        return self.steps_done / self.train_time_s if self.train_time_s > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class PeriodMetrics:
+    """Step-weighted sums of the training metrics since the last evaluation."""
+
+    steps: int = 0
+    loss: float = 0.0
+    accuracy: float = 0.0
+    sg_loss: tuple[float, ...] = ()
+
+    def add(self, steps: int, metrics: StepMetrics) -> None:
+        """Add a chunk's mean metrics, weighted by its number of steps."""
+        sg = tuple(steps * float(v) for v in np.asarray(metrics.sg_loss))
+        if self.sg_loss:
+            sg = tuple(a + b for a, b in zip(self.sg_loss, sg, strict=True))
+        self.sg_loss = sg
+        self.loss += steps * float(metrics.loss)
+        self.accuracy += steps * float(metrics.accuracy)
+        self.steps += steps
+
+    def mean(self, name: str) -> float | tuple[float, ...]:
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            return tuple(v / self.steps for v in value)
+        return value / self.steps
+
+
+class Resume(NamedTuple):
+    """Where a resumed run starts: a checkpoint's state, records, partial period and times."""
+
+    state: TrainState
+    records: list[EvalRecord]
+    period: PeriodMetrics
+    train_time_s: float
+    eval_time_s: float
+
+
+SaveCheckpoint = Callable[[Resume], None]
+"""Called with everything a checkpoint must hold, at checkpoint steps."""
+
+
+ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
+
+
+def init_train_state(
+    config: TrainConfig,
+    seed: int | jax.Array | None = None,
+    learning_rate: float | jax.Array | None = None,
+) -> TrainState:
+    """Initial state for ``seed`` and ``learning_rate`` (defaults: the config's); traceable."""
+    key = jax.random.PRNGKey(config.seed if seed is None else seed)
+    init_key, data_key = jax.random.split(key)
+    model = trainer_for(config).init(init_key, jnp.zeros(SAMPLE_SHAPE, jnp.float32))
+    if learning_rate is not None:
+        model = with_learning_rate(model, learning_rate)
+    return TrainState(model, jnp.zeros((), jnp.int32), data_key)
+
+
+def schedule_for(config: TrainConfig, learning_rate: float | jax.Array | None = None):
+    """The run's piecewise-constant schedule, starting at ``learning_rate`` (default: config's)."""
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    return piecewise_schedule(lr, config.resolved_lr_boundaries)
+
+
+def make_run_chunk(config: TrainConfig, num_steps: int) -> ChunkFn:
+    """Pure function running ``num_steps`` train steps in one ``lax.scan``.
+
+    Returns the new state and the metrics averaged over those steps.
+    """
+
+    trainer = trainer_for(config)
+
+    def run_chunk(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
+        step_fn = trainer.step
+
+        def body(carry: TrainState, _: None) -> tuple[TrainState, StepMetrics]:
+            batch = sample_batch(jax.random.fold_in(carry.key, carry.step), data, config.batch_size)
+            model, metrics = step_fn(carry.model, batch.images, batch.labels)
+            return carry._replace(model=model, step=carry.step + 1), metrics
+
+        state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+        return state, jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+
+    return run_chunk
+
+
+def evaluate_state(
+    config: TrainConfig, state: TrainState, data: DeviceData
+) -> tuple[jax.Array, jax.Array]:
+    """Test loss and accuracy on the whole test split (BatchNorm running averages)."""
+    return trainer_for(config).evaluate(
+        state.model, scale_images(data.test_images), data.test_labels
+    )
+
+
+class RunHistory(NamedTuple):
+    """Per-evaluation metrics of a whole compiled run (leading axis: evaluations)."""
+
+    step: jax.Array
+    train_loss: jax.Array
+    train_accuracy: jax.Array
+    test_loss: jax.Array
+    test_accuracy: jax.Array
+    sg_loss: jax.Array
+
+
+def make_train(
+    config: TrainConfig,
+) -> Callable[[jax.Array, jax.Array, DeviceData], tuple[TrainState, RunHistory]]:
+    """``train(seed, learning_rate, data)``: the whole run as one pure, jittable function.
+
+    Evaluation runs inside the program after every chunk, so ``jax.jit(jax.vmap(train, (0, 0,
+    None)))`` trains many seeds or learning rates at once. Its numbers equal those of ``train``
+    (the Python-driven loop) for the same seed to float rounding (``train`` averages the training
+    metrics over sub-chunks on the host).
+    """
+    lengths = chunk_lengths(config.num_steps, config.eval_every)
+    full_chunks = lengths.count(config.eval_every)
+    run_full = make_run_chunk(config, config.eval_every)
+    run_rest = make_run_chunk(config, lengths[-1]) if lengths[-1] != config.eval_every else None
+
+    def chunk_and_evaluate(
+        state: TrainState, data: DeviceData, run_chunk: ChunkFn
+    ) -> tuple[TrainState, RunHistory]:
+        state, metrics = run_chunk(state, data)
+        test_loss, test_accuracy = evaluate_state(config, state, data)
+        record = RunHistory(
+            state.step, metrics.loss, metrics.accuracy, test_loss, test_accuracy, metrics.sg_loss
+        )
+        return state, record
+
+    def train_run(
+        seed: jax.Array, learning_rate: jax.Array, data: DeviceData
+    ) -> tuple[TrainState, RunHistory]:
+        state = init_train_state(config, seed, learning_rate)
+        state, history = jax.lax.scan(
+            lambda s, _: chunk_and_evaluate(s, data, run_full), state, None, length=full_chunks
+        )
+        if run_rest is not None:
+            state, last = chunk_and_evaluate(state, data, run_rest)
+            history = jax.tree_util.tree_map(
+                lambda h, x: jnp.concatenate([h, x[None]]), history, last
+            )
+        return state, history
+
+    return train_run
+
+
+def chunk_lengths(num_steps: int, eval_every: int) -> list[int]:
+    """Lengths of the evaluation periods: ``eval_every`` each, the last one possibly shorter."""
+    full, rest = divmod(num_steps, eval_every)
+    return [eval_every] * full + ([rest] if rest else [])
+
+
+def chunk_plan(start: int, num_steps: int, eval_every: int, max_chunk: int) -> list[int]:
+    """Scanned chunk lengths from step ``start`` on.
+
+    Each evaluation period is cut into pieces of ``max_chunk`` steps counted from the period's
+    start, so a run resumed at any chunk boundary continues with exactly the same chunks, and
+    there are at most four distinct chunk shapes to compile.
+    """
+    lengths = []
+    step = start
+    while step < num_steps:
+        period_start = step - step % eval_every
+        period_end = min(period_start + eval_every, num_steps)
+        piece_end = period_start + ((step - period_start) // max_chunk + 1) * max_chunk
+        end = min(piece_end, period_end)
+        lengths.append(end - step)
+        step = end
+    return lengths
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(record: EvalRecord, num_steps: int, steps_per_s: float) -> str:
+    """One human line per chunk: step, losses, accuracies, speed and ETA."""
+    eta = (num_steps - record.step) / steps_per_s if steps_per_s > 0 else float("nan")
+    line = (
+        f"step {record.step:>7d}/{num_steps} | loss {record.train_loss:.4f} "
+        f"acc {record.train_accuracy:.4f} | test loss {record.test_loss:.4f} "
+        f"acc {record.test_accuracy:.4f}"
+    )
+    if record.sg_loss:
+        line += " | sg loss " + " ".join(f"{v:.2e}" for v in record.sg_loss)
+    return line + f" | {steps_per_s:,.0f} steps/s | ETA {_format_eta(eta)}"
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    dataset: Dataset,
+    *,
+    on_record: Callable[[EvalRecord], None] | None = None,
+    log: Callable[[str], None] = print,
+    start: Resume | None = None,
+    save_checkpoint: SaveCheckpoint | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> RunResult:
+    """Run ``config`` on ``dataset``: compile every chunk shape first, then train and evaluate.
+
+    Chunks are at most ``config.chunk_steps`` long (``chunk_plan``); between evaluations each chunk
+    prints a progress line. ``start`` resumes from a checkpoint (a chunk boundary, so the rest of
+    the run is exactly what an uninterrupted run computes). ``on_record`` receives each
+    evaluation row as soon as it exists; ``save_checkpoint`` is called every
+    ``config.resolved_checkpoint_every`` steps, at the end, and when ``stop_requested()`` turns
+    true after a chunk (status "interrupted"). A non-finite loss ends the run at the end of that
+    chunk with status "diverged" and a last record, without checkpointing the bad state; a
+    ``KeyboardInterrupt`` ends it at once with status "interrupted".
+    """
+    data = to_device(dataset)
+    if start is None:
+        initial = jax.jit(init_train_state, static_argnums=0)(config)
+        start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
+    state, period = start.state, dataclasses.replace(start.period)
+    records = list(start.records)
+    steps_done = int(state.step)
+    schedule = schedule_for(config)
+    every = config.resolved_checkpoint_every
+
+    plan = chunk_plan(steps_done, config.num_steps, config.eval_every, config.chunk_steps)
+    compile_start = time.perf_counter()
+    compiled = {
+        n: jax.jit(make_run_chunk(config, n), donate_argnums=0).lower(state, data).compile()
+        for n in sorted(set(plan))
+    }
+    evaluate_compiled = (
+        jax.jit(evaluate_state, static_argnums=0).lower(config, state, data).compile()
+    )
+    compile_time = time.perf_counter() - compile_start
+    log(f"compiled {len(compiled)} chunk shape(s) and the evaluation in {compile_time:.1f} s")
+
+    train_time, eval_time = start.train_time_s, start.eval_time_s
+    session_steps, session_time = 0, 0.0
+    status, message = "completed", ""
+    try:
+        for n in plan:
+            begin = time.perf_counter()
+            state, metrics = compiled[n](state, data)
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - begin
+            train_time += elapsed
+            session_time += elapsed
+            steps_done += n
+            session_steps += n
+            period.add(n, metrics)
+            speed = session_steps / session_time
+
+            at_eval = steps_done % config.eval_every == 0 or steps_done == config.num_steps
+            message = _divergence(period, steps_done)
+            if not (at_eval or message):
+                log(_chunk_line(steps_done, config.num_steps, metrics, speed))
+            else:
+                begin = time.perf_counter()
+                test_loss, test_acc = jax.device_get(evaluate_compiled(state, data))
+                eval_time += time.perf_counter() - begin
+                record = EvalRecord(
+                    step=steps_done,
+                    learning_rate=float(schedule(steps_done - 1)),
+                    train_loss=period.mean("loss"),
+                    train_accuracy=period.mean("accuracy"),
+                    test_loss=float(test_loss),
+                    test_accuracy=float(test_acc),
+                    sg_loss=period.mean("sg_loss"),
+                    elapsed_s=train_time + eval_time,
+                )
+                period = PeriodMetrics()
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+                log(progress_line(record, config.num_steps, speed))
+            if message:
+                status = "diverged"
+                break
+            stopping = stop_requested()
+            last = steps_done == config.num_steps
+            due = at_eval and every and steps_done % every == 0
+            if save_checkpoint is not None and (last or stopping or due):
+                save_checkpoint(Resume(state, records, period, train_time, eval_time))
+            if stopping and not last:
+                status, message = "interrupted", f"stopped after step {steps_done}"
+                break
+    except KeyboardInterrupt:
+        status, message = "interrupted", f"interrupted after step {steps_done}"
+    return RunResult(
+        state, records, status, compile_time, train_time, eval_time, steps_done, message
+    )
+
+
+def _chunk_line(step: int, num_steps: int, metrics: StepMetrics, steps_per_s: float) -> str:
+    """Progress between evaluations: the chunk's mean training metrics, speed and ETA."""
+    eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+    return (
+        f"step {step:>7d}/{num_steps} | loss {float(metrics.loss):.4f} "
+        f"acc {float(metrics.accuracy):.4f} (last chunk) | {steps_per_s:,.0f} steps/s | "
+        f"ETA {_format_eta(eta)}"
+    )
+
+
+def _divergence(period: PeriodMetrics, step: int) -> str:
+    """A one-line description of the first non-finite training quantity, or ''."""
+    if not math.isfinite(period.loss):
+        return f"training loss became {period.mean('loss')} by step {step}"
+    for layer, value in enumerate(period.mean("sg_loss"), start=1):
+        if not math.isfinite(value):
+            return f"synthetic-gradient loss of layer {layer} became {value} by step {step}"
+    return ""

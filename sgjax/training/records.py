@@ -1,0 +1,195 @@
+"""Run records: results.json (written atomically), metrics.csv (one row per evaluation)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import jax
+
+from sgjax.data.sources import Dataset
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import EvalRecord, RunResult
+
+
+class OutputError(OSError):
+    """The output folder cannot be used; the message is one line saying what to do."""
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any work starts."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputError(
+            f"cannot write to --output_dir={str(path)!r} ({reason}); pass a folder you can write to"
+        ) from None
+    return folder
+
+
+def _finite_or_none(value: Any) -> Any:
+    """Strict JSON has no NaN or Infinity: non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write strict JSON (non-finite floats as null) to a temporary file in the same folder,
+    fsync it, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; results are for everyone to read
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_finite_or_none(payload), handle, indent=2, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def metrics_columns(num_sg_layers: int) -> list[str]:
+    """Header of metrics.csv; one synthetic-gradient loss column per hidden block (sg, cdni)."""
+    return [
+        "step",
+        "learning_rate",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        *[f"sg_loss_{i}" for i in range(1, num_sg_layers + 1)],
+        "elapsed_s",
+    ]
+
+
+class MetricsWriter:
+    """Appends one metrics.csv row per evaluation and flushes it at once."""
+
+    def __init__(self, path: Path, num_sg_layers: int) -> None:
+        self._handle: IO[str] = open(path, "w", newline="")
+        self._writer = csv.writer(self._handle)
+        self._writer.writerow(metrics_columns(num_sg_layers))
+        self._handle.flush()
+
+    def write(self, record: EvalRecord) -> None:
+        self._writer.writerow(
+            [
+                record.step,
+                f"{record.learning_rate:.6g}",
+                f"{record.train_loss:.6f}",
+                f"{record.train_accuracy:.6f}",
+                f"{record.test_loss:.6f}",
+                f"{record.test_accuracy:.6f}",
+                *[f"{v:.6g}" for v in record.sg_loss],
+                f"{record.elapsed_s:.3f}",
+            ]
+        )
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def device_info() -> dict[str, Any]:
+    """Platform and kind of the device the run used."""
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide the numbers."""
+    import flax
+    import jaxlib
+    import optax
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+    }
+
+
+def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> dict[str, Any]:
+    """The contents of results.json."""
+    last = result.records[-1] if result.records else None
+    parallel = None
+    if hasattr(result, "stage_devices"):
+        parallel = {
+            "kind": result.kind,
+            "stage_devices": list(result.stage_devices),
+            "microbatches": result.microbatches,
+            "stage_ms": list(result.stage_ms),
+            "ideal_speedup": result.ideal_speedup,
+        }
+    return {
+        "mode": config.mode,
+        "status": result.status,
+        "message": result.message,
+        "num_steps": config.num_steps,
+        "steps_done": result.steps_done,
+        "seed": config.seed,
+        "test_accuracy": last.test_accuracy if last else None,
+        "test_loss": last.test_loss if last else None,
+        "train_loss": last.train_loss if last else None,
+        "train_accuracy": last.train_accuracy if last else None,
+        "sg_loss": list(last.sg_loss) if last else None,
+        "train_time_s": result.train_time_s,
+        "eval_time_s": result.eval_time_s,
+        "compile_time_s": result.compile_time_s,
+        "steps_per_s": result.steps_per_s,
+        "dataset": dataset.describe(),
+        "device": device_info(),
+        "versions": versions(),
+        "config": config.to_dict(),
+        "parallel": parallel,
+        "history": [dataclasses.asdict(r) for r in result.records],
+    }
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """A short human summary printed at the end of a run."""
+    acc = results["test_accuracy"]
+    return [
+        f"{results['mode']}: {results['status']} after {results['steps_done']} of "
+        f"{results['num_steps']} steps on {results['dataset']['name']} "
+        f"({results['dataset']['source']}, {results['dataset']['train_size']} train images)",
+        f"test accuracy {acc:.4f}, test loss {results['test_loss']:.4f}"
+        if acc is not None
+        else "no evaluation was reached",
+        f"training {results['train_time_s']:.1f} s ({results['steps_per_s']:.1f} steps/s), "
+        f"compile {results['compile_time_s']:.1f} s, evaluation {results['eval_time_s']:.1f} s",
+    ] + _parallel_lines(results.get("parallel"))
+
+
+def _parallel_lines(parallel: dict[str, Any] | None) -> list[str]:
+    if not parallel:
+        return []
+    stage_ms = " / ".join(f"{ms:.2f}" for ms in parallel["stage_ms"])
+    return [
+        f"{parallel['kind']} on devices {parallel['stage_devices']}: each stage's step alone "
+        f"{stage_ms} ms; ideal speed-up from those times {parallel['ideal_speedup']:.2f}x"
+    ]

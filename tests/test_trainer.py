@@ -1,0 +1,268 @@
+"""The public Trainer API on several chains: the oracle invariant, zero-initialised
+synthesizers, vmap over seeds, and an independent reference for the synchronous DNI step."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sgjax.core import synthesizers
+from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
+from sgjax.core.methods import backprop, dni
+from sgjax.core.optim import adam
+from sgjax.core.trainer import Trainer
+
+BATCH, IN, UNITS, CLASSES = 16, 20, 12, 10
+
+
+class LayerNormBlock(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        return nn.tanh(nn.LayerNorm()(nn.Dense(self.features)(x)))
+
+
+class Residual(nn.Module):
+    """A stateless stage: x + Dense(relu(x))."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        return x + nn.Dense(x.shape[-1])(nn.relu(x))
+
+
+CHAINS = {
+    "mlp_batchnorm": lambda: [
+        HiddenBlock(UNITS),
+        HiddenBlock(UNITS),
+        HiddenBlock(UNITS),
+        OutputLayer(CLASSES),
+    ],
+    "layernorm": lambda: [LayerNormBlock(UNITS), LayerNormBlock(UNITS), OutputLayer(CLASSES)],
+    "stateless_residual": lambda: [
+        HiddenBlock(UNITS),
+        Residual(),
+        Residual(),
+        OutputLayer(CLASSES),
+    ],
+}
+
+
+def _batch(seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(kx, (BATCH, IN)), jax.random.randint(ky, (BATCH,), 0, CLASSES)
+
+
+def _trainer(stages, method) -> Trainer:
+    return Trainer(stages, method, cross_entropy, adam(1e-2), accuracy=accuracy)
+
+
+def _make_synthesizers_nonzero(state, key):
+    """Random synthesizer parameters, so that synthetic and true gradients really differ."""
+    leaves, tree = jax.tree_util.tree_flatten([s.params for s in state.synthesizers])
+    keys = jax.random.split(key, len(leaves))
+    noisy = [0.3 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)]
+    params = jax.tree_util.tree_unflatten(tree, noisy)
+    return state._replace(
+        synthesizers=tuple(
+            s._replace(params=p) for s, p in zip(state.synthesizers, params, strict=True)
+        )
+    )
+
+
+def _stage_params(state):
+    return [s.params for s in state.stages]
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_oracle_step_equals_backprop_step(chain: str, conditioned: bool) -> None:
+    x, y = _batch()
+    key = jax.random.PRNGKey(1)
+    bp = _trainer(CHAINS[chain](), backprop())
+    oracle = _trainer(
+        CHAINS[chain](), dni(synthesizers.dense(1, 8), conditioned=conditioned, oracle=True)
+    )
+    sg = _trainer(CHAINS[chain](), dni(synthesizers.dense(1, 8), conditioned=conditioned))
+    state_bp = bp.init(key, x)
+    state_sg = _make_synthesizers_nonzero(oracle.init(key, x), jax.random.PRNGKey(2))
+    # Same network for the same key whatever the method.
+    chex.assert_trees_all_equal(_stage_params(state_bp), _stage_params(state_sg))
+
+    after_bp, m_bp = jax.jit(bp.step)(state_bp, x, y)
+    after_oracle, m_or = jax.jit(oracle.step)(state_sg, x, y)
+    after_sg, _ = jax.jit(sg.step)(state_sg, x, y)
+    chex.assert_trees_all_close(
+        _stage_params(after_oracle), _stage_params(after_bp), rtol=1e-5, atol=1e-6
+    )
+    chex.assert_trees_all_close(
+        [s.collections for s in after_oracle.stages],
+        [s.collections for s in after_bp.stages],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(m_or.loss, m_bp.loss, rtol=1e-6)
+    # The A/B is real: the synthesizers' own (non-zero) gradients give another step.
+    hidden_sg = jax.tree_util.tree_leaves(_stage_params(after_sg)[:-1])
+    hidden_bp = jax.tree_util.tree_leaves(_stage_params(after_bp)[:-1])
+    assert (
+        max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(hidden_sg, hidden_bp, strict=True))
+        > 1e-4
+    )
+
+
+def test_oracle_with_two_stages_coupled() -> None:
+    """Boundaries after stages 0 and 2 of five: stages 1-2 and 3-4 are coupled groups."""
+    x, y = _batch(3)
+
+    def chain() -> list[nn.Module]:
+        return [
+            HiddenBlock(UNITS),
+            HiddenBlock(UNITS),
+            LayerNormBlock(UNITS),
+            Residual(),
+            OutputLayer(CLASSES),
+        ]
+
+    bp = _trainer(chain(), backprop())
+    oracle = _trainer(chain(), dni(synthesizers.dense(0), boundaries=(0, 2), oracle=True))
+    assert oracle.groups == ((0,), (1, 2), (3, 4))
+    key = jax.random.PRNGKey(4)
+    state = _make_synthesizers_nonzero(oracle.init(key, x), jax.random.PRNGKey(5))
+    assert len(state.synthesizers) == 2
+    after_bp, _ = jax.jit(bp.step)(bp.init(key, x), x, y)
+    after_oracle, _ = jax.jit(oracle.step)(state, x, y)
+    chex.assert_trees_all_close(
+        _stage_params(after_oracle), _stage_params(after_bp), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_bootstrapped_targets_are_true_gradients_under_the_oracle() -> None:
+    x, y = _batch(6)
+    trainer = _trainer(CHAINS["mlp_batchnorm"](), dni(synthesizers.dense(0)))
+    state = _make_synthesizers_nonzero(
+        trainer.init(jax.random.PRNGKey(0), x), jax.random.PRNGKey(7)
+    )
+    true = trainer.boundary_gradients(state, x, y)
+    _, _, _, targets = trainer.decoupled_gradients(state, x, y, synthetic_override=true)
+    chex.assert_trees_all_close(list(targets), list(true), rtol=1e-5, atol=1e-7)
+    _, _, _, own = trainer.decoupled_gradients(state, x, y)
+    assert float(jnp.max(jnp.abs(own[0] - true[0]))) > 1e-4
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_zero_initialised_synthesizers_leave_decoupled_stages_unchanged(conditioned: bool) -> None:
+    x, y = _batch(8)
+    trainer = _trainer(
+        CHAINS["layernorm"](), dni(synthesizers.dense(2, 8), conditioned=conditioned)
+    )
+    state = trainer.init(jax.random.PRNGKey(0), x)
+    forwards, grads, last, _ = trainer.decoupled_gradients(state, x, y)
+    for fwd, g in zip(forwards, grads, strict=True):
+        assert float(jnp.max(jnp.abs(fwd.synthetic_grad))) == 0.0
+        for leaf in jax.tree_util.tree_leaves(g.stages):
+            assert float(jnp.max(jnp.abs(leaf))) == 0.0
+    # The last stage does learn from the true loss gradient.
+    assert max(float(jnp.max(jnp.abs(v))) for v in jax.tree_util.tree_leaves(last.stages)) > 0
+    after, _ = jax.jit(trainer.step)(state, x, y)
+    chex.assert_trees_all_equal(_stage_params(after)[:-1], _stage_params(state)[:-1])
+
+
+def _independent_dni_step(stages, state, x, y, lr):
+    """DNI written out by hand for a chain of one-stage groups (no Trainer code), one Adam step."""
+    from sgjax.core.trainer import apply_module
+
+    hs, vjps = [x], []
+    new_colls = []
+    for k, (module, s) in enumerate(zip(stages[:-1], state.stages[:-1], strict=True)):
+        out, vjp, c = jax.vjp(
+            lambda p, h, m=module, s=s: apply_module(m, p, s.collections, h, train=True),
+            s.params,
+            hs[-1],
+            has_aux=True,
+        )
+        hs.append(out)
+        vjps.append(vjp)
+        new_colls.append(c)
+        del k
+    synth_out, synth_fns = [], []
+    for h, sy in zip(hs[1:], state.synthesizers, strict=True):
+        module = synthesizers.dense(1, 8).build(h.shape[1:])
+
+        def g_of(p, h=h, sy=sy, module=module):
+            return apply_module(module, p, sy.collections, h, None, train=True)[0]
+
+        synth_out.append(g_of(sy.params))
+        synth_fns.append(g_of)
+    last = state.stages[-1]
+
+    def loss_of(p, h):
+        return cross_entropy(stages[-1].apply({"params": p}, h), y)
+
+    last_grad, target = jax.grad(loss_of, argnums=(0, 1))(last.params, hs[-1])
+    grads, synth_grads = [None] * len(vjps), [None] * len(vjps)
+    for i in reversed(range(len(vjps))):
+        grads[i], input_grad = vjps[i](synth_out[i])
+        synth_grads[i] = jax.grad(
+            lambda p, i=i, t=target: jnp.sum((synth_fns[i](p) - t) ** 2) / x.shape[0]
+        )(state.synthesizers[i].params)
+        target = input_grad
+
+    def sgd(params, g):
+        return jax.tree_util.tree_map(lambda p, d: p - lr * d, params, g)
+
+    new_params = [sgd(s.params, g) for s, g in zip(state.stages, [*grads, last_grad], strict=True)]
+    new_synth = [sgd(s.params, g) for s, g in zip(state.synthesizers, synth_grads, strict=True)]
+    return new_params, new_synth
+
+
+def test_dni_step_equals_an_independent_reference() -> None:
+    x, y = _batch(9)
+    stages = CHAINS["mlp_batchnorm"]()
+    # Plain SGD: Adam would amplify rounding noise in gradients that are 0 in exact arithmetic
+    # (the Dense biases before BatchNorm), which says nothing about the plumbing.
+    trainer = Trainer(stages, dni(synthesizers.dense(1, 8)), cross_entropy, optax.sgd(0.5))
+    state = _make_synthesizers_nonzero(
+        trainer.init(jax.random.PRNGKey(3), x), jax.random.PRNGKey(4)
+    )
+    after, _ = jax.jit(trainer.step)(state, x, y)
+    ref_params, ref_synth = _independent_dni_step(stages, state, x, y, 0.5)
+    chex.assert_trees_all_close(_stage_params(after), ref_params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        [s.params for s in after.synthesizers], ref_synth, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_vmap_over_seeds_equals_separate_runs() -> None:
+    x, y = _batch(10)
+    trainer = _trainer(CHAINS["mlp_batchnorm"](), dni(synthesizers.dense(0), conditioned=True))
+
+    def run(seed: jax.Array) -> jax.Array:
+        state = trainer.init(jax.random.PRNGKey(seed), x)
+        for _ in range(3):
+            state, metrics = trainer.step(state, x, y)
+        return metrics.loss, state
+
+    seeds = jnp.arange(3)
+    losses, states = jax.jit(jax.vmap(run))(seeds)
+    for i in range(3):
+        loss, state = jax.jit(run)(seeds[i])
+        np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
+        chex.assert_trees_all_close(
+            jax.tree_util.tree_map(lambda a, i=i: a[i], states), state, rtol=1e-4, atol=1e-6
+        )
+    assert float(jnp.std(losses)) > 0  # different seeds really differ
+
+
+def test_bad_boundaries_are_refused() -> None:
+    with pytest.raises(ValueError, match="boundary 3"):
+        _trainer(CHAINS["layernorm"](), dni(boundaries=(3,)))
+    with pytest.raises(ValueError, match="increasing"):
+        dni(boundaries=(1, 0))
