@@ -28,7 +28,7 @@ seeds=${GPU_BENCH_SEEDS:-8}
 time_steps=${GPU_BENCH_TIME_STEPS:-1000}
 calibration_steps=${GPU_BENCH_CALIBRATION_STEPS:-2000}
 full_steps=${GPU_BENCH_FULL_STEPS:-500000}
-python=${PYTHON:-python}
+python=${PYTHON:-python3}
 
 log() { echo "[gpu_bench $(date +%H:%M:%S)] $*" | tee -a "$out/gpu_bench.log"; }
 
@@ -47,7 +47,7 @@ $python experiments/benchmark.py "${common[@]}" --modes=bp,cdni,sg \
 log "3/3 paper_500k, $seeds seeds vmapped, at most ${run_s} s of training per mode"
 $python tools/gpu_steps.py "$out/calibration/benchmark.json" --budget_s="$run_s" \
   --full_steps="$full_steps" \
-  | while read -r mode steps every note; do
+  | while IFS=$'\t' read -r mode steps every note; do
       log "$mode: $steps steps, evaluation every $every ($note)"
       $python experiments/benchmark.py "${common[@]}" --modes="$mode" --num_steps="$steps" \
         --eval_every="$every" --output_dir="$out/paper_500k_$mode" >>"$out/gpu_bench.log" 2>&1

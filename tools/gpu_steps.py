@@ -2,7 +2,7 @@
 
   python tools/gpu_steps.py CALIBRATION/benchmark.json --budget_s=70 --full_steps=500000
 
-Prints one line per mode, ``mode num_steps eval_every note``: the full run when its measured
+Prints one tab-separated line per mode, ``mode num_steps eval_every note``: the full run when its measured
 time per step fits the budget, else the longest run (a multiple of 10 evaluation periods) that
 does, with a note saying so. The schedule keeps its shape (decays at 60% and 80% of the run).
 """
@@ -44,7 +44,7 @@ def main() -> int:
             else f"SHORTENED from {args.full_steps} (would take {ms * args.full_steps / 1e3:.0f} s"
             f" at {ms:.3f} ms/step for {program['num_runs']} vmapped seeds)"
         )
-        print(f"{program['mode']} {steps} {every} {note.replace(' ', '_')}")
+        print(f"{program['mode']}\t{steps}\t{every}\t{note}")
     return 0
 
 

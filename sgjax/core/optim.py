@@ -42,7 +42,8 @@ def adam(learning_rate: float, boundaries: Sequence[int] = ()) -> optax.Gradient
 
 
 def _is_injected(node: Any) -> bool:
-    return isinstance(node, optax.InjectStatefulHyperparamsState)
+    # The state class of inject_hyperparams was renamed across optax versions; match its shape.
+    return hasattr(node, "hyperparams") and hasattr(node, "inner_state")
 
 
 def learning_rate_of(opt_state: Any) -> jax.Array:
