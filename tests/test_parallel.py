@@ -8,45 +8,27 @@ prints one JSON object that the tests below check.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import subprocess
 import sys
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from optax import tree_utils as otu
 
-from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.core.trainer import StageState, Trainer, TrainerState
 from sgjax.data.device import Dataset, load_dataset, sample_batch, to_device
-from sgjax.layers import apply_block
+from sgjax.parallel.bp_pipeline import accumulated_backprop_step
 from sgjax.parallel.layers import parallel_kind, train_layer_parallel, validate_parallel
-from sgjax.parallel.bp_pipeline import (
-    accumulated_backprop_step,
-    merge_optimizer_states,
-    stage_optimizer_state,
-)
-from sgjax.parallel.sg_pipeline import module_gradients
-from sgjax.parallel.stages import Activations, ideal_speedup, stage_devices
-from sgjax.schedules import make_optimizer
-from sgjax.steps import (
-    BackpropState,
-    DecoupledState,
-    NetworkSpec,
-    OutputLayerState,
-    backprop_step,
-    decoupled_gradients,
-    hidden_backward,
-    hidden_forward,
-    update_hidden_layer,
-)
-from sgjax.synthetic import apply_module
-from sgjax.training.loop import init_train_state, schedule_for
+from sgjax.parallel.stages import ideal_speedup, stage_devices
+from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.loop import init_train_state
+from sgjax.training.model import trainer_for
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 
@@ -55,6 +37,10 @@ TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 # (synchronous sg with the same settings: 0.827-0.847, tests/test_train.py).
 FLOOR_CONFIG = dict(num_steps=300, eval_every=150, learning_rate=1e-3, sg_hidden_units=256)
 PIPELINE_FLOOR = 0.78
+# Cosine of the synthesizers' g_k with the true dLoss/dh_k after that run, on 512 training
+# examples (tests/test_parallel.py measured 0.016, 0.026, 0.047 for boundaries 1-3; random
+# directions in these 131072 dimensions give about 0.003). Zero-initialised synthesizers give 0.
+COSINE_FLOOR = 0.008
 
 
 def quiet(_: str) -> None:
@@ -140,52 +126,37 @@ def test_schedule_choice_and_refusals():
 # --------------------------------------------------------------------------- stage functions
 
 
-def test_module_regression_is_hidden_backwards_module_half():
+def test_synthesizer_regression_is_group_backwards_synthesizer_half():
+    """What the pipeline's delayed regression computes equals the synchronous step's."""
     config = TrainConfig(mode="cdni", sg_hidden_layers=1, **TINY)
-    spec = NetworkSpec.from_config(config)
+    trainer = trainer_for(config)
     model = jax.jit(init_train_state, static_argnums=0)(config).model
     key_x, key_y, key_t = jax.random.split(jax.random.PRNGKey(3), 3)
     h_in = jax.random.normal(key_x, (32, 32))
     labels = jax.random.randint(key_y, (32,), 0, 10)
     target = jax.random.normal(key_t, (32, 32))
-    layer = model.hidden[1]
-    h_out = jax.jit(lambda: hidden_forward(layer, h_in, labels, spec).output)()
-    expected = jax.jit(lambda: hidden_backward(hidden_forward(layer, h_in, labels, spec), target))()
-    got = jax.jit(module_gradients, static_argnums=3)(
-        layer, Activations(h_out, labels), target, spec
-    )
+    synth = model.synthesizers[1]
+
+    def expected():
+        fwd = trainer.group_forward(model.stages, synth, 1, h_in, labels)
+        return fwd.output, trainer.group_backward(fwd, target)
+
+    h_out, reference = jax.jit(expected)()
+    got = jax.jit(trainer.synthesizer_gradients)(synth, h_out, labels, target)
     assert float(got.sg_loss) > 0
-    assert float(got.sg_loss) == pytest.approx(float(expected.sg_loss), rel=1e-6)
-    assert max_difference(got.grads, expected.module) < 1e-6
-
-
-def test_adam_state_split_by_stage_and_merged_back():
-    config = TrainConfig(mode="bp", **TINY)
-    state = jax.jit(init_train_state, static_argnums=0)(config).model
-    # Non-zero moments, distinct per layer, so a mixed-up split cannot pass.
-    opt = jax.tree_util.tree_map(
-        lambda x: x + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / 7, state.opt_state
-    )
-    stages = [stage_optimizer_state(opt, lambda p, k=k: p.blocks[k]) for k in range(3)]
-    stages.append(stage_optimizer_state(opt, lambda p: p.output))
-    optimizer = make_optimizer(schedule_for(config))
-    assert jax.tree_util.tree_structure(stages[1]) == jax.tree_util.tree_structure(
-        optimizer.init(state.blocks[1].params)
-    )
-    assert max_difference(merge_optimizer_states(stages), opt) == 0.0
+    assert float(got.sg_loss) == pytest.approx(float(reference.sg_loss), rel=1e-6)
+    chex.assert_trees_all_close(got.grads, reference.synthesizer, atol=1e-6)
 
 
 def test_one_microbatch_is_backprop_and_four_are_not(mnist):
     config = TrainConfig(mode="bp", **TINY)
-    optimizer = make_optimizer(schedule_for(config))
+    trainer = trainer_for(config)
     initial = init_train_state(config)
     batch = sample_batch(initial.key, to_device(mnist), 32)
-    plain, plain_metrics = jax.jit(functools.partial(backprop_step, optimizer=optimizer))(
-        initial.model, batch.images, batch.labels
-    )
-    accumulated = jax.jit(accumulated_backprop_step, static_argnums=(3, 4))
-    one, one_metrics = accumulated(initial.model, batch.images, batch.labels, optimizer, 1)
-    four, _ = accumulated(initial.model, batch.images, batch.labels, optimizer, 4)
+    plain, plain_metrics = jax.jit(trainer.step)(initial.model, batch.images, batch.labels)
+    accumulated = jax.jit(accumulated_backprop_step, static_argnums=(0, 4))
+    one, one_metrics = accumulated(trainer, initial.model, batch.images, batch.labels, 1)
+    four, _ = accumulated(trainer, initial.model, batch.images, batch.labels, 4)
     assert max_difference(one, plain) < 1e-6
     assert float(one_metrics.loss) == pytest.approx(float(plain_metrics.loss), rel=1e-6)
     # BatchNorm over 8 examples instead of 32: a different step (the GPipe tests rely on it).
@@ -196,50 +167,73 @@ def test_one_microbatch_is_backprop_and_four_are_not(mnist):
 
 
 def _stale_module_step(
-    state: DecoupledState,
-    old_modules: tuple[Any, ...],
+    trainer: Trainer,
+    state: TrainerState,
+    old_params: tuple[Any, ...],
     images: jax.Array,
     labels: jax.Array,
-    *,
-    spec: NetworkSpec,
-    optimizer: optax.GradientTransformation,
-) -> DecoupledState:
-    """Synchronous sg in which every synthetic gradient (for the block's update and for the
-    bootstrapped target) comes from ``old_modules``; modules regress with current parameters."""
-    h = images
-    synthetic, module_stats = [], []
-    for layer, old in zip(state.hidden, old_modules, strict=True):
-        h, _ = apply_block(layer.block.params, layer.block.batch_stats, h, True)
-        g, stats = apply_module(spec.module(), old, layer.module.batch_stats, h, labels, True)
-        synthetic.append(g)
-        module_stats.append(stats)
-    grads = decoupled_gradients(state, images, labels, spec, synthetic_override=synthetic)
-    hidden = tuple(
-        update_hidden_layer(layer, fwd._replace(module_stats=stats), g, optimizer)
-        for layer, fwd, g, stats in zip(
-            state.hidden, grads.forwards, grads.hidden, module_stats, strict=True
+) -> TrainerState:
+    """Synchronous sg in which every synthetic gradient (for the group's update and for the
+    bootstrapped target) comes from synthesizers with ``old_params``; they regress with their
+    current parameters (and keep the statistics of the old ones' forward pass, as the pipeline's
+    forward ran the old ones)."""
+    h, synthetic, synth_collections = images, [], []
+    for j, (synth, old) in enumerate(zip(state.synthesizers, old_params, strict=True)):
+        fwd = trainer.group_forward(state.stages, synth._replace(params=old), j, h, labels)
+        synthetic.append(fwd.synthetic_grad)
+        synth_collections.append(fwd.synthesizer_collections)
+        h = fwd.output
+    forwards, grads, last, _ = trainer.decoupled_gradients(state, images, labels, synthetic)
+    new: dict[int, StageState] = {}
+    for j, (fwd, g) in enumerate(zip(forwards, grads, strict=True)):
+        new.update(
+            trainer.update_stages(state.stages, trainer.groups[j], g.stages, fwd.collections)
         )
+    new.update(
+        trainer.update_stages(state.stages, trainer.groups[-1], last.stages, last.collections)
     )
-    updates, opt_state = optimizer.update(grads.output, state.output.opt_state, state.output.params)
-    output = OutputLayerState(optax.apply_updates(state.output.params, updates), opt_state)
-    return DecoupledState(hidden, output)
+    synthesizers = tuple(
+        trainer.update_synthesizer(s, g.synthesizer, c)
+        for s, g, c in zip(state.synthesizers, grads, synth_collections, strict=True)
+    )
+    return TrainerState(tuple(new[k] for k in range(len(state.stages))), synthesizers)
 
 
-def stale_module_reference(config: TrainConfig, dataset: Dataset, lag: int) -> DecoupledState:
+def stale_module_reference(config: TrainConfig, dataset: Dataset, lag: int) -> TrainerState:
     """``config.num_steps`` synchronous steps whose synthetic gradients for minibatch b come from
-    the modules as they were after max(b - lag, 0) updates."""
-    spec = NetworkSpec.from_config(config)
-    optimizer = make_optimizer(schedule_for(config))
+    the synthesizers as they were after max(b - lag, 0) updates."""
+    trainer = trainer_for(config)
     initial = jax.jit(init_train_state, static_argnums=0)(config)
     data = to_device(dataset)
-    step = jax.jit(functools.partial(_stale_module_step, spec=spec, optimizer=optimizer))
+    step = jax.jit(lambda *args: _stale_module_step(trainer, *args))
     state = initial.model
-    history = [tuple(layer.module.params for layer in state.hidden)]
+    history = [tuple(s.params for s in state.synthesizers)]
     for b in range(config.num_steps):
         batch = sample_batch(jax.random.fold_in(initial.key, b), data, config.batch_size)
         state = step(state, history[max(b - lag, 0)], batch.images, batch.labels)
-        history.append(tuple(layer.module.params for layer in state.hidden))
+        history.append(tuple(s.params for s in state.synthesizers))
     return state
+
+
+def synthetic_gradient_cosines(
+    config: TrainConfig, model: TrainerState, dataset: Dataset
+) -> list[float]:
+    """Cosine between each synthesizer's g_k and the true dLoss/dh_k on 512 training examples."""
+    trainer = trainer_for(config)
+    data = to_device(dataset)
+    batch = sample_batch(jax.random.PRNGKey(123), data, 512)
+
+    def cosines() -> jax.Array:
+        true = trainer.boundary_gradients(model, batch.images, batch.labels)
+        h, out = batch.images, []
+        for j, synth in enumerate(model.synthesizers):
+            fwd = trainer.group_forward(model.stages, synth, j, h, batch.labels)
+            g, t = fwd.synthetic_grad.ravel(), true[j].ravel()
+            out.append(jnp.dot(g, t) / (jnp.linalg.norm(g) * jnp.linalg.norm(t) + 1e-30))
+            h = fwd.output
+        return jnp.stack(out)
+
+    return [float(c) for c in jax.jit(cosines)()]
 
 
 # --------------------------------------------------------------------------- four devices
@@ -247,29 +241,31 @@ def stale_module_reference(config: TrainConfig, dataset: Dataset, lag: int) -> D
 
 def _reference_bp(
     config: TrainConfig, dataset: Dataset, microbatches: int
-) -> tuple[Any, list[float]]:
+) -> tuple[TrainerState, list[float]]:
     """Single-device backprop (gradients accumulated over ``microbatches``), per-step losses."""
-    optimizer = make_optimizer(schedule_for(config))
+    trainer = trainer_for(config)
     initial = jax.jit(init_train_state, static_argnums=0)(config)
     data = to_device(dataset)
-    step = jax.jit(accumulated_backprop_step, static_argnums=(3, 4))
+    step = jax.jit(lambda s, x, y: accumulated_backprop_step(trainer, s, x, y, microbatches))
     state, losses = initial.model, []
     for b in range(config.num_steps):
         batch = sample_batch(jax.random.fold_in(initial.key, b), data, config.batch_size)
-        state, metrics = step(state, batch.images, batch.labels, optimizer, microbatches)
+        state, metrics = step(state, batch.images, batch.labels)
         losses.append(float(metrics.loss))
     return state, losses
 
 
-def _pre_batchnorm(path: tuple) -> bool:
+def _pre_batchnorm(path: tuple, last_stage: int) -> bool:
     """A hidden block's Dense bias (in front of BatchNorm) or BatchNorm's running mean."""
     name = jax.tree_util.keystr(path)
-    return name.startswith(".blocks[") and (
-        name.endswith("['Dense_0']['bias']") or name.endswith("['BatchNorm_0']['mean']")
+    hidden = name.startswith(".stages[") and int(name[8 : name.index("]")]) < last_stage
+    return hidden and (
+        name.endswith(".params['Dense_0']['bias']")
+        or name.endswith(".collections['batch_stats']['BatchNorm_0']['mean']")
     )
 
 
-def bp_difference(a: BackpropState, b: BackpropState) -> dict[str, float]:
+def bp_difference(a: TrainerState, b: TrainerState) -> dict[str, float]:
     """Largest difference of two backprop states, apart from the pre-BatchNorm biases.
 
     BatchNorm subtracts the mean, so a block's Dense bias has an exactly zero gradient in exact
@@ -278,17 +274,38 @@ def bp_difference(a: BackpropState, b: BackpropState) -> dict[str, float]:
     jits), and the running mean inherits them. ``bias_moment`` (Adam's first moment of those
     biases) shows their gradients are noise.
     """
+    last = len(a.stages) - 1
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
     rest = [
         abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max(initial=0.0)
         for p, x, y in zip(
             paths, jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True
         )
-        if not _pre_batchnorm(p)
+        if not _pre_batchnorm(p, last)
     ]
-    mu = otu.tree_get(a.opt_state, "mu")
-    bias_moment = max(float(np.abs(blk["Dense_0"]["bias"]).max()) for blk in mu.blocks)
+    bias_moment = max(
+        float(np.abs(otu.tree_get(stage.opt_state, "mu")["Dense_0"]["bias"]).max())
+        for stage in a.stages[:last]
+    )
     return {"rest": float(max(rest)), "bias_moment": bias_moment}
+
+
+def update_counts(model: TrainerState) -> list[int]:
+    """Every distinct optimizer step count in the stages' and synthesizers' states."""
+    states = [s.opt_state for s in (*model.stages, *model.synthesizers)]
+    return sorted({int(c) for opt in states for _, c in otu.tree_get_all_with_path(opt, "count")})
+
+
+def _parameters(model: TrainerState) -> tuple[list, list]:
+    return [s.params for s in model.stages], [s.params for s in model.synthesizers]
+
+
+def every_leaf_moved(a: Any, b: Any) -> bool:
+    """Whether every parameter array of ``a`` differs from ``b``'s somewhere."""
+    return all(
+        bool(np.any(np.asarray(x) != np.asarray(y)))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
 
 
 def _strip(records) -> list[dict]:
@@ -303,8 +320,9 @@ def four_device_results() -> dict[str, Any]:
 
     # Conditioned modules with a hidden BatchNorm layer: labels and statistics must flow right.
     sg = TrainConfig(
-        mode="cdni", sg_hidden_layers=1, num_steps=8, eval_every=4, learning_rate=1e-2, **TINY
+        mode="cdni", sg_hidden_layers=1, num_steps=12, eval_every=4, learning_rate=1e-2, **TINY
     )
+    initial = init_train_state(sg)
     runs = {
         n: train_layer_parallel(sg, mnist, kind="sg_pipeline", num_devices=n, log=quiet)
         for n in (4, 2, 1)
@@ -321,22 +339,9 @@ def four_device_results() -> dict[str, Any]:
             lag: max_difference(runs[4].state.model, stale_module_reference(sg, mnist, lag))
             for lag in (0, 1, 2)
         },
-        "update_counts": sorted(
-            {
-                int(count)
-                for opt in [runs[4].state.model.output.opt_state]
-                + [
-                    o
-                    for layer in runs[4].state.model.hidden
-                    for o in (layer.block_opt, layer.module_opt)
-                ]
-                for _, count in otu.tree_get_all_with_path(opt, "count")
-            }
-        ),
-        "moved": max_difference(
-            [layer.block.params for layer in runs[4].state.model.hidden],
-            [layer.block.params for layer in init_train_state(sg).model.hidden],
-        ),
+        "update_counts": update_counts(runs[4].state.model),
+        # Every stage's and synthesizer's parameters changed from the initial ones.
+        "moved": every_leaf_moved(_parameters(runs[4].state.model), _parameters(initial.model)),
     }
 
     bp = TrainConfig(mode="bp", num_steps=6, eval_every=3, learning_rate=1e-2, **TINY)
@@ -365,6 +370,8 @@ def four_device_results() -> dict[str, Any]:
         "status": run.status,
         "placement": list(run.stage_devices),
         "accuracy": [r.test_accuracy for r in run.records],
+        "cosine": synthetic_gradient_cosines(floor, run.state.model, mnist),
+        "initial_cosine": synthetic_gradient_cosines(floor, init_train_state(floor).model, mnist),
     }
     return out
 
@@ -387,7 +394,10 @@ def test_sg_pipeline_on_four_devices_computes_what_one_device_computes(four_devi
     assert sg["difference_4_vs_1"] <= 1e-6
     assert sg["difference_2_vs_1"] <= 1e-6
     assert sg["records_equal"]
-    assert sg["moved"] > 1e-2  # the compared states really trained
+    # The compared states really trained: every stage and synthesizer moved. (The first block
+    # moves only once bootstrapping has carried a non-zero target down three lagged modules:
+    # from minibatch 9 on.)
+    assert sg["moved"]
 
 
 def test_sg_pipeline_is_sg_with_modules_two_updates_stale(four_devices):
@@ -395,7 +405,7 @@ def test_sg_pipeline_is_sg_with_modules_two_updates_stale(four_devices):
     stale = four_devices["sg"]["stale_reference"]
     assert stale["2"] < 2e-5, stale
     assert stale["0"] > 1e-3 and stale["1"] > 1e-3, stale  # sync sg, a one-update lag
-    assert four_devices["sg"]["update_counts"] == [8]  # every layer and module, once per batch
+    assert four_devices["sg"]["update_counts"] == [12]  # every layer and module, once per batch
 
 
 def test_model_parallel_and_gpipe_equal_their_single_device_backprop(four_devices):
@@ -416,6 +426,9 @@ def test_layer_parallel_sg_trains_on_mnist(four_devices):
     assert floor["placement"] == [0, 1, 2, 3]
     assert floor["accuracy"][-1] >= PIPELINE_FLOOR
     assert floor["accuracy"][-1] > floor["accuracy"][0] - 0.02
+    # The synthesizers learnt dLoss/dh (they start at exactly zero, cosine 0).
+    assert floor["initial_cosine"] == [0.0, 0.0, 0.0]
+    assert min(floor["cosine"]) > COSINE_FLOOR, floor["cosine"]
 
 
 if __name__ == "__main__":

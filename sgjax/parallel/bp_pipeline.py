@@ -1,15 +1,15 @@
 """Backprop baselines on the layer-parallel devices: model parallelism and GPipe.
 
-Each stage (hidden block, or the output layer) lives on its device with its share of the Adam
-state: Adam is elementwise, so per-stage states are the single-device state split by layer (its
-``mu`` and ``nu``; the step counts are equal) and updates are identical.
+Each of the ``Trainer``'s stages lives on its device with its own optimizer state (a
+``StageState``, as the single-device step keeps it), so updates are identical to the single-device
+step's by construction.
 
 A minibatch of B examples is split into M microbatches of B/M (M = 1: plain model parallelism,
 "forward, then backward"). GPipe order: every microbatch goes forward through the stages, the
-output stage computing its loss gradient as each arrives; then every microbatch goes backward;
-each stage sums its parameter gradients over the microbatches and makes one Adam update with their
-mean. Activations move forward and cotangents backward device to device. The backward pass uses
-the VJP residuals kept by the forward pass (no recomputation).
+last stage computing its loss gradient as each arrives; then every microbatch goes backward; each
+stage sums its parameter gradients over the microbatches and makes one optimizer update with their
+mean (``Trainer.update_stages``). Activations move forward and cotangents backward device to
+device. The backward pass uses the VJP residuals kept by the forward pass (no recomputation).
 
 BatchNorm normalises each microbatch with that microbatch's statistics, so for M > 1 this is not
 the single-device step on the whole minibatch; it equals ``accumulated_backprop_step``, which does
@@ -19,16 +19,14 @@ the same on one device. Running averages are updated once per microbatch, in mic
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
-from optax import tree_utils as otu
 
+from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState, apply_module
 from sgjax.data.device import DeviceData, sample_batch
-from sgjax.layers import accuracy, apply_block
 from sgjax.parallel.stages import (
     Activations,
     BatchCursor,
@@ -40,112 +38,76 @@ from sgjax.parallel.stages import (
     time_chain,
     zeros_on,
 )
-from sgjax.steps import (
-    BackpropParams,
-    BackpropState,
-    LayerVars,
-    OutputLayerState,
-    StepMetrics,
-    adam_update,
-    backprop_gradients,
-    output_backward,
-)
 from sgjax.training.config import TrainConfig
 
 # --------------------------------------------------------------------------- reference
 
 
+def _tree_add(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
 def accumulated_backprop_step(
-    state: BackpropState,
+    trainer: Trainer,
+    state: TrainerState,
     images: jax.Array,
     labels: jax.Array,
-    optimizer: optax.GradientTransformation,
     microbatches: int,
-) -> tuple[BackpropState, StepMetrics]:
+) -> tuple[TrainerState, StepMetrics]:
     """Single-device backprop with gradients accumulated over ``microbatches`` equal slices.
 
     Slice m is ``images[m * B/M : (m + 1) * B/M]``; BatchNorm sees one slice at a time and its
     running averages are updated slice by slice; the update uses the mean of the slices' gradients.
-    With one microbatch this is ``steps.backprop_step``.
+    With one microbatch this is ``Trainer.step`` with ``backprop()``.
     """
     size = images.shape[0] // microbatches
-    blocks = state.blocks
+    current = state
     total = None
     losses, accuracies = [], []
     for m in range(microbatches):
         x, y = images[m * size : (m + 1) * size], labels[m * size : (m + 1) * size]
-        grads, stats, loss, logits = backprop_gradients(state._replace(blocks=blocks), x, y)
-        blocks = tuple(LayerVars(b.params, s) for b, s in zip(blocks, stats, strict=True))
-        total = grads if total is None else jax.tree_util.tree_map(jnp.add, total, grads)
+        grads, collections, loss, output = trainer.backprop_gradients(current, x, y)
+        current = current._replace(
+            stages=tuple(
+                s._replace(collections=c) for s, c in zip(current.stages, collections, strict=True)
+            )
+        )
+        total = grads if total is None else _tree_add(total, grads)
         losses.append(loss)
-        accuracies.append(accuracy(logits, y))
+        accuracies.append(trainer.accuracy(output, y))
     mean = jax.tree_util.tree_map(lambda g: g / microbatches, total)
-    params = BackpropParams(tuple(b.params for b in state.blocks), state.output)
-    params, opt_state = adam_update(optimizer, mean, state.opt_state, params)
-    blocks = tuple(LayerVars(p, b.batch_stats) for p, b in zip(params.blocks, blocks, strict=True))
+    indices = range(len(trainer.stages))
+    new = trainer.update_stages(
+        state.stages, indices, mean, tuple(s.collections for s in current.stages)
+    )
     loss = jnp.mean(jnp.stack(losses))
     metrics = StepMetrics(loss, jnp.mean(jnp.stack(accuracies)), jnp.zeros((0,), loss.dtype))
-    return BackpropState(blocks, params.output, opt_state), metrics
-
-
-# --------------------------------------------------------------------------- Adam state by stage
-
-
-def stage_optimizer_state(
-    opt_state: optax.OptState, select: Callable[[BackpropParams], Any]
-) -> optax.OptState:
-    """One stage's share of the whole network's Adam state (its part of ``mu`` and ``nu``)."""
-    return otu.tree_set(
-        opt_state,
-        mu=select(otu.tree_get(opt_state, "mu")),
-        nu=select(otu.tree_get(opt_state, "nu")),
-    )
-
-
-def merge_optimizer_states(stage_states: Sequence[optax.OptState]) -> optax.OptState:
-    """The whole network's Adam state from the stages' states (hidden blocks, then output)."""
-
-    def whole(name: str) -> BackpropParams:
-        parts = [otu.tree_get(s, name) for s in stage_states]
-        return BackpropParams(tuple(parts[:-1]), parts[-1])
-
-    return otu.tree_set(stage_states[0], mu=whole("mu"), nu=whole("nu"))
+    return TrainerState(tuple(new[k] for k in indices), state.synthesizers), metrics
 
 
 # --------------------------------------------------------------------------- stage functions
 
 
-class BlockStage(NamedTuple):
-    """A hidden block under backprop, with its share of the Adam state."""
-
-    block: LayerVars
-    opt_state: optax.OptState
-
-
-class BlockForward(NamedTuple):
+class StageForward(NamedTuple):
     output: jax.Array
     vjp: Callable
-    """VJP of the block at (params, input): cotangent -> (param grads, input grad); a pytree."""
-    batch_stats: Any
+    """VJP of the stage at (params, input): cotangent -> (param grads, input grad); a pytree."""
+    collections: Any
 
 
-class BlockBackward(NamedTuple):
+class StageBackward(NamedTuple):
     grads: Any
     """Parameter gradients summed over the microbatches so far."""
     input_grad: jax.Array | None
 
 
-class OutputMicrobatch(NamedTuple):
+class LastMicrobatch(NamedTuple):
     grads: Any
     """Parameter gradients summed over the microbatches so far."""
     input_grad: jax.Array
+    collections: Any
     loss: jax.Array
     accuracy: jax.Array
-
-
-class Updated(NamedTuple):
-    params: Any
-    opt_state: optax.OptState
 
 
 class Microbatches(NamedTuple):
@@ -168,48 +130,67 @@ def sample_microbatches(
     return Microbatches(slices, cursor._replace(index=cursor.index + 1))
 
 
-def block_forward(block: LayerVars, h: jax.Array) -> BlockForward:
-    """A block's training-mode output, its VJP and its updated batch statistics."""
-    output, vjp, stats = jax.vjp(
-        lambda p, x: apply_block(p, block.batch_stats, x, True), block.params, h, has_aux=True
+def stage_forward(
+    params: Any, collections: Any, h: jax.Array, *, trainer: Trainer, k: int
+) -> StageForward:
+    """Stage ``k``'s training-mode output, its VJP and its updated other variables."""
+    output, vjp, new = jax.vjp(
+        lambda p, x: apply_module(trainer.stages[k], p, collections, x, train=True),
+        params,
+        h,
+        has_aux=True,
     )
-    return BlockForward(output, vjp, stats)
+    return StageForward(output, vjp, new)
 
 
-def block_backward(
+def stage_backward(
     vjp: Callable, cotangent: jax.Array, accumulated: Any | None, *, send: bool = True
-) -> BlockBackward:
+) -> StageBackward:
     """Parameter gradients (added to ``accumulated``) and, if ``send``, the input's cotangent."""
     grads, input_grad = vjp(cotangent)
     if accumulated is not None:
-        grads = jax.tree_util.tree_map(jnp.add, accumulated, grads)
-    return BlockBackward(grads, input_grad if send else None)
+        grads = _tree_add(accumulated, grads)
+    return StageBackward(grads, input_grad if send else None)
 
 
-def output_microbatch(
-    params: Any, inputs: Activations, accumulated: Any | None
-) -> OutputMicrobatch:
-    """The output layer's gradients on one microbatch (added to ``accumulated``), dLoss/dh_L."""
-    grads, h_grad, loss, logits = output_backward(params, inputs.h, inputs.labels)
+def last_microbatch(
+    params: Any,
+    collections: Any,
+    inputs: Activations,
+    accumulated: Any | None,
+    *,
+    trainer: Trainer,
+) -> LastMicrobatch:
+    """The last stage's gradients on one microbatch (added to ``accumulated``), dLoss/dh."""
+    module = trainer.stages[-1]
+
+    def loss_fn(p: Any, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+        output, new = apply_module(module, p, collections, x, train=True)
+        return trainer.loss(output, inputs.labels), (output, new)
+
+    (loss, (output, new)), (grads, h_grad) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
+        params, inputs.h
+    )
     if accumulated is not None:
-        grads = jax.tree_util.tree_map(jnp.add, accumulated, grads)
-    return OutputMicrobatch(grads, h_grad, loss, accuracy(logits, inputs.labels))
+        grads = _tree_add(accumulated, grads)
+    return LastMicrobatch(grads, h_grad, new, loss, trainer.accuracy(output, inputs.labels))
 
 
 def apply_mean_gradients(
-    params: Any,
-    opt_state: optax.OptState,
+    state: StageState,
     grad_sum: Any,
+    collections: Any,
     *,
-    optimizer: optax.GradientTransformation,
+    trainer: Trainer,
+    k: int,
     microbatches: int,
-) -> Updated:
-    """One Adam update with the mean of the microbatches' gradients."""
+) -> StageState:
+    """Stage ``k``'s optimizer update with the mean of the microbatches' gradients."""
     mean = jax.tree_util.tree_map(lambda g: g / microbatches, grad_sum)
-    return Updated(*adam_update(optimizer, mean, opt_state, params))
+    return trainer.update_stages({k: state}, [k], [mean], [collections])[k]
 
 
-class BlockCalls(NamedTuple):
+class StageCalls(NamedTuple):
     forward: jax.stages.Compiled
     backward: jax.stages.Compiled
     """First microbatch: nothing accumulated yet."""
@@ -217,64 +198,54 @@ class BlockCalls(NamedTuple):
     update: jax.stages.Compiled
 
 
-class OutputCalls(NamedTuple):
+class LastCalls(NamedTuple):
     microbatch: jax.stages.Compiled
     microbatch_add: jax.stages.Compiled
     update: jax.stages.Compiled
 
 
 class BackpropPipeline:
-    """Model-parallel backprop (``microbatches=1``) or GPipe over ``devices``; an Engine."""
+    """Model-parallel backprop (``microbatches=1``) or GPipe over ``devices`` (one per stage);
+    an Engine. ``step`` is the number of minibatches ``model`` has trained on (nothing is in
+    flight between minibatches, so that is all a resumed pipeline needs)."""
 
     def __init__(
         self,
+        trainer: Trainer,
         config: TrainConfig,
         data: DeviceData,
         devices: tuple[jax.Device, ...],
-        model: BackpropState,
+        model: TrainerState,
         key: jax.Array,
-        optimizer: optax.GradientTransformation,
         microbatches: int = 1,
         max_minibatches_in_flight: int = 4,
+        *,
+        step: int = 0,
     ) -> None:
+        if trainer.decoupled:
+            raise ValueError("model-parallel and GPipe backprop need a backprop Trainer")
+        self.trainer = trainer
         self.config = config
         self.data = data
         self.devices = devices
-        self.optimizer = optimizer
         self.microbatches = microbatches
-        self.stages = [
-            jax.device_put(
-                BlockStage(
-                    block, stage_optimizer_state(model.opt_state, lambda p, k=k: p.blocks[k])
-                ),
-                device,
-            )
-            for k, (block, device) in enumerate(zip(model.blocks, devices[:-1], strict=True))
-        ]
-        self.output = jax.device_put(
-            OutputLayerState(
-                model.output, stage_optimizer_state(model.opt_state, lambda p: p.output)
-            ),
-            devices[-1],
-        )
-        self.done = 0
-        self._cursor = jax.device_put(BatchCursor(key, jnp.zeros((), jnp.int32)), devices[0])
+        self.stages = [jax.device_put(s, d) for s, d in zip(model.stages, devices, strict=True)]
+        self.done = step
+        index = jnp.asarray(step, jnp.int32)
+        self._cursor = jax.device_put(BatchCursor(key, index), devices[0])
         self._window = DispatchWindow(max_minibatches_in_flight)
         self._compiler = StageCompiler()
         self._sample: jax.stages.Compiled | None = None
-        self._calls: list[BlockCalls] = []
-        self._output_calls: OutputCalls | None = None
+        self._calls: list[StageCalls] = []
+        self._last_calls: LastCalls | None = None
 
-    @property
-    def _micro_size(self) -> int:
-        return self.config.batch_size // self.microbatches
+    def inflight(self) -> dict[str, jax.Array]:
+        """Nothing is in flight between minibatches."""
+        return {}
 
     def compile(self) -> None:
         """Compile every stage's forward, backward and update on its device."""
-        compile_, size, opt = self._compiler, self._micro_size, self.optimizer
-        update = functools.partial(
-            apply_mean_gradients, optimizer=opt, microbatches=self.microbatches
-        )
+        trainer, compile_ = self.trainer, self._compiler
         device = self.devices[0]
         self._sample = compile_(
             "sample",
@@ -287,92 +258,93 @@ class BackpropPipeline:
             abstract_on(self.data, device),
             abstract_on(self._cursor, device),
         )
+
+        def update(k: int) -> Callable:
+            return functools.partial(
+                apply_mean_gradients, trainer=trainer, k=k, microbatches=self.microbatches
+            )
+
         self._calls = []
-        h = self._sample.out_info.batches[0].h
-        for k, (stage, device) in enumerate(zip(self.stages, self.devices, strict=False)):
-            name = "first" if k == 0 else "hidden"
-            backward = functools.partial(block_backward, send=k > 0)
+        batch = self._sample.out_info.batches[0]
+        h = batch.h
+        last = len(self.stages) - 1
+        for k, (stage, device) in enumerate(zip(self.stages[:-1], self.devices, strict=False)):
+            backward = functools.partial(stage_backward, send=k > 0)
             state = abstract_on(stage, device)
             forward = compile_(
-                f"{name}/forward", device, block_forward, state.block, abstract_on(h, device)
+                f"{k}/forward",
+                device,
+                functools.partial(stage_forward, trainer=trainer, k=k),
+                state.params,
+                state.collections,
+                abstract_on(h, device),
             )
             fwd = forward.out_info
             self._calls.append(
-                BlockCalls(
+                StageCalls(
                     forward=forward,
-                    backward=compile_(
-                        f"{name}/backward", device, backward, fwd.vjp, fwd.output, None
-                    ),
+                    backward=compile_(f"{k}/backward", device, backward, fwd.vjp, fwd.output, None),
                     backward_add=compile_(
-                        f"{name}/backward_add",
-                        device,
-                        backward,
-                        fwd.vjp,
-                        fwd.output,
-                        state.block.params,
+                        f"{k}/backward_add", device, backward, fwd.vjp, fwd.output, state.params
                     ),
                     update=compile_(
-                        f"{name}/update",
-                        device,
-                        update,
-                        state.block.params,
-                        state.opt_state,
-                        state.block.params,
+                        f"{k}/update", device, update(k), state, state.params, state.collections
                     ),
                 )
             )
             h = fwd.output
         device = self.devices[-1]
-        state = abstract_on(self.output, device)
-        acts = abstract_on(Activations(h, jax.ShapeDtypeStruct((size,), jnp.int32)), device)
-        self._output_calls = OutputCalls(
-            microbatch=compile_("output", device, output_microbatch, state.params, acts, None),
+        state = abstract_on(self.stages[-1], device)
+        acts = abstract_on(Activations(h, batch.labels), device)
+        micro = functools.partial(last_microbatch, trainer=trainer)
+        self._last_calls = LastCalls(
+            microbatch=compile_("last", device, micro, state.params, state.collections, acts, None),
             microbatch_add=compile_(
-                "output/add", device, output_microbatch, state.params, acts, state.params
+                "last/add", device, micro, state.params, state.collections, acts, state.params
             ),
             update=compile_(
-                "output/update", device, update, state.params, state.opt_state, state.params
+                "last/update", device, update(last), state, state.params, state.collections
             ),
         )
 
     def _minibatch(self, window: WindowMetrics) -> None:
-        devices, num_hidden = self.devices, len(self.stages)
+        devices, num_hidden = self.devices, len(self.stages) - 1
         sampled = self._sample(self.data, self._cursor)
         self._cursor = sampled.cursor
-        stats = [stage.block.batch_stats for stage in self.stages]
-        vjps: list[list[Callable]] = [[] for _ in self.stages]
+        collections = [stage.collections for stage in self.stages]
+        vjps: list[list[Callable]] = [[] for _ in range(num_hidden)]
         cotangents = []
-        out_grads = None
-        calls = self._output_calls
+        last_grads = None
+        calls = self._last_calls
+        last = self.stages[-1]
         for batch in sampled.batches:  # forward, microbatch after microbatch
             h = batch.h
-            for k, stage in enumerate(self.stages):
-                fwd = self._calls[k].forward(LayerVars(stage.block.params, stats[k]), h)
-                stats[k] = fwd.batch_stats
+            for k in range(num_hidden):
+                fwd = self._calls[k].forward(self.stages[k].params, collections[k], h)
+                collections[k] = fwd.collections
                 vjps[k].append(fwd.vjp)
                 h = jax.device_put(fwd.output, devices[k + 1])
             inputs = Activations(h, jax.device_put(batch.labels, devices[-1]))
-            call = calls.microbatch if out_grads is None else calls.microbatch_add
-            out = call(self.output.params, inputs, out_grads)
-            out_grads = out.grads
-            cotangents.append(jax.device_put(out.input_grad, devices[num_hidden - 1]))
+            call = calls.microbatch if last_grads is None else calls.microbatch_add
+            out = call(last.params, collections[-1], inputs, last_grads)
+            last_grads, collections[-1] = out.grads, out.collections
+            if num_hidden:
+                cotangents.append(jax.device_put(out.input_grad, devices[num_hidden - 1]))
             window.loss.append(out.loss)
             window.accuracy.append(out.accuracy)
         grads: list[Any] = [None] * num_hidden
-        for m, cotangent in enumerate(cotangents):  # backward, in the same microbatch order
+        for cotangent_m, cotangent in enumerate(cotangents):  # backward, same microbatch order
             for k in reversed(range(num_hidden)):
                 call = self._calls[k].backward if grads[k] is None else self._calls[k].backward_add
-                back = call(vjps[k][m], cotangent, grads[k])
+                back = call(vjps[k][cotangent_m], cotangent, grads[k])
                 grads[k] = back.grads
                 if k > 0:
                     cotangent = jax.device_put(back.input_grad, devices[k - 1])
-        for k, stage in enumerate(self.stages):
-            new = self._calls[k].update(stage.block.params, stage.opt_state, grads[k])
-            self.stages[k] = BlockStage(LayerVars(new.params, stats[k]), new.opt_state)
-        new = calls.update(self.output.params, self.output.opt_state, out_grads)
-        self.output = OutputLayerState(new.params, new.opt_state)
+        for k in range(num_hidden):
+            self.stages[k] = self._calls[k].update(self.stages[k], grads[k], collections[k])
+        self.stages[-1] = calls.update(last, last_grads, collections[-1])
         self.done += 1
-        self._window.push([s.opt_state for s in self.stages] + [self.output.opt_state])
+        self._window.push([s.opt_state for s in self.stages])
 
     def advance(self, batches: int) -> WindowMetrics:
         """Train on minibatches until ``batches`` of them are done."""
@@ -382,66 +354,61 @@ class BackpropPipeline:
         return window
 
     def block_until_ready(self) -> None:
-        jax.block_until_ready((self.stages, self.output))
+        jax.block_until_ready(self.stages)
 
-    def network(self, device: jax.Device) -> tuple[tuple[LayerVars, ...], Any]:
-        blocks = tuple(stage.block for stage in self.stages)
-        return jax.device_put((blocks, self.output.params), device)
+    def model_state(self, device: jax.Device) -> TrainerState:
+        return jax.device_put(TrainerState(tuple(self.stages), ()), device)
 
-    def model_state(self, device: jax.Device) -> BackpropState:
-        opt_state = merge_optimizer_states(
-            [s.opt_state for s in self.stages] + [self.output.opt_state]
-        )
-        blocks, output = self.network(device)
-        return BackpropState(blocks, output, jax.device_put(opt_state, device))
-
-    def _stage_alone(self, k: int, stage: BlockStage, h: jax.Array, cotangent: jax.Array):
-        """Hidden stage k's work for one minibatch, on zeros (for timing)."""
-        calls, stats, grads = self._calls[k], stage.block.batch_stats, None
+    def _stage_alone(self, k: int, stage: StageState, h: jax.Array, cotangent: jax.Array):
+        """Stage k's work for one minibatch, on zeros (for timing)."""
+        calls, collections, grads = self._calls[k], stage.collections, None
         vjps = []
         for _ in range(self.microbatches):
-            fwd = calls.forward(LayerVars(stage.block.params, stats), h)
-            stats = fwd.batch_stats
+            fwd = calls.forward(stage.params, collections, h)
+            collections = fwd.collections
             vjps.append(fwd.vjp)
         for vjp in vjps:
             call = calls.backward if grads is None else calls.backward_add
             grads = call(vjp, cotangent, grads).grads
-        new = calls.update(stage.block.params, stage.opt_state, grads)
-        return BlockStage(LayerVars(new.params, stats), new.opt_state)
+        return calls.update(stage, grads, collections)
 
-    def _output_alone(self, state: OutputLayerState, inputs: Activations) -> OutputLayerState:
-        calls, grads = self._output_calls, None
+    def _last_alone(self, state: StageState, inputs: Activations) -> StageState:
+        calls, grads, collections = self._last_calls, None, state.collections
         for _ in range(self.microbatches):
             call = calls.microbatch if grads is None else calls.microbatch_add
-            grads = call(state.params, inputs, grads).grads
-        return OutputLayerState(*calls.update(state.params, state.opt_state, grads))
+            out = call(state.params, collections, inputs, grads)
+            grads, collections = out.grads, out.collections
+        return calls.update(state, grads, collections)
 
     def state_devices(self) -> tuple[int, ...]:
-        return tuple(device_id_of(stage) for stage in [*self.stages, self.output])
+        return tuple(device_id_of(stage) for stage in self.stages)
 
     def stage_ms(self, repeats: int) -> tuple[float, ...]:
         """Each stage's work for one minibatch (M forwards, M backwards, one update), timed
         alone on its device; the first stage's time includes drawing the minibatch."""
-        size, units = self._micro_size, self.config.hidden_units
         times = []
-        for k, (stage, device) in enumerate(zip(self.stages, self.devices, strict=False)):
-            cotangent = zeros_on((size, units), jnp.float32, device)
+        for k, (stage, device) in enumerate(zip(self.stages[:-1], self.devices, strict=False)):
+            info = self._calls[k].forward.out_info.output
+            cotangent = zeros_on(info.shape, info.dtype, device)
             if k == 0:
 
-                def step(s: BlockStage, c: jax.Array = cotangent) -> BlockStage:
+                def step(s: StageState, c: jax.Array = cotangent) -> StageState:
                     sampled = self._sample(self.data, self._cursor)
                     return self._stage_alone(0, s, sampled.batches[0].h, c)
 
             else:
-                h = zeros_on((size, units), jnp.float32, device)
+                info = self._calls[k - 1].forward.out_info.output
+                h = zeros_on(info.shape, info.dtype, device)
 
-                def step(s: BlockStage, k: int = k, h: jax.Array = h, c=cotangent) -> BlockStage:
+                def step(s: StageState, k: int = k, h: jax.Array = h, c=cotangent) -> StageState:
                     return self._stage_alone(k, s, h, c)
 
             times.append(time_chain(step, stage, repeats))
         device = self.devices[-1]
+        info = self._calls[-1].forward.out_info.output if self._calls else None
+        size = self.config.batch_size // self.microbatches
         inputs = Activations(
-            zeros_on((size, units), jnp.float32, device), zeros_on((size,), jnp.int32, device)
+            zeros_on(info.shape, info.dtype, device), zeros_on((size,), jnp.int32, device)
         )
-        times.append(time_chain(lambda s: self._output_alone(s, inputs), self.output, repeats))
+        times.append(time_chain(lambda s: self._last_alone(s, inputs), self.stages[-1], repeats))
         return tuple(times)

@@ -31,18 +31,19 @@ from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
 from sgjax.parallel.bp_pipeline import BackpropPipeline
 from sgjax.parallel.sg_pipeline import SgPipeline
-from sgjax.parallel.stages import Engine, evaluate_network, ideal_speedup, stage_devices
-from sgjax.schedules import make_optimizer
+from sgjax.parallel.stages import Engine, ideal_speedup, stage_devices
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import (
     EvalRecord,
     RunResult,
     TrainState,
     chunk_lengths,
+    evaluate_state,
     init_train_state,
     progress_line,
     schedule_for,
 )
+from sgjax.training.model import trainer_for
 
 KINDS = ("sg_pipeline", "bp_model_parallel", "bp_gpipe")
 
@@ -80,6 +81,12 @@ class ParallelRunResult(RunResult):
         return ideal_speedup(self.stage_ms, self.stage_devices, micro)
 
 
+def num_pipeline_stages(config: TrainConfig, kind: str) -> int:
+    """Pipeline stages of ``kind``: the Trainer's groups (sg) or its stages (bp)."""
+    trainer = trainer_for(config)
+    return len(trainer.groups) if kind == "sg_pipeline" else len(trainer.stages)
+
+
 def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None:
     """Raise ConfigError, naming the flag, for a schedule that cannot run this configuration."""
     if kind not in KINDS:
@@ -109,11 +116,11 @@ def make_engine(
     microbatches: int = 1,
 ) -> Engine:
     """The schedule ``kind`` over ``devices`` (one per stage), starting from ``initial``."""
-    optimizer = make_optimizer(schedule_for(config))
+    trainer = trainer_for(config)
     if kind == "sg_pipeline":
-        return SgPipeline(config, data, devices, initial.model, initial.key, optimizer)
+        return SgPipeline(trainer, config, data, devices, initial.model, initial.key)
     return BackpropPipeline(
-        config, data, devices, initial.model, initial.key, optimizer, microbatches
+        trainer, config, data, devices, initial.model, initial.key, microbatches
     )
 
 
@@ -133,14 +140,14 @@ def train_layer_parallel(
     """Train ``config`` with the layer-parallel schedule ``kind`` on ``num_devices`` devices.
 
     Like ``sgjax.training.loop.train_and_evaluate``: every stage function (and the evaluation)
-    is compiled first and its time reported apart; records every ``eval_every`` minibatches; status "completed",
-    "diverged" (a non-finite loss) or "interrupted" (``stop_requested()``, Ctrl-C). There are no
-    checkpoints (the pipeline holds minibatches in flight between evaluations).
+    is compiled first and its time reported apart; records every ``eval_every`` minibatches;
+    status "completed", "diverged" (a non-finite loss) or "interrupted" (``stop_requested()``,
+    Ctrl-C). There are no checkpoints (minibatches are in flight between evaluations).
     ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``).
     """
     config.validate()
     validate_parallel(config, kind, microbatches)
-    placement = stage_devices(config.hidden_layers + 1, num_devices, devices)
+    placement = stage_devices(num_pipeline_stages(config, kind), num_devices, devices)
     home = placement[0]
     data = to_device(dataset, home)
     initial = jax.jit(init_train_state, static_argnums=0)(config)
@@ -152,11 +159,7 @@ def train_layer_parallel(
 
     start = time.perf_counter()
     engine.compile()
-    evaluate = (
-        jax.jit(evaluate_network)
-        .lower(*engine.network(home), data.test_images, data.test_labels)
-        .compile()
-    )
+    evaluate = jax.jit(evaluate_state, static_argnums=0).lower(config, initial, data).compile()
     compile_time = time.perf_counter() - start
     log(f"compiled the stage functions and the evaluation in {compile_time:.1f} s")
 
@@ -175,9 +178,8 @@ def train_layer_parallel(
             done += n
 
             begin = time.perf_counter()
-            test_loss, test_acc = jax.device_get(
-                evaluate(*engine.network(home), data.test_images, data.test_labels)
-            )
+            current = initial._replace(model=engine.model_state(home))
+            test_loss, test_acc = jax.device_get(evaluate(current, data))
             eval_time += time.perf_counter() - begin
 
             record = EvalRecord(
@@ -204,9 +206,7 @@ def train_layer_parallel(
     except KeyboardInterrupt:
         status, message = "interrupted", f"interrupted after step {done}"
 
-    state = TrainState(
-        engine.model_state(home), jnp.asarray(done, jnp.int32), initial.key, initial.learning_rate
-    )
+    state = TrainState(engine.model_state(home), jnp.asarray(done, jnp.int32), initial.key)
     stage_ms = engine.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else ()
     return ParallelRunResult(
         state=state,

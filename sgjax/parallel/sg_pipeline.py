@@ -1,16 +1,21 @@
-"""Layer-parallel synthetic gradients: every stage on its own device, pipelined.
+"""Layer-parallel synthetic gradients: every group of the ``Trainer`` on its own device, pipelined.
 
-Stages are 1-based here: hidden blocks i = 1..L (each with its module M_i and both Adam states),
-then the output layer, stage L+1. Minibatches b = 0..N-1 are drawn as in the single-device loop.
-At tick t stage i works on minibatch b = t - (i - 1), so every stage has a different minibatch:
+Pipeline stages are the ``Trainer``'s groups, 1-based here: the decoupled groups i = 1..L (each
+with its synthesizer M_i, all with their optimizer states), then the last group, stage L+1 (for
+the paper's MLP: the hidden blocks, then the output layer). Minibatches b = 0..N-1 are drawn as in
+the single-device loop. At tick t stage i works on minibatch b = t - (i - 1), so every stage has a
+different minibatch:
 
-* hidden stage i: h_i^b = f_i(theta_i, h_{i-1}^b) (h_{i-1}^b arrived from stage i-1, produced at
-  tick t-1), g_i^b = M_i(h_i^b), block update with the VJP of g_i^b; sends (h_i^b, labels) on to
-  stage i+1 and the message VJP_{h_{i-1}}(g_i^b) back to stage i-1 (t_{i-1}^b, M_{i-1}'s target);
-* output stage: trains on h_L^b with the true loss and sends dLoss/dh_L^b back (t_L^b);
+* decoupled stage i: h_i^b = f_i(theta_i, h_{i-1}^b) (h_{i-1}^b arrived from stage i-1, produced
+  at tick t-1), g_i^b = M_i(h_i^b), group update with the VJP of g_i^b (``Trainer.group_forward``,
+  ``group_backward``); sends (h_i^b, labels) on to stage i+1 and the message VJP_{h_{i-1}}(g_i^b)
+  back to stage i-1 (t_{i-1}^b, M_{i-1}'s target);
+* last stage: trains on h_L^b with the true loss and sends dLoss/dh_L^b back (t_L^b)
+  (``Trainer.last_group_gradients``);
 * a target t_i^b arrives at stage i two ticks after it produced h_i^b. Stage i keeps its last
   outputs (h_i, labels) in a FIFO and, when t_i^b arrives, updates M_i towards it on the stored
-  h_i^b, re-running M_i with its current parameters (no stale VJP residuals are kept).
+  h_i^b, re-running M_i with its current parameters (``Trainer.synthesizer_gradients``; no stale
+  VJP residuals are kept).
 
 Each stage's tick is one jitted pure function, compiled for its device; the host dispatches every
 stage of a tick before waiting for anything, and messages move device to device
@@ -18,36 +23,40 @@ stage of a tick before waiting for anything, and messages move device to device
 the host loop: a stage runs only when it has an input or a target, so N minibatches take N + L + 1
 ticks.
 
-Staleness, exactly. Write theta_i^(n), phi_i^(n), omega^(n) for block i, module M_i and the output
-layer after n updates. Stage i trains on minibatch b at tick b + i - 1, after the ticks of
+Staleness, exactly. Write theta_i^(n), phi_i^(n), omega^(n) for group i, module M_i and the last
+group after n updates. Stage i trains on minibatch b at tick b + i - 1, after the ticks of
 minibatches 0..b-1, and M_i learns from t_i^b at tick b + i + 1. So for minibatch b:
 
-* forward: every block j computes h_j^b with theta_j^(b); the output layer uses omega^(b);
+* forward: every group j computes h_j^b with theta_j^(b); the last group uses omega^(b);
   t_L^b = dLoss/dh_L^b at omega^(b);
-* block i's update uses g_i^b = M_i(h_i^b; phi_i^(b')) with b' = max(b - 2, 0);
+* group i's update uses g_i^b = M_i(h_i^b; phi_i^(b')) with b' = max(b - 2, 0);
 * t_i^b (i < L) is the VJP of f_{i+1} at (theta_{i+1}^(b), h_i^b) with g_{i+1}^b, also from
   phi_{i+1}^(b');
 * M_i's regression towards t_i^b evaluates M_i(h_i^b; phi_i^(b)).
 
-Synchronous sg (``steps.decoupled_step``) uses phi^(b) everywhere. The only difference is that
-the synthetic gradients used to update blocks and to bootstrap targets come from modules two
-updates old; block, output and module updates are the same in number (N each) and in the
-parameter versions they start from. (tests/test_parallel.py checks this statement against
-``decoupled_gradients`` driven by a module copy two updates old.)
+Synchronous sg (``Trainer.step``) uses phi^(b) everywhere. The only difference is that the
+synthetic gradients used to update groups and to bootstrap targets come from modules two updates
+old; group, last-group and module updates are the same in number (N each) and in the parameter
+versions they start from. (tests/test_parallel.py checks this statement against
+``Trainer.decoupled_gradients`` driven by a module copy two updates old.)
+
+Minibatches in flight (the FIFOs, the activations and targets arriving next tick) are part of the
+pipeline's state: ``inflight()`` returns them by name and a pipeline built with them continues
+exactly where the one that gave them stopped (checkpoints).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from sgjax.core.trainer import StageState, Trainer, TrainerState
 from sgjax.data.device import DeviceData, sample_batch
-from sgjax.layers import accuracy
 from sgjax.parallel.stages import (
     Activations,
     BatchCursor,
@@ -59,34 +68,24 @@ from sgjax.parallel.stages import (
     time_chain,
     zeros_on,
 )
-from sgjax.steps import (
-    DecoupledState,
-    HiddenLayerState,
-    LayerVars,
-    NetworkSpec,
-    OutputLayerState,
-    adam_update,
-    hidden_backward,
-    hidden_forward,
-    output_backward,
-)
-from sgjax.synthetic import apply_module
 from sgjax.training.config import TrainConfig
 
 
-class ModuleGradients(NamedTuple):
-    grads: Any
-    sg_loss: jax.Array
+class GroupState(NamedTuple):
+    """A decoupled group on its device: its stages' states and its synthesizer's."""
+
+    stages: tuple[StageState, ...]
+    synthesizer: StageState
 
 
 class HiddenTick(NamedTuple):
-    """A hidden stage's tick: its new state and the messages it sends (None where none)."""
+    """A decoupled stage's tick: its new state and the messages it sends (None where none)."""
 
-    layer: HiddenLayerState
+    group: GroupState
     sent: Activations | None
     """(h_i, labels) for stage i+1 (and for this stage's FIFO)."""
     message: jax.Array | None
-    """VJP_{h_{i-1}}(g_i): the target for module i-1."""
+    """VJP_{h_{i-1}}(g_i): the target for module i-1 (None for the first group)."""
     sg_loss: jax.Array | None
 
 
@@ -96,108 +95,89 @@ class FirstStageTick(NamedTuple):
 
 
 class OutputTick(NamedTuple):
-    output: OutputLayerState
+    stages: tuple[StageState, ...]
     message: jax.Array
     """dLoss/dh_L: the target for module L."""
     loss: jax.Array
     accuracy: jax.Array
 
 
-def module_gradients(
-    layer: HiddenLayerState, stored: Activations, target: jax.Array, spec: NetworkSpec
-) -> ModuleGradients:
-    """M_i's gradient towards a constant target on a stored h_i, with M_i's current parameters.
-
-    The loss is ``hidden_backward``'s: mean over the batch of ||M_i(h_i) - t_i||^2.
-    """
-    synthetic, module_vjp, _ = jax.vjp(
-        lambda p: apply_module(
-            spec.module(), p, layer.module.batch_stats, stored.h, stored.labels, True
-        ),
-        layer.module.params,
-        has_aux=True,
-    )
-    error = synthetic - jax.lax.stop_gradient(target)
-    batch = error.shape[0]
-    (grads,) = module_vjp(2.0 * error / batch)
-    return ModuleGradients(grads, jnp.sum(jnp.square(error)) / batch)
+def _indexed(trainer: Trainer, j: int, stages: tuple[StageState, ...]) -> dict[int, StageState]:
+    """Group ``j``'s stage states keyed by their index in the chain (what the Trainer reads)."""
+    return dict(zip(trainer.groups[j], stages, strict=True))
 
 
 def hidden_tick(
-    layer: HiddenLayerState,
+    group: GroupState,
     inputs: Activations | None,
     stored: Activations | None,
     target: jax.Array | None,
     *,
-    spec: NetworkSpec,
-    optimizer: optax.GradientTransformation,
-    send_message: bool = True,
+    trainer: Trainer,
+    j: int,
 ) -> HiddenTick:
-    """One tick of hidden stage i: forward and block update on ``inputs`` (if any), M_i's update
-    towards ``target`` on ``stored`` (if any). Both read the parameters the tick started with."""
-    block, block_opt = layer.block, layer.block_opt
-    module, module_opt = layer.module, layer.module_opt
+    """One tick of decoupled group ``j``: forward and group update on ``inputs`` (if any), its
+    synthesizer's update towards ``target`` on ``stored`` (if any). Both read the parameters the
+    tick started with."""
+    stages, synthesizer = group.stages, group.synthesizer
     sent = message = sg_loss = None
     if inputs is not None:
-        fwd = hidden_forward(layer, inputs.h, inputs.labels, spec)
-        # Only the block's half of hidden_backward is used (M_i learns from `target` below);
-        # the module half, computed against a dummy target, is dropped by the compiler.
-        grads = hidden_backward(fwd, fwd.synthetic_grad)
-        params, block_opt = adam_update(optimizer, grads.block, layer.block_opt, block.params)
-        block = LayerVars(params, fwd.block_stats)
-        module = LayerVars(module.params, fwd.module_stats)
+        indexed = _indexed(trainer, j, stages)
+        fwd = trainer.group_forward(indexed, synthesizer, j, inputs.h, inputs.labels)
+        # Only the group's half of group_backward is used (M learns from `target` below); the
+        # synthesizer half, computed against a dummy target, is dropped by the compiler.
+        grads = trainer.group_backward(fwd, fwd.synthetic_grad)
+        new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, fwd.collections)
+        stages = tuple(new[k] for k in trainer.groups[j])
+        synthesizer = synthesizer._replace(collections=fwd.synthesizer_collections)
         sent = Activations(fwd.output, inputs.labels)
-        message = grads.input_grad if send_message else None
+        message = grads.input_grad
     if stored is not None and target is not None:
-        regression = module_gradients(layer, stored, target, spec)
-        params, module_opt = adam_update(
-            optimizer, regression.grads, layer.module_opt, layer.module.params
+        regression = trainer.synthesizer_gradients(
+            group.synthesizer, stored.h, stored.labels, target
         )
-        module = LayerVars(params, module.batch_stats)
+        synthesizer = trainer.update_synthesizer(
+            group.synthesizer, regression.grads, synthesizer.collections
+        )
         sg_loss = regression.sg_loss
-    return HiddenTick(
-        HiddenLayerState(block, module, block_opt, module_opt), sent, message, sg_loss
-    )
+    return HiddenTick(GroupState(stages, synthesizer), sent, message, sg_loss)
 
 
 def first_stage_tick(
-    layer: HiddenLayerState,
+    group: GroupState,
     data: DeviceData,
     cursor: BatchCursor,
     stored: Activations | None,
     target: jax.Array | None,
     *,
-    spec: NetworkSpec,
-    optimizer: optax.GradientTransformation,
+    trainer: Trainer,
     batch_size: int,
 ) -> FirstStageTick:
     """Stage 1's tick: draw minibatch ``cursor.index`` on the device, then ``hidden_tick``."""
     batch = sample_batch(jax.random.fold_in(cursor.key, cursor.index), data, batch_size)
-    tick = hidden_tick(
-        layer,
-        Activations(batch.images, batch.labels),
-        stored,
-        target,
-        spec=spec,
-        optimizer=optimizer,
-        send_message=False,
-    )
+    inputs = Activations(batch.images, batch.labels)
+    tick = hidden_tick(group, inputs, stored, target, trainer=trainer, j=0)
     return FirstStageTick(tick, cursor._replace(index=cursor.index + 1))
 
 
 def output_tick(
-    state: OutputLayerState, inputs: Activations, *, optimizer: optax.GradientTransformation
+    stages: tuple[StageState, ...], inputs: Activations, *, trainer: Trainer
 ) -> OutputTick:
-    """The output stage's tick: true-gradient update; dLoss/dh_L goes back to stage L."""
-    grads, h_grad, loss, logits = output_backward(state.params, inputs.h, inputs.labels)
-    params, opt_state = adam_update(optimizer, grads, state.opt_state, state.params)
+    """The last group's tick: true-gradient update; dLoss/dh_L goes back to stage L."""
+    j = len(trainer.groups) - 1
+    indexed = _indexed(trainer, j, stages)
+    last = trainer.last_group_gradients(indexed, inputs.h, inputs.labels)
+    new = trainer.update_stages(indexed, trainer.groups[j], last.stages, last.collections)
     return OutputTick(
-        OutputLayerState(params, opt_state), h_grad, loss, accuracy(logits, inputs.labels)
+        tuple(new[k] for k in trainer.groups[j]),
+        last.input_grad,
+        last.loss,
+        trainer.accuracy(last.output, inputs.labels),
     )
 
 
 class StageCalls(NamedTuple):
-    """A hidden stage's compiled tick in its three forms."""
+    """A decoupled stage's compiled tick in its three forms."""
 
     fill: jax.stages.Compiled
     """Input, no target yet (the first two ticks)."""
@@ -207,87 +187,150 @@ class StageCalls(NamedTuple):
     """Target only (the two ticks after its last input)."""
 
 
+def split_groups(trainer: Trainer, model: TrainerState) -> tuple[list[GroupState], tuple]:
+    """The decoupled groups' states and the last group's stage states."""
+    stages = model.stages
+    groups = [
+        GroupState(tuple(stages[k] for k in trainer.groups[j]), model.synthesizers[j])
+        for j in range(len(trainer.groups) - 1)
+    ]
+    return groups, tuple(stages[k] for k in trainer.groups[-1])
+
+
 class SgPipeline:
-    """The pipelined synthetic-gradient schedule over ``devices`` (one per stage); an Engine."""
+    """The pipelined synthetic-gradient schedule over ``devices`` (one per group); an Engine.
+
+    ``step`` > 0 continues a pipeline whose last group had trained on ``step`` minibatches when
+    it gave ``model`` and ``inflight`` (``SgPipeline.inflight``).
+    """
 
     def __init__(
         self,
+        trainer: Trainer,
         config: TrainConfig,
         data: DeviceData,
         devices: tuple[jax.Device, ...],
-        model: DecoupledState,
+        model: TrainerState,
         key: jax.Array,
-        optimizer: optax.GradientTransformation,
         max_ticks_in_flight: int = 4,
+        *,
+        step: int = 0,
+        inflight: Mapping[str, jax.Array] | None = None,
     ) -> None:
+        if not trainer.decoupled:
+            raise ValueError("the synthetic-gradient pipeline needs a decoupled Trainer")
+        self.trainer = trainer
         self.config = config
-        self.spec = NetworkSpec.from_config(config)
-        self.optimizer = optimizer
         self.data = data
         self.devices = devices
-        self.hidden = [
-            jax.device_put(layer, device)
-            for layer, device in zip(model.hidden, devices[:-1], strict=True)
-        ]
-        self.output = jax.device_put(model.output, devices[-1])
-        self.tick = 0
-        self._cursor = jax.device_put(BatchCursor(key, jnp.zeros((), jnp.int32)), devices[0])
-        self._fifo: list[collections.deque[Activations]] = [
-            collections.deque() for _ in model.hidden
-        ]
+        groups, last = split_groups(trainer, model)
+        self.hidden = [jax.device_put(g, d) for g, d in zip(groups, devices[:-1], strict=True)]
+        self.output = jax.device_put(last, devices[-1])
+        self.tick = self._tick_after(step)
+        index = jnp.asarray(min(self.tick, config.num_steps), jnp.int32)
+        self._cursor = jax.device_put(BatchCursor(key, index), devices[0])
+        self._fifo: list[collections.deque[Activations]] = [collections.deque() for _ in groups]
         self._inbox: dict[int, Activations] = {}
         """Activations arriving at stage k this tick."""
         self._targets: dict[int, jax.Array] = {}
-        """Targets arriving at hidden stage k this tick."""
+        """Targets arriving at decoupled stage k this tick."""
+        self._restore_inflight(inflight or {})
         self._window = DispatchWindow(max_ticks_in_flight)
         self._compiler = StageCompiler()
         self._calls: list[StageCalls] = []
         self._output_call: jax.stages.Compiled | None = None
 
-    def _example_activations(self) -> Activations:
-        batch, units = self.config.batch_size, self.spec.hidden_units
-        return Activations(
-            jax.ShapeDtypeStruct((batch, units), jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32),
+    def _tick_after(self, batches: int) -> int:
+        """The next tick once the last group has trained on ``batches`` minibatches."""
+        if batches == 0:
+            return 0
+        return batches + len(self.hidden) + (batches == self.config.num_steps)
+
+    # ------------------------------------------------------------------ in-flight state
+
+    def inflight(self) -> dict[str, jax.Array]:
+        """The minibatches in flight, by name: FIFO entries, arriving activations and targets."""
+        out: dict[str, jax.Array] = {}
+        for k, fifo in enumerate(self._fifo):
+            for n, acts in enumerate(fifo):
+                out[f"fifo.{k}.{n}.h"], out[f"fifo.{k}.{n}.labels"] = acts
+        for k, acts in self._inbox.items():
+            out[f"inbox.{k}.h"], out[f"inbox.{k}.labels"] = acts
+        for k, target in self._targets.items():
+            out[f"target.{k}"] = target
+        return out
+
+    def _restore_inflight(self, inflight: Mapping[str, jax.Array]) -> None:
+        def put(name: str, k: int) -> jax.Array:
+            return jax.device_put(inflight[name], self.devices[k])
+
+        fifo_sizes: dict[int, int] = collections.Counter()
+        for name in inflight:
+            kind, k, *rest = name.split(".")
+            k = int(k)
+            if kind == "fifo" and rest[-1] == "h":
+                fifo_sizes[k] += 1
+            elif kind == "inbox" and rest == ["h"]:
+                self._inbox[k] = Activations(put(name, k), put(f"inbox.{k}.labels", k))
+            elif kind == "target":
+                self._targets[k] = put(name, k)
+        for k, size in fifo_sizes.items():
+            self._fifo[k].extend(
+                Activations(put(f"fifo.{k}.{n}.h", k), put(f"fifo.{k}.{n}.labels", k))
+                for n in range(size)
+            )
+
+    # ------------------------------------------------------------------ compile and run
+
+    def _example_activations(self) -> list[Activations]:
+        """Shapes of what each decoupled group sends on."""
+        batch = jax.eval_shape(
+            lambda d, c: sample_batch(c.key, d, self.config.batch_size), self.data, self._cursor
         )
+        h, labels, out = batch.images, batch.labels, []
+        for j, group in enumerate(self.hidden):
+            params = tuple(s.params for s in group.stages)
+            cols = tuple(s.collections for s in group.stages)
+            h = jax.eval_shape(
+                lambda x, j=j, p=params, c=cols: self.trainer.apply_group(j, p, c, x, True)[0], h
+            )
+            out.append(Activations(jax.ShapeDtypeStruct(h.shape, h.dtype), labels))
+        return out
 
     def compile(self) -> None:
-        """Compile each stage's tick functions on its device (shared by equal stages)."""
-        config, opt = self.config, self.optimizer
-        tick = functools.partial(hidden_tick, spec=self.spec, optimizer=opt)
-        last = functools.partial(tick, send_message=False)
-        first = functools.partial(
-            first_stage_tick, spec=self.spec, optimizer=opt, batch_size=config.batch_size
-        )
-        compile_ = self._compiler
+        """Compile each stage's tick functions on its device."""
+        trainer, compile_ = self.trainer, self._compiler
+        shapes = self._example_activations()
         self._calls = []
-        for k, (layer, device) in enumerate(zip(self.hidden, self.devices, strict=False)):
-            state = abstract_on(layer, device)
-            acts = abstract_on(self._example_activations(), device)
-            target = acts.h
-            if k == 0:
+        for j, (group, device) in enumerate(zip(self.hidden, self.devices, strict=False)):
+            tick = functools.partial(hidden_tick, trainer=trainer, j=j)
+            state = abstract_on(group, device)
+            acts = abstract_on(shapes[j], device)
+            inputs = None if j == 0 else abstract_on(shapes[j - 1], device)
+            if j == 0:
+                first = functools.partial(
+                    first_stage_tick, trainer=trainer, batch_size=self.config.batch_size
+                )
                 data, cursor = abstract_on(self.data, device), abstract_on(self._cursor, device)
                 calls = StageCalls(
-                    fill=compile_("first/fill", device, first, state, data, cursor, None, None),
-                    steady=compile_(
-                        "first/steady", device, first, state, data, cursor, acts, acts.h
-                    ),
-                    drain=compile_("first/drain", device, last, state, None, acts, target),
+                    fill=compile_("0/fill", device, first, state, data, cursor, None, None),
+                    steady=compile_("0/steady", device, first, state, data, cursor, acts, acts.h),
+                    drain=compile_("0/drain", device, tick, state, None, acts, acts.h),
                 )
             else:
                 calls = StageCalls(
-                    fill=compile_("hidden/fill", device, tick, state, acts, None, None),
-                    steady=compile_("hidden/steady", device, tick, state, acts, acts, target),
-                    drain=compile_("hidden/drain", device, tick, state, None, acts, target),
+                    fill=compile_(f"{j}/fill", device, tick, state, inputs, None, None),
+                    steady=compile_(f"{j}/steady", device, tick, state, inputs, acts, acts.h),
+                    drain=compile_(f"{j}/drain", device, tick, state, None, acts, acts.h),
                 )
             self._calls.append(calls)
         device = self.devices[-1]
         self._output_call = compile_(
             "output",
             device,
-            functools.partial(output_tick, optimizer=opt),
+            functools.partial(output_tick, trainer=trainer),
             abstract_on(self.output, device),
-            abstract_on(self._example_activations(), device),
+            abstract_on(shapes[-1], device),
         )
 
     def _run_tick(self, window: WindowMetrics) -> None:
@@ -309,8 +352,8 @@ class SgPipeline:
                 out = calls.drain(self.hidden[k], None, stored, target)
             else:
                 continue
-            self.hidden[k] = out.layer
-            dispatched.append(out.layer.block_opt)
+            self.hidden[k] = out.group
+            dispatched.append(out.group.synthesizer.opt_state)
             if out.sent is not None:
                 self._fifo[k].append(out.sent)
                 inbox[k + 1] = jax.device_put(out.sent, self.devices[k + 1])
@@ -320,7 +363,7 @@ class SgPipeline:
                 window.sg_loss[k].append(out.sg_loss)
         if 0 <= t - num_hidden < num_batches:
             out = self._output_call(self.output, self._inbox[num_hidden])
-            self.output = out.output
+            self.output = out.stages
             targets[num_hidden - 1] = jax.device_put(out.message, self.devices[num_hidden - 1])
             window.loss.append(out.loss)
             window.accuracy.append(out.accuracy)
@@ -330,61 +373,55 @@ class SgPipeline:
         self._window.push(dispatched)
 
     def advance(self, batches: int) -> WindowMetrics:
-        """Run ticks until the output layer has trained on ``batches`` minibatches; for the
-        run's last minibatch also the drain ticks, after which every module has had its N
-        updates."""
+        """Run ticks until the last group has trained on ``batches`` minibatches; for the run's
+        last minibatch also the drain ticks, after which every module has had its N updates."""
         window = WindowMetrics([], [], tuple([] for _ in self.hidden))
-        last_tick = batches - 1 + len(self.hidden)
-        if batches == self.config.num_steps:
-            last_tick += 1
-        while self.tick <= last_tick:
+        while self.tick < self._tick_after(batches):
             self._run_tick(window)
         return window
 
     def block_until_ready(self) -> None:
         jax.block_until_ready((self.hidden, self.output))
 
-    def network(self, device: jax.Device) -> tuple[tuple[LayerVars, ...], Any]:
-        blocks = tuple(layer.block for layer in self.hidden)
-        return jax.device_put((blocks, self.output.params), device)
-
-    def model_state(self, device: jax.Device) -> DecoupledState:
-        return jax.device_put(DecoupledState(tuple(self.hidden), self.output), device)
+    def model_state(self, device: jax.Device) -> TrainerState:
+        stages = tuple(s for group in self.hidden for s in group.stages) + tuple(self.output)
+        synthesizers = tuple(group.synthesizer for group in self.hidden)
+        return jax.device_put(TrainerState(stages, synthesizers), device)
 
     def state_devices(self) -> tuple[int, ...]:
         return tuple(device_id_of(stage) for stage in [*self.hidden, self.output])
 
     def stage_ms(self, repeats: int) -> tuple[float, ...]:
         """Each stage's steady-state tick, timed alone on its device (zeros as messages)."""
+        shapes = self._example_activations()
+
+        def zeros(acts: Activations, device: jax.Device) -> Activations:
+            return Activations(*(zeros_on(a.shape, a.dtype, device) for a in acts))
+
         times = []
-        batch, units = self.config.batch_size, self.spec.hidden_units
         for k, (calls, device) in enumerate(zip(self._calls, self.devices, strict=False)):
-            acts = Activations(
-                zeros_on((batch, units), jnp.float32, device),
-                zeros_on((batch,), jnp.int32, device),
-            )
+            acts = zeros(shapes[k], device)
             if k == 0:
                 start = FirstStageTick(HiddenTick(self.hidden[0], None, None, None), self._cursor)
                 times.append(
                     time_chain(
                         lambda s, c=calls, a=acts: c.steady(
-                            s.tick.layer, self.data, s.cursor, a, a.h
+                            s.tick.group, self.data, s.cursor, a, a.h
                         ),
                         start,
                         repeats,
                     )
                 )
             else:
+                inputs = zeros(shapes[k - 1], device)
                 times.append(
                     time_chain(
-                        lambda s, c=calls, a=acts: c.steady(s, a, a, a.h).layer,
+                        lambda s, c=calls, i=inputs, a=acts: c.steady(s, i, a, a.h).group,
                         self.hidden[k],
                         repeats,
                     )
                 )
         device = self.devices[-1]
-        acts = Activations(
-            zeros_on((batch, units), jnp.float32, device), zeros_on((batch,), jnp.int32, device)
-        )
-        times.append(time_chain(lambda s: self._output_call(s, acts).output, self.output, repeats))
+        acts = zeros(shapes[-1], device)
+        times.append(time_chain(lambda s: self._output_call(s, acts).stages, self.output, repeats))
         return tuple(times)

@@ -1,8 +1,9 @@
 """What every layer-parallel schedule shares: stages placed on devices, messages between them,
 ahead-of-time compilation on a stage's device, bounded asynchronous dispatch, the ideal speed-up.
 
-A *stage* is one layer with its optimizer state (and, for synthetic gradients, its module): hidden
-blocks 1..L, then the output layer. Stages are placed on devices in contiguous, even groups.
+A *pipeline stage* is what one device step works on: for backprop one of the ``Trainer``'s
+stages, for synthetic gradients one of its groups (with its synthesizer). Pipeline stages are
+placed on devices in contiguous, even groups.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from sgjax.data.device import scale_images
-from sgjax.steps import LayerVars, ModelState, evaluate
+from sgjax.core.trainer import TrainerState
 from sgjax.training.config import ConfigError
 
 
@@ -65,10 +65,7 @@ class Engine(Protocol):
     def block_until_ready(self) -> None:
         """Wait until every stage has finished the work dispatched so far."""
 
-    def network(self, device: jax.Device) -> tuple[tuple[LayerVars, ...], Any]:
-        """Hidden blocks' variables and output parameters, copied to ``device``."""
-
-    def model_state(self, device: jax.Device) -> ModelState:
+    def model_state(self, device: jax.Device) -> TrainerState:
         """The whole model state (as the single-device step keeps it), copied to ``device``."""
 
     def state_devices(self) -> tuple[int, ...]:
@@ -186,13 +183,6 @@ def ideal_speedup(
     if microbatches is None:
         return total / busiest
     return microbatches * total / (total + (microbatches - 1) * busiest)
-
-
-def evaluate_network(
-    blocks: Sequence[LayerVars], output: Any, test_images: jax.Array, test_labels: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """``steps.evaluate`` on uint8 test images (test loss and accuracy)."""
-    return evaluate(blocks, output, scale_images(test_images), test_labels)
 
 
 def zeros_on(shape: tuple[int, ...], dtype: Any, device: jax.Device) -> jax.Array:
