@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from sgjax.training.records import MetricsWriter, OutputError, prepare_output_dir, write_json_atomic
 from sgjax.training.loop import EvalRecord
+from sgjax.training.records import MetricsWriter, OutputError, prepare_output_dir, write_json_atomic
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sgjax.core.optim import piecewise_schedule
 from sgjax.training.config import ConfigError, TrainConfig
-from sgjax.schedules import piecewise_schedule
 
 
 def test_paper_schedule_values_around_each_boundary():

@@ -6,9 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax.training.config import TrainConfig
 from sgjax.data.device import load_dataset, to_device
-from sgjax.training.loop import chunk_lengths, chunk_plan, init_train_state, make_run_chunk, train_and_evaluate
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import (
+    chunk_lengths,
+    chunk_plan,
+    init_train_state,
+    make_run_chunk,
+    train_and_evaluate,
+)
 
 # Floors measured on the embedded MNIST (BUILD_NOTES.md, "Accuracy floors"): 300 steps at
 # learning rate 1e-3, seeds 0-2 reached bp 0.946-0.950, sg 0.827-0.847, cdni 0.836-0.857.
@@ -51,9 +57,7 @@ def test_short_run_reaches_floor_and_repeats_exactly(mode: str, mnist):
 
 
 def _blocks(model):
-    from sgjax.steps import network_of
-
-    return [b.params for b in network_of(model)[0]]
+    return [s.params for s in model.stages[:-1]]
 
 
 def test_another_seed_gives_other_numbers(mnist):
