@@ -1,4 +1,4 @@
-"""Tests for sgjax.data.sources (host loading) and sgjax.data.device (device arrays, batch sampling)."""
+"""sgjax.data.sources (host loading) and sgjax.data.device (device arrays, batch sampling)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from sgjax.data import device as data, sources as datasets
+from sgjax.data import device as data
+from sgjax.data import sources as datasets
 from sgjax.data.sources import DataError
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -70,6 +71,7 @@ def assert_one_line_naming(err: pytest.ExceptionInfo, name: str) -> None:
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No TFDS copy, no network, no Debian Fashion-MNIST: the offline choice, deterministic."""
+    monkeypatch.delenv(datasets.NO_TFDS_ENV, raising=False)  # conftest turns TFDS off
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_empty"))
     monkeypatch.setattr(datasets, "_network_available", lambda *a, **k: False)
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "no_debian"))
@@ -115,16 +117,74 @@ def test_no_tfds_import_when_offline(tmp_path):
         "assert 'tensorflow_datasets' not in sys.modules, 'tfds imported'"
     )
     env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env.pop(datasets.NO_TFDS_ENV, None)
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
 
 
+def test_no_tfds_environment_variable_skips_tfds_without_a_probe(monkeypatch, tmp_path):
+    (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
+    (tmp_path / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # a prepared copy that must be ignored
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("TFDS path taken")
+
+    monkeypatch.setattr(datasets, "_network_available", forbidden)
+    monkeypatch.setattr(datasets, "_load_tfds", forbidden)
+    monkeypatch.setenv(datasets.NO_TFDS_ENV, "1")
+    ds = datasets.load_dataset("mnist", None)
+    assert ds.source == "embedded"
+    assert "SGJAX_NO_TFDS=1" in ds.reason
+    # "0" or "" turn it back on.
+    for value in ("0", ""):
+        monkeypatch.setenv(datasets.NO_TFDS_ENV, value)
+        with pytest.raises(AssertionError, match="TFDS path taken"):
+            datasets.load_dataset("mnist", None)
+
+
+def test_conftest_makes_every_test_hermetic():
+    assert os.environ.get(datasets.NO_TFDS_ENV) == "1"
+
+
+def test_without_tensorflow_datasets_installed(monkeypatch, tmp_path):
+    """TFDS is an optional extra: with it missing, the choice falls through to the next source."""
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` now raises
+    monkeypatch.delenv(datasets.NO_TFDS_ENV)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "_network_available", lambda *a, **k: True)
+    ds = datasets.load_dataset("mnist", None)
+    assert ds.source == "embedded"
+    assert "TFDS failed (ModuleNotFoundError" in ds.reason
+
+
+def test_no_module_imports_tensorflow_datasets_when_imported():
+    """Every sgjax module imports with tensorflow_datasets missing (no unguarded import)."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['tensorflow_datasets'] = None\n"
+        "import sgjax\n"
+        "for m in pkgutil.walk_packages(sgjax.__path__, 'sgjax.'):\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except Exception as e:\n"
+        "        assert 'tensorflow_datasets' not in repr(e), (m.name, e)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
 def test_tfds_failure_falls_through(monkeypatch, tmp_path):
     """A 'prepared copy' TFDS cannot read must not break the choice; the reason says why."""
     (tmp_path / "mnist" / "3.0.1").mkdir(parents=True)
     (tmp_path / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
+    monkeypatch.delenv(datasets.NO_TFDS_ENV, raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(datasets, "_network_available", lambda *a, **k: False)
 
@@ -140,6 +200,7 @@ def test_tfds_failure_falls_through(monkeypatch, tmp_path):
 
 
 def test_tfds_success_is_used(monkeypatch, tmp_path):
+    monkeypatch.delenv(datasets.NO_TFDS_ENV, raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(datasets, "_network_available", lambda *a, **k: True)
     arrays = make_idx_dir(tmp_path)

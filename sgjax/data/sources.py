@@ -1,8 +1,8 @@
 """Host-side dataset sources: IDX files, TFDS, Debian's Fashion-MNIST, the embedded MNIST subset.
 
 Everything here is numpy only; ``sgjax.data.device`` moves the arrays onto a device. The entry
-point is ``load_dataset(name, data_dir)``, which picks the best real data reachable, never hangs offline,
-and records in ``Dataset.reason`` which data it used and why.
+point is ``load_dataset(name, data_dir)``, which picks the best real data reachable, never hangs
+offline, and records in ``Dataset.reason`` which data it used and why.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 EMBEDDED_MNIST = ("assets", "mnist_embedded.npz")
 
 TFDS_PROBE_HOST = ("storage.googleapis.com", 443)
+
+NO_TFDS_ENV = "SGJAX_NO_TFDS"
+"""Environment variable: set to anything but "" or "0" and ``load_dataset`` skips TFDS (no
+import, no network probe). The tests set it (tests/conftest.py), so that every machine, online or
+not, with TensorFlow or not, runs them on the same data; subprocesses inherit it."""
 
 _IDX_HINT = (
     "pass a folder holding the four MNIST-format IDX files "
@@ -253,6 +258,10 @@ def _tfds_prepared_copy(name: str) -> Path | None:
     return matches[-1].parent if matches else None
 
 
+def _tfds_turned_off() -> bool:
+    return os.environ.get(NO_TFDS_ENV, "").strip() not in ("", "0")
+
+
 def _network_available(
     host: tuple[str, int] = TFDS_PROBE_HOST, timeout: float = 2.0, join_timeout: float = 3.0
 ) -> bool:
@@ -326,8 +335,11 @@ def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) ->
     """Load ``name`` from the best source reachable; ``Dataset.reason`` says which and why.
 
     Order: ``data_dir`` (IDX; errors raise, no fallback); TFDS when it holds a prepared copy or
-    the network answers; Debian's Fashion-MNIST folder (fashion_mnist only); the embedded MNIST
-    subset (mnist only). Offline, the choice takes a few seconds at most.
+    the network answers (skipped, without a probe, when ``allow_tfds`` is False or the
+    environment variable ``SGJAX_NO_TFDS`` is set to anything but "" or "0"); Debian's
+    Fashion-MNIST folder (fashion_mnist only); the embedded MNIST subset (mnist only). Offline,
+    the choice takes a few seconds at most. TFDS is optional (``pip install sgjax[tfds]``); when
+    it is not installed the choice moves on to the next source.
     """
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
@@ -336,6 +348,8 @@ def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) ->
 
     if not allow_tfds:
         why_not = "TFDS was not allowed (allow_tfds=False)"
+    elif _tfds_turned_off():
+        why_not = f"TFDS is turned off ({NO_TFDS_ENV}={os.environ[NO_TFDS_ENV].strip()})"
     else:
         prepared = _tfds_prepared_copy(name)
         online = _network_available()
