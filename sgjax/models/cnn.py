@@ -1,0 +1,61 @@
+"""The convolutional networks of Jaderberg et al. (2016, appendix) as chains of stages.
+
+A depth-d network has d - 1 convolutional stages (k x k kernels, same padding, BatchNorm, ReLU,
+then pooling) and a linear classifier: 3x3 max pooling after the first convolution, 3x3 average
+pooling after the later ones. The paper does not state pooling strides or the classifier's input;
+here every pooling has stride 2 and same padding (28 -> 14 -> 7 -> 4 -> 2 -> 1 on MNIST,
+32 -> 16 -> ... -> 1 on CIFAR-10) and the classifier reads the flattened last map (see
+BUILD_NOTES.md for the reasons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from sgjax.core.layers import OutputLayer, batch_norm
+
+POOL_WINDOW = (3, 3)
+POOL_STRIDES = (2, 2)
+PAPER_FILTERS = {"mnist": 64, "fashion_mnist": 64, "cifar10": 128}
+
+
+class ConvBlock(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> pooling (``max`` or ``avg``).
+
+    ``input_shape`` (H, W, C), when given, reshapes flat inputs (e.g. MNIST's 784 values) first.
+    """
+
+    filters: int
+    kernel_size: int = 5
+    pooling: str = "avg"
+    input_shape: tuple[int, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.input_shape is not None:
+            x = x.reshape((x.shape[0], *self.input_shape))
+        kernel = (self.kernel_size, self.kernel_size)
+        x = nn.relu(batch_norm(train)(nn.Conv(self.filters, kernel, padding="SAME")(x)))
+        pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
+        return pool(x, POOL_WINDOW, strides=POOL_STRIDES, padding="SAME")
+
+
+def cnn_stages(
+    depth: int,
+    filters: int,
+    *,
+    kernel_size: int = 5,
+    input_shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+) -> list[nn.Module]:
+    """``depth - 1`` convolutional stages and a linear classifier (the paper's depths: 3 to 6)."""
+    if depth < 2:
+        raise ValueError(f"depth={depth} must be at least 2 (a convolution and the classifier)")
+    stages: list[nn.Module] = [
+        ConvBlock(filters, kernel_size, "max", tuple(int(d) for d in input_shape))
+    ]
+    stages += [ConvBlock(filters, kernel_size, "avg") for _ in range(depth - 2)]
+    return [*stages, OutputLayer(num_classes)]
