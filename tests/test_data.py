@@ -257,9 +257,10 @@ def test_fashion_mnist_nothing_found(offline):
 
 def test_unknown_name():
     with pytest.raises(DataError) as err:
-        datasets.load_dataset("cifar10", None)
-    assert "cifar10" in str(err.value)
+        datasets.load_dataset("imagenet", None)
+    assert "imagenet" in str(err.value)
     assert "mnist" in str(err.value) and "fashion_mnist" in str(err.value)
+    assert "cifar10" in str(err.value)
 
 
 def test_data_dir_errors_do_not_fall_back(tmp_path):

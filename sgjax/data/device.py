@@ -1,6 +1,8 @@
 """Device side of the data path: arrays placed on a device once, batches sampled inside jit.
 
-Host-side loading lives in ``sgjax.data.sources``; its main names are re-exported here.
+Host-side loading lives in ``sgjax.data.sources``; its main names are re-exported here. Images
+keep the shape the host gave them: uint8 (N, 784) for MNIST and Fashion-MNIST, (N, 32, 32, 3)
+for CIFAR-10; nothing here depends on the trailing shape.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ __all__ = [
 
 
 class DeviceData(NamedTuple):
-    """A dataset resident on one device: uint8 (N, 784) images, int32 (N,) labels."""
+    """A dataset resident on one device: uint8 (N, ...) images as loaded, int32 (N,) labels."""
 
     train_images: jax.Array
     train_labels: jax.Array
@@ -36,7 +38,7 @@ class DeviceData(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """A minibatch: float32 (B, 784) images in [0, 1], int32 (B,) labels."""
+    """A minibatch: float32 (B, ...) images in [0, 1] (trailing shape as stored), int32 labels."""
 
     images: jax.Array
     labels: jax.Array
@@ -54,13 +56,14 @@ def to_device(ds: Dataset, device: Any = None) -> DeviceData:
 
 
 def scale_images(images_uint8: jax.Array) -> jax.Array:
-    """uint8 pixels 0..255 -> float32 in [0, 1]."""
+    """uint8 pixels 0..255 -> float32 in [0, 1], elementwise (any shape)."""
     return jnp.asarray(images_uint8).astype(jnp.float32) / jnp.float32(255.0)
 
 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def sample_batch(key: jax.Array, data: DeviceData, batch_size: int) -> Batch:
-    """Draw ``batch_size`` training examples uniformly with replacement, on device."""
+    """Draw ``batch_size`` training examples uniformly with replacement, on device; the images
+    keep their trailing shape ((B, 784) for MNIST, (B, 32, 32, 3) for CIFAR-10)."""
     n = data.train_images.shape[0]
     idx = jax.random.randint(key, (batch_size,), 0, n)
     images = scale_images(jnp.take(data.train_images, idx, axis=0))

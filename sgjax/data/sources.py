@@ -1,4 +1,5 @@
-"""Host-side dataset sources: IDX files, TFDS, Debian's Fashion-MNIST, the embedded MNIST subset.
+"""Host-side dataset sources: IDX files, TFDS, Debian's Fashion-MNIST, the embedded MNIST subset,
+and CIFAR-10's python-version batches (read in ``sgjax.data.cifar``).
 
 Everything here is numpy only; ``sgjax.data.device`` moves the arrays onto a device. The entry
 point is ``load_dataset(name, data_dir)``, which picks the best real data reachable, never hangs
@@ -19,10 +20,18 @@ from typing import Any
 
 import numpy as np
 
-NAMES = ("mnist", "fashion_mnist")
+NAMES = ("mnist", "fashion_mnist", "cifar10")
 NUM_CLASSES = 10
 IMAGE_SIDE = 28
 IMAGE_SIZE = IMAGE_SIDE * IMAGE_SIDE
+
+# Per-example image shape of each dataset: MNIST's are flattened, CIFAR-10's channels last.
+IMAGE_SHAPES: dict[str, tuple[int, ...]] = {
+    "mnist": (IMAGE_SIZE,),
+    "fashion_mnist": (IMAGE_SIZE,),
+    "cifar10": (32, 32, 3),
+}
+SOURCES = ("idx", "tfds", "embedded", "cifar")
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dims
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dim
@@ -64,7 +73,11 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images flattened to uint8 (N, 784), labels int32 (N,), plus where they came from."""
+    """uint8 images, labels int32 (N,), plus where they came from.
+
+    Images are (N, 784) flattened for MNIST and Fashion-MNIST, (N, 32, 32, 3) channels last for
+    CIFAR-10 (``IMAGE_SHAPES``); a dataset of another name may use either shape.
+    """
 
     name: str
     source: str
@@ -76,22 +89,32 @@ class Dataset:
     location: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in ("idx", "tfds", "embedded"):
-            raise DataError(f"unknown dataset source {self.source!r}; use idx, tfds or embedded")
+        if self.source not in SOURCES:
+            raise DataError(
+                f"unknown dataset source {self.source!r}; use one of {', '.join(SOURCES)}"
+            )
+        known = IMAGE_SHAPES.get(self.name)
+        allowed = [known] if known else list(dict.fromkeys(IMAGE_SHAPES.values()))
         for split in ("train", "test"):
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             where = self.location or self.source
-            if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != IMAGE_SIZE:
+            if images.dtype != np.uint8 or images.shape[1:] not in allowed:
+                expected = " or ".join(f"(N, {', '.join(map(str, s))})" for s in allowed)
                 raise DataError(
                     f"{where}: {split} images are {images.dtype} {images.shape}, "
-                    f"expected uint8 (N, {IMAGE_SIZE}); convert them before building a Dataset"
+                    f"expected uint8 {expected}; convert them before building a Dataset"
                 )
             if labels.dtype != np.int32 or labels.shape != (images.shape[0],):
                 raise DataError(
                     f"{where}: {split} labels are {labels.dtype} {labels.shape}, expected int32 "
                     f"({images.shape[0]},); convert them before building a Dataset"
                 )
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            raise DataError(
+                f"{self.location or self.source}: train images are {self.train_images.shape[1:]} "
+                f"but test images {self.test_images.shape[1:]}; give both splits one shape"
+            )
 
     @property
     def train_size(self) -> int:
@@ -105,8 +128,13 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (10 for both MNIST and Fashion-MNIST)."""
+        """Number of classes (10 for MNIST, Fashion-MNIST and CIFAR-10)."""
         return NUM_CLASSES
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image: (784,) for MNIST and Fashion-MNIST, (32, 32, 3) for CIFAR-10."""
+        return tuple(int(n) for n in self.train_images.shape[1:])
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for a run's record."""
@@ -293,12 +321,16 @@ def _load_tfds(name: str, download: bool) -> Dataset:
     splits = tfds.load(
         name, split=["train", "test"], batch_size=-1, as_supervised=True, download=download
     )
+    shape = IMAGE_SHAPES[name]
+    accepted = (
+        [shape] if len(shape) > 1 else [(IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE, 1)]
+    )
     arrays: dict[str, np.ndarray] = {}
     for split, (images, labels) in zip(("train", "test"), tfds.as_numpy(splits), strict=True):
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.shape[1:] not in ((28, 28), (28, 28, 1)):
+        if images.dtype != np.uint8 or images.shape[1:] not in accepted:
             raise ValueError(f"TFDS {name} {split} images are {images.dtype} {images.shape}")
-        arrays[f"{split}_images"] = images.reshape(images.shape[0], IMAGE_SIZE)
+        arrays[f"{split}_images"] = images.reshape(images.shape[0], *shape)
         arrays[f"{split}_labels"] = np.asarray(labels).astype(np.int32)
     return Dataset(name=name, source="tfds", reason="", location=str(_tfds_data_dir()), **arrays)
 
@@ -334,16 +366,22 @@ def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> D
 def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) -> Dataset:
     """Load ``name`` from the best source reachable; ``Dataset.reason`` says which and why.
 
-    Order: ``data_dir`` (IDX; errors raise, no fallback); TFDS when it holds a prepared copy or
+    Order: ``data_dir`` (IDX files, or for cifar10 the official python version read by
+    ``sgjax.data.cifar``; errors raise, no fallback); TFDS when it holds a prepared copy or
     the network answers (skipped, without a probe, when ``allow_tfds`` is False or the
     environment variable ``SGJAX_NO_TFDS`` is set to anything but "" or "0"); Debian's
-    Fashion-MNIST folder (fashion_mnist only); the embedded MNIST subset (mnist only). Offline,
-    the choice takes a few seconds at most. TFDS is optional (``pip install sgjax[tfds]``); when
+    Fashion-MNIST folder (fashion_mnist only); the embedded MNIST subset (mnist only); for
+    cifar10, a ``DataError`` saying where to get the archive. Offline, the choice takes a few
+    seconds at most. TFDS is optional (``pip install sgjax[tfds]``); when
     it is not installed the choice moves on to the next source.
     """
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
     if data_dir is not None:
+        if name == "cifar10":
+            from sgjax.data.cifar import load_cifar10_dir  # noqa: PLC0415  (cifar imports this)
+
+            return load_cifar10_dir(data_dir)
         return load_idx_dir(data_dir, name)
 
     if not allow_tfds:
@@ -369,6 +407,13 @@ def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) ->
                     f"because --data_dir was not given and {why}"
                 )
                 return dataclasses.replace(ds, reason=reason)
+
+    if name == "cifar10":
+        from sgjax.data.cifar import HINT  # noqa: PLC0415  (cifar imports this module)
+
+        raise DataError(
+            f"CIFAR-10 is not available: --data_dir was not given and {why_not}; {HINT}"
+        )
 
     if name == "fashion_mnist":
         debian = Path(DEBIAN_FASHION_MNIST_DIR)
