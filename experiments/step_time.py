@@ -11,9 +11,11 @@ from absl import app, flags
 
 from sgjax.bench.report import module_label
 from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
-from sgjax.cli.errors import make_flags_parser
+from sgjax.cli.errors import fail, make_flags_parser
+from sgjax.cli.run import check_fits
 from sgjax.data.device import load_dataset, to_device
-from sgjax.training.config import TrainConfig
+from sgjax.data.sources import DataError
+from sgjax.training.config import MODES, ConfigError, TrainConfig
 from sgjax.training.records import device_info
 
 flags.DEFINE_list("modes", ["bp", "sg", "cdni"], "Modes to time.")
@@ -25,9 +27,31 @@ flags.DEFINE_integer("sg_hidden_units", 1024, "Module width.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
+def configs_from_flags() -> list[TrainConfig]:
+    """One validated configuration per mode of ``--modes``; raises ConfigError (one line)."""
+    modes = [m.strip() for m in FLAGS.modes]
+    if not modes or any(m not in MODES for m in modes):
+        raise ConfigError(f"--modes={','.join(FLAGS.modes)}: choose among {','.join(MODES)}")
+    return [
+        TrainConfig(
+            mode=mode,
+            batch_size=FLAGS.batch_size,
+            sg_hidden_layers=FLAGS.sg_hidden_layers,
+            sg_hidden_units=FLAGS.sg_hidden_units,
+        )
+        for mode in modes
+    ]
+
+
 def main(argv: list[str]) -> int:
     del argv
-    dataset = load_dataset("mnist", None)
+    try:
+        configs = configs_from_flags()
+        dataset = load_dataset("mnist", None)
+        for config in configs:
+            check_fits(config, dataset)
+    except (ConfigError, DataError) as error:
+        fail(str(error))
     data = to_device(dataset)
     device = device_info()
     print(f"device: {device['platform']} ({device['device_kind']})")
@@ -37,13 +61,8 @@ def main(argv: list[str]) -> int:
     header += " compile s (scan / step) |"
     print(header)
     print("|" + "---|" * 10)
-    for mode in FLAGS.modes:
-        config = TrainConfig(
-            mode=mode,
-            batch_size=FLAGS.batch_size,
-            sg_hidden_layers=FLAGS.sg_hidden_layers,
-            sg_hidden_units=FLAGS.sg_hidden_units,
-        ).validate()
+    for config in configs:
+        mode = config.mode
         scanned = time_scanned(config, data, FLAGS.steps, FLAGS.repeats)
         looped = time_python_loop(config, data, FLAGS.steps, FLAGS.repeats)
         host_fed = time_host_fed_loop(config, dataset, FLAGS.steps, FLAGS.repeats)

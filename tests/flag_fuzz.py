@@ -144,7 +144,7 @@ def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
     cases |= {
         "preset": LETTERS.filter(lambda v: v not in ("paper_500k", "paper_100k", "quick")),
         "modes": LETTERS.filter(lambda v: not _valid_modes(v)),
-        "num_seeds": NOT_POSITIVE,
+        "num_seeds": NOT_POSITIVE | st.integers(1025, 10**12).map(str),
         "sweep": LETTERS | bad_sweeps,
         "loop_steps": NEGATIVE,
         "loop_repeats": NOT_POSITIVE,
@@ -155,10 +155,27 @@ def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
     return cases, base
 
 
+def step_time_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
+    del tmp
+    cases = {
+        "modes": LETTERS.filter(lambda v: not _valid_modes(v)),
+        "steps": NOT_POSITIVE,
+        "repeats": NOT_POSITIVE,
+        "batch_size": NOT_POSITIVE | st.integers(5001, 10**7).map(str),
+        "sg_hidden_layers": NEGATIVE,
+        "sg_hidden_units": NOT_POSITIVE | st.integers(10**7, 10**12).map(str),
+    }
+    return cases, ["--steps=1", "--repeats=1", "--modes=sg"]
+
+
 if __name__ == "__main__":
     script_path, examples = Path(sys.argv[1]), int(sys.argv[2])
     with tempfile.TemporaryDirectory() as folder:
-        make_cases = {"mnist_mlp": mnist_mlp_cases, "benchmark": benchmark_cases}
+        make_cases = {
+            "mnist_mlp": mnist_mlp_cases,
+            "benchmark": benchmark_cases,
+            "step_time": step_time_cases,
+        }
         if script_path.stem not in make_cases:
             raise SystemExit(f"no fuzz cases for {script_path}")
         table, base_args = make_cases[script_path.stem](Path(folder))

@@ -13,16 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import matplotlib.image
 import numpy as np
 import pytest
 from absl import flags
 
-from sgjax.cli.benchmark import define_flags, run, settings_from_flags
+from sgjax.bench.programs import BenchmarkSettings, run_program
 from sgjax.bench.report import TABLE_HEADERS
-from sgjax.training.config import ConfigError
 from sgjax.bench.sweep import parse_sweep
+from sgjax.cli.benchmark import define_flags, run, settings_from_flags
+from sgjax.data.device import load_dataset, to_device
+from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.loop import init_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = [
@@ -278,3 +282,37 @@ def test_malformed_sweep_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --sweep=learning_rate")
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_seeds_up_to_the_largest_uint32_train_in_a_program():
+    """Seeds in [2**31, 2**32) are valid and used to overflow the benchmark's int32 seeds."""
+    top = 2**32 - 1
+    base = TrainConfig(
+        mode="bp",
+        seed=top - 1,
+        num_steps=4,
+        eval_every=2,
+        batch_size=16,
+        hidden_layers=1,
+        hidden_units=8,
+    )
+    settings = BenchmarkSettings(base=base, modes=("bp",), num_seeds=2).validate()
+    (spec,) = settings.programs()
+    assert spec.run_seeds().tolist() == [top - 1, top]
+    result = run_program(spec, to_device(load_dataset("mnist", None)), separate=True)
+    assert result.separate is not None
+    chex.assert_trees_all_close(result.history, result.separate.history, rtol=RTOL, atol=ATOL)
+    assert np.max(np.abs(result.history.test_loss[0] - result.history.test_loss[1])) > 1e-4
+    # The vmapped program's uint32 seed gives the same run as the single-run config's seed.
+    for seed in (top - 1, top):
+        alone = init_train_state(dataclasses.replace(base, seed=seed))
+        traced = jax.jit(init_train_state, static_argnums=0)(base, np.uint32(seed))
+        chex.assert_trees_all_equal(alone, traced)
+
+
+def test_seed_range_and_number_of_seeds_are_bounded():
+    base = TrainConfig(seed=2**32 - 1)
+    with pytest.raises(ConfigError, match="reaches seed 4294967296"):
+        BenchmarkSettings(base=base, num_seeds=2).validate()
+    with pytest.raises(ConfigError, match="--num_seeds=1025 must be between 1 and 1024"):
+        BenchmarkSettings(base=TrainConfig(), num_seeds=1025).validate()

@@ -87,3 +87,21 @@ def test_a_diverging_benchmark_stops_with_exit_3(tmp_path):
     assert _benchmark(tmp_path)["status"] == "diverged"
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not finite by step" in errors[0]
+
+
+def test_corrupt_program_files_on_resume_are_one_line_and_exit_2(tmp_path):
+    quick = [*TINY[1:], "--modes=bp", f"--output_dir={tmp_path}"]
+    assert _run([sys.executable, SCRIPT, *quick]).returncode == 0
+    for name, payload in [
+        ("000.json", '{"compile_s": 1.'),
+        ("000.json", "[]"),
+        ("settings.json", ""),
+    ]:
+        path = tmp_path / "programs" / name
+        original = path.read_text()
+        path.write_text(payload)
+        done = _run([sys.executable, SCRIPT, *quick, "--resume"])
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, done.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], lines
+        path.write_text(original)

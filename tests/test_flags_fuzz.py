@@ -13,10 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["mnist_mlp.py", "benchmark.py"])
-def test_invalid_flag_values_fail_cleanly(script: str):
+@pytest.mark.parametrize(
+    ("script", "examples"), [("mnist_mlp.py", 200), ("benchmark.py", 200), ("step_time.py", 60)]
+)
+def test_invalid_flag_values_fail_cleanly(script: str, examples: int):
     done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "flag_fuzz.py"), f"experiments/{script}", "200"],
+        [
+            sys.executable,
+            str(REPO / "tests" / "flag_fuzz.py"),
+            f"experiments/{script}",
+            str(examples),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -24,4 +31,4 @@ def test_invalid_flag_values_fail_cleanly(script: str):
         env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "200 invalid values" in done.stdout
+    assert f"{examples} invalid values" in done.stdout

@@ -33,10 +33,12 @@ from sgjax.bench.timing import (
 )
 from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
-from sgjax.training.config import MODES, ConfigError, TrainConfig
+from sgjax.training.config import MAX_SEED, MODES, ConfigError, TrainConfig
 from sgjax.training.loop import RunHistory, make_train
 
 RUN_AXIS = "runs"
+MAX_NUM_SEEDS = 1024
+"""The seeds of a program are vmapped together; more than this is a typo, not a benchmark."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +72,14 @@ class BenchmarkSettings:
                 )
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"--modes={','.join(self.modes)} names a mode twice")
-        if self.num_seeds < 1:
-            raise ConfigError(f"--num_seeds={self.num_seeds} must be at least 1")
+        if not 1 <= self.num_seeds <= MAX_NUM_SEEDS:
+            raise ConfigError(f"--num_seeds={self.num_seeds} must be between 1 and {MAX_NUM_SEEDS}")
+        last_seed = self.base.seed + self.num_seeds - 1
+        if last_seed > MAX_SEED:
+            raise ConfigError(
+                f"--seed={self.base.seed} with --num_seeds={self.num_seeds} reaches seed "
+                f"{last_seed}, above {MAX_SEED}; lower --seed or --num_seeds"
+            )
         if self.loop_steps < 0 or self.loop_repeats < 1:
             raise ConfigError("--loop_steps must be >= 0 and --loop_repeats >= 1")
         self.programs()  # validates every swept configuration
@@ -281,7 +289,7 @@ def train_runs(
     """
     mesh = mesh or run_mesh()
     num_runs = len(seeds)
-    sharded_seeds = shard_runs(np.asarray(seeds, np.int32), mesh)
+    sharded_seeds = shard_runs(np.asarray(seeds, np.uint32), mesh)
     sharded_lrs = shard_runs(np.asarray(learning_rates, np.float32), mesh)
     replicated = replicate(data, mesh)
     compiled, compile_s = compile_runs(config, sharded_seeds, sharded_lrs, replicated)

@@ -44,7 +44,9 @@ class ProgramStore:
         """Prepare the store; on resume, return the finished programs (refusing other settings)."""
         wanted = _comparable(settings)
         if resume and (self.folder / "settings.json").exists():
-            saved = json.loads((self.folder / "settings.json").read_text())
+            saved = _read_json(
+                self.folder / "settings.json", "resume is impossible; use --overwrite"
+            )
             if saved != wanted:
                 changed = sorted(
                     k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
@@ -84,7 +86,8 @@ class ProgramStore:
         for index, spec in enumerate(specs):
             meta_path = self.folder / f"{index:03d}.json"
             if meta_path.exists():
-                done[index] = self._load(index, spec, json.loads(meta_path.read_text()))
+                meta = _read_json(meta_path, _RERUN_HINT)
+                done[index] = self._load(index, spec, meta)
         return done
 
     def _load(self, index: int, spec: ProgramSpec, meta: dict[str, Any]) -> ProgramResult:
@@ -99,13 +102,29 @@ class ProgramStore:
                         tuple(meta["separate"]["run_s"]),
                         RunHistory(*(arrays[f"separate.{k}"] for k in RunHistory._fields)),
                     )
-        except (OSError, KeyError, ValueError) as error:
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise ConfigError(f"cannot read {path} ({error}); {_RERUN_HINT}") from None
+        missing = [name for name in _SCALARS if name not in meta]
+        if missing:
             raise ConfigError(
-                f"cannot read {path} ({error}); delete it to run that program again, or use "
-                "--overwrite"
-            ) from None
+                f"{self.folder / f'{index:03d}.json'} lacks {', '.join(missing)}; {_RERUN_HINT}"
+            )
         scalars = {name: meta[name] for name in _SCALARS}
         return ProgramResult(spec=spec, history=history, separate=separate, **scalars)
+
+
+_RERUN_HINT = "delete it to run that program again, or use --overwrite"
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or ConfigError (one line) naming the file and ``hint``."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read {path} ({error}); {hint}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; {hint}")
+    return value
 
 
 def _comparable(settings: BenchmarkSettings) -> dict[str, Any]:

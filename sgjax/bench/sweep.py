@@ -126,8 +126,8 @@ class ProgramSpec:
         return len(self.learning_rates) * len(self.seeds)
 
     def run_seeds(self) -> np.ndarray:
-        """int32 seed of every run."""
-        return np.tile(np.asarray(self.seeds, np.int32), len(self.learning_rates))
+        """uint32 seed of every run (seeds go up to 2**32 - 1)."""
+        return np.tile(np.asarray(self.seeds, np.uint32), len(self.learning_rates))
 
     def run_learning_rates(self) -> np.ndarray:
         """float32 initial learning rate of every run."""
