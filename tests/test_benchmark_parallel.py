@@ -1,14 +1,31 @@
-"""benchmark.py --parallel=layers: every schedule on 1 and 2 simulated devices, in one table."""
+"""benchmark.py --parallel=layers: every schedule on 1 and 2 simulated devices, in one table;
+honest status and exit code when a run diverges or is interrupted."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--modes=bp,cdni", "--batch_size=32", "--hidden_units=16", "--parallel_devices=1"]
+
+
+def _command(tmp_path: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "experiments" / "benchmark.py"),
+        "--parallel=layers",
+        f"--output_dir={tmp_path}",
+        *SMALL,
+        *flags,
+    ]
+
+
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
 
 
 def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
@@ -50,3 +67,72 @@ def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
     assert all(r["examples_per_s"] > 0 for r in rows)
     table = (tmp_path / "table.md").read_text()
     assert "cdni layer-parallel pipeline" in table and "share" in table
+
+
+def test_a_diverging_run_makes_the_comparison_exit_3_and_its_row_is_marked(tmp_path):
+    done = subprocess.run(
+        _command(tmp_path, "--learning_rate=1e8", "--num_steps=6", "--eval_every=2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=ENV,
+    )
+    assert done.returncode == 3, done.stderr
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["status"] == "diverged"
+    statuses = {r["variant"]: r["status"] for r in result["rows"]}
+    assert "diverged" in statuses.values(), statuses
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "diverged" in errors[0], done.stderr
+    table = (tmp_path / "table.md").read_text()
+    assert "Status: diverged" in table and "(diverged:" in table
+
+
+def test_ctrl_c_while_compiling_stops_with_one_line_and_exit_130(tmp_path):
+    """SIGINT as soon as the first run starts compiling: no traceback, no further runs, the
+    stopped row marked, status interrupted, exit 130."""
+    proc = subprocess.Popen(
+        _command(tmp_path, "--num_steps=400", "--eval_every=200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "single device (scanned) on 1 device(s) ..." in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "stopped after step" in err.strip().splitlines()[-1], err
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["status"] == "interrupted"
+    assert [r["status"] for r in result["rows"]] == ["interrupted"]
+    assert "(interrupted:" in (tmp_path / "table.md").read_text()
+
+
+def test_a_second_ctrl_c_while_compiling_stops_at_once_with_one_line(tmp_path):
+    proc = subprocess.Popen(
+        _command(tmp_path, "--num_steps=400", "--eval_every=200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "single device (scanned) on 1 device(s) ..." in line:
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["status"] == "interrupted"
+    assert [r["status"] for r in result["rows"]] == ["interrupted"]

@@ -173,7 +173,6 @@ BAD_INPUTS = {
         ["--parallel=layers", "--mode=bp", "--microbatches=3"],
         "--microbatches",
     ),
-    "resume a pipeline": (["--parallel=layers", "--resume"], "--resume"),
 }
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 
@@ -54,6 +55,20 @@ class BenchmarkRow:
     """Examples/s over the same schedule's examples/s on one device."""
     vs_single: float = math.nan
     """Examples/s over the scanned single-device loop of the same algorithm."""
+    status: str = "completed"
+    """The run's status: a row that is not "completed" is no result (its numbers cover a
+    partial or diverged run and are left out of the speed-ups and the table)."""
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelBenchmark:
+    """The rows and how the comparison ended: "completed", "diverged" (a run diverged; the
+    others still ran) or "interrupted" (no further run was started)."""
+
+    rows: list[BenchmarkRow]
+    status: str
+    message: str = ""
 
 
 def _row(variant: str, schedule: str, config: TrainConfig, result: RunResult) -> BenchmarkRow:
@@ -66,55 +81,116 @@ def _row(variant: str, schedule: str, config: TrainConfig, result: RunResult) ->
         devices=result.num_devices if parallel else 1,
         stage_devices=result.stage_devices if parallel else (),
         examples=examples,
-        examples_per_s=examples / result.train_time_s,
+        examples_per_s=examples / result.train_time_s if result.train_time_s > 0 else math.nan,
         test_accuracy=result.records[-1].test_accuracy if result.records else math.nan,
         compile_s=result.compile_time_s,
         stage_ms=result.stage_ms if parallel else (),
         ideal_speedup=result.ideal_speedup if parallel else math.nan,
+        status=result.status,
+        message=result.message,
     )
+
+
+def _interrupted_row(variant: str, schedule: str, config: TrainConfig) -> BenchmarkRow:
+    """A run stopped before it trained (Ctrl-C while compiling)."""
+    return BenchmarkRow(
+        variant,
+        config.mode,
+        schedule,
+        0,
+        (),
+        0,
+        math.nan,
+        math.nan,
+        math.nan,
+        status="interrupted",
+        message=f"{variant}: interrupted before training",
+    )
+
+
+class _Plan(NamedTuple):
+    variant: str
+    kind: str
+    """``single`` or a ``sgjax.parallel.layers.KINDS`` entry."""
+    config: TrainConfig
+    microbatches: int = 1
+    devices: int = 1
 
 
 def run_parallel_benchmark(
     settings: ParallelBenchmarkSettings,
     dataset: Dataset,
     log: Callable[[str], None] = print,
-) -> list[BenchmarkRow]:
-    """Train every variant once; rows in the order bp single, model-parallel, GPipe, sg single,
-    sg pipeline (device counts ascending), with speed-ups filled in."""
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> ParallelBenchmark:
+    """Train every variant once; rows in the order bp single, sg single, then model-parallel,
+    GPipe and the sg pipeline (device counts ascending), with speed-ups filled in.
+
+    ``stop_requested()`` stops the run in progress after its current period and starts no
+    further run; Ctrl-C (``KeyboardInterrupt``, also while compiling) does the same at once.
+    """
     counts = sorted({n for n in settings.device_counts if n <= len(jax.local_devices())})
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
-    plans: list[tuple[str, str, TrainConfig, int]] = [
-        ("bp model-parallel", "bp_model_parallel", settings.bp, 1),
-        (f"bp GPipe M={settings.microbatches}", "bp_gpipe", settings.bp, settings.microbatches),
-        (f"{settings.sg.mode} layer-parallel pipeline", "sg_pipeline", settings.sg, 1),
+    sg, bp, micro = settings.sg, settings.bp, settings.microbatches
+    plans = [
+        _Plan("bp single device (scanned)", "single", bp),
+        _Plan(f"{sg.mode} single device (scanned)", "single", sg),
+        *(_Plan("bp model-parallel", "bp_model_parallel", bp, 1, n) for n in counts),
+        *(_Plan(f"bp GPipe M={micro}", "bp_gpipe", bp, micro, n) for n in counts),
+        *(_Plan(f"{sg.mode} layer-parallel pipeline", "sg_pipeline", sg, 1, n) for n in counts),
     ]
     rows: list[BenchmarkRow] = []
-    for config, variant in ((settings.bp, "bp"), (settings.sg, settings.sg.mode)):
-        log(f"{variant}: single device, scanned loop ...")
-        result = train_and_evaluate(config, dataset, log=quiet)
-        rows.append(_row(f"{variant} single device (scanned)", "single", config, result))
-    for variant, kind, config, micro in plans:
-        for n in counts:
-            log(f"{variant} on {n} device(s) ...")
-            result = train_layer_parallel(
-                config,
-                dataset,
-                kind=kind,
-                num_devices=n,
-                microbatches=micro,
-                log=quiet,
-                stage_timing_repeats=settings.timing_repeats,
+    for variant, kind, config, microbatches, devices in plans:
+        if stop_requested():
+            return ParallelBenchmark(
+                _with_speedups(rows),
+                "interrupted",
+                f"stopped before {variant} on {devices} device(s)",
             )
-            rows.append(_row(variant, kind, config, result))
-    return _with_speedups(rows)
+        try:
+            log(f"{variant} on {devices} device(s) ...")
+            if kind == "single":
+                result = train_and_evaluate(
+                    config, dataset, log=quiet, stop_requested=stop_requested
+                )
+            else:
+                result = train_layer_parallel(
+                    config,
+                    dataset,
+                    kind=kind,
+                    num_devices=devices,
+                    microbatches=microbatches,
+                    log=quiet,
+                    stop_requested=stop_requested,
+                    stage_timing_repeats=settings.timing_repeats,
+                )
+        except KeyboardInterrupt:
+            rows.append(_interrupted_row(variant, kind, config))
+            break
+        rows.append(_row(variant, kind, config, result))
+        if result.status != "completed":
+            log(f"{variant}: {result.status}: {result.message}")
+        if result.status == "interrupted":
+            break
+    return ParallelBenchmark(_with_speedups(rows), *_status(rows))
+
+
+def _status(rows: Sequence[BenchmarkRow]) -> tuple[str, str]:
+    """The benchmark's status: interrupted over diverged over completed."""
+    for status in ("interrupted", "diverged"):
+        bad = [r for r in rows if r.status == status]
+        if bad:
+            return status, "; ".join(f"{r.variant}: {r.message}" for r in bad)
+    return "completed", ""
 
 
 def _with_speedups(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
-    single = {r.algorithm: r.examples_per_s for r in rows if r.schedule == "single"}
-    one_device = {r.schedule: r.examples_per_s for r in rows if r.devices == 1}
+    done = [r for r in rows if r.status == "completed"]
+    single = {r.algorithm: r.examples_per_s for r in done if r.schedule == "single"}
+    one_device = {r.schedule: r.examples_per_s for r in done if r.devices == 1}
     out = []
     for r in rows:
-        if r.schedule == "single":
+        if r.schedule == "single" or r.status != "completed":
             out.append(r)
             continue
         out.append(
@@ -147,6 +223,9 @@ def table_lines(rows: Sequence[BenchmarkRow]) -> list[str]:
     ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
+        if r.status != "completed":
+            lines.append(f"| {r.variant} ({r.status}: {r.message}) |" + " - |" * 9)
+            continue
         cells = [
             r.variant,
             str(r.devices),

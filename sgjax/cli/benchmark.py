@@ -14,6 +14,7 @@ import jax
 from absl import flags
 
 from sgjax.bench.parallel import (
+    ParallelBenchmark,
     ParallelBenchmarkSettings,
     notes,
     run_parallel_benchmark,
@@ -178,7 +179,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
 
 def run(
     fv: flags.FlagValues, log: Callable[[str], None] = print
-) -> tuple[BenchmarkResult, BenchmarkFiles | None, int | None]:
+) -> tuple[BenchmarkResult | ParallelBenchmark, BenchmarkFiles | None, int | None]:
     """Flags -> settings -> data -> programs -> files (written by process 0 only).
 
     Bad input prints one line and exits with code 2 before any training. Returns the result,
@@ -254,8 +255,9 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
 
 def run_layer_parallel(
     fv: flags.FlagValues, log: Callable[[str], None]
-) -> tuple[None, BenchmarkFiles | None, int | None]:
-    """--parallel=layers: run the comparison and write table.md and benchmark.json."""
+) -> tuple[ParallelBenchmark, BenchmarkFiles | None, int | None]:
+    """--parallel=layers: run the comparison and write table.md and benchmark.json (with the
+    comparison's status; rows of runs that did not complete are marked, not tabulated)."""
     try:
         settings = parallel_settings_from_flags(fv)
         dataset = load_dataset(settings.bp.dataset, settings.bp.data_dir)
@@ -264,15 +266,19 @@ def run_layer_parallel(
     except (ConfigError, DataError, OutputError) as error:
         fail(str(error))
     log(f"data: {dataset.reason}")
-    rows = run_parallel_benchmark(settings, dataset, log=log)
+    with StopRequest() as stop:
+        result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
     table = folder / "table.md"
     lines = ["# Layer-parallel training: backprop vs. synthetic gradients", ""]
-    table.write_text("\n".join([*lines, *table_lines(rows), "", *notes(settings)]) + "\n")
+    if result.status != "completed":
+        lines += [f"Status: {result.status} ({result.message})", ""]
+    table.write_text("\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n")
     json_path = folder / "benchmark.json"
     write_json_atomic(
         json_path,
         {
-            "status": "completed",
+            "status": result.status,
+            "message": result.message,
             "parallel": True,
             "settings": {
                 "sg": settings.sg.to_dict(),
@@ -283,10 +289,10 @@ def run_layer_parallel(
             "device": device_info(),
             "versions": versions(),
             "dataset": dataset.describe(),
-            "rows": [dataclasses.asdict(row) for row in rows],
+            "rows": [dataclasses.asdict(row) for row in result.rows],
         },
     )
-    return None, ParallelFiles(table, json_path), None
+    return result, ParallelFiles(table, json_path), stop.signal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +311,4 @@ def main(fv: flags.FlagValues) -> int:
         print(files.table.read_text(), flush=True)
         print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
     print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
-    if result is None:  # --parallel=layers
-        return 0
     return report_status(result.status, result.message, Path(fv.output_dir), signum)

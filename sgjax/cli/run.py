@@ -106,7 +106,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         config.validate()
         if config.parallel == "layers":
-            _check_parallel(config, resume)
+            _check_parallel(config)
         dataset = load_dataset(config.dataset, config.data_dir)
         check_fits(config, dataset)
         output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
@@ -139,6 +139,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
                     microbatches=config.microbatches,
                     on_record=metrics.write,
                     stop_requested=stop,
+                    start=start,
+                    save_checkpoint=save if config.resolved_checkpoint_every else None,
                     stage_timing_repeats=STAGE_TIMING_REPEATS,
                 )
             else:
@@ -176,18 +178,14 @@ def check_fits(config: TrainConfig, dataset: Dataset) -> None:
         )
 
 
-def _check_parallel(config: TrainConfig, resume: bool) -> None:
+def _check_parallel(config: TrainConfig) -> None:
     """Refuse layer-parallel settings that cannot run, before any file is written."""
-    if resume:
-        raise ConfigError(
-            "--resume is not available with --parallel=layers (the pipeline keeps no "
-            "checkpoints); start again with --overwrite"
-        )
-    from sgjax.parallel.layers import parallel_kind, validate_parallel
+    from sgjax.parallel.layers import num_pipeline_stages, parallel_kind, validate_parallel
     from sgjax.parallel.stages import stage_devices
 
-    validate_parallel(config, parallel_kind(config.mode, config.microbatches), config.microbatches)
-    stage_devices(config.hidden_layers + 1, _parallel_devices(config))
+    kind = parallel_kind(config.mode, config.microbatches)
+    validate_parallel(config, kind, config.microbatches)
+    stage_devices(num_pipeline_stages(config, kind), _parallel_devices(config))
 
 
 def _parallel_devices(config: TrainConfig) -> int:

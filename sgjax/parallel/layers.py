@@ -10,18 +10,19 @@ same minibatches (minibatch b is ``sample_batch(fold_in(key, b), ...)``):
   stages as a pipeline, gradients accumulated, one update per minibatch
   (``sgjax.parallel.bp_pipeline``).
 
-Stages are the hidden blocks then the output layer, grouped evenly over ``num_devices`` devices.
-Records are written every ``eval_every`` minibatches *that reached the output layer*; in the sg
-pipeline the earlier blocks are then up to L minibatches ahead, and the last record follows the
-drain, when every layer and module has trained on all N minibatches.
+Pipeline stages (the ``Trainer``'s groups for sg, its stages for bp; for the MLP: the hidden
+blocks, then the output layer) are grouped evenly over ``num_devices`` devices. The run is the
+single-device loop's (``train_and_evaluate``) driving a ``PipelineEngine``. Records are written
+every ``eval_every`` minibatches *that reached the last stage*; in the sg pipeline the earlier
+groups are then up to L minibatches ahead, and the last record follows the drain, when every
+group and module has trained on all N minibatches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +32,19 @@ from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
 from sgjax.parallel.bp_pipeline import BackpropPipeline
 from sgjax.parallel.sg_pipeline import SgPipeline
-from sgjax.parallel.stages import Engine, ideal_speedup, stage_devices
+from sgjax.parallel.stages import Pipeline, ideal_speedup, stage_devices
 from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import (
     EvalRecord,
+    PeriodMetrics,
+    Resume,
     RunResult,
+    SaveCheckpoint,
     TrainState,
-    chunk_lengths,
     evaluate_state,
     init_train_state,
-    progress_line,
-    schedule_for,
+    train_and_evaluate,
 )
 from sgjax.training.model import trainer_for
 
@@ -107,21 +110,75 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
         )
 
 
-def make_engine(
+def make_pipeline(
     config: TrainConfig,
     data: DeviceData,
-    initial: TrainState,
+    start: TrainState,
     kind: str,
     devices: tuple[jax.Device, ...],
     microbatches: int = 1,
-) -> Engine:
-    """The schedule ``kind`` over ``devices`` (one per stage), starting from ``initial``."""
-    trainer = trainer_for(config)
+    inflight: Mapping[str, Any] | None = None,
+) -> Pipeline:
+    """The schedule ``kind`` over ``devices`` (one per pipeline stage), continuing ``start``."""
+    trainer, step = trainer_for(config), int(start.step)
     if kind == "sg_pipeline":
-        return SgPipeline(trainer, config, data, devices, initial.model, initial.key)
+        return SgPipeline(
+            trainer, config, data, devices, start.model, start.key, step=step, inflight=inflight
+        )
     return BackpropPipeline(
-        trainer, config, data, devices, initial.model, initial.key, microbatches
+        trainer, config, data, devices, start.model, start.key, microbatches, step=step
     )
+
+
+class PipelineEngine:
+    """A layer-parallel schedule as an ``Engine`` of the training loop: one ``advance`` per
+    evaluation period; the state is gathered on the first stage's device."""
+
+    def __init__(
+        self, config: TrainConfig, pipeline: Pipeline, data: DeviceData, start: TrainState
+    ):
+        self.config = config
+        self.pipeline = pipeline
+        self.max_chunk = config.eval_every
+        self.data = data
+        self.home = pipeline.devices[0]
+        self._key = start.key
+        self._done = int(start.step)
+        self._evaluate: jax.stages.Compiled | None = None
+
+    def compile(self, chunk_lengths: Collection[int]) -> None:
+        del chunk_lengths  # the stage functions do not depend on them
+        self.pipeline.compile()
+        self._evaluate = (
+            jax.jit(evaluate_state, static_argnums=0)
+            .lower(self.config, self.state(), self.data)
+            .compile()
+        )
+
+    def advance(self, steps: int) -> ChunkMetrics:
+        window = self.pipeline.advance(self._done + steps)
+        self.pipeline.block_until_ready()
+        window = jax.device_get(window)
+        self._done += steps
+        # One loss per minibatch, or per microbatch (GPipe): their mean stands for each step.
+        return ChunkMetrics(
+            steps,
+            steps * float(np.mean(window.loss)),
+            steps * float(np.mean(window.accuracy)),
+            tuple(float(np.sum(values)) for values in window.sg_loss),
+            tuple(len(values) for values in window.sg_loss),
+        )
+
+    def state(self) -> TrainState:
+        step = jnp.asarray(self._done, jnp.int32)
+        return TrainState(self.pipeline.model_state(self.home), step, self._key)
+
+    def evaluate(self) -> tuple[float, float]:
+        loss, accuracy = jax.device_get(self._evaluate(self.state(), self.data))
+        return float(loss), float(accuracy)
+
+    def inflight(self) -> dict[str, jax.Array]:
+        return self.pipeline.inflight()
 
 
 def train_layer_parallel(
@@ -134,108 +191,48 @@ def train_layer_parallel(
     log: Callable[[str], None] = print,
     on_record: Callable[[EvalRecord], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    start: Resume | None = None,
+    save_checkpoint: SaveCheckpoint | None = None,
     stage_timing_repeats: int = 0,
     devices: list[jax.Device] | None = None,
 ) -> ParallelRunResult:
     """Train ``config`` with the layer-parallel schedule ``kind`` on ``num_devices`` devices.
 
-    Like ``sgjax.training.loop.train_and_evaluate``: every stage function (and the evaluation)
-    is compiled first and its time reported apart; records every ``eval_every`` minibatches;
-    status "completed", "diverged" (a non-finite loss) or "interrupted" (``stop_requested()``,
-    Ctrl-C). There are no checkpoints (minibatches are in flight between evaluations).
+    The loop is ``sgjax.training.loop.train_and_evaluate`` driving a ``PipelineEngine``: the
+    same records (every ``eval_every`` minibatches that reached the last stage), statuses, stop
+    requests and checkpoints (``start`` resumes one; the sg pipeline's minibatches in flight are
+    saved with it, so a resumed run computes exactly what an uninterrupted one does).
     ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``).
     """
     config.validate()
     validate_parallel(config, kind, microbatches)
     placement = stage_devices(num_pipeline_stages(config, kind), num_devices, devices)
-    home = placement[0]
-    data = to_device(dataset, home)
-    initial = jax.jit(init_train_state, static_argnums=0)(config)
-    engine = make_engine(config, data, initial, kind, placement, microbatches)
+    data = to_device(dataset, placement[0])
+    if start is None:
+        initial = jax.jit(init_train_state, static_argnums=0)(config)
+        start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
+    pipeline = make_pipeline(
+        config, data, start.state, kind, placement, microbatches, start.inflight
+    )
     log(
         f"{kind}: stages on devices {[d.id for d in placement]} "
         f"({len(set(placement))} of {len(jax.local_devices())})"
     )
-
-    start = time.perf_counter()
-    engine.compile()
-    evaluate = jax.jit(evaluate_state, static_argnums=0).lower(config, initial, data).compile()
-    compile_time = time.perf_counter() - start
-    log(f"compiled the stage functions and the evaluation in {compile_time:.1f} s")
-
-    schedule = schedule_for(config)
-    records: list[EvalRecord] = []
-    train_time = eval_time = 0.0
-    done = 0
-    status, message = "completed", ""
-    try:
-        for n in chunk_lengths(config.num_steps, config.eval_every):
-            begin = time.perf_counter()
-            window = engine.advance(done + n)
-            engine.block_until_ready()
-            window = jax.device_get(window)
-            train_time += time.perf_counter() - begin
-            done += n
-
-            begin = time.perf_counter()
-            current = initial._replace(model=engine.model_state(home))
-            test_loss, test_acc = jax.device_get(evaluate(current, data))
-            eval_time += time.perf_counter() - begin
-
-            record = EvalRecord(
-                step=done,
-                learning_rate=float(schedule(done - 1)),
-                train_loss=_mean(window.loss),
-                train_accuracy=_mean(window.accuracy),
-                test_loss=float(test_loss),
-                test_accuracy=float(test_acc),
-                sg_loss=tuple(_mean(values) for values in window.sg_loss),
-                elapsed_s=train_time + eval_time,
-            )
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
-            log(progress_line(record, config.num_steps, done / train_time))
-            message = _divergence(record, [bool(v) for v in window.sg_loss])
-            if message:
-                status = "diverged"
-                break
-            if stop_requested() and done < config.num_steps:
-                status, message = "interrupted", f"stopped after step {done}"
-                break
-    except KeyboardInterrupt:
-        status, message = "interrupted", f"interrupted after step {done}"
-
-    state = TrainState(engine.model_state(home), jnp.asarray(done, jnp.int32), initial.key)
-    stage_ms = engine.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else ()
+    result = train_and_evaluate(
+        config,
+        dataset,
+        on_record=on_record,
+        log=log,
+        start=start,
+        save_checkpoint=save_checkpoint,
+        stop_requested=stop_requested,
+        engine=PipelineEngine(config, pipeline, data, start.state),
+    )
+    stage_ms = pipeline.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else ()
     return ParallelRunResult(
-        state=state,
-        records=records,
-        status=status,
-        compile_time_s=compile_time,
-        train_time_s=train_time,
-        eval_time_s=eval_time,
-        steps_done=done,
-        message=message,
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)},
         kind=kind,
-        stage_devices=engine.state_devices(),
+        stage_devices=pipeline.state_devices(),
         microbatches=microbatches,
         stage_ms=stage_ms,
     )
-
-
-def _mean(values: list) -> float:
-    return float(np.mean(values)) if values else math.nan
-
-
-def _divergence(record: EvalRecord, sg_updated: list[bool]) -> str:
-    """A one-line description of the first non-finite training quantity, or ''.
-
-    A module without an update in the period (possible with ``eval_every`` < 2) has no loss.
-    """
-    if not math.isfinite(record.train_loss):
-        return f"training loss became {record.train_loss} by step {record.step}"
-    for layer, (value, updated) in enumerate(zip(record.sg_loss, sg_updated, strict=True), 1):
-        if updated and not math.isfinite(value):
-            return f"synthetic-gradient loss of layer {layer} became {value} by step {record.step}"
-    return ""

@@ -253,11 +253,11 @@ class SgPipeline:
         out: dict[str, jax.Array] = {}
         for k, fifo in enumerate(self._fifo):
             for n, acts in enumerate(fifo):
-                out[f"fifo.{k}.{n}.h"], out[f"fifo.{k}.{n}.labels"] = acts
+                out[f"fifo_{k}_{n}_h"], out[f"fifo_{k}_{n}_labels"] = acts
         for k, acts in self._inbox.items():
-            out[f"inbox.{k}.h"], out[f"inbox.{k}.labels"] = acts
+            out[f"inbox_{k}_h"], out[f"inbox_{k}_labels"] = acts
         for k, target in self._targets.items():
-            out[f"target.{k}"] = target
+            out[f"target_{k}"] = target
         return out
 
     def _restore_inflight(self, inflight: Mapping[str, jax.Array]) -> None:
@@ -266,17 +266,17 @@ class SgPipeline:
 
         fifo_sizes: dict[int, int] = collections.Counter()
         for name in inflight:
-            kind, k, *rest = name.split(".")
+            kind, k, *rest = name.split("_")
             k = int(k)
             if kind == "fifo" and rest[-1] == "h":
                 fifo_sizes[k] += 1
             elif kind == "inbox" and rest == ["h"]:
-                self._inbox[k] = Activations(put(name, k), put(f"inbox.{k}.labels", k))
+                self._inbox[k] = Activations(put(name, k), put(f"inbox_{k}_labels", k))
             elif kind == "target":
                 self._targets[k] = put(name, k)
         for k, size in fifo_sizes.items():
             self._fifo[k].extend(
-                Activations(put(f"fifo.{k}.{n}.h", k), put(f"fifo.{k}.{n}.labels", k))
+                Activations(put(f"fifo_{k}_{n}_h", k), put(f"fifo_{k}_{n}_labels", k))
                 for n in range(size)
             )
 

@@ -49,8 +49,9 @@ class WindowMetrics(NamedTuple):
     sg_loss: tuple[list[jax.Array], ...]
 
 
-class Engine(Protocol):
-    """A layer-parallel schedule driven from the host (``sgjax.parallel.layers`` runs one)."""
+class Pipeline(Protocol):
+    """A layer-parallel schedule driven from the host (``sgjax.parallel.layers.PipelineEngine``
+    makes one an ``Engine`` of the training loop)."""
 
     devices: tuple[jax.Device, ...]
     """The device of every stage (hidden blocks, then the output layer)."""
@@ -67,6 +68,9 @@ class Engine(Protocol):
 
     def model_state(self, device: jax.Device) -> TrainerState:
         """The whole model state (as the single-device step keeps it), copied to ``device``."""
+
+    def inflight(self) -> dict[str, jax.Array]:
+        """Minibatches in flight, by name (what a pipeline built with them needs to continue)."""
 
     def state_devices(self) -> tuple[int, ...]:
         """Id of the device holding each stage's current state (the one its steps ran on)."""

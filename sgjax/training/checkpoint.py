@@ -56,15 +56,13 @@ class Checkpointer:
             "period": dataclasses.asdict(point.period),
             "train_time_s": point.train_time_s,
             "eval_time_s": point.eval_time_s,
+            "inflight": sorted(point.inflight or {}),
         }
         step = int(point.state.step)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(point.state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        items = dict(state=ocp.args.StandardSave(point.state), meta=ocp.args.JsonSave(meta))
+        if point.inflight:  # an engine's work in flight (the sg pipeline's), by name
+            items["inflight"] = ocp.args.StandardSave(dict(point.inflight))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
 
     def restore(self, config: TrainConfig, template: TrainState, step: int | None = None) -> Resume:
@@ -99,8 +97,23 @@ class Checkpointer:
                 "delete it to resume from an earlier one, or start again with --overwrite"
             ) from None
         records = [EvalRecord(**(r | {"sg_loss": tuple(r["sg_loss"])})) for r in meta["records"]]
-        period = PeriodMetrics(**(meta["period"] | {"sg_loss": tuple(meta["period"]["sg_loss"])}))
-        return Resume(restored, records, period, meta["train_time_s"], meta["eval_time_s"])
+        saved = meta["period"]
+        period = PeriodMetrics(
+            **(
+                saved
+                | {
+                    "sg_loss": tuple(saved["sg_loss"]),
+                    "sg_updates": tuple(saved.get("sg_updates", ())),
+                }
+            )
+        )
+        inflight = None
+        if meta.get("inflight"):
+            inflight = self._manager.restore(
+                step, args=ocp.args.Composite(inflight=ocp.args.StandardRestore())
+            )["inflight"]
+        times = (meta["train_time_s"], meta["eval_time_s"])
+        return Resume(restored, records, period, *times, inflight)
 
     def close(self) -> None:
         self._manager.close()

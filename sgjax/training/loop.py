@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from sgjax.core.trainer import StepMetrics, TrainerState
 from sgjax.data.device import DeviceData, sample_batch, scale_images, to_device
 from sgjax.data.sources import Dataset
 from sgjax.training.config import TrainConfig
+from sgjax.training.engine import ChunkMetrics, Engine
 from sgjax.training.model import SAMPLE_SHAPE, trainer_for
 
 
@@ -76,28 +77,52 @@ class RunResult:
 
 @dataclasses.dataclass
 class PeriodMetrics:
-    """Step-weighted sums of the training metrics since the last evaluation."""
+    """Sums of the training metrics since the last evaluation (per step; the synthesizers' per
+    update when an engine counts their updates apart, ``sg_updates``)."""
 
     steps: int = 0
     loss: float = 0.0
     accuracy: float = 0.0
     sg_loss: tuple[float, ...] = ()
+    sg_updates: tuple[int, ...] = ()
+    """Synthesizer updates that ``sg_loss`` sums, per boundary; empty: one per step."""
 
     def add(self, steps: int, metrics: StepMetrics) -> None:
         """Add a chunk's mean metrics, weighted by its number of steps."""
-        sg = tuple(steps * float(v) for v in np.asarray(metrics.sg_loss))
+        self.merge(chunk_sums(steps, metrics))
+
+    def merge(self, chunk: ChunkMetrics) -> None:
+        """Add an engine's sums for one ``advance``."""
+        sg = chunk.sg_loss
         if self.sg_loss:
             sg = tuple(a + b for a, b in zip(self.sg_loss, sg, strict=True))
         self.sg_loss = sg
-        self.loss += steps * float(metrics.loss)
-        self.accuracy += steps * float(metrics.accuracy)
-        self.steps += steps
+        if chunk.sg_updates is not None:
+            before = self.sg_updates or (0,) * len(chunk.sg_updates)
+            self.sg_updates = tuple(a + b for a, b in zip(before, chunk.sg_updates, strict=True))
+        self.loss += chunk.loss
+        self.accuracy += chunk.accuracy
+        self.steps += chunk.steps
 
     def mean(self, name: str) -> float | tuple[float, ...]:
         value = getattr(self, name)
+        if name == "sg_loss" and self.sg_updates:
+            return tuple(
+                v / n if n else math.nan for v, n in zip(value, self.sg_updates, strict=True)
+            )
         if isinstance(value, tuple):
             return tuple(v / self.steps for v in value)
         return value / self.steps
+
+
+def chunk_sums(steps: int, metrics: StepMetrics) -> ChunkMetrics:
+    """A chunk's mean metrics (as the compiled chunk returns them) as sums over its steps."""
+    return ChunkMetrics(
+        steps,
+        steps * float(metrics.loss),
+        steps * float(metrics.accuracy),
+        tuple(steps * float(v) for v in np.asarray(metrics.sg_loss)),
+    )
 
 
 class Resume(NamedTuple):
@@ -108,6 +133,8 @@ class Resume(NamedTuple):
     period: PeriodMetrics
     train_time_s: float
     eval_time_s: float
+    inflight: Mapping[str, Any] | None = None
+    """An engine's work in flight (``Engine.inflight``); None or empty for most engines."""
 
 
 SaveCheckpoint = Callable[[Resume], None]
@@ -267,6 +294,44 @@ def progress_line(record: EvalRecord, num_steps: int, steps_per_s: float) -> str
     return line + f" | {steps_per_s:,.0f} steps/s | ETA {_format_eta(eta)}"
 
 
+class ScanEngine:
+    """The single-device engine: compiled ``lax.scan`` chunks of ``config.chunk_steps`` at most."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, state: TrainState) -> None:
+        self.config = config
+        self.max_chunk = config.chunk_steps
+        self.data = to_device(dataset)
+        self._state = state
+        self._chunks: dict[int, jax.stages.Compiled] = {}
+        self._evaluate: jax.stages.Compiled | None = None
+
+    def compile(self, chunk_lengths: Collection[int]) -> None:
+        state, data = self._state, self.data
+        self._chunks = {
+            n: jax.jit(make_run_chunk(self.config, n), donate_argnums=0)
+            .lower(state, data)
+            .compile()
+            for n in sorted(set(chunk_lengths))
+        }
+        self._evaluate = (
+            jax.jit(evaluate_state, static_argnums=0).lower(self.config, state, data).compile()
+        )
+
+    def advance(self, steps: int) -> ChunkMetrics:
+        self._state, metrics = self._chunks[steps](self._state, self.data)
+        return chunk_sums(steps, jax.device_get(metrics))
+
+    def state(self) -> TrainState:
+        return self._state
+
+    def evaluate(self) -> tuple[float, float]:
+        loss, accuracy = jax.device_get(self._evaluate(self._state, self.data))
+        return float(loss), float(accuracy)
+
+    def inflight(self) -> dict[str, Any]:
+        return {}
+
+
 def train_and_evaluate(
     config: TrainConfig,
     dataset: Dataset,
@@ -276,63 +341,68 @@ def train_and_evaluate(
     start: Resume | None = None,
     save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    engine: Engine | None = None,
 ) -> RunResult:
     """Run ``config`` on ``dataset``: compile every chunk shape first, then train and evaluate.
 
-    Chunks are at most ``config.chunk_steps`` long (``chunk_plan``); between evaluations each chunk
-    prints a progress line. ``start`` resumes from a checkpoint (a chunk boundary, so the rest of
-    the run is exactly what an uninterrupted run computes). ``on_record`` receives each
-    evaluation row as soon as it exists; ``save_checkpoint`` is called every
-    ``config.resolved_checkpoint_every`` steps, at the end, and when ``stop_requested()`` turns
-    true after a chunk (status "interrupted"). A non-finite loss ends the run at the end of that
-    chunk with status "diverged" and a last record, without checkpointing the bad state; a
-    ``KeyboardInterrupt`` ends it at once with status "interrupted".
+    ``engine`` runs the steps (default: ``ScanEngine`` from ``start``; a layer-parallel engine
+    must be built from the same ``start``). Evaluation periods are cut into chunks of at most
+    ``engine.max_chunk`` steps (``chunk_plan``); between evaluations each chunk prints a progress
+    line. ``start`` resumes from a checkpoint (a chunk boundary, so the rest of the run is
+    exactly what an uninterrupted run computes). ``on_record`` receives each evaluation row as
+    soon as it exists; ``save_checkpoint`` is called every ``config.resolved_checkpoint_every``
+    steps, at the end, and when ``stop_requested()`` turns true after a chunk (status
+    "interrupted"). A non-finite loss ends the run at the end of that chunk with status
+    "diverged" and a last record, without checkpointing the bad state; a ``KeyboardInterrupt``
+    (also while compiling) ends it at once with status "interrupted".
     """
-    data = to_device(dataset)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
         start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
-    state, period = start.state, dataclasses.replace(start.period)
+    if engine is None:
+        engine = ScanEngine(config, dataset, start.state)
+    period = dataclasses.replace(start.period)
     records = list(start.records)
-    steps_done = int(state.step)
+    steps_done = int(start.state.step)
     schedule = schedule_for(config)
     every = config.resolved_checkpoint_every
-
-    plan = chunk_plan(steps_done, config.num_steps, config.eval_every, config.chunk_steps)
-    compile_start = time.perf_counter()
-    compiled = {
-        n: jax.jit(make_run_chunk(config, n), donate_argnums=0).lower(state, data).compile()
-        for n in sorted(set(plan))
-    }
-    evaluate_compiled = (
-        jax.jit(evaluate_state, static_argnums=0).lower(config, state, data).compile()
-    )
-    compile_time = time.perf_counter() - compile_start
-    log(f"compiled {len(compiled)} chunk shape(s) and the evaluation in {compile_time:.1f} s")
-
     train_time, eval_time = start.train_time_s, start.eval_time_s
+    compile_time = 0.0
+
+    def result(status: str, message: str) -> RunResult:
+        times = (compile_time, train_time, eval_time)
+        return RunResult(engine.state(), records, status, *times, steps_done, message)
+
+    plan = chunk_plan(steps_done, config.num_steps, config.eval_every, engine.max_chunk)
+    compile_start = time.perf_counter()
+    try:
+        engine.compile(set(plan))
+    except KeyboardInterrupt:
+        return result("interrupted", f"interrupted while compiling, at step {steps_done}")
+    compile_time = time.perf_counter() - compile_start
+    log(f"compiled {len(set(plan))} chunk shape(s) and the evaluation in {compile_time:.1f} s")
+
     session_steps, session_time = 0, 0.0
     status, message = "completed", ""
     try:
         for n in plan:
             begin = time.perf_counter()
-            state, metrics = compiled[n](state, data)
-            metrics = jax.device_get(metrics)
+            chunk = engine.advance(n)
             elapsed = time.perf_counter() - begin
             train_time += elapsed
             session_time += elapsed
             steps_done += n
             session_steps += n
-            period.add(n, metrics)
+            period.merge(chunk)
             speed = session_steps / session_time
 
             at_eval = steps_done % config.eval_every == 0 or steps_done == config.num_steps
             message = _divergence(period, steps_done)
             if not (at_eval or message):
-                log(_chunk_line(steps_done, config.num_steps, metrics, speed))
+                log(_chunk_line(steps_done, config.num_steps, chunk, speed))
             else:
                 begin = time.perf_counter()
-                test_loss, test_acc = jax.device_get(evaluate_compiled(state, data))
+                test_loss, test_acc = engine.evaluate()
                 eval_time += time.perf_counter() - begin
                 record = EvalRecord(
                     step=steps_done,
@@ -356,23 +426,25 @@ def train_and_evaluate(
             last = steps_done == config.num_steps
             due = at_eval and every and steps_done % every == 0
             if save_checkpoint is not None and (last or stopping or due):
-                save_checkpoint(Resume(state, records, period, train_time, eval_time))
+                save_checkpoint(
+                    Resume(
+                        engine.state(), records, period, train_time, eval_time, engine.inflight()
+                    )
+                )
             if stopping and not last:
                 status, message = "interrupted", f"stopped after step {steps_done}"
                 break
     except KeyboardInterrupt:
         status, message = "interrupted", f"interrupted after step {steps_done}"
-    return RunResult(
-        state, records, status, compile_time, train_time, eval_time, steps_done, message
-    )
+    return result(status, message)
 
 
-def _chunk_line(step: int, num_steps: int, metrics: StepMetrics, steps_per_s: float) -> str:
+def _chunk_line(step: int, num_steps: int, chunk: ChunkMetrics, steps_per_s: float) -> str:
     """Progress between evaluations: the chunk's mean training metrics, speed and ETA."""
     eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
     return (
-        f"step {step:>7d}/{num_steps} | loss {float(metrics.loss):.4f} "
-        f"acc {float(metrics.accuracy):.4f} (last chunk) | {steps_per_s:,.0f} steps/s | "
+        f"step {step:>7d}/{num_steps} | loss {chunk.loss / chunk.steps:.4f} "
+        f"acc {chunk.accuracy / chunk.steps:.4f} (last chunk) | {steps_per_s:,.0f} steps/s | "
         f"ETA {_format_eta(eta)}"
     )
 
@@ -381,7 +453,8 @@ def _divergence(period: PeriodMetrics, step: int) -> str:
     """A one-line description of the first non-finite training quantity, or ''."""
     if not math.isfinite(period.loss):
         return f"training loss became {period.mean('loss')} by step {step}"
-    for layer, value in enumerate(period.mean("sg_loss"), start=1):
-        if not math.isfinite(value):
+    updated = period.sg_updates or (1,) * len(period.sg_loss)
+    for layer, (value, n) in enumerate(zip(period.mean("sg_loss"), updated, strict=True), start=1):
+        if n and not math.isfinite(value):
             return f"synthetic-gradient loss of layer {layer} became {value} by step {step}"
     return ""
