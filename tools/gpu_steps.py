@@ -2,9 +2,10 @@
 
   python tools/gpu_steps.py CALIBRATION/benchmark.json --budget_s=70 --full_steps=500000
 
-Prints one tab-separated line per mode, ``mode num_steps eval_every note``: the full run when its measured
-time per step fits the budget, else the longest run (a multiple of 10 evaluation periods) that
-does, with a note saying so. The schedule keeps its shape (decays at 60% and 80% of the run).
+Prints one tab-separated line per mode, ``mode num_steps eval_every note``: the full run when its
+measured time per step fits the budget, else the longest run (a multiple of 10 evaluation
+periods) that does, with a note saying so. The schedule keeps its shape (decays at 60% and
+80% of the run).
 """
 
 from __future__ import annotations
