@@ -311,4 +311,10 @@ def main(fv: flags.FlagValues) -> int:
         print(files.table.read_text(), flush=True)
         print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
     print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
-    return report_status(result.status, result.message, Path(fv.output_dir), signum)
+    return report_status(
+        result.status,
+        result.message,
+        Path(fv.output_dir),
+        signum,
+        resumable=fv.parallel != "layers",
+    )

@@ -210,8 +210,13 @@ def _resume_point(checkpointer: Checkpointer, config: TrainConfig) -> Resume | N
     return checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
 
 
-def report_status(status: str, message: str, output_dir: Path, signum: int | None) -> int:
-    """Say how a run ended (one line on stderr unless completed); returns the exit code."""
+def report_status(
+    status: str, message: str, output_dir: Path, signum: int | None, resumable: bool = True
+) -> int:
+    """Say how a run ended (one line on stderr unless completed); returns the exit code.
+
+    ``resumable=False`` (the layer-parallel benchmark) says to start again instead of printing
+    a resume command that would be refused."""
     if status == "diverged":
         print(
             f"error: run diverged: {message}; results so far and the last good checkpoint are "
@@ -221,10 +226,11 @@ def report_status(status: str, message: str, output_dir: Path, signum: int | Non
         )
         return EXIT_DIVERGED
     if status == "interrupted":
-        print(
-            f"{message}; results so far in {output_dir}; resume with: {resume_command(sys.argv)}",
-            file=sys.stderr,
-            flush=True,
+        how = (
+            f"resume with: {resume_command(sys.argv)}"
+            if resumable
+            else "this comparison cannot be resumed; run it again with --overwrite"
         )
+        print(f"{message}; results so far in {output_dir}; {how}", file=sys.stderr, flush=True)
         return EXIT_CODE_FOR_SIGNAL.get(signum, 130)
     return 0
