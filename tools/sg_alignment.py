@@ -22,7 +22,7 @@ from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.core.trainer import Trainer, TrainerState
 from sgjax.data import load_dataset, sample_batch, scale_images, to_device
 from sgjax.training.config import ConfigError, TrainConfig
-from sgjax.training.model import SAMPLE_SHAPE, trainer_for
+from sgjax.training.model import sample_shape, trainer_for
 
 flags.DEFINE_enum("mode", "sg", ["sg", "cdni"], "Decoupled method to probe.")
 flags.DEFINE_integer("num_steps", 3000, "Training steps (a multiple of 10).")
@@ -50,7 +50,7 @@ def cosines(trainer: Trainer, state: TrainerState, x: jax.Array, y: jax.Array) -
 def run(trainer: Trainer, config: TrainConfig, label: str) -> None:
     data = to_device(load_dataset(config.dataset, None))
     init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = trainer.init(init_key, jnp.zeros(SAMPLE_SHAPE))
+    state = trainer.init(init_key, jnp.zeros(sample_shape(config)))
     per_point = config.num_steps // POINTS
 
     @jax.jit

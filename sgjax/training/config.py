@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
+from sgjax.data.sources import IMAGE_SHAPES
+
 MODES = ("bp", "sg", "cdni")
-DATASETS = ("mnist", "fashion_mnist")
+MODELS = ("mlp", "cnn")
+"""mlp: hidden blocks Dense-BN-ReLU; cnn: the paper's convolutional network (sgjax.models.cnn)."""
+DATASETS = ("mnist", "fashion_mnist", "cifar10")
 PARALLEL = ("none", "layers")
-INPUT_DIM = 784
 NUM_CLASSES = 10
+CONV_INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+"""Height, width and channels the CNN sees (MNIST arrives flattened and is reshaped)."""
+PAPER_FILTERS = {"mnist": 64, "fashion_mnist": 64, "cifar10": 128}
+"""The paper's convolution filter counts: 64 for MNIST, 128 for CIFAR-10."""
 
 PAPER_NUM_STEPS = 500_000
 PAPER_LEARNING_RATE = 3e-5
@@ -34,6 +42,9 @@ class TrainConfig:
     """Everything one training run needs; defaults are the paper's."""
 
     mode: str = "sg"
+    model: str = "mlp"
+    """"mlp" or "cnn"; for the CNN ``hidden_layers`` counts its convolutional stages (the paper's
+    depth is that plus the classifier)."""
     num_steps: int = PAPER_NUM_STEPS
     batch_size: int = 256
     learning_rate: float = PAPER_LEARNING_RATE
@@ -42,6 +53,11 @@ class TrainConfig:
     hidden_units: int = 256
     sg_hidden_layers: int | None = None
     sg_hidden_units: int = 1024
+    filters: int | None = None
+    """CNN filters of every convolution, the synthesizers' too (default: the paper's, 64 for
+    MNIST and Fashion-MNIST, 128 for CIFAR-10)."""
+    kernel_size: int = 5
+    """CNN kernel size (square), the synthesizers' too."""
     dataset: str = "mnist"
     data_dir: str | None = None
     seed: int = 0
@@ -95,6 +111,11 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}"
             )
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.filters is not None:
+            _require_positive("filters", self.filters)
+        _require_positive("kernel_size", self.kernel_size)
         for name in (
             "num_steps",
             "batch_size",
@@ -139,13 +160,25 @@ class TrainConfig:
         """Steps between checkpoints (0: none)."""
         return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
 
+    @property
+    def resolved_filters(self) -> int:
+        """CNN filter count: the flag's value, else the paper's for the dataset."""
+        return self.filters if self.filters is not None else PAPER_FILTERS[self.dataset]
+
+    @property
+    def input_dim(self) -> int:
+        """Values per example as the data arrives (784 for MNIST, 3072 for CIFAR-10)."""
+        return math.prod(IMAGE_SHAPES[self.dataset])
+
     def estimated_bytes(self) -> int:
         """Rough memory need: parameters with gradients and two Adam moments, plus activations.
 
         Used to refuse impossible sizes before anything is allocated; not a precise figure.
         """
-        units, hidden = self.hidden_units, self.hidden_layers
-        params = INPUT_DIM * units + (hidden - 1) * units * units + units * NUM_CLASSES
+        if self.model == "cnn":
+            return self._estimated_cnn_bytes()
+        units, hidden, inputs = self.hidden_units, self.hidden_layers, self.input_dim
+        params = inputs * units + (hidden - 1) * units * units + units * NUM_CLASSES
         widths = [units] * hidden
         if self.decoupled:
             depth, width = self.resolved_sg_hidden_layers, self.sg_hidden_units
@@ -153,13 +186,30 @@ class TrainConfig:
             sizes = [module_in] + [width] * depth + [units]
             params += hidden * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
             widths += [width] * depth * hidden
-        activations = self.batch_size * (INPUT_DIM + 8 * sum(widths))
+        activations = self.batch_size * (inputs + 8 * sum(widths))
+        return 4 * (4 * params + activations)
+
+    def _estimated_cnn_bytes(self) -> int:
+        height, width, channels = CONV_INPUT_SHAPES[self.dataset]
+        filters, area = self.resolved_filters, self.kernel_size**2
+        params = area * channels * filters + (self.hidden_layers - 1) * area * filters**2
+        maps = []  # activation sizes per example, before each stage's pooling
+        for _ in range(self.hidden_layers):
+            maps.append(height * width * filters)
+            height, width = -(-height // 2), -(-width // 2)
+        params += height * width * filters * NUM_CLASSES
+        if self.decoupled:
+            depth, extra = self.resolved_sg_hidden_layers, NUM_CLASSES if self.conditioned else 0
+            params += self.hidden_layers * area * ((filters + extra) * filters + depth * filters**2)
+            maps += [m // 4 * (depth + 1) for m in maps]
+        activations = self.batch_size * (self.input_dim + 8 * sum(maps))
         return 4 * (4 * params + activations)
 
     def to_dict(self) -> dict:
         """Every field, with derived values (module depth, boundaries) filled in."""
         values = dataclasses.asdict(self)
         values["sg_hidden_layers"] = self.resolved_sg_hidden_layers
+        values["filters"] = self.resolved_filters
         values["lr_boundaries"] = list(self.resolved_lr_boundaries)
         return values
 

@@ -22,7 +22,7 @@ from sgjax.data.device import DeviceData, sample_batch, scale_images, to_device
 from sgjax.data.sources import Dataset
 from sgjax.training.config import TrainConfig
 from sgjax.training.engine import ChunkMetrics, Engine
-from sgjax.training.model import SAMPLE_SHAPE, trainer_for
+from sgjax.training.model import sample_shape, trainer_for
 
 
 class TrainState(NamedTuple):
@@ -152,7 +152,7 @@ def init_train_state(
     """Initial state for ``seed`` and ``learning_rate`` (defaults: the config's); traceable."""
     key = jax.random.PRNGKey(config.seed if seed is None else seed)
     init_key, data_key = jax.random.split(key)
-    model = trainer_for(config).init(init_key, jnp.zeros(SAMPLE_SHAPE, jnp.float32))
+    model = trainer_for(config).init(init_key, jnp.zeros(sample_shape(config), jnp.float32))
     if learning_rate is not None:
         model = with_learning_rate(model, learning_rate)
     return TrainState(model, jnp.zeros((), jnp.int32), data_key)

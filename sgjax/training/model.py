@@ -1,29 +1,54 @@
-"""The run configuration's model: the paper's MLP as a ``Trainer`` with the configured method."""
+"""The run configuration's model: the paper's MLP or CNN as a ``Trainer`` with its method."""
 
 from __future__ import annotations
+
+import flax.linen as nn
 
 from sgjax.core.layers import accuracy, cross_entropy
 from sgjax.core.methods import Method, backprop, dni
 from sgjax.core.optim import adam
-from sgjax.core.synthesizers import dense
+from sgjax.core.synthesizers import SynthesizerFactory, conv, dense
 from sgjax.core.trainer import Trainer
+from sgjax.data.sources import IMAGE_SHAPES
+from sgjax.models.cnn import cnn_stages
 from sgjax.models.mlp import mlp_stages
-from sgjax.training.config import INPUT_DIM, NUM_CLASSES, TrainConfig
+from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, TrainConfig
+
+
+def stages_for(config: TrainConfig) -> list[nn.Module]:
+    """The configured network as a chain of stages."""
+    if config.model == "cnn":
+        return cnn_stages(
+            config.hidden_layers + 1,
+            config.resolved_filters,
+            kernel_size=config.kernel_size,
+            input_shape=CONV_INPUT_SHAPES[config.dataset],
+            num_classes=NUM_CLASSES,
+        )
+    return mlp_stages(config.hidden_layers, config.hidden_units, NUM_CLASSES)
+
+
+def synthesizer_for(config: TrainConfig) -> SynthesizerFactory:
+    """Dense synthesizers for the MLP; convolutional ones (the network's filters and kernel) for
+    the CNN."""
+    depth = config.resolved_sg_hidden_layers
+    if config.model == "cnn":
+        return conv(depth, config.resolved_filters, config.kernel_size)
+    return dense(depth, config.sg_hidden_units)
 
 
 def method_for(config: TrainConfig) -> Method:
     """``--mode`` as a method: bp -> backprop(); sg -> dni(); cdni -> dni(conditioned=True)."""
     if not config.decoupled:
         return backprop()
-    synthesizer = dense(config.resolved_sg_hidden_layers, config.sg_hidden_units)
-    return dni(synthesizer, conditioned=config.conditioned, num_classes=NUM_CLASSES)
+    return dni(synthesizer_for(config), conditioned=config.conditioned, num_classes=NUM_CLASSES)
 
 
 def trainer_for(config: TrainConfig) -> Trainer:
-    """The configured MLP, method and optimizer (Adam with the paper's decay; the initial rate is
-    the config's and lives in every optimizer state)."""
+    """The configured network, method and optimizer (Adam with the paper's decay; the initial
+    rate is the config's and lives in every optimizer state)."""
     return Trainer(
-        mlp_stages(config.hidden_layers, config.hidden_units, NUM_CLASSES),
+        stages_for(config),
         method_for(config),
         cross_entropy,
         adam(config.learning_rate, config.resolved_lr_boundaries),
@@ -31,5 +56,6 @@ def trainer_for(config: TrainConfig) -> Trainer:
     )
 
 
-SAMPLE_SHAPE = (1, INPUT_DIM)
-"""Shape of the example batch that ``Trainer.init`` is given (only its shape matters)."""
+def sample_shape(config: TrainConfig) -> tuple[int, ...]:
+    """Shape of the example batch that ``Trainer.init`` is given (only its shape matters)."""
+    return (1, *IMAGE_SHAPES[config.dataset])
