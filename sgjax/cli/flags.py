@@ -81,8 +81,31 @@ def define_train_flags(fv: flags.FlagValues) -> None:
     )
 
 
+CNN_FIELDS = ("filters", "kernel_size")
+"""Flags of the convolutional network (``define_cnn_flags``)."""
+
+
+def define_cnn_flags(fv: flags.FlagValues) -> None:
+    """Define ``--filters`` and ``--kernel_size`` (experiments/mnist_cnn.py, the benchmark)."""
+    flags.DEFINE_integer(
+        "filters",
+        None,
+        "Filters of every convolution, the synthesizers' too (default: the paper's, 64 for "
+        "MNIST and Fashion-MNIST, 128 for CIFAR-10).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "kernel_size",
+        _DEFAULTS.kernel_size,
+        "Square kernel size of every convolution, the synthesizers' too.",
+        flag_values=fv,
+    )
+
+
 def config_from_flags(fv: flags.FlagValues, **fields: Any) -> TrainConfig:
-    """A TrainConfig from the shared flags; ``fields`` sets the rest (mode, output_dir, ...)."""
-    values = {name: fv[name].value for name in SHARED_FIELDS}
+    """A TrainConfig from the shared flags (and the CNN flags where they are defined);
+    ``fields`` sets the rest (mode, model, output_dir, ...)."""
+    names = SHARED_FIELDS + tuple(name for name in CNN_FIELDS if name in fv)
+    values = {name: fv[name].value for name in names}
     values["lr_boundaries"] = parse_int_list("lr_boundaries", values["lr_boundaries"])
     return TrainConfig(**values, **fields)
