@@ -26,8 +26,10 @@ from sgjax.training.records import (
     MetricsWriter,
     OutputError,
     build_results,
+    network_description,
     prepare_output_dir,
     summary_lines,
+    synthesizer_description,
     write_json_atomic,
 )
 
@@ -115,6 +117,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     except (ConfigError, DataError, OutputError, CheckpointError) as error:
         fail(str(error))
     print(f"data: {dataset.reason}", flush=True)
+    print(f"network: {network_description(config)}", flush=True)
+    print(f"synthesizers: {synthesizer_description(config)}", flush=True)
     if start is not None:
         print(f"resuming from step {int(start.state.step)} in {output_dir}", flush=True)
     else:

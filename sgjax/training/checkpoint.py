@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import EvalRecord, PeriodMetrics, Resume, TrainState
+from sgjax.training.records import UNUSED_FIELDS, config_record
 
 CHECKPOINT_FORMAT = 1
 KEEP_LAST = 3
@@ -120,7 +121,7 @@ class Checkpointer:
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:
-    values = config.to_dict()
+    values = config_record(config)
     for key in IGNORED_CONFIG_KEYS:
         values.pop(key, None)
     return values
@@ -132,9 +133,14 @@ def _check_compatible(meta: Any, config: TrainConfig, where: Path) -> None:
             f"{where} is not an sgjax checkpoint of format {CHECKPOINT_FORMAT}; "
             "start again with --overwrite"
         )
-    saved, now = meta.get("config", {}), _comparable(config)
+    # Checkpoints from before the CNN hold MLPs and no CNN fields.
+    saved = {"model": "mlp"} | meta.get("config", {})
+    saved = {k: v for k, v in saved.items() if k not in UNUSED_FIELDS.get(saved["model"], ())}
+    now = _comparable(config)
     differences = [
-        f"--{key}={_flag_value(saved.get(key))} (now {_flag_value(now.get(key))})"
+        f"the {saved.get(key)} network (now {now.get(key)})"
+        if key == "model"
+        else f"--{key}={_flag_value(saved.get(key))} (now {_flag_value(now.get(key))})"
         for key in sorted(set(saved) | set(now))
         if saved.get(key) != now.get(key)
     ]

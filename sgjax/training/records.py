@@ -14,7 +14,8 @@ from typing import IO, Any
 import jax
 
 from sgjax.data.sources import Dataset
-from sgjax.training.config import TrainConfig
+from sgjax.models.cnn import POOL_STRIDES, POOL_WINDOW
+from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, TrainConfig
 from sgjax.training.loop import EvalRecord, RunResult
 
 
@@ -133,6 +134,55 @@ def versions() -> dict[str, str]:
     }
 
 
+UNUSED_FIELDS = {"mlp": ("filters", "kernel_size"), "cnn": ("hidden_units", "sg_hidden_units")}
+"""Configuration fields that do not shape the model's network or synthesizers."""
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """``config.to_dict()`` without the fields its model does not use (the CNN has no
+    ``hidden_units``; the MLP no ``filters``): what results.json and checkpoints record."""
+    values = config.to_dict()
+    for name in UNUSED_FIELDS[config.model]:
+        values.pop(name, None)
+    return values
+
+
+def network_description(config: TrainConfig) -> str:
+    """The network in words, e.g. 'CNN: 3 x (conv 5x5x64, BN, ReLU, 3x3/2 pooling: max, then
+    avg) on 28x28x1 -> 4x4x64 -> linear 10' or 'MLP: 784 -> 3 x 256 (Dense-BN-ReLU) -> 10'."""
+    if config.model == "mlp":
+        return (
+            f"MLP: {config.input_dim} -> {config.hidden_layers} x {config.hidden_units} "
+            f"(Dense-BN-ReLU) -> linear {NUM_CLASSES}"
+        )
+    height, width, channels = CONV_INPUT_SHAPES[config.dataset]
+    filters, k, stride = config.resolved_filters, config.kernel_size, POOL_STRIDES[0]
+    side = height
+    for _ in range(config.hidden_layers):
+        side = -(-side // stride)
+    pooling = "max" + (", then avg" if config.hidden_layers > 1 else "")
+    window = "x".join(map(str, POOL_WINDOW))
+    return (
+        f"CNN (depth {config.hidden_layers + 1}): {config.hidden_layers} x (conv {k}x{k}x{filters} "
+        f"same, BN, ReLU, {window}/{stride} pooling: {pooling}) on {height}x{width}x{channels} "
+        f"-> {side}x{side}x{filters} -> linear {NUM_CLASSES}"
+    )
+
+
+def synthesizer_description(config: TrainConfig) -> str:
+    """The synthetic-gradient modules in words ('none' for backprop)."""
+    if not config.decoupled:
+        return "none (backprop)"
+    depth = config.resolved_sg_hidden_layers
+    label = f" with the label as {NUM_CLASSES} extra inputs" if config.conditioned else ""
+    if config.model == "cnn":
+        k, filters = config.kernel_size, config.resolved_filters
+        hidden = f"{depth} x (conv {k}x{k}x{filters}, BN, ReLU), then " if depth else "linear: "
+        return f"conv, {hidden}a zero-initialised conv {k}x{k} to the map's channels{label}"
+    hidden = f"{depth} x (Dense {config.sg_hidden_units}, BN, ReLU), then " if depth else "linear: "
+    return f"dense, {hidden}a zero-initialised Dense to the layer's width{label}"
+
+
 def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> dict[str, Any]:
     """The contents of results.json."""
     last = result.records[-1] if result.records else None
@@ -147,6 +197,8 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
         }
     return {
         "mode": config.mode,
+        "network": network_description(config),
+        "synthesizers": synthesizer_description(config),
         "status": result.status,
         "message": result.message,
         "num_steps": config.num_steps,
@@ -164,7 +216,7 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
         "dataset": dataset.describe(),
         "device": device_info(),
         "versions": versions(),
-        "config": config.to_dict(),
+        "config": config_record(config),
         "parallel": parallel,
         "history": [dataclasses.asdict(r) for r in result.records],
     }

@@ -1,0 +1,126 @@
+"""The training scripts' flags and main, for the MLP (experiments/mnist_mlp.py) and the CNN
+(experiments/mnist_cnn.py): one definition, so both take the same flags and write the same files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from absl import flags
+
+from sgjax.cli.errors import fail
+from sgjax.cli.flags import config_from_flags, define_cnn_flags, define_train_flags
+from sgjax.cli.run import run_training
+from sgjax.training.config import MODES, PARALLEL, ConfigError, TrainConfig
+
+_DEFAULTS = TrainConfig()
+CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")
+"""Shared flags the CNN has no use for: its widths are --filters."""
+
+
+def define_script_flags(fv: flags.FlagValues, model: str) -> None:
+    """Define the flags of the training script for ``model`` ("mlp" or "cnn") on ``fv``."""
+    flags.DEFINE_enum(
+        "mode",
+        _DEFAULTS.mode,
+        MODES,
+        "bp: backprop; sg: DNI; cdni: label-conditioned DNI.",
+        flag_values=fv,
+    )
+    define_train_flags(fv)
+    if model == "cnn":
+        define_cnn_flags(fv)
+        fv["hidden_layers"].help = (
+            "Convolutional stages (conv-BN-ReLU-pooling); the paper's depth is this plus the "
+            "linear classifier."
+        )
+        fv[
+            "sg_hidden_layers"
+        ].help = (
+            "Hidden convolutions of each synthetic-gradient module (default: 2 for sg, 0 for cdni)."
+        )
+        for name in CNN_UNUSED_FLAGS:
+            fv[name].help = "Not used by the CNN (its widths are --filters); refused if given."
+    fv["data_dir"].help = (
+        "Folder with the four MNIST-format IDX files (optionally .gz), or for "
+        "--dataset=cifar10 the CIFAR-10 python version (cifar-10-python.tar.gz or its "
+        "extracted folder)."
+    )
+    flags.DEFINE_enum(
+        "parallel",
+        _DEFAULTS.parallel,
+        PARALLEL,
+        "none: one device; layers: every layer (block with its module, output layer) on its own "
+        "device, pipelined (sg, cdni) or model-parallel / GPipe (bp).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_devices",
+        _DEFAULTS.num_devices,
+        "Devices for --parallel=layers (0: all there are).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "microbatches",
+        _DEFAULTS.microbatches,
+        "GPipe microbatches per minibatch for --parallel=layers --mode=bp (1: model parallelism).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "chunk_steps",
+        _DEFAULTS.chunk_steps,
+        "Longest compiled chunk of steps: a progress line, and a chance to stop cleanly, "
+        "after each.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "checkpoint_every",
+        None,
+        "Steps between checkpoints, a multiple of --eval_every (default: every evaluation; "
+        "0: none).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "output_dir", None, "Where results go (default: runs/<mode>).", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "resume", False, "Continue from the latest checkpoint in --output_dir.", flag_values=fv
+    )
+    flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.", flag_values=fv)
+
+
+def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
+    """The run's configuration from the parsed flags; raises ConfigError (one line)."""
+    if model == "cnn":
+        given = [f"--{name}" for name in CNN_UNUSED_FLAGS if fv[name].present]
+        if given:
+            verb = "do" if len(given) > 1 else "does"
+            raise ConfigError(
+                f"{' and '.join(given)} {verb} not apply to the CNN: every convolution, the "
+                "synthesizers' too, has --filters filters"
+            )
+    return config_from_flags(
+        fv,
+        mode=fv.mode,
+        model=model,
+        chunk_steps=fv.chunk_steps,
+        parallel=fv.parallel,
+        num_devices=fv.num_devices,
+        microbatches=fv.microbatches,
+        checkpoint_every=fv.checkpoint_every,
+        output_dir=fv.output_dir,
+    )
+
+
+def script_main(fv: flags.FlagValues, model: str) -> Callable[[list[str]], int]:
+    """The ``main`` of the training script for ``model``: config, then one run end to end."""
+
+    def main(argv: list[str]) -> int:
+        del argv
+        try:
+            config = script_config(fv, model)
+        except ConfigError as error:
+            fail(str(error))
+        return run_training(config, resume=fv.resume, overwrite=fv.overwrite)
+
+    return main
