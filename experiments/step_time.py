@@ -1,6 +1,7 @@
 """Milliseconds per train step of each mode: scanned loop vs. jitted step from a Python loop.
 
 python experiments/step_time.py --modes=bp,sg,cdni --steps=200
+python experiments/step_time.py --model=cnn --steps=5 --repeats=1 --loops=scan   # paper's CNN
 """
 
 from __future__ import annotations
@@ -15,15 +16,29 @@ from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.cli.run import check_fits
 from sgjax.data.device import load_dataset, to_device
 from sgjax.data.sources import DataError
-from sgjax.training.config import MODES, ConfigError, TrainConfig
-from sgjax.training.records import device_info
+from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
+from sgjax.training.records import device_info, network_description
+
+LOOPS = ("scan", "python", "host")
 
 flags.DEFINE_list("modes", ["bp", "sg", "cdni"], "Modes to time.")
 flags.DEFINE_integer("steps", 200, "Steps per timed run.", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Timed runs per variant (median reported).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 256, "Minibatch size.", lower_bound=1)
 flags.DEFINE_integer("sg_hidden_layers", None, "Module depth (default: the mode's).")
-flags.DEFINE_integer("sg_hidden_units", 1024, "Module width.", lower_bound=1)
+flags.DEFINE_integer("sg_hidden_units", 1024, "Module width (MLP).", lower_bound=1)
+flags.DEFINE_enum("model", "mlp", MODELS, "mlp: the paper's MLP; cnn: the paper's CNN.")
+flags.DEFINE_integer("hidden_layers", 3, "Hidden blocks (MLP) or conv stages (CNN).")
+flags.DEFINE_integer("filters", None, "CNN filters (default: the paper's for the dataset).")
+flags.DEFINE_integer("kernel_size", 5, "CNN kernel size.")
+flags.DEFINE_enum("dataset", "mnist", DATASETS, "Data the batches are drawn from.")
+flags.DEFINE_string("data_dir", None, "Where the data is (CIFAR-10: its python-version archive).")
+flags.DEFINE_list(
+    "loops",
+    list(LOOPS),
+    "Loops to time: scan (lax.scan on the device), python (jitted step from Python), host "
+    "(batches fed from the host); the scanned one is always timed.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -32,22 +47,39 @@ def configs_from_flags() -> list[TrainConfig]:
     modes = [m.strip() for m in FLAGS.modes]
     if not modes or any(m not in MODES for m in modes):
         raise ConfigError(f"--modes={','.join(FLAGS.modes)}: choose among {','.join(MODES)}")
+    loops = [name.strip() for name in FLAGS.loops]
+    if any(name not in LOOPS for name in loops):
+        raise ConfigError(f"--loops={','.join(FLAGS.loops)}: choose among {','.join(LOOPS)}")
     return [
         TrainConfig(
             mode=mode,
+            model=FLAGS.model,
             batch_size=FLAGS.batch_size,
+            hidden_layers=FLAGS.hidden_layers,
             sg_hidden_layers=FLAGS.sg_hidden_layers,
             sg_hidden_units=FLAGS.sg_hidden_units,
+            filters=FLAGS.filters,
+            kernel_size=FLAGS.kernel_size,
+            dataset=FLAGS.dataset,
+            data_dir=FLAGS.data_dir,
         )
         for mode in modes
     ]
+
+
+def module(config: TrainConfig) -> str:
+    """The synthetic-gradient module: '-', 'linear' or 'LxW' (MLP), 'conv LxF' (CNN)."""
+    if config.model == "mlp" or not config.decoupled:
+        return module_label(config)
+    depth = config.resolved_sg_hidden_layers
+    return f"conv {depth}x{config.resolved_filters}" if depth else "conv linear"
 
 
 def main(argv: list[str]) -> int:
     del argv
     try:
         configs = configs_from_flags()
-        dataset = load_dataset("mnist", None)
+        dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir)
         for config in configs:
             check_fits(config, dataset)
     except (ConfigError, DataError) as error:
@@ -55,7 +87,9 @@ def main(argv: list[str]) -> int:
     data = to_device(dataset)
     device = device_info()
     print(f"device: {device['platform']} ({device['device_kind']})")
-    print(f"float32 matmul: {matmul_gflops():.0f} GFLOP/s")
+    print(f"network: {network_description(configs[0])}; batch {FLAGS.batch_size}")
+    matmul = matmul_gflops()
+    print(f"float32 matmul: {matmul:.0f} GFLOP/s")
     header = "| mode | module | scanned ms/step | python-loop ms/step | loop/scan |"
     header += " host-fed loop ms/step | host-fed/scan | GFLOP/step | GFLOP/s (scanned) |"
     header += " compile s (scan / step) |"
@@ -63,16 +97,25 @@ def main(argv: list[str]) -> int:
     print("|" + "---|" * 10)
     for config in configs:
         mode = config.mode
+        loops = {name.strip() for name in FLAGS.loops}
         scanned = time_scanned(config, data, FLAGS.steps, FLAGS.repeats)
-        looped = time_python_loop(config, data, FLAGS.steps, FLAGS.repeats)
-        host_fed = time_host_fed_loop(config, dataset, FLAGS.steps, FLAGS.repeats)
+        # The FLOP count comes from the single jitted step: time it once if not asked for.
+        timed = "python" in loops
+        looped = time_python_loop(
+            config, data, FLAGS.steps if timed else 1, FLAGS.repeats if timed else 1
+        )
+        if "host" in loops:
+            host_ms = time_host_fed_loop(config, dataset, FLAGS.steps, FLAGS.repeats).ms_per_step
+        else:
+            host_ms = float("nan")
+        loop_ms = looped.ms_per_step if timed else float("nan")
         gflop = looped.flops_per_step / 1e9
+        gflops = gflop / scanned.ms_per_step * 1e3
         print(
-            f"| {mode} | {module_label(config)} | {scanned.ms_per_step:.2f} | "
-            f"{looped.ms_per_step:.2f} | "
-            f"{looped.ms_per_step / scanned.ms_per_step:.2f} | {host_fed.ms_per_step:.2f} | "
-            f"{host_fed.ms_per_step / scanned.ms_per_step:.2f} | {gflop:.3f} | "
-            f"{gflop / scanned.ms_per_step * 1e3:.0f} | "
+            f"| {mode} | {module(config)} | {scanned.ms_per_step:.2f} | {loop_ms:.2f} | "
+            f"{loop_ms / scanned.ms_per_step:.2f} | {host_ms:.2f} | "
+            f"{host_ms / scanned.ms_per_step:.2f} | {gflop:.3f} | {gflops:.0f} "
+            f"({gflops / matmul:.0%} of matmul) | "
             f"{scanned.compile_s:.1f} / {looped.compile_s:.1f} |",
             flush=True,
         )

@@ -1,0 +1,154 @@
+"""The paper's CNN trained for real on the embedded MNIST: bp, sg and cdni reach measured floors,
+the synthetic gradients come to point along the true ones, and decoupled training beats a control
+whose hidden layers never learn; a checkpoint of the MLP is refused by a CNN run.
+
+Run as a script (``python tests/test_cnn.py 0 1 2``) it prints the measured values per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from sgjax.core.trainer import Trainer, TrainerState
+from sgjax.data import load_dataset, sample_batch, scale_images, to_device
+from sgjax.training.checkpoint import Checkpointer, CheckpointError
+from sgjax.training.config import TrainConfig
+from sgjax.training.loop import PeriodMetrics, Resume, init_train_state
+from sgjax.training.model import sample_shape, trainer_for
+
+# Two conv stages (depth 3) of 4 filters, 3x3 kernels, batch 32, Adam 3e-3, 300 steps; test
+# accuracy on the first 2000 test images; cosines on a fixed probe batch of 256 training images.
+TINY = dict(
+    model="cnn",
+    hidden_layers=2,
+    filters=4,
+    kernel_size=3,
+    batch_size=32,
+    learning_rate=3e-3,
+    num_steps=300,
+    lr_boundaries=(),
+)
+TEST_IMAGES = 2000
+PROBE = 256
+SEED = 0
+# Measured 2026-11-26 on the 2-core CPU, shared with a benchmark (python tests/test_cnn.py 0 1):
+#   seed 0: test accuracy bp 0.912, sg 0.773, cdni 0.863, frozen hidden layers 0.826;
+#           cosine (boundary 1, 2) sg 0.000, 0.047; cdni -0.011, 0.056
+#   seed 1: bp 0.908, sg 0.855, cdni 0.861, frozen 0.841; cosine sg 0.004, 0.017; cdni 0.074, 0.277
+# Initial cosines are exactly 0 (zero-initialised synthesizers). In 300 steps only the top
+# boundary (trained on the classifier's true gradient) aligns clearly; the lower one bootstraps
+# from it and is still near 0. cdni beats the frozen control by 3.7 and 2.0 points; sg does not
+# (seed 0: 0.773 < 0.826), so only cdni is held to the margin (half the smaller measured gap).
+FLOORS = {"bp": 0.88, "sg": 0.74, "cdni": 0.84}
+COSINE_FLOOR = {"sg": 0.01, "cdni": 0.02}
+"""For the top boundary's synthetic gradient."""
+FROZEN_MARGIN = 0.01
+
+
+class Outcome(NamedTuple):
+    accuracy: float
+    cosines: list[float]
+    initial_cosines: list[float]
+
+
+def cosines(trainer: Trainer, state: TrainerState, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per boundary, the cosine of the synthetic gradient with dLoss/dh (the batch flattened)."""
+    true = trainer.boundary_gradients(state, x, y)
+    forwards, _, _, _ = trainer.decoupled_gradients(state, x, y)
+    return jnp.stack(
+        [
+            jnp.vdot(f.synthetic_grad, t)
+            / (jnp.linalg.norm(f.synthetic_grad) * jnp.linalg.norm(t) + 1e-30)
+            for f, t in zip(forwards, true, strict=True)
+        ]
+    )
+
+
+def train(mode: str, seed: int, frozen: bool = False) -> Outcome:
+    """Train the tiny CNN with ``mode`` (``frozen``: synthesizers never learn, so the hidden
+    layers get zero gradients and only the classifier trains)."""
+    config = TrainConfig(mode=mode, seed=seed, **TINY)
+    trainer = trainer_for(config)
+    if frozen:
+        trainer = Trainer(
+            trainer.stages,
+            trainer.method,
+            trainer.loss,
+            trainer.optimizer,
+            synthesizer_optimizer=optax.set_to_zero(),
+            accuracy=trainer.accuracy,
+        )
+    data = to_device(load_dataset("mnist", None))
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    state = trainer.init(init_key, jnp.zeros(sample_shape(config)))
+    probe = sample_batch(jax.random.PRNGKey(12345), data, PROBE)
+    measure = jax.jit(lambda s: cosines(trainer, s, probe.images, probe.labels))
+    initial = measure(state) if config.decoupled else jnp.zeros(0)
+
+    @jax.jit
+    def run(state: TrainerState) -> TrainerState:
+        def body(s: TrainerState, i: jax.Array) -> tuple[TrainerState, None]:
+            batch = sample_batch(jax.random.fold_in(data_key, i), data, config.batch_size)
+            return trainer.step(s, batch.images, batch.labels)[0], None
+
+        return jax.lax.scan(body, state, jnp.arange(config.num_steps))[0]
+
+    state = run(state)
+    x = scale_images(data.test_images[:TEST_IMAGES])
+    accuracy = jax.jit(trainer.evaluate)(state, x, data.test_labels[:TEST_IMAGES])[1]
+    final = measure(state) if config.decoupled else jnp.zeros(0)
+    return Outcome(float(accuracy), final.tolist(), initial.tolist())
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, Outcome]:
+    runs = {mode: train(mode, SEED) for mode in ("bp", "sg", "cdni")}
+    return runs | {"frozen": train("sg", SEED, frozen=True)}
+
+
+@pytest.mark.parametrize("mode", ["bp", "sg", "cdni"])
+def test_short_cnn_runs_reach_measured_floors(outcomes, mode: str):
+    assert outcomes[mode].accuracy >= FLOORS[mode], outcomes[mode]
+
+
+@pytest.mark.parametrize("mode", ["sg", "cdni"])
+def test_synthetic_gradients_align_with_the_true_ones(outcomes, mode: str):
+    outcome = outcomes[mode]
+    assert outcome.initial_cosines == [0.0, 0.0]  # zero-initialised synthesizers
+    assert outcome.cosines[-1] > COSINE_FLOOR[mode], outcome.cosines
+
+
+def test_cdni_hidden_layers_learn(outcomes):
+    """Beating the control whose hidden layers stay at their initialisation shows the synthetic
+    gradients trained the convolutions, not just the classifier."""
+    frozen = outcomes["frozen"]
+    assert frozen.cosines == [0.0, 0.0]
+    assert outcomes["cdni"].accuracy >= frozen.accuracy + FROZEN_MARGIN, (outcomes["cdni"], frozen)
+
+
+def test_an_mlp_checkpoint_is_refused_by_a_cnn_run(tmp_path):
+    mlp = TrainConfig(mode="cdni", hidden_units=16, num_steps=10, eval_every=5)
+    cnn = TrainConfig(mode="cdni", model="cnn", filters=4, num_steps=10, eval_every=5)
+    checkpointer = Checkpointer(tmp_path)
+    try:
+        checkpointer.save(Resume(init_train_state(mlp), [], PeriodMetrics(), 0.0, 0.0), mlp)
+        with pytest.raises(CheckpointError, match=r"the mlp network \(now cnn\)") as error:
+            checkpointer.restore(cnn, jax.eval_shape(lambda: init_train_state(cnn)))
+    finally:
+        checkpointer.close()
+    # Only what the two networks have in common or differ in is named, not the MLP's widths.
+    assert "--filters=None (now 4)" in str(error.value) and "hidden_units" not in str(error.value)
+
+
+if __name__ == "__main__":
+    for seed in map(int, sys.argv[1:]):
+        measured = {mode: train(mode, seed) for mode in ("bp", "sg", "cdni")}
+        measured["frozen"] = train("sg", seed, frozen=True)
+        print(json.dumps({"seed": seed} | {k: v._asdict() for k, v in measured.items()}))
