@@ -144,6 +144,8 @@ def _check_compatible(meta: Any, config: TrainConfig, where: Path) -> None:
         for key in sorted(set(saved) | set(now))
         if saved.get(key) != now.get(key)
     ]
+    if saved["model"] != now["model"]:  # the other network's fields would only be noise
+        differences = [f"the {saved['model']} network (now {now['model']})"]
     if differences:
         raise CheckpointError(
             f"checkpoint {where} was made with {', '.join(differences)}; resume with the same "
