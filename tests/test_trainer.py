@@ -292,11 +292,31 @@ def test_label_channels_of_conditioned_conv_synthesizers() -> None:
     h = jnp.zeros((2, 4, 5, 3))
     context = jax.nn.one_hot(jnp.array([1, 7]), CLASSES)
     variables = module.init(jax.random.PRNGKey(0), h, context, train=False)
-    assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 3 + CLASSES, 3)
+    assert variables["params"]["SameConv_0"]["kernel"].shape == (3, 3, 3 + CLASSES, 3)
     # Give only label 7's input channel a weight: the output is non-zero for example 1 alone.
     kernel = jnp.zeros((3, 3, 3 + CLASSES, 3)).at[1, 1, 3 + 7, 0].set(1.0)
     out = module.apply(
-        {"params": {"Conv_0": {"kernel": kernel, "bias": jnp.zeros(3)}}}, h, context, train=False
+        {"params": {"SameConv_0": {"kernel": kernel, "bias": jnp.zeros(3)}}},
+        h,
+        context,
+        train=False,
     )
     np.testing.assert_array_equal(np.asarray(out[1, :, :, 0]), np.ones((4, 5)))
     assert float(jnp.abs(out[0]).max()) == 0.0
+
+
+def test_same_conv_gradients_equal_xla_gradients() -> None:
+    """The loop-friendly convolution's custom gradients are the convolution's true gradients."""
+    from sgjax.core.conv import _conv, same_conv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 6, 4))
+    for size in (3, 4, 5):
+        kernel = jax.random.normal(jax.random.PRNGKey(size), (size, size, 4, 5))
+
+        def loss(conv, x, k):
+            return jnp.sum(jnp.sin(conv(x, k)))
+
+        ours = jax.grad(lambda x, k: loss(same_conv, x, k), argnums=(0, 1))(x, kernel)
+        xla = jax.grad(lambda x, k: loss(_conv, x, k), argnums=(0, 1))(x, kernel)
+        chex.assert_trees_all_close(ours, xla, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(same_conv(x, kernel), _conv(x, kernel), rtol=1e-6)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgjax.core.conv import SameConv
 from sgjax.core.layers import batch_norm
 
 
@@ -93,13 +94,11 @@ class ConvSynthesizer(nn.Module):
                 context[:, None, None, :].astype(x.dtype), (*x.shape[:-1], context.shape[-1])
             )
             x = jnp.concatenate([x, planes], axis=-1)
-        kernel = (self.kernel_size, self.kernel_size)
         for _ in range(self.hidden_layers):
-            x = nn.relu(batch_norm(train)(nn.Conv(self.filters, kernel, padding="SAME")(x)))
-        return nn.Conv(
+            x = nn.relu(batch_norm(train)(SameConv(self.filters, self.kernel_size)(x)))
+        return SameConv(
             self.channels,
-            kernel,
-            padding="SAME",
+            self.kernel_size,
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.zeros,
         )(x)

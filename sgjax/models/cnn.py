@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from sgjax.core.conv import SameConv
 from sgjax.core.layers import OutputLayer, batch_norm
 
 POOL_WINDOW = (3, 3)
@@ -37,8 +38,7 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.input_shape is not None:
             x = x.reshape((x.shape[0], *self.input_shape))
-        kernel = (self.kernel_size, self.kernel_size)
-        x = nn.relu(batch_norm(train)(nn.Conv(self.filters, kernel, padding="SAME")(x)))
+        x = nn.relu(batch_norm(train)(SameConv(self.filters, self.kernel_size)(x)))
         pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
         return pool(x, POOL_WINDOW, strides=POOL_STRIDES, padding="SAME")
 

@@ -301,57 +301,32 @@ def progress_line(record: EvalRecord, num_steps: int, steps_per_s: float) -> str
     return line + f" | {steps_per_s:,.0f} steps/s | ETA {_format_eta(eta)}"
 
 
-def steps_one_at_a_time(config: TrainConfig) -> bool:
-    """Whether the single-device engine dispatches steps one by one instead of scanning them.
-
-    XLA:CPU runs convolution gradients inside a loop body 20-80x slower than the same
-    convolutions outside one (jax-ml/jax#12868; BUILD_NOTES.md has the measurement), so on the
-    CPU the CNN's steps are compiled alone and called from Python, where a step's arithmetic
-    dwarfs the dispatch. Everything else is scanned.
-    """
-    return config.model == "cnn" and jax.default_backend() == "cpu"
-
-
 class ScanEngine:
-    """The single-device engine: compiled ``lax.scan`` chunks of ``config.chunk_steps`` at most
-    (or, where ``steps_one_at_a_time``, a compiled single step called once per step)."""
+    """The single-device engine: compiled ``lax.scan`` chunks of ``config.chunk_steps`` at most."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset, state: TrainState) -> None:
         self.config = config
         self.max_chunk = config.chunk_steps
         self.data = to_device(dataset)
-        self.stepped = steps_one_at_a_time(config)
         self._state = state
         self._chunks: dict[int, jax.stages.Compiled] = {}
         self._evaluate: jax.stages.Compiled | None = None
 
     def compile(self, chunk_lengths: Collection[int]) -> None:
         state, data = self._state, self.data
-        if self.stepped:
-            # Not a scan of length 1: XLA keeps that a loop, and the slow path with it.
-            step = make_train_step(self.config)
-            self._chunks = {1: jax.jit(step, donate_argnums=0).lower(state, data).compile()}
-        else:
-            self._chunks = {
-                n: jax.jit(make_run_chunk(self.config, n), donate_argnums=0)
-                .lower(state, data)
-                .compile()
-                for n in sorted(set(chunk_lengths))
-            }
+        self._chunks = {
+            n: jax.jit(make_run_chunk(self.config, n), donate_argnums=0)
+            .lower(state, data)
+            .compile()
+            for n in sorted(set(chunk_lengths))
+        }
         self._evaluate = (
             jax.jit(evaluate_state, static_argnums=0).lower(self.config, state, data).compile()
         )
 
     def advance(self, steps: int) -> ChunkMetrics:
-        if not self.stepped:
-            self._state, metrics = self._chunks[steps](self._state, self.data)
-            return chunk_sums(steps, jax.device_get(metrics))
-        per_step = []
-        for _ in range(steps):
-            self._state, metrics = self._chunks[1](self._state, self.data)
-            per_step.append(metrics)
-        means = jax.tree_util.tree_map(lambda *m: jnp.mean(jnp.stack(m), axis=0), *per_step)
-        return chunk_sums(steps, jax.device_get(means))
+        self._state, metrics = self._chunks[steps](self._state, self.data)
+        return chunk_sums(steps, jax.device_get(metrics))
 
     def state(self) -> TrainState:
         return self._state
