@@ -135,14 +135,29 @@ def _valid_modes(text: str) -> bool:
     )
 
 
+PRESET_NAMES = ("paper_500k", "paper_100k", "quick", "paper_grid", "paper_grid_quick")
+
+
 def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
     cases, base = shared_cases(tmp)
     base = [*base, "--loop_steps=0", "--modes=cdni"]
     bad_sweeps = st.sampled_from(
-        ["learning_rate=", "learning_rate=abc", "nope=1,2", "num_steps=0", "batch_size=-1,2"]
+        [
+            "learning_rate=",
+            "learning_rate=abc",
+            "nope=1,2",
+            "num_steps=0",
+            "batch_size=-1,2",
+            "model=mlp,rnn",
+            "filters=0,8",
+            "kernel_size=x",
+        ]
     )
     cases |= {
-        "preset": LETTERS.filter(lambda v: v not in ("paper_500k", "paper_100k", "quick")),
+        "preset": LETTERS.filter(lambda v: v not in PRESET_NAMES),
+        "model": LETTERS.filter(lambda v: v not in ("mlp", "cnn")),
+        "filters": NOT_POSITIVE,
+        "kernel_size": NOT_POSITIVE,
         "modes": LETTERS.filter(lambda v: not _valid_modes(v)),
         "num_seeds": NOT_POSITIVE | st.integers(1025, 10**12).map(str),
         "sweep": LETTERS | bad_sweeps,

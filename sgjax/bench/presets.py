@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from absl import flags
 
+from sgjax.bench.sweep import Override
 from sgjax.training.config import PAPER_LEARNING_RATE, PAPER_NUM_STEPS
 
 
@@ -22,6 +23,8 @@ class Preset:
 
     description: str
     values: Mapping[str, Any]
+    overrides: tuple[Override, ...] = ()
+    """Per-task values (flags the command line gives or sweeps win over them)."""
 
 
 _PAPER_NETWORK = MappingProxyType(
@@ -40,6 +43,12 @@ _PAPER_NETWORK = MappingProxyType(
         "num_seeds": 1,
     }
 )
+
+_GRID_SWEEPS = ["model=mlp,cnn", "hidden_layers=2,3,4,5"]
+"""FCN and CNN of depth 3 to 6 (hidden layers or conv stages, plus the classifier)."""
+_CIFAR_FCN = (("model", "mlp"), ("dataset", "cifar10"))
+_QUICK_CNN_STEPS = 150
+_QUICK_FCN_STEPS = 2000
 
 PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
@@ -72,6 +81,60 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "loop_steps": 50,
                 "loop_repeats": 3,
             },
+        ),
+        "paper_grid": Preset(
+            "the paper's feed-forward grid (its Table 1) for a GPU: FCN and CNN of depth 3 to 6 "
+            "with bp, DNI and cDNI on --dataset, 500k steps of batch 256, Adam 3e-5 divided by 10 "
+            "at 60% and 80%, FCN 256 units (CIFAR-10: 1000, DNI module 1x4000), CNN filters 64 "
+            "(CIFAR-10: 128), DNI modules 2 hidden layers (2x1024 or conv), cDNI linear, 3 seeds",
+            {
+                **{k: v for k, v in _PAPER_NETWORK.items() if k != "dataset"},  # --dataset's
+                "num_steps": PAPER_NUM_STEPS,
+                "eval_every": 25_000,
+                "filters": None,
+                "kernel_size": 5,
+                "num_seeds": 3,
+                "sweep": _GRID_SWEEPS,
+                "loop_steps": 0,
+                "compare_separate": False,
+            },
+            (
+                Override(_CIFAR_FCN, (("hidden_units", 1000), ("sg_hidden_units", 4000))),
+                Override((("mode", "sg"), *_CIFAR_FCN), (("sg_hidden_layers", 1),)),
+            ),
+        ),
+        "paper_grid_quick": Preset(
+            "paper_grid cut to about 15 minutes on a 2-core CPU: FCN "
+            f"{_QUICK_FCN_STEPS} steps of batch 64 and CNN {_QUICK_CNN_STEPS} steps of batch 32 "
+            "at Adam 1e-3 (divided by 10 at 60% and 80%), FCN 256 units with DNI modules 2x256, "
+            "CNN 8 filters evaluated once at the end, 2 seeds",
+            {
+                "modes": ["bp", "sg", "cdni"],
+                "num_steps": _QUICK_FCN_STEPS,
+                "eval_every": _QUICK_FCN_STEPS // 4,  # 4 evaluations
+                "batch_size": 64,
+                "learning_rate": 1e-3,
+                "lr_boundaries": None,
+                "hidden_units": 256,
+                "sg_hidden_layers": None,
+                "sg_hidden_units": 256,
+                "filters": 8,
+                "kernel_size": 5,
+                "num_seeds": 2,
+                "sweep": _GRID_SWEEPS,
+                "loop_steps": 0,
+                "compare_separate": False,
+            },
+            (
+                Override(
+                    (("model", "cnn"),),
+                    (
+                        ("num_steps", _QUICK_CNN_STEPS),
+                        ("eval_every", _QUICK_CNN_STEPS),
+                        ("batch_size", 32),
+                    ),
+                ),
+            ),
         ),
     }
 )
@@ -124,3 +187,15 @@ def apply_preset(flag_values: flags.FlagValues, name: str) -> list[str]:
             flag_values[flag_name].value = list(value) if isinstance(value, list) else value
             applied.append(flag_name)
     return applied
+
+
+def preset_overrides(flag_values: flags.FlagValues, name: str) -> tuple[Override, ...]:
+    """Preset ``name``'s per-task values without those of flags the command line gave."""
+    overrides = []
+    for override in PRESETS[name].overrides:
+        values = tuple(
+            (k, v) for k, v in override.values if k not in flag_values or not flag_values[k].present
+        )
+        if values:
+            overrides.append(Override(override.when, values))
+    return tuple(overrides)

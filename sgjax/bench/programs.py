@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sgjax.bench.sweep import ProgramSpec, SweepAxis, plan_programs
+from sgjax.bench.sweep import Override, ProgramSpec, SweepAxis, plan_programs
 from sgjax.bench.timing import (
     LoopTiming,
     compiled_memory_bytes,
@@ -55,6 +55,8 @@ class BenchmarkSettings:
     compare_separate: bool = True
     """With several runs per program, also run each one alone (time and equality)."""
     preset: str | None = None
+    overrides: tuple[Override, ...] = ()
+    """Per-task values of the preset (e.g. the CIFAR-10 FCN's widths in a grid)."""
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -87,7 +89,7 @@ class BenchmarkSettings:
 
     def programs(self) -> list[ProgramSpec]:
         """The compiled programs to run, in order."""
-        return plan_programs(self.base, self.modes, self.sweeps, self.seeds)
+        return plan_programs(self.base, self.modes, self.sweeps, self.seeds, self.overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings, with the base configuration's derived values filled in."""
@@ -97,6 +99,7 @@ class BenchmarkSettings:
             "num_seeds": self.num_seeds,
             "seeds": list(self.seeds),
             "sweeps": [axis.describe() for axis in self.sweeps],
+            "overrides": [override.describe() for override in self.overrides],
             "loop_steps": self.loop_steps,
             "loop_repeats": self.loop_repeats,
             "compare_separate": self.compare_separate,

@@ -29,11 +29,26 @@ RATE_TOLERANCE = 1.15
 
 
 def module_label(config: TrainConfig) -> str:
-    """The synthetic-gradient module of ``config``: '-', 'linear' or 'LxW'."""
+    """The synthetic-gradient module of ``config``: '-', 'linear' or 'LxW'; for the CNN
+    'conv linear' or 'conv LxF' (L hidden convolutions of F filters)."""
     if not config.decoupled:
         return "-"
     layers = config.resolved_sg_hidden_layers
+    if config.model == "cnn":
+        return f"conv {layers}x{config.resolved_filters}" if layers else "conv linear"
     return f"{layers}x{config.sg_hidden_units}" if layers else "linear"
+
+
+def network_label(config: TrainConfig, layers: str | None = None) -> str:
+    """'3x256 (Dense-BN-ReLU) + Dense 10' or 'CNN 3x64 filters 5x5 (Conv-BN-ReLU-pool) + Dense
+    10'; ``layers`` replaces the hidden-layer count (e.g. '2/3/4' for a depth sweep)."""
+    layers = layers or str(config.hidden_layers)
+    if config.model == "cnn":
+        k = config.kernel_size
+        return (
+            f"CNN {layers}x{config.resolved_filters} filters {k}x{k} (Conv-BN-ReLU-pool) + Dense 10"
+        )
+    return f"{layers}x{config.hidden_units} (Dense-BN-ReLU) + Dense 10"
 
 
 def mode_label(config: TrainConfig) -> str:
@@ -203,12 +218,19 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
     base = s.base
     device = device_info()
     datasets = "; ".join(ds.reason for ds in result.datasets.values())
+    configs = [p.spec.config for p in result.programs] or [base]
+    by_model = {c.model: [d for d in configs if d.model == c.model] for c in configs}
+    networks = "; ".join(
+        network_label(same[0], "/".join(map(str, sorted({c.hidden_layers for c in same}))))
+        for same in by_model.values()
+    )
     lines = [
         f"- preset: {s.preset or 'none'}; modes: {','.join(s.modes)}; seeds: "
         f"{','.join(map(str, s.seeds))}"
-        + (f"; sweeps: {' '.join(a.describe() for a in s.sweeps)}" if s.sweeps else ""),
-        f"- network: {base.hidden_layers}x{base.hidden_units} (Dense-BN-ReLU) + Dense 10; batch "
-        f"{base.batch_size}; {base.num_steps} steps; Adam {base.learning_rate:g} divided by 10 at "
+        + (f"; sweeps: {' '.join(a.describe() for a in s.sweeps)}" if s.sweeps else "")
+        + (f"; per task: {'; '.join(o.describe() for o in s.overrides)}" if s.overrides else ""),
+        f"- network: {networks}; batch {base.batch_size}; {base.num_steps} steps; Adam "
+        f"{base.learning_rate:g} divided by 10 at "
         f"{', '.join(map(str, base.resolved_lr_boundaries))}; test evaluation every "
         f"{base.eval_every} steps (inside the program)",
         f"- data: {datasets}",

@@ -22,7 +22,7 @@ from sgjax.training.config import ConfigError
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import write_json_atomic
 
-OUTPUT_FILES = ("table.md", "benchmark.json", "programs")
+OUTPUT_FILES = ("table.md", "benchmark.json", "grid.md", "programs")
 _SCALARS = (
     "compile_s",
     "run_s",

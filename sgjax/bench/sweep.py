@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.config import DATASETS, MODELS, ConfigError, TrainConfig
 
 TRACED_FIELDS = ("learning_rate",)
 """Swept inside one vmapped program (TrainState carries them as arrays)."""
 STATIC_FIELDS = (
+    "model",
     "num_steps",
     "batch_size",
     "hidden_layers",
     "hidden_units",
     "sg_hidden_layers",
     "sg_hidden_units",
+    "filters",
+    "kernel_size",
     "eval_every",
     "dataset",
 )
@@ -36,6 +39,7 @@ _FIELD_TYPES = {
     for field in dataclasses.fields(TrainConfig)
     if field.name in TRACED_FIELDS + STATIC_FIELDS
 }
+_CHOICES = {"model": MODELS, "dataset": DATASETS}
 _NOT_SWEPT = {
     "mode": "use --modes",
     "seed": "use --seed and --num_seeds",
@@ -70,6 +74,9 @@ def _parse_value(name: str, text: str, spec: str) -> Any:
     except ValueError:
         expected = "a number" if "float" in str(kind) else "an integer"
         raise ConfigError(f"--sweep={spec}: {text!r} is not {expected}") from None
+    if name in _CHOICES and text not in _CHOICES[name]:
+        choices = ",".join(_CHOICES[name])
+        raise ConfigError(f"--sweep={spec}: {text!r} is not one of {choices}")
     return text
 
 
@@ -103,6 +110,34 @@ def parse_sweeps(specs: Sequence[str]) -> tuple[SweepAxis, ...]:
         if names.count(name) > 1:
             raise ConfigError(f"--sweep names {name} twice; give all its values in one --sweep")
     return axes
+
+
+class Override(NamedTuple):
+    """Values for the programs whose configuration matches ``when``: a preset's per-task
+    settings, e.g. 1000-unit layers for the CIFAR-10 FCN of a grid that also runs CNNs."""
+
+    when: tuple[tuple[str, Any], ...]
+    values: tuple[tuple[str, Any], ...]
+
+    def applies(self, config: TrainConfig) -> bool:
+        """Whether ``config`` has every value of ``when``."""
+        return all(getattr(config, name) == value for name, value in self.when)
+
+    def describe(self) -> str:
+        """'model=mlp dataset=cifar10: hidden_units=1000 sg_hidden_units=4000'."""
+        when = " ".join(f"{k}={v}" for k, v in self.when)
+        return f"{when}: " + " ".join(f"{k}={v}" for k, v in self.values)
+
+
+def apply_overrides(
+    config: TrainConfig, overrides: Sequence[Override], keep: Collection[str] = ()
+) -> TrainConfig:
+    """``config`` with the values of every matching override, except the fields in ``keep``."""
+    for override in overrides:
+        if override.applies(config):
+            values = {k: v for k, v in override.values if k not in keep}
+            config = dataclasses.replace(config, **values)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +178,12 @@ def plan_programs(
     modes: Sequence[str],
     axes: Sequence[SweepAxis],
     seeds: Sequence[int],
+    overrides: Sequence[Override] = (),
 ) -> list[ProgramSpec]:
     """One program per mode and combination of static values; bp ignores the module settings.
 
-    Every configuration is validated (ConfigError names the flag and value that cannot run).
+    ``overrides`` then set the values of matching programs (never a swept flag). Every
+    configuration is validated (ConfigError names the flag and value that cannot run).
     """
     static_axes = [a for a in axes if not a.traced]
     lr_axis = next((a for a in axes if a.name == "learning_rate"), None)
@@ -166,6 +203,7 @@ def plan_programs(
             config = dataclasses.replace(
                 base, mode=mode, learning_rate=learning_rates[0], **dict(static)
             )
+            config = apply_overrides(config, overrides, keep={a.name for a in axes})
             for lr in learning_rates:
                 dataclasses.replace(config, learning_rate=lr).validate()
             programs.append(

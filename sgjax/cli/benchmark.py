@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 from absl import flags
 
+from sgjax.bench.grid import grid_applies, grid_markdown, grid_notes, grid_of
 from sgjax.bench.parallel import (
     ParallelBenchmark,
     ParallelBenchmarkSettings,
@@ -21,17 +22,17 @@ from sgjax.bench.parallel import (
     table_lines,
 )
 from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
-from sgjax.bench.presets import PRESETS, apply_preset
+from sgjax.bench.presets import PRESETS, apply_preset, preset_overrides
 from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.bench.report import build_json, build_rows, table_markdown
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
 from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
 from sgjax.cli.errors import fail, parse_int_list
-from sgjax.cli.flags import config_from_flags, define_train_flags
+from sgjax.cli.flags import config_from_flags, define_cnn_flags, define_train_flags
 from sgjax.cli.run import StopRequest, check_fits, claim_output_dir, report_status
 from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.parallel.layers import validate_parallel
-from sgjax.training.config import MODES, ConfigError, TrainConfig
+from sgjax.training.config import MODELS, MODES, ConfigError, TrainConfig
 from sgjax.training.records import OutputError, device_info, versions, write_json_atomic
 
 DEFAULT_OUTPUT_DIR = "runs/benchmark"
@@ -64,7 +65,16 @@ def define_flags(fv: flags.FlagValues) -> None:
         f"{', '.join(STATIC_FIELDS)}.",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "model",
+        _DEFAULTS.model,
+        list(MODELS),
+        "mlp: the fully connected network (FCN); cnn: the paper's convolutional network "
+        "(--hidden_layers conv stages, --filters, --kernel_size, convolutional synthesizers).",
+        flag_values=fv,
+    )
     define_train_flags(fv)
+    define_cnn_flags(fv)
     flags.DEFINE_string(
         "output_dir",
         DEFAULT_OUTPUT_DIR,
@@ -123,7 +133,7 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
     """
     if fv.preset:
         apply_preset(fv, fv.preset)
-    base = config_from_flags(fv, mode=MODES[0], output_dir=fv.output_dir)
+    base = config_from_flags(fv, mode=MODES[0], model=fv.model, output_dir=fv.output_dir)
     return BenchmarkSettings(
         base=base,
         modes=tuple(fv.modes),
@@ -133,6 +143,7 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
         loop_repeats=fv.loop_repeats,
         compare_separate=fv.compare_separate,
         preset=fv.preset,
+        overrides=preset_overrides(fv, fv.preset) if fv.preset else (),
     ).validate()
 
 
@@ -157,15 +168,29 @@ class BenchmarkFiles:
     curves: Path
     sg_loss: Path
     time_per_step: Path
+    grid: Path | None = None
+    """grid.md, for benchmarks that sweep the model or depth (``grid_applies``)."""
+
+    def paths(self) -> list[Path]:
+        """Every file written."""
+        return [p for p in dataclasses.astuple(self) if p is not None]
 
 
 def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
-    """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png."""
+    """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png, and
+    grid.md (also under "grid" in benchmark.json) for a grid of models and depths."""
     rows = build_rows(result)
     table = folder / "table.md"
     table.write_text(table_markdown(result, rows))
+    record = build_json(result, rows)
+    grid_path = None
+    if grid_applies(result.settings.sweeps):
+        grid = grid_of(result, rows)
+        grid_path = folder / "grid.md"
+        grid_path.write_text(grid_markdown(grid, grid_notes(result)))
+        record["grid"] = grid.to_dict()
     json_path = folder / "benchmark.json"
-    write_json_atomic(json_path, build_json(result, rows))
+    write_json_atomic(json_path, record)
     return BenchmarkFiles(
         table=table,
         json=json_path,
@@ -174,6 +199,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
         time_per_step=plot_time_per_step(
             rows, result.loops, result.matmul_gflops, folder / "time_per_step.png"
         ),
+        grid=grid_path,
     )
 
 
@@ -242,7 +268,7 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
     decoupled = [m for m in fv.modes if m != "bp"]
     if not decoupled or decoupled[0] not in MODES:
         raise ConfigError("--parallel=layers needs sg or cdni in --modes (compared with bp)")
-    base = dict(output_dir=fv.output_dir)
+    base = dict(output_dir=fv.output_dir, model=fv.model)
     settings = ParallelBenchmarkSettings(
         sg=config_from_flags(fv, mode=decoupled[0], **base).validate(),
         bp=config_from_flags(fv, mode="bp", **base).validate(),
@@ -302,6 +328,10 @@ class ParallelFiles:
     table: Path
     json: Path
 
+    def paths(self) -> list[Path]:
+        """Every file written."""
+        return [self.table, self.json]
+
 
 def main(fv: flags.FlagValues) -> int:
     """Run the benchmark, print table.md and where the files went; returns the exit code."""
@@ -309,7 +339,7 @@ def main(fv: flags.FlagValues) -> int:
     result, files, signum = run(fv, log=lambda line: print(line, flush=True))
     if files is not None:
         print(files.table.read_text(), flush=True)
-        print(f"wrote {', '.join(str(p) for p in dataclasses.astuple(files))}", flush=True)
+        print(f"wrote {', '.join(str(p) for p in files.paths())}", flush=True)
     print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
     return report_status(
         result.status,

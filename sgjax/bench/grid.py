@@ -1,0 +1,368 @@
+"""The paper's Table 1 shape: test error % per task, depth and method, the paper's cells beside.
+
+Rows are tasks (dataset x FCN/CNN), columns depth (hidden layers + 1) x method (bp, DNI, cDNI),
+cells the final test error as mean +- std over seeds. Each row also says its step budget, data,
+device and how its settings differ from the paper's (500k steps, batch 256, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from sgjax.bench.presets import PRESETS
+from sgjax.bench.programs import BenchmarkResult
+from sgjax.bench.report import Row
+from sgjax.bench.sweep import SweepAxis
+from sgjax.data.sources import Dataset
+from sgjax.training.config import (
+    DEFAULT_SG_HIDDEN_LAYERS,
+    PAPER_BOUNDARY_FRACTIONS,
+    PAPER_FILTERS,
+    PAPER_LEARNING_RATE,
+    PAPER_NUM_STEPS,
+    TrainConfig,
+)
+from sgjax.training.records import device_info
+
+GRID_AXES = ("model", "hidden_layers", "dataset")
+"""Sweeps a grid table can show: tasks and depths (any other swept flag would share cells)."""
+METHOD_NAMES = {"bp": "bp", "sg": "DNI", "cdni": "cDNI"}
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+MODEL_NAMES = {"mlp": "FCN", "cnn": "CNN"}
+PAPER_GRID: Mapping[tuple[str, str, int, str], float] = {
+    ("mnist", "mlp", 3, "cdni"): 2.2,
+    ("mnist", "mlp", 4, "cdni"): 1.9,
+    ("mnist", "mlp", 5, "cdni"): 1.7,
+    ("mnist", "mlp", 6, "cdni"): 1.6,
+    ("cifar10", "mlp", 5, "bp"): 42.0,
+    ("cifar10", "mlp", 5, "sg"): 47.0,
+    ("cifar10", "mlp", 5, "cdni"): 44.0,
+    ("cifar10", "cnn", 3, "bp"): 17.9,
+    ("cifar10", "cnn", 3, "sg"): 19.5,
+    ("cifar10", "cnn", 3, "cdni"): 19.0,
+}
+"""Test error % the paper's text quotes (Jaderberg et al. 2016, 500k steps; see DESIGN.md)."""
+PAPER_FCN_UNITS = {"mnist": 256, "fashion_mnist": 256, "cifar10": 1000}
+PAPER_FCN_MODULES = {"mnist": (2, 1024), "fashion_mnist": (2, 1024), "cifar10": (1, 4000)}
+"""DNI module (hidden layers, units) of the FCN; cDNI modules are linear."""
+
+
+class GridEntry(NamedTuple):
+    """One grid cell's runs: the task, depth, method, settings and final test errors (%)."""
+
+    config: TrainConfig
+    errors: np.ndarray
+    """Final test error in percent, one per seed."""
+
+    @property
+    def task(self) -> tuple[str, str]:
+        """(dataset, model)."""
+        return self.config.dataset, self.config.model
+
+    @property
+    def depth(self) -> int:
+        """The paper's layer count: hidden layers (or conv stages) plus the classifier."""
+        return self.config.hidden_layers + 1
+
+
+class Cell(NamedTuple):
+    """Our mean and std over seeds (None: not run) and the paper's number (None: not quoted)."""
+
+    mean: float | None
+    std: float | None
+    seeds: int
+    paper: float | None
+
+    def format(self) -> str:
+        """'2.31 ± 0.05 (paper 2.2)', '2.31 (one seed)', '- (paper 2.2)' or '-'."""
+        ours = "-"
+        if self.mean is not None:
+            ours = f"{self.mean:.2f}" if self.seeds == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
+        return ours if self.paper is None else f"{ours} (paper {self.paper:g})"
+
+
+class GridRow(NamedTuple):
+    """One task: its cells by (depth, mode) and what it ran on."""
+
+    task: str
+    dataset: str
+    model: str
+    cells: Mapping[tuple[int, str], Cell]
+    steps: str
+    network: str
+    data: str
+    device: str
+    differences: str
+    """How the settings differ from the paper's ('none' at the paper's settings)."""
+
+
+class Grid(NamedTuple):
+    """The whole table."""
+
+    depths: tuple[int, ...]
+    modes: tuple[str, ...]
+    rows: tuple[GridRow, ...]
+
+    def headers(self) -> list[str]:
+        """'task', then '3 layers bp', '3 layers DNI', ..., then steps, data, device."""
+        cells = [f"{d} layers {METHOD_NAMES[m]}" for d in self.depths for m in self.modes]
+        return ["task", *cells, "steps", "data", "device"]
+
+    def body(self) -> list[list[str]]:
+        """Markdown cells of every row, in header order."""
+        return [
+            [
+                row.task,
+                *(row.cells[(d, m)].format() for d in self.depths for m in self.modes),
+                row.steps,
+                row.data,
+                row.device,
+            ]
+            for row in self.rows
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: headers, rows with every cell's numbers, the paper's cells."""
+        return {
+            "headers": self.headers(),
+            "depths": list(self.depths),
+            "modes": list(self.modes),
+            "rows": [
+                {
+                    "task": row.task,
+                    "dataset": row.dataset,
+                    "model": row.model,
+                    "steps": row.steps,
+                    "network": row.network,
+                    "data": row.data,
+                    "device": row.device,
+                    "differences_from_paper": row.differences,
+                    "cells": [
+                        {"depth": d, "mode": m, "test_error_percent": cell._asdict()}
+                        for (d, m), cell in row.cells.items()
+                    ],
+                }
+                for row in self.rows
+            ],
+            "paper": [
+                {"dataset": k[0], "model": k[1], "depth": k[2], "mode": k[3], "error": v}
+                for k, v in PAPER_GRID.items()
+            ],
+        }
+
+
+def grid_applies(sweeps: Sequence[SweepAxis]) -> bool:
+    """Whether a benchmark is a grid: it sweeps the model or depth and nothing but grid axes."""
+    names = {axis.name for axis in sweeps}
+    return bool(names & {"model", "hidden_layers"}) and names <= set(GRID_AXES)
+
+
+def task_name(dataset: str, model: str) -> str:
+    """'MNIST FCN', 'CIFAR-10 CNN'."""
+    return f"{DATASET_NAMES[dataset]} {MODEL_NAMES[model]}"
+
+
+def network_label(config: TrainConfig) -> str:
+    """The task's layer width and synthesizers, e.g. '256 units; DNI 2x1024, cDNI linear'."""
+    if config.model == "cnn":
+        k = config.kernel_size
+        return f"{config.resolved_filters} filters {k}x{k}; synthesizers conv"
+    return f"{config.hidden_units} units"
+
+
+def differences(configs: Sequence[TrainConfig], seeds: int) -> str:
+    """How ``configs`` (one task's programs) differ from the paper's settings, or 'none'."""
+    notes: list[str] = []
+    first = configs[0]
+    steps = sorted({c.num_steps for c in configs})
+    if steps != [PAPER_NUM_STEPS]:
+        notes.append(f"{_join(steps)} steps (paper {PAPER_NUM_STEPS:,})")
+    batches = sorted({c.batch_size for c in configs})
+    if batches != [256]:
+        notes.append(f"batch {_join(batches)} (paper 256)")
+    rates = sorted({c.learning_rate for c in configs})
+    if rates != [PAPER_LEARNING_RATE]:
+        notes.append(f"Adam {', '.join(f'{r:g}' for r in rates)} (paper {PAPER_LEARNING_RATE:g})")
+    if any(c.resolved_lr_boundaries != _paper_boundaries(c.num_steps) for c in configs):
+        bounds = sorted({c.resolved_lr_boundaries for c in configs})
+        shown = "; ".join(",".join(map(str, b)) or "none" for b in bounds)
+        notes.append(f"decay at {shown} (paper at 60% and 80%)")
+    if first.model == "cnn":
+        filters = sorted({c.resolved_filters for c in configs})
+        if filters != [PAPER_FILTERS[first.dataset]]:
+            notes.append(f"{_join(filters)} filters (paper {PAPER_FILTERS[first.dataset]})")
+        if any(c.kernel_size != 5 for c in configs):
+            notes.append(f"kernel {_join(sorted({c.kernel_size for c in configs}))} (paper 5)")
+    else:
+        units = sorted({c.hidden_units for c in configs})
+        if units != [PAPER_FCN_UNITS[first.dataset]]:
+            notes.append(f"{_join(units)} units (paper {PAPER_FCN_UNITS[first.dataset]})")
+    for c in configs:
+        module = _module_difference(c)
+        if module and module not in notes:
+            notes.append(module)
+    if seeds < 3:
+        notes.append(f"{seeds} seed(s)")
+    return "; ".join(notes) or "none"
+
+
+def _join(values: Sequence[int]) -> str:
+    return ", ".join(f"{v:,}" for v in values)
+
+
+def _paper_boundaries(num_steps: int) -> tuple[int, ...]:
+    return tuple(int(round(f * num_steps)) for f in PAPER_BOUNDARY_FRACTIONS)
+
+
+def _module_difference(config: TrainConfig) -> str:
+    """'' when the synthesizer is the paper's for this task and mode, else what it is."""
+    if not config.decoupled:
+        return ""
+    depth = config.resolved_sg_hidden_layers
+    name = METHOD_NAMES[config.mode]
+    if config.model == "cnn":
+        paper_depth = DEFAULT_SG_HIDDEN_LAYERS[config.mode]
+        if depth != paper_depth:
+            return f"{name} conv synthesizer {depth} hidden (paper {paper_depth})"
+        return ""
+    paper = PAPER_FCN_MODULES[config.dataset] if config.mode == "sg" else (0, None)
+    if depth == paper[0] and (depth == 0 or config.sg_hidden_units == paper[1]):
+        return ""
+    ours = f"{depth}x{config.sg_hidden_units}" if depth else "linear"
+    theirs = f"{paper[0]}x{paper[1]}" if paper[0] else "linear"
+    return f"{name} synthesizer {ours} (paper {theirs})"
+
+
+def build_grid(
+    entries: Sequence[GridEntry],
+    data: Mapping[str, str],
+    device: str,
+    modes: Sequence[str] = ("bp", "sg", "cdni"),
+) -> Grid:
+    """The table of ``entries``: one row per task (in first-seen order), every depth run.
+
+    ``data`` describes each dataset by name; ``device`` is the machine. Cells not run are '-'.
+    """
+    depths = tuple(sorted({e.depth for e in entries}))
+    modes = tuple(m for m in ("bp", "sg", "cdni") if m in modes)
+    tasks: dict[tuple[str, str], list[GridEntry]] = {}
+    for entry in entries:
+        tasks.setdefault(entry.task, []).append(entry)
+    rows = []
+    for (dataset, model), task_entries in tasks.items():
+        by_cell = {(e.depth, e.config.mode): e for e in task_entries}
+        cells = {}
+        for depth in depths:
+            for mode in modes:
+                entry = by_cell.get((depth, mode))
+                paper = PAPER_GRID.get((dataset, model, depth, mode))
+                if entry is None:
+                    cells[(depth, mode)] = Cell(None, None, 0, paper)
+                else:
+                    errors = np.asarray(entry.errors, np.float64)
+                    mean, std = float(np.mean(errors)), float(np.std(errors))
+                    cells[(depth, mode)] = Cell(mean, std, int(errors.size), paper)
+        configs = [e.config for e in task_entries]
+        steps = sorted({c.num_steps for c in configs})
+        seeds = min(int(np.asarray(e.errors).size) for e in task_entries)
+        rows.append(
+            GridRow(
+                task=task_name(dataset, model),
+                dataset=dataset,
+                model=model,
+                cells=cells,
+                steps=_join(steps),
+                network=network_label(configs[0]),
+                data=data.get(dataset, dataset),
+                device=device,
+                differences=differences(configs, seeds),
+            )
+        )
+    return Grid(depths, modes, tuple(rows))
+
+
+def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
+    """grid.md: the table, each row's network and differences from the paper, and the paper's
+    quoted cells for tasks not run here."""
+    headers = grid.headers()
+    lines = [
+        "# Feed-forward grid: test error % (mean ± std over seeds), the paper's Table 1 shape",
+        "",
+        *title_notes,
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+        *("| " + " | ".join(row) + " |" for row in grid.body()),
+        "",
+        "Depth is the paper's layer count: hidden layers (conv stages for the CNN) plus the "
+        "classifier. DNI: synthesizers with 2 hidden layers (1 for the CIFAR-10 FCN), cDNI: "
+        "linear and label-conditioned; convolutional for the CNN. '(paper x)' is the test error "
+        "the paper's text quotes for that cell at 500k steps; '-' is a cell not run.",
+        "",
+        "| task | network | differs from the paper's settings |",
+        "|---|---|---|",
+        *(f"| {row.task} | {row.network} | {row.differences} |" for row in grid.rows),
+    ]
+    shown = {(row.dataset, row.model) for row in grid.rows}
+    unshown = sorted({(k[0], k[1]) for k in PAPER_GRID} - shown, key=lambda t: (t[0] != "mnist", t))
+    if unshown:
+        lines += ["", "The paper also quotes (not run here):"]
+        for dataset, model in unshown:
+            cells = ", ".join(
+                f"{depth} layers {METHOD_NAMES[mode]} {error:g}"
+                for (d, m, depth, mode), error in PAPER_GRID.items()
+                if (d, m) == (dataset, model)
+            )
+            lines.append(f"- {task_name(dataset, model)}: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ from a benchmark
+
+
+def data_label(dataset: Dataset) -> str:
+    """'mnist, 5,000 train / 10,000 test (embedded)'."""
+    return (
+        f"{dataset.name}, {len(dataset.train_labels):,} train / {len(dataset.test_labels):,} "
+        f"test ({dataset.source})"
+    )
+
+
+def device_label() -> str:
+    """'cpu, 2 cores' or 'gpu, NVIDIA H100 80GB HBM3 x1'."""
+    device = device_info()
+    if device["platform"] == "cpu":
+        return f"cpu, {os.cpu_count()} cores"
+    return f"{device['platform']}, {device['device_kind']} x{device['device_count']}"
+
+
+def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:
+    """The grid of a benchmark's rows (final test error of every seed)."""
+    entries = [GridEntry(row.config, 100 * (1 - row.history.test_accuracy[:, -1])) for row in rows]
+    return build_grid(
+        entries,
+        {name: data_label(ds) for name, ds in result.datasets.items()},
+        device_label(),
+        result.settings.modes,
+    )
+
+
+def grid_notes(result: BenchmarkResult) -> list[str]:
+    """The lines under grid.md's title: preset, seeds, status."""
+    s = result.settings
+    preset = f"{s.preset} ({PRESETS[s.preset].description})" if s.preset else "none"
+    lines = [
+        f"- preset: {preset}",
+        f"- seeds: {','.join(map(str, s.seeds))}; sweeps: "
+        + " ".join(axis.describe() for axis in s.sweeps),
+    ]
+    if result.status != "completed":
+        lines.append(
+            f"- **Status: {result.status}** ({result.message}); cells of programs that did not "
+            "finish are '-'."
+        )
+    return lines
