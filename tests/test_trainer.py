@@ -292,11 +292,11 @@ def test_label_channels_of_conditioned_conv_synthesizers() -> None:
     h = jnp.zeros((2, 4, 5, 3))
     context = jax.nn.one_hot(jnp.array([1, 7]), CLASSES)
     variables = module.init(jax.random.PRNGKey(0), h, context, train=False)
-    assert variables["params"]["SameConv_0"]["kernel"].shape == (3, 3, 3 + CLASSES, 3)
+    assert variables["params"]["Conv_0"]["kernel"].shape == (3, 3, 3 + CLASSES, 3)
     # Give only label 7's input channel a weight: the output is non-zero for example 1 alone.
     kernel = jnp.zeros((3, 3, 3 + CLASSES, 3)).at[1, 1, 3 + 7, 0].set(1.0)
     out = module.apply(
-        {"params": {"SameConv_0": {"kernel": kernel, "bias": jnp.zeros(3)}}},
+        {"params": {"Conv_0": {"kernel": kernel, "bias": jnp.zeros(3)}}},
         h,
         context,
         train=False,

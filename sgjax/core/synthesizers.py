@@ -94,13 +94,16 @@ class ConvSynthesizer(nn.Module):
                 context[:, None, None, :].astype(x.dtype), (*x.shape[:-1], context.shape[-1])
             )
             x = jnp.concatenate([x, planes], axis=-1)
-        for _ in range(self.hidden_layers):
-            x = nn.relu(batch_norm(train)(SameConv(self.filters, self.kernel_size)(x)))
+        # Named as nn.Conv layers would be, so initialisation (keyed by the path) matches them.
+        for i in range(self.hidden_layers):
+            conv = SameConv(self.filters, self.kernel_size, name=f"Conv_{i}")
+            x = nn.relu(batch_norm(train)(conv(x)))
         return SameConv(
             self.channels,
             self.kernel_size,
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.zeros,
+            name=f"Conv_{self.hidden_layers}",
         )(x)
 
 

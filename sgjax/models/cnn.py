@@ -38,7 +38,9 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.input_shape is not None:
             x = x.reshape((x.shape[0], *self.input_shape))
-        x = nn.relu(batch_norm(train)(SameConv(self.filters, self.kernel_size)(x)))
+        # Named as nn.Conv would be, so initialisation (keyed by the path) matches it.
+        conv = SameConv(self.filters, self.kernel_size, name="Conv_0")
+        x = nn.relu(batch_norm(train)(conv(x)))
         pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
         return pool(x, POOL_WINDOW, strides=POOL_STRIDES, padding="SAME")
 
