@@ -14,7 +14,7 @@ from sgjax.bench.report import module_label
 from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
 from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.cli.run import check_fits
-from sgjax.data.device import load_dataset, to_device
+from sgjax.data import load_dataset, to_device
 from sgjax.data.sources import DataError
 from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
 from sgjax.training.records import device_info, network_description

@@ -24,7 +24,7 @@ from sgjax.bench.programs import BenchmarkSettings, run_program
 from sgjax.bench.report import TABLE_HEADERS
 from sgjax.bench.sweep import parse_sweep
 from sgjax.cli.benchmark import define_flags, run, settings_from_flags
-from sgjax.data.device import load_dataset, to_device
+from sgjax.data import load_dataset, to_device
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import init_train_state
 
@@ -149,7 +149,7 @@ import dataclasses, json, sys
 import jax, numpy as np
 from sgjax.bench.programs import run_mesh, train_runs
 from sgjax.training.config import TrainConfig
-from sgjax.data.device import load_dataset, to_device
+from sgjax.data import load_dataset, to_device
 
 config = TrainConfig(**json.loads(sys.argv[1]))
 seeds, lrs = np.asarray(json.loads(sys.argv[2])), np.asarray(json.loads(sys.argv[3]))

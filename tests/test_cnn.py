@@ -58,19 +58,6 @@ class Outcome(NamedTuple):
     initial_cosines: list[float]
 
 
-def cosines(trainer: Trainer, state: TrainerState, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per boundary, the cosine of the synthetic gradient with dLoss/dh (the batch flattened)."""
-    true = trainer.boundary_gradients(state, x, y)
-    forwards, _, _, _ = trainer.decoupled_gradients(state, x, y)
-    return jnp.stack(
-        [
-            jnp.vdot(f.synthetic_grad, t)
-            / (jnp.linalg.norm(f.synthetic_grad) * jnp.linalg.norm(t) + 1e-30)
-            for f, t in zip(forwards, true, strict=True)
-        ]
-    )
-
-
 def train(mode: str, seed: int, frozen: bool = False) -> Outcome:
     """Train the tiny CNN with ``mode`` (``frozen``: synthesizers never learn, so the hidden
     layers get zero gradients and only the classifier trains)."""
@@ -89,7 +76,7 @@ def train(mode: str, seed: int, frozen: bool = False) -> Outcome:
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     state = trainer.init(init_key, jnp.zeros(sample_shape(config)))
     probe = sample_batch(jax.random.PRNGKey(12345), data, PROBE)
-    measure = jax.jit(lambda s: cosines(trainer, s, probe.images, probe.labels))
+    measure = jax.jit(lambda s: trainer.synthetic_gradient_cosines(s, probe.images, probe.labels))
     initial = measure(state) if config.decoupled else jnp.zeros(0)
 
     @jax.jit

@@ -18,13 +18,12 @@ from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from optax import tree_utils as otu
 
 from sgjax.core.trainer import StageState, Trainer, TrainerState
-from sgjax.data.device import Dataset, load_dataset, sample_batch, to_device
+from sgjax.data import Dataset, load_dataset, sample_batch, to_device
 from sgjax.parallel.bp_pipeline import accumulated_backprop_step
 from sgjax.parallel.layers import (
     ParallelRunResult,
@@ -231,17 +230,8 @@ def synthetic_gradient_cosines(
     data = to_device(dataset)
     batch = sample_batch(jax.random.PRNGKey(123), data, 512)
 
-    def cosines() -> jax.Array:
-        true = trainer.boundary_gradients(model, batch.images, batch.labels)
-        h, out = batch.images, []
-        for j, synth in enumerate(model.synthesizers):
-            fwd = trainer.group_forward(model.stages, synth, j, h, batch.labels)
-            g, t = fwd.synthetic_grad.ravel(), true[j].ravel()
-            out.append(jnp.dot(g, t) / (jnp.linalg.norm(g) * jnp.linalg.norm(t) + 1e-30))
-            h = fwd.output
-        return jnp.stack(out)
-
-    return [float(c) for c in jax.jit(cosines)()]
+    cosines = jax.jit(trainer.synthetic_gradient_cosines)(model, batch.images, batch.labels)
+    return [float(c) for c in cosines]
 
 
 # --------------------------------------------------------------------------- four devices

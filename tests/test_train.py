@@ -11,7 +11,7 @@ import pytest
 
 import sgjax.training.loop as loop
 from sgjax.core.trainer import Trainer, TrainerState
-from sgjax.data.device import load_dataset, scale_images, to_device
+from sgjax.data import load_dataset, scale_images, to_device
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import (
     chunk_lengths,
@@ -80,13 +80,7 @@ def test_short_run_reaches_floor_and_repeats_exactly(mode: str, mnist, floor_run
 
 def _cosines(trainer: Trainer, model: TrainerState, images, labels) -> list[float]:
     """Cosine between each boundary's synthetic gradient and the true one, over the batch."""
-    true = trainer.boundary_gradients(model, images, labels)
-    forwards, _, _, _ = trainer.decoupled_gradients(model, images, labels)
-    result = []
-    for t, fwd in zip(true, forwards, strict=True):
-        norms = float(jnp.linalg.norm(fwd.synthetic_grad) * jnp.linalg.norm(t))
-        result.append(float(jnp.vdot(fwd.synthetic_grad, t)) / norms if norms else 0.0)
-    return result
+    return [float(c) for c in trainer.synthetic_gradient_cosines(model, images, labels)]
 
 
 @pytest.mark.parametrize("mode", ["sg", "cdni"])

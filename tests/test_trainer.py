@@ -320,3 +320,27 @@ def test_same_conv_gradients_equal_xla_gradients() -> None:
         xla = jax.grad(lambda x, k: loss(_conv, x, k), argnums=(0, 1))(x, kernel)
         chex.assert_trees_all_close(ours, xla, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(same_conv(x, kernel), _conv(x, kernel), rtol=1e-6)
+
+
+def test_synthetic_gradient_cosines_rise_when_synthesizers_learn() -> None:
+    """Stages frozen, one fixed batch: linear synthesizers fit their targets (measured cosines
+    0.83 and 0.90 after 300 Adam steps at 1e-3); with a zero synthesizer update they stay 0."""
+    x, y = _batch(11)
+
+    def cosines_after(synthesizer_optimizer: optax.GradientTransformation) -> np.ndarray:
+        trainer = Trainer(
+            CHAINS["layernorm"](),
+            dni(synthesizers.dense(0)),
+            cross_entropy,
+            optax.sgd(0.0),
+            synthesizer_optimizer=synthesizer_optimizer,
+        )
+        state = trainer.init(jax.random.PRNGKey(2), x)
+        assert np.all(np.asarray(trainer.synthetic_gradient_cosines(state, x, y)) == 0.0)
+        step = jax.jit(trainer.step)
+        for _ in range(300):
+            state, _ = step(state, x, y)
+        return np.asarray(trainer.synthetic_gradient_cosines(state, x, y))
+
+    assert np.all(cosines_after(optax.adam(1e-3)) > 0.6)
+    assert np.all(cosines_after(optax.set_to_zero()) == 0.0)

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 
 from sgjax.cli.errors import make_flags_parser
-from sgjax.data.device import load_dataset
+from sgjax.data import load_dataset
 from sgjax.training.checkpoint import Checkpointer
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import PeriodMetrics, Resume, init_train_state, train_and_evaluate

@@ -34,19 +34,6 @@ FLAGS = flags.FLAGS
 POINTS = 10
 
 
-def cosines(trainer: Trainer, state: TrainerState, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per boundary, cosine of the batch's synthetic gradient with the true one (flattened)."""
-    true = trainer.boundary_gradients(state, x, y)
-    forwards, _, _, _ = trainer.decoupled_gradients(state, x, y)
-    return jnp.stack(
-        [
-            jnp.vdot(f.synthetic_grad, t)
-            / (jnp.linalg.norm(f.synthetic_grad) * jnp.linalg.norm(t) + 1e-30)
-            for f, t in zip(forwards, true, strict=True)
-        ]
-    )
-
-
 def run(trainer: Trainer, config: TrainConfig, label: str) -> None:
     data = to_device(load_dataset(config.dataset, None))
     init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -65,7 +52,7 @@ def run(trainer: Trainer, config: TrainConfig, label: str) -> None:
     probe = sample_batch(jax.random.PRNGKey(12345), data, 512)
     test_x, test_y = scale_images(data.test_images), data.test_labels
     evaluate = jax.jit(lambda s: trainer.evaluate(s, test_x, test_y)[1])
-    alignment = jax.jit(lambda s: cosines(trainer, s, probe.images, probe.labels))
+    alignment = jax.jit(lambda s: trainer.synthetic_gradient_cosines(s, probe.images, probe.labels))
     for point in range(POINTS):
         state, losses = chunk(state, jnp.asarray(point * per_point))
         cos = " ".join(f"{float(c):+.3f}" for c in alignment(state))

@@ -392,6 +392,23 @@ class Trainer:
         zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
         return tuple(jax.grad(lambda o: forward(o)[0])(zeros))
 
+    def synthetic_gradient_cosines(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> jax.Array:
+        """Per decoupled boundary, the cosine between the synthetic gradient and the true
+        dLoss/dh on this batch (both flattened over the batch); 0 where either is zero.
+
+        The control that tells learning synthesizers from moving ones: 0 at initialisation,
+        about 0 for random directions, 1 for the oracle."""
+        true = self.boundary_gradients(state, x, labels)
+        forwards, _, _, _ = self.decoupled_gradients(state, x, labels)
+        cosines = []
+        for fwd, t in zip(forwards, true, strict=True):
+            norms = jnp.linalg.norm(fwd.synthetic_grad) * jnp.linalg.norm(t)
+            safe = jnp.where(norms > 0, norms, 1.0)
+            cosines.append(jnp.where(norms > 0, jnp.vdot(fwd.synthetic_grad, t) / safe, 0.0))
+        return jnp.stack(cosines) if cosines else jnp.zeros((0,))
+
     # ------------------------------------------------------------------ steps
 
     def step(

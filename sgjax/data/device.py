@@ -1,6 +1,6 @@
 """Device side of the data path: arrays placed on a device once, batches sampled inside jit.
 
-Host-side loading lives in ``sgjax.data.sources``; its main names are re-exported here. Images
+Host-side loading lives in ``sgjax.data.sources``; ``sgjax.data`` exports both sides. Images
 keep the shape the host gave them: uint8 (N, 784) for MNIST and Fashion-MNIST, (N, 32, 32, 3)
 for CIFAR-10; nothing here depends on the trailing shape.
 """
@@ -14,18 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgjax.data.sources import DataError, Dataset, load_dataset
-
-__all__ = [
-    "Batch",
-    "DataError",
-    "Dataset",
-    "DeviceData",
-    "load_dataset",
-    "sample_batch",
-    "scale_images",
-    "to_device",
-]
+from sgjax.data.sources import Dataset
 
 
 class DeviceData(NamedTuple):
