@@ -47,7 +47,7 @@ _PAPER_NETWORK = MappingProxyType(
 _GRID_SWEEPS = ["model=mlp,cnn", "hidden_layers=2,3,4,5"]
 """FCN and CNN of depth 3 to 6 (hidden layers or conv stages, plus the classifier)."""
 _CIFAR_FCN = (("model", "mlp"), ("dataset", "cifar10"))
-_QUICK_CNN_STEPS = 500
+_QUICK_CNN_STEPS = 1200
 _QUICK_FCN_STEPS = 2000
 
 PRESETS: Mapping[str, Preset] = MappingProxyType(
