@@ -466,7 +466,10 @@ def test_sample_batch_inside_jit(small_device_data):
     assert np.isfinite(float(mean_label(jax.random.key(3), dev)))
 
 
-def test_reexports():
-    assert data.Dataset is datasets.Dataset
-    assert data.DataError is datasets.DataError
-    assert data.load_dataset is datasets.load_dataset
+def test_package_exports_both_sides():
+    import sgjax.data as package
+
+    assert package.Dataset is datasets.Dataset
+    assert package.DataError is datasets.DataError
+    assert package.load_dataset is datasets.load_dataset
+    assert package.to_device is data.to_device and package.sample_batch is data.sample_batch
