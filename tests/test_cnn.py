@@ -13,10 +13,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
-from sgjax.core.trainer import Trainer, TrainerState
+from sgjax.core.trainer import TrainerState
 from sgjax.data import load_dataset, sample_batch, scale_images, to_device
 from sgjax.training.checkpoint import Checkpointer, CheckpointError
 from sgjax.training.config import TrainConfig
@@ -64,14 +63,7 @@ def train(mode: str, seed: int, frozen: bool = False) -> Outcome:
     config = TrainConfig(mode=mode, seed=seed, **TINY)
     trainer = trainer_for(config)
     if frozen:
-        trainer = Trainer(
-            trainer.stages,
-            trainer.method,
-            trainer.loss,
-            trainer.optimizer,
-            synthesizer_optimizer=optax.set_to_zero(),
-            accuracy=trainer.accuracy,
-        )
+        trainer = trainer.frozen_control()
     data = to_device(load_dataset("mnist", None))
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     state = trainer.init(init_key, jnp.zeros(sample_shape(config)))

@@ -6,7 +6,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import sgjax.training.loop as loop
@@ -101,14 +100,7 @@ def test_synthetic_gradients_learn_and_beat_frozen_hidden_layers(
 
     # Control: the same run whose synthesizers never learn (synthetic gradients stay 0, so the
     # hidden layers stay at their initialisation and only the output layer trains).
-    frozen = Trainer(
-        trainer.stages,
-        trainer.method,
-        trainer.loss,
-        trainer.optimizer,
-        synthesizer_optimizer=optax.set_to_zero(),
-        accuracy=trainer.accuracy,
-    )
+    frozen = trainer.frozen_control()
     monkeypatch.setattr(loop, "trainer_for", lambda _: frozen)
     control = train_and_evaluate(config, mnist, log=lambda _: None)
     hidden_now = [s.params for s in control.state.model.stages[:-1]]

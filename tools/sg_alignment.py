@@ -15,7 +15,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import app, flags
 
 from sgjax.cli.errors import fail, make_flags_parser
@@ -79,16 +78,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as error:
         fail(str(error))
     trained = trainer_for(config)
-    frozen = Trainer(
-        trained.stages,
-        trained.method,
-        trained.loss,
-        trained.optimizer,
-        synthesizer_optimizer=optax.set_to_zero(),
-        accuracy=trained.accuracy,
-    )
     run(trained, config, config.mode)
-    run(frozen, config, "frozen")
+    run(trained.frozen_control(), config, "frozen")
     return 0
 
 

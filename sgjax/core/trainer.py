@@ -392,6 +392,19 @@ class Trainer:
         zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
         return tuple(jax.grad(lambda o: forward(o)[0])(zeros))
 
+    def frozen_control(self) -> Trainer:
+        """This trainer with synthesizers that never learn: every synthetic gradient stays 0,
+        so decoupled stages keep their initialisation and only the last group trains. The
+        control a decoupled method must beat to show that its synthetic gradients teach."""
+        return Trainer(
+            self.stages,
+            self.method,
+            self.loss,
+            self.optimizer,
+            synthesizer_optimizer=optax.set_to_zero(),
+            accuracy=self.accuracy,
+        )
+
     def synthetic_gradient_cosines(
         self, state: TrainerState, x: jax.Array, labels: jax.Array
     ) -> jax.Array:
