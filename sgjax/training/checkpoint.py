@@ -30,8 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line saying what to do."""
 
 
-class Checkpointer:
-    """Saves and restores run checkpoints under ``directory`` (one sub-folder per step)."""
+class OrbaxStore:
+    """Checkpoints under ``directory``, one sub-folder per step: a state pytree, JSON metadata
+    and optionally an engine's work in flight. Any run (the scripts', the recurrent ones) keeps
+    its own metadata."""
 
     def __init__(self, directory: Path, keep_last: int = KEEP_LAST) -> None:
         self.directory = Path(directory).absolute()
@@ -48,6 +50,60 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def save_items(
+        self, step: int, state: Any, meta: dict[str, Any], inflight: dict | None = None
+    ) -> None:
+        """Write the checkpoint of ``step`` and wait until it is complete on disk."""
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if inflight:  # an engine's work in flight (the sg pipeline's), by name
+            items["inflight"] = ocp.args.StandardSave(dict(inflight))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._manager.wait_until_finished()
+
+    def read_meta(self, step: int | None = None) -> tuple[int, Any]:
+        """``(step, metadata)`` of ``step`` (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as error:  # orbax raises many kinds; all mean "unreadable"
+            raise CheckpointError(
+                f"cannot read checkpoint {self.directory / str(step)} ({_short(error)}); delete "
+                "it to resume from an earlier one, or start again with --overwrite"
+            ) from None
+        return step, meta
+
+    def read_state(self, step: int, template: Any) -> Any:
+        """The state of ``step`` with the structure, shapes and dtypes of ``template``."""
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template
+        )
+        try:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read the training state in checkpoint {self.directory / str(step)} "
+                f"({_short(error)}); delete it to resume from an earlier one, or start again "
+                "with --overwrite"
+            ) from None
+
+    def read_inflight(self, step: int) -> Any:
+        return self._manager.restore(
+            step, args=ocp.args.Composite(inflight=ocp.args.StandardRestore())
+        )["inflight"]
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+class Checkpointer(OrbaxStore):
+    """Checkpoints of the scripts' runs (``TrainState`` and ``Resume``)."""
+
     def save(self, point: Resume, config: TrainConfig) -> None:
         """Write a checkpoint for ``point.state.step`` and wait until it is complete on disk."""
         meta = {
@@ -59,44 +115,16 @@ class Checkpointer:
             "eval_time_s": point.eval_time_s,
             "inflight": sorted(point.inflight or {}),
         }
-        step = int(point.state.step)
-        items = dict(state=ocp.args.StandardSave(point.state), meta=ocp.args.JsonSave(meta))
-        if point.inflight:  # an engine's work in flight (the sg pipeline's), by name
-            items["inflight"] = ocp.args.StandardSave(dict(point.inflight))
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._manager.wait_until_finished()
+        self.save_items(int(point.state.step), point.state, meta, point.inflight)
 
     def restore(self, config: TrainConfig, template: TrainState, step: int | None = None) -> Resume:
         """Restore ``step`` (default: the latest), refusing one made by another configuration.
 
         ``template`` gives the state's structure, shapes and dtypes (``jax.eval_shape`` will do).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        where = self.directory / str(step)
-        try:
-            meta = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )["meta"]
-        except Exception as error:  # orbax raises many kinds; all mean "unreadable"
-            raise CheckpointError(
-                f"cannot read checkpoint {where} ({_short(error)}); delete it to resume from an "
-                "earlier one, or start again with --overwrite"
-            ) from None
-        _check_compatible(meta, config, where)
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template
-        )
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )["state"]
-        except Exception as error:
-            raise CheckpointError(
-                f"cannot read the training state in checkpoint {where} ({_short(error)}); "
-                "delete it to resume from an earlier one, or start again with --overwrite"
-            ) from None
+        step, meta = self.read_meta(step)
+        _check_compatible(meta, config, self.directory / str(step))
+        restored = self.read_state(step, template)
         records = [EvalRecord(**(r | {"sg_loss": tuple(r["sg_loss"])})) for r in meta["records"]]
         saved = meta["period"]
         period = PeriodMetrics(
@@ -108,16 +136,9 @@ class Checkpointer:
                 }
             )
         )
-        inflight = None
-        if meta.get("inflight"):
-            inflight = self._manager.restore(
-                step, args=ocp.args.Composite(inflight=ocp.args.StandardRestore())
-            )["inflight"]
+        inflight = self.read_inflight(step) if meta.get("inflight") else None
         times = (meta["train_time_s"], meta["eval_time_s"])
         return Resume(restored, records, period, *times, inflight)
-
-    def close(self) -> None:
-        self._manager.close()
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:
