@@ -1,0 +1,370 @@
+"""Recurrent DNI: truncated BPTT whose gradient from beyond each segment is synthetic.
+
+Notation (DESIGN.md, "Recurrent DNI"): a core ``(carry, x) -> (carry, logits)`` is unrolled over
+segments of T steps; the carry at the end of one segment starts the next. Per update:
+
+* ``bptt``: the segment's loss is backpropagated to the segment's start; the gradient from
+  beyond the segment's end is zero.
+* ``dni``: the gradient at the segment's end is ``scale * M(carry_T)`` (zero where the sequence
+  ends there), M a synthesizer shared over time. M regresses ``M(carry_0)`` onto the gradient
+  that reaches the segment's start when the segment is backpropagated with that synthetic
+  gradient (bootstrapping).
+* ``dni_aux``: as ``dni``, and an auxiliary head reads the carry after the segment's first step
+  and predicts ``M(carry_T)``, the synthetic gradient produced T steps on; its loss trains the
+  core too.
+
+Losses are sums over the segment's (masked) steps and means over the batch, so the segments'
+gradients of a sequence add up to the gradient of its whole loss (the plumbing invariant, with
+the true gradient in place of the synthetic one: ``segment_gradients``). Synthesizer targets
+are per example (the gradient of the example's own loss), independent of the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sgjax.core.optim import apply_optimizer
+
+RECURRENT_MODES = ("bptt", "dni", "dni_aux")
+PAPER_SG_SCALE = 0.1
+"""The paper scales the synthetic gradient by 0.1 before it enters the core."""
+
+Carry = Any
+"""The core's state: a pytree of ``[batch, ...]`` arrays (the LSTM's is ``(c, h)``)."""
+StepLoss = Callable[[jax.Array, jax.Array], jax.Array]
+"""``loss(logits, targets) -> [batch]``: each example's loss at one time step."""
+
+
+class Segment(NamedTuple):
+    """T time steps of a batch, time-major."""
+
+    inputs: jax.Array
+    """``[T, batch, ...]``."""
+    targets: jax.Array
+    """``[T, batch, ...]``."""
+    mask: jax.Array
+    """``[T, batch]``: 1 where the step's loss counts (0 on padding and where nothing is due)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentMethod:
+    """How a recurrent core is trained (see ``recurrent_method``)."""
+
+    mode: str = "dni"
+    sg_scale: float = PAPER_SG_SCALE
+    synthesizer_units: int | None = None
+    sg_trains_core: bool = False
+    aux_weight: float = 1.0
+
+    @property
+    def synthetic(self) -> bool:
+        return self.mode != "bptt"
+
+
+def recurrent_method(
+    mode: str = "dni",
+    *,
+    sg_scale: float = PAPER_SG_SCALE,
+    synthesizer_units: int | None = None,
+    sg_trains_core: bool = False,
+    aux_weight: float = 1.0,
+) -> RecurrentMethod:
+    """Truncated BPTT (``"bptt"``), with synthetic gradients (``"dni"``), or with the auxiliary
+    prediction of the future synthetic gradient (``"dni_aux"``).
+
+    Args:
+      sg_scale: factor applied to M's output before it enters the core (paper: 0.1).
+      synthesizer_units: width of M's hidden layer (default: the carry's per-example size / 2,
+        i.e. the LSTM's width).
+      sg_trains_core: M's regression loss is also backpropagated into the core, through the
+        previous segment recomputed with the current parameters (``step``'s ``previous``).
+      aux_weight: weight of the auxiliary loss (``dni_aux``).
+    """
+    if mode not in RECURRENT_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {', '.join(RECURRENT_MODES)}")
+    if not (math.isfinite(sg_scale) and sg_scale > 0):
+        raise ValueError(f"sg_scale={sg_scale} must be a positive number")
+    if synthesizer_units is not None and synthesizer_units <= 0:
+        raise ValueError(f"synthesizer_units={synthesizer_units} must be a positive integer")
+    if not (math.isfinite(aux_weight) and aux_weight >= 0):
+        raise ValueError(f"aux_weight={aux_weight} must be 0 or more")
+    return RecurrentMethod(mode, sg_scale, synthesizer_units, sg_trains_core, aux_weight)
+
+
+class CarryPredictor(nn.Module):
+    """Maps a carry (flattened per example) to a carry-shaped prediction: ``hidden_layers`` x
+    (Dense ``units``, ReLU), then a zero-initialised Dense, so its first outputs are exactly 0.
+    The synthesizer M has one hidden layer; the auxiliary head is linear."""
+
+    units: int
+    hidden_layers: int
+
+    @nn.compact
+    def __call__(self, carry: Carry) -> Carry:
+        x, unflatten = flatten_carry(carry)
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.units)(x))
+        zeros = nn.initializers.zeros
+        return unflatten(nn.Dense(_width(carry), kernel_init=zeros)(x))
+
+
+def _width(carry: Carry) -> int:
+    return sum(math.prod(leaf.shape[1:]) for leaf in jax.tree_util.tree_leaves(carry))
+
+
+def flatten_carry(carry: Carry) -> tuple[jax.Array, Callable[[jax.Array], Carry]]:
+    """``[batch, width]`` from a carry's leaves, and the inverse."""
+    leaves, treedef = jax.tree_util.tree_flatten(carry)
+    batch = leaves[0].shape[0]
+    shapes = [leaf.shape[1:] for leaf in leaves]
+    sizes = [math.prod(shape) for shape in shapes]
+    flat = jnp.concatenate([leaf.reshape(batch, -1) for leaf in leaves], axis=-1)
+
+    def unflatten(x: jax.Array) -> Carry:
+        parts = jnp.split(x, list(_cumulative(sizes))[:-1], axis=-1)
+        return jax.tree_util.tree_unflatten(
+            treedef, [p.reshape(x.shape[0], *s) for p, s in zip(parts, shapes, strict=True)]
+        )
+
+    return flat, unflatten
+
+
+def _cumulative(sizes: list[int]) -> list[int]:
+    total, out = 0, []
+    for size in sizes:
+        total += size
+        out.append(total)
+    return out
+
+
+def carry_vdot(a: Carry, b: Carry) -> jax.Array:
+    """Sum over every element of ``a * b``."""
+    return sum(
+        jnp.vdot(x, y)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def carry_sq_error(prediction: Carry, target: Carry) -> jax.Array:
+    """Mean over the batch of the summed squared error; the target is a constant."""
+    total = sum(
+        jnp.sum(jnp.square(p - jax.lax.stop_gradient(t)))
+        for p, t in zip(
+            jax.tree_util.tree_leaves(prediction), jax.tree_util.tree_leaves(target), strict=True
+        )
+    )
+    return total / jax.tree_util.tree_leaves(prediction)[0].shape[0]
+
+
+def _where_batch(flag: jax.Array, a: Carry, b: Carry) -> Carry:
+    """Per example: ``a`` where ``flag`` else ``b``."""
+
+    def pick(x: jax.Array, y: jax.Array) -> jax.Array:
+        return jnp.where(flag.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+
+    return jax.tree_util.tree_map(pick, a, b)
+
+
+def _scale_batch(flag: jax.Array, tree: Carry) -> Carry:
+    return jax.tree_util.tree_map(
+        lambda x: x * flag.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), tree
+    )
+
+
+class RecurrentState(NamedTuple):
+    """The parameters (``core``, and for DNI ``synthesizer`` and ``aux``) and their Adam state."""
+
+    params: dict[str, Any]
+    opt_state: optax.OptState
+
+
+class SegmentGradients(NamedTuple):
+    """What backpropagating one segment gives."""
+
+    core: Any
+    """Gradient of the core's parameters (mean over the batch)."""
+    start_grad: Carry
+    """Per-example gradient at the segment's start carry: the bootstrapped target."""
+    end_carry: Carry
+    loss_sum: jax.Array
+    """Sum over the batch and the counted steps of the step losses."""
+    count: jax.Array
+    """Number of counted (example, step) pairs."""
+    outputs: jax.Array
+    """``[T, batch, ...]`` logits."""
+
+
+class SegmentMetrics(NamedTuple):
+    loss_sum: jax.Array
+    count: jax.Array
+    sg_loss: jax.Array
+    """M's regression loss at the segment's start (0 for bptt)."""
+    aux_loss: jax.Array
+    """The auxiliary head's loss (0 unless dni_aux)."""
+    outputs: jax.Array
+
+
+class RecurrentTrainer:
+    """Trains a recurrent ``core`` segment by segment with ``method`` and ``optimizer``.
+
+    ``loss(logits, targets)`` is each example's loss at one step. Everything is pure:
+    ``init`` and ``step`` can be jitted, scanned and vmapped.
+    """
+
+    def __init__(
+        self,
+        core: nn.Module,
+        loss: StepLoss,
+        method: RecurrentMethod,
+        optimizer: optax.GradientTransformation,
+    ) -> None:
+        self.core = core
+        self.loss = loss
+        self.method = method
+        self.optimizer = optimizer
+
+    def _predictors(self, carry: Carry) -> tuple[CarryPredictor, CarryPredictor]:
+        units = self.method.synthesizer_units or max(_width(carry) // 2, 1)
+        return CarryPredictor(units, 1), CarryPredictor(units, 0)
+
+    def init(self, key: jax.Array, carry: Carry, x: jax.Array) -> RecurrentState:
+        """Parameters for a carry and one step's input like ``carry`` and ``x``."""
+        core_key, sg_key, aux_key = jax.random.split(key, 3)
+        params: dict[str, Any] = {"core": self.core.init(core_key, carry, x)["params"]}
+        if self.method.synthetic:
+            synthesizer, aux = self._predictors(carry)
+            params["synthesizer"] = synthesizer.init(sg_key, carry)["params"]
+            if self.method.mode == "dni_aux":
+                params["aux"] = aux.init(aux_key, carry)["params"]
+        return RecurrentState(params, self.optimizer.init(params))
+
+    def unroll(
+        self, core_params: Any, carry: Carry, segment: Segment
+    ) -> tuple[tuple[jax.Array, Carry], tuple[jax.Array, jax.Array]]:
+        """Run the core over the segment: ``((loss_sum, end_carry), (count, logits))``."""
+
+        def one_step(c: Carry, step: tuple[jax.Array, ...]) -> tuple[Carry, tuple]:
+            x, target, mask = step
+            c, logits = self.core.apply({"params": core_params}, c, x)
+            return c, (jnp.sum(self.loss(logits, target) * mask), logits)
+
+        end, (losses, logits) = jax.lax.scan(one_step, carry, tuple(segment))
+        return (jnp.sum(losses), end), (jnp.sum(segment.mask), logits)
+
+    def segment_gradients(
+        self, core_params: Any, carry: Carry, segment: Segment, end_grad: Carry
+    ) -> SegmentGradients:
+        """Backpropagate the segment's loss plus ``<end_grad, end_carry>`` (``end_grad`` per
+        example, a constant): gradients of the core (mean over the batch) and of the start."""
+        batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
+        (loss_sum, end), vjp, (count, logits) = jax.vjp(
+            lambda p, c: self.unroll(p, c, segment), core_params, carry, has_aux=True
+        )
+        core_grad, start = vjp((jnp.ones_like(loss_sum) / batch, _div(end_grad, batch)))
+        return SegmentGradients(core_grad, _mul(start, batch), end, loss_sum, count, logits)
+
+    def synthetic_gradient(self, params: dict[str, Any], carry: Carry) -> Carry:
+        """M's prediction of the per-example gradient at ``carry`` (unscaled)."""
+        synthesizer, _ = self._predictors(carry)
+        return synthesizer.apply({"params": params["synthesizer"]}, carry)
+
+    def step(
+        self,
+        state: RecurrentState,
+        carry: Carry,
+        segment: Segment,
+        continues: jax.Array,
+        previous: tuple[Carry, Segment, jax.Array] | None = None,
+    ) -> tuple[RecurrentState, Carry, SegmentMetrics]:
+        """One update on ``segment`` from ``carry``; returns the new state and end carry.
+
+        ``continues[b]``: example b's sequence goes on after this segment (else the gradient at
+        its end is zero). ``previous = (carry, segment, present)``: the segment before this one
+        and its start carry, needed when ``sg_trains_core`` (``present[b]`` false: there was
+        none, e.g. at an episode's start).
+        """
+        method, params = self.method, state.params
+        batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
+        zero_metric = jnp.zeros((), jnp.float32)
+        grads: dict[str, Any] = {}
+
+        (loss_sum, end), vjp, (count, logits) = jax.vjp(
+            lambda p, c: self.unroll(p, c, segment), params["core"], carry, has_aux=True
+        )
+        end_sg = None
+        ones = jnp.ones_like(loss_sum) / batch
+        if method.synthetic:
+            end_sg = _scale_batch(continues, self.synthetic_gradient(params, end))
+            consumed = _div(jax.tree_util.tree_map(lambda g: method.sg_scale * g, end_sg), batch)
+            # The core consumes the scaled synthetic gradient; M's target is bootstrapped from
+            # M's own (unscaled) prediction. One batched backward pass gives both.
+            both = jax.tree_util.tree_map(
+                lambda a, b: jnp.stack([a, b]), consumed, _div(end_sg, batch)
+            )
+            (core_grads, starts) = jax.vmap(lambda g: vjp((ones, g)))(both)
+            core_grad = jax.tree_util.tree_map(lambda x: x[0], core_grads)
+            start = jax.tree_util.tree_map(lambda x: x[1], starts)
+        else:
+            end_grad = jax.tree_util.tree_map(jnp.zeros_like, end)
+            core_grad, start = vjp((ones, end_grad))
+        grads["core"] = core_grad
+        sg_loss = aux_loss = zero_metric
+
+        if method.synthetic:
+            target = jax.lax.stop_gradient(_mul(start, batch))
+            synthesizer, aux_head = self._predictors(carry)
+
+            def sg_objective(synth_params: Any, core_params: Any) -> jax.Array:
+                at = jax.lax.stop_gradient(carry)
+                if method.sg_trains_core and previous is not None:
+                    prev_carry, prev_segment, present = previous
+                    (_, recomputed), _ = self.unroll(core_params, prev_carry, prev_segment)
+                    at = _where_batch(present, recomputed, at)
+                prediction = synthesizer.apply({"params": synth_params}, at)
+                return carry_sq_error(prediction, target)
+
+            sg_loss, (synth_grad, core_sg_grad) = jax.value_and_grad(sg_objective, argnums=(0, 1))(
+                params["synthesizer"], params["core"]
+            )
+            grads["synthesizer"] = synth_grad
+            if method.sg_trains_core:
+                grads["core"] = _add(grads["core"], core_sg_grad)
+
+            if method.mode == "dni_aux":
+                aux_target = jax.lax.stop_gradient(end_sg)
+                first = jax.tree_util.tree_map(lambda x: x[0], segment.inputs)
+
+                def aux_objective(aux_params: Any, core_params: Any) -> jax.Array:
+                    after_first, _ = self.core.apply({"params": core_params}, carry, first)
+                    prediction = aux_head.apply({"params": aux_params}, after_first)
+                    return method.aux_weight * carry_sq_error(prediction, aux_target)
+
+                aux_loss, (aux_grad, core_aux_grad) = jax.value_and_grad(
+                    aux_objective, argnums=(0, 1)
+                )(params["aux"], params["core"])
+                grads["aux"] = aux_grad
+                grads["core"] = _add(grads["core"], core_aux_grad)
+
+        new_params, opt_state = apply_optimizer(self.optimizer, grads, state.opt_state, params)
+        metrics = SegmentMetrics(loss_sum, count, sg_loss, aux_loss, logits)
+        return RecurrentState(new_params, opt_state), end, metrics
+
+
+def _div(tree: Any, value: float) -> Any:
+    return jax.tree_util.tree_map(lambda x: x / value, tree)
+
+
+def _mul(tree: Any, value: float) -> Any:
+    return jax.tree_util.tree_map(lambda x: x * value, tree)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.add, a, b)

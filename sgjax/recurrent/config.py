@@ -1,0 +1,133 @@
+"""The configuration of one recurrent run, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from sgjax.core.recurrent import PAPER_SG_SCALE, RECURRENT_MODES
+from sgjax.tasks.copy import COPY_TASKS, DEFAULT_BITS, CopyTask
+from sgjax.training.config import MAX_SEED, MAX_STEPS, ConfigError
+
+RNN_TASKS = (*COPY_TASKS, "char_lm")
+PAPER_RNN_LEARNING_RATE = 7e-5
+DEFAULT_EVAL_EVERY = {"copy": 1_000, "repeat_copy": 1_000, "char_lm": 5_000}
+"""The paper validates the language model every 5k iterations."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+    """Everything one recurrent run needs; defaults are the paper's where it gives them."""
+
+    task: str = "copy"
+    mode: str = "dni"
+    truncation: int = 3
+    hidden_units: int = 256
+    batch_size: int = 256
+    num_steps: int = 100_000
+    """Updates, one per segment of ``truncation`` steps."""
+    learning_rate: float = PAPER_RNN_LEARNING_RATE
+    seed: int = 0
+    eval_every: int | None = None
+    """Updates between records (default: 1k for the copy tasks, 5k for char_lm)."""
+    sg_scale: float = PAPER_SG_SCALE
+    synthesizer_units: int | None = None
+    """Width of the synthesizer's hidden layer (default: --hidden_units)."""
+    sg_trains_core: bool = False
+    bits: int = DEFAULT_BITS
+    max_length: int = 256
+    """Copy tasks: episodes are padded to this many time steps (the largest level that fits)."""
+    text_file: str | None = None
+    valid_file: str | None = None
+    test_file: str | None = None
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    patience: int = 5
+    """char_lm: stop after this many validations without a better one (0: never)."""
+    chunk_steps: int = 1_000
+    checkpoint_every: int | None = None
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_eval_every(self) -> int:
+        return self.eval_every if self.eval_every is not None else DEFAULT_EVAL_EVERY[self.task]
+
+    @property
+    def resolved_checkpoint_every(self) -> int:
+        if self.checkpoint_every is None:
+            return self.resolved_eval_every
+        return self.checkpoint_every
+
+    @property
+    def copy_task(self) -> CopyTask:
+        return CopyTask(self.task, self.max_length, self.bits)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line, saying what to change) if the run cannot work."""
+        choices = {"task": RNN_TASKS, "mode": RECURRENT_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = ("truncation", "hidden_units", "batch_size", "num_steps", "bits", "chunk_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name}={value} must be a positive integer")
+        for name in ("eval_every", "synthesizer_units"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name}={value} must be a positive integer")
+        if self.num_steps > MAX_STEPS:
+            raise ConfigError(f"--num_steps={self.num_steps} must be at most {MAX_STEPS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed={self.seed} must be between 0 and {MAX_SEED}")
+        for name in ("learning_rate", "sg_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name}={value} must be a positive number")
+        if self.checkpoint_every is not None and (
+            self.checkpoint_every < 0 or self.checkpoint_every % self.resolved_eval_every
+        ):
+            raise ConfigError(
+                f"--checkpoint_every={self.checkpoint_every} must be 0 or a multiple of "
+                f"--eval_every={self.resolved_eval_every}"
+            )
+        if self.patience < 0:
+            raise ConfigError(f"--patience={self.patience} must be 0 (never stop) or more")
+        if self.task == "char_lm":
+            self._validate_text()
+        else:
+            if self.text_file or self.valid_file or self.test_file:
+                raise ConfigError(
+                    f"--text_file, --valid_file and --test_file are for --task=char_lm, not "
+                    f"--task={self.task} (its episodes are generated)"
+                )
+            try:
+                task = self.copy_task
+            except ValueError as error:
+                raise ConfigError(f"--{error}") from None
+            if self.max_length < self.truncation:
+                raise ConfigError(
+                    f"--max_length={self.max_length} must be at least --truncation="
+                    f"{self.truncation}"
+                )
+            del task
+
+    def _validate_text(self) -> None:
+        if not self.text_file:
+            raise ConfigError(
+                "--task=char_lm needs --text_file=PATH (a UTF-8 text; e.g. Penn Treebank's "
+                "character version, or any text to try it: --text_file=README.md)"
+            )
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not (0 <= value < 0.5):
+                raise ConfigError(f"--{name}={value} must be at least 0 and below 0.5")

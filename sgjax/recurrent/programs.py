@@ -1,0 +1,311 @@
+"""The compiled programs of recurrent runs: one update per segment of ``truncation`` steps,
+scanned in chunks, for the copy tasks (episodes and curriculum on the device) and character
+language modelling (parallel streams over a text)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sgjax.core.optim import adam
+from sgjax.core.recurrent import (
+    Carry,
+    RecurrentState,
+    RecurrentTrainer,
+    Segment,
+    StepLoss,
+    recurrent_method,
+)
+from sgjax.models.lstm import LSTMCore, zero_carry
+from sgjax.recurrent.config import RNNConfig
+from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT, CopyTask, Episode, Level, bit_errors
+from sgjax.tasks.copy import sigmoid_loss as copy_loss
+
+LN2 = math.log(2.0)
+
+
+def make_trainer(config: RNNConfig, output_dim: int, loss: StepLoss) -> RecurrentTrainer:
+    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate."""
+    method = recurrent_method(
+        config.mode,
+        sg_scale=config.sg_scale,
+        synthesizer_units=config.synthesizer_units or config.hidden_units,
+        sg_trains_core=config.sg_trains_core,
+    )
+    return RecurrentTrainer(
+        LSTMCore(config.hidden_units, output_dim), loss, method, adam(config.learning_rate)
+    )
+
+
+def _where(flag: jax.Array, a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+def _slice(array: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(array, start, size, axis=0)
+
+
+class ChunkStats(NamedTuple):
+    """Sums (``loss_sum``, ``count``, ``sg_loss``, ``aux_loss``: over the chunk's updates)."""
+
+    loss_sum: jax.Array
+    count: jax.Array
+    sg_loss: jax.Array
+    aux_loss: jax.Array
+
+
+def _chunk_stats(per_step: ChunkStats) -> ChunkStats:
+    return ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
+
+
+# ---------------------------------------------------------------- copy and repeat copy
+
+
+class CopyRunState(NamedTuple):
+    """Everything that changes in a copy-task run."""
+
+    model: RecurrentState
+    carry: Carry
+    previous_carry: Carry
+    """The carry at the start of the previous segment (``sg_trains_core``)."""
+    episode: Episode
+    position: jax.Array
+    """Time step where the next segment starts."""
+    level: Level
+    error_bits: jax.Array
+    """Wrong bits so far in the current episodes (summed over the batch)."""
+    elements: jax.Array
+    """Output elements (time steps x batch) so far in the current episodes."""
+    last_error: jax.Array
+    """Bits per element of the last finished batch of episodes (NaN before the first)."""
+    solved: jax.Array
+    """Largest episode size solved so far (0: none)."""
+    solved_steps: jax.Array
+    """``solved_steps[k]``: the update at which the k-th level was solved (-1: not yet)."""
+    levels_solved: jax.Array
+    episodes: jax.Array
+    step: jax.Array
+    key: jax.Array
+
+
+def level_count(task: CopyTask) -> int:
+    """How many curriculum levels fit in ``task.max_length``."""
+    level, count = (1, 1), 0
+    while task.steps(*level) <= task.max_length:
+        count += 1
+        nxt = task.next_level(Level(*map(jnp.asarray, level)))
+        level = (int(nxt.n), int(nxt.r))
+    return count
+
+
+def level_sizes(task: CopyTask, count: int) -> list[int]:
+    """The paper's episode sizes of the first ``count`` levels."""
+    level, sizes = task.first_level(), []
+    for _ in range(count):
+        sizes.append(int(task.episode_size(level)))
+        level = task.next_level(level)
+    return sizes
+
+
+class CopyProgram:
+    """Copy or Repeat Copy under ``config``: ``init(seed)`` and ``chunk(n)`` are pure."""
+
+    def __init__(self, config: RNNConfig) -> None:
+        self.config = config
+        self.task = config.copy_task
+        self.trainer = make_trainer(config, self.task.output_dim, copy_loss)
+        truncation = config.truncation
+        self.padded_length = -(-self.task.max_length // truncation) * truncation
+        self.levels = level_count(self.task)
+
+    def _episode(self, key: jax.Array, level: Level) -> Episode:
+        episode = self.task.generate(key, level, self.config.batch_size)
+        extra = self.padded_length - self.task.max_length
+        if extra:
+            pad = lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+            episode = episode._replace(
+                inputs=pad(episode.inputs), targets=pad(episode.targets), mask=pad(episode.mask)
+            )
+        return episode
+
+    def init(self, seed: int | jax.Array) -> CopyRunState:
+        config = self.config
+        init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+        carry = zero_carry(config.batch_size, config.hidden_units)
+        level = self.task.first_level()
+        episode = self._episode(jax.random.fold_in(data_key, 0), level)
+        model = self.trainer.init(init_key, carry, episode.inputs[0])
+        zero_i = jnp.zeros((), jnp.int32)
+        zero_f = jnp.zeros((), jnp.float32)
+        return CopyRunState(
+            model, carry, carry, episode, zero_i, level, zero_f, zero_f,
+            jnp.full((), jnp.nan, jnp.float32), zero_i,
+            jnp.full((self.levels + 1,), -1, jnp.int32), zero_i, zero_i, zero_i, data_key,
+        )  # fmt: skip
+
+    def step(self, state: CopyRunState) -> tuple[CopyRunState, ChunkStats]:
+        config, task, truncation = self.config, self.task, self.config.truncation
+        batch = config.batch_size
+        episode = state.episode
+        segment = Segment(
+            *(_slice(a, state.position, truncation)
+              for a in (episode.inputs, episode.targets, episode.mask))
+        )  # fmt: skip
+        continues = jnp.broadcast_to(state.position + truncation < episode.length, (batch,))
+        previous = None
+        if config.sg_trains_core:
+            start = jnp.maximum(state.position - truncation, 0)
+            before = Segment(
+                *(_slice(a, start, truncation)
+                  for a in (episode.inputs, episode.targets, episode.mask))
+            )  # fmt: skip
+            present = jnp.broadcast_to(state.position > 0, (batch,))
+            previous = (state.previous_carry, before, present)
+        model, end, metrics = self.trainer.step(
+            state.model, state.carry, segment, continues, previous
+        )
+        error_bits = state.error_bits + jnp.sum(
+            bit_errors(metrics.outputs, segment.targets, segment.mask)
+        )
+        elements = state.elements + metrics.count
+        position = state.position + truncation
+        done = position >= episode.length
+        error = error_bits / jnp.maximum(elements, 1.0)
+        size = task.episode_size(state.level)
+        solved_now = done & (error < SOLVED_BITS_PER_ELEMENT) & (size > state.solved)
+        index = jnp.minimum(state.levels_solved, self.levels)
+        solved_steps = state.solved_steps.at[index].set(
+            jnp.where(solved_now, state.step + 1, state.solved_steps[index])
+        )
+        following = task.next_level(state.level)
+        level = _where(solved_now & task.fits(following), following, state.level)
+        episodes = state.episodes + done.astype(jnp.int32)
+        episode = jax.lax.cond(
+            done,
+            lambda: self._episode(jax.random.fold_in(state.key, episodes), level),
+            lambda: episode,
+        )
+        zero = zero_carry(batch, config.hidden_units)
+        new_state = CopyRunState(
+            model=model,
+            carry=_where(done, zero, end),
+            previous_carry=_where(done, zero, state.carry),
+            episode=episode,
+            position=jnp.where(done, 0, position),
+            level=level,
+            error_bits=jnp.where(done, 0.0, error_bits),
+            elements=jnp.where(done, 0.0, elements),
+            last_error=jnp.where(done, error, state.last_error),
+            solved=jnp.where(solved_now, size, state.solved),
+            solved_steps=solved_steps,
+            levels_solved=state.levels_solved + solved_now.astype(jnp.int32),
+            episodes=episodes,
+            step=state.step + 1,
+            key=state.key,
+        )
+        stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
+        return new_state, stats
+
+    def chunk(self, num_steps: int) -> Callable[[CopyRunState, Any], tuple[Any, ChunkStats]]:
+        """``num_steps`` updates in one ``lax.scan``; returns the state and the sums."""
+
+        def run(state: CopyRunState, data: Any = None) -> tuple[CopyRunState, ChunkStats]:
+            del data
+            state, per_step = jax.lax.scan(lambda s, _: self.step(s), state, None, length=num_steps)
+            return state, _chunk_stats(per_step)
+
+        return run
+
+
+# ---------------------------------------------------------------- character language modelling
+
+
+class TextRunState(NamedTuple):
+    model: RecurrentState
+    carry: Carry
+    previous_carry: Carry
+    position: jax.Array
+    """Where the next segment starts in every stream."""
+    step: jax.Array
+
+
+def char_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each example's cross-entropy in nats for integer character targets."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def _text_segment(streams: jax.Array, start: jax.Array, length: int, vocab: int) -> Segment:
+    ids = jax.lax.dynamic_slice_in_dim(streams, start, length + 1, axis=1).T  # [T+1, B]
+    inputs = jax.nn.one_hot(ids[:-1], vocab, dtype=jnp.float32)
+    return Segment(inputs, ids[1:], jnp.ones(ids[1:].shape, jnp.float32))
+
+
+class TextProgram:
+    """Character language modelling: ``batch_size`` parallel streams of the training text,
+    one segment of each per update; the state carries over, and restarts where the text does."""
+
+    def __init__(self, config: RNNConfig, vocab_size: int) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.trainer = make_trainer(config, vocab_size, char_loss)
+
+    def init(self, seed: int | jax.Array) -> TextRunState:
+        config = self.config
+        carry = zero_carry(config.batch_size, config.hidden_units)
+        x = jnp.zeros((config.batch_size, self.vocab_size), jnp.float32)
+        model = self.trainer.init(jax.random.PRNGKey(seed), carry, x)
+        zero = jnp.zeros((), jnp.int32)
+        return TextRunState(model, carry, carry, zero, zero)
+
+    def step(self, state: TextRunState, streams: jax.Array) -> tuple[TextRunState, ChunkStats]:
+        config, truncation = self.config, self.config.truncation
+        batch, length = streams.shape
+        segment = _text_segment(streams, state.position, truncation, self.vocab_size)
+        continues = jnp.broadcast_to(state.position + 2 * truncation + 1 <= length, (batch,))
+        previous = None
+        if config.sg_trains_core:
+            start = jnp.maximum(state.position - truncation, 0)
+            before = _text_segment(streams, start, truncation, self.vocab_size)
+            previous = (
+                state.previous_carry,
+                before,
+                jnp.broadcast_to(state.position > 0, (batch,)),
+            )
+        model, end, metrics = self.trainer.step(
+            state.model, state.carry, segment, continues, previous
+        )
+        position = state.position + truncation
+        wrap = position + truncation + 1 > length
+        zero = zero_carry(batch, config.hidden_units)
+        new_state = TextRunState(
+            model,
+            _where(wrap, zero, end),
+            _where(wrap, zero, state.carry),
+            jnp.where(wrap, 0, position),
+            state.step + 1,
+        )
+        stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
+        return new_state, stats
+
+    def chunk(self, num_steps: int) -> Callable[[TextRunState, jax.Array], tuple[Any, ChunkStats]]:
+        def run(state: TextRunState, streams: jax.Array) -> tuple[TextRunState, ChunkStats]:
+            state, per_step = jax.lax.scan(
+                lambda s, _: self.step(s, streams), state, None, length=num_steps
+            )
+            return state, _chunk_stats(per_step)
+
+        return run
+
+    def bits_per_character(self, state: TextRunState, streams: jax.Array) -> jax.Array:
+        """Bits per character of the model on ``streams`` ([streams, length]), read from the
+        start of each stream with the state carried through (no truncation)."""
+        batch, length = streams.shape
+        carry = zero_carry(batch, self.config.hidden_units)
+        segment = _text_segment(streams, jnp.zeros((), jnp.int32), length - 1, self.vocab_size)
+        (loss_sum, _), (count, _) = self.trainer.unroll(state.model.params["core"], carry, segment)
+        return loss_sum / count / LN2
