@@ -25,6 +25,7 @@ from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.bench.presets import PRESETS, apply_preset, preset_overrides
 from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.bench.report import build_json, build_rows, table_markdown
+from sgjax.bench.rnn_table import RNN_PRESETS, run_rnn_table
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
 from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
 from sgjax.cli.errors import fail, parse_int_list
@@ -42,11 +43,13 @@ _DEFAULTS = TrainConfig()
 def define_flags(fv: flags.FlagValues) -> None:
     """Define the benchmark's flags on ``fv``: the training flags of mnist_mlp.py (``--modes``
     instead of ``--mode``) plus preset, seeds, sweeps and the extra timings."""
-    presets = "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
+    presets = "; ".join(
+        f"{name}: {p.description}" for name, p in [*PRESETS.items(), *RNN_PRESETS.items()]
+    )
     flags.DEFINE_enum(
         "preset",
         None,
-        list(PRESETS),
+        [*PRESETS, *RNN_PRESETS],
         f"Named settings; explicit flags override them. {presets}",
         flag_values=fv,
     )
@@ -333,8 +336,51 @@ class ParallelFiles:
         return [self.table, self.json]
 
 
+RNN_TABLE_FLAGS = ("preset", "output_dir", "seed", "num_seeds", "num_steps", "overwrite")
+"""The flags a recurrent preset (paper_rnn, paper_rnn_quick) takes; the rest are refused."""
+RNN_TABLE_FILES = ("table.md", "results.json")
+
+
+def run_recurrent_preset(fv: flags.FlagValues) -> int:
+    """``--preset=paper_rnn`` or ``paper_rnn_quick``: the recurrent table (Table 2's shape)."""
+    probe = flags.FlagValues()
+    define_flags(probe)
+    given = sorted(
+        f"--{name}" for name in probe if fv[name].present and name not in RNN_TABLE_FLAGS
+    )
+    try:
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --preset={fv.preset} (a recurrent "
+                f"table); it takes {', '.join('--' + n for n in RNN_TABLE_FLAGS[1:])}"
+            )
+        for name in ("num_seeds", "num_steps"):
+            if fv[name].present and fv[name].value <= 0:
+                raise ConfigError(f"--{name}={fv[name].value} must be a positive integer")
+        folder = claim_output_dir(Path(fv.output_dir), False, fv.overwrite, RNN_TABLE_FILES)
+    except (ConfigError, OutputError) as error:
+        fail(str(error))
+    print(f"preset {fv.preset}: {RNN_PRESETS[fv.preset].description}", flush=True)
+    start = time.perf_counter()
+    with StopRequest() as stop:
+        status, message = run_rnn_table(
+            fv.preset,
+            folder,
+            seed=fv.seed,
+            num_seeds=fv.num_seeds if fv["num_seeds"].present else None,
+            num_steps=fv.num_steps if fv["num_steps"].present else None,
+            log=lambda line: print(line, flush=True),
+        )
+    print((folder / "table.md").read_text(), flush=True)
+    print(f"wrote {folder / 'table.md'}, {folder / 'results.json'}", flush=True)
+    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    return report_status(status, message, folder, stop.signal, resumable=False)
+
+
 def main(fv: flags.FlagValues) -> int:
     """Run the benchmark, print table.md and where the files went; returns the exit code."""
+    if fv.preset in RNN_PRESETS:
+        return run_recurrent_preset(fv)
     start = time.perf_counter()
     result, files, signum = run(fv, log=lambda line: print(line, flush=True))
     if files is not None:

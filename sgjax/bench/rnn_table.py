@@ -1,0 +1,257 @@
+"""The recurrent benchmark: the paper's Table 2 (largest Copy / Repeat Copy episode solved, per
+truncation, BPTT / DNI / DNI+Aux), every cell one compiled program with its seeds vmapped.
+
+Presets ``paper_rnn`` (the paper's 256-unit LSTM and batch 256) and ``paper_rnn_quick`` (about
+15 minutes on a 2-core CPU) run through ``experiments/benchmark.py --preset=...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sgjax.core.recurrent import RECURRENT_MODES
+from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
+from sgjax.recurrent.programs import CopyProgram
+from sgjax.tasks.copy import COPY_TASKS
+from sgjax.training.records import device_info, versions, write_json_atomic
+
+MODE_NAMES = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
+TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
+PAPER_CELLS: Mapping[tuple[str, str, int], int] = MappingProxyType(
+    {
+        ("repeat_copy", "bptt", 3): 5,
+        ("repeat_copy", "dni", 3): 33,
+        ("repeat_copy", "dni_aux", 3): 59,
+    }
+)
+"""The published cells quoted in DESIGN.md (Jaderberg et al. 2016, Table 2); the others are in
+the paper and not transcribed here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNPreset:
+    description: str
+    hidden_units: int
+    batch_size: int
+    learning_rate: float
+    num_steps: int
+    num_seeds: int
+    truncations: tuple[int, ...] = (2, 3, 4, 5)
+    tasks: tuple[str, ...] = COPY_TASKS
+    modes: tuple[str, ...] = RECURRENT_MODES
+    bits: int = 8
+    max_length: int = 256
+
+
+RNN_PRESETS: Mapping[str, RNNPreset] = MappingProxyType(
+    {
+        "paper_rnn": RNNPreset(
+            "the paper's Table 2 on Copy and Repeat Copy: LSTM 256, batch 256, Adam 7e-5, "
+            "truncation 2-5, BPTT / DNI / DNI+Aux, 100k updates, 3 seeds vmapped (a GPU job)",
+            hidden_units=256,
+            batch_size=256,
+            learning_rate=PAPER_RNN_LEARNING_RATE,
+            num_steps=100_000,
+            num_seeds=3,
+        ),
+        "paper_rnn_quick": RNNPreset(
+            "Table 2's shape in about 15 minutes on a 2-core CPU: LSTM 32, batch 16, 4-bit "
+            "patterns, episodes of at most 64 steps, Adam 1e-3, 20k updates, 2 seeds vmapped",
+            hidden_units=32,
+            batch_size=16,
+            learning_rate=1e-3,
+            num_steps=20_000,
+            num_seeds=2,
+            bits=4,
+            max_length=64,
+        ),
+    }
+)
+
+
+@dataclasses.dataclass
+class CellResult:
+    task: str
+    mode: str
+    truncation: int
+    solved: list[int]
+    """Largest episode solved, per seed."""
+    compile_s: float
+    run_s: float
+    ms_per_update: float
+    """Wall time of one update of all the vmapped seeds."""
+    flops_per_update: float
+    """FLOPs of one update of one seed (initialisation included, which is small)."""
+
+
+def lowered_flops(lowered: jax.stages.Lowered) -> float:
+    """FLOPs XLA's cost analysis gives a lowered program (NaN where it gives none)."""
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def cell_config(preset: RNNPreset, task: str, mode: str, truncation: int, **kw: Any) -> RNNConfig:
+    return RNNConfig(
+        task=task,
+        mode=mode,
+        truncation=truncation,
+        hidden_units=preset.hidden_units,
+        batch_size=preset.batch_size,
+        learning_rate=preset.learning_rate,
+        num_steps=kw.get("num_steps", preset.num_steps),
+        bits=preset.bits,
+        max_length=preset.max_length,
+    )
+
+
+def run_cell(config: RNNConfig, seeds: list[int]) -> CellResult:
+    """Train ``config`` for every seed in one vmapped program; the largest episode solved."""
+    program = CopyProgram(config)
+
+    def whole_run(seed: jax.Array) -> jax.Array:
+        state = program.init(seed)
+        state, _ = program.chunk(config.num_steps)(state, None)
+        return state.solved
+
+    seed_array = jnp.asarray(seeds, jnp.uint32)
+    begin = time.perf_counter()
+    compiled = jax.jit(jax.vmap(whole_run)).lower(seed_array).compile()
+    compile_s = time.perf_counter() - begin
+    begin = time.perf_counter()
+    solved = jax.device_get(compiled(seed_array))
+    run_s = time.perf_counter() - begin
+    # FLOPs of one update of one seed, from the lowered one-update program (a scanned loop's
+    # cost analysis counts its body once, not once per iteration).
+    one_update = jax.jit(lambda seed: program.chunk(1)(program.init(seed), None)[1])
+    flops = lowered_flops(one_update.lower(seed_array[0]))
+    return CellResult(
+        config.task,
+        config.mode,
+        config.truncation,
+        [int(s) for s in solved],
+        compile_s,
+        run_s,
+        1e3 * run_s / config.num_steps,
+        flops,
+    )
+
+
+def _cell_text(cell: CellResult | None, paper: int | None) -> str:
+    if cell is None:
+        text = "not run"
+    elif len(cell.solved) > 1:
+        text = f"{statistics.mean(cell.solved):.1f} ± {statistics.stdev(cell.solved):.1f}"
+    else:
+        text = str(cell.solved[0])
+    return text + (f" (paper {paper})" if paper is not None else "")
+
+
+def table_markdown(
+    preset_name: str, preset: RNNPreset, cells: list[CellResult], seeds: list[int], num_steps: int
+) -> str:
+    """Table 2's shape: a row per task, a column per mode and truncation."""
+    by_key = {(c.task, c.mode, c.truncation): c for c in cells}
+    header = ["Task"] + [f"{MODE_NAMES[m]} T={t}" for m in preset.modes for t in preset.truncations]
+    lines = [
+        f"# Largest episode solved ({preset_name})",
+        "",
+        f"Episode size as the paper counts it: N + 3 (Copy), N*R + 3 (Repeat Copy); solved: mean "
+        f"error below 0.15 bits per output element. Mean ± std over seeds {seeds}; "
+        f"{num_steps} updates; LSTM {preset.hidden_units}, batch {preset.batch_size}, "
+        f"{preset.bits}-bit patterns, Adam {preset.learning_rate:g}, episodes padded to "
+        f"{preset.max_length} steps. Device: {device_info()['device_kind']}. Paper cells in "
+        "brackets (Jaderberg et al. 2016, Table 2, as quoted in DESIGN.md).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for task in preset.tasks:
+        row = [TASK_NAMES[task]] + [
+            _cell_text(by_key.get((task, m, t)), PAPER_CELLS.get((task, m, t)))
+            for m in preset.modes
+            for t in preset.truncations
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "ms per update (all seeds at once) and GFLOP per update of one seed:", ""]
+    lines += [
+        "| Task | Mode | T | ms/update | GFLOP/update | compile s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {TASK_NAMES[c.task]} | {MODE_NAMES[c.mode]} | {c.truncation} | "
+            f"{c.ms_per_update:.3f} | {c.flops_per_update / 1e9:.4f} | {c.compile_s:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_rnn_table(
+    preset_name: str,
+    output_dir: Path,
+    *,
+    seed: int = 0,
+    num_seeds: int | None = None,
+    num_steps: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[str, str]:
+    """Run every cell of ``preset_name``, writing table.md and results.json after each cell.
+
+    Returns (status, message): "completed", or "interrupted" on Ctrl-C (the cells done so far
+    are kept)."""
+    preset = RNN_PRESETS[preset_name]
+    steps = num_steps or preset.num_steps
+    seeds = list(range(seed, seed + (num_seeds or preset.num_seeds)))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cells: list[CellResult] = []
+    total = len(preset.tasks) * len(preset.modes) * len(preset.truncations)
+    status, message = "completed", ""
+
+    def write() -> None:
+        (output_dir / "table.md").write_text(
+            table_markdown(preset_name, preset, cells, seeds, steps)
+        )
+        write_json_atomic(
+            output_dir / "results.json",
+            {
+                "preset": preset_name,
+                "description": preset.description,
+                "status": status,
+                "settings": dataclasses.asdict(preset) | {"num_steps": steps, "seeds": seeds},
+                "cells": [dataclasses.asdict(c) for c in cells],
+                "paper_cells": [
+                    {"task": t, "mode": m, "truncation": k, "solved": v}
+                    for (t, m, k), v in PAPER_CELLS.items()
+                ],
+                "device": device_info(),
+                "versions": versions(),
+            },
+        )
+
+    try:
+        for task in preset.tasks:
+            for truncation in preset.truncations:
+                for mode in preset.modes:
+                    config = cell_config(preset, task, mode, truncation, num_steps=steps)
+                    cell = run_cell(config, seeds)
+                    cells.append(cell)
+                    log(
+                        f"[{len(cells)}/{total}] {TASK_NAMES[task]} {MODE_NAMES[mode]} "
+                        f"T={truncation}: largest solved {cell.solved} (compile "
+                        f"{cell.compile_s:.1f} s, run {cell.run_s:.1f} s)"
+                    )
+                    write()
+    except KeyboardInterrupt:
+        status, message = "interrupted", f"interrupted after {len(cells)} of {total} cells"
+        write()
+    return status, message
