@@ -20,8 +20,9 @@ LEVEL = Level(jnp.int32(2), jnp.int32(2))  # 2 + 2 + 4 + 1 = 9 steps: 3 segments
 
 def _trainer(mode: str, **kwargs) -> RecurrentTrainer:
     method = recurrent_method(mode, **kwargs)
-    return RecurrentTrainer(LSTMCore(UNITS, TASK.output_dim), sigmoid_loss, method,
-                            optax.adam(1e-2))
+    return RecurrentTrainer(
+        LSTMCore(UNITS, TASK.output_dim), sigmoid_loss, method, optax.adam(1e-2)
+    )
 
 
 def _episode_segments():
@@ -81,7 +82,10 @@ def test_segments_with_true_boundary_gradients_sum_to_full_bptt():
         for a, b in zip(_leaves(got), _leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # Truncated BPTT's sum is a different gradient (the control).
-    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(_leaves(bptt_sum), _leaves(full)))
+    gap = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(_leaves(bptt_sum), _leaves(full), strict=True)
+    )
     assert gap > 1e-2
 
 
@@ -120,8 +124,12 @@ def test_zero_initialised_modules_make_the_first_update_the_bptt_update(mode):
     twice = trainer.step(state, carry, segment, continues)[0]
     bptt = _trainer("bptt")
     bptt_twice = bptt.step(states["bptt"][0], carry, segment, continues)[0]
-    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-              zip(_leaves(twice.params["core"]), _leaves(bptt_twice.params["core"])))
+    gap = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+            _leaves(twice.params["core"]), _leaves(bptt_twice.params["core"]), strict=True
+        )
+    )
     assert gap > 0
 
 
@@ -179,6 +187,8 @@ def test_sg_trains_core_backpropagates_the_synthesizer_loss_into_the_core():
         for _ in range(2):
             state, _, _ = trainer.step(state, start, segments[1], continues, previous)
         results[trains_core] = state.params["core"]
-    gap = max(float(jnp.max(jnp.abs(a - b)))
-              for a, b in zip(_leaves(results[True]), _leaves(results[False])))
+    gap = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(_leaves(results[True]), _leaves(results[False]), strict=True)
+    )
     assert gap > 0

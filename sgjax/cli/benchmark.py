@@ -351,8 +351,9 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
     try:
         if given:
             raise ConfigError(
-                f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --preset={fv.preset} (a recurrent "
-                f"table); it takes {', '.join('--' + n for n in RNN_TABLE_FLAGS[1:])}"
+                f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to "
+                f"--preset={fv.preset} (a recurrent table); it takes "
+                + ", ".join("--" + n for n in RNN_TABLE_FLAGS[1:])
             )
         for name in ("num_seeds", "num_steps"):
             if fv[name].present and fv[name].value <= 0:
