@@ -183,7 +183,12 @@ def table_markdown(
             for t in preset.truncations
         ]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "ms per update (all seeds at once) and GFLOP per update of one seed:", ""]
+    lines += [
+        "",
+        "ms per update (all seeds at once) and GFLOP per update of one seed (XLA's count of the "
+        "program before optimisation; tools/rnn_step_time.py gives the optimised count):",
+        "",
+    ]
     lines += [
         "| Task | Mode | T | ms/update | GFLOP/update | compile s |",
         "|---|---|---|---|---|---|",

@@ -7,8 +7,9 @@ segments of T steps; the carry at the end of one segment starts the next. Per up
   beyond the segment's end is zero.
 * ``dni``: the gradient at the segment's end is ``scale * M(carry_T)`` (zero where the sequence
   ends there), M a synthesizer shared over time. M regresses ``M(carry_0)`` onto the gradient
-  that reaches the segment's start when the segment is backpropagated with that synthetic
-  gradient (bootstrapping).
+  that reaches the segment's start when the segment is backpropagated with that scaled
+  synthetic gradient (bootstrapping; one backward pass gives the core's gradient and the
+  target).
 * ``dni_aux``: as ``dni``, and an auxiliary head reads the carry after the segment's first step
   and predicts ``M(carry_T)``, the synthetic gradient produced T steps on; its loss trains the
   core too.
@@ -303,15 +304,10 @@ class RecurrentTrainer:
         ones = jnp.ones_like(loss_sum) / batch
         if method.synthetic:
             end_sg = _scale_batch(continues, self.synthetic_gradient(params, end))
-            consumed = _div(jax.tree_util.tree_map(lambda g: method.sg_scale * g, end_sg), batch)
-            # The core consumes the scaled synthetic gradient; M's target is bootstrapped from
-            # M's own (unscaled) prediction. One batched backward pass gives both.
-            both = jax.tree_util.tree_map(
-                lambda a, b: jnp.stack([a, b]), consumed, _div(end_sg, batch)
-            )
-            (core_grads, starts) = jax.vmap(lambda g: vjp((ones, g)))(both)
-            core_grad = jax.tree_util.tree_map(lambda x: x[0], core_grads)
-            start = jax.tree_util.tree_map(lambda x: x[1], starts)
+            # The segment is backpropagated with the scaled synthetic gradient at its end; what
+            # reaches its start is M's bootstrapped target (so M learns a gradient whose part
+            # from beyond each further boundary is discounted by ``sg_scale``).
+            core_grad, start = vjp((ones, _div(_mul(end_sg, method.sg_scale), batch)))
         else:
             end_grad = jax.tree_util.tree_map(jnp.zeros_like, end)
             core_grad, start = vjp((ones, end_grad))

@@ -1,0 +1,117 @@
+"""Time one recurrent update of each mode (bptt, dni, dni_aux) per truncation, FLOPs beside.
+
+  python tools/rnn_step_time.py                       # the paper's size: LSTM 256, batch 256
+  python tools/rnn_step_time.py --hidden_units=32 --batch_size=16 --truncations=2,3
+
+Each timing is the median over --repeats of a compiled lax.scan of --steps updates of
+``RecurrentTrainer.step`` on Copy-shaped inputs (8-bit patterns); the modes alternate inside
+every repeat so that they share the machine's state. Compile time is reported apart. Prints a
+markdown table with each mode's time and FLOPs relative to bptt of the same truncation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from sgjax.bench.timing import compiled_flops
+from sgjax.core.recurrent import RECURRENT_MODES, Segment
+from sgjax.models.lstm import zero_carry
+from sgjax.recurrent.config import RNNConfig
+from sgjax.recurrent.programs import make_trainer
+from sgjax.tasks.copy import CopyTask, sigmoid_loss
+
+
+def _program(mode: str, truncation: int, args: argparse.Namespace):
+    config = RNNConfig(
+        task="copy", mode=mode, truncation=truncation, hidden_units=args.hidden_units,
+        batch_size=args.batch_size, learning_rate=1e-4,
+    )  # fmt: skip
+    task = CopyTask("copy", 256)
+    trainer = make_trainer(config, task.output_dim, sigmoid_loss)
+    shape = (truncation, args.batch_size)
+    segment = Segment(
+        jax.random.bernoulli(jax.random.PRNGKey(1), 0.5, (*shape, task.input_dim)).astype(
+            jnp.float32
+        ),
+        jax.random.bernoulli(jax.random.PRNGKey(2), 0.5, (*shape, task.output_dim)).astype(
+            jnp.float32
+        ),
+        jnp.ones(shape, jnp.float32),
+    )
+    carry = zero_carry(args.batch_size, args.hidden_units)
+    continues = jnp.ones((args.batch_size,))
+    state = trainer.init(jax.random.PRNGKey(0), carry, segment.inputs[0])
+
+    def one(state_and_carry, _=None):
+        state, carry = state_and_carry
+        state, carry, metrics = trainer.step(state, carry, segment, continues)
+        return (state, carry), metrics.loss_sum
+
+    def many(state_and_carry):
+        return jax.lax.scan(one, state_and_carry, None, length=args.steps)
+
+    begin = time.perf_counter()
+    compiled = jax.jit(many).lower((state, carry)).compile()
+    compile_s = time.perf_counter() - begin
+    # XLA's count for one update after optimisation (dead weight gradients dropped).
+    flops = compiled_flops(jax.jit(one).lower((state, carry)).compile())
+    return compiled, (state, carry), compile_s, flops
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden_units", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--truncations", default="2,3,4,5")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    try:
+        truncations = [int(t) for t in args.truncations.split(",")]
+        if (
+            min(truncations) <= 0
+            or min(args.hidden_units, args.batch_size, args.steps, args.repeats) <= 0
+        ):
+            raise ValueError
+    except ValueError:
+        print(
+            "error: --truncations (comma-separated), --hidden_units, --batch_size, --steps "
+            "and --repeats must be positive integers",
+            file=sys.stderr,
+        )
+        return 2
+    device = jax.devices()[0]
+    print(
+        f"device: {device.platform} {device.device_kind}; LSTM {args.hidden_units}, batch "
+        f"{args.batch_size}; median of {args.repeats} x {args.steps} updates\n"
+    )
+    print("| T | mode | ms/update | vs bptt | GFLOP/update | vs bptt | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for truncation in truncations:
+        programs = {m: _program(m, truncation, args) for m in RECURRENT_MODES}
+        times: dict[str, list[float]] = {m: [] for m in RECURRENT_MODES}
+        for _ in range(args.repeats):
+            for mode, (compiled, start, _, _) in programs.items():
+                begin = time.perf_counter()
+                jax.block_until_ready(compiled(start))
+                times[mode].append((time.perf_counter() - begin) * 1e3 / args.steps)
+        base_ms = statistics.median(times["bptt"])
+        base_flops = programs["bptt"][3]
+        for mode, (_, _, compile_s, flops) in programs.items():
+            ms = statistics.median(times[mode])
+            print(
+                f"| {truncation} | {mode} | {ms:.3f} | {ms / base_ms:.2f}x | {flops / 1e9:.3f} "
+                f"| {flops / base_flops:.2f}x | {compile_s:.1f} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
