@@ -7,16 +7,20 @@ Decouple any chain of Flax modules::
     state = trainer.init(key, sample_x)
     state, metrics = trainer.step(state, x, y)
 
-Everything in ``sgjax.core`` is pure JAX (jit, vmap, scan, shard); ``sgjax.training`` runs the
-paper's MNIST MLP with checkpoints and records; ``sgjax.parallel`` places stages on devices.
+Recurrent cores train segment by segment with ``sgjax.RecurrentTrainer`` (truncated BPTT,
+DNI, DNI+Aux). Everything in ``sgjax.core`` is pure JAX (jit, vmap, scan, shard);
+``sgjax.training`` runs the paper's MNIST MLP with checkpoints and records;
+``sgjax.parallel`` places stages on devices.
 """
 
 from sgjax.core import synthesizers
 from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
 from sgjax.core.methods import DNI, Backprop, backprop, dni
 from sgjax.core.optim import adam, learning_rate_of, piecewise_schedule, with_learning_rate
+from sgjax.core.recurrent import RecurrentTrainer, Segment, recurrent_method
 from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
 from sgjax.data import Dataset, load_dataset
+from sgjax.models.lstm import LSTMCore, zero_carry
 from sgjax.models.mlp import mlp_stages
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import make_train, train_and_evaluate
@@ -30,7 +34,10 @@ __all__ = [
     "ConfigError",
     "Dataset",
     "HiddenBlock",
+    "LSTMCore",
     "OutputLayer",
+    "RecurrentTrainer",
+    "Segment",
     "StageState",
     "StepMetrics",
     "TrainConfig",
@@ -46,8 +53,10 @@ __all__ = [
     "make_train",
     "mlp_stages",
     "piecewise_schedule",
+    "recurrent_method",
     "synthesizers",
     "train_and_evaluate",
     "trainer_for",
     "with_learning_rate",
+    "zero_carry",
 ]
