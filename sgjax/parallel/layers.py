@@ -49,6 +49,9 @@ from sgjax.training.loop import (
 from sgjax.training.model import trainer_for
 
 KINDS = ("sg_pipeline", "bp_model_parallel", "bp_gpipe")
+ENGINES = ("dispatch", "spmd")
+"""dispatch: one jitted call per stage per tick from the host (this module's pipelines);
+spmd: one SPMD program per chunk of ticks (``sgjax.parallel.spmd``)."""
 
 
 def parallel_kind(mode: str, microbatches: int = 1) -> str:
@@ -195,6 +198,7 @@ def train_layer_parallel(
     save_checkpoint: SaveCheckpoint | None = None,
     stage_timing_repeats: int = 0,
     devices: list[jax.Device] | None = None,
+    engine: str = "dispatch",
 ) -> ParallelRunResult:
     """Train ``config`` with the layer-parallel schedule ``kind`` on ``num_devices`` devices.
 
@@ -202,10 +206,28 @@ def train_layer_parallel(
     same records (every ``eval_every`` minibatches that reached the last stage), statuses, stop
     requests and checkpoints (``start`` resumes one; the sg pipeline's minibatches in flight are
     saved with it, so a resumed run computes exactly what an uninterrupted one does).
-    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``).
+    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``; the dispatch
+    engine only). ``engine="spmd"`` runs the same schedule as one SPMD program per chunk
+    (``sgjax.parallel.spmd``), one stage per device of ``devices`` (default: every process's).
     """
     config.validate()
     validate_parallel(config, kind, microbatches)
+    if engine == "spmd":
+        return _train_spmd(
+            config,
+            dataset,
+            kind,
+            num_devices,
+            microbatches,
+            log,
+            on_record,
+            stop_requested,
+            start,
+            save_checkpoint,
+            devices,
+        )
+    if engine != "dispatch":
+        raise ConfigError(f"unknown --engine={engine!r}; choose one of {', '.join(ENGINES)}")
     placement = stage_devices(num_pipeline_stages(config, kind), num_devices, devices)
     data = to_device(dataset, placement[0])
     if start is None:
@@ -235,4 +257,48 @@ def train_layer_parallel(
         stage_devices=pipeline.state_devices(),
         microbatches=microbatches,
         stage_ms=stage_ms,
+    )
+
+
+def _train_spmd(
+    config: TrainConfig,
+    dataset: Dataset,
+    kind: str,
+    num_devices: int,
+    microbatches: int,
+    log: Callable[[str], None],
+    on_record: Callable[[EvalRecord], None] | None,
+    stop_requested: Callable[[], bool],
+    start: Resume | None,
+    save_checkpoint: SaveCheckpoint | None,
+    devices: list[jax.Device] | None,
+) -> ParallelRunResult:
+    """``train_layer_parallel`` with the SPMD engine."""
+    from sgjax.parallel.spmd import SpmdEngine, stage_mesh
+
+    mesh = stage_mesh(num_pipeline_stages(config, kind), num_devices, devices)
+    if start is None:
+        initial = jax.jit(init_train_state, static_argnums=0)(config)
+        start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
+    data = to_device(dataset, jax.local_devices()[0])
+    engine = SpmdEngine(config, kind, data, start.state, mesh, microbatches, start.inflight)
+    log(
+        f"{kind} (spmd): stages on devices {list(engine.stage_devices())} "
+        f"({mesh.devices.size} of {jax.device_count()}, {jax.process_count()} process(es))"
+    )
+    result = train_and_evaluate(
+        config,
+        dataset,
+        on_record=on_record,
+        log=log,
+        start=start,
+        save_checkpoint=save_checkpoint,
+        stop_requested=stop_requested,
+        engine=engine,
+    )
+    return ParallelRunResult(
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)},
+        kind=kind,
+        stage_devices=engine.stage_devices(),
+        microbatches=microbatches,
     )

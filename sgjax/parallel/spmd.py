@@ -1,0 +1,875 @@
+"""The layer-parallel schedules as one SPMD program: stages on a ``stages`` mesh axis.
+
+The dispatch engines (``sg_pipeline``, ``bp_pipeline``) call one jitted function per stage per
+tick from one Python process and move messages with ``device_put``. Here one compiled program,
+run on every device of a one-axis mesh under ``jax.shard_map``, does a whole chunk of ticks in a
+``lax.scan``: at each tick every device runs its own pipeline stage (``lax.switch`` on
+``lax.axis_index``), then activations move one device forward and messages one device back with
+``lax.ppermute``. The program is the same on every device and every process, so it spans hosts
+(``jax.distributed``) and costs one dispatch per chunk instead of one per stage per tick.
+
+The algorithm is not written again: each branch calls the dispatch engines' per-stage functions
+(``hidden_tick``, ``output_tick``; ``stage_forward``, ``stage_backward``, ``last_microbatch``,
+``apply_mean_gradients``), which call the ``Trainer``'s per-group pieces. The schedules, and so
+the staleness, are the dispatch engines' exactly (see ``sgjax.parallel.sg_pipeline``):
+
+* sg: stage k works on minibatch t - k at tick t; a stage's target arrives two ticks after its
+  output, matched to it by a two-slot FIFO indexed by tick parity; N minibatches take N + L + 1
+  ticks (fill and drain are the ticks where a stage has no input or no target);
+* bp (GPipe; M = 1 is model parallelism): within a minibatch, stage k runs the forward of
+  microbatch m at tick m + k and its backward at tick m + 2(K - 1) - k (the last stage does
+  both at once), then every stage updates with the mean of its accumulated gradients. The
+  backward recomputes the stage's forward from its stored input (GPipe's re-materialisation)
+  instead of keeping VJP residuals across ticks; in training mode BatchNorm's output does not
+  read the running averages, so the gradients are the same.
+
+Heterogeneous stages on one axis: each stage's state (parameters, BatchNorm statistics, Adam
+state) is flattened into one buffer per dtype, padded to the largest stage's size (``Packing``),
+so the global state is a few ``[num_stages, size]`` arrays sharded over the axis and a device
+holds only its own stage (memory per device: the largest stage, not the model). Messages are
+padded to the widest boundary the same way.
+
+A program runs a fixed number of ticks (the longest chunk plus the fill/drain ticks) and a
+traced stop tick turns the surplus ticks into no-ops, so a run compiles one program for all its
+chunks. Evaluation runs the test split through the stages the same way (each device applies its
+stage once, activations forwarded), so no stage is copied to one device; the whole state is
+gathered only for checkpoints and results.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sgjax.core.trainer import StageState, Trainer, TrainerState, apply_module
+from sgjax.data.device import DeviceData, sample_batch, scale_images
+from sgjax.parallel.bp_pipeline import (
+    apply_mean_gradients,
+    last_microbatch,
+    stage_backward,
+    stage_forward,
+)
+from sgjax.parallel.sg_pipeline import (
+    HiddenTick,
+    hidden_tick,
+    output_tick,
+    split_groups,
+)
+from sgjax.parallel.stages import Activations
+from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.engine import ChunkMetrics
+from sgjax.training.loop import TrainState
+from sgjax.training.model import trainer_for
+
+STAGE_AXIS = "stages"
+Buffers = dict[str, jax.Array]
+"""Per dtype name, a flat buffer."""
+
+
+# --------------------------------------------------------------------------- packing
+
+
+class Packing:
+    """Pytrees of different structures (one per stage) as flat per-dtype buffers of one length.
+
+    ``pack(k, tree)`` concatenates stage ``k``'s leaves of each dtype and pads them with zeros
+    to the longest stage's length; ``unpack(k, buffers)`` slices them back (bitwise).
+    """
+
+    def __init__(self, examples: Sequence[Any]) -> None:
+        self.treedefs = []
+        self.layouts: list[list[tuple[str, int, tuple[int, ...], Any]]] = []
+        sizes: dict[str, int] = collections.defaultdict(int)
+        for tree in examples:
+            leaves, treedef = jax.tree_util.tree_flatten(tree)
+            offsets: dict[str, int] = collections.defaultdict(int)
+            layout = []
+            for leaf in leaves:
+                dtype = jnp.dtype(leaf.dtype)
+                layout.append((dtype.name, offsets[dtype.name], tuple(leaf.shape), dtype))
+                offsets[dtype.name] += math.prod(leaf.shape)
+            for name, size in offsets.items():
+                sizes[name] = max(sizes[name], size)
+            self.treedefs.append(treedef)
+            self.layouts.append(layout)
+        self.sizes = {name: max(sizes[name], 1) for name in sorted(sizes)}
+        self.dtypes = {name: jnp.dtype(name) for name in self.sizes}
+
+    def pack(self, k: int, tree: Any, xp: Any = jnp) -> Buffers:
+        """Stage ``k``'s ``tree`` as padded flat buffers (``xp``: jnp, or np on the host)."""
+        parts: dict[str, list] = {name: [] for name in self.sizes}
+        for (name, _, _, _), leaf in zip(
+            self.layouts[k], jax.tree_util.tree_leaves(tree), strict=True
+        ):
+            parts[name].append(xp.ravel(xp.asarray(leaf, self.dtypes[name])))
+        out = {}
+        for name, size in self.sizes.items():
+            flat = xp.concatenate(parts[name]) if parts[name] else xp.zeros(0, self.dtypes[name])
+            out[name] = xp.pad(flat, (0, size - flat.shape[0]))
+        return out
+
+    def unpack(self, k: int, buffers: Mapping[str, Any]) -> Any:
+        """Stage ``k``'s tree from its buffers."""
+        leaves = [
+            buffers[name][offset : offset + math.prod(shape)].reshape(shape)
+            for name, offset, shape, _ in self.layouts[k]
+        ]
+        return jax.tree_util.tree_unflatten(self.treedefs[k], leaves)
+
+
+def pad_rows(h: jax.Array, width: int) -> jax.Array:
+    """``h`` flattened per example and padded with zeros to ``width`` features."""
+    flat = h.reshape(h.shape[0], -1)
+    return jnp.pad(flat, ((0, 0), (0, width - flat.shape[1])))
+
+
+def unpad_rows(padded: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of ``pad_rows`` for an activation of ``shape``."""
+    return padded[:, : math.prod(shape[1:])].reshape(shape)
+
+
+def global_array(value: Any, sharding: NamedSharding) -> jax.Array:
+    """A global array from the same host value on every process (each gives its own shards)."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def host_value(array: jax.Array) -> np.ndarray:
+    """A global array's whole value on this host (gathered if other processes hold parts)."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def stage_mesh(num_stages: int, num_devices: int, devices: Sequence[jax.Device] | None) -> Mesh:
+    """A one-axis mesh with one device per pipeline stage (all processes' devices)."""
+    available = list(jax.devices() if devices is None else devices)
+    if num_devices not in (0, num_stages):
+        raise ConfigError(
+            f"--engine=spmd runs one pipeline stage per device: --num_devices={num_devices} "
+            f"must be {num_stages} (or 0), or use --engine=dispatch to group stages on fewer "
+            "devices"
+        )
+    if len(available) < num_stages:
+        raise ConfigError(
+            f"--engine=spmd needs {num_stages} devices (one per pipeline stage) but "
+            f"{len(available)} {available[0].platform} device(s) are available; on the CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={num_stages} before starting "
+            "Python"
+        )
+    return Mesh(np.array(available[:num_stages]), (STAGE_AXIS,))
+
+
+class TickMetrics(NamedTuple):
+    """Per tick (leading axis), gathered over the stages (second axis where per stage)."""
+
+    loss: jax.Array
+    accuracy: jax.Array
+    loss_valid: jax.Array
+    sg_loss: jax.Array
+    """Per tick and stage."""
+    sg_valid: jax.Array
+
+
+def _gathered(metrics: TickMetrics) -> TickMetrics:
+    """Per-device scalars made the same on every device: the output layer's by a sum with the
+    others' zeros (exact), the per-stage ones by a gather."""
+    loss, accuracy, loss_valid, sg_loss, sg_valid = metrics
+    return TickMetrics(
+        lax.psum(loss, STAGE_AXIS),
+        lax.psum(accuracy, STAGE_AXIS),
+        lax.psum(loss_valid.astype(jnp.int32), STAGE_AXIS) > 0,
+        lax.all_gather(sg_loss, STAGE_AXIS),
+        lax.all_gather(sg_valid, STAGE_AXIS),
+    )
+
+
+def _window(valid: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return np.asarray(values[valid.astype(bool)], np.float32)
+
+
+# --------------------------------------------------------------------------- the sg program
+
+
+class Mail(NamedTuple):
+    """A stage's messages between ticks (global arrays: a leading stage axis)."""
+
+    inbox_h: jax.Array
+    """Activations arriving from the stage below, padded: [B, F]."""
+    inbox_labels: jax.Array
+    target: jax.Array
+    """Target arriving from the stage above, padded: [B, F]."""
+    fifo_h: jax.Array
+    """This stage's last two outputs, slot ``tick % 2``: [2, B, F]."""
+    fifo_labels: jax.Array
+
+
+class SgProgram:
+    """The synthetic-gradient pipeline of ``sgjax.parallel.sg_pipeline`` as one SPMD program."""
+
+    def __init__(self, trainer: Trainer, config: TrainConfig, mesh: Mesh, data: DeviceData):
+        self.trainer, self.config, self.mesh = trainer, config, mesh
+        self.num_hidden = len(trainer.groups) - 1
+        if mesh.devices.size != len(trainer.groups):
+            raise ValueError("the mesh needs one device per group")
+        model = jax.eval_shape(
+            lambda: trainer.init(
+                jax.random.PRNGKey(0), jnp.zeros((1, *data.train_images.shape[1:]))
+            )
+        )
+        groups, last = split_groups(trainer, model)
+        self.packing = Packing([*groups, last])
+        batch = jax.eval_shape(
+            lambda d: sample_batch(jax.random.PRNGKey(0), d, config.batch_size), data
+        )
+        h, self.shapes = batch.images, []
+        for j, group in enumerate(groups):
+            params = tuple(s.params for s in group.stages)
+            cols = tuple(s.collections for s in group.stages)
+            h = jax.eval_shape(
+                lambda x, p, c, j=j: trainer.apply_group(j, p, c, x, True)[0], h, params, cols
+            )
+            self.shapes.append(tuple(h.shape))
+        self.width = max(math.prod(s[1:]) for s in self.shapes)
+        self.input_shape = tuple(batch.images.shape)
+
+    def split(self, model: TrainerState) -> list[Any]:
+        """The pipeline stages' states: decoupled groups, then the last group's stages."""
+        groups, last = split_groups(self.trainer, model)
+        return [*groups, last]
+
+    def join(self, states: Sequence[Any]) -> TrainerState:
+        stages = tuple(s for group in states[:-1] for s in group.stages) + tuple(states[-1])
+        return TrainerState(stages, tuple(group.synthesizer for group in states[:-1]))
+
+    def empty_mail(self) -> dict[str, np.ndarray]:
+        d, b, f = len(self.trainer.groups), self.config.batch_size, self.width
+        return dict(
+            inbox_h=np.zeros((d, b, f), np.float32),
+            inbox_labels=np.zeros((d, b), np.int32),
+            target=np.zeros((d, b, f), np.float32),
+            fifo_h=np.zeros((d, 2, b, f), np.float32),
+            fifo_labels=np.zeros((d, 2, b), np.int32),
+        )
+
+    # ------------------------------------------------------------------ one tick
+
+    def _flags(self, k: int, t: jax.Array, stop: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Whether stage ``k`` has an input and (decoupled) a target at tick ``t``."""
+        n = self.config.num_steps
+        active = t < stop
+        has_input = active & (t - k >= 0) & (t - k < n)
+        has_target = active & (t - k - 2 >= 0) & (t - k - 2 < n)
+        return has_input, has_target
+
+    def _hidden_branch(self, k: int) -> Callable:
+        trainer, config = self.trainer, self.config
+        shape_out = self.shapes[k]
+        shape_in = self.input_shape if k == 0 else self.shapes[k - 1]
+
+        def branch(buffers: Buffers, mail: Mail, t: jax.Array, stop: jax.Array, data, key):
+            group = self.packing.unpack(k, buffers)
+            has_input, has_target = self._flags(k, t, stop)
+            slot = t % 2
+            stored = Activations(unpad_rows(mail.fifo_h[slot], shape_out), mail.fifo_labels[slot])
+            target = unpad_rows(mail.target, shape_out)
+
+            def inputs() -> Activations:
+                if k == 0:
+                    batch = sample_batch(jax.random.fold_in(key, t), data, config.batch_size)
+                    return Activations(batch.images, batch.labels)
+                return Activations(unpad_rows(mail.inbox_h, shape_in), mail.inbox_labels)
+
+            def normalised(out: HiddenTick) -> tuple:
+                sent_h = jnp.zeros((config.batch_size, self.width), jnp.float32)
+                sent_labels = jnp.zeros((config.batch_size,), jnp.int32)
+                message = jnp.zeros((config.batch_size, self.width), jnp.float32)
+                if out.sent is not None:
+                    sent_h, sent_labels = pad_rows(out.sent.h, self.width), out.sent.labels
+                if out.message is not None:
+                    message = pad_rows(out.message, self.width)
+                sg_loss = jnp.zeros((), jnp.float32) if out.sg_loss is None else out.sg_loss
+                return self.packing.pack(k, out.group), sent_h, sent_labels, message, sg_loss
+
+            tick = functools.partial(hidden_tick, trainer=trainer, j=k)
+            variants = [
+                lambda: normalised(HiddenTick(group, None, None, None)),
+                lambda: normalised(tick(group, inputs(), None, None)),
+                lambda: normalised(tick(group, None, stored, target)),
+                lambda: normalised(tick(group, inputs(), stored, target)),
+            ]
+            index = has_input.astype(jnp.int32) + 2 * has_target.astype(jnp.int32)
+            new, sent_h, sent_labels, message, sg_loss = lax.switch(index, variants)
+            zero = jnp.zeros((), jnp.float32)
+            metrics = TickMetrics(zero, zero, jnp.zeros((), bool), sg_loss, has_target)
+            return new, sent_h, sent_labels, message, has_input, metrics
+
+        return branch
+
+    def _output_branch(self) -> Callable:
+        trainer, config, k = self.trainer, self.config, self.num_hidden
+        shape_in = self.shapes[-1]
+
+        def branch(buffers: Buffers, mail: Mail, t: jax.Array, stop: jax.Array, data, key):
+            del data, key
+            stages = self.packing.unpack(k, buffers)
+            has_input, _ = self._flags(k, t, stop)
+            inputs = Activations(unpad_rows(mail.inbox_h, shape_in), mail.inbox_labels)
+            zero = jnp.zeros((), jnp.float32)
+
+            def train() -> tuple:
+                out = output_tick(stages, inputs, trainer=trainer)
+                message = pad_rows(out.message, self.width)
+                return self.packing.pack(k, out.stages), message, out.loss, out.accuracy
+
+            def idle() -> tuple:
+                message = jnp.zeros((config.batch_size, self.width), jnp.float32)
+                return buffers, message, zero, zero
+
+            new, message, loss, accuracy = lax.cond(has_input, train, idle)
+            sent_h = jnp.zeros((config.batch_size, self.width), jnp.float32)
+            sent_labels = jnp.zeros((config.batch_size,), jnp.int32)
+            metrics = TickMetrics(loss, accuracy, has_input, zero, jnp.zeros((), bool))
+            return new, sent_h, sent_labels, message, jnp.zeros((), bool), metrics
+
+        return branch
+
+    def chunk_fn(self, ticks: int) -> Callable:
+        """The per-device program for ``ticks`` ticks from ``t0``, those at ``stop`` or after
+        doing nothing."""
+        num = len(self.trainer.groups)
+        branches = [
+            *(self._hidden_branch(k) for k in range(self.num_hidden)),
+            self._output_branch(),
+        ]
+        forward = [(i, i + 1) for i in range(num - 1)]
+        backward = [(i + 1, i) for i in range(num - 1)]
+
+        def program(buffers: Buffers, mail: Mail, data, key, t0, stop):
+            buffers = {name: b[0] for name, b in buffers.items()}
+            mail = Mail(*(m[0] for m in mail))
+            me = lax.axis_index(STAGE_AXIS)
+
+            def tick(carry, i):
+                buffers, mail = carry
+                t = t0 + i
+                new, sent_h, sent_labels, message, has_input, metrics = lax.switch(
+                    me, branches, buffers, mail, t, stop, data, key
+                )
+                slot = t % 2
+                fifo_h = mail.fifo_h.at[slot].set(jnp.where(has_input, sent_h, mail.fifo_h[slot]))
+                fifo_labels = mail.fifo_labels.at[slot].set(
+                    jnp.where(has_input, sent_labels, mail.fifo_labels[slot])
+                )
+                active = t < stop
+                received = Mail(
+                    lax.ppermute(sent_h, STAGE_AXIS, forward),
+                    lax.ppermute(sent_labels, STAGE_AXIS, forward),
+                    lax.ppermute(message, STAGE_AXIS, backward),
+                    fifo_h,
+                    fifo_labels,
+                )
+                mail = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), received, mail)
+                return (new, mail), _gathered(metrics)
+
+            (buffers, mail), metrics = lax.scan(tick, (buffers, mail), jnp.arange(ticks))
+            buffers = {name: b[None] for name, b in buffers.items()}
+            return buffers, Mail(*(m[None] for m in mail)), metrics
+
+        return program
+
+    def stage_eval(self, k: int, state: Any, h: jax.Array) -> jax.Array:
+        """Pipeline stage ``k`` in evaluation mode."""
+        stages = state if k == self.num_hidden else state.stages
+        params = tuple(s.params for s in stages)
+        cols = tuple(s.collections for s in stages)
+        return self.trainer.apply_group(k, params, cols, h, False)[0]
+
+    # ------------------------------------------------------------------ in flight
+
+    def tick_after(self, batches: int) -> int:
+        """The next tick once the last group has trained on ``batches`` minibatches."""
+        if batches == 0:
+            return 0
+        return batches + self.num_hidden + (batches == self.config.num_steps)
+
+    def inflight(self, mail: Mapping[str, np.ndarray], tick: int) -> dict[str, np.ndarray]:
+        """The dispatch engine's names (``SgPipeline.inflight``) for what is in flight at
+        ``tick``, so either engine resumes the other's checkpoints."""
+        out: dict[str, np.ndarray] = {}
+        n = self.config.num_steps
+        for k in range(self.num_hidden):
+            shape = self.shapes[k]
+            entries = [s for s in (tick - 2, tick - 1) if 0 <= s - k < n]
+            for position, s in enumerate(entries):
+                out[f"fifo_{k}_{position}_h"] = self._unpad(mail["fifo_h"][k, s % 2], shape)
+                out[f"fifo_{k}_{position}_labels"] = np.asarray(mail["fifo_labels"][k, s % 2])
+            if 0 <= tick - k - 2 < n:
+                out[f"target_{k}"] = self._unpad(mail["target"][k], shape)
+        for k in range(1, self.num_hidden + 1):
+            if 0 <= tick - k < n:
+                out[f"inbox_{k}_h"] = self._unpad(mail["inbox_h"][k], self.shapes[k - 1])
+                out[f"inbox_{k}_labels"] = np.asarray(mail["inbox_labels"][k])
+        return out
+
+    @staticmethod
+    def _unpad(padded: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(padded)[:, : math.prod(shape[1:])].reshape(shape)
+
+    def mail_from_inflight(self, inflight: Mapping[str, Any], tick: int) -> dict[str, np.ndarray]:
+        """Mailboxes (host arrays) holding ``inflight`` as they were at ``tick``."""
+        mail = self.empty_mail()
+        n = self.config.num_steps
+
+        def padded(value: Any) -> np.ndarray:
+            flat = np.asarray(value, np.float32).reshape(self.config.batch_size, -1)
+            return np.pad(flat, ((0, 0), (0, self.width - flat.shape[1])))
+
+        for k in range(self.num_hidden):
+            entries = [s for s in (tick - 2, tick - 1) if 0 <= s - k < n]
+            for position, s in enumerate(entries):
+                mail["fifo_h"][k, s % 2] = padded(inflight[f"fifo_{k}_{position}_h"])
+                mail["fifo_labels"][k, s % 2] = np.asarray(inflight[f"fifo_{k}_{position}_labels"])
+            if f"target_{k}" in inflight:
+                mail["target"][k] = padded(inflight[f"target_{k}"])
+        for k in range(1, self.num_hidden + 1):
+            if f"inbox_{k}_h" in inflight:
+                mail["inbox_h"][k] = padded(inflight[f"inbox_{k}_h"])
+                mail["inbox_labels"][k] = np.asarray(inflight[f"inbox_{k}_labels"])
+        return mail
+
+
+# --------------------------------------------------------------------------- the bp program
+
+
+class BpCarry(NamedTuple):
+    """One minibatch's work in progress on a device (local arrays)."""
+
+    buffers: Buffers
+    """The stage's state; its BatchNorm statistics advance with each forward."""
+    grads: Buffers
+    """Gradients summed over the microbatches so far."""
+    stored: jax.Array
+    """Inputs of the microbatches (padded), for the backward's recomputation: [M, B/M, F]."""
+    inbox: jax.Array
+    cotangent: jax.Array
+
+
+class BpProgram:
+    """Model-parallel (M = 1) and GPipe backprop of ``sgjax.parallel.bp_pipeline`` as one SPMD
+    program: a scan over minibatches, each a scan over its ticks, then every stage's update."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        config: TrainConfig,
+        mesh: Mesh,
+        data: DeviceData,
+        microbatches: int,
+    ):
+        self.trainer, self.config, self.mesh = trainer, config, mesh
+        self.microbatches = microbatches
+        self.num_stages = len(trainer.stages)
+        if mesh.devices.size != self.num_stages:
+            raise ValueError("the mesh needs one device per stage")
+        model = jax.eval_shape(
+            lambda: trainer.init(
+                jax.random.PRNGKey(0), jnp.zeros((1, *data.train_images.shape[1:]))
+            )
+        )
+        self.packing = Packing(list(model.stages))
+        self.grad_packing = Packing([s.params for s in model.stages])
+        size = config.batch_size // microbatches
+        h = jax.ShapeDtypeStruct((size, *data.train_images.shape[1:]), jnp.float32)
+        self.input_shape = tuple(h.shape)
+        self.shapes = []
+        for k in range(self.num_stages - 1):
+            s = model.stages[k]
+            h = jax.eval_shape(
+                lambda x, s, k=k: apply_module(
+                    trainer.stages[k], s.params, s.collections, x, train=True
+                )[0],
+                h,
+                s,
+            )
+            self.shapes.append(tuple(h.shape))
+        self.width = max(math.prod(s[1:]) for s in self.shapes)
+        self.ticks = microbatches + 2 * (self.num_stages - 1)
+
+    def split(self, model: TrainerState) -> list[Any]:
+        return list(model.stages)
+
+    def join(self, states: Sequence[Any]) -> TrainerState:
+        return TrainerState(tuple(states), ())
+
+    def _hidden_branch(self, k: int) -> Callable:
+        trainer, micro = self.trainer, self.microbatches
+        shape_in = self.input_shape if k == 0 else self.shapes[k - 1]
+        shape_out = self.shapes[k]
+        back_offset = 2 * (self.num_stages - 1) - k
+
+        def branch(carry: BpCarry, s: jax.Array, images: jax.Array, labels: jax.Array, active):
+            del labels
+            state = self.packing.unpack(k, carry.buffers)
+            grads = self.grad_packing.unpack(k, carry.grads)
+            fm, bm = s - k, s - back_offset
+            has_forward = active & (fm >= 0) & (fm < micro)
+            has_backward = active & (bm >= 0) & (bm < micro)
+            forward_fn = functools.partial(stage_forward, trainer=trainer, k=k)
+
+            def input_of(m: jax.Array) -> jax.Array:
+                if k == 0:
+                    return images[jnp.clip(m, 0, micro - 1)]
+                return unpad_rows(carry.stored[jnp.clip(m, 0, micro - 1)], shape_in)
+
+            def forward() -> tuple:
+                h = (
+                    images[jnp.clip(fm, 0, micro - 1)]
+                    if k == 0
+                    else unpad_rows(carry.inbox, shape_in)
+                )
+                fwd = forward_fn(state.params, state.collections, h)
+                stored = carry.stored
+                if k > 0:
+                    stored = stored.at[jnp.clip(fm, 0, micro - 1)].set(carry.inbox)
+                return fwd.collections, stored, pad_rows(fwd.output, self.width)
+
+            def no_forward() -> tuple:
+                sent = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+                return state.collections, carry.stored, sent
+
+            def backward() -> tuple:
+                fwd = forward_fn(state.params, state.collections, input_of(bm))
+                back = stage_backward(
+                    fwd.vjp, unpad_rows(carry.cotangent, shape_out), grads, send=k > 0
+                )
+                message = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+                if back.input_grad is not None:
+                    message = pad_rows(back.input_grad, self.width)
+                return self.grad_packing.pack(k, back.grads), message
+
+            def no_backward() -> tuple:
+                return carry.grads, jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+
+            collections_, stored, sent = lax.cond(has_forward, forward, no_forward)
+            new_grads, message = lax.cond(has_backward, backward, no_backward)
+            buffers = self.packing.pack(k, state._replace(collections=collections_))
+            zero = jnp.zeros((), jnp.float32)
+            out = carry._replace(buffers=buffers, grads=new_grads, stored=stored)
+            return out, sent, message, zero, zero, jnp.zeros((), bool)
+
+        return branch
+
+    def _last_branch(self) -> Callable:
+        trainer, micro, k = self.trainer, self.microbatches, self.num_stages - 1
+        shape_in = self.shapes[-1]
+
+        def branch(carry: BpCarry, s: jax.Array, images: jax.Array, labels: jax.Array, active):
+            del images
+            state = self.packing.unpack(k, carry.buffers)
+            grads = self.grad_packing.unpack(k, carry.grads)
+            fm = s - k
+            has_forward = active & (fm >= 0) & (fm < micro)
+            zero = jnp.zeros((), jnp.float32)
+
+            def train() -> tuple:
+                inputs = Activations(
+                    unpad_rows(carry.inbox, shape_in), labels[jnp.clip(fm, 0, micro - 1)]
+                )
+                out = last_microbatch(
+                    state.params, state.collections, inputs, grads, trainer=trainer
+                )
+                buffers = self.packing.pack(k, state._replace(collections=out.collections))
+                message = pad_rows(out.input_grad, self.width)
+                return (
+                    buffers,
+                    self.grad_packing.pack(k, out.grads),
+                    message,
+                    out.loss,
+                    out.accuracy,
+                )
+
+            def idle() -> tuple:
+                message = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+                return carry.buffers, carry.grads, message, zero, zero
+
+            buffers, new_grads, message, loss, accuracy = lax.cond(has_forward, train, idle)
+            sent = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+            out = carry._replace(buffers=buffers, grads=new_grads)
+            return out, sent, message, loss, accuracy, has_forward
+
+        return branch
+
+    def _update_branch(self, k: int) -> Callable:
+        update = functools.partial(
+            apply_mean_gradients, trainer=self.trainer, k=k, microbatches=self.microbatches
+        )
+
+        def branch(buffers: Buffers, grads: Buffers, active: jax.Array) -> Buffers:
+            state = self.packing.unpack(k, buffers)
+            new = update(state, self.grad_packing.unpack(k, grads), state.collections)
+            packed = self.packing.pack(k, new)
+            return {n: jnp.where(active, packed[n], buffers[n]) for n in buffers}
+
+        return branch
+
+    def chunk_fn(self, minibatches: int) -> Callable:
+        """The per-device program for ``minibatches`` minibatches from ``t0`` (those at ``stop``
+        or after do nothing)."""
+        num, micro, config = self.num_stages, self.microbatches, self.config
+        ticks = [*(self._hidden_branch(k) for k in range(num - 1)), self._last_branch()]
+        updates = [self._update_branch(k) for k in range(num)]
+        forward = [(i, i + 1) for i in range(num - 1)]
+        backward = [(i + 1, i) for i in range(num - 1)]
+        size = config.batch_size // micro
+
+        def program(buffers: Buffers, data, key, t0, stop):
+            buffers = {name: b[0] for name, b in buffers.items()}
+            me = lax.axis_index(STAGE_AXIS)
+
+            def minibatch(buffers: Buffers, i: jax.Array):
+                b = t0 + i
+                active = b < stop
+                batch = sample_batch(jax.random.fold_in(key, b), data, config.batch_size)
+                images = batch.images.reshape(micro, size, *batch.images.shape[1:])
+                labels = batch.labels.reshape(micro, size)
+                grads = {
+                    n: jnp.zeros((s,), self.grad_packing.dtypes[n])
+                    for n, s in self.grad_packing.sizes.items()
+                }
+                carry = BpCarry(
+                    buffers,
+                    grads,
+                    jnp.zeros((micro, size, self.width), jnp.float32),
+                    jnp.zeros((size, self.width), jnp.float32),
+                    jnp.zeros((size, self.width), jnp.float32),
+                )
+
+                def tick(carry: BpCarry, s: jax.Array):
+                    carry, sent, message, loss, accuracy, valid = lax.switch(
+                        me, ticks, carry, s, images, labels, active
+                    )
+                    carry = carry._replace(
+                        inbox=lax.ppermute(sent, STAGE_AXIS, forward),
+                        cotangent=lax.ppermute(message, STAGE_AXIS, backward),
+                    )
+                    zero = jnp.zeros((), jnp.float32)
+                    metrics = TickMetrics(loss, accuracy, valid, zero, jnp.zeros((), bool))
+                    return carry, _gathered(metrics)
+
+                carry, metrics = lax.scan(tick, carry, jnp.arange(self.ticks))
+                new = lax.switch(me, updates, carry.buffers, carry.grads, active)
+                return new, metrics
+
+            buffers, metrics = lax.scan(minibatch, buffers, jnp.arange(minibatches))
+            metrics = jax.tree_util.tree_map(lambda m: m.reshape(-1, *m.shape[2:]), metrics)
+            return {name: b[None] for name, b in buffers.items()}, metrics
+
+        return program
+
+    def stage_eval(self, k: int, state: StageState, h: jax.Array) -> jax.Array:
+        return apply_module(
+            self.trainer.stages[k], state.params, state.collections, h, train=False
+        )[0]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class SpmdEngine:
+    """A layer-parallel schedule as one SPMD program per chunk; an ``Engine`` of the training
+    loop. ``kind`` is ``sg_pipeline``, ``bp_model_parallel`` or ``bp_gpipe``; ``start`` (and,
+    for sg, ``inflight``, as ``SgPipeline.inflight`` names them) say where it continues."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        kind: str,
+        data: DeviceData,
+        start: TrainState,
+        mesh: Mesh,
+        microbatches: int = 1,
+        inflight: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config, self.kind, self.mesh = config, kind, mesh
+        self.max_chunk = config.chunk_steps
+        self.trainer = trainer_for(config)
+        self.sharded = NamedSharding(mesh, PartitionSpec(STAGE_AXIS))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        host_data = jax.device_get(data)
+        self.data = jax.tree_util.tree_map(lambda x: global_array(x, self.replicated), host_data)
+        self.key = global_array(jax.device_get(start.key), self.replicated)
+        self._key = start.key
+        self._done = int(start.step)
+        self.program: SgProgram | BpProgram
+        if kind == "sg_pipeline":
+            self.program = SgProgram(self.trainer, config, mesh, host_data)
+            self.tick = self.program.tick_after(self._done)
+            mail = self.program.mail_from_inflight(inflight or {}, self.tick)
+            self.mail = Mail(*(global_array(mail[name], self.sharded) for name in Mail._fields))
+            self.surplus = self.program.num_hidden + 1
+        else:
+            self.program = BpProgram(self.trainer, config, mesh, host_data, microbatches)
+            self.tick = self._done
+            self.mail = None
+            self.surplus = 0
+        self.buffers = self._pack(jax.device_get(start.model))
+        self._chunk: jax.stages.Compiled | None = None
+        self._evaluate: jax.stages.Compiled | None = None
+        self._gather: Callable | None = None
+        self.traces = 0
+        """How many times the chunk program was traced (compiled) in this engine."""
+
+    def _pack(self, model: TrainerState) -> Buffers:
+        states = self.program.split(model)
+        packed = [self.program.packing.pack(k, s, np) for k, s in enumerate(states)]
+        return {
+            name: global_array(np.stack([p[name] for p in packed]), self.sharded)
+            for name in self.program.packing.sizes
+        }
+
+    def _shard_map(self, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
+        return jax.shard_map(
+            fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+
+    def compile(self, chunk_lengths: Collection[int]) -> None:
+        """Compile the chunk program (one for every chunk: a fixed number of ticks, a traced
+        stop) and the evaluation."""
+        del chunk_lengths
+        stage, rep = PartitionSpec(STAGE_AXIS), PartitionSpec()
+        length = self.max_chunk + self.surplus
+        per_device = self.program.chunk_fn(length)
+
+        def counted(*args: Any) -> Any:
+            self.traces += 1
+            return per_device(*args)
+
+        scalar = global_array(np.int32(0), self.replicated)
+        if self.kind == "sg_pipeline":
+            fn = self._shard_map(counted, (stage, stage, rep, rep, rep, rep), (stage, stage, rep))
+            args = (self.buffers, self.mail, self.data, self.key, scalar, scalar)
+            self._chunk = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
+        else:
+            fn = self._shard_map(counted, (stage, rep, rep, rep, rep), (stage, rep))
+            args = (self.buffers, self.data, self.key, scalar, scalar)
+            self._chunk = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile()
+        evaluate = self._shard_map(self._evaluate_fn(), (stage, rep), (rep, rep))
+        self._evaluate = jax.jit(evaluate).lower(self.buffers, self.data).compile()
+        self._gather = jax.jit(lambda x: x, out_shardings=self.replicated)
+
+    def _evaluate_fn(self) -> Callable:
+        program, trainer = self.program, self.trainer
+        num = self.mesh.devices.size
+        forward = [(i, i + 1) for i in range(num - 1)]
+
+        def evaluate(buffers: Buffers, data: DeviceData):
+            buffers = {name: b[0] for name, b in buffers.items()}
+            me = lax.axis_index(STAGE_AXIS)
+            images = scale_images(data.test_images)
+            rows = images.shape[0]
+            zero = jnp.zeros((), jnp.float32)
+
+            def branch(k: int) -> Callable:
+                def run(inbox: jax.Array) -> tuple:
+                    state = program.packing.unpack(k, buffers)
+                    h = images if k == 0 else unpad_rows(inbox, (rows, *program.shapes[k - 1][1:]))
+                    out = program.stage_eval(k, state, h)
+                    if k < num - 1:
+                        return pad_rows(out, program.width), zero, zero
+                    loss = trainer.loss(out, data.test_labels)
+                    accuracy = trainer.accuracy(out, data.test_labels)
+                    return jnp.zeros((rows, program.width), jnp.float32), loss, accuracy
+
+                return run
+
+            def idle(inbox: jax.Array) -> tuple:
+                return jnp.zeros_like(inbox), zero, zero
+
+            branches = [branch(k) for k in range(num)] + [idle]
+            inbox = jnp.zeros((rows, program.width), jnp.float32)
+            loss = accuracy = zero
+            for step in range(num):  # step s: only stage s works, on what stage s - 1 sent
+                out, loss_k, accuracy_k = lax.switch(
+                    jnp.where(me == step, me, num), branches, inbox
+                )
+                loss, accuracy = loss + loss_k, accuracy + accuracy_k
+                if step < num - 1:
+                    inbox = lax.ppermute(out, STAGE_AXIS, forward)
+            return lax.psum(loss, STAGE_AXIS), lax.psum(accuracy, STAGE_AXIS)
+
+        return evaluate
+
+    def advance(self, steps: int) -> ChunkMetrics:
+        """Run the ticks until the last stage has trained on ``steps`` more minibatches."""
+        target = self._done + steps
+        if self.kind == "sg_pipeline":
+            stop = self.program.tick_after(target)
+        else:
+            stop = target
+        t0 = global_array(np.int32(self.tick), self.replicated)
+        end = global_array(np.int32(stop), self.replicated)
+        if self.kind == "sg_pipeline":
+            self.buffers, self.mail, metrics = self._chunk(
+                self.buffers, self.mail, self.data, self.key, t0, end
+            )
+        else:
+            self.buffers, metrics = self._chunk(self.buffers, self.data, self.key, t0, end)
+        metrics = TickMetrics(*(host_value(m) for m in metrics))
+        self.tick, self._done = stop, target
+        losses = _window(metrics.loss_valid, metrics.loss)
+        accuracies = _window(metrics.loss_valid, metrics.accuracy)
+        sg = [
+            _window(metrics.sg_valid[:, k], metrics.sg_loss[:, k])
+            for k in range(len(self.trainer.boundaries))
+        ]
+        return ChunkMetrics(
+            steps,
+            steps * float(np.mean(losses)),
+            steps * float(np.mean(accuracies)),
+            tuple(float(np.sum(values)) for values in sg),
+            tuple(len(values) for values in sg),
+        )
+
+    def state(self) -> TrainState:
+        """The whole state, gathered (every process gets it) and put on this host's first
+        device."""
+        buffers = {name: host_value(self._gather(b)) for name, b in self.buffers.items()}
+        states = [
+            self.program.packing.unpack(k, {n: b[k] for n, b in buffers.items()})
+            for k in range(self.mesh.devices.size)
+        ]
+        model = jax.device_put(self.program.join(states), jax.local_devices()[0])
+        step = jnp.asarray(self._done, jnp.int32)
+        return TrainState(model, step, jax.device_put(self._key, jax.local_devices()[0]))
+
+    def evaluate(self) -> tuple[float, float]:
+        loss, accuracy = self._evaluate(self.buffers, self.data)
+        return float(host_value(loss)), float(host_value(accuracy))
+
+    def inflight(self) -> dict[str, np.ndarray]:
+        if self.mail is None:
+            return {}
+        mail = {
+            name: host_value(self._gather(m))
+            for name, m in zip(Mail._fields, self.mail, strict=True)
+        }
+        return self.program.inflight(mail, self.tick)
+
+    def stage_devices(self) -> tuple[int, ...]:
+        """Id of each pipeline stage's device."""
+        return tuple(int(d.id) for d in self.mesh.devices.flat)
