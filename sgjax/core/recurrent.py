@@ -217,7 +217,9 @@ class RecurrentTrainer:
     """Trains a recurrent ``core`` segment by segment with ``method`` and ``optimizer``.
 
     ``loss(logits, targets)`` is each example's loss at one step. Everything is pure:
-    ``init`` and ``step`` can be jitted, scanned and vmapped.
+    ``init`` and ``step`` can be jitted, scanned and vmapped. ``unroll`` is ``lax.scan``'s over
+    a segment's steps (``True``: fully unrolled; XLA's cost analysis then counts every step,
+    where it counts a loop's body once).
     """
 
     def __init__(
@@ -226,11 +228,14 @@ class RecurrentTrainer:
         loss: StepLoss,
         method: RecurrentMethod,
         optimizer: optax.GradientTransformation,
+        *,
+        unroll: int | bool = 1,
     ) -> None:
         self.core = core
         self.loss = loss
         self.method = method
         self.optimizer = optimizer
+        self.scan_unroll = unroll
 
     def _predictors(self, carry: Carry) -> tuple[CarryPredictor, CarryPredictor]:
         units = self.method.synthesizer_units or max(_width(carry) // 2, 1)
@@ -257,7 +262,7 @@ class RecurrentTrainer:
             c, logits = self.core.apply({"params": core_params}, c, x)
             return c, (jnp.sum(self.loss(logits, target) * mask), logits)
 
-        end, (losses, logits) = jax.lax.scan(one_step, carry, tuple(segment))
+        end, (losses, logits) = jax.lax.scan(one_step, carry, tuple(segment), unroll=self.scan_unroll)
         return (jnp.sum(losses), end), (jnp.sum(segment.mask), logits)
 
     def segment_gradients(

@@ -29,7 +29,9 @@ from sgjax.tasks.copy import sigmoid_loss as copy_loss
 LN2 = math.log(2.0)
 
 
-def make_trainer(config: RNNConfig, output_dim: int, loss: StepLoss) -> RecurrentTrainer:
+def make_trainer(
+    config: RNNConfig, output_dim: int, loss: StepLoss, unroll: int | bool = 1
+) -> RecurrentTrainer:
     """The LSTM core of ``config`` trained with its mode, Adam at its learning rate."""
     method = recurrent_method(
         config.mode,
@@ -37,9 +39,8 @@ def make_trainer(config: RNNConfig, output_dim: int, loss: StepLoss) -> Recurren
         synthesizer_units=config.synthesizer_units or config.hidden_units,
         sg_trains_core=config.sg_trains_core,
     )
-    return RecurrentTrainer(
-        LSTMCore(config.hidden_units, output_dim), loss, method, adam(config.learning_rate)
-    )
+    core = LSTMCore(config.hidden_units, output_dim)
+    return RecurrentTrainer(core, loss, method, adam(config.learning_rate), unroll=unroll)
 
 
 def _where(flag: jax.Array, a: Any, b: Any) -> Any:
