@@ -408,7 +408,10 @@ def four_device_results() -> dict[str, Any]:
         "placement": list(run.stage_devices),
         "accuracy": [r.test_accuracy for r in run.records],
         "cosine": synthetic_gradient_cosines(floor, run.state.model, mnist),
-        "initial_cosine": synthetic_gradient_cosines(floor, init_train_state(floor).model, mnist),
+        # The initial state the run started from (train_layer_parallel jits init_train_state too).
+        "initial_cosine": synthetic_gradient_cosines(
+            floor, jax.jit(init_train_state, static_argnums=0)(floor).model, mnist
+        ),
     }
     return out
 
