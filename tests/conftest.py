@@ -4,12 +4,34 @@
 probing the network, so a machine with network access or TensorFlow runs the same tests on the
 same data as an offline one. It is set when this file is imported, before any test module builds
 its subprocess environment from ``os.environ``. Tests of the TFDS path remove it themselves.
+
+One XLA compilation per program per test session: JAX's persistent compilation cache, in a
+folder made fresh for the session (``JAX_COMPILATION_CACHE_DIR``, set here before JAX starts and
+inherited by the pytest-xdist workers and by every subprocess), so that the runs that compile the
+same program again (a resumed run, the second run of a determinism check, a command run once
+more) load the first compile's executable instead of compiling it anew. Nothing is read from an
+earlier session: each session still compiles every program at least once. Tests whose signal
+must land while a command compiles run that command with ``JAX_ENABLE_COMPILATION_CACHE=false``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
-from sgjax.data.sources import NO_TFDS_ENV
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+_OWN_CACHE = CACHE_ENV not in os.environ or "PYTEST_XDIST_WORKER" not in os.environ
+if _OWN_CACHE:  # the session's first process (xdist workers inherit the controller's folder)
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="sgjax-test-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from sgjax.data.sources import NO_TFDS_ENV  # noqa: E402 (after the cache folder is set)
 
 os.environ[NO_TFDS_ENV] = "1"
+
+
+def pytest_unconfigure(config) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)

@@ -26,6 +26,9 @@ def _command(tmp_path: Path, *flags: str) -> list[str]:
 
 
 ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+# For a signal that must land while the command compiles: no executables from the session's
+# compilation cache (tests/conftest.py), so every program compiles as in a fresh session.
+COMPILING_ENV = ENV | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 
 def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
@@ -98,7 +101,7 @@ def test_ctrl_c_while_compiling_stops_with_one_line_and_exit_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env=ENV,
+        env=COMPILING_ENV,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -125,7 +128,7 @@ def test_a_second_ctrl_c_while_compiling_stops_at_once_with_one_line(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env=ENV,
+        env=COMPILING_ENV,
     )
     assert proc.stdout is not None
     for line in proc.stdout:

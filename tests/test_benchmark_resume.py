@@ -45,7 +45,14 @@ def test_sigint_after_a_program_then_resume(tmp_path):
     log = tmp_path / "stdout.txt"
     with log.open("w") as stdout:
         process = subprocess.Popen(
-            _args(output_dir), stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+            _args(output_dir),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            # sg must still be compiling when the signal comes: no executables from the
+            # session's compilation cache (tests/conftest.py), as in a fresh session.
+            env=ENV | {"JAX_ENABLE_COMPILATION_CACHE": "false"},
+            cwd=REPO,
         )
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
