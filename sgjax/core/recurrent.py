@@ -262,7 +262,9 @@ class RecurrentTrainer:
             c, logits = self.core.apply({"params": core_params}, c, x)
             return c, (jnp.sum(self.loss(logits, target) * mask), logits)
 
-        end, (losses, logits) = jax.lax.scan(one_step, carry, tuple(segment), unroll=self.scan_unroll)
+        end, (losses, logits) = jax.lax.scan(
+            one_step, carry, tuple(segment), unroll=self.scan_unroll
+        )
         return (jnp.sum(losses), end), (jnp.sum(segment.mask), logits)
 
     def segment_gradients(
