@@ -23,6 +23,7 @@ are per example (the gradient of the example's own loss), independent of the bat
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -130,28 +131,12 @@ def flatten_carry(carry: Carry) -> tuple[jax.Array, Callable[[jax.Array], Carry]
     flat = jnp.concatenate([leaf.reshape(batch, -1) for leaf in leaves], axis=-1)
 
     def unflatten(x: jax.Array) -> Carry:
-        parts = jnp.split(x, list(_cumulative(sizes))[:-1], axis=-1)
+        parts = jnp.split(x, list(itertools.accumulate(sizes))[:-1], axis=-1)
         return jax.tree_util.tree_unflatten(
             treedef, [p.reshape(x.shape[0], *s) for p, s in zip(parts, shapes, strict=True)]
         )
 
     return flat, unflatten
-
-
-def _cumulative(sizes: list[int]) -> list[int]:
-    total, out = 0, []
-    for size in sizes:
-        total += size
-        out.append(total)
-    return out
-
-
-def carry_vdot(a: Carry, b: Carry) -> jax.Array:
-    """Sum over every element of ``a * b``."""
-    return sum(
-        jnp.vdot(x, y)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    )
 
 
 def carry_sq_error(prediction: Carry, target: Carry) -> jax.Array:

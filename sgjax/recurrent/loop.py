@@ -129,11 +129,6 @@ def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]
     return out
 
 
-def init_state(config: RNNConfig, corpus: TextCorpus | None) -> Any:
-    program = program_for(config, corpus)
-    return jax.jit(program.init)(config.seed)
-
-
 def _host(stats: ChunkStats) -> ChunkStats:
     return ChunkStats(*(float(x) for x in jax.device_get(stats)))
 
