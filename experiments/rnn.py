@@ -15,11 +15,12 @@ import sys
 from absl import app, flags
 
 from sgjax.cli.errors import make_flags_parser
-from sgjax.cli.rnn import define_rnn_flags, main
+from sgjax.cli.rnn import define_rnn_flags, rnn_main
 
 define_rnn_flags(flags.FLAGS)
 FLAGS = flags.FLAGS
+main = rnn_main(FLAGS)
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main(FLAGS), flags_parser=make_flags_parser(FLAGS)))
+    sys.exit(app.run(main, flags_parser=make_flags_parser(FLAGS)))

@@ -135,7 +135,15 @@ def _valid_modes(text: str) -> bool:
     )
 
 
-PRESET_NAMES = ("paper_500k", "paper_100k", "quick", "paper_grid", "paper_grid_quick")
+PRESET_NAMES = (
+    "paper_500k",
+    "paper_100k",
+    "quick",
+    "paper_grid",
+    "paper_grid_quick",
+    "paper_rnn",
+    "paper_rnn_quick",
+)
 
 
 def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
@@ -183,6 +191,41 @@ def step_time_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
     return cases, ["--steps=1", "--repeats=1", "--modes=sg"]
 
 
+def rnn_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
+    blocker = tmp / "a_file"
+    blocker.write_text("")
+    base = [
+        "--num_steps=4",
+        "--eval_every=2",
+        "--hidden_units=4",
+        "--batch_size=2",
+        "--bits=2",
+        "--max_length=8",
+        "--truncation=2",
+        f"--output_dir={tmp / 'out'}",
+    ]
+    positive = ["truncation", "batch_size", "bits", "chunk_steps", "eval_every"]
+    cases = {name: NOT_POSITIVE for name in positive}
+    cases |= {
+        "task": LETTERS.filter(lambda v: v not in ("copy", "repeat_copy", "char_lm")),
+        "mode": LETTERS.filter(lambda v: v not in ("bptt", "dni", "dni_aux")),
+        "num_steps": NOT_POSITIVE | st.integers(min_value=2**31).map(str),
+        "hidden_units": NOT_POSITIVE | st.integers(10**7, 10**12).map(str),
+        "synthesizer_units": NOT_POSITIVE,
+        "max_length": st.integers(max_value=3).map(str),
+        "seed": NEGATIVE | st.integers(min_value=2**32).map(str),
+        "learning_rate": NOT_POSITIVE_FLOAT,
+        "sg_scale": NOT_POSITIVE_FLOAT,
+        "valid_fraction": NEGATIVE | st.floats(0.5, 10).map(str),
+        "test_fraction": NEGATIVE | st.floats(0.5, 10).map(str),
+        "patience": NEGATIVE,
+        "checkpoint_every": NEGATIVE | st.integers(1, 10**6).filter(lambda n: n % 2).map(str),
+        "text_file": LETTERS,  # a text file with --task=copy
+        "output_dir": LETTERS.map(lambda v: str(blocker / v.replace("/", "_"))),
+    }
+    return cases, base
+
+
 if __name__ == "__main__":
     script_path, examples = Path(sys.argv[1]), int(sys.argv[2])
     with tempfile.TemporaryDirectory() as folder:
@@ -190,6 +233,7 @@ if __name__ == "__main__":
             "mnist_mlp": mnist_mlp_cases,
             "benchmark": benchmark_cases,
             "step_time": step_time_cases,
+            "rnn": rnn_cases,
         }
         if script_path.stem not in make_cases:
             raise SystemExit(f"no fuzz cases for {script_path}")

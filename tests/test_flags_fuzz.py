@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    ("script", "examples"), [("mnist_mlp.py", 200), ("benchmark.py", 200), ("step_time.py", 60)]
+    ("script", "examples"),
+    [("mnist_mlp.py", 200), ("benchmark.py", 200), ("step_time.py", 60), ("rnn.py", 120)],
 )
 def test_invalid_flag_values_fail_cleanly(script: str, examples: int):
     done = subprocess.run(

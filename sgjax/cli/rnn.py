@@ -7,13 +7,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from absl import flags
 
 from sgjax.cli.errors import fail
-from sgjax.cli.run import StopRequest, claim_output_dir, report_status
+from sgjax.cli.run import StopRequest, claim_output_dir, device_memory_bytes, report_status
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.data.sources import DataError
 from sgjax.data.text import TextCorpus, load_text_corpus
@@ -287,6 +288,21 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return [head, score, speed]
 
 
+def check_memory(config: RNNConfig, corpus: TextCorpus | None) -> None:
+    """Refuse a run too big for the device (one line), before anything is written."""
+    if corpus is not None:
+        dims = (corpus.vocab_size, corpus.vocab_size)
+    else:
+        task = config.copy_task
+        dims = (task.input_dim, task.output_dim)
+    need, available = config.estimated_bytes(*dims), device_memory_bytes()
+    if need > available:
+        raise ConfigError(
+            f"this run needs about {need / 2**30:.1f} GiB but the device has "
+            f"{available / 2**30:.1f} GiB; reduce --hidden_units, --batch_size or --max_length"
+        )
+
+
 def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False) -> int:
     """Validate, load the text, train (resuming if asked), write results; the exit code."""
     try:
@@ -304,6 +320,7 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
             from sgjax.recurrent.loop import text_streams
 
             text_streams(config, corpus)  # refuse a too-short text before writing anything
+        check_memory(config, corpus)
         folder = Path(config.output_dir or f"runs/rnn-{config.task}-{config.mode}")
         output_dir = claim_output_dir(folder, resume, overwrite)
         checkpointer = RNNCheckpointer(output_dir / "checkpoints")
@@ -360,7 +377,9 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
     return report_status(result.status, result.message, output_dir, stop.signal)
 
 
-def main(fv: flags.FlagValues):
+def rnn_main(fv: flags.FlagValues) -> Callable[[list[str]], int]:
+    """The ``main`` of experiments/rnn.py: config from ``fv``, then one run end to end."""
+
     def run(argv: list[str]) -> int:
         del argv
         try:

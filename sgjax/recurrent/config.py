@@ -102,6 +102,10 @@ class RNNConfig:
             )
         if self.patience < 0:
             raise ConfigError(f"--patience={self.patience} must be 0 (never stop) or more")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not (0 <= value < 0.5):
+                raise ConfigError(f"--{name}={value} must be at least 0 and below 0.5")
         if self.task == "char_lm":
             self._validate_text()
         else:
@@ -127,7 +131,16 @@ class RNNConfig:
                 "--task=char_lm needs --text_file=PATH (a UTF-8 text; e.g. Penn Treebank's "
                 "character version, or any text to try it: --text_file=README.md)"
             )
-        for name in ("valid_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not (0 <= value < 0.5):
-                raise ConfigError(f"--{name}={value} must be at least 0 and below 0.5")
+
+    def estimated_bytes(self, input_dim: int, output_dim: int) -> int:
+        """A rough upper estimate of the device memory a run needs (float32): parameters with
+        their gradients and Adam moments, the synthesizer's too, and a segment's activations."""
+        hidden = self.hidden_units
+        units = self.synthesizer_units or hidden
+        core = 4 * hidden * (input_dim + hidden + 1) + output_dim * (hidden + 1)
+        synthesizer = 2 * (2 * hidden * units + units + 2 * hidden) if self.mode != "bptt" else 0
+        aux = (2 * hidden) ** 2 if self.mode == "dni_aux" else 0
+        params = core + synthesizer + aux
+        activations = self.batch_size * self.truncation * (12 * hidden + 2 * output_dim)
+        episode = self.batch_size * self.max_length * (input_dim + output_dim + 1)
+        return 4 * (4 * params + 4 * activations + 2 * episode)
