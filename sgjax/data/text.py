@@ -72,6 +72,7 @@ def load_text_corpus(
     """Read the texts. Without ``valid_file`` (``test_file``), the last ``valid_fraction``
     (``test_fraction``) of ``text_file`` is held out: test at the end, validation before it."""
     text = read_text(text_file, "--text_file")
+    total = len(text)
     valid_text = read_text(valid_file, "--valid_file") if valid_file else None
     test_text = read_text(test_file, "--test_file") if test_file else None
     held = []
@@ -90,7 +91,7 @@ def load_text_corpus(
     for name, part in (("validation", valid_text), ("test", test_text)):
         if not part:
             raise DataError(
-                f"--text_file={str(text_file)!r} ({len(text)} characters) leaves no {name} "
+                f"--text_file={str(text_file)!r} ({total} characters) leaves no {name} "
                 "text; pass a longer text, a --valid_file/--test_file, or a larger fraction"
             )
     vocabulary = "".join(sorted(set(text)))
