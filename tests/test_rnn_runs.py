@@ -117,3 +117,27 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
         assert stopped.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and "\n" not in err, err
+
+
+def test_a_copy_run_stopped_mid_period_resumes_to_the_uninterrupted_run(tmp_path):
+    config = RNNConfig(task="repeat_copy", mode="dni", truncation=2, hidden_units=8,
+                       batch_size=4, bits=2, max_length=20, num_steps=120, eval_every=60,
+                       chunk_steps=30, learning_rate=1e-2)  # fmt: skip
+    log = lambda line: None  # noqa: E731
+    full = train_recurrent(config, log=log)
+    checkpoints = RNNCheckpointer(tmp_path / "checkpoints")
+    first = train_recurrent(
+        config, log=log, stop_requested=lambda: True,  # after the first chunk: mid-period
+        save_checkpoint=lambda point: checkpoints.save(point, config, None),
+    )  # fmt: skip
+    assert first.status == "interrupted" and first.steps_done == 30 and not first.records
+    rest = train_recurrent(config, log=log, start=checkpoints.restore(config, None))
+    checkpoints.close()
+    def scores(records):  # everything but the wall-clock times
+        return [(r.step, r.train_bits, r.sg_loss, r.level, r.episode_error) for r in records]
+
+    assert scores(rest.records) == scores(full.records) and len(full.records) == 2
+    assert rest.curriculum == full.curriculum
+    for a, b in zip(jax.tree_util.tree_leaves(rest.state), jax.tree_util.tree_leaves(full.state),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)

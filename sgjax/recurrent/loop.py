@@ -350,7 +350,8 @@ class RNNCheckpointer(OrbaxStore):
                 f"checkpoint {where} was made with {', '.join(differences)}; resume with the "
                 "same flags and texts, or start again with --overwrite"
             )
-        template = jax.eval_shape(lambda: program_for(config, corpus).init(config.seed))
+        program = program_for(config, corpus)  # built outside the trace: it reads the levels
+        template = jax.eval_shape(lambda: program.init(config.seed))
         state = self.read_state(step, template)
         records = [
             RNNRecord(**(r | {"level": tuple(r["level"]) if r["level"] else None}))
