@@ -28,9 +28,10 @@ from sgjax.bench.report import build_json, build_rows, table_markdown
 from sgjax.bench.rnn_table import RNN_PRESETS, run_rnn_table
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
 from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
+from sgjax.cli.distributed import define_distributed_flags, initialize_from_flags
 from sgjax.cli.errors import fail, parse_int_list
 from sgjax.cli.flags import config_from_flags, define_cnn_flags, define_train_flags
-from sgjax.cli.run import StopRequest, check_fits, claim_output_dir, report_status
+from sgjax.cli.run import StopRequest, agreed, check_fits, claim_output_dir, report_status
 from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.parallel.layers import validate_parallel
 from sgjax.training.config import MODELS, MODES, ConfigError, TrainConfig
@@ -124,9 +125,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_boolean(
         "distributed",
         False,
-        "Call jax.distributed.initialize() first (multi-host: runs shard over every host).",
+        "Join a multi-process run with jax.distributed first (runs shard over every process's "
+        "devices; process 0 writes); see --coordinator_address.",
         flag_values=fv,
     )
+    define_distributed_flags(fv, with_switch=False)
 
 
 def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
@@ -214,22 +217,31 @@ def run(
     Bad input prints one line and exits with code 2 before any training. Returns the result,
     the files and the signal that stopped the benchmark (None if none did).
     """
-    if fv.distributed:
-        jax.distributed.initialize()
     try:
+        initialize_from_flags(fv)
         _check_parallel_flags(fv)
     except ConfigError as error:
         fail(str(error))
     if fv.parallel == "layers":
+        if jax.process_count() > 1:
+            fail(
+                "--parallel=layers in the benchmark runs in one process; for layers across "
+                "processes run experiments/mnist_mlp.py --parallel=layers --engine=spmd "
+                "--distributed"
+            )
         return run_layer_parallel(fv, log)
+    writer = jax.process_index() == 0  # only process 0 writes (--distributed)
     try:
         if fv.resume and fv.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         settings = settings_from_flags(fv)
         datasets = load_datasets(settings)
-        folder = claim_output_dir(Path(fv.output_dir), fv.resume, fv.overwrite, OUTPUT_FILES)
+        folder = Path(fv.output_dir)
+        if writer:
+            claim_output_dir(folder, fv.resume, fv.overwrite, OUTPUT_FILES)
         store = ProgramStore(folder)
-        done = store.start(settings, fv.resume)
+        reads = fv.resume and (store.folder / "settings.json").exists()
+        done = store.start(settings, fv.resume) if writer or reads else {}
     except (ConfigError, DataError, OutputError) as error:
         fail(str(error))
     for dataset in datasets.values():
@@ -242,11 +254,11 @@ def run(
             datasets,
             log=log,
             done=done,
-            on_program=store.save,
-            stop_requested=stop,
+            on_program=store.save if writer else lambda index, program: None,
+            stop_requested=agreed(stop),
             divergence=divergence,
         )
-    files = write_outputs(result, folder) if jax.process_index() == 0 else None
+    files = write_outputs(result, folder) if writer else None
     return result, files, stop.signal
 
 

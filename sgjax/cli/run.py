@@ -10,12 +10,13 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import jax
+import numpy as np
 
 from sgjax.cli.errors import EXIT_DIVERGED, fail
 from sgjax.data.sources import DataError, Dataset, load_dataset
@@ -111,8 +112,12 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
             _check_parallel(config)
         dataset = load_dataset(config.dataset, config.data_dir)
         check_fits(config, dataset)
-        output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
-        checkpointer = Checkpointer(output_dir / "checkpoints")
+        writer = jax.process_index() == 0  # only process 0 writes (--distributed)
+        if writer:
+            output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
+        else:
+            output_dir = output_dir_for(config)
+        checkpointer = Checkpointer(output_dir / "checkpoints") if writer or resume else None
         start = _resume_point(checkpointer, config) if resume else None
     except (ConfigError, DataError, OutputError, CheckpointError) as error:
         fail(str(error))
@@ -127,7 +132,16 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     def save(point: Resume) -> None:
         checkpointer.save(point, config)
 
-    metrics = MetricsWriter(output_dir / "metrics.csv", config.hidden_layers * config.decoupled)
+    if not writer:
+        checkpointer = checkpointer.close() if checkpointer else None
+
+        def save(point: Resume) -> None:  # noqa: F811 (process 0 writes the checkpoint)
+            del point  # every process gathered the state, as the collectives require
+
+    metrics = MetricsWriter(
+        output_dir / "metrics.csv" if writer else Path(os.devnull),
+        config.hidden_layers * config.decoupled,
+    )
     try:
         for record in start.records if start else []:
             metrics.write(record)
@@ -142,10 +156,11 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
                     num_devices=_parallel_devices(config),
                     microbatches=config.microbatches,
                     on_record=metrics.write,
-                    stop_requested=stop,
+                    stop_requested=agreed(stop),
                     start=start,
                     save_checkpoint=save if config.resolved_checkpoint_every else None,
-                    stage_timing_repeats=STAGE_TIMING_REPEATS,
+                    stage_timing_repeats=STAGE_TIMING_REPEATS * (config.engine == "dispatch"),
+                    engine=config.engine,
                 )
             else:
                 result = train_and_evaluate(
@@ -158,12 +173,30 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
                 )
     finally:
         metrics.close()
-        checkpointer.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    if not writer:
+        print(f"process {jax.process_index()}: {result.status}", flush=True)
+        return report_status(result.status, result.message, output_dir, stop.signal)
     results = build_results(config, dataset, result)
     write_json_atomic(output_dir / "results.json", results)
     for line in summary_lines(results):
         print(line, flush=True)
     return report_status(result.status, result.message, output_dir, stop.signal)
+
+
+def agreed(stop: StopRequest) -> Callable[[], bool]:
+    """``stop`` as process 0 sees it, on every process (a multi-process run must stop after
+    the same chunk); ``stop`` itself in a single process."""
+    if jax.process_count() == 1:
+        return stop
+
+    def decision() -> bool:
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(stop())))
+
+    return decision
 
 
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
@@ -189,19 +222,25 @@ def _check_parallel(config: TrainConfig) -> None:
 
     kind = parallel_kind(config.mode, config.microbatches)
     validate_parallel(config, kind, config.microbatches)
-    stage_devices(num_pipeline_stages(config, kind), _parallel_devices(config))
+    if config.engine == "spmd":
+        from sgjax.parallel.spmd import stage_mesh
+
+        stage_mesh(num_pipeline_stages(config, kind), config.num_devices, None)
+    else:
+        stage_devices(num_pipeline_stages(config, kind), _parallel_devices(config))
 
 
 def _parallel_devices(config: TrainConfig) -> int:
-    """--num_devices, or (0) as many devices as there are, at most one per stage."""
-    if config.num_devices:
+    """--num_devices, or (0) as many devices as there are, at most one per stage (the SPMD
+    engine takes one per stage)."""
+    if config.num_devices or config.engine == "spmd":
         return config.num_devices
     return min(jax.device_count(), config.hidden_layers + 1)
 
 
 def device_memory_bytes() -> int:
     """Memory of the default device: its allocator limit, or the host's RAM for the CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

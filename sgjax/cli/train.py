@@ -8,10 +8,15 @@ from collections.abc import Callable
 
 from absl import flags
 
+from sgjax.cli.distributed import (
+    define_distributed_flags,
+    initialize_from_flags,
+    stop_process,
+)
 from sgjax.cli.errors import fail
 from sgjax.cli.flags import config_from_flags, define_cnn_flags, define_train_flags
 from sgjax.cli.run import run_training
-from sgjax.training.config import MODES, PARALLEL, ConfigError, TrainConfig
+from sgjax.training.config import ENGINES, MODES, PARALLEL, ConfigError, TrainConfig
 
 _DEFAULTS = TrainConfig()
 CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")
@@ -60,6 +65,14 @@ def define_script_flags(fv: flags.FlagValues, model: str) -> None:
         "Devices for --parallel=layers (0: all there are).",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "engine",
+        _DEFAULTS.engine,
+        ENGINES,
+        "For --parallel=layers: dispatch (one call per layer per tick from this process) or "
+        "spmd (one program per chunk, a stage per device; spans processes with --distributed).",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "microbatches",
         _DEFAULTS.microbatches,
@@ -87,6 +100,7 @@ def define_script_flags(fv: flags.FlagValues, model: str) -> None:
         "resume", False, "Continue from the latest checkpoint in --output_dir.", flag_values=fv
     )
     flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.", flag_values=fv)
+    define_distributed_flags(fv)
 
 
 def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
@@ -107,6 +121,7 @@ def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
         parallel=fv.parallel,
         num_devices=fv.num_devices,
         microbatches=fv.microbatches,
+        engine=fv.engine,
         checkpoint_every=fv.checkpoint_every,
         output_dir=fv.output_dir,
     )
@@ -119,8 +134,14 @@ def script_main(fv: flags.FlagValues, model: str) -> Callable[[list[str]], int]:
         del argv
         try:
             config = script_config(fv, model)
+            initialize_from_flags(fv)
         except ConfigError as error:
             fail(str(error))
-        return run_training(config, resume=fv.resume, overwrite=fv.overwrite)
+        if not fv.distributed:
+            return run_training(config, resume=fv.resume, overwrite=fv.overwrite)
+        try:
+            return run_training(config, resume=fv.resume, overwrite=fv.overwrite)
+        except Exception as error:  # noqa: BLE001 (a collective failed: a peer is gone)
+            stop_process(error)
 
     return main

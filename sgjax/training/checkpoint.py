@@ -22,12 +22,29 @@ from sgjax.training.records import UNUSED_FIELDS, config_record
 
 CHECKPOINT_FORMAT = 1
 KEEP_LAST = 3
-IGNORED_CONFIG_KEYS = ("output_dir", "data_dir", "checkpoint_every")
-"""Flags that may differ on resume: they do not change what the run computes."""
+IGNORED_CONFIG_KEYS = ("output_dir", "data_dir", "checkpoint_every", "engine")
+"""Flags that may differ on resume: they do not change what the run computes (the layer-parallel
+engines compute the same schedule and name their work in flight alike)."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line saying what to do."""
+
+
+def _this_process_only(directory: Path, keep_last: int) -> ocp.CheckpointManagerOptions:
+    """Options for a multi-process run (``--distributed``): every process has the whole state,
+    so process 0 writes and any process reads without waiting for the others."""
+    index = jax.process_index()
+    if index == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=keep_last,
+        create=False,
+        enable_async_checkpointing=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=index, active_processes={index}
+        ),
+    )
 
 
 class OrbaxStore:
@@ -41,7 +58,9 @@ class OrbaxStore:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_last, create=True, enable_async_checkpointing=False
-            ),
+            )
+            if jax.process_count() == 1
+            else _this_process_only(self.directory, keep_last),
         )
 
     def latest_step(self) -> int | None:
@@ -54,6 +73,8 @@ class OrbaxStore:
         self, step: int, state: Any, meta: dict[str, Any], inflight: dict | None = None
     ) -> None:
         """Write the checkpoint of ``step`` and wait until it is complete on disk."""
+        if jax.process_count() > 1:  # orbax writes host values, not one process's arrays
+            state, inflight = jax.device_get((state, inflight))
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if inflight:  # an engine's work in flight (the sg pipeline's), by name
             items["inflight"] = ocp.args.StandardSave(dict(inflight))
@@ -78,8 +99,11 @@ class OrbaxStore:
 
     def read_state(self, step: int, template: Any) -> Any:
         """The state of ``step`` with the structure, shapes and dtypes of ``template``."""
+        sharding = None
+        if jax.process_count() > 1:  # read onto this process's first device
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
         )
         try:
             return self._manager.restore(

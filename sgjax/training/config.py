@@ -13,6 +13,8 @@ MODELS = ("mlp", "cnn")
 """mlp: hidden blocks Dense-BN-ReLU; cnn: the paper's convolutional network (sgjax.models.cnn)."""
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 PARALLEL = ("none", "layers")
+ENGINES = ("dispatch", "spmd")
+"""How --parallel=layers runs: one call per stage per tick from the host, or one SPMD program."""
 NUM_CLASSES = 10
 CONV_INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 """Height, width and channels the CNN sees (MNIST arrives flattened and is reshaped)."""
@@ -70,6 +72,8 @@ class TrainConfig:
     """Devices for --parallel=layers (0: all there are)."""
     microbatches: int = 1
     """GPipe microbatches for --parallel=layers with --mode=bp (1: plain model parallelism)."""
+    engine: str = "dispatch"
+    """--parallel=layers: "dispatch" (a call per stage per tick) or "spmd" (one program)."""
     checkpoint_every: int | None = None
     """Steps between checkpoints: None means at every evaluation, 0 means never."""
     output_dir: str | None = None
@@ -138,6 +142,10 @@ class TrainConfig:
         if self.parallel not in PARALLEL:
             raise ConfigError(
                 f"unknown --parallel={self.parallel!r}; choose one of {', '.join(PARALLEL)}"
+            )
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"unknown --engine={self.engine!r}; choose one of {', '.join(ENGINES)}"
             )
         if self.num_devices < 0:
             raise ConfigError(f"--num_devices={self.num_devices} must be 0 (all) or more")

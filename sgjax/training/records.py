@@ -240,6 +240,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 def _parallel_lines(parallel: dict[str, Any] | None) -> list[str]:
     if not parallel:
         return []
+    if not parallel["stage_ms"]:  # the SPMD engine does not time stages alone
+        return [f"{parallel['kind']} on devices {parallel['stage_devices']}"]
     stage_ms = " / ".join(f"{ms:.2f}" for ms in parallel["stage_ms"])
     return [
         f"{parallel['kind']} on devices {parallel['stage_devices']}: each stage's step alone "
