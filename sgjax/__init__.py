@@ -15,7 +15,19 @@ DNI, DNI+Aux). Everything in ``sgjax.core`` is pure JAX (jit, vmap, scan, shard)
 
 from sgjax.core import synthesizers
 from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
-from sgjax.core.methods import DNI, Backprop, backprop, dni
+from sgjax.core.methods import (
+    DGL,
+    DNI,
+    Backprop,
+    StaleGradient,
+    ZeroGradient,
+    backprop,
+    bp_lambda,
+    dgl,
+    dni,
+    stale_gradient,
+    zero_gradient,
+)
 from sgjax.core.optim import adam, learning_rate_of, piecewise_schedule, with_learning_rate
 from sgjax.core.recurrent import RecurrentTrainer, Segment, recurrent_method
 from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
@@ -29,6 +41,7 @@ from sgjax.training.model import trainer_for
 __version__ = "0.2.0"
 
 __all__ = [
+    "DGL",
     "DNI",
     "Backprop",
     "ConfigError",
@@ -38,15 +51,19 @@ __all__ = [
     "OutputLayer",
     "RecurrentTrainer",
     "Segment",
+    "StaleGradient",
     "StageState",
     "StepMetrics",
     "TrainConfig",
     "Trainer",
     "TrainerState",
+    "ZeroGradient",
     "accuracy",
     "adam",
     "backprop",
+    "bp_lambda",
     "cross_entropy",
+    "dgl",
     "dni",
     "learning_rate_of",
     "load_dataset",
@@ -54,9 +71,11 @@ __all__ = [
     "mlp_stages",
     "piecewise_schedule",
     "recurrent_method",
+    "stale_gradient",
     "synthesizers",
     "train_and_evaluate",
     "trainer_for",
     "with_learning_rate",
     "zero_carry",
+    "zero_gradient",
 ]

@@ -136,3 +136,82 @@ def conv(hidden_layers: int = 2, filters: int = 64, kernel_size: int = 5) -> Con
     """Convolutional synthesizers for (H, W, C) activations: the paper's DNI for CNNs uses
     ``conv(2, filters)``; its best cDNI results used linear ones, ``conv(0)``."""
     return Conv(hidden_layers, filters, kernel_size)
+
+
+class InputModel(nn.Module):
+    """A synthetic-input model (complete unlock): Dense(units) -> ReLU -> Dense to the predicted
+    activation's size, reshaped to ``shape``; reads the network's input flattened per example."""
+
+    shape: tuple[int, ...]
+    units: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        flat = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+        hidden = nn.relu(nn.Dense(self.units)(flat))
+        return nn.Dense(math.prod(self.shape))(hidden).reshape((x.shape[0], *self.shape))
+
+
+class LinearAuxiliary(nn.Module):
+    """A linear classifier on the flattened activation (DGL's head for fully connected stages)."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+        del train
+        return nn.Dense(self.num_classes)(h.reshape((h.shape[0], -1)))
+
+
+class PooledAuxiliary(nn.Module):
+    """DGL's small head for (H, W, C) maps: average pooling to ``pooled`` x ``pooled``
+    (approximately, by a window of ceil(H / pooled)), ``hidden_layers`` x (Dense -> ReLU) of
+    ``units``, then a linear classifier."""
+
+    num_classes: int
+    pooled: int
+    hidden_layers: int
+    units: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array, train: bool) -> jax.Array:
+        del train
+        window = (-(-h.shape[1] // self.pooled), -(-h.shape[2] // self.pooled))
+        x = nn.avg_pool(h, window, strides=window, padding="SAME")
+        x = x.reshape((x.shape[0], -1))
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.units)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class AuxiliaryFactory(Protocol):
+    """Builds a DGL auxiliary classifier for activations of ``shape`` (batch excluded)."""
+
+    def build(self, shape: tuple[int, ...], num_classes: int) -> nn.Module: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Auxiliary:
+    """Factory of DGL heads (see ``auxiliary``): linear for flat activations, pooled for maps."""
+
+    pooled: int = 2
+    hidden_layers: int = 0
+    units: int = 256
+
+    def __post_init__(self) -> None:
+        if self.pooled <= 0 or self.units <= 0 or self.hidden_layers < 0:
+            raise ValueError(
+                f"pooled={self.pooled}, units={self.units} must be positive and "
+                f"hidden_layers={self.hidden_layers} 0 or more"
+            )
+
+    def build(self, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(shape) == 3:
+            return PooledAuxiliary(num_classes, self.pooled, self.hidden_layers, self.units)
+        return LinearAuxiliary(num_classes)
+
+
+def auto_auxiliary(pooled: int = 2, hidden_layers: int = 0, units: int = 256) -> Auxiliary:
+    """DGL heads: a linear classifier on flat activations; on (H, W, C) maps average pooling
+    to ``pooled`` x ``pooled``, ``hidden_layers`` Dense-ReLU layers, a linear classifier."""
+    return Auxiliary(pooled, hidden_layers, units)

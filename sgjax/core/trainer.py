@@ -10,6 +10,12 @@ above boundary k ends with h_k and carries the synthesizer M_k, g_k = M_k(h_k [,
 * every M_k regresses g_k onto its target (stop_gradient): mean over the batch of ||g_k - t_k||^2,
   with its own optimizer state.
 
+Other methods (``sgjax.core.methods``) reuse the groups: BP(lambda) mixes the message from
+above into the synthetic gradient; the complete unlock feeds every group a synthetic input; the
+baselines (zero and stale gradient) and greedy local learning (an auxiliary classifier per group)
+keep their per-boundary state where DNI keeps its synthesizers. ``step(..., key=, update_prob=)``
+makes every update stochastic (``stochastic_update_mask``).
+
 Every stage and synthesizer keeps its own optimizer state. The per-group pieces
 (``group_forward``, ``group_backward``, ``last_group_gradients``, ``synthesizer_gradients``)
 are public so that engines can run groups on separate devices.
@@ -25,8 +31,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sgjax.core.methods import DNI, Backprop, Method
+from sgjax.core.methods import (
+    DECOUPLED_METHODS,
+    DGL,
+    DNI,
+    Backprop,
+    Method,
+    StaleGradient,
+)
 from sgjax.core.optim import apply_optimizer
+from sgjax.core.synthesizers import InputModel
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -45,7 +59,11 @@ class TrainerState(NamedTuple):
 
     stages: tuple[StageState, ...]
     synthesizers: tuple[StageState, ...]
-    """One per decoupled boundary, bottom to top; empty for backprop."""
+    """One per decoupled boundary, bottom to top; empty for backprop. DNI's synthesizers; the
+    stale-gradient average (``collections["stale"]``), DGL's auxiliary heads, or nothing (zero
+    gradient) for the other decoupled methods."""
+    inputs: tuple[StageState, ...] = ()
+    """Complete unlock only: per boundary the synthetic-input model of the group above it."""
 
 
 class StepMetrics(NamedTuple):
@@ -89,6 +107,16 @@ class LastGroupGradients(NamedTuple):
     collections: tuple[Any, ...]
     loss: jax.Array
     output: jax.Array
+
+
+class LocalGradients(NamedTuple):
+    """Greedy local learning: a group's and its auxiliary head's gradients of the head's loss."""
+
+    stages: tuple[Any, ...]
+    head: Any
+    collections: tuple[Any, ...]
+    head_collections: Any
+    loss: jax.Array
 
 
 class SynthesizerGradients(NamedTuple):
@@ -152,8 +180,11 @@ class Trainer:
         self.stages = tuple(stages)
         if not self.stages:
             raise ValueError("a Trainer needs at least one stage")
-        if not isinstance(method, Backprop | DNI):
-            raise TypeError(f"method must be sgjax.backprop() or sgjax.dni(...), got {method!r}")
+        if not isinstance(method, (Backprop, *DECOUPLED_METHODS)):
+            raise TypeError(
+                "method must be sgjax.backprop(), dni(...), bp_lambda(...), zero_gradient(), "
+                f"stale_gradient(...) or dgl(...), got {method!r}"
+            )
         self.method = method
         self.loss = loss
         self.optimizer = optimizer
@@ -165,12 +196,12 @@ class Trainer:
 
     @property
     def decoupled(self) -> bool:
-        return isinstance(self.method, DNI)
+        return not isinstance(self.method, Backprop)
 
     @property
     def boundaries(self) -> tuple[int, ...]:
         """0-based indices of the stages after which the chain is decoupled."""
-        if not isinstance(self.method, DNI):
+        if isinstance(self.method, Backprop):
             return ()
         if self.method.boundaries is None:
             return tuple(range(len(self.stages) - 1))
@@ -191,6 +222,15 @@ class Trainer:
     def _synthesizer(self, shape: tuple[int, ...]) -> nn.Module:
         assert isinstance(self.method, DNI)
         return self.method.synthesizer.build(tuple(shape))
+
+    def _auxiliary(self, shape: tuple[int, ...]) -> nn.Module:
+        assert isinstance(self.method, DGL)
+        return self.method.aux.build(tuple(shape), self.method.num_classes)
+
+    @property
+    def unlocked(self) -> bool:
+        """Whether the method is the complete unlock (DNI with synthetic inputs)."""
+        return isinstance(self.method, DNI) and self.method.synthetic_inputs
 
     def _context(self, labels: jax.Array, dtype: Any) -> jax.Array | None:
         if not (isinstance(self.method, DNI) and self.method.conditioned):
@@ -213,16 +253,34 @@ class Trainer:
             h = module.apply({"params": params, **collections}, h, train=False)
             outputs.append(h)
             stages.append(StageState(params, collections, self.optimizer.init(params)))
-        synthesizers = []
+        synthesizers, inputs = [], []
         if self.boundaries:
             synth_keys = jax.random.split(jax.random.fold_in(key, 1), len(self.boundaries))
-            for b, k in zip(self.boundaries, synth_keys, strict=True):
+            input_keys = jax.random.split(jax.random.fold_in(key, 2), len(self.boundaries))
+            for b, k, k_in in zip(self.boundaries, synth_keys, input_keys, strict=True):
                 h = jnp.zeros_like(outputs[b])
-                context = self._context(jnp.zeros(h.shape[:1], jnp.int32), h.dtype)
-                params, collections = init_module(k, self._synthesizer(h.shape[1:]), h, context)
-                opt_state = self.synthesizer_optimizer.init(params)
-                synthesizers.append(StageState(params, collections, opt_state))
-        return TrainerState(tuple(stages), tuple(synthesizers))
+                synthesizers.append(self._init_boundary(k, h))
+                if self.unlocked:
+                    assert isinstance(self.method, DNI)
+                    model = InputModel(tuple(h.shape[1:]), self.method.input_units)
+                    params = model.init(k_in, sample_x)["params"]
+                    inputs.append(StageState(params, {}, self.optimizer.init(params)))
+        return TrainerState(tuple(stages), tuple(synthesizers), tuple(inputs))
+
+    def _init_boundary(self, key: jax.Array, h: jax.Array) -> StageState:
+        """The state a decoupled boundary keeps: DNI's synthesizer, DGL's auxiliary head, the
+        stale-gradient average, or nothing (zero gradient)."""
+        if isinstance(self.method, DNI):
+            context = self._context(jnp.zeros(h.shape[:1], jnp.int32), h.dtype)
+            params, collections = init_module(key, self._synthesizer(h.shape[1:]), h, context)
+            return StageState(params, collections, self.synthesizer_optimizer.init(params))
+        if isinstance(self.method, DGL):
+            params, collections = init_module(key, self._auxiliary(h.shape[1:]), h)
+            return StageState(params, collections, self.optimizer.init(params))
+        if isinstance(self.method, StaleGradient):
+            shape = (self.method.batch_size, *h.shape[1:])
+            return StageState({}, {"stale": jnp.zeros(shape, h.dtype)}, ())
+        return StageState({}, {}, ())
 
     def apply_group(
         self,
@@ -425,12 +483,78 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def step(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
+        self,
+        state: TrainerState,
+        x: jax.Array,
+        labels: jax.Array,
+        *,
+        key: jax.Array | None = None,
+        update_prob: float | jax.Array | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
-        """One update of every stage (and synthesizer); pure, jittable, vmappable."""
-        if isinstance(self.method, DNI):
-            return self._decoupled_step(state, x, labels)
-        return self._backprop_step(state, x, labels)
+        """One update of every stage (and synthesizer); pure, jittable, vmappable.
+
+        With ``update_prob`` p (a float or a traced scalar; needs ``key``) the update is
+        stochastic (Jaderberg et al. 2016, section 3.1): see ``stochastic_update_mask``. Stages
+        (and boundary modules) that do not update keep their whole state (parameters, BatchNorm
+        statistics, optimizer state). Every update reads the step's starting parameters, so the
+        order in which the chosen stages update does not matter in this synchronous step. The
+        arithmetic is not skipped: the masked updates are computed and discarded.
+        """
+        if isinstance(self.method, Backprop):
+            new, metrics = self._backprop_step(state, x, labels)
+        elif isinstance(self.method, DNI) and self.method.synthetic_inputs:
+            new, metrics = self._unlocked_step(state, x, labels)
+        elif isinstance(self.method, DNI):
+            new, metrics = self._decoupled_step(state, x, labels)
+        elif isinstance(self.method, DGL):
+            new, metrics = self._dgl_step(state, x, labels)
+        else:
+            new, metrics = self._baseline_step(state, x, labels)
+        if update_prob is None:
+            return new, metrics
+        if key is None:
+            raise ValueError("update_prob needs a key for the random updates")
+        mask = self.stochastic_update_mask(key, update_prob)
+        return self.masked_update(state, new, mask), metrics
+
+    def stochastic_update_mask(self, key: jax.Array, update_prob: float | jax.Array) -> jax.Array:
+        """Which stages update this step (bool, one per stage), each with probability p.
+
+        Decoupled methods: every group (its stages, the module at its top boundary and, for the
+        complete unlock, its synthetic-input model) updates with probability p, independently of
+        the others. Backprop: every stage runs its backward pass with probability p and a stage
+        updates only when it and every stage above it ran theirs (stage k of K updates with
+        probability p^(K - k), 0-based: the backward pass stops at the first stage that skips).
+        """
+        if isinstance(self.method, Backprop):
+            coins = jax.random.bernoulli(key, update_prob, (len(self.stages),))
+            return jnp.flip(jnp.cumprod(jnp.flip(coins).astype(jnp.int32))).astype(bool)
+        coins = jax.random.bernoulli(key, update_prob, (len(self.groups),))
+        return jnp.concatenate(
+            [jnp.full((len(g),), coins[j]) for j, g in enumerate(self.groups)]
+        )
+
+    def masked_update(
+        self, old: TrainerState, new: TrainerState, stage_mask: jax.Array
+    ) -> TrainerState:
+        """``new`` where ``stage_mask`` (one bool per stage) is set, else ``old``; a boundary's
+        module follows the group below it, a synthetic-input model the group above it."""
+
+        def pick(flag: jax.Array, a: Any, b: Any) -> Any:
+            return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+        pairs = zip(new.stages, old.stages, strict=True)
+        stages = tuple(pick(stage_mask[k], n, o) for k, (n, o) in enumerate(pairs))
+        tops = [g[-1] for g in self.groups[:-1]]
+        synthesizers = tuple(
+            pick(stage_mask[k], n, o)
+            for k, n, o in zip(tops, new.synthesizers, old.synthesizers, strict=True)
+        )
+        inputs = tuple(
+            pick(stage_mask[k + 1], n, o)
+            for k, n, o in zip(tops[: len(new.inputs)], new.inputs, old.inputs, strict=True)
+        )
+        return TrainerState(stages, synthesizers, inputs)
 
     def backprop_gradients(
         self, state: TrainerState, x: jax.Array, labels: jax.Array
@@ -465,24 +589,35 @@ class Trainer:
         x: jax.Array,
         labels: jax.Array,
         synthetic_override: Sequence[jax.Array] | None = None,
+        group_inputs: Sequence[jax.Array] | None = None,
     ) -> tuple[list[GroupForward], list[GroupGradients], LastGroupGradients, list[jax.Array]]:
         """One synchronous decoupled pass: forwards, group gradients (bottom to top), the last
         group's, and the targets. ``synthetic_override`` replaces every g_k (for the groups'
-        updates and for the bootstrapped targets)."""
+        updates and for the bootstrapped targets). ``group_inputs`` gives the input of every
+        group above the first (the complete unlock's synthetic inputs) instead of the output
+        of the group below. For BP(lambda) the gradient used by group j is lambda times what
+        the group above sends down plus (1 - lambda) times g_j."""
         num_decoupled = len(self.groups) - 1
         forwards = []
         h = x
         for j in range(num_decoupled):
+            if j > 0 and group_inputs is not None:
+                h = jax.lax.stop_gradient(group_inputs[j - 1])
             fwd = self.group_forward(state.stages, state.synthesizers[j], j, h, labels)
             forwards.append(fwd)
             h = fwd.output
+        if num_decoupled and group_inputs is not None:
+            h = jax.lax.stop_gradient(group_inputs[-1])
         last = self.last_group_gradients(state.stages, h, labels)
+        mix = self.method.backprop_weight if isinstance(self.method, DNI) else None
 
         grads: list[GroupGradients] = [None] * num_decoupled  # type: ignore[list-item]
         targets: list[jax.Array] = [None] * num_decoupled  # type: ignore[list-item]
         target = last.input_grad
         for j in reversed(range(num_decoupled)):
             override = None if synthetic_override is None else synthetic_override[j]
+            if mix is not None:
+                override = mix * target + (1.0 - mix) * forwards[j].synthetic_grad
             targets[j] = target
             grads[j] = self.group_backward(forwards[j], target, override)
             target = grads[j].input_grad
@@ -494,6 +629,69 @@ class Trainer:
         assert isinstance(self.method, DNI)
         override = self.boundary_gradients(state, x, labels) if self.method.oracle else None
         forwards, grads, last, _ = self.decoupled_gradients(state, x, labels, override)
+        return self._apply_decoupled(state, forwards, grads, last, labels)
+
+    # ------------------------------------------------------------------ other decoupled methods
+
+    def synthetic_inputs(self, state: TrainerState, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Complete unlock: per boundary the predicted input of the group above it."""
+        return tuple(
+            InputModel(tuple(s.shape[1:]), self.method.input_units).apply(  # type: ignore[union-attr]
+                {"params": m.params}, x
+            )
+            for m, s in zip(state.inputs, self._boundary_shapes(state, x), strict=True)
+        )
+
+    def _boundary_shapes(self, state: TrainerState, x: jax.Array) -> list[jax.ShapeDtypeStruct]:
+        def outputs() -> list[jax.Array]:
+            h, hs = x, []
+            for j in range(len(self.groups) - 1):
+                params, collections = self._group_state(state.stages, j)
+                h, _ = self.apply_group(j, params, collections, h, False)
+                hs.append(h)
+            return hs
+
+        return jax.eval_shape(outputs)
+
+    def _unlocked_step(
+        self,
+        state: TrainerState,
+        x: jax.Array,
+        labels: jax.Array,
+        true_inputs: bool = False,
+    ) -> tuple[TrainerState, StepMetrics]:
+        """Complete unlock: every group above the first trains on its synthetic input (and its
+        synthetic gradient); each synthetic-input model regresses (L2, mean over the batch of
+        the squared error summed over units) onto the output the group below produced this step.
+        ``true_inputs`` feeds the chain's own outputs instead (the step is then DNI's)."""
+        predicted = None if true_inputs else self.synthetic_inputs(state, x)
+        forwards, grads, last, _ = self.decoupled_gradients(
+            state, x, labels, group_inputs=predicted
+        )
+        new_state, metrics = self._apply_decoupled(state, forwards, grads, last, labels)
+        assert isinstance(self.method, DNI)
+        inputs = []
+        for fwd, model_state in zip(forwards, state.inputs, strict=True):
+            model = InputModel(tuple(fwd.output.shape[1:]), self.method.input_units)
+            grads_in = jax.grad(
+                lambda p, out=fwd.output, m=model: sg_regression_loss(
+                    m.apply({"params": p}, x), out
+                )
+            )(model_state.params)
+            params, opt_state = apply_optimizer(
+                self.optimizer, grads_in, model_state.opt_state, model_state.params
+            )
+            inputs.append(StageState(params, {}, opt_state))
+        return new_state._replace(inputs=tuple(inputs)), metrics
+
+    def _apply_decoupled(
+        self,
+        state: TrainerState,
+        forwards: Sequence[GroupForward],
+        grads: Sequence[GroupGradients],
+        last: LastGroupGradients,
+        labels: jax.Array,
+    ) -> tuple[TrainerState, StepMetrics]:
         new: dict[int, StageState] = {}
         synthesizers = []
         for j, (fwd, g) in enumerate(zip(forwards, grads, strict=True)):
@@ -507,4 +705,97 @@ class Trainer:
         sg_loss = jnp.stack([g.sg_loss for g in grads]) if grads else jnp.zeros((0,))
         metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
         stages = tuple(new[k] for k in range(len(self.stages)))
-        return TrainerState(stages, tuple(synthesizers)), metrics
+        return TrainerState(stages, tuple(synthesizers), state.inputs), metrics
+
+    def local_gradients(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[list[LocalGradients], LastGroupGradients]:
+        """Greedy local learning: per decoupled group, the gradients of its auxiliary loss for
+        its stages and its head, new other variables (stages, head) and the loss; the input of
+        every group is a constant. Then the last group's true gradients."""
+        results = []
+        h = x
+        for j in range(len(self.groups) - 1):
+            params, collections = self._group_state(state.stages, j)
+            head_state = state.synthesizers[j]
+            h_in = jax.lax.stop_gradient(h)
+
+            def aux_loss(
+                p: tuple[Any, ...], head: Any, j: int = j, h_in: jax.Array = h_in,
+                collections: tuple = collections, head_state: StageState = head_state,
+            ) -> tuple[jax.Array, tuple[jax.Array, tuple, Any]]:
+                out, new = self.apply_group(j, p, collections, h_in, True)
+                logits, head_new = apply_module(
+                    self._auxiliary(out.shape[1:]), head, head_state.collections, out, train=True
+                )
+                return self.loss(logits, labels), (out, new, head_new)
+
+            (loss, (out, new, head_new)), (g_stages, g_head) = jax.value_and_grad(
+                aux_loss, (0, 1), has_aux=True
+            )(params, head_state.params)
+            results.append(LocalGradients(g_stages, g_head, new, head_new, loss))
+            h = out
+        return results, self.last_group_gradients(state.stages, jax.lax.stop_gradient(h), labels)
+
+    def _dgl_step(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[TrainerState, StepMetrics]:
+        local, last = self.local_gradients(state, x, labels)
+        new: dict[int, StageState] = {}
+        heads = []
+        for j, (g_stages, g_head, collections, head_collections, _) in enumerate(local):
+            new.update(self.update_stages(state.stages, self.groups[j], g_stages, collections))
+            head = state.synthesizers[j]
+            params, opt_state = apply_optimizer(self.optimizer, g_head, head.opt_state, head.params)
+            heads.append(StageState(params, head_collections, opt_state))
+        new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
+        losses = [item[-1] for item in local]
+        sg_loss = jnp.stack(losses) if losses else jnp.zeros((0,))
+        metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
+        stages = tuple(new[k] for k in range(len(self.stages)))
+        return TrainerState(stages, tuple(heads), state.inputs), metrics
+
+    def _baseline_step(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[TrainerState, StepMetrics]:
+        """Zero gradient (decoupled groups get 0) or stale gradient (the moving average of past
+        true boundary gradients per batch position; then the average takes in this step's true
+        gradients). ``sg_loss`` is the mean over the batch of ||g - true||^2
+        for the stale gradient and 0 for the zero gradient."""
+        stale = isinstance(self.method, StaleGradient)
+        true = self.boundary_gradients(state, x, labels) if stale else None
+        new: dict[int, StageState] = {}
+        boundary_states, sg_losses = [], []
+        h = x
+        for j in range(len(self.groups) - 1):
+            params, collections = self._group_state(state.stages, j)
+            out, vjp, new_collections = jax.vjp(
+                lambda p, j=j, h=h, c=collections: self.apply_group(j, p, c, h, True),
+                params,
+                has_aux=True,
+            )
+            if stale:
+                assert isinstance(self.method, StaleGradient) and true is not None
+                g = state.synthesizers[j].collections["stale"]
+                if g.shape != out.shape:
+                    raise ValueError(
+                        f"stale_gradient(batch_size={g.shape[0]}) got a batch of {out.shape[0]}"
+                    )
+                (grads,) = vjp(g)
+                decay = self.method.decay
+                updated = decay * g + (1.0 - decay) * true[j]
+                boundary = state.synthesizers[j]._replace(collections={"stale": updated})
+                boundary_states.append(boundary)
+                sg_losses.append(sg_regression_loss(g, true[j]))
+            else:
+                grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+                boundary_states.append(state.synthesizers[j])
+                sg_losses.append(jnp.zeros((), out.dtype))
+            new.update(self.update_stages(state.stages, self.groups[j], grads, new_collections))
+            h = jax.lax.stop_gradient(out)
+        last = self.last_group_gradients(state.stages, h, labels)
+        new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
+        sg_loss = jnp.stack(sg_losses) if sg_losses else jnp.zeros((0,))
+        metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
+        stages = tuple(new[k] for k in range(len(self.stages)))
+        return TrainerState(stages, tuple(boundary_states), state.inputs), metrics

@@ -1,0 +1,230 @@
+"""Issue 12's methods on a tiny chain: stochastic updates, BP(lambda), the complete unlock,
+greedy local learning and the baselines, each checked against the method it must reduce to."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sgjax.core import synthesizers
+from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
+from sgjax.core.methods import backprop, bp_lambda, dgl, dni, stale_gradient, zero_gradient
+from sgjax.core.optim import adam
+from sgjax.core.trainer import Trainer, apply_module
+
+BATCH, IN, UNITS, CLASSES = 16, 20, 12, 10
+SYNTH = synthesizers.dense(1, 8)
+
+
+def _stages():
+    return [HiddenBlock(UNITS), HiddenBlock(UNITS), OutputLayer(CLASSES)]
+
+
+def _trainer(method, optimizer=None) -> Trainer:
+    return Trainer(_stages(), method, cross_entropy, optimizer or adam(1e-2), accuracy=accuracy)
+
+
+def _batch(seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(kx, (BATCH, IN)), jax.random.randint(ky, (BATCH,), 0, CLASSES)
+
+
+def _nonzero_synthesizers(state, key):
+    """Random synthesizer parameters, so that synthetic and true gradients really differ."""
+    leaves, tree = jax.tree_util.tree_flatten([s.params for s in state.synthesizers])
+    keys = jax.random.split(key, len(leaves))
+    noisy = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    params = jax.tree_util.tree_unflatten(tree, noisy)
+    synths = tuple(s._replace(params=p) for s, p in zip(state.synthesizers, params, strict=True))
+    return state._replace(synthesizers=synths)
+
+
+def _stepper(trainer: Trainer):
+    return jax.jit(lambda s, x, y, k, p: trainer.step(s, x, y, key=k, update_prob=p)), jax.jit(
+        trainer.step
+    )
+
+
+@pytest.fixture(scope="module")
+def setups():
+    """Per method: trainer, a state with non-zero synthesizers, the stochastic and plain steps."""
+    x, _ = _batch()
+    out = {}
+    for name, method in {
+        "bp": backprop(),
+        "dni": dni(SYNTH),
+        "unlock": dni(SYNTH, conditioned=True, synthetic_inputs=True, input_units=8),
+    }.items():
+        trainer = _trainer(method)
+        state = jax.jit(trainer.init)(jax.random.PRNGKey(0), x)
+        if name in ("dni", "unlock"):
+            state = _nonzero_synthesizers(state, jax.random.PRNGKey(5))
+        out[name] = (trainer, state, *_stepper(trainer))
+    return out
+
+
+@pytest.mark.parametrize("name", ["bp", "dni", "unlock"])
+def test_update_prob_one_is_the_plain_step_and_zero_changes_nothing(setups, name):
+    trainer, state, stochastic, plain = setups[name]
+    x, y = _batch(1)
+    key = jax.random.PRNGKey(7)
+    reference, metrics = plain(state, x, y)
+    at_one, metrics_one = stochastic(state, x, y, key, jnp.float32(1.0))
+    chex.assert_trees_all_equal(at_one, reference)
+    chex.assert_trees_all_equal(metrics_one, metrics)
+    at_zero, _ = stochastic(state, x, y, key, jnp.float32(0.0))
+    chex.assert_trees_all_equal(at_zero, state)
+    # the A/B is real: the plain step changes every stage
+    for before, after in zip(state.stages, reference.stages, strict=True):
+        assert not all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True
+            )
+        )
+
+
+@pytest.mark.parametrize("name", ["bp", "dni"])
+def test_realised_update_frequency_matches_p(setups, name):
+    trainer, state, stochastic, _ = setups[name]
+    p, steps = 0.6, 300
+    keys = jax.random.split(jax.random.PRNGKey(11), steps)
+    masks = np.asarray(jax.vmap(lambda k: trainer.stochastic_update_mask(k, p))(keys))
+    frequency = masks.mean(axis=0)
+    depth = len(trainer.stages)
+    expected = (
+        np.array([p ** (depth - k) for k in range(depth)]) if name == "bp" else np.full(depth, p)
+    )
+    sigma = np.sqrt(expected * (1 - expected) / steps)
+    np.testing.assert_array_less(np.abs(frequency - expected), 4 * sigma + 1e-9)
+    if name == "dni":  # independent per stage: not all equal
+        assert len({tuple(m) for m in masks}) > 4
+    # the state follows the mask: a stage changed exactly when its mask was set
+    x, y = _batch(2)
+    for k in keys[:12]:
+        new, _ = stochastic(state, x, y, k, jnp.float32(p))
+        mask = np.asarray(trainer.stochastic_update_mask(k, p))
+        for stage, (before, after) in enumerate(zip(state.stages, new.stages, strict=True)):
+            changed = not np.array_equal(
+                jax.tree.leaves(before.params)[0], jax.tree.leaves(after.params)[0]
+            )
+            assert changed == bool(mask[stage])
+
+
+def test_bp_lambda_one_is_backprop_and_zero_is_dni(setups):
+    _, state, _, dni_plain = setups["dni"]
+    _, bp_state, _, bp_plain = setups["bp"]
+    x, y = _batch(3)
+    dni_step, _ = dni_plain(state, x, y)
+    bp0_step, _ = jax.jit(_trainer(bp_lambda(0.0, SYNTH)).step)(state, x, y)
+    chex.assert_trees_all_equal(bp0_step, dni_step)
+    reference, _ = bp_plain(bp_state, x, y)  # the same stages (same key)
+    chex.assert_trees_all_equal(bp_state.stages, state.stages)
+    bp1_step, _ = jax.jit(_trainer(bp_lambda(1.0, SYNTH)).step)(state, x, y)
+    chex.assert_trees_all_close(bp1_step.stages, reference.stages, rtol=1e-5, atol=1e-6)
+    # the A/B is real: with these synthesizers DNI's first stage moves differently from bp's
+    diff = jax.tree.map(
+        lambda a, b: jnp.max(jnp.abs(a - b)),
+        dni_step.stages[0].params,
+        reference.stages[0].params,
+    )
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_complete_unlock_with_true_inputs_is_the_dni_step(setups):
+    trainer, state, _, plain = setups["unlock"]
+    x, y = _batch(4)
+    cdni = _trainer(dni(SYNTH, conditioned=True))
+    plain_state = state._replace(inputs=())
+    reference, ref_metrics = jax.jit(cdni.step)(plain_state, x, y)
+    with_true, metrics = jax.jit(lambda s, x, y: trainer._unlocked_step(s, x, y, True))(state, x, y)
+    chex.assert_trees_all_equal(with_true.stages, reference.stages)
+    chex.assert_trees_all_equal(with_true.synthesizers, reference.synthesizers)
+    chex.assert_trees_all_equal(metrics, ref_metrics)
+    # with the synthetic inputs the step differs above the first group, and the input models learn
+    unlocked, _ = plain(state, x, y)
+    chex.assert_trees_all_equal(unlocked.stages[0], reference.stages[0])
+    assert not np.allclose(
+        unlocked.stages[1].params["Dense_0"]["kernel"],
+        reference.stages[1].params["Dense_0"]["kernel"],
+    )
+
+    @jax.jit
+    def input_error(current):
+        predicted = trainer.synthetic_inputs(current, x)
+        first = current.stages[0]
+        true = apply_module(trainer.stages[0], first.params, first.collections, x, train=True)[0]
+        return jnp.mean(jnp.square(predicted[0] - true))
+
+    losses = []
+    current = state
+    for _ in range(30):
+        losses.append(float(input_error(current)))
+        current, _ = plain(current, x, y)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_dgl_gradient_is_its_own_auxiliary_loss_alone():
+    x, y = _batch(5)
+    trainer = _trainer(dgl(), optax.sgd(1.0))
+    state = jax.jit(trainer.init)(jax.random.PRNGKey(3), x)
+    new, metrics = jax.jit(trainer.step)(state, x, y)
+    h = x
+    for k in range(len(trainer.stages) - 1):
+        module, stage, head = trainer.stages[k], state.stages[k], state.synthesizers[k]
+
+        def own_loss(p, h=h, module=module, stage=stage, head=head):
+            out = apply_module(module, p, stage.collections, h, train=True)[0]
+            aux = trainer._auxiliary(out.shape[1:])
+            return cross_entropy(apply_module(aux, head.params, {}, out, train=True)[0], y)
+
+        loss, grad = jax.value_and_grad(own_loss)(stage.params)
+        moved = jax.tree.map(lambda a, b: a - b, stage.params, new.stages[k].params)
+        chex.assert_trees_all_close(moved, grad, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(metrics.sg_loss[k], loss, rtol=1e-6)
+        h = apply_module(module, stage.params, stage.collections, h, train=True)[0]
+    # nothing from above: changing the stages above stage 0 leaves stage 0's update unchanged
+    above = state._replace(
+        stages=(
+            state.stages[0],
+            *(
+                s._replace(params=jax.tree.map(lambda a: 2 * a + 1, s.params))
+                for s in state.stages[1:]
+            ),
+        )
+    )
+    other, _ = jax.jit(trainer.step)(above, x, y)
+    chex.assert_trees_all_equal(other.stages[0], new.stages[0])
+
+
+def test_baselines_zero_gradient_freezes_and_stale_gradient_averages():
+    x, y = _batch(6)
+    zero = _trainer(zero_gradient())
+    state = jax.jit(zero.init)(jax.random.PRNGKey(4), x)
+    new, _ = jax.jit(zero.step)(state, x, y)
+    for k in range(2):
+        chex.assert_trees_all_equal(new.stages[k].params, state.stages[k].params)
+    assert not np.array_equal(
+        new.stages[2].params["Dense_0"]["kernel"], state.stages[2].params["Dense_0"]["kernel"]
+    )
+
+    stale = _trainer(stale_gradient(BATCH, 0.5))
+    state = jax.jit(stale.init)(jax.random.PRNGKey(4), x)
+    step = jax.jit(stale.step)
+    first, _ = step(state, x, y)  # the average starts at 0: no update from it yet
+    for k in range(2):
+        chex.assert_trees_all_equal(first.stages[k].params, state.stages[k].params)
+    true = jax.jit(stale.boundary_gradients)(state, x, y)
+    for j in range(2):
+        expected = 0.5 * true[j]
+        chex.assert_trees_all_close(
+            first.synthesizers[j].collections["stale"], expected, rtol=1e-4, atol=1e-8
+        )
+    second, _ = step(first, x, y)
+    assert not np.array_equal(
+        second.stages[0].params["Dense_0"]["kernel"], first.stages[0].params["Dense_0"]["kernel"]
+    )
