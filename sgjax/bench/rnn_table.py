@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sgjax.bench.timing import compiled_flops
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
 from sgjax.recurrent.programs import CopyProgram
@@ -90,15 +91,7 @@ class CellResult:
     ms_per_update: float
     """Wall time of one update of all the vmapped seeds."""
     flops_per_update: float
-    """FLOPs of one update of one seed (initialisation included, which is small)."""
-
-
-def lowered_flops(lowered: jax.stages.Lowered) -> float:
-    """FLOPs XLA's cost analysis gives a lowered program (NaN where it gives none)."""
-    analysis = lowered.cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else None
-    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+    """XLA's FLOPs of one update of one seed (NaN when not counted)."""
 
 
 def cell_config(preset: RNNPreset, task: str, mode: str, truncation: int, **kw: Any) -> RNNConfig:
@@ -115,7 +108,15 @@ def cell_config(preset: RNNPreset, task: str, mode: str, truncation: int, **kw: 
     )
 
 
-def run_cell(config: RNNConfig, seeds: list[int]) -> CellResult:
+def update_flops(config: RNNConfig) -> float:
+    """XLA's FLOPs for one update of one seed after optimisation, the segment unrolled (a
+    scanned loop's body is counted once)."""
+    program = CopyProgram(config, unroll=True)
+    state = jax.eval_shape(lambda: program.init(0))
+    return compiled_flops(jax.jit(program.chunk(1)).lower(state, None).compile())
+
+
+def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> CellResult:
     """Train ``config`` for every seed in one vmapped program; the largest episode solved."""
     program = CopyProgram(config)
 
@@ -131,10 +132,7 @@ def run_cell(config: RNNConfig, seeds: list[int]) -> CellResult:
     begin = time.perf_counter()
     solved = jax.device_get(compiled(seed_array))
     run_s = time.perf_counter() - begin
-    # FLOPs of one update of one seed, from the lowered one-update program (a scanned loop's
-    # cost analysis counts its body once, not once per iteration).
-    one_update = jax.jit(lambda seed: program.chunk(1)(program.init(seed), None)[1])
-    flops = lowered_flops(one_update.lower(seed_array[0]))
+    flops = update_flops(config) if count_flops else float("nan")
     return CellResult(
         config.task,
         config.mode,
@@ -185,8 +183,8 @@ def table_markdown(
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "ms per update (all seeds at once) and GFLOP per update of one seed (XLA's count of the "
-        "program before optimisation; tools/rnn_step_time.py gives the optimised count):",
+        "ms per update (all seeds at once) and GFLOP per update of one seed (XLA's count after "
+        "optimisation, the segment's steps unrolled for counting):",
         "",
     ]
     lines += [

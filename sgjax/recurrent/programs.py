@@ -114,12 +114,13 @@ def level_sizes(task: CopyTask, count: int) -> list[int]:
 
 
 class CopyProgram:
-    """Copy or Repeat Copy under ``config``: ``init(seed)`` and ``chunk(n)`` are pure."""
+    """Copy or Repeat Copy under ``config``: ``init(seed)`` and ``chunk(n)`` are pure.
+    ``unroll``: the segment's ``lax.scan`` unroll (``True`` to count FLOPs per step)."""
 
-    def __init__(self, config: RNNConfig) -> None:
+    def __init__(self, config: RNNConfig, unroll: int | bool = 1) -> None:
         self.config = config
         self.task = config.copy_task
-        self.trainer = make_trainer(config, self.task.output_dim, copy_loss)
+        self.trainer = make_trainer(config, self.task.output_dim, copy_loss, unroll)
         truncation = config.truncation
         self.padded_length = -(-self.task.max_length // truncation) * truncation
         self.levels = level_count(self.task)
