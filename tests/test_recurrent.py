@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from sgjax.core.recurrent import RecurrentTrainer, Segment, recurrent_method
 from sgjax.models.lstm import LSTMCore, zero_carry
@@ -44,43 +43,46 @@ def test_segments_with_true_boundary_gradients_sum_to_full_bptt():
     segments = _episode_segments()
     carry0 = zero_carry(BATCH, UNITS)
     params = trainer.init(jax.random.PRNGKey(1), carry0, segments[0].inputs[0]).params["core"]
+    zero = jax.tree_util.tree_map(jnp.zeros_like, carry0)
 
     @jax.jit
     def gradients(params):
-        def loss_from(carry, first):
-            total = 0.0
-            for segment in segments[first:]:
+        def episode_loss(params, nudges):
+            # Full BPTT over the episode; ``nudges[k]`` is added to the state at boundary k + 1,
+            # so the gradient with respect to it is the true gradient there (per example: the
+            # loss is summed over the batch).
+            carry, total = carry0, 0.0
+            for k, segment in enumerate(segments):
                 (loss, carry), _ = trainer.unroll(params, carry, segment)
                 total = total + loss
+                if k < len(segments) - 1:
+                    carry = jax.tree_util.tree_map(jnp.add, carry, nudges[k])
             return total
 
-        full = jax.grad(lambda p: _sum_loss(trainer, p, carry0, segments))(params)
+        nudges = [zero] * (len(segments) - 1)
+        full, true_ends = jax.grad(episode_loss, argnums=(0, 1))(params, nudges)
+        full = jax.tree_util.tree_map(lambda g: g / BATCH, full)  # the segments' batch mean
         starts = [carry0]
-        for segment in segments:
+        for segment in segments[:-1]:
             (_, end), _ = trainer.unroll(params, starts[-1], segment)
             starts.append(end)
-        zero = jax.tree_util.tree_map(jnp.zeros_like, carry0)
         oracle_sum = bptt_sum = None
-        start_pairs = []
+        start_grads = []
         for k, segment in enumerate(segments):
-            # The true per-example gradient from the rest of the episode (zero after the last).
-            last = k + 1 == len(segments)
-            true_end = zero if last else jax.grad(loss_from)(starts[k + 1], k + 1)
+            true_end = true_ends[k] if k < len(true_ends) else zero
             oracle = trainer.segment_gradients(params, starts[k], segment, true_end)
             truncated = trainer.segment_gradients(params, starts[k], segment, zero)
-            if k > 0:
-                start_pairs.append((oracle.start_grad, jax.grad(loss_from)(starts[k], k)))
+            start_grads.append(oracle.start_grad)
             oracle_sum = oracle.core if oracle_sum is None else _add(oracle_sum, oracle.core)
             bptt_sum = truncated.core if bptt_sum is None else _add(bptt_sum, truncated.core)
-        return full, oracle_sum, bptt_sum, start_pairs
+        return full, oracle_sum, bptt_sum, start_grads[1:], true_ends
 
-    full, oracle_sum, bptt_sum, start_pairs = gradients(params)
+    full, oracle_sum, bptt_sum, start_grads, true_ends = gradients(params)
     for got, want in zip(_leaves(oracle_sum), _leaves(full), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # The start gradient is the true gradient there too: the bootstrapped target is exact.
-    for got, want in start_pairs:
-        for a, b in zip(_leaves(got), _leaves(want), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for got, want in zip(_leaves(start_grads), _leaves(true_ends), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # Truncated BPTT's sum is a different gradient (the control).
     gap = max(
         float(jnp.max(jnp.abs(a - b)))
@@ -89,48 +91,39 @@ def test_segments_with_true_boundary_gradients_sum_to_full_bptt():
     assert gap > 1e-2
 
 
-def _sum_loss(trainer, params, carry, segments):
-    # Full BPTT over the episode, mean over the batch (the segments' convention).
-    total = 0.0
-    for segment in segments:
-        (loss, carry), _ = trainer.unroll(params, carry, segment)
-        total = total + loss
-    return total / BATCH
-
-
 def _add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-@pytest.mark.parametrize("mode", ["dni", "dni_aux"])
-def test_zero_initialised_modules_make_the_first_update_the_bptt_update(mode):
+def test_zero_initialised_modules_make_the_first_update_the_bptt_update():
     segment = _episode_segments()[1]  # mid-episode, with outputs and a boundary after it
     carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
     continues = jnp.ones((BATCH,))
-    states = {}
-    for name in ("bptt", mode):
-        trainer = _trainer(name)
+    firsts, seconds = {}, {}
+    for mode in ("bptt", "dni", "dni_aux"):
+        trainer = _trainer(mode)
         state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
-        states[name] = jax.jit(trainer.step)(state, carry, segment, continues)
-    bptt_core = states["bptt"][0].params["core"]
-    for got, want in zip(_leaves(states[mode][0].params["core"]), _leaves(bptt_core), strict=True):
-        # Equal up to float rounding (DNI's backward pass is batched with M's target's).
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    # The synthesizer did learn from this update (its target is not zero).
-    assert float(states[mode][2].sg_loss) > 0
-    # A second DNI update differs from BPTT's: the synthetic gradient is no longer zero.
-    trainer = _trainer(mode)
-    state, end, _ = states[mode]
-    twice = trainer.step(state, carry, segment, continues)[0]
-    bptt = _trainer("bptt")
-    bptt_twice = bptt.step(states["bptt"][0], carry, segment, continues)[0]
-    gap = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(
-            _leaves(twice.params["core"]), _leaves(bptt_twice.params["core"]), strict=True
+
+        @jax.jit
+        def two_updates(state, trainer=trainer):
+            first, _, metrics = trainer.step(state, carry, segment, continues)
+            second, _, _ = trainer.step(first, carry, segment, continues)
+            return first, second, metrics.sg_loss
+
+        first, second, sg_loss = two_updates(state)
+        firsts[mode], seconds[mode] = first.params["core"], second.params["core"]
+        if mode != "bptt":
+            assert float(sg_loss) > 0  # the synthesizer did learn from this update
+    for mode in ("dni", "dni_aux"):
+        # Equal up to float rounding: the zero synthetic gradient adds nothing.
+        for got, want in zip(_leaves(firsts[mode]), _leaves(firsts["bptt"]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        # A second update differs from BPTT's: the synthetic gradient is no longer zero.
+        gap = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(_leaves(seconds[mode]), _leaves(seconds["bptt"]), strict=True)
         )
-    )
-    assert gap > 0
+        assert gap > 0
 
 
 def test_the_synthesizer_learns_the_true_gradient_of_a_fixed_core():
@@ -183,9 +176,10 @@ def test_sg_trains_core_backpropagates_the_synthesizer_loss_into_the_core():
         (_, start), _ = trainer.unroll(state.params["core"], carry0, segments[0])
         continues = jnp.ones((BATCH,))
         previous = (carry0, segments[0], jnp.ones((BATCH,), bool))
+        step = jax.jit(trainer.step)
         # Two updates: the first makes M non-zero, the second's M loss reaches the core.
         for _ in range(2):
-            state, _, _ = trainer.step(state, start, segments[1], continues, previous)
+            state, _, _ = step(state, start, segments[1], continues, previous)
         results[trains_core] = state.params["core"]
     gap = max(
         float(jnp.max(jnp.abs(a - b)))
