@@ -176,10 +176,9 @@ def test_sg_trains_core_backpropagates_the_synthesizer_loss_into_the_core():
         (_, start), _ = trainer.unroll(state.params["core"], carry0, segments[0])
         continues = jnp.ones((BATCH,))
         previous = (carry0, segments[0], jnp.ones((BATCH,), bool))
-        step = jax.jit(trainer.step)
         # Two updates: the first makes M non-zero, the second's M loss reaches the core.
         for _ in range(2):
-            state, _, _ = step(state, start, segments[1], continues, previous)
+            state, _, _ = trainer.step(state, start, segments[1], continues, previous)
         results[trains_core] = state.params["core"]
     gap = max(
         float(jnp.max(jnp.abs(a - b)))
