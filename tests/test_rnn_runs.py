@@ -46,6 +46,7 @@ def test_a_tiny_copy_run_writes_results_and_metrics(tmp_path):
     assert [int(r["step"]) for r in rows] == [30, 60]
     assert float(rows[-1]["aux_loss"]) > 0 and float(rows[-1]["sg_loss"]) > 0
     assert (tmp_path / "checkpoints").is_dir()
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _text(tmp_path: Path) -> Path:

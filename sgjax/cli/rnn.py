@@ -27,12 +27,14 @@ from sgjax.recurrent.loop import (
     char_lm_scores,
     train_recurrent,
 )
+from sgjax.recurrent.plots import plot_run
 from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT
 from sgjax.training.checkpoint import CheckpointError
 from sgjax.training.config import ConfigError
 from sgjax.training.records import OutputError, device_info, versions, write_json_atomic
 
 _DEFAULTS = RNNConfig()
+RNN_RUN_FILES = ("results.json", "metrics.csv", "curves.png", "checkpoints")
 CONFIG_FLAGS = tuple(f.name for f in dataclasses.fields(RNNConfig) if f.name not in ("output_dir",))
 
 
@@ -322,7 +324,7 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
             text_streams(config, corpus)  # refuse a too-short text before writing anything
         check_memory(config, corpus)
         folder = Path(config.output_dir or f"runs/rnn-{config.task}-{config.mode}")
-        output_dir = claim_output_dir(folder, resume, overwrite)
+        output_dir = claim_output_dir(folder, resume, overwrite, RNN_RUN_FILES)
         checkpointer = RNNCheckpointer(output_dir / "checkpoints")
         start = None
         if resume:
@@ -370,6 +372,8 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
         checkpointer.close()
     results = build_rnn_results(config, corpus, result)
     write_json_atomic(output_dir / "results.json", results)
+    if result.records:
+        plot_run(results, output_dir / "curves.png")
     for line in summary_lines(results):
         print(line, flush=True)
     if not math.isfinite(result.train_time_s):
