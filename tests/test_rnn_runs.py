@@ -17,7 +17,7 @@ import pytest
 from sgjax.cli.rnn import run_rnn
 from sgjax.data.text import load_text_corpus
 from sgjax.recurrent.config import RNNConfig
-from sgjax.recurrent.loop import RNNCheckpointer, train_recurrent
+from sgjax.recurrent.loop import RNNCheckpointer, RNNRecord, char_lm_scores, train_recurrent
 from sgjax.training.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +134,7 @@ def test_a_copy_run_stopped_mid_period_resumes_to_the_uninterrupted_run(tmp_path
     assert first.status == "interrupted" and first.steps_done == 30 and not first.records
     rest = train_recurrent(config, log=log, start=checkpoints.restore(config, None))
     checkpoints.close()
+
     def scores(records):  # everything but the wall-clock times
         return [(r.step, r.train_bits, r.sg_loss, r.level, r.episode_error) for r in records]
 
@@ -142,3 +143,14 @@ def test_a_copy_run_stopped_mid_period_resumes_to_the_uninterrupted_run(tmp_path
     for a, b in zip(jax.tree_util.tree_leaves(rest.state), jax.tree_util.tree_leaves(full.state),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_scores_the_best_validation_record():
+    records = [
+        RNNRecord(step=s, train_bits=1.0, sg_loss=0.0, aux_loss=0.0, valid_bpc=v, test_bpc=t)
+        for s, v, t in [(100, 2.0, 2.1), (200, 1.5, 1.7), (300, 1.6, 1.4), (400, 1.55, 1.3)]
+    ]
+    scores = char_lm_scores(records)
+    # The test score where validation was best, not the best test score.
+    assert (scores.best_valid_bpc, scores.best_step, scores.test_bpc) == (1.5, 200, 1.7)
+    assert scores.validations_since_best == 2
