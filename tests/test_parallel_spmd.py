@@ -1,17 +1,22 @@
 """The SPMD engine (sgjax.parallel.spmd): the dispatch engine's schedules as one program.
 
-Everything runs once, in a subprocess with 4 simulated CPU devices (this file as a script, one
-JSON line), and the tests below check its numbers; tiny sizes keep the compiles short.
+The expensive part runs once, in one test: a subprocess with 4 simulated CPU devices (this file
+as a script, one JSON line) and, at the same time, 2 processes x 2 devices under
+jax.distributed; tiny sizes keep the compiles short.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,21 @@ import numpy as np
 import pytest
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
-SG = dict(mode="cdni", sg_hidden_layers=1, num_steps=12, eval_every=4, learning_rate=1e-2, **TINY)
+# Linear label-conditioned modules; chunks of 20 ticks (the first fills, the last drains), an
+# evaluation and a checkpoint every 40 minibatches: long enough for a process to be killed
+# mid-run, short enough to be cheap.
+SG = dict(
+    mode="cdni",
+    sg_hidden_layers=0,
+    num_steps=120,
+    eval_every=40,
+    chunk_steps=20,
+    learning_rate=1e-2,
+    **TINY,
+)
 BP = dict(mode="bp", num_steps=4, eval_every=2, learning_rate=1e-2, **TINY)
+SG_FLAGS = [f"--{name}={value}" for name, value in SG.items()]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def quiet(_: str) -> None:
@@ -90,7 +108,7 @@ def four_device_results() -> dict[str, Any]:
     spmd.SpmdEngine.compile = counting_compile
 
     # sg: chunks of 4 ticks at most (the first chunk fills, the last drains), one program.
-    sg = TrainConfig(chunk_steps=4, **SG)
+    sg = TrainConfig(**SG)
     common = dict(kind="sg_pipeline", num_devices=4, log=quiet)
     ours = train_layer_parallel(sg, mnist, engine="spmd", **common)
     theirs = train_layer_parallel(sg, mnist, **common)
@@ -100,14 +118,15 @@ def four_device_results() -> dict[str, Any]:
         "difference": differences(ours.state.model, theirs.state.model),
         "train_metrics": [_train_metrics(ours), _train_metrics(theirs)],
         "test_accuracy": [[r.test_accuracy for r in x.records] for x in (ours, theirs)],
+        "records": _records(ours),
         "traces": list(traces),
         "update_counts": sorted(
             {int(c) for opt in counts for _, c in otu.tree_get_all_with_path(opt, "count")}
         ),
     }
 
-    # Stopped after the first period, checkpointed with the minibatches in flight, resumed by
-    # the SPMD engine (from its own checkpoint) and by the dispatch engine (from the same one).
+    # Stopped after the first chunk, checkpointed with the minibatches in flight (under the
+    # dispatch engine's names, so either engine resumes the other's checkpoints), resumed.
     with tempfile.TemporaryDirectory() as folder:
         checkpointer = Checkpointer(Path(folder))
         stopped = train_layer_parallel(
@@ -121,13 +140,11 @@ def four_device_results() -> dict[str, Any]:
         start = checkpointer.restore(sg, jax.eval_shape(lambda: init_train_state(sg)))
         checkpointer.close()
     resumed = train_layer_parallel(sg, mnist, engine="spmd", start=start, **common)
-    crossed = train_layer_parallel(sg, mnist, start=start, **common)
     out["sg"]["resume"] = {
         "stopped_at": stopped.steps_done,
         "inflight": sorted(start.inflight or {}),
         "difference": differences(resumed.state.model, ours.state.model)["every"],
         "records_equal": _records(resumed) == _records(ours),
-        "dispatch_from_spmd": differences(crossed.state.model, theirs.state.model),
     }
 
     # Backprop: model parallelism and GPipe against single-device backprop (accumulated over
@@ -160,8 +177,8 @@ def four_device_results() -> dict[str, Any]:
     return out
 
 
-@pytest.fixture(scope="module")
-def four_devices() -> dict[str, Any]:
+def run_four_devices() -> dict[str, Any]:
+    """``four_device_results`` in a subprocess with 4 simulated devices."""
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
@@ -172,36 +189,202 @@ def four_devices() -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_spmd_sg_pipeline_equals_the_dispatch_pipeline(four_devices):
+def check_sg_equals_dispatch(four_devices: dict[str, Any]) -> None:
+    """The SPMD sg pipeline computes what the dispatch pipeline computes."""
     sg = four_devices["sg"]
     assert sg["placement"] == [0, 1, 2, 3]
-    assert sg["difference"]["rest"] < 1e-5, sg["difference"]
+    # Two compilations of the same arithmetic round differently, and 120 steps at a learning
+    # rate of 1e-2 grow that (measured: 4.2e-5 after 240 steps); a schedule off by one update
+    # differs by more than 1e-3 within 12 steps (tests/test_parallel.py's stale references).
+    assert sg["difference"]["rest"] < 2e-4, sg["difference"]
     ours, theirs = sg["train_metrics"]
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
-    # The pre-BatchNorm biases differ by rounding noise only: the test split barely notices.
-    np.testing.assert_allclose(*sg["test_accuracy"], atol=2e-3)
-    assert sg["update_counts"] == [12]  # every layer and module, once per minibatch
+    # Adam turns the pre-BatchNorm biases' rounding noise into steps of about the learning
+    # rate, and the running means carry them into evaluation (measured: 0.003 at most).
+    np.testing.assert_allclose(*sg["test_accuracy"], atol=6e-3)
+    assert sg["update_counts"] == [120]  # every layer and module, once per minibatch
 
 
-def test_one_program_for_every_chunk(four_devices):
-    """Chunks of 4 ticks, 3 periods, fill and drain: the chunk program is traced once per
+def check_one_program(four_devices: dict[str, Any]) -> None:
+    """Chunks of 20 ticks, 3 periods, fill and drain: the chunk program is traced once per
     engine (the evaluation is a separate program)."""
     assert set(four_devices["traces"]) == {1}, four_devices["traces"]
 
 
-def test_spmd_resumes_exactly_and_shares_checkpoints_with_dispatch(four_devices):
+def check_resume(four_devices: dict[str, Any]) -> None:
+    """Stopped, checkpointed, resumed: bitwise the uninterrupted run."""
     resume = four_devices["sg"]["resume"]
-    assert resume["stopped_at"] == 4
+    assert resume["stopped_at"] == 20  # a stop request is honoured after the first chunk
     assert {name.split("_")[0] for name in resume["inflight"]} == {"fifo", "inbox", "target"}
     assert resume["difference"] == 0.0 and resume["records_equal"], resume
-    assert resume["dispatch_from_spmd"]["rest"] < 1e-5, resume
 
 
-@pytest.mark.parametrize("kind", ["bp_model_parallel", "bp_gpipe"])
-def test_spmd_backprop_equals_single_device_backprop(four_devices, kind):
+def check_backprop(four_devices: dict[str, Any], kind: str) -> None:
+    """SPMD model-parallel and GPipe backprop equal single-device backprop (accumulated)."""
     run = four_devices["bp"][kind]
     assert run["difference"]["rest"] < 1e-5, run["difference"]
     np.testing.assert_allclose(run["losses"], run["reference_losses"], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _is_step(line: str, step: int) -> bool:
+    fields = line.split("|")[0].split()
+    return len(fields) == 2 and fields[0] == "step" and fields[1].startswith(f"{step}/")
+
+
+def run_two_processes(folder: Path) -> dict[str, Any]:
+    """The sg run as 2 processes x 2 devices: process 1 killed after minibatch 40 (the first
+    checkpoint; killed at 60, when checkpoint 40 is surely complete), then resumed with
+    tools/launch_local.sh."""
+    command = [
+        sys.executable,
+        str(REPO / "experiments" / "mnist_mlp.py"),
+        "--distributed",
+        "--distributed_timeout=5",
+        "--parallel=layers",
+        "--engine=spmd",
+        *SG_FLAGS,
+        f"--output_dir={folder}",
+    ]
+    devices = "--xla_force_host_platform_device_count=2"
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            command,
+            env=dict(
+                os.environ,
+                XLA_FLAGS=devices,
+                JAX_PLATFORMS="cpu",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    guard = threading.Timer(300, lambda: [p.kill() for p in processes])  # bounded, whatever
+    guard.start()
+    try:
+        for line in processes[1].stdout:
+            if _is_step(line, 60):  # so process 0 has finished checkpoint 40
+                break
+        processes[1].kill()
+        killed = time.monotonic()
+        _, stderr = processes[0].communicate(timeout=120)
+        stopped_after = time.monotonic() - killed
+        processes[1].communicate(timeout=30)
+    finally:
+        guard.cancel()
+        for process in processes:
+            process.kill()
+    resumed = subprocess.run(
+        [str(REPO / "tools" / "launch_local.sh"), "2", "env", f"XLA_FLAGS={devices}", *command]
+        + ["--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    results = folder / "results.json"
+    return {
+        "killed_code": processes[0].returncode,
+        "stderr": stderr,
+        "stopped_after_s": stopped_after,
+        "resumed": resumed,
+        "results": json.loads(results.read_text()) if results.exists() else None,
+    }
+
+
+def check_two_processes(two_processes: dict[str, Any], four_devices: dict[str, Any]) -> None:
+    """2 processes x 2 devices: a killed process stops the other with one line within the
+    timeout; resumed with tools/launch_local.sh, the run ends with what 4 devices of one
+    process compute, and only process 0 wrote it."""
+    assert two_processes["killed_code"] == 1, two_processes["stderr"][-2000:]
+    lines = [line for line in two_processes["stderr"].splitlines() if line.strip()]
+    assert "Traceback" not in two_processes["stderr"]
+    assert lines[-1].startswith("error: process 0 stops:"), lines[-3:]
+    assert two_processes["stopped_after_s"] < 5 + 30
+    resumed = two_processes["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[1] process 1: completed" in resumed.stdout
+    assert "[0] resuming from step" in resumed.stdout
+    results = two_processes["results"]
+    assert results["status"] == "completed"
+    assert results["config"]["engine"] == "spmd"
+    expected = four_devices["sg"]["records"]
+    assert [r["step"] for r in results["history"]] == [r["step"] for r in expected]
+    for got, want in zip(results["history"], expected, strict=True):
+        for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-7), name
+        np.testing.assert_allclose(got["sg_loss"], want["sg_loss"], rtol=1e-6, atol=1e-9)
+
+
+def test_spmd_engine_on_four_devices_and_across_two_processes(tmp_path):
+    """Everything expensive, once: 4 simulated devices in one process (against the dispatch
+    engine and single-device backprop) and, at the same time, the same sg run as 2 processes x
+    2 devices (killed, resumed). One test, so that pytest-xdist's workers do not both pay."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        four = pool.submit(run_four_devices)
+        two = pool.submit(run_two_processes, tmp_path / "run")
+        four_devices, two_processes = four.result(), two.result()
+    check_sg_equals_dispatch(four_devices)
+    check_one_program(four_devices)
+    check_resume(four_devices)
+    for kind in ("bp_model_parallel", "bp_gpipe"):
+        check_backprop(four_devices, kind)
+    check_two_processes(two_processes, four_devices)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_distributed_placement_errors_are_one_line():
+    from sgjax.cli.distributed import cluster_from
+    from sgjax.training.config import ConfigError
+
+    for args, words in [
+        ((None, None, None, 5), "--coordinator_address"),
+        (("host", 2, 0, 5), "host:port"),
+        (("127.0.0.1:1", 2, 2, 5), "--process_id=2"),
+        (("127.0.0.1:1", 0, 0, 5), "--num_processes=0"),
+        (("127.0.0.1:1", 2, 0, 0), "--distributed_timeout"),
+    ]:
+        with pytest.raises(ConfigError, match=words) as error:
+            cluster_from(*args)
+        assert "\n" not in str(error.value)
+    assert cluster_from("127.0.0.1:1", 2, 1, 5).process_id == 1
+
+
+def test_spmd_needs_one_device_per_stage():
+    from sgjax.parallel.spmd import stage_mesh
+    from sgjax.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--num_devices=2 must be 4"):
+        stage_mesh(4, 2, jax.devices() * 4)
+    with pytest.raises(ConfigError, match="xla_force_host_platform_device_count=4"):
+        stage_mesh(4, 0, jax.devices()[:1])
+
+
+def test_launcher_refuses_bad_arguments():
+    for args in (["2"], ["0", "true"], ["x", "true"], ["2", "no-such-command-here"]):
+        done = subprocess.run(
+            [str(REPO / "tools" / "launch_local.sh"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 if __name__ == "__main__":

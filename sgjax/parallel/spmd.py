@@ -59,6 +59,7 @@ from sgjax.parallel.bp_pipeline import (
     stage_forward,
 )
 from sgjax.parallel.sg_pipeline import (
+    GroupState,
     HiddenTick,
     hidden_tick,
     output_tick,
@@ -305,15 +306,46 @@ class SgProgram:
                 sg_loss = jnp.zeros((), jnp.float32) if out.sg_loss is None else out.sg_loss
                 return self.packing.pack(k, out.group), sent_h, sent_labels, message, sg_loss
 
-            tick = functools.partial(hidden_tick, trainer=trainer, j=k)
-            variants = [
-                lambda: normalised(HiddenTick(group, None, None, None)),
-                lambda: normalised(tick(group, inputs(), None, None)),
-                lambda: normalised(tick(group, None, stored, target)),
-                lambda: normalised(tick(group, inputs(), stored, target)),
-            ]
-            index = has_input.astype(jnp.int32) + 2 * has_target.astype(jnp.int32)
-            new, sent_h, sent_labels, message, sg_loss = lax.switch(index, variants)
+            def work() -> tuple:
+                # The steady tick once (one copy of the stage's code in the program), then
+                # what the fill and drain ticks of the dispatch engine would have kept: the
+                # group update only with an input (the synthesizer then keeps the statistics of
+                # its forward pass), the synthesizer's update only with a target. Exact:
+                # hidden_tick's parts do not read each other's results.
+                out = hidden_tick(group, inputs(), stored, target, trainer=trainer, j=k)
+                synth = out.group.synthesizer
+                collections = jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(has_input, new, old),
+                    synth.collections,
+                    group.synthesizer.collections,
+                )
+                learnt = jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(has_target, new, old),
+                    (synth.params, synth.opt_state),
+                    (group.synthesizer.params, group.synthesizer.opt_state),
+                )
+                stages = jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(has_input, new, old), out.group.stages, group.stages
+                )
+                kept = HiddenTick(
+                    GroupState(
+                        stages,
+                        synth._replace(
+                            params=learnt[0], opt_state=learnt[1], collections=collections
+                        ),
+                    ),
+                    out.sent,
+                    out.message,
+                    jnp.where(has_target, out.sg_loss, 0.0),
+                )
+                return normalised(kept)
+
+            def idle() -> tuple:
+                return normalised(HiddenTick(group, None, None, None))
+
+            new, sent_h, sent_labels, message, sg_loss = lax.cond(
+                has_input | has_target, work, idle
+            )
             zero = jnp.zeros((), jnp.float32)
             metrics = TickMetrics(zero, zero, jnp.zeros((), bool), sg_loss, has_target)
             return new, sent_h, sent_labels, message, has_input, metrics
