@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sgjax.cli.errors import make_flags_parser
+from sgjax.training.config import MODES
 
 LETTERS = st.text(alphabet=string.ascii_letters + "!@#%-_ \n", min_size=1)
 NOT_POSITIVE = st.integers(max_value=0).map(str) | LETTERS
@@ -116,7 +117,9 @@ def shared_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str
 def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[str]]:
     cases, base = shared_cases(tmp)
     cases |= {
-        "mode": LETTERS.filter(lambda v: v not in ("bp", "sg", "cdni")),
+        "mode": LETTERS.filter(lambda v: v not in MODES),
+        "update_prob": st.floats(min_value=1.0, exclude_min=True).map(str)
+        | st.floats(max_value=0.0, exclude_max=True).map(str),
         "chunk_steps": NOT_POSITIVE,
         "parallel": LETTERS.filter(lambda v: v not in ("none", "layers")),
         "num_devices": NEGATIVE,
@@ -130,7 +133,7 @@ def _valid_modes(text: str) -> bool:
     names = [n.strip() for n in text.split(",")]
     return (
         bool(names)
-        and all(n in ("bp", "sg", "cdni") for n in names)
+        and all(n in MODES for n in names)
         and len(set(names)) == len(names)
     )
 

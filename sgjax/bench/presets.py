@@ -136,8 +136,29 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 ),
             ),
         ),
+        "update_prob_sweep": Preset(
+            "Jaderberg et al.'s stochastic updates: bp, DNI and cDNI, each one program of "
+            "--num_seeds runs (default 100) with p uniform in [0, 1] plus p = 0.05, 0.2, 0.5, 1; "
+            "sized for a 2-core CPU: 3x128 FCN, 300 steps of batch 64 at a constant Adam 1e-3, "
+            "DNI modules 2x128, cDNI linear; writes update_prob.md/.json/.png",
+            {
+                "modes": ["bp", "sg", "cdni"],
+                "num_steps": 300,
+                "eval_every": 300,
+                "batch_size": 64,
+                "learning_rate": 1e-3,
+                "lr_boundaries": [],
+                "hidden_layers": 3,
+                "hidden_units": 128,
+                "sg_hidden_layers": None,
+                "sg_hidden_units": 128,
+                "dataset": "mnist",
+                "num_seeds": 100,
+            },
+        ),
     }
 )
+SWEEP_PRESET = "update_prob_sweep"
 
 
 class PaperResult(NamedTuple):

@@ -33,7 +33,7 @@ from sgjax.bench.timing import (
 )
 from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
-from sgjax.training.config import MAX_SEED, MODES, ConfigError, TrainConfig
+from sgjax.training.config import MAX_SEED, MODES, PAPER_MODES, ConfigError, TrainConfig
 from sgjax.training.loop import RunHistory, make_train
 
 RUN_AXIS = "runs"
@@ -46,7 +46,7 @@ class BenchmarkSettings:
     """What to run: the base configuration, modes, seeds, sweeps and the extra timings."""
 
     base: TrainConfig
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = PAPER_MODES
     num_seeds: int = 1
     sweeps: tuple[SweepAxis, ...] = ()
     loop_steps: int = 0

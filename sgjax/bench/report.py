@@ -23,7 +23,15 @@ from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import device_info, versions
 
-MODE_NAMES = {"bp": "backprop", "sg": "DNI", "cdni": "cDNI"}
+MODE_NAMES = {
+    "bp": "backprop",
+    "sg": "DNI",
+    "cdni": "cDNI",
+    "bp_lambda": "BP(lambda)",
+    "dgl": "greedy local",
+    "zero_grad": "zero gradient",
+    "stale_grad": "stale gradient",
+}
 RATE_TOLERANCE = 1.15
 """Achieved rates within this factor of each other count as the same in the summary."""
 
@@ -31,7 +39,7 @@ RATE_TOLERANCE = 1.15
 def module_label(config: TrainConfig) -> str:
     """The synthetic-gradient module of ``config``: '-', 'linear' or 'LxW'; for the CNN
     'conv linear' or 'conv LxF' (L hidden convolutions of F filters)."""
-    if not config.decoupled:
+    if not config.uses_synthesizers:
         return "-"
     layers = config.resolved_sg_hidden_layers
     if config.model == "cnn":
@@ -54,6 +62,14 @@ def network_label(config: TrainConfig, layers: str | None = None) -> str:
 def mode_label(config: TrainConfig) -> str:
     """'bp (backprop)', 'sg (DNI 2x1024)', 'cdni (cDNI linear)'."""
     name = MODE_NAMES[config.mode]
+    if config.mode == "bp_lambda":
+        name = f"BP({config.bp_lambda:g})"
+    elif config.mode == "stale_grad":
+        name += f" decay {config.stale_decay:g}"
+    if config.synthetic_inputs:
+        name += "+unlock"
+    if config.update_prob != 1.0:
+        name += f" p={config.update_prob:g}"
     module = module_label(config)
     return f"{config.mode} ({name})" if module == "-" else f"{config.mode} ({name} {module})"
 

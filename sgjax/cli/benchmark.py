@@ -22,19 +22,26 @@ from sgjax.bench.parallel import (
     table_lines,
 )
 from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
-from sgjax.bench.presets import PRESETS, apply_preset, preset_overrides
+from sgjax.bench.presets import PRESETS, SWEEP_PRESET, apply_preset, preset_overrides
 from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.bench.report import build_json, build_rows, table_markdown
 from sgjax.bench.rnn_table import RNN_PRESETS, run_rnn_table
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
-from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, parse_sweeps
+from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, Override, parse_sweeps
+from sgjax.bench.update_prob import SWEEP_FILES, run_sweep, write_sweep
 from sgjax.cli.distributed import define_distributed_flags, initialize_from_flags
 from sgjax.cli.errors import fail, parse_int_list
-from sgjax.cli.flags import config_from_flags, define_cnn_flags, define_train_flags
+from sgjax.cli.flags import (
+    config_from_flags,
+    define_cnn_flags,
+    define_decoupling_flags,
+    define_train_flags,
+)
 from sgjax.cli.run import StopRequest, agreed, check_fits, claim_output_dir, report_status
+from sgjax.data.device import to_device
 from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.parallel.layers import validate_parallel
-from sgjax.training.config import MODELS, MODES, ConfigError, TrainConfig
+from sgjax.training.config import MODELS, MODES, PAPER_MODES, ConfigError, TrainConfig
 from sgjax.training.records import OutputError, device_info, versions, write_json_atomic
 
 DEFAULT_OUTPUT_DIR = "runs/benchmark"
@@ -54,7 +61,13 @@ def define_flags(fv: flags.FlagValues) -> None:
         f"Named settings; explicit flags override them. {presets}",
         flag_values=fv,
     )
-    flags.DEFINE_list("modes", list(MODES), "Modes to compare (bp, sg, cdni).", flag_values=fv)
+    flags.DEFINE_list(
+        "modes",
+        list(PAPER_MODES),
+        f"Modes to compare ({', '.join(MODES)}).",
+        flag_values=fv,
+    )
+    define_decoupling_flags(fv)
     flags.DEFINE_integer(
         "num_seeds",
         1,
@@ -139,7 +152,13 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
     """
     if fv.preset:
         apply_preset(fv, fv.preset)
-    base = config_from_flags(fv, mode=MODES[0], model=fv.model, output_dir=fv.output_dir)
+    base = config_from_flags(
+        fv, mode=MODES[0], model=fv.model, output_dir=fv.output_dir, synthetic_inputs=False
+    )
+    overrides = preset_overrides(fv, fv.preset) if fv.preset else ()
+    if fv.synthetic_inputs:  # the complete unlock applies to the DNI modes only
+        unlock = (("synthetic_inputs", True),)
+        overrides += tuple(Override((("mode", m),), unlock) for m in ("sg", "cdni"))
     return BenchmarkSettings(
         base=base,
         modes=tuple(fv.modes),
@@ -149,7 +168,7 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
         loop_repeats=fv.loop_repeats,
         compare_separate=fv.compare_separate,
         preset=fv.preset,
-        overrides=preset_overrides(fv, fv.preset) if fv.preset else (),
+        overrides=overrides,
     ).validate()
 
 
@@ -390,10 +409,41 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
     return report_status(status, message, folder, stop.signal, resumable=False)
 
 
+def run_update_prob_preset(fv: flags.FlagValues) -> int:
+    """``--preset=update_prob_sweep``: final test error against the update probability."""
+    try:
+        settings = settings_from_flags(fv)
+        for mode in settings.modes:
+            if mode not in PAPER_MODES:
+                raise ConfigError(
+                    f"--preset={SWEEP_PRESET} sweeps bp, sg and cdni; drop {mode} from --modes"
+                )
+        if fv.update_prob != 1.0 or settings.sweeps:
+            raise ConfigError(f"--preset={SWEEP_PRESET} draws p itself; drop --update_prob/--sweep")
+        datasets = load_datasets(settings)
+        folder = claim_output_dir(Path(fv.output_dir), False, fv.overwrite, SWEEP_FILES)
+    except (ConfigError, DataError, OutputError) as error:
+        fail(str(error))
+    print(f"preset {SWEEP_PRESET}: {PRESETS[SWEEP_PRESET].description}", flush=True)
+    start = time.perf_counter()
+    base = settings.base
+    data = to_device(datasets[base.dataset])
+    results = run_sweep(
+        base, settings.modes, settings.num_seeds, data, lambda line: print(line, flush=True)
+    )
+    paths = write_sweep(results, base, folder)
+    print(paths[0].read_text(), flush=True)
+    print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
+    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
 def main(fv: flags.FlagValues) -> int:
     """Run the benchmark, print table.md and where the files went; returns the exit code."""
     if fv.preset in RNN_PRESETS:
         return run_recurrent_preset(fv)
+    if fv.preset == SWEEP_PRESET:
+        return run_update_prob_preset(fv)
     start = time.perf_counter()
     result, files, signum = run(fv, log=lambda line: print(line, flush=True))
     if files is not None:

@@ -81,6 +81,41 @@ def define_train_flags(fv: flags.FlagValues) -> None:
     )
 
 
+DECOUPLING_FIELDS = ("update_prob", "bp_lambda", "stale_decay", "synthetic_inputs")
+"""Flags of issue 12's methods (``define_decoupling_flags``)."""
+
+
+def define_decoupling_flags(fv: flags.FlagValues) -> None:
+    """Define --update_prob, --bp_lambda, --stale_decay and --synthetic_inputs on ``fv``."""
+    flags.DEFINE_float(
+        "update_prob",
+        _DEFAULTS.update_prob,
+        "Probability that each layer (and its module) updates at a step; for bp a layer updates "
+        "only when every layer above it ran its backward pass (1: every step).",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "bp_lambda",
+        _DEFAULTS.bp_lambda,
+        "--mode=bp_lambda: weight of the backpropagated gradient against the synthetic one "
+        "(1: backprop, 0: DNI).",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "stale_decay",
+        _DEFAULTS.stale_decay,
+        "--mode=stale_grad: decay of the moving average of past true gradients.",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "synthetic_inputs",
+        _DEFAULTS.synthetic_inputs,
+        "With --mode=sg or cdni: the complete unlock, every layer also trains on its input as "
+        "predicted from the image by a one-hidden-layer model (--sg_hidden_units units).",
+        flag_values=fv,
+    )
+
+
 CNN_FIELDS = ("filters", "kernel_size")
 """Flags of the convolutional network (``define_cnn_flags``)."""
 
@@ -105,7 +140,8 @@ def define_cnn_flags(fv: flags.FlagValues) -> None:
 def config_from_flags(fv: flags.FlagValues, **fields: Any) -> TrainConfig:
     """A TrainConfig from the shared flags (and the CNN flags where they are defined);
     ``fields`` sets the rest (mode, model, output_dir, ...)."""
-    names = SHARED_FIELDS + tuple(name for name in CNN_FIELDS if name in fv)
+    optional = CNN_FIELDS + DECOUPLING_FIELDS
+    names = SHARED_FIELDS + tuple(name for name in optional if name in fv)
     values = {name: fv[name].value for name in names}
     values["lr_boundaries"] = parse_int_list("lr_boundaries", values["lr_boundaries"])
-    return TrainConfig(**values, **fields)
+    return TrainConfig(**{**values, **fields})

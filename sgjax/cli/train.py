@@ -14,7 +14,12 @@ from sgjax.cli.distributed import (
     stop_process,
 )
 from sgjax.cli.errors import fail
-from sgjax.cli.flags import config_from_flags, define_cnn_flags, define_train_flags
+from sgjax.cli.flags import (
+    config_from_flags,
+    define_cnn_flags,
+    define_decoupling_flags,
+    define_train_flags,
+)
 from sgjax.cli.run import run_training
 from sgjax.training.config import ENGINES, MODES, PARALLEL, ConfigError, TrainConfig
 
@@ -29,10 +34,12 @@ def define_script_flags(fv: flags.FlagValues, model: str) -> None:
         "mode",
         _DEFAULTS.mode,
         MODES,
-        "bp: backprop; sg: DNI; cdni: label-conditioned DNI.",
+        "bp: backprop; sg: DNI; cdni: label-conditioned DNI; bp_lambda: BP(lambda); dgl: "
+        "greedy local learning; zero_grad, stale_grad: the zero and stale gradient baselines.",
         flag_values=fv,
     )
     define_train_flags(fv)
+    define_decoupling_flags(fv)
     if model == "cnn":
         define_cnn_flags(fv)
         fv["hidden_layers"].help = (

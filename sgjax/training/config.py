@@ -8,7 +8,11 @@ from collections.abc import Sequence
 
 from sgjax.data.sources import IMAGE_SHAPES
 
-MODES = ("bp", "sg", "cdni")
+MODES = ("bp", "sg", "cdni", "bp_lambda", "dgl", "zero_grad", "stale_grad")
+PAPER_MODES = ("bp", "sg", "cdni")
+"""The paper's modes: the benchmark's default --modes."""
+SYNTHESIZER_MODES = ("sg", "cdni", "bp_lambda")
+"""Modes with synthetic-gradient modules (the others' --sg_hidden_* flags are unused)."""
 MODELS = ("mlp", "cnn")
 """mlp: hidden blocks Dense-BN-ReLU; cnn: the paper's convolutional network (sgjax.models.cnn)."""
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -26,7 +30,7 @@ PAPER_LEARNING_RATE = 3e-5
 PAPER_BOUNDARY_FRACTIONS = (0.6, 0.8)
 """The paper divides the learning rate by 10 at 300k and 400k of 500k steps."""
 
-DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0}
+DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0, "bp_lambda": 2}
 """DNI modules have 2 hidden layers of 1024 units; cDNI modules are linear (paper settings)."""
 
 
@@ -74,6 +78,15 @@ class TrainConfig:
     """GPipe microbatches for --parallel=layers with --mode=bp (1: plain model parallelism)."""
     engine: str = "dispatch"
     """--parallel=layers: "dispatch" (a call per stage per tick) or "spmd" (one program)."""
+    update_prob: float = 1.0
+    """Probability that a stage (group) updates at a step (Jaderberg et al.'s stochastic
+    updates; for bp a stage updates only when every stage above ran its backward pass)."""
+    bp_lambda: float = 0.5
+    """--mode=bp_lambda: weight of the backpropagated gradient (1: bp, 0: DNI)."""
+    stale_decay: float = 0.9
+    """--mode=stale_grad: decay of the moving average of past true gradients."""
+    synthetic_inputs: bool = False
+    """sg and cdni: the complete unlock (every layer also trains on a synthetic input)."""
     checkpoint_every: int | None = None
     """Steps between checkpoints: None means at every evaluation, 0 means never."""
     output_dir: str | None = None
@@ -154,6 +167,7 @@ class TrainConfig:
                 f"--learning_rate={self.learning_rate} must be a positive finite number"
             )
         _validate_boundaries(self.resolved_lr_boundaries, self.num_steps, self.lr_boundaries)
+        self._validate_decoupling()
         if self.checkpoint_every is not None and (
             self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every
         ):
@@ -162,6 +176,32 @@ class TrainConfig:
                 f"multiple of --eval_every={self.eval_every}: checkpoints are taken at evaluations"
             )
         return self
+
+    def _validate_decoupling(self) -> None:
+        for name, value, top in (
+            ("update_prob", self.update_prob, 1.0),
+            ("bp_lambda", self.bp_lambda, 1.0),
+        ):
+            if not 0.0 <= value <= top:
+                raise ConfigError(f"--{name}={value} must be between 0 and 1")
+        if not 0.0 <= self.stale_decay < 1.0:
+            raise ConfigError(f"--stale_decay={self.stale_decay} must be in [0, 1)")
+        if self.synthetic_inputs and self.mode not in ("sg", "cdni"):
+            raise ConfigError(
+                f"--synthetic_inputs needs --mode=sg or --mode=cdni, not --mode={self.mode}"
+            )
+        if self.parallel == "layers" and (
+            self.mode not in PAPER_MODES or self.update_prob != 1.0 or self.synthetic_inputs
+        ):
+            raise ConfigError(
+                f"--parallel=layers runs bp, sg and cdni only (no --update_prob, "
+                f"--synthetic_inputs); run --mode={self.mode} with --parallel=none"
+            )
+
+    @property
+    def uses_synthesizers(self) -> bool:
+        """Whether the mode has synthetic-gradient modules (sg, cdni, bp_lambda)."""
+        return self.mode in SYNTHESIZER_MODES
 
     @property
     def resolved_checkpoint_every(self) -> int:
@@ -188,7 +228,7 @@ class TrainConfig:
         units, hidden, inputs = self.hidden_units, self.hidden_layers, self.input_dim
         params = inputs * units + (hidden - 1) * units * units + units * NUM_CLASSES
         widths = [units] * hidden
-        if self.decoupled:
+        if self.uses_synthesizers:
             depth, width = self.resolved_sg_hidden_layers, self.sg_hidden_units
             module_in = units + (NUM_CLASSES if self.conditioned else 0)
             sizes = [module_in] + [width] * depth + [units]
@@ -206,7 +246,7 @@ class TrainConfig:
             maps.append(height * width * filters)
             height, width = -(-height // 2), -(-width // 2)
         params += height * width * filters * NUM_CLASSES
-        if self.decoupled:
+        if self.uses_synthesizers:
             depth, extra = self.resolved_sg_hidden_layers, NUM_CLASSES if self.conditioned else 0
             params += self.hidden_layers * area * ((filters + extra) * filters + depth * filters**2)
             maps += [m // 4 * (depth + 1) for m in maps]

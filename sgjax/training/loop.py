@@ -164,25 +164,47 @@ def schedule_for(config: TrainConfig, learning_rate: float | jax.Array | None = 
     return piecewise_schedule(lr, config.resolved_lr_boundaries)
 
 
-def make_train_step(config: TrainConfig) -> ChunkFn:
+UPDATE_KEY = 0x55504450
+"""Folded into step t's batch key for the stochastic updates' coins (``--update_prob``)."""
+
+
+def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -> ChunkFn:
     """Pure function running one train step: samples step ``state.step``'s batch on the device,
-    updates the model, returns the new state and the step's metrics."""
+    updates the model, returns the new state and the step's metrics.
+
+    ``update_prob`` (traced, e.g. one per vmapped run) makes the updates stochastic; without it
+    ``config.update_prob`` does when it is below 1 (at 1 the step is the plain one, unchanged).
+    The coins of step t come from ``fold_in(fold_in(key, t), UPDATE_KEY)``."""
     trainer = trainer_for(config)
+    if update_prob is None and config.update_prob != 1.0:
+        update_prob = jnp.float32(config.update_prob)
 
     def train_step(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
-        batch = sample_batch(jax.random.fold_in(state.key, state.step), data, config.batch_size)
-        model, metrics = trainer.step(state.model, batch.images, batch.labels)
+        step_key = jax.random.fold_in(state.key, state.step)
+        batch = sample_batch(step_key, data, config.batch_size)
+        if update_prob is None:
+            model, metrics = trainer.step(state.model, batch.images, batch.labels)
+        else:
+            model, metrics = trainer.step(
+                state.model,
+                batch.images,
+                batch.labels,
+                key=jax.random.fold_in(step_key, UPDATE_KEY),
+                update_prob=update_prob,
+            )
         return state._replace(model=model, step=state.step + 1), metrics
 
     return train_step
 
 
-def make_run_chunk(config: TrainConfig, num_steps: int) -> ChunkFn:
+def make_run_chunk(
+    config: TrainConfig, num_steps: int, update_prob: jax.Array | None = None
+) -> ChunkFn:
     """Pure function running ``num_steps`` train steps in one ``lax.scan``.
 
     Returns the new state and the metrics averaged over those steps.
     """
-    train_step = make_train_step(config)
+    train_step = make_train_step(config, update_prob)
 
     def run_chunk(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
         state, metrics = jax.lax.scan(
@@ -215,8 +237,9 @@ class RunHistory(NamedTuple):
 
 def make_train(
     config: TrainConfig,
-) -> Callable[[jax.Array, jax.Array, DeviceData], tuple[TrainState, RunHistory]]:
-    """``train(seed, learning_rate, data)``: the whole run as one pure, jittable function.
+) -> Callable[..., tuple[TrainState, RunHistory]]:
+    """``train(seed, learning_rate, data, update_prob=None)``: the whole run as one pure,
+    jittable function (``update_prob``, traced, overrides ``config.update_prob``).
 
     Evaluation runs inside the program after every chunk, so ``jax.jit(jax.vmap(train, (0, 0,
     None)))`` trains many seeds or learning rates at once. Its numbers equal those of ``train``
@@ -225,8 +248,6 @@ def make_train(
     """
     lengths = chunk_lengths(config.num_steps, config.eval_every)
     full_chunks = lengths.count(config.eval_every)
-    run_full = make_run_chunk(config, config.eval_every)
-    run_rest = make_run_chunk(config, lengths[-1]) if lengths[-1] != config.eval_every else None
 
     def chunk_and_evaluate(
         state: TrainState, data: DeviceData, run_chunk: ChunkFn
@@ -239,8 +260,15 @@ def make_train(
         return state, record
 
     def train_run(
-        seed: jax.Array, learning_rate: jax.Array, data: DeviceData
+        seed: jax.Array,
+        learning_rate: jax.Array,
+        data: DeviceData,
+        update_prob: jax.Array | None = None,
     ) -> tuple[TrainState, RunHistory]:
+        run_full = make_run_chunk(config, config.eval_every, update_prob)
+        run_rest = None
+        if lengths[-1] != config.eval_every:
+            run_rest = make_run_chunk(config, lengths[-1], update_prob)
         state = init_train_state(config, seed, learning_rate)
         state, history = jax.lax.scan(
             lambda s, _: chunk_and_evaluate(s, data, run_full), state, None, length=full_chunks

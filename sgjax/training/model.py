@@ -5,7 +5,15 @@ from __future__ import annotations
 import flax.linen as nn
 
 from sgjax.core.layers import accuracy, cross_entropy
-from sgjax.core.methods import Method, backprop, dni
+from sgjax.core.methods import (
+    Method,
+    backprop,
+    bp_lambda,
+    dgl,
+    dni,
+    stale_gradient,
+    zero_gradient,
+)
 from sgjax.core.optim import adam
 from sgjax.core.synthesizers import SynthesizerFactory, conv, dense
 from sgjax.core.trainer import Trainer
@@ -38,10 +46,26 @@ def synthesizer_for(config: TrainConfig) -> SynthesizerFactory:
 
 
 def method_for(config: TrainConfig) -> Method:
-    """``--mode`` as a method: bp -> backprop(); sg -> dni(); cdni -> dni(conditioned=True)."""
+    """``--mode`` as a method: bp -> backprop(); sg -> dni(); cdni -> dni(conditioned=True);
+    bp_lambda -> bp_lambda(); dgl -> dgl(); zero_grad -> zero_gradient(); stale_grad ->
+    stale_gradient(). The complete unlock's input models have ``--sg_hidden_units`` units."""
     if not config.decoupled:
         return backprop()
-    return dni(synthesizer_for(config), conditioned=config.conditioned, num_classes=NUM_CLASSES)
+    if config.mode == "bp_lambda":
+        return bp_lambda(config.bp_lambda, synthesizer_for(config), num_classes=NUM_CLASSES)
+    if config.mode == "dgl":
+        return dgl(num_classes=NUM_CLASSES)
+    if config.mode == "zero_grad":
+        return zero_gradient()
+    if config.mode == "stale_grad":
+        return stale_gradient(config.batch_size, config.stale_decay)
+    return dni(
+        synthesizer_for(config),
+        conditioned=config.conditioned,
+        num_classes=NUM_CLASSES,
+        synthetic_inputs=config.synthetic_inputs,
+        input_units=config.sg_hidden_units,
+    )
 
 
 def trainer_for(config: TrainConfig) -> Trainer:
