@@ -187,16 +187,27 @@ class TickMetrics(NamedTuple):
 
 
 def _gathered(metrics: TickMetrics) -> TickMetrics:
-    """Per-device scalars made the same on every device: the output layer's by a sum with the
-    others' zeros (exact), the per-stage ones by a gather."""
+    """A chunk's per-device metrics (one per tick) made the same on every device, once per
+    chunk: the output layer's by a sum with the others' zeros (exact), the per-stage ones by a
+    gather to [ticks, stages]."""
     loss, accuracy, loss_valid, sg_loss, sg_valid = metrics
     return TickMetrics(
         lax.psum(loss, STAGE_AXIS),
         lax.psum(accuracy, STAGE_AXIS),
         lax.psum(loss_valid.astype(jnp.int32), STAGE_AXIS) > 0,
-        lax.all_gather(sg_loss, STAGE_AXIS),
-        lax.all_gather(sg_valid, STAGE_AXIS),
+        lax.all_gather(sg_loss, STAGE_AXIS, axis=1),
+        lax.all_gather(sg_valid, STAGE_AXIS, axis=1),
     )
+
+
+def _send_with_labels(
+    h: jax.Array, labels: jax.Array, perm: list[tuple[int, int]]
+) -> tuple[jax.Array, jax.Array]:
+    """``h`` and its labels to the next device in one ``ppermute`` (labels as a bit-cast
+    float32 column: one collective per direction and tick)."""
+    column = lax.bitcast_convert_type(labels, jnp.float32)[:, None]
+    received = lax.ppermute(jnp.concatenate([h, column], axis=1), STAGE_AXIS, perm)
+    return received[:, :-1], lax.bitcast_convert_type(received[:, -1], jnp.int32)
 
 
 def _window(valid: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -409,18 +420,17 @@ class SgProgram:
                 )
                 active = t < stop
                 received = Mail(
-                    lax.ppermute(sent_h, STAGE_AXIS, forward),
-                    lax.ppermute(sent_labels, STAGE_AXIS, forward),
+                    *_send_with_labels(sent_h, sent_labels, forward),
                     lax.ppermute(message, STAGE_AXIS, backward),
                     fifo_h,
                     fifo_labels,
                 )
                 mail = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), received, mail)
-                return (new, mail), _gathered(metrics)
+                return (new, mail), metrics
 
             (buffers, mail), metrics = lax.scan(tick, (buffers, mail), jnp.arange(ticks))
             buffers = {name: b[None] for name, b in buffers.items()}
-            return buffers, Mail(*(m[None] for m in mail)), metrics
+            return buffers, Mail(*(m[None] for m in mail)), _gathered(metrics)
 
         return program
 
@@ -491,8 +501,9 @@ class SgProgram:
 class BpCarry(NamedTuple):
     """One minibatch's work in progress on a device (local arrays)."""
 
-    buffers: Buffers
-    """The stage's state; its BatchNorm statistics advance with each forward."""
+    collections: Buffers
+    """The stage's BatchNorm statistics, advancing with each forward (parameters and optimizer
+    state are read-only until the update, so they stay out of the loop's carry)."""
     grads: Buffers
     """Gradients summed over the microbatches so far."""
     stored: jax.Array
@@ -525,6 +536,7 @@ class BpProgram:
         )
         self.packing = Packing(list(model.stages))
         self.grad_packing = Packing([s.params for s in model.stages])
+        self.collection_packing = Packing([s.collections for s in model.stages])
         size = config.batch_size // microbatches
         h = jax.ShapeDtypeStruct((size, *data.train_images.shape[1:]), jnp.float32)
         self.input_shape = tuple(h.shape)
@@ -554,9 +566,10 @@ class BpProgram:
         shape_out = self.shapes[k]
         back_offset = 2 * (self.num_stages - 1) - k
 
-        def branch(carry: BpCarry, s: jax.Array, images: jax.Array, labels: jax.Array, active):
+        def branch(carry: BpCarry, s: jax.Array, images, labels, active, buffers: Buffers):
             del labels
-            state = self.packing.unpack(k, carry.buffers)
+            state = self.packing.unpack(k, buffers)
+            state = state._replace(collections=self.collection_packing.unpack(k, carry.collections))
             grads = self.grad_packing.unpack(k, carry.grads)
             fm, bm = s - k, s - back_offset
             has_forward = active & (fm >= 0) & (fm < micro)
@@ -599,9 +612,9 @@ class BpProgram:
 
             collections_, stored, sent = lax.cond(has_forward, forward, no_forward)
             new_grads, message = lax.cond(has_backward, backward, no_backward)
-            buffers = self.packing.pack(k, state._replace(collections=collections_))
+            collections_ = self.collection_packing.pack(k, collections_)
             zero = jnp.zeros((), jnp.float32)
-            out = carry._replace(buffers=buffers, grads=new_grads, stored=stored)
+            out = carry._replace(collections=collections_, grads=new_grads, stored=stored)
             return out, sent, message, zero, zero, jnp.zeros((), bool)
 
         return branch
@@ -610,9 +623,10 @@ class BpProgram:
         trainer, micro, k = self.trainer, self.microbatches, self.num_stages - 1
         shape_in = self.shapes[-1]
 
-        def branch(carry: BpCarry, s: jax.Array, images: jax.Array, labels: jax.Array, active):
+        def branch(carry: BpCarry, s: jax.Array, images, labels, active, buffers: Buffers):
             del images
-            state = self.packing.unpack(k, carry.buffers)
+            state = self.packing.unpack(k, buffers)
+            state = state._replace(collections=self.collection_packing.unpack(k, carry.collections))
             grads = self.grad_packing.unpack(k, carry.grads)
             fm = s - k
             has_forward = active & (fm >= 0) & (fm < micro)
@@ -625,10 +639,10 @@ class BpProgram:
                 out = last_microbatch(
                     state.params, state.collections, inputs, grads, trainer=trainer
                 )
-                buffers = self.packing.pack(k, state._replace(collections=out.collections))
+                collections_ = self.collection_packing.pack(k, out.collections)
                 message = pad_rows(out.input_grad, self.width)
                 return (
-                    buffers,
+                    collections_,
                     self.grad_packing.pack(k, out.grads),
                     message,
                     out.loss,
@@ -637,11 +651,11 @@ class BpProgram:
 
             def idle() -> tuple:
                 message = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
-                return carry.buffers, carry.grads, message, zero, zero
+                return carry.collections, carry.grads, message, zero, zero
 
-            buffers, new_grads, message, loss, accuracy = lax.cond(has_forward, train, idle)
+            collections_, new_grads, message, loss, accuracy = lax.cond(has_forward, train, idle)
             sent = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
-            out = carry._replace(buffers=buffers, grads=new_grads)
+            out = carry._replace(collections=collections_, grads=new_grads)
             return out, sent, message, loss, accuracy, has_forward
 
         return branch
@@ -651,9 +665,12 @@ class BpProgram:
             apply_mean_gradients, trainer=self.trainer, k=k, microbatches=self.microbatches
         )
 
-        def branch(buffers: Buffers, grads: Buffers, active: jax.Array) -> Buffers:
+        def branch(
+            buffers: Buffers, collections: Buffers, grads: Buffers, active: jax.Array
+        ) -> Buffers:
             state = self.packing.unpack(k, buffers)
-            new = update(state, self.grad_packing.unpack(k, grads), state.collections)
+            collections = self.collection_packing.unpack(k, collections)
+            new = update(state, self.grad_packing.unpack(k, grads), collections)
             packed = self.packing.pack(k, new)
             return {n: jnp.where(active, packed[n], buffers[n]) for n in buffers}
 
@@ -665,6 +682,10 @@ class BpProgram:
         num, micro, config = self.num_stages, self.microbatches, self.config
         ticks = [*(self._hidden_branch(k) for k in range(num - 1)), self._last_branch()]
         updates = [self._update_branch(k) for k in range(num)]
+        own_collections = [
+            lambda b, k=k: self.collection_packing.pack(k, self.packing.unpack(k, b).collections)
+            for k in range(num)
+        ]
         forward = [(i, i + 1) for i in range(num - 1)]
         backward = [(i + 1, i) for i in range(num - 1)]
         size = config.batch_size // micro
@@ -683,8 +704,9 @@ class BpProgram:
                     n: jnp.zeros((s,), self.grad_packing.dtypes[n])
                     for n, s in self.grad_packing.sizes.items()
                 }
+                collections = lax.switch(me, own_collections, buffers)
                 carry = BpCarry(
-                    buffers,
+                    collections,
                     grads,
                     jnp.zeros((micro, size, self.width), jnp.float32),
                     jnp.zeros((size, self.width), jnp.float32),
@@ -693,7 +715,7 @@ class BpProgram:
 
                 def tick(carry: BpCarry, s: jax.Array):
                     carry, sent, message, loss, accuracy, valid = lax.switch(
-                        me, ticks, carry, s, images, labels, active
+                        me, ticks, carry, s, images, labels, active, buffers
                     )
                     carry = carry._replace(
                         inbox=lax.ppermute(sent, STAGE_AXIS, forward),
@@ -701,15 +723,15 @@ class BpProgram:
                     )
                     zero = jnp.zeros((), jnp.float32)
                     metrics = TickMetrics(loss, accuracy, valid, zero, jnp.zeros((), bool))
-                    return carry, _gathered(metrics)
+                    return carry, metrics
 
                 carry, metrics = lax.scan(tick, carry, jnp.arange(self.ticks))
-                new = lax.switch(me, updates, carry.buffers, carry.grads, active)
+                new = lax.switch(me, updates, buffers, carry.collections, carry.grads, active)
                 return new, metrics
 
             buffers, metrics = lax.scan(minibatch, buffers, jnp.arange(minibatches))
             metrics = jax.tree_util.tree_map(lambda m: m.reshape(-1, *m.shape[2:]), metrics)
-            return {name: b[None] for name, b in buffers.items()}, metrics
+            return {name: b[None] for name, b in buffers.items()}, _gathered(metrics)
 
         return program
 
