@@ -375,6 +375,31 @@ def test_spmd_needs_one_device_per_stage():
         stage_mesh(4, 0, jax.devices()[:1])
 
 
+def test_spmd_flags_refused_in_one_line(tmp_path):
+    """Bad --engine/--distributed input: one line, exit code 2, nothing written."""
+    for extra, words in [
+        (["--engine=spmd"], "--parallel=layers only"),
+        (["--parallel=layers", "--engine=spmd", "--num_devices=2"], "one pipeline stage per"),
+        (["--distributed", "--process_id=3", "--num_processes=2"], "--process_id=3"),
+    ]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "experiments" / "mnist_mlp.py"),
+                *extra,
+                f"--output_dir={tmp_path / 'out'}",
+            ],
+            env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS="127.0.0.1:1"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, (extra, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+        assert words in done.stderr, (words, done.stderr)
+    assert not (tmp_path / "out").exists()
+
+
 def test_launcher_refuses_bad_arguments():
     for args in (["2"], ["0", "true"], ["x", "true"], ["2", "no-such-command-here"]):
         done = subprocess.run(

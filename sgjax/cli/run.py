@@ -110,6 +110,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         config.validate()
         if config.parallel == "layers":
             _check_parallel(config)
+        elif config.engine != "dispatch":
+            raise ConfigError(f"--engine={config.engine} applies to --parallel=layers only")
         dataset = load_dataset(config.dataset, config.data_dir)
         check_fits(config, dataset)
         writer = jax.process_index() == 0  # only process 0 writes (--distributed)
