@@ -325,7 +325,7 @@ class SgProgram:
                 # hidden_tick's parts do not read each other's results.
                 out = hidden_tick(group, inputs(), stored, target, trainer=trainer, j=k)
                 synth = out.group.synthesizer
-                collections = jax.tree_util.tree_map(
+                statistics = jax.tree_util.tree_map(
                     lambda new, old: jnp.where(has_input, new, old),
                     synth.collections,
                     group.synthesizer.collections,
@@ -342,7 +342,7 @@ class SgProgram:
                     GroupState(
                         stages,
                         synth._replace(
-                            params=learnt[0], opt_state=learnt[1], collections=collections
+                            params=learnt[0], opt_state=learnt[1], collections=statistics
                         ),
                     ),
                     out.sent,
@@ -502,8 +502,9 @@ class BpCarry(NamedTuple):
     """One minibatch's work in progress on a device (local arrays)."""
 
     collections: Buffers
-    """The stage's BatchNorm statistics, advancing with each forward (parameters and optimizer
-    state are read-only until the update, so they stay out of the loop's carry)."""
+    """The stage's other variables (BatchNorm statistics), advancing with each forward
+    (parameters and optimizer state are read-only until the update, so they stay out of the
+    loop's carry)."""
     grads: Buffers
     """Gradients summed over the microbatches so far."""
     stored: jax.Array
@@ -666,11 +667,11 @@ class BpProgram:
         )
 
         def branch(
-            buffers: Buffers, collections: Buffers, grads: Buffers, active: jax.Array
+            buffers: Buffers, statistics: Buffers, grads: Buffers, active: jax.Array
         ) -> Buffers:
             state = self.packing.unpack(k, buffers)
-            collections = self.collection_packing.unpack(k, collections)
-            new = update(state, self.grad_packing.unpack(k, grads), collections)
+            statistics = self.collection_packing.unpack(k, statistics)
+            new = update(state, self.grad_packing.unpack(k, grads), statistics)
             packed = self.packing.pack(k, new)
             return {n: jnp.where(active, packed[n], buffers[n]) for n in buffers}
 
@@ -704,9 +705,9 @@ class BpProgram:
                     n: jnp.zeros((s,), self.grad_packing.dtypes[n])
                     for n, s in self.grad_packing.sizes.items()
                 }
-                collections = lax.switch(me, own_collections, buffers)
+                statistics = lax.switch(me, own_collections, buffers)
                 carry = BpCarry(
-                    collections,
+                    statistics,
                     grads,
                     jnp.zeros((micro, size, self.width), jnp.float32),
                     jnp.zeros((size, self.width), jnp.float32),
