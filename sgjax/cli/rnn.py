@@ -25,6 +25,7 @@ from sgjax.recurrent.loop import (
     RNNResume,
     RNNRunResult,
     char_lm_scores,
+    text_streams,
     train_recurrent,
 )
 from sgjax.recurrent.plots import plot_run
@@ -319,8 +320,6 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
                 valid_fraction=config.valid_fraction,
                 test_fraction=config.test_fraction,
             )
-            from sgjax.recurrent.loop import text_streams
-
             text_streams(config, corpus)  # refuse a too-short text before writing anything
         check_memory(config, corpus)
         folder = Path(config.output_dir or f"runs/rnn-{config.task}-{config.mode}")

@@ -95,18 +95,17 @@ class CopyRunState(NamedTuple):
 
 
 def level_count(task: CopyTask) -> int:
-    """How many curriculum levels fit in ``task.max_length``."""
-    level, count = (1, 1), 0
-    while task.steps(*level) <= task.max_length:
+    """How many curriculum levels fit in ``task.max_length`` (plain integers: host only)."""
+    level, count = Level(1, 1), 0
+    while task.steps(level.n, level.r) <= task.max_length:
         count += 1
-        nxt = task.next_level(Level(*map(jnp.asarray, level)))
-        level = (int(nxt.n), int(nxt.r))
+        level = task.next_level(level)
     return count
 
 
 def level_sizes(task: CopyTask, count: int) -> list[int]:
     """The paper's episode sizes of the first ``count`` levels."""
-    level, sizes = task.first_level(), []
+    level, sizes = Level(1, 1), []
     for _ in range(count):
         sizes.append(int(task.episode_size(level)))
         level = task.next_level(level)
