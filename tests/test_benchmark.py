@@ -317,3 +317,20 @@ def test_seed_range_and_number_of_seeds_are_bounded():
         BenchmarkSettings(base=base, num_seeds=2).validate()
     with pytest.raises(ConfigError, match="--num_seeds=1025 must be between 1 and 1024"):
         BenchmarkSettings(base=TrainConfig(), num_seeds=1025).validate()
+
+
+def test_plain_and_unlocked_cdni_are_separate_columns():
+    """--modes=cdni,cdni_unlock: two programs, the second with synthetic inputs, each row and
+    program named by its method (the complete unlock's comparison in one benchmark)."""
+    from sgjax.bench.report import mode_label
+    from sgjax.bench.sweep import benchmark_mode
+
+    base = TrainConfig(num_steps=10, eval_every=10, sg_hidden_layers=0)
+    settings = BenchmarkSettings(base=base, modes=("cdni", "cdni_unlock")).validate()
+    plain, unlocked = (p.config for p in settings.programs())
+    assert (plain.mode, plain.synthetic_inputs) == ("cdni", False)
+    assert (unlocked.mode, unlocked.synthetic_inputs) == ("cdni", True)
+    assert [benchmark_mode(c) for c in (plain, unlocked)] == ["cdni", "cdni_unlock"]
+    assert mode_label(unlocked).startswith("cdni_unlock (cDNI + synthetic inputs")
+    with pytest.raises(ConfigError, match="unknown mode 'bp_unlock'.*cdni_unlock"):
+        BenchmarkSettings(base=base, modes=("bp_unlock",)).validate()

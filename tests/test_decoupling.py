@@ -144,7 +144,8 @@ def test_complete_unlock_with_true_inputs_is_the_dni_step(setups):
     with_true, metrics = jax.jit(lambda s, x, y: trainer._unlocked_step(s, x, y, True))(state, x, y)
     chex.assert_trees_all_equal(with_true.stages, reference.stages)
     chex.assert_trees_all_equal(with_true.synthesizers, reference.synthesizers)
-    chex.assert_trees_all_equal(metrics, ref_metrics)
+    chex.assert_trees_all_equal(metrics._replace(input_loss=()), ref_metrics)
+    assert metrics.input_loss.shape == (len(state.inputs),)  # the input models' losses, reported
     # with the synthetic inputs the step differs above the first group, and the input models learn
     unlocked, _ = plain(state, x, y)
     chex.assert_trees_all_equal(unlocked.stages[0], reference.stages[0])
@@ -159,6 +160,10 @@ def test_complete_unlock_with_true_inputs_is_the_dni_step(setups):
         first = current.stages[0]
         true = apply_module(trainer.stages[0], first.params, first.collections, x, train=True)[0]
         return jnp.mean(jnp.square(predicted[0] - true))
+
+    # the reported loss is the first input model's: squared error summed over units, batch mean
+    width = trainer.synthetic_inputs(state, x)[0].shape[-1]
+    np.testing.assert_allclose(metrics.input_loss[0], input_error(state) * width, rtol=1e-5)
 
     losses = []
     current = state

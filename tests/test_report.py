@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from sgjax.bench.report import learning_rate_schedule
 from sgjax.training.loop import EvalRecord
 from sgjax.training.records import MetricsWriter, OutputError, prepare_output_dir, write_json_atomic
 
@@ -50,6 +51,20 @@ def test_metrics_rows_are_on_disk_as_soon_as_written(tmp_path):
             "elapsed_s": "3.250",
         }
     ]
+
+
+def test_synthetic_input_losses_get_one_column_per_boundary(tmp_path):
+    writer = MetricsWriter(tmp_path / "metrics.csv", num_sg_layers=2, num_input_models=2)
+    record = EvalRecord(10, 3e-5, 1.5, 0.4, 1.2, 0.5, (1e-4, 2e-4), 3.25, input_loss=(0.5, 0.25))
+    writer.write(record)
+    writer.close()
+    (row,) = csv.DictReader((tmp_path / "metrics.csv").open())
+    assert (row["sg_loss_2"], row["input_loss_1"], row["input_loss_2"]) == ("0.0002", "0.5", "0.25")
+
+
+def test_the_benchmark_names_a_constant_learning_rate():
+    assert learning_rate_schedule(()) == "constant"  # not "divided by 10 at ;"
+    assert learning_rate_schedule((600, 800)) == "divided by 10 at 600, 800"
 
 
 def test_output_folder_under_a_file_is_refused(tmp_path):

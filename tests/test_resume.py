@@ -7,6 +7,7 @@ checkpointer and state template as the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -245,3 +246,66 @@ def test_stop_checkpoint_restore_resume_is_bitwise_the_uninterrupted_run(mode: s
     strip = lambda records: [r.__dict__ | {"elapsed_s": 0} for r in records]  # noqa: E731
     assert strip(resumed.records) == strip(whole.records)
     chex.assert_trees_all_equal(resumed.state, whole.state)
+
+
+def test_the_riskiest_decoupling_modes_stop_and_resume_bitwise(tmp_path):
+    """Issue 12's modes keep state beyond the stages: the stale gradient's moving averages, the
+    complete unlock's synthetic-input models, and --update_prob's coins (drawn from the step's
+    key). Stopped mid-period, restored from disk and finished, each run is the uninterrupted one
+    exactly, records (the input models' losses included) and state."""
+    base = TrainConfig(
+        num_steps=20,
+        eval_every=10,
+        chunk_steps=5,
+        batch_size=16,
+        hidden_layers=2,
+        hidden_units=16,
+        sg_hidden_layers=0,
+        sg_hidden_units=16,
+        learning_rate=1e-3,
+        update_prob=0.5,
+    )
+    dataset = load_dataset("mnist", None)
+    quiet = dict(log=lambda _: None)
+    for name, extra in {
+        "stale": dict(mode="stale_grad"),
+        "unlock": dict(mode="cdni", synthetic_inputs=True),
+    }.items():
+        config = dataclasses.replace(base, **extra)
+        whole = train_and_evaluate(config, dataset, **quiet)
+        checkpointer = Checkpointer(tmp_path / name)
+        chunks = iter(range(1000))
+        stopped = train_and_evaluate(
+            config,
+            dataset,
+            save_checkpoint=lambda point, c=checkpointer, cfg=config: c.save(point, cfg),
+            stop_requested=lambda it=chunks: next(it) == 2,  # after step 15: mid-period
+            **quiet,
+        )
+        checkpointer.close()
+        assert stopped.status == "interrupted" and stopped.steps_done == 15
+
+        checkpointer = Checkpointer(tmp_path / name)
+        start = checkpointer.restore(config, jax.eval_shape(lambda c=config: init_train_state(c)))
+        checkpointer.close()
+        model = start.state.model
+        if name == "stale":  # the averages are in the checkpoint, and not still zero
+            assert all(np.abs(s.collections["stale"]).max() > 0 for s in model.synthesizers)
+        else:  # the input models are, and they moved from their initialisation
+            assert len(model.inputs) == 2
+            initial = [m.params for m in init_train_state(config).model.inputs]
+            params = [m.params for m in model.inputs]
+            moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), params, initial)
+            assert all(jax.tree_util.tree_leaves(moved))
+        resumed = train_and_evaluate(config, dataset, start=start, **quiet)
+
+        strip = lambda records: [r.__dict__ | {"elapsed_s": 0} for r in records]  # noqa: E731
+        assert resumed.status == whole.status == "completed"
+        assert strip(resumed.records) == strip(whole.records)
+        chex.assert_trees_all_equal(resumed.state, whole.state)
+        losses = [r.input_loss for r in whole.records]
+        if name == "unlock":  # per boundary, finite, and learning
+            assert all(len(x) == 2 and np.all(np.isfinite(x)) for x in losses)
+            assert all(b < a for a, b in zip(losses[0], losses[1], strict=True)), losses
+        else:
+            assert losses == [(), ()]

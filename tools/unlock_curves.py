@@ -1,8 +1,9 @@
-"""Learning curves of the complete unlock against bp and plain DNI/cDNI from two benchmarks.
+"""Learning curves of the complete unlock against bp and plain DNI/cDNI.
 
-Usage: python tools/unlock_curves.py PLAIN_DIR UNLOCK_DIR OUT.png, where PLAIN_DIR holds a
-benchmark with bp, sg and cdni and UNLOCK_DIR one with sg and cdni run with --synthetic_inputs
-(same other flags). Plots test accuracy (mean over seeds) against steps and prints the values.
+Usage: python tools/unlock_curves.py DIR [DIR ...] OUT.png. Each DIR holds a benchmark; one
+benchmark with ``--modes=bp,sg,cdni,sg_unlock,cdni_unlock`` has every curve, or two (same other
+flags): one with bp, sg and cdni and one run with --synthetic_inputs. Plots test accuracy (mean
+over seeds) against steps and prints the values.
 """
 
 from __future__ import annotations
@@ -16,26 +17,28 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 NAMES = {"bp": "backprop", "sg": "DNI", "cdni": "cDNI"}
+UNLOCKED = " + synthetic inputs"
 
 
-def curves(folder: Path, suffix: str, modes: tuple[str, ...]) -> dict[str, tuple]:
-    """Mode label -> (steps, mean test accuracy over seeds) for ``modes`` in ``folder``."""
+def curves(folder: Path) -> dict[str, tuple]:
+    """Method label -> (steps, mean test accuracy over seeds) for bp, DNI and cDNI, plain or
+    unlocked, in ``folder`` (older benchmarks name an unlocked program by its mode only)."""
     data = json.loads((folder / "benchmark.json").read_text())
     out = {}
     for program in data["programs"]:
-        if program["mode"] in modes:
+        mode = program["mode"].removesuffix("_unlock")
+        if mode in NAMES:
+            unlocked = program["config"].get("synthetic_inputs", False)
             history = program["history"]
             steps = np.asarray(history["step"])[0]
             accuracy = np.asarray(history["test_accuracy"]).mean(axis=0)
-            out[NAMES[program["mode"]] + suffix] = (steps, accuracy)
+            out[NAMES[mode] + UNLOCKED * unlocked] = (steps, accuracy)
     return out
 
 
-def main(plain: str, unlock: str, output: str) -> None:
-    lines = {
-        **curves(Path(plain), "", ("bp", "sg", "cdni")),
-        **curves(Path(unlock), " + synthetic inputs", ("sg", "cdni")),
-    }
+def main(*arguments: str) -> None:
+    *folders, output = arguments
+    lines = {label: curve for folder in folders for label, curve in curves(Path(folder)).items()}
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
     for i, (label, (steps, accuracy)) in enumerate(lines.items()):
@@ -51,4 +54,6 @@ def main(plain: str, unlock: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])

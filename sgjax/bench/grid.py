@@ -16,7 +16,7 @@ import numpy as np
 from sgjax.bench.presets import PRESETS
 from sgjax.bench.programs import BenchmarkResult
 from sgjax.bench.report import Row
-from sgjax.bench.sweep import SweepAxis
+from sgjax.bench.sweep import SweepAxis, benchmark_mode
 from sgjax.data.sources import Dataset
 from sgjax.training.config import (
     DEFAULT_SG_HIDDEN_LAYERS,
@@ -254,7 +254,7 @@ def build_grid(
         tasks.setdefault(entry.task, []).append(entry)
     rows = []
     for (dataset, model), task_entries in tasks.items():
-        by_cell = {(e.depth, e.config.mode): e for e in task_entries}
+        by_cell = {(e.depth, benchmark_mode(e.config)): e for e in task_entries}
         cells = {}
         for depth in depths:
             for mode in modes:

@@ -20,7 +20,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sgjax.bench.sweep import Override, ProgramSpec, SweepAxis, plan_programs
+from sgjax.bench.sweep import (
+    BENCHMARK_MODES,
+    Override,
+    ProgramSpec,
+    SweepAxis,
+    benchmark_mode,
+    plan_programs,
+)
 from sgjax.bench.timing import (
     LoopTiming,
     compiled_memory_bytes,
@@ -33,7 +40,7 @@ from sgjax.bench.timing import (
 )
 from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
-from sgjax.training.config import MAX_SEED, MODES, PAPER_MODES, ConfigError, TrainConfig
+from sgjax.training.config import MAX_SEED, PAPER_MODES, ConfigError, TrainConfig
 from sgjax.training.loop import RunHistory, make_train
 
 RUN_AXIS = "runs"
@@ -66,11 +73,11 @@ class BenchmarkSettings:
     def validate(self) -> BenchmarkSettings:
         """Raise ConfigError (one line) for settings that cannot run."""
         if not self.modes:
-            raise ConfigError(f"--modes is empty; choose from {','.join(MODES)}")
+            raise ConfigError(f"--modes is empty; choose from {','.join(BENCHMARK_MODES)}")
         for mode in self.modes:
-            if mode not in MODES:
+            if mode not in BENCHMARK_MODES:
                 raise ConfigError(
-                    f"unknown mode {mode!r} in --modes; choose from {','.join(MODES)}"
+                    f"unknown mode {mode!r} in --modes; choose from {','.join(BENCHMARK_MODES)}"
                 )
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"--modes={','.join(self.modes)} names a mode twice")
@@ -356,7 +363,7 @@ def compare_loops(
 ) -> LoopComparison:
     """The step of ``config`` in ``lax.scan`` vs. jitted alone and called from Python."""
     return LoopComparison(
-        config.mode,
+        benchmark_mode(config),
         config,
         time_scanned(config, data, steps, repeats),
         time_python_loop(config, data, steps, repeats),
@@ -390,22 +397,23 @@ def run_benchmark(
     loops: list[LoopComparison] = []
     for index, spec in enumerate(settings.programs()):
         config, data = spec.config, device_data[spec.config.dataset]
+        name = benchmark_mode(config)
         if index in done:
             programs.append(done[index])
-            log(f"{config.mode}{_static_label(spec)}: done in an earlier session, not run again")
+            log(f"{name}{_static_label(spec)}: done in an earlier session, not run again")
             continue
         loop = next((t for t in loops if t.config == config), None)
-        if settings.loop_steps and all(t.mode != config.mode for t in loops):
+        if settings.loop_steps and all(t.mode != name for t in loops):
             loop = compare_loops(config, data, settings.loop_steps, settings.loop_repeats)
             loops.append(loop)
             log(
-                f"{config.mode}: lax.scan {loop.scanned.ms_per_step:.2f} ms/step, Python loop "
+                f"{name}: lax.scan {loop.scanned.ms_per_step:.2f} ms/step, Python loop "
                 f"{loop.python_loop.ms_per_step:.2f} ms/step (loop/scan {loop.ratio:.2f}); "
                 f"expect roughly {_estimate_s(spec, loop.scanned):.0f} s for {spec.num_runs} "
                 f"run(s) of {config.num_steps} steps"
             )
         log(
-            f"{config.mode}{_static_label(spec)}: compiling and running {spec.num_runs} run(s) "
+            f"{name}{_static_label(spec)}: compiling and running {spec.num_runs} run(s) "
             f"of {config.num_steps} steps in one program on {mesh.size} device(s)"
         )
         separate = settings.compare_separate and spec.num_runs > 1

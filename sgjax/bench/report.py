@@ -18,7 +18,7 @@ from sgjax.bench.presets import (
     paper_time_ratio,
 )
 from sgjax.bench.programs import BenchmarkResult, ProgramResult
-from sgjax.bench.sweep import SG_FIELDS
+from sgjax.bench.sweep import SG_FIELDS, benchmark_mode
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import device_info, versions
@@ -67,11 +67,12 @@ def mode_label(config: TrainConfig) -> str:
     elif config.mode == "stale_grad":
         name += f" decay {config.stale_decay:g}"
     if config.synthetic_inputs:
-        name += "+unlock"
+        name += " + synthetic inputs"
     if config.update_prob != 1.0:
         name += f" p={config.update_prob:g}"
     module = module_label(config)
-    return f"{config.mode} ({name})" if module == "-" else f"{config.mode} ({name} {module})"
+    mode = benchmark_mode(config)
+    return f"{mode} ({name})" if module == "-" else f"{mode} ({name} {module})"
 
 
 def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
@@ -124,7 +125,7 @@ class Row:
         p = self.program
         return {
             "label": self.label,
-            "mode": self.config.mode,
+            "mode": benchmark_mode(self.config),
             "module": module_label(self.config),
             "sweep": dict(self.sweep),
             "learning_rate": self.config.learning_rate,
@@ -228,6 +229,13 @@ def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def learning_rate_schedule(boundaries: Sequence[int]) -> str:
+    """'divided by 10 at 600, 800', or 'constant' without boundaries (--lr_boundaries=)."""
+    if not boundaries:
+        return "constant"
+    return f"divided by 10 at {', '.join(map(str, boundaries))}"
+
+
 def settings_lines(result: BenchmarkResult) -> list[str]:
     """What was run, in a few lines."""
     s = result.settings
@@ -246,9 +254,8 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
         + (f"; sweeps: {' '.join(a.describe() for a in s.sweeps)}" if s.sweeps else "")
         + (f"; per task: {'; '.join(o.describe() for o in s.overrides)}" if s.overrides else ""),
         f"- network: {networks}; batch {base.batch_size}; {base.num_steps} steps; Adam "
-        f"{base.learning_rate:g} divided by 10 at "
-        f"{', '.join(map(str, base.resolved_lr_boundaries))}; test evaluation every "
-        f"{base.eval_every} steps (inside the program)",
+        f"{base.learning_rate:g} {learning_rate_schedule(base.resolved_lr_boundaries)}; test "
+        f"evaluation every {base.eval_every} steps (inside the program)",
         f"- data: {datasets}",
         f"- device: {_device_name()}, {device['device_count']} "
         f"device(s), {os.cpu_count()} CPU core(s); float32 matmul "
@@ -361,9 +368,9 @@ def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
     lines = []
     by_mode = {}
     for row in rows:
-        by_mode.setdefault(row.config.mode, row)
+        by_mode.setdefault(benchmark_mode(row.config), row)
     bp = by_mode.get("bp")
-    for mode in ("sg", "cdni"):
+    for mode in ("sg", "cdni", "sg_unlock", "cdni_unlock"):
         row = by_mode.get(mode)
         if row is None or row.time_ratio_bp is None or bp is None:
             continue
@@ -503,7 +510,7 @@ def _history_dict(history: RunHistory) -> dict[str, list]:
 def _program_dict(p: ProgramResult) -> dict[str, Any]:
     separate = p.separate
     return {
-        "mode": p.spec.config.mode,
+        "mode": benchmark_mode(p.spec.config),
         "static_sweep": dict(p.spec.static),
         "config": p.spec.config.to_dict(),
         "learning_rates": list(p.spec.learning_rates),

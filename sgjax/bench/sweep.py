@@ -14,7 +14,27 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sgjax.training.config import DATASETS, MODELS, ConfigError, TrainConfig
+from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
+
+UNLOCK_MODES = ("sg_unlock", "cdni_unlock")
+"""Benchmark methods that are a mode with --synthetic_inputs (the complete unlock), so one
+benchmark can show plain and unlocked DNI/cDNI side by side."""
+BENCHMARK_MODES = (*MODES, *UNLOCK_MODES)
+"""What ``--modes`` of the benchmark accepts."""
+
+
+def mode_fields(mode: str) -> dict[str, Any]:
+    """The configuration fields of a benchmark method: 'cdni_unlock' -> cdni with synthetic
+    inputs; any other name is the mode itself."""
+    if mode in UNLOCK_MODES:
+        return {"mode": mode.removesuffix("_unlock"), "synthetic_inputs": True}
+    return {"mode": mode}
+
+
+def benchmark_mode(config: TrainConfig) -> str:
+    """The benchmark method of ``config``: its mode, with '_unlock' for the complete unlock."""
+    return f"{config.mode}_unlock" if config.synthetic_inputs else config.mode
+
 
 TRACED_FIELDS = ("learning_rate",)
 """Swept inside one vmapped program (TrainState carries them as arrays)."""
@@ -201,7 +221,7 @@ def plan_programs(
                 continue
             seen.add((mode, static))
             config = dataclasses.replace(
-                base, mode=mode, learning_rate=learning_rates[0], **dict(static)
+                base, **mode_fields(mode), learning_rate=learning_rates[0], **dict(static)
             )
             config = apply_overrides(config, overrides, keep={a.name for a in axes})
             for lr in learning_rates:

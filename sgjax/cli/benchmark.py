@@ -64,7 +64,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_list(
         "modes",
         list(PAPER_MODES),
-        f"Modes to compare ({', '.join(MODES)}).",
+        f"Modes to compare ({', '.join(MODES)}; sg_unlock and cdni_unlock are sg and cdni "
+        "with --synthetic_inputs, so plain and unlocked runs show side by side).",
         flag_values=fv,
     )
     define_decoupling_flags(fv)

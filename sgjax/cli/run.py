@@ -143,6 +143,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     metrics = MetricsWriter(
         output_dir / "metrics.csv" if writer else Path(os.devnull),
         config.hidden_layers * config.decoupled,
+        config.hidden_layers * (config.decoupled and config.synthetic_inputs),
     )
     try:
         for record in start.records if start else []:

@@ -72,6 +72,9 @@ class StepMetrics(NamedTuple):
     loss: jax.Array
     accuracy: jax.Array
     sg_loss: jax.Array
+    input_loss: Any = ()
+    """Complete unlock: per boundary the synthetic-input model's regression loss (mean over the
+    batch of the squared error summed over units); ``()`` for every other method."""
 
 
 class GroupForward(NamedTuple):
@@ -530,9 +533,7 @@ class Trainer:
             coins = jax.random.bernoulli(key, update_prob, (len(self.stages),))
             return jnp.flip(jnp.cumprod(jnp.flip(coins).astype(jnp.int32))).astype(bool)
         coins = jax.random.bernoulli(key, update_prob, (len(self.groups),))
-        return jnp.concatenate(
-            [jnp.full((len(g),), coins[j]) for j, g in enumerate(self.groups)]
-        )
+        return jnp.concatenate([jnp.full((len(g),), coins[j]) for j, g in enumerate(self.groups)])
 
     def masked_update(
         self, old: TrainerState, new: TrainerState, stage_mask: jax.Array
@@ -670,10 +671,10 @@ class Trainer:
         )
         new_state, metrics = self._apply_decoupled(state, forwards, grads, last, labels)
         assert isinstance(self.method, DNI)
-        inputs = []
+        inputs, input_losses = [], []
         for fwd, model_state in zip(forwards, state.inputs, strict=True):
             model = InputModel(tuple(fwd.output.shape[1:]), self.method.input_units)
-            grads_in = jax.grad(
+            loss_in, grads_in = jax.value_and_grad(
                 lambda p, out=fwd.output, m=model: sg_regression_loss(
                     m.apply({"params": p}, x), out
                 )
@@ -682,6 +683,8 @@ class Trainer:
                 self.optimizer, grads_in, model_state.opt_state, model_state.params
             )
             inputs.append(StageState(params, {}, opt_state))
+            input_losses.append(loss_in)
+        metrics = metrics._replace(input_loss=jnp.stack(input_losses))
         return new_state._replace(inputs=tuple(inputs)), metrics
 
     def _apply_decoupled(
@@ -721,8 +724,12 @@ class Trainer:
             h_in = jax.lax.stop_gradient(h)
 
             def aux_loss(
-                p: tuple[Any, ...], head: Any, j: int = j, h_in: jax.Array = h_in,
-                collections: tuple = collections, head_state: StageState = head_state,
+                p: tuple[Any, ...],
+                head: Any,
+                j: int = j,
+                h_in: jax.Array = h_in,
+                collections: tuple = collections,
+                head_state: StageState = head_state,
             ) -> tuple[jax.Array, tuple[jax.Array, tuple, Any]]:
                 out, new = self.apply_group(j, p, collections, h_in, True)
                 logits, head_new = apply_module(

@@ -149,20 +149,18 @@ class Checkpointer(OrbaxStore):
         step, meta = self.read_meta(step)
         _check_compatible(meta, config, self.directory / str(step))
         restored = self.read_state(step, template)
-        records = [EvalRecord(**(r | {"sg_loss": tuple(r["sg_loss"])})) for r in meta["records"]]
+        records = [EvalRecord(**_tuples(r, "sg_loss", "input_loss")) for r in meta["records"]]
         saved = meta["period"]
-        period = PeriodMetrics(
-            **(
-                saved
-                | {
-                    "sg_loss": tuple(saved["sg_loss"]),
-                    "sg_updates": tuple(saved.get("sg_updates", ())),
-                }
-            )
-        )
+        period = PeriodMetrics(**_tuples(saved, "sg_loss", "sg_updates", "input_loss"))
         inflight = self.read_inflight(step) if meta.get("inflight") else None
         times = (meta["train_time_s"], meta["eval_time_s"])
         return Resume(restored, records, period, *times, inflight)
+
+
+def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:
+    """``saved`` with its lists ``names`` as tuples (absent ones, from older checkpoints, as
+    empty tuples)."""
+    return saved | {name: tuple(saved.get(name, ())) for name in names}
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:

@@ -26,6 +26,9 @@ class ChunkMetrics(NamedTuple):
     """Per decoupled boundary, the sum of its synthesizer's regression losses."""
     sg_updates: tuple[int, ...] | None = None
     """Per boundary, how many synthesizer updates ``sg_loss`` sums (None: one per step)."""
+    input_loss: tuple[float, ...] = ()
+    """Complete unlock: per boundary the sum over the steps of its synthetic-input model's
+    regression loss (empty for every other method)."""
 
 
 class Engine(Protocol):

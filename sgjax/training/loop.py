@@ -54,6 +54,9 @@ class EvalRecord:
     test_accuracy: float
     sg_loss: tuple[float, ...]
     elapsed_s: float
+    input_loss: tuple[float, ...] = ()
+    """Complete unlock: per boundary the synthetic-input model's mean regression loss over the
+    period (metrics.csv's ``input_loss_i``); empty for every other method."""
 
 
 @dataclasses.dataclass
@@ -86,6 +89,8 @@ class PeriodMetrics:
     sg_loss: tuple[float, ...] = ()
     sg_updates: tuple[int, ...] = ()
     """Synthesizer updates that ``sg_loss`` sums, per boundary; empty: one per step."""
+    input_loss: tuple[float, ...] = ()
+    """Complete unlock: per boundary the synthetic-input models' losses (one per step)."""
 
     def add(self, steps: int, metrics: StepMetrics) -> None:
         """Add a chunk's mean metrics, weighted by its number of steps."""
@@ -97,6 +102,9 @@ class PeriodMetrics:
         if self.sg_loss:
             sg = tuple(a + b for a, b in zip(self.sg_loss, sg, strict=True))
         self.sg_loss = sg
+        if chunk.input_loss:
+            before = self.input_loss or (0.0,) * len(chunk.input_loss)
+            self.input_loss = tuple(a + b for a, b in zip(before, chunk.input_loss, strict=True))
         if chunk.sg_updates is not None:
             before = self.sg_updates or (0,) * len(chunk.sg_updates)
             self.sg_updates = tuple(a + b for a, b in zip(before, chunk.sg_updates, strict=True))
@@ -122,6 +130,7 @@ def chunk_sums(steps: int, metrics: StepMetrics) -> ChunkMetrics:
         steps * float(metrics.loss),
         steps * float(metrics.accuracy),
         tuple(steps * float(v) for v in np.asarray(metrics.sg_loss)),
+        input_loss=tuple(steps * float(v) for v in np.asarray(metrics.input_loss)),
     )
 
 
@@ -326,6 +335,8 @@ def progress_line(record: EvalRecord, num_steps: int, steps_per_s: float) -> str
     )
     if record.sg_loss:
         line += " | sg loss " + " ".join(f"{v:.2e}" for v in record.sg_loss)
+    if record.input_loss:
+        line += " | input loss " + " ".join(f"{v:.2e}" for v in record.input_loss)
     return line + f" | {steps_per_s:,.0f} steps/s | ETA {_format_eta(eta)}"
 
 
@@ -448,6 +459,7 @@ def train_and_evaluate(
                     test_accuracy=float(test_acc),
                     sg_loss=period.mean("sg_loss"),
                     elapsed_s=train_time + eval_time,
+                    input_loss=period.mean("input_loss"),
                 )
                 period = PeriodMetrics()
                 records.append(record)
@@ -492,4 +504,7 @@ def _divergence(period: PeriodMetrics, step: int) -> str:
     for layer, (value, n) in enumerate(zip(period.mean("sg_loss"), updated, strict=True), start=1):
         if n and not math.isfinite(value):
             return f"synthetic-gradient loss of layer {layer} became {value} by step {step}"
+    for layer, value in enumerate(period.mean("input_loss"), start=1):
+        if not math.isfinite(value):
+            return f"synthetic-input loss of layer {layer} became {value} by step {step}"
     return ""

@@ -68,8 +68,9 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def metrics_columns(num_sg_layers: int) -> list[str]:
-    """Header of metrics.csv; one synthetic-gradient loss column per hidden block (sg, cdni)."""
+def metrics_columns(num_sg_layers: int, num_input_models: int = 0) -> list[str]:
+    """Header of metrics.csv; one synthetic-gradient loss column per decoupled boundary, and
+    with --synthetic_inputs one synthetic-input loss column per boundary (after elapsed_s)."""
     return [
         "step",
         "learning_rate",
@@ -79,16 +80,17 @@ def metrics_columns(num_sg_layers: int) -> list[str]:
         "test_accuracy",
         *[f"sg_loss_{i}" for i in range(1, num_sg_layers + 1)],
         "elapsed_s",
+        *[f"input_loss_{i}" for i in range(1, num_input_models + 1)],
     ]
 
 
 class MetricsWriter:
     """Appends one metrics.csv row per evaluation and flushes it at once."""
 
-    def __init__(self, path: Path, num_sg_layers: int) -> None:
+    def __init__(self, path: Path, num_sg_layers: int, num_input_models: int = 0) -> None:
         self._handle: IO[str] = open(path, "w", newline="")
         self._writer = csv.writer(self._handle)
-        self._writer.writerow(metrics_columns(num_sg_layers))
+        self._writer.writerow(metrics_columns(num_sg_layers, num_input_models))
         self._handle.flush()
 
     def write(self, record: EvalRecord) -> None:
@@ -102,6 +104,7 @@ class MetricsWriter:
                 f"{record.test_accuracy:.6f}",
                 *[f"{v:.6g}" for v in record.sg_loss],
                 f"{record.elapsed_s:.3f}",
+                *[f"{v:.6g}" for v in record.input_loss],
             ]
         )
         self._handle.flush()
@@ -209,6 +212,7 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
         "train_loss": last.train_loss if last else None,
         "train_accuracy": last.train_accuracy if last else None,
         "sg_loss": list(last.sg_loss) if last else None,
+        "input_loss": list(last.input_loss) if last else None,
         "train_time_s": result.train_time_s,
         "eval_time_s": result.eval_time_s,
         "compile_time_s": result.compile_time_s,
