@@ -23,11 +23,13 @@ the staleness, are the dispatch engines' exactly (see ``sgjax.parallel.sg_pipeli
   instead of keeping VJP residuals across ticks; in training mode BatchNorm's output does not
   read the running averages, so the gradients are the same.
 
-Heterogeneous stages on one axis: each stage's state (parameters, BatchNorm statistics, Adam
-state) is flattened into one buffer per dtype, padded to the largest stage's size (``Packing``),
-so the global state is a few ``[num_stages, size]`` arrays sharded over the axis and a device
-holds only its own stage (memory per device: the largest stage, not the model). Messages are
-padded to the widest boundary the same way.
+Heterogeneous stages on one axis: the global state holds, for every stage, its pytree with a
+leading stage axis, so each device has a slot for every stage's state and reads and writes only
+its own (``on_own_stage``: one ``lax.cond`` per stage, which XLA runs in place). A device's memory
+is therefore the whole model's state, not its stage's; the first version packed each device's
+own stage into one padded buffer per dtype (memory: the largest stage), and XLA copied that
+buffer two or three times per tick, which made the engine 1.3x to 7x slower (BUILD_NOTES.md).
+Messages are padded to the widest boundary.
 
 A program runs a fixed number of ticks (the longest chunk plus the fill/drain ticks) and a
 traced stop tick turns the surplus ticks into no-ops, so a run compiles one program for all its
@@ -38,7 +40,6 @@ gathered only for checkpoints and results.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -72,59 +73,59 @@ from sgjax.training.loop import TrainState
 from sgjax.training.model import trainer_for
 
 STAGE_AXIS = "stages"
-Buffers = dict[str, jax.Array]
-"""Per dtype name, a flat buffer."""
 
 
-# --------------------------------------------------------------------------- packing
+# --------------------------------------------------------------------------- stages' states
 
 
-class Packing:
-    """Pytrees of different structures (one per stage) as flat per-dtype buffers of one length.
+States = tuple
+"""One pytree per pipeline stage (on a device: every stage's slot, its own one live)."""
 
-    ``pack(k, tree)`` concatenates stage ``k``'s leaves of each dtype and pads them with zeros
-    to the longest stage's length; ``unpack(k, buffers)`` slices them back (bitwise).
+
+def on_own_stage(
+    me: jax.Array,
+    branches: Sequence[Callable],
+    states: States,
+    *args: Any,
+    extras: Sequence[Any] | None = None,
+) -> tuple[States, Any]:
+    """Each device runs ``branches[k](states[k], extras[k], *args)`` for its own stage ``k`` and
+    keeps the other stages' states as they are. A branch returns its stage's new state and
+    outputs of the same structure for every stage; the device's own outputs are returned.
+
+    One ``lax.cond`` per stage, each on that stage's state alone, so XLA updates a stage's
+    state in place. (A ``lax.switch`` over the stages' states packed into one padded buffer,
+    the first version, made XLA copy the whole buffer two or three times per tick: measured
+    1.1x to 1.8x slower on 4 CPU devices.) The price is memory: every device holds a slot for
+    every stage's state (only its own is read or written).
     """
+    extras = [None] * len(branches) if extras is None else extras
+    new_states, outputs = [], None
+    for k, branch in enumerate(branches):
 
-    def __init__(self, examples: Sequence[Any]) -> None:
-        self.treedefs = []
-        self.layouts: list[list[tuple[str, int, tuple[int, ...], Any]]] = []
-        sizes: dict[str, int] = collections.defaultdict(int)
-        for tree in examples:
-            leaves, treedef = jax.tree_util.tree_flatten(tree)
-            offsets: dict[str, int] = collections.defaultdict(int)
-            layout = []
-            for leaf in leaves:
-                dtype = jnp.dtype(leaf.dtype)
-                layout.append((dtype.name, offsets[dtype.name], tuple(leaf.shape), dtype))
-                offsets[dtype.name] += math.prod(leaf.shape)
-            for name, size in offsets.items():
-                sizes[name] = max(sizes[name], size)
-            self.treedefs.append(treedef)
-            self.layouts.append(layout)
-        self.sizes = {name: max(sizes[name], 1) for name in sorted(sizes)}
-        self.dtypes = {name: jnp.dtype(name) for name in self.sizes}
+        def skip(state: Any, extra: Any, *rest: Any, branch: Callable = branch) -> tuple:
+            shapes = jax.eval_shape(branch, state, extra, *rest)[1]
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return state, zeros
 
-    def pack(self, k: int, tree: Any, xp: Any = jnp) -> Buffers:
-        """Stage ``k``'s ``tree`` as padded flat buffers (``xp``: jnp, or np on the host)."""
-        parts: dict[str, list] = {name: [] for name in self.sizes}
-        for (name, _, _, _), leaf in zip(
-            self.layouts[k], jax.tree_util.tree_leaves(tree), strict=True
-        ):
-            parts[name].append(xp.ravel(xp.asarray(leaf, self.dtypes[name])))
-        out = {}
-        for name, size in self.sizes.items():
-            flat = xp.concatenate(parts[name]) if parts[name] else xp.zeros(0, self.dtypes[name])
-            out[name] = xp.pad(flat, (0, size - flat.shape[0]))
-        return out
+        state, out = lax.cond(me == k, branch, skip, states[k], extras[k], *args)
+        new_states.append(state)
+        outputs = (
+            out
+            if outputs is None
+            else jax.tree_util.tree_map(lambda a, b, k=k: jnp.where(me == k, a, b), out, outputs)
+        )
+    return tuple(new_states), outputs
 
-    def unpack(self, k: int, buffers: Mapping[str, Any]) -> Any:
-        """Stage ``k``'s tree from its buffers."""
-        leaves = [
-            buffers[name][offset : offset + math.prod(shape)].reshape(shape)
-            for name, offset, shape, _ in self.layouts[k]
-        ]
-        return jax.tree_util.tree_unflatten(self.treedefs[k], leaves)
+
+def local_states(states: States) -> States:
+    """Inside the program: the device's slots (the stage axis dropped)."""
+    return jax.tree_util.tree_map(lambda x: x[0], states)
+
+
+def global_states(states: States) -> States:
+    """Out of the program: the stage axis put back."""
+    return jax.tree_util.tree_map(lambda x: x[None], states)
 
 
 def pad_rows(h: jax.Array, width: int) -> jax.Array:
@@ -230,6 +231,16 @@ class Mail(NamedTuple):
     fifo_labels: jax.Array
 
 
+class Sends(NamedTuple):
+    """What a stage's tick sends on (padded) and reports."""
+
+    h: jax.Array
+    labels: jax.Array
+    message: jax.Array
+    has_input: jax.Array
+    metrics: TickMetrics
+
+
 class SgProgram:
     """The synthetic-gradient pipeline of ``sgjax.parallel.sg_pipeline`` as one SPMD program."""
 
@@ -244,7 +255,6 @@ class SgProgram:
             )
         )
         groups, last = split_groups(trainer, model)
-        self.packing = Packing([*groups, last])
         batch = jax.eval_shape(
             lambda d: sample_batch(jax.random.PRNGKey(0), d, config.batch_size), data
         )
@@ -293,8 +303,7 @@ class SgProgram:
         shape_out = self.shapes[k]
         shape_in = self.input_shape if k == 0 else self.shapes[k - 1]
 
-        def branch(buffers: Buffers, mail: Mail, t: jax.Array, stop: jax.Array, data, key):
-            group = self.packing.unpack(k, buffers)
+        def branch(group: GroupState, _: None, mail: Mail, t: jax.Array, stop, data, key):
             has_input, has_target = self._flags(k, t, stop)
             slot = t % 2
             stored = Activations(unpad_rows(mail.fifo_h[slot], shape_out), mail.fifo_labels[slot])
@@ -315,7 +324,7 @@ class SgProgram:
                 if out.message is not None:
                     message = pad_rows(out.message, self.width)
                 sg_loss = jnp.zeros((), jnp.float32) if out.sg_loss is None else out.sg_loss
-                return self.packing.pack(k, out.group), sent_h, sent_labels, message, sg_loss
+                return out.group, sent_h, sent_labels, message, sg_loss
 
             def work() -> tuple:
                 # The steady tick once (one copy of the stage's code in the program), then
@@ -359,7 +368,7 @@ class SgProgram:
             )
             zero = jnp.zeros((), jnp.float32)
             metrics = TickMetrics(zero, zero, jnp.zeros((), bool), sg_loss, has_target)
-            return new, sent_h, sent_labels, message, has_input, metrics
+            return new, Sends(sent_h, sent_labels, message, has_input, metrics)
 
         return branch
 
@@ -367,9 +376,8 @@ class SgProgram:
         trainer, config, k = self.trainer, self.config, self.num_hidden
         shape_in = self.shapes[-1]
 
-        def branch(buffers: Buffers, mail: Mail, t: jax.Array, stop: jax.Array, data, key):
+        def branch(stages: tuple, _: None, mail: Mail, t: jax.Array, stop, data, key):
             del data, key
-            stages = self.packing.unpack(k, buffers)
             has_input, _ = self._flags(k, t, stop)
             inputs = Activations(unpad_rows(mail.inbox_h, shape_in), mail.inbox_labels)
             zero = jnp.zeros((), jnp.float32)
@@ -377,17 +385,17 @@ class SgProgram:
             def train() -> tuple:
                 out = output_tick(stages, inputs, trainer=trainer)
                 message = pad_rows(out.message, self.width)
-                return self.packing.pack(k, out.stages), message, out.loss, out.accuracy
+                return out.stages, message, out.loss, out.accuracy
 
             def idle() -> tuple:
                 message = jnp.zeros((config.batch_size, self.width), jnp.float32)
-                return buffers, message, zero, zero
+                return stages, message, zero, zero
 
             new, message, loss, accuracy = lax.cond(has_input, train, idle)
             sent_h = jnp.zeros((config.batch_size, self.width), jnp.float32)
             sent_labels = jnp.zeros((config.batch_size,), jnp.int32)
             metrics = TickMetrics(loss, accuracy, has_input, zero, jnp.zeros((), bool))
-            return new, sent_h, sent_labels, message, jnp.zeros((), bool), metrics
+            return new, Sends(sent_h, sent_labels, message, jnp.zeros((), bool), metrics)
 
         return branch
 
@@ -402,17 +410,15 @@ class SgProgram:
         forward = [(i, i + 1) for i in range(num - 1)]
         backward = [(i + 1, i) for i in range(num - 1)]
 
-        def program(buffers: Buffers, mail: Mail, data, key, t0, stop):
-            buffers = {name: b[0] for name, b in buffers.items()}
-            mail = Mail(*(m[0] for m in mail))
+        def program(states: States, mail: Mail, data, key, t0, stop):
+            states, mail = local_states(states), Mail(*(m[0] for m in mail))
             me = lax.axis_index(STAGE_AXIS)
 
             def tick(carry, i):
-                buffers, mail = carry
+                states, mail = carry
                 t = t0 + i
-                new, sent_h, sent_labels, message, has_input, metrics = lax.switch(
-                    me, branches, buffers, mail, t, stop, data, key
-                )
+                new, sends = on_own_stage(me, branches, states, mail, t, stop, data, key)
+                sent_h, sent_labels, message, has_input, metrics = sends
                 slot = t % 2
                 fifo_h = mail.fifo_h.at[slot].set(jnp.where(has_input, sent_h, mail.fifo_h[slot]))
                 fifo_labels = mail.fifo_labels.at[slot].set(
@@ -428,9 +434,8 @@ class SgProgram:
                 mail = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), received, mail)
                 return (new, mail), metrics
 
-            (buffers, mail), metrics = lax.scan(tick, (buffers, mail), jnp.arange(ticks))
-            buffers = {name: b[None] for name, b in buffers.items()}
-            return buffers, Mail(*(m[None] for m in mail)), _gathered(metrics)
+            (states, mail), metrics = lax.scan(tick, (states, mail), jnp.arange(ticks))
+            return global_states(states), Mail(*(m[None] for m in mail)), _gathered(metrics)
 
         return program
 
@@ -501,16 +506,27 @@ class SgProgram:
 class BpCarry(NamedTuple):
     """One minibatch's work in progress on a device (local arrays)."""
 
-    collections: Buffers
-    """The stage's other variables (BatchNorm statistics), advancing with each forward
+    collections: States
+    """Per stage, its other variables (BatchNorm statistics), advancing with each forward
     (parameters and optimizer state are read-only until the update, so they stay out of the
     loop's carry)."""
-    grads: Buffers
-    """Gradients summed over the microbatches so far."""
+    grads: States
+    """Per stage, its gradients summed over the microbatches so far."""
     stored: jax.Array
     """Inputs of the microbatches (padded), for the backward's recomputation: [M, B/M, F]."""
     inbox: jax.Array
     cotangent: jax.Array
+
+
+class BpTick(NamedTuple):
+    """What a stage's tick keeps (its stored inputs), sends on (padded) and reports."""
+
+    stored: jax.Array
+    sent: jax.Array
+    message: jax.Array
+    loss: jax.Array
+    accuracy: jax.Array
+    valid: jax.Array
 
 
 class BpProgram:
@@ -535,9 +551,6 @@ class BpProgram:
                 jax.random.PRNGKey(0), jnp.zeros((1, *data.train_images.shape[1:]))
             )
         )
-        self.packing = Packing(list(model.stages))
-        self.grad_packing = Packing([s.params for s in model.stages])
-        self.collection_packing = Packing([s.collections for s in model.stages])
         size = config.batch_size // microbatches
         h = jax.ShapeDtypeStruct((size, *data.train_images.shape[1:]), jnp.float32)
         self.input_shape = tuple(h.shape)
@@ -561,17 +574,19 @@ class BpProgram:
     def join(self, states: Sequence[Any]) -> TrainerState:
         return TrainerState(tuple(states), ())
 
+    def _zeros(self) -> jax.Array:
+        return jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+
     def _hidden_branch(self, k: int) -> Callable:
         trainer, micro = self.trainer, self.microbatches
         shape_in = self.input_shape if k == 0 else self.shapes[k - 1]
         shape_out = self.shapes[k]
         back_offset = 2 * (self.num_stages - 1) - k
 
-        def branch(carry: BpCarry, s: jax.Array, images, labels, active, buffers: Buffers):
+        def branch(own: tuple, state: StageState, carry: BpCarry, s, images, labels, active):
             del labels
-            state = self.packing.unpack(k, buffers)
-            state = state._replace(collections=self.collection_packing.unpack(k, carry.collections))
-            grads = self.grad_packing.unpack(k, carry.grads)
+            statistics, grads = own
+            state = state._replace(collections=statistics)
             fm, bm = s - k, s - back_offset
             has_forward = active & (fm >= 0) & (fm < micro)
             has_backward = active & (bm >= 0) & (bm < micro)
@@ -595,28 +610,29 @@ class BpProgram:
                 return fwd.collections, stored, pad_rows(fwd.output, self.width)
 
             def no_forward() -> tuple:
-                sent = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
-                return state.collections, carry.stored, sent
+                return state.collections, carry.stored, self._zeros()
 
+            # The conds return this microbatch's gradients, added to the sum outside them:
+            # a sum passed through a cond is copied by XLA at every tick.
             def backward() -> tuple:
                 fwd = forward_fn(state.params, state.collections, input_of(bm))
                 back = stage_backward(
-                    fwd.vjp, unpad_rows(carry.cotangent, shape_out), grads, send=k > 0
+                    fwd.vjp, unpad_rows(carry.cotangent, shape_out), None, send=k > 0
                 )
-                message = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+                message = self._zeros()
                 if back.input_grad is not None:
                     message = pad_rows(back.input_grad, self.width)
-                return self.grad_packing.pack(k, back.grads), message
+                return back.grads, message
 
             def no_backward() -> tuple:
-                return carry.grads, jnp.zeros((self.input_shape[0], self.width), jnp.float32)
+                return jax.tree_util.tree_map(jnp.zeros_like, grads), self._zeros()
 
-            collections_, stored, sent = lax.cond(has_forward, forward, no_forward)
-            new_grads, message = lax.cond(has_backward, backward, no_backward)
-            collections_ = self.collection_packing.pack(k, collections_)
+            statistics, stored, sent = lax.cond(has_forward, forward, no_forward)
+            delta, message = lax.cond(has_backward, backward, no_backward)
+            new_grads = jax.tree_util.tree_map(jnp.add, grads, delta)
             zero = jnp.zeros((), jnp.float32)
-            out = carry._replace(collections=collections_, grads=new_grads, stored=stored)
-            return out, sent, message, zero, zero, jnp.zeros((), bool)
+            out = BpTick(stored, sent, message, zero, zero, jnp.zeros((), bool))
+            return (statistics, new_grads), out
 
         return branch
 
@@ -624,11 +640,9 @@ class BpProgram:
         trainer, micro, k = self.trainer, self.microbatches, self.num_stages - 1
         shape_in = self.shapes[-1]
 
-        def branch(carry: BpCarry, s: jax.Array, images, labels, active, buffers: Buffers):
+        def branch(own: tuple, state: StageState, carry: BpCarry, s, images, labels, active):
             del images
-            state = self.packing.unpack(k, buffers)
-            state = state._replace(collections=self.collection_packing.unpack(k, carry.collections))
-            grads = self.grad_packing.unpack(k, carry.grads)
+            statistics, grads = own
             fm = s - k
             has_forward = active & (fm >= 0) & (fm < micro)
             zero = jnp.zeros((), jnp.float32)
@@ -637,27 +651,18 @@ class BpProgram:
                 inputs = Activations(
                     unpad_rows(carry.inbox, shape_in), labels[jnp.clip(fm, 0, micro - 1)]
                 )
-                out = last_microbatch(
-                    state.params, state.collections, inputs, grads, trainer=trainer
-                )
-                collections_ = self.collection_packing.pack(k, out.collections)
+                out = last_microbatch(state.params, statistics, inputs, None, trainer=trainer)
                 message = pad_rows(out.input_grad, self.width)
-                return (
-                    collections_,
-                    self.grad_packing.pack(k, out.grads),
-                    message,
-                    out.loss,
-                    out.accuracy,
-                )
+                return out.collections, out.grads, message, out.loss, out.accuracy
 
             def idle() -> tuple:
-                message = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
-                return carry.collections, carry.grads, message, zero, zero
+                zeros = jax.tree_util.tree_map(jnp.zeros_like, grads)
+                return statistics, zeros, self._zeros(), zero, zero
 
-            collections_, new_grads, message, loss, accuracy = lax.cond(has_forward, train, idle)
-            sent = jnp.zeros((self.input_shape[0], self.width), jnp.float32)
-            out = carry._replace(collections=collections_, grads=new_grads)
-            return out, sent, message, loss, accuracy, has_forward
+            statistics, delta, message, loss, accuracy = lax.cond(has_forward, train, idle)
+            new_grads = jax.tree_util.tree_map(jnp.add, grads, delta)
+            out = BpTick(carry.stored, self._zeros(), message, loss, accuracy, has_forward)
+            return (statistics, new_grads), out
 
         return branch
 
@@ -666,14 +671,11 @@ class BpProgram:
             apply_mean_gradients, trainer=self.trainer, k=k, microbatches=self.microbatches
         )
 
-        def branch(
-            buffers: Buffers, statistics: Buffers, grads: Buffers, active: jax.Array
-        ) -> Buffers:
-            state = self.packing.unpack(k, buffers)
-            statistics = self.collection_packing.unpack(k, statistics)
-            new = update(state, self.grad_packing.unpack(k, grads), statistics)
-            packed = self.packing.pack(k, new)
-            return {n: jnp.where(active, packed[n], buffers[n]) for n in buffers}
+        def branch(state: StageState, accumulated: tuple, active: jax.Array) -> tuple:
+            statistics, grads = accumulated
+            new = update(state, grads, statistics)
+            kept = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, state)
+            return kept, ()
 
         return branch
 
@@ -683,56 +685,54 @@ class BpProgram:
         num, micro, config = self.num_stages, self.microbatches, self.config
         ticks = [*(self._hidden_branch(k) for k in range(num - 1)), self._last_branch()]
         updates = [self._update_branch(k) for k in range(num)]
-        own_collections = [
-            lambda b, k=k: self.collection_packing.pack(k, self.packing.unpack(k, b).collections)
-            for k in range(num)
-        ]
         forward = [(i, i + 1) for i in range(num - 1)]
         backward = [(i + 1, i) for i in range(num - 1)]
         size = config.batch_size // micro
 
-        def program(buffers: Buffers, data, key, t0, stop):
-            buffers = {name: b[0] for name, b in buffers.items()}
+        def program(states: States, data, key, t0, stop):
+            states = local_states(states)
             me = lax.axis_index(STAGE_AXIS)
 
-            def minibatch(buffers: Buffers, i: jax.Array):
+            def minibatch(states: States, i: jax.Array):
                 b = t0 + i
                 active = b < stop
                 batch = sample_batch(jax.random.fold_in(key, b), data, config.batch_size)
                 images = batch.images.reshape(micro, size, *batch.images.shape[1:])
                 labels = batch.labels.reshape(micro, size)
-                grads = {
-                    n: jnp.zeros((s,), self.grad_packing.dtypes[n])
-                    for n, s in self.grad_packing.sizes.items()
-                }
-                statistics = lax.switch(me, own_collections, buffers)
                 carry = BpCarry(
-                    statistics,
-                    grads,
+                    tuple(s.collections for s in states),
+                    tuple(jax.tree_util.tree_map(jnp.zeros_like, s.params) for s in states),
                     jnp.zeros((micro, size, self.width), jnp.float32),
-                    jnp.zeros((size, self.width), jnp.float32),
-                    jnp.zeros((size, self.width), jnp.float32),
+                    self._zeros(),
+                    self._zeros(),
                 )
 
                 def tick(carry: BpCarry, s: jax.Array):
-                    carry, sent, message, loss, accuracy, valid = lax.switch(
-                        me, ticks, carry, s, images, labels, active, buffers
+                    own = tuple(zip(carry.collections, carry.grads, strict=True))
+                    own, out = on_own_stage(
+                        me, ticks, own, carry, s, images, labels, active, extras=states
                     )
-                    carry = carry._replace(
-                        inbox=lax.ppermute(sent, STAGE_AXIS, forward),
-                        cotangent=lax.ppermute(message, STAGE_AXIS, backward),
+                    carry = BpCarry(
+                        tuple(o[0] for o in own),
+                        tuple(o[1] for o in own),
+                        out.stored,
+                        lax.ppermute(out.sent, STAGE_AXIS, forward),
+                        lax.ppermute(out.message, STAGE_AXIS, backward),
                     )
                     zero = jnp.zeros((), jnp.float32)
-                    metrics = TickMetrics(loss, accuracy, valid, zero, jnp.zeros((), bool))
+                    metrics = TickMetrics(
+                        out.loss, out.accuracy, out.valid, zero, jnp.zeros((), bool)
+                    )
                     return carry, metrics
 
                 carry, metrics = lax.scan(tick, carry, jnp.arange(self.ticks))
-                new = lax.switch(me, updates, buffers, carry.collections, carry.grads, active)
+                accumulated = tuple(zip(carry.collections, carry.grads, strict=True))
+                new, _ = on_own_stage(me, updates, states, active, extras=accumulated)
                 return new, metrics
 
-            buffers, metrics = lax.scan(minibatch, buffers, jnp.arange(minibatches))
+            states, metrics = lax.scan(minibatch, states, jnp.arange(minibatches))
             metrics = jax.tree_util.tree_map(lambda m: m.reshape(-1, *m.shape[2:]), metrics)
-            return {name: b[None] for name, b in buffers.items()}, _gathered(metrics)
+            return global_states(states), _gathered(metrics)
 
         return program
 
@@ -782,20 +782,20 @@ class SpmdEngine:
             self.tick = self._done
             self.mail = None
             self.surplus = 0
-        self.buffers = self._pack(jax.device_get(start.model))
+        self.states = self._place(jax.device_get(start.model))
         self._chunk: jax.stages.Compiled | None = None
         self._evaluate: jax.stages.Compiled | None = None
         self._gather: Callable | None = None
         self.traces = 0
         """How many times the chunk program was traced (compiled) in this engine."""
 
-    def _pack(self, model: TrainerState) -> Buffers:
-        states = self.program.split(model)
-        packed = [self.program.packing.pack(k, s, np) for k, s in enumerate(states)]
-        return {
-            name: global_array(np.stack([p[name] for p in packed]), self.sharded)
-            for name in self.program.packing.sizes
-        }
+    def _place(self, model: TrainerState) -> States:
+        """Every stage's state in a slot on every device (``on_own_stage``)."""
+        num = self.mesh.devices.size
+        return jax.tree_util.tree_map(
+            lambda leaf: global_array(np.stack([np.asarray(leaf)] * num), self.sharded),
+            tuple(self.program.split(model)),
+        )
 
     def _shard_map(self, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
         return jax.shard_map(
@@ -817,14 +817,14 @@ class SpmdEngine:
         scalar = global_array(np.int32(0), self.replicated)
         if self.kind == "sg_pipeline":
             fn = self._shard_map(counted, (stage, stage, rep, rep, rep, rep), (stage, stage, rep))
-            args = (self.buffers, self.mail, self.data, self.key, scalar, scalar)
+            args = (self.states, self.mail, self.data, self.key, scalar, scalar)
             self._chunk = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
         else:
             fn = self._shard_map(counted, (stage, rep, rep, rep, rep), (stage, rep))
-            args = (self.buffers, self.data, self.key, scalar, scalar)
+            args = (self.states, self.data, self.key, scalar, scalar)
             self._chunk = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile()
         evaluate = self._shard_map(self._evaluate_fn(), (stage, rep), (rep, rep))
-        self._evaluate = jax.jit(evaluate).lower(self.buffers, self.data).compile()
+        self._evaluate = jax.jit(evaluate).lower(self.states, self.data).compile()
         self._gather = jax.jit(lambda x: x, out_shardings=self.replicated)
 
     def _evaluate_fn(self) -> Callable:
@@ -832,35 +832,30 @@ class SpmdEngine:
         num = self.mesh.devices.size
         forward = [(i, i + 1) for i in range(num - 1)]
 
-        def evaluate(buffers: Buffers, data: DeviceData):
-            buffers = {name: b[0] for name, b in buffers.items()}
+        def evaluate(states: States, data: DeviceData):
+            states = local_states(states)
             me = lax.axis_index(STAGE_AXIS)
             images = scale_images(data.test_images)
             rows = images.shape[0]
             zero = jnp.zeros((), jnp.float32)
 
-            def branch(k: int) -> Callable:
-                def run(inbox: jax.Array) -> tuple:
-                    state = program.packing.unpack(k, buffers)
-                    h = images if k == 0 else unpad_rows(inbox, (rows, *program.shapes[k - 1][1:]))
-                    out = program.stage_eval(k, state, h)
-                    if k < num - 1:
-                        return pad_rows(out, program.width), zero, zero
-                    loss = trainer.loss(out, data.test_labels)
-                    accuracy = trainer.accuracy(out, data.test_labels)
-                    return jnp.zeros((rows, program.width), jnp.float32), loss, accuracy
-
-                return run
+            def run(k: int, inbox: jax.Array) -> tuple:
+                h = images if k == 0 else unpad_rows(inbox, (rows, *program.shapes[k - 1][1:]))
+                out = program.stage_eval(k, states[k], h)
+                if k < num - 1:
+                    return pad_rows(out, program.width), zero, zero
+                loss = trainer.loss(out, data.test_labels)
+                accuracy = trainer.accuracy(out, data.test_labels)
+                return jnp.zeros((rows, program.width), jnp.float32), loss, accuracy
 
             def idle(inbox: jax.Array) -> tuple:
                 return jnp.zeros_like(inbox), zero, zero
 
-            branches = [branch(k) for k in range(num)] + [idle]
             inbox = jnp.zeros((rows, program.width), jnp.float32)
             loss = accuracy = zero
             for step in range(num):  # step s: only stage s works, on what stage s - 1 sent
-                out, loss_k, accuracy_k = lax.switch(
-                    jnp.where(me == step, me, num), branches, inbox
+                out, loss_k, accuracy_k = lax.cond(
+                    me == step, functools.partial(run, step), idle, inbox
                 )
                 loss, accuracy = loss + loss_k, accuracy + accuracy_k
                 if step < num - 1:
@@ -879,11 +874,11 @@ class SpmdEngine:
         t0 = global_array(np.int32(self.tick), self.replicated)
         end = global_array(np.int32(stop), self.replicated)
         if self.kind == "sg_pipeline":
-            self.buffers, self.mail, metrics = self._chunk(
-                self.buffers, self.mail, self.data, self.key, t0, end
+            self.states, self.mail, metrics = self._chunk(
+                self.states, self.mail, self.data, self.key, t0, end
             )
         else:
-            self.buffers, metrics = self._chunk(self.buffers, self.data, self.key, t0, end)
+            self.states, metrics = self._chunk(self.states, self.data, self.key, t0, end)
         metrics = TickMetrics(*(host_value(m) for m in metrics))
         self.tick, self._done = stop, target
         losses = _window(metrics.loss_valid, metrics.loss)
@@ -903,17 +898,16 @@ class SpmdEngine:
     def state(self) -> TrainState:
         """The whole state, gathered (every process gets it) and put on this host's first
         device."""
-        buffers = {name: host_value(self._gather(b)) for name, b in self.buffers.items()}
         states = [
-            self.program.packing.unpack(k, {n: b[k] for n, b in buffers.items()})
-            for k in range(self.mesh.devices.size)
+            jax.tree_util.tree_map(lambda a, k=k: host_value(self._gather(a))[k], stage)
+            for k, stage in enumerate(self.states)
         ]
         model = jax.device_put(self.program.join(states), jax.local_devices()[0])
         step = jnp.asarray(self._done, jnp.int32)
         return TrainState(model, step, jax.device_put(self._key, jax.local_devices()[0]))
 
     def evaluate(self) -> tuple[float, float]:
-        loss, accuracy = self._evaluate(self.buffers, self.data)
+        loss, accuracy = self._evaluate(self.states, self.data)
         return float(host_value(loss)), float(host_value(accuracy))
 
     def inflight(self) -> dict[str, np.ndarray]:
