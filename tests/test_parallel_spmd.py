@@ -110,7 +110,7 @@ def four_device_results() -> dict[str, Any]:
     # sg: chunks of 4 ticks at most (the first chunk fills, the last drains), one program.
     sg = TrainConfig(**SG)
     common = dict(kind="sg_pipeline", num_devices=4, log=quiet)
-    ours = train_layer_parallel(sg, mnist, engine="spmd", **common)
+    ours = train_layer_parallel(sg, mnist, engine="spmd", stage_timing_repeats=2, **common)
     theirs = train_layer_parallel(sg, mnist, **common)
     counts = [s.opt_state for s in (*ours.state.model.stages, *ours.state.model.synthesizers)]
     out["sg"] = {
@@ -119,6 +119,8 @@ def four_device_results() -> dict[str, Any]:
         "train_metrics": [_train_metrics(ours), _train_metrics(theirs)],
         "test_accuracy": [[r.test_accuracy for r in x.records] for x in (ours, theirs)],
         "records": _records(ours),
+        "stage_ms": list(ours.stage_ms),
+        "ideal_speedup": ours.ideal_speedup,
         "traces": list(traces),
         "update_counts": sorted(
             {int(c) for opt in counts for _, c in otu.tree_get_all_with_path(opt, "count")}
@@ -203,6 +205,9 @@ def check_sg_equals_dispatch(four_devices: dict[str, Any]) -> None:
     # rate, and the running means carry them into evaluation (measured: 0.003 at most).
     np.testing.assert_allclose(*sg["test_accuracy"], atol=6e-3)
     assert sg["update_counts"] == [120]  # every layer and module, once per minibatch
+    # Each stage timed alone, so results.json has the ideal speed-up for the SPMD engine too.
+    assert len(sg["stage_ms"]) == 4 and min(sg["stage_ms"]) > 0, sg["stage_ms"]
+    assert sg["ideal_speedup"] > 1
 
 
 def check_one_program(four_devices: dict[str, Any]) -> None:

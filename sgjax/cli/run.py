@@ -162,7 +162,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
                     stop_requested=agreed(stop),
                     start=start,
                     save_checkpoint=save if config.resolved_checkpoint_every else None,
-                    stage_timing_repeats=STAGE_TIMING_REPEATS * (config.engine == "dispatch"),
+                    stage_timing_repeats=STAGE_TIMING_REPEATS,
                     engine=config.engine,
                 )
             else:

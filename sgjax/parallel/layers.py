@@ -206,8 +206,8 @@ def train_layer_parallel(
     same records (every ``eval_every`` minibatches that reached the last stage), statuses, stop
     requests and checkpoints (``start`` resumes one; the sg pipeline's minibatches in flight are
     saved with it, so a resumed run computes exactly what an uninterrupted one does).
-    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``; the dispatch
-    engine only). ``engine="spmd"`` runs the same schedule as one SPMD program per chunk
+    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``).
+    ``engine="spmd"`` runs the same schedule as one SPMD program per chunk
     (``sgjax.parallel.spmd``), one stage per device of ``devices`` (default: every process's).
     """
     config.validate()
@@ -225,6 +225,7 @@ def train_layer_parallel(
             start,
             save_checkpoint,
             devices,
+            stage_timing_repeats,
         )
     if engine != "dispatch":
         raise ConfigError(f"unknown --engine={engine!r}; choose one of {', '.join(ENGINES)}")
@@ -272,6 +273,7 @@ def _train_spmd(
     start: Resume | None,
     save_checkpoint: SaveCheckpoint | None,
     devices: list[jax.Device] | None,
+    stage_timing_repeats: int,
 ) -> ParallelRunResult:
     """``train_layer_parallel`` with the SPMD engine."""
     from sgjax.parallel.spmd import SpmdEngine, stage_mesh
@@ -301,4 +303,5 @@ def _train_spmd(
         kind=kind,
         stage_devices=engine.stage_devices(),
         microbatches=microbatches,
+        stage_ms=engine.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else (),
     )

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -439,6 +440,21 @@ class SgProgram:
 
         return program
 
+    def stage_alone(self, k: int, repeats: int) -> Callable:
+        """``repeats`` steady ticks of stage ``k`` alone (with an input and a target; zeros as
+        messages), for ``SpmdEngine.stage_ms``."""
+        branch = self._output_branch() if k == self.num_hidden else self._hidden_branch(k)
+        mail = Mail(*(jnp.asarray(m[0]) for m in self.empty_mail().values()))
+        t, stop = jnp.int32(k + 2), jnp.int32(np.iinfo(np.int32).max)
+
+        def run(state: Any, data: DeviceData, key: jax.Array) -> Any:
+            def tick(state: Any, _: None) -> tuple:
+                return branch(state, None, mail, t, stop, data, key)[0], None
+
+            return lax.scan(tick, state, None, length=repeats)[0]
+
+        return run
+
     def stage_eval(self, k: int, state: Any, h: jax.Array) -> jax.Array:
         """Pipeline stage ``k`` in evaluation mode."""
         stages = state if k == self.num_hidden else state.stages
@@ -736,6 +752,36 @@ class BpProgram:
 
         return program
 
+    def stage_alone(self, k: int, repeats: int) -> Callable:
+        """``repeats`` minibatches of stage ``k`` alone (its M forwards and M backwards, zeros
+        as messages, then its update), for ``SpmdEngine.stage_ms``."""
+        branch = self._last_branch() if k == self.num_stages - 1 else self._hidden_branch(k)
+        update = self._update_branch(k)
+        micro, config = self.microbatches, self.config
+        size = config.batch_size // micro
+        active = jnp.ones((), bool)
+
+        def run(state: StageState, data: DeviceData, key: jax.Array) -> StageState:
+            def minibatch(state: StageState, b: jax.Array) -> tuple:
+                batch = sample_batch(jax.random.fold_in(key, b), data, config.batch_size)
+                images = batch.images.reshape(micro, size, *batch.images.shape[1:])
+                labels = batch.labels.reshape(micro, size)
+                own = (state.collections, jax.tree_util.tree_map(jnp.zeros_like, state.params))
+                stored = jnp.zeros((micro, size, self.width), jnp.float32)
+
+                def tick(carry: tuple, s: jax.Array) -> tuple:
+                    own, stored = carry
+                    inputs = BpCarry((), (), stored, self._zeros(), self._zeros())
+                    own, out = branch(own, state, inputs, s, images, labels, active)
+                    return (own, out.stored), None
+
+                (own, _), _ = lax.scan(tick, (own, stored), jnp.arange(self.ticks))
+                return update(state, own, active)[0], None
+
+            return lax.scan(minibatch, state, jnp.arange(repeats))[0]
+
+        return run
+
     def stage_eval(self, k: int, state: StageState, h: jax.Array) -> jax.Array:
         return apply_module(
             self.trainer.stages[k], state.params, state.collections, h, train=False
@@ -766,6 +812,7 @@ class SpmdEngine:
         self.sharded = NamedSharding(mesh, PartitionSpec(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         host_data = jax.device_get(data)
+        self._host_data = host_data
         self.data = jax.tree_util.tree_map(lambda x: global_array(x, self.replicated), host_data)
         self.key = global_array(jax.device_get(start.key), self.replicated)
         self._key = start.key
@@ -918,6 +965,25 @@ class SpmdEngine:
             for name, m in zip(Mail._fields, self.mail, strict=True)
         }
         return self.program.inflight(mail, self.tick)
+
+    def stage_ms(self, repeats: int) -> tuple[float, ...]:
+        """Each stage's milliseconds per tick (sg) or per minibatch (bp), timed alone on this
+        process's first device: ``repeats`` of them in one compiled loop (compilation and a
+        warm-up run excluded), from the current state. The inputs of the ideal speed-up, as
+        the dispatch engines' ``stage_ms``."""
+        device = jax.local_devices()[0]
+        states = self.program.split(self.state().model)
+        data = jax.device_put(self._host_data, device)
+        key = jax.device_put(self._key, device)
+        times = []
+        for k, state in enumerate(states):
+            state = jax.device_put(state, device)
+            run = jax.jit(self.program.stage_alone(k, repeats)).lower(state, data, key).compile()
+            jax.block_until_ready(run(state, data, key))
+            start = time.perf_counter()
+            jax.block_until_ready(run(state, data, key))
+            times.append(1e3 * (time.perf_counter() - start) / repeats)
+        return tuple(times)
 
     def stage_devices(self) -> tuple[int, ...]:
         """Id of each pipeline stage's device."""

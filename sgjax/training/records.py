@@ -244,7 +244,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 def _parallel_lines(parallel: dict[str, Any] | None) -> list[str]:
     if not parallel:
         return []
-    if not parallel["stage_ms"]:  # the SPMD engine does not time stages alone
+    if not parallel["stage_ms"]:  # not timed
         return [f"{parallel['kind']} on devices {parallel['stage_devices']}"]
     stage_ms = " / ".join(f"{ms:.2f}" for ms in parallel["stage_ms"])
     return [
