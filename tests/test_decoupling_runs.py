@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
         (["--mode=bp_lambda", "--bp_lambda=-0.1"], "--bp_lambda=-0.1 must be between 0 and 1"),
         (["--mode=stale_grad", "--stale_decay=1"], "--stale_decay=1.0 must be in [0, 1)"),
         (["--mode=bp", "--synthetic_inputs"], "--synthetic_inputs needs --mode=sg or --mode=cdni"),
-        (["--mode=dgl", "--parallel=layers"], "--parallel=layers runs bp, sg and cdni only"),
-        (["--mode=sg", "--update_prob=0.5", "--parallel=layers"], "--parallel=layers runs"),
+        (["--mode=bp_lambda", "--parallel=layers"], "it is not decoupled"),
+        (["--mode=stale_grad", "--parallel=layers"], "only two ticks later"),
+        (["--mode=sg", "--synthetic_inputs", "--parallel=layers"], "--synthetic_inputs"),
+        (["--mode=bp", "--update_prob=0.5", "--parallel=layers"], "only with decoupled modes"),
     ],
 )
 def test_bad_decoupling_flags_are_one_line_errors(args, message):

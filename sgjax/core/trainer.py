@@ -38,11 +38,15 @@ from sgjax.core.methods import (
     Backprop,
     Method,
     StaleGradient,
+    ZeroGradient,
 )
 from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import InputModel
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+UPDATE_KEY = 0x55504450
+"""Folded into step t's batch key for the stochastic updates' coins (``--update_prob``)."""
 
 
 class StageState(NamedTuple):
@@ -719,30 +723,57 @@ class Trainer:
         results = []
         h = x
         for j in range(len(self.groups) - 1):
-            params, collections = self._group_state(state.stages, j)
-            head_state = state.synthesizers[j]
-            h_in = jax.lax.stop_gradient(h)
-
-            def aux_loss(
-                p: tuple[Any, ...],
-                head: Any,
-                j: int = j,
-                h_in: jax.Array = h_in,
-                collections: tuple = collections,
-                head_state: StageState = head_state,
-            ) -> tuple[jax.Array, tuple[jax.Array, tuple, Any]]:
-                out, new = self.apply_group(j, p, collections, h_in, True)
-                logits, head_new = apply_module(
-                    self._auxiliary(out.shape[1:]), head, head_state.collections, out, train=True
-                )
-                return self.loss(logits, labels), (out, new, head_new)
-
-            (loss, (out, new, head_new)), (g_stages, g_head) = jax.value_and_grad(
-                aux_loss, (0, 1), has_aux=True
-            )(params, head_state.params)
-            results.append(LocalGradients(g_stages, g_head, new, head_new, loss))
-            h = out
+            local, h = self.local_group_gradients(state.stages, state.synthesizers[j], j, h, labels)
+            results.append(local)
         return results, self.last_group_gradients(state.stages, jax.lax.stop_gradient(h), labels)
+
+    def local_group_gradients(
+        self,
+        stages: Sequence[StageState],
+        head_state: StageState,
+        j: int,
+        h: jax.Array,
+        labels: jax.Array,
+    ) -> tuple[LocalGradients, jax.Array]:
+        """Greedy local learning, decoupled group ``j`` alone (its input a constant): the
+        gradients of its auxiliary loss, and the group's output. ``stages`` is the whole tuple
+        of stage states (only group ``j``'s are read)."""
+        params, collections = self._group_state(stages, j)
+        h_in = jax.lax.stop_gradient(h)
+
+        def aux_loss(
+            p: tuple[Any, ...], head: Any
+        ) -> tuple[jax.Array, tuple[jax.Array, tuple, Any]]:
+            out, new = self.apply_group(j, p, collections, h_in, True)
+            logits, head_new = apply_module(
+                self._auxiliary(out.shape[1:]), head, head_state.collections, out, train=True
+            )
+            return self.loss(logits, labels), (out, new, head_new)
+
+        (loss, (out, new, head_new)), (g_stages, g_head) = jax.value_and_grad(
+            aux_loss, (0, 1), has_aux=True
+        )(params, head_state.params)
+        return LocalGradients(g_stages, g_head, new, head_new, loss), out
+
+    def update_head(self, head: StageState, grads: Any, collections: Any) -> StageState:
+        """Greedy local learning: an auxiliary head's optimizer step (the stages' optimizer)."""
+        params, opt_state = apply_optimizer(self.optimizer, grads, head.opt_state, head.params)
+        return StageState(params, collections, opt_state)
+
+    @property
+    def local(self) -> bool:
+        """Whether no feedback crosses a decoupled boundary backwards (greedy local learning,
+        zero gradient): each decoupled group learns from what it computes itself."""
+        return isinstance(self.method, (DGL, ZeroGradient))
+
+    def group_coin(
+        self, key: jax.Array, step: jax.Array, j: int, update_prob: float | jax.Array
+    ) -> jax.Array:
+        """Whether group ``j`` (and its boundary module) updates at step ``step`` of the
+        single-device loop whose batch key is ``key``: the same draw as ``step(...,
+        key=fold_in(fold_in(key, step), UPDATE_KEY), update_prob=)`` makes for it."""
+        step_key = jax.random.fold_in(jax.random.fold_in(key, step), UPDATE_KEY)
+        return self.stochastic_update_mask(step_key, update_prob)[self.groups[j][0]]
 
     def _dgl_step(
         self, state: TrainerState, x: jax.Array, labels: jax.Array
@@ -752,9 +783,7 @@ class Trainer:
         heads = []
         for j, (g_stages, g_head, collections, head_collections, _) in enumerate(local):
             new.update(self.update_stages(state.stages, self.groups[j], g_stages, collections))
-            head = state.synthesizers[j]
-            params, opt_state = apply_optimizer(self.optimizer, g_head, head.opt_state, head.params)
-            heads.append(StageState(params, head_collections, opt_state))
+            heads.append(self.update_head(state.synthesizers[j], g_head, head_collections))
         new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
         losses = [item[-1] for item in local]
         sg_loss = jnp.stack(losses) if losses else jnp.zeros((0,))

@@ -3,8 +3,9 @@
 Three schedules (``KINDS``), all started from the single-device loop's initial state and fed the
 same minibatches (minibatch b is ``sample_batch(fold_in(key, b), ...)``):
 
-* ``sg_pipeline``: decoupled (sg/cdni) training, pipelined: at every tick every stage works on a
-  different minibatch (``sgjax.parallel.sg_pipeline``, where the staleness is stated exactly);
+* ``sg_pipeline``: decoupled (sg/cdni, dgl, zero_grad; any --update_prob) training, pipelined:
+  at every tick every stage works on a different minibatch (``sgjax.parallel.sg_pipeline``,
+  where the staleness is stated exactly; dgl and zero_grad have none);
 * ``bp_model_parallel``: backprop with the layers on the devices, one minibatch at a time;
 * ``bp_gpipe``: backprop with each minibatch split into microbatches that flow through the
   stages as a pipeline, gradients accumulated, one update per minibatch
@@ -55,8 +56,8 @@ spmd: one SPMD program per chunk of ticks (``sgjax.parallel.spmd``)."""
 
 
 def parallel_kind(mode: str, microbatches: int = 1) -> str:
-    """The layer-parallel schedule of a ``--mode``: sg/cdni pipeline; bp model-parallel, or GPipe
-    when ``microbatches`` > 1."""
+    """The layer-parallel schedule of a ``--mode``: the decoupled pipeline (sg, cdni, dgl,
+    zero_grad); bp model-parallel, or GPipe when ``microbatches`` > 1."""
     if mode != "bp":
         return "sg_pipeline"
     return "bp_gpipe" if microbatches > 1 else "bp_model_parallel"
@@ -100,7 +101,7 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
     if microbatches < 1:
         raise ConfigError(f"--microbatches={microbatches} must be a positive integer")
     if kind == "sg_pipeline" and not config.decoupled:
-        raise ConfigError("the synthetic-gradient pipeline needs --mode=sg or --mode=cdni")
+        raise ConfigError("the decoupled pipeline needs --mode=sg, cdni, dgl or zero_grad (not bp)")
     if kind != "sg_pipeline" and config.decoupled:
         raise ConfigError(f"{kind} is backprop: it needs --mode=bp")
     if kind != "bp_gpipe" and microbatches != 1:

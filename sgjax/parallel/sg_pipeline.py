@@ -50,11 +50,12 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from sgjax.core.methods import DGL
 from sgjax.core.trainer import StageState, Trainer, TrainerState
 from sgjax.data.device import DeviceData, sample_batch
 from sgjax.parallel.stages import (
@@ -107,20 +108,74 @@ def _indexed(trainer: Trainer, j: int, stages: tuple[StageState, ...]) -> dict[i
     return dict(zip(trainer.groups[j], stages, strict=True))
 
 
+class Coins(NamedTuple):
+    """Where a stage draws its stochastic updates' coins (``--update_prob`` < 1): the run's batch
+    key and the tick. Minibatch b's coin for group j is ``Trainer.group_coin(key, b, j, p)``,
+    the single-device loop's draw for step b."""
+
+    key: jax.Array
+    tick: jax.Array
+
+
+def _kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` is set (or when there is no coin), else ``old``."""
+    if flag is None:
+        return new
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def _local_update(
+    group: GroupState, inputs: Activations, *, trainer: Trainer, j: int
+) -> tuple[GroupState, jax.Array, jax.Array]:
+    """A decoupled group that learns from what it computes itself (``Trainer.local``): greedy
+    local learning (its auxiliary head's loss) or the zero gradient. The group's new state, its
+    output and its local loss (0 for the zero gradient), as ``Trainer.step`` computes them."""
+    stages, head = group.stages, group.synthesizer
+    indexed = _indexed(trainer, j, stages)
+    if isinstance(trainer.method, DGL):
+        local, out = trainer.local_group_gradients(indexed, head, j, inputs.h, inputs.labels)
+        grads, collections, loss = local.stages, local.collections, local.loss
+        head = trainer.update_head(head, local.head, local.head_collections)
+    else:
+        params, cols = trainer._group_state(indexed, j)
+        out, collections = trainer.apply_group(j, params, cols, inputs.h, True)
+        grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+        loss = jnp.zeros((), out.dtype)
+    new = trainer.update_stages(indexed, trainer.groups[j], grads, collections)
+    return GroupState(tuple(new[k] for k in trainer.groups[j]), head), out, loss
+
+
 def hidden_tick(
     group: GroupState,
     inputs: Activations | None,
     stored: Activations | None,
     target: jax.Array | None,
+    coins: Coins | None = None,
     *,
     trainer: Trainer,
     j: int,
+    update_prob: float = 1.0,
 ) -> HiddenTick:
     """One tick of decoupled group ``j``: forward and group update on ``inputs`` (if any), its
     synthesizer's update towards ``target`` on ``stored`` (if any). Both read the parameters the
-    tick started with."""
+    tick started with. With ``coins`` each part is kept only if minibatch b's coin for group j
+    says so (b = tick - j for the input, tick - j - 2 for the target), as ``Trainer.step`` with
+    ``update_prob`` keeps or drops group j and its module as a whole.
+
+    For local methods (``Trainer.local``: greedy local learning, zero gradient) the group and its
+    boundary state (DGL's head) update on ``inputs`` and there is no message and no target."""
     stages, synthesizer = group.stages, group.synthesizer
     sent = message = sg_loss = None
+    update = learn = None
+    if coins is not None:
+        update = trainer.group_coin(coins.key, coins.tick - j, j, update_prob)
+        learn = trainer.group_coin(coins.key, coins.tick - j - 2, j, update_prob)
+    if trainer.local:
+        if inputs is not None:
+            new, out, sg_loss = _local_update(group, inputs, trainer=trainer, j=j)
+            group = _kept(update, new, group)
+            sent = Activations(out, inputs.labels)
+        return HiddenTick(group, sent, None, sg_loss)
     if inputs is not None:
         indexed = _indexed(trainer, j, stages)
         fwd = trainer.group_forward(indexed, synthesizer, j, inputs.h, inputs.labels)
@@ -128,17 +183,20 @@ def hidden_tick(
         # synthesizer half, computed against a dummy target, is dropped by the compiler.
         grads = trainer.group_backward(fwd, fwd.synthetic_grad)
         new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, fwd.collections)
-        stages = tuple(new[k] for k in trainer.groups[j])
-        synthesizer = synthesizer._replace(collections=fwd.synthesizer_collections)
+        stages = _kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
+        synthesizer = synthesizer._replace(
+            collections=_kept(update, fwd.synthesizer_collections, synthesizer.collections)
+        )
         sent = Activations(fwd.output, inputs.labels)
         message = grads.input_grad
     if stored is not None and target is not None:
         regression = trainer.synthesizer_gradients(
             group.synthesizer, stored.h, stored.labels, target
         )
-        synthesizer = trainer.update_synthesizer(
+        learnt = trainer.update_synthesizer(
             group.synthesizer, regression.grads, synthesizer.collections
         )
+        synthesizer = _kept(learn, learnt, synthesizer)
         sg_loss = regression.sg_loss
     return HiddenTick(GroupState(stages, synthesizer), sent, message, sg_loss)
 
@@ -149,27 +207,40 @@ def first_stage_tick(
     cursor: BatchCursor,
     stored: Activations | None,
     target: jax.Array | None,
+    coins: Coins | None = None,
     *,
     trainer: Trainer,
     batch_size: int,
+    update_prob: float = 1.0,
 ) -> FirstStageTick:
     """Stage 1's tick: draw minibatch ``cursor.index`` on the device, then ``hidden_tick``."""
     batch = sample_batch(jax.random.fold_in(cursor.key, cursor.index), data, batch_size)
     inputs = Activations(batch.images, batch.labels)
-    tick = hidden_tick(group, inputs, stored, target, trainer=trainer, j=0)
+    tick = hidden_tick(
+        group, inputs, stored, target, coins, trainer=trainer, j=0, update_prob=update_prob
+    )
     return FirstStageTick(tick, cursor._replace(index=cursor.index + 1))
 
 
 def output_tick(
-    stages: tuple[StageState, ...], inputs: Activations, *, trainer: Trainer
+    stages: tuple[StageState, ...],
+    inputs: Activations,
+    coins: Coins | None = None,
+    *,
+    trainer: Trainer,
+    update_prob: float = 1.0,
 ) -> OutputTick:
-    """The last group's tick: true-gradient update; dLoss/dh_L goes back to stage L."""
+    """The last group's tick: true-gradient update; dLoss/dh_L goes back to stage L (with
+    ``coins``: the update kept only if minibatch tick - L's coin for the last group says so)."""
     j = len(trainer.groups) - 1
     indexed = _indexed(trainer, j, stages)
     last = trainer.last_group_gradients(indexed, inputs.h, inputs.labels)
     new = trainer.update_stages(indexed, trainer.groups[j], last.stages, last.collections)
+    update = None
+    if coins is not None:
+        update = trainer.group_coin(coins.key, coins.tick - j, j, update_prob)
     return OutputTick(
-        tuple(new[k] for k in trainer.groups[j]),
+        _kept(update, tuple(new[k] for k in trainer.groups[j]), stages),
         last.input_grad,
         last.loss,
         trainer.accuracy(last.output, inputs.labels),
@@ -235,6 +306,11 @@ class SgPipeline:
         self._targets: dict[int, jax.Array] = {}
         """Targets arriving at decoupled stage k this tick."""
         self._restore_inflight(inflight or {})
+        self.update_prob = float(config.update_prob)
+        self._coin_keys = (
+            [jax.device_put(key, d) for d in devices] if self.update_prob != 1.0 else None
+        )
+        """The batch key on every stage's device, for the coins (``Coins``); None at p = 1."""
         self._window = DispatchWindow(max_ticks_in_flight)
         self._compiler = StageCompiler()
         self._calls: list[StageCalls] = []
@@ -297,40 +373,68 @@ class SgPipeline:
             out.append(Activations(jax.ShapeDtypeStruct(h.shape, h.dtype), labels))
         return out
 
+    def _coins(self, k: int) -> Coins | None:
+        """Stage ``k``'s coins at this tick (None at p = 1)."""
+        if self._coin_keys is None:
+            return None
+        tick = jax.device_put(jnp.int32(self.tick), self.devices[k])
+        return Coins(self._coin_keys[k], tick)
+
     def compile(self) -> None:
-        """Compile each stage's tick functions on its device."""
+        """Compile each stage's tick functions on its device (local methods, which have no
+        targets, only the fill form: it is their steady tick too)."""
         trainer, compile_ = self.trainer, self._compiler
         shapes = self._example_activations()
         self._calls = []
+        p = self.update_prob
         for j, (group, device) in enumerate(zip(self.hidden, self.devices, strict=False)):
-            tick = functools.partial(hidden_tick, trainer=trainer, j=j)
+            tick = functools.partial(hidden_tick, trainer=trainer, j=j, update_prob=p)
             state = abstract_on(group, device)
             acts = abstract_on(shapes[j], device)
             inputs = None if j == 0 else abstract_on(shapes[j - 1], device)
+            coins = None if self._coin_keys is None else abstract_on(self._coins(j), device)
             if j == 0:
                 first = functools.partial(
-                    first_stage_tick, trainer=trainer, batch_size=self.config.batch_size
+                    first_stage_tick,
+                    trainer=trainer,
+                    batch_size=self.config.batch_size,
+                    update_prob=p,
                 )
                 data, cursor = abstract_on(self.data, device), abstract_on(self._cursor, device)
-                calls = StageCalls(
-                    fill=compile_("0/fill", device, first, state, data, cursor, None, None),
-                    steady=compile_("0/steady", device, first, state, data, cursor, acts, acts.h),
-                    drain=compile_("0/drain", device, tick, state, None, acts, acts.h),
-                )
+                fill = compile_("0/fill", device, first, state, data, cursor, None, None, coins)
+                if trainer.local:
+                    calls = StageCalls(fill, fill, fill)
+                else:
+                    calls = StageCalls(
+                        fill=fill,
+                        steady=compile_(
+                            "0/steady", device, first, state, data, cursor, acts, acts.h, coins
+                        ),
+                        drain=compile_("0/drain", device, tick, state, None, acts, acts.h, coins),
+                    )
             else:
-                calls = StageCalls(
-                    fill=compile_(f"{j}/fill", device, tick, state, inputs, None, None),
-                    steady=compile_(f"{j}/steady", device, tick, state, inputs, acts, acts.h),
-                    drain=compile_(f"{j}/drain", device, tick, state, None, acts, acts.h),
-                )
+                fill = compile_(f"{j}/fill", device, tick, state, inputs, None, None, coins)
+                if trainer.local:
+                    calls = StageCalls(fill, fill, fill)
+                else:
+                    calls = StageCalls(
+                        fill=fill,
+                        steady=compile_(
+                            f"{j}/steady", device, tick, state, inputs, acts, acts.h, coins
+                        ),
+                        drain=compile_(
+                            f"{j}/drain", device, tick, state, None, acts, acts.h, coins
+                        ),
+                    )
             self._calls.append(calls)
         device = self.devices[-1]
         self._output_call = compile_(
             "output",
             device,
-            functools.partial(output_tick, trainer=trainer),
+            functools.partial(output_tick, trainer=trainer, update_prob=p),
             abstract_on(self.output, device),
             abstract_on(shapes[-1], device),
+            None if self._coin_keys is None else abstract_on(self._coins(len(self.hidden)), device),
         )
 
     def _run_tick(self, window: WindowMetrics) -> None:
@@ -343,28 +447,32 @@ class SgPipeline:
             target = self._targets.get(k)
             stored = self._fifo[k].popleft() if target is not None else None
             call = calls.steady if target is not None else calls.fill
+            coins = self._coins(k) if has_input or target is not None else None
             if has_input and k == 0:
-                first = call(self.hidden[k], self.data, self._cursor, stored, target)
+                first = call(self.hidden[k], self.data, self._cursor, stored, target, coins)
                 self._cursor, out = first.cursor, first.tick
             elif has_input:
-                out = call(self.hidden[k], self._inbox[k], stored, target)
+                out = call(self.hidden[k], self._inbox[k], stored, target, coins)
             elif target is not None:
-                out = calls.drain(self.hidden[k], None, stored, target)
+                out = calls.drain(self.hidden[k], None, stored, target, coins)
             else:
                 continue
             self.hidden[k] = out.group
-            dispatched.append(out.group.synthesizer.opt_state)
+            # What the tick surely wrote (a local method's boundary may hold nothing).
+            dispatched.append(out.group.stages if self.trainer.local else out.group.synthesizer)
             if out.sent is not None:
-                self._fifo[k].append(out.sent)
+                if not self.trainer.local:  # local methods get no targets to match
+                    self._fifo[k].append(out.sent)
                 inbox[k + 1] = jax.device_put(out.sent, self.devices[k + 1])
             if out.message is not None:
                 targets[k - 1] = jax.device_put(out.message, self.devices[k - 1])
             if out.sg_loss is not None:
                 window.sg_loss[k].append(out.sg_loss)
         if 0 <= t - num_hidden < num_batches:
-            out = self._output_call(self.output, self._inbox[num_hidden])
+            out = self._output_call(self.output, self._inbox[num_hidden], self._coins(num_hidden))
             self.output = out.stages
-            targets[num_hidden - 1] = jax.device_put(out.message, self.devices[num_hidden - 1])
+            if not self.trainer.local:
+                targets[num_hidden - 1] = jax.device_put(out.message, self.devices[num_hidden - 1])
             window.loss.append(out.loss)
             window.accuracy.append(out.accuracy)
             dispatched.append(out.loss)
@@ -398,15 +506,21 @@ class SgPipeline:
         def zeros(acts: Activations, device: jax.Device) -> Activations:
             return Activations(*(zeros_on(a.shape, a.dtype, device) for a in acts))
 
+        def messages(acts: Activations) -> tuple:
+            """What a steady tick gets besides its input: a stored output and a target (none
+            for local methods)."""
+            return (None, None) if self.trainer.local else (acts, acts.h)
+
         times = []
         for k, (calls, device) in enumerate(zip(self._calls, self.devices, strict=False)):
             acts = zeros(shapes[k], device)
+            coins, extra = self._coins(k), messages(acts)
             if k == 0:
                 start = FirstStageTick(HiddenTick(self.hidden[0], None, None, None), self._cursor)
                 times.append(
                     time_chain(
-                        lambda s, c=calls, a=acts: c.steady(
-                            s.tick.group, self.data, s.cursor, a, a.h
+                        lambda s, c=calls, m=extra, w=coins: c.steady(
+                            s.tick.group, self.data, s.cursor, *m, w
                         ),
                         start,
                         repeats,
@@ -416,12 +530,15 @@ class SgPipeline:
                 inputs = zeros(shapes[k - 1], device)
                 times.append(
                     time_chain(
-                        lambda s, c=calls, i=inputs, a=acts: c.steady(s, i, a, a.h).group,
+                        lambda s, c=calls, i=inputs, m=extra, w=coins: c.steady(s, i, *m, w).group,
                         self.hidden[k],
                         repeats,
                     )
                 )
         device = self.devices[-1]
         acts = zeros(shapes[-1], device)
-        times.append(time_chain(lambda s: self._output_call(s, acts).stages, self.output, repeats))
+        coins = self._coins(len(self.hidden))
+        times.append(
+            time_chain(lambda s: self._output_call(s, acts, coins).stages, self.output, repeats)
+        )
         return tuple(times)

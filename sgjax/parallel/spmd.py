@@ -61,6 +61,7 @@ from sgjax.parallel.bp_pipeline import (
     stage_forward,
 )
 from sgjax.parallel.sg_pipeline import (
+    Coins,
     GroupState,
     HiddenTick,
     hidden_tick,
@@ -297,7 +298,13 @@ class SgProgram:
         active = t < stop
         has_input = active & (t - k >= 0) & (t - k < n)
         has_target = active & (t - k - 2 >= 0) & (t - k - 2 < n)
+        if self.trainer.local:  # greedy local learning, zero gradient: no targets
+            has_target = jnp.zeros((), bool)
         return has_input, has_target
+
+    def _coins(self, key: jax.Array, t: jax.Array) -> Coins | None:
+        """The stochastic updates' coins at tick ``t`` (None at --update_prob=1)."""
+        return None if self.config.update_prob == 1.0 else Coins(key, t)
 
     def _hidden_branch(self, k: int) -> Callable:
         trainer, config = self.trainer, self.config
@@ -306,6 +313,9 @@ class SgProgram:
 
         def branch(group: GroupState, _: None, mail: Mail, t: jax.Array, stop, data, key):
             has_input, has_target = self._flags(k, t, stop)
+            # When the boundary's state learns: from a target (sg, cdni), or from the input
+            # (local methods: DGL's head).
+            learns = has_input if trainer.local else has_target
             slot = t % 2
             stored = Activations(unpad_rows(mail.fifo_h[slot], shape_out), mail.fifo_labels[slot])
             target = unpad_rows(mail.target, shape_out)
@@ -333,7 +343,16 @@ class SgProgram:
                 # group update only with an input (the synthesizer then keeps the statistics of
                 # its forward pass), the synthesizer's update only with a target. Exact:
                 # hidden_tick's parts do not read each other's results.
-                out = hidden_tick(group, inputs(), stored, target, trainer=trainer, j=k)
+                out = hidden_tick(
+                    group,
+                    inputs(),
+                    stored,
+                    target,
+                    self._coins(key, t),
+                    trainer=trainer,
+                    j=k,
+                    update_prob=config.update_prob,
+                )
                 synth = out.group.synthesizer
                 statistics = jax.tree_util.tree_map(
                     lambda new, old: jnp.where(has_input, new, old),
@@ -341,7 +360,7 @@ class SgProgram:
                     group.synthesizer.collections,
                 )
                 learnt = jax.tree_util.tree_map(
-                    lambda new, old: jnp.where(has_target, new, old),
+                    lambda new, old: jnp.where(learns, new, old),
                     (synth.params, synth.opt_state),
                     (group.synthesizer.params, group.synthesizer.opt_state),
                 )
@@ -357,7 +376,7 @@ class SgProgram:
                     ),
                     out.sent,
                     out.message,
-                    jnp.where(has_target, out.sg_loss, 0.0),
+                    jnp.where(learns, out.sg_loss, 0.0),
                 )
                 return normalised(kept)
 
@@ -368,23 +387,25 @@ class SgProgram:
                 has_input | has_target, work, idle
             )
             zero = jnp.zeros((), jnp.float32)
-            metrics = TickMetrics(zero, zero, jnp.zeros((), bool), sg_loss, has_target)
+            metrics = TickMetrics(zero, zero, jnp.zeros((), bool), sg_loss, learns)
             return new, Sends(sent_h, sent_labels, message, has_input, metrics)
 
         return branch
 
     def _output_branch(self) -> Callable:
         trainer, config, k = self.trainer, self.config, self.num_hidden
-        shape_in = self.shapes[-1]
+        shape_in, p = self.shapes[-1], self.config.update_prob
 
         def branch(stages: tuple, _: None, mail: Mail, t: jax.Array, stop, data, key):
-            del data, key
+            del data
             has_input, _ = self._flags(k, t, stop)
             inputs = Activations(unpad_rows(mail.inbox_h, shape_in), mail.inbox_labels)
             zero = jnp.zeros((), jnp.float32)
 
             def train() -> tuple:
-                out = output_tick(stages, inputs, trainer=trainer)
+                out = output_tick(
+                    stages, inputs, self._coins(key, t), trainer=trainer, update_prob=p
+                )
                 message = pad_rows(out.message, self.width)
                 return out.stages, message, out.loss, out.accuracy
 
@@ -475,7 +496,7 @@ class SgProgram:
         ``tick``, so either engine resumes the other's checkpoints."""
         out: dict[str, np.ndarray] = {}
         n = self.config.num_steps
-        for k in range(self.num_hidden):
+        for k in range(0 if self.trainer.local else self.num_hidden):  # local: no FIFO, targets
             shape = self.shapes[k]
             entries = [s for s in (tick - 2, tick - 1) if 0 <= s - k < n]
             for position, s in enumerate(entries):
@@ -502,7 +523,7 @@ class SgProgram:
             flat = np.asarray(value, np.float32).reshape(self.config.batch_size, -1)
             return np.pad(flat, ((0, 0), (0, self.width - flat.shape[1])))
 
-        for k in range(self.num_hidden):
+        for k in range(0 if self.trainer.local else self.num_hidden):
             entries = [s for s in (tick - 2, tick - 1) if 0 <= s - k < n]
             for position, s in enumerate(entries):
                 mail["fifo_h"][k, s % 2] = padded(inflight[f"fifo_{k}_{position}_h"])

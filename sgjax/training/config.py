@@ -13,6 +13,15 @@ PAPER_MODES = ("bp", "sg", "cdni")
 """The paper's modes: the benchmark's default --modes."""
 SYNTHESIZER_MODES = ("sg", "cdni", "bp_lambda")
 """Modes with synthetic-gradient modules (the others' --sg_hidden_* flags are unused)."""
+LAYER_PARALLEL_MODES = ("bp", "sg", "cdni", "dgl", "zero_grad")
+"""Modes --parallel=layers runs (bp model-parallel or GPipe, the others pipelined)."""
+LAYER_PARALLEL_REFUSALS = {
+    "bp_lambda": "BP(lambda) mixes in the backpropagated gradient from above, so a stage waits "
+    "for the backward pass of every stage above it (it is not decoupled)",
+    "stale_grad": "the stale gradient needs each layer's true gradient, which a pipeline has "
+    "only two ticks later",
+}
+"""Why --parallel=layers refuses the other modes (one line each)."""
 MODELS = ("mlp", "cnn")
 """mlp: hidden blocks Dense-BN-ReLU; cnn: the paper's convolutional network (sgjax.models.cnn)."""
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
@@ -190,13 +199,23 @@ class TrainConfig:
             raise ConfigError(
                 f"--synthetic_inputs needs --mode=sg or --mode=cdni, not --mode={self.mode}"
             )
-        if self.parallel == "layers" and (
-            self.mode not in PAPER_MODES or self.update_prob != 1.0 or self.synthetic_inputs
-        ):
-            raise ConfigError(
-                f"--parallel=layers runs bp, sg and cdni only (no --update_prob, "
-                f"--synthetic_inputs); run --mode={self.mode} with --parallel=none"
-            )
+        if self.parallel == "layers":
+            why = LAYER_PARALLEL_REFUSALS.get(self.mode)
+            if why is not None:
+                raise ConfigError(
+                    f"--parallel=layers cannot run --mode={self.mode}: {why}; run it with "
+                    "--parallel=none"
+                )
+            if self.synthetic_inputs:
+                raise ConfigError(
+                    "--parallel=layers cannot run --synthetic_inputs: the synthetic-input "
+                    "models are not in the pipeline's stages yet; run it with --parallel=none"
+                )
+            if self.update_prob != 1.0 and self.mode == "bp":
+                raise ConfigError(
+                    "--parallel=layers runs --update_prob only with decoupled modes (sg, cdni, "
+                    "dgl, zero_grad); run --mode=bp with --update_prob under --parallel=none"
+                )
 
     @property
     def uses_synthesizers(self) -> bool:

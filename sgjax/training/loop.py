@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgjax.core.optim import learning_rate_of, piecewise_schedule, with_learning_rate
-from sgjax.core.trainer import StepMetrics, TrainerState
+from sgjax.core.trainer import UPDATE_KEY, StepMetrics, TrainerState
 from sgjax.data.device import DeviceData, sample_batch, scale_images, to_device
 from sgjax.data.sources import Dataset
 from sgjax.training.config import TrainConfig
@@ -171,10 +171,6 @@ def schedule_for(config: TrainConfig, learning_rate: float | jax.Array | None = 
     """The run's piecewise-constant schedule, starting at ``learning_rate`` (default: config's)."""
     lr = config.learning_rate if learning_rate is None else learning_rate
     return piecewise_schedule(lr, config.resolved_lr_boundaries)
-
-
-UPDATE_KEY = 0x55504450
-"""Folded into step t's batch key for the stochastic updates' coins (``--update_prob``)."""
 
 
 def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -> ChunkFn:
