@@ -34,7 +34,7 @@ from sgjax.parallel.layers import (
 from sgjax.parallel.stages import ideal_speedup, stage_devices
 from sgjax.training.checkpoint import Checkpointer
 from sgjax.training.config import ConfigError, TrainConfig
-from sgjax.training.loop import init_train_state
+from sgjax.training.loop import UPDATE_KEY, init_train_state, make_train_step
 from sgjax.training.model import trainer_for
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
@@ -208,16 +208,30 @@ def _stale_module_step(
 
 def stale_module_reference(config: TrainConfig, dataset: Dataset, lag: int) -> TrainerState:
     """``config.num_steps`` synchronous steps whose synthetic gradients for minibatch b come from
-    the synthesizers as they were after max(b - lag, 0) updates."""
+    the synthesizers as they were after max(b - lag, 0) steps. With ``config.update_prob`` < 1
+    each step keeps only the groups (and modules) whose coin says so, as ``Trainer.step`` does,
+    the coins drawn here by hand from step b's key."""
     trainer = trainer_for(config)
     initial = jax.jit(init_train_state, static_argnums=0)(config)
     data = to_device(dataset)
-    step = jax.jit(lambda *args: _stale_module_step(trainer, *args))
+    p = config.update_prob
+
+    def step(state, old, images, labels, key):
+        new = _stale_module_step(trainer, state, old, images, labels)
+        if p == 1.0:
+            return new
+        coins = jax.random.bernoulli(key, p, (len(trainer.groups),))
+        mask = jax.numpy.asarray([coins[j] for j, g in enumerate(trainer.groups) for _ in g])
+        return trainer.masked_update(state, new, mask)
+
+    step = jax.jit(step)
     state = initial.model
     history = [tuple(s.params for s in state.synthesizers)]
     for b in range(config.num_steps):
-        batch = sample_batch(jax.random.fold_in(initial.key, b), data, config.batch_size)
-        state = step(state, history[max(b - lag, 0)], batch.images, batch.labels)
+        step_key = jax.random.fold_in(initial.key, b)
+        batch = sample_batch(step_key, data, config.batch_size)
+        key = jax.random.fold_in(step_key, UPDATE_KEY)
+        state = step(state, history[max(b - lag, 0)], batch.images, batch.labels, key)
         history.append(tuple(s.params for s in state.synthesizers))
     return state
 
@@ -232,6 +246,153 @@ def synthetic_gradient_cosines(
 
     cosines = jax.jit(trainer.synthetic_gradient_cosines)(model, batch.images, batch.labels)
     return [float(c) for c in cosines]
+
+
+# --------------------------------------------------------------------------- decoupled modes
+
+# Three pipeline stages (two decoupled groups), linear modules, one record: the decoupled modes'
+# cases below cost a few compilations each.
+SMALL = dict(
+    hidden_layers=2,
+    hidden_units=32,
+    sg_hidden_units=32,
+    sg_hidden_layers=0,
+    batch_size=32,
+    learning_rate=1e-2,
+)
+
+
+def single_device_run(config: TrainConfig, dataset: Dataset) -> TrainerState:
+    """The single-device loop's steps (``make_train_step``: ``Trainer.step``, with the coins of
+    --update_prob), one at a time."""
+    config = dataclasses.replace(config, parallel="none")
+    state = jax.jit(init_train_state, static_argnums=0)(config)
+    data = to_device(dataset)
+    step = jax.jit(make_train_step(config))
+    for _ in range(config.num_steps):
+        state, _ = step(state, data)
+    return state.model
+
+
+def drawn_updates(config: TrainConfig) -> list[int]:
+    """Per group, how many of the run's steps drew an update, by ``jax.random.bernoulli`` on
+    step b's key as the single-device loop folds it."""
+    key = jax.jit(init_train_state, static_argnums=0)(config).key
+    groups = len(trainer_for(config).groups)
+    coins = [
+        np.asarray(
+            jax.random.bernoulli(
+                jax.random.fold_in(jax.random.fold_in(key, b), UPDATE_KEY),
+                config.update_prob,
+                (groups,),
+            )
+        )
+        for b in range(config.num_steps)
+    ]
+    return [int(n) for n in np.sum(coins, axis=0)]
+
+
+def group_update_counts(config: TrainConfig, model: TrainerState) -> list[list[int]]:
+    """Per group, the optimizer step counts of its stages and its boundary module."""
+    trainer = trainer_for(config)
+    out = []
+    for j, group in enumerate(trainer.groups):
+        states = [model.stages[k].opt_state for k in group]
+        if j < len(model.synthesizers):
+            states.append(model.synthesizers[j].opt_state)
+        counts = {int(c) for opt in states for _, c in otu.tree_get_all_with_path(opt, "count")}
+        out.append(sorted(counts))
+    return out
+
+
+def decoupled_mode_results(
+    dataset: Dataset, engine: str, cases: tuple[str, ...], still: bool = False
+) -> dict[str, Any]:
+    """The decoupled modes under --parallel=layers with ``engine`` (3 stages on 3 devices),
+    each against its independent single-device reference:
+
+    * ``dgl``, ``zero_grad`` (p = 1 and 0.5): no feedback crosses a stage, so the pipeline is
+      the single-device loop's step sequence;
+    * ``cdni_p``: cdni at p = 0.5 is synchronous cdni with modules two updates stale and the
+      single-device loop's coins (``stale_module_reference``); ``still``: at p = 0 nothing
+      moves.
+    """
+    out: dict[str, Any] = {}
+    common = dict(kind="sg_pipeline", num_devices=3, log=quiet, engine=engine)
+    for case in cases:
+        mode, p = {
+            "dgl": ("dgl", 1.0),
+            "dgl_p": ("dgl", 0.5),
+            "zero_grad": ("zero_grad", 1.0),
+            "zero_grad_p": ("zero_grad", 0.5),
+            "cdni_p": ("cdni", 0.5),
+        }[case]
+        config = TrainConfig(
+            mode=mode, update_prob=p, parallel="layers", num_steps=8, eval_every=8, **SMALL
+        )
+        initial = jax.jit(init_train_state, static_argnums=0)(config).model
+        run = train_layer_parallel(config, dataset, **common)
+        if mode == "cdni":
+            reference = stale_module_reference(config, dataset, 2)
+        else:
+            reference = single_device_run(config, dataset)
+        out[case] = {
+            "difference": max_difference(run.state.model, reference),
+            "reference_moved_from_initial": max_difference(
+                _parameters(reference), _parameters(initial)
+            ),
+            "hidden_moved": [
+                max_difference(run.state.model.stages[k].params, initial.stages[k].params)
+                for k in range(len(initial.stages))
+            ],
+            "counts": group_update_counts(config, run.state.model),
+            "drawn": drawn_updates(config),
+            "sg_loss": list(run.records[-1].sg_loss),
+        }
+    if still:
+        still = TrainConfig(
+            mode="cdni", update_prob=0.0, parallel="layers", num_steps=3, eval_every=3, **SMALL
+        )
+        run = train_layer_parallel(still, dataset, **common)
+        initial = jax.jit(init_train_state, static_argnums=0)(still).model
+        out["cdni_p0"] = {
+            "params_moved": max_difference(_parameters(run.state.model), _parameters(initial)),
+            "counts": group_update_counts(still, run.state.model),
+        }
+    return out
+
+
+def check_decoupled_modes(results: dict[str, Any], tolerance: float) -> None:
+    """What ``decoupled_mode_results`` computed against its references (``tolerance``: largest
+    difference allowed, for an engine compiling the same sums differently; one update more or
+    less at this learning rate differs by about 1e-2)."""
+    for case, got in results.items():
+        if case == "cdni_p0":
+            # p = 0: no group, module or output layer ever updates (Trainer.step's coins cover
+            # the last group too).
+            assert got["params_moved"] == 0.0 and got["counts"] == [[0], [0], [0]], got
+            continue
+        assert got["difference"] <= tolerance, (case, got)
+        assert got["reference_moved_from_initial"] > 1e-3, (case, got)
+        p = 0.5 if case.endswith("_p") else 1.0
+        if p < 1:
+            # Each group updated exactly as often as its coins say, and sometimes not (8 steps
+            # at p = 0.5).
+            drawn = got["drawn"]
+            assert 0 < min(drawn) and max(drawn) < 8, drawn
+            assert got["counts"] == [[n] for n in drawn], (case, got)
+        else:
+            assert got["counts"] == [[8], [8], [8]], (case, got)
+        if case.startswith("zero_grad"):
+            # Only the last group learns: the decoupled groups keep their initial parameters.
+            assert got["hidden_moved"][:-1] == [0.0, 0.0], got
+            assert got["sg_loss"] == [0.0, 0.0]
+        else:
+            # (cdni's first block moves once bootstrapping has carried a non-zero target down
+            # two lagged modules, later than these 8 steps.)
+            first = 1 if case.startswith("cdni") else 0
+            assert min(got["hidden_moved"][first:]) > 1e-4, (case, got)
+            assert min(got["sg_loss"]) > 0, (case, got)
 
 
 # --------------------------------------------------------------------------- four devices
@@ -401,6 +562,10 @@ def four_device_results() -> dict[str, Any]:
         ],
     }
 
+    out["decoupled_modes"] = decoupled_mode_results(
+        mnist, "dispatch", ("dgl", "zero_grad_p", "cdni_p"), still=True
+    )
+
     floor = TrainConfig(mode="sg", seed=0, **FLOOR_CONFIG)
     run = train_layer_parallel(floor, mnist, kind="sg_pipeline", num_devices=4, log=quiet)
     out["floor"] = {
@@ -469,6 +634,34 @@ def test_model_parallel_and_gpipe_equal_their_single_device_backprop(four_device
     assert bp["gpipe_vs_bp"]["rest"] > 1e-3
     for got, expected in bp["loss_pairs"]:
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_decoupled_modes_pipelined_equal_their_single_device_runs(four_devices):
+    """dgl and zero_grad: the single-device steps exactly; --update_prob: the same coins."""
+    # Measured: 0.0 in every case (tests/test_parallel_spmd.py runs the other cases on the SPMD
+    # engine).
+    check_decoupled_modes(four_devices["decoupled_modes"], 2e-5)
+
+
+def test_update_prob_coins_are_the_single_device_loops():
+    """``Trainer.group_coin`` is the draw ``Trainer.step`` makes for a group at a step (also:
+    its realised frequency over 2000 steps is p)."""
+    config = TrainConfig(mode="cdni", update_prob=0.3, **SMALL)
+    trainer = trainer_for(config)
+    key = jax.random.PRNGKey(7)
+    steps = jax.numpy.arange(2000)
+
+    def coins(b):
+        return jax.numpy.stack([trainer.group_coin(key, b, j, 0.3) for j in range(3)])
+
+    def masks(b):
+        step_key = jax.random.fold_in(jax.random.fold_in(key, b), UPDATE_KEY)
+        return trainer.stochastic_update_mask(step_key, 0.3)
+
+    got = np.asarray(jax.jit(jax.vmap(coins))(steps))
+    expected = np.asarray(jax.jit(jax.vmap(masks))(steps))
+    np.testing.assert_array_equal(got, expected)
+    assert abs(got.mean() - 0.3) < 0.03, got.mean()
 
 
 def test_layer_parallel_sg_trains_on_mnist(four_devices):

@@ -302,7 +302,10 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
         )
     decoupled = [m for m in fv.modes if m != "bp"]
     if not decoupled or decoupled[0] not in MODES:
-        raise ConfigError("--parallel=layers needs sg or cdni in --modes (compared with bp)")
+        raise ConfigError(
+            "--parallel=layers needs a decoupled mode (sg, cdni, dgl or zero_grad) in --modes "
+            "(compared with bp)"
+        )
     base = dict(output_dir=fv.output_dir, model=fv.model)
     settings = ParallelBenchmarkSettings(
         sg=config_from_flags(fv, mode=decoupled[0], **base).validate(),

@@ -100,6 +100,10 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
         raise ConfigError(f"unknown layer-parallel schedule {kind!r}; choose one of {KINDS}")
     if microbatches < 1:
         raise ConfigError(f"--microbatches={microbatches} must be a positive integer")
+    # What --parallel=layers refuses (bp_lambda, stale_grad, --synthetic_inputs, bp with
+    # --update_prob: TrainConfig.validate), also for a config built with --parallel=none (the
+    # benchmark's).
+    dataclasses.replace(config, parallel="layers")
     if kind == "sg_pipeline" and not config.decoupled:
         raise ConfigError("the decoupled pipeline needs --mode=sg, cdni, dgl or zero_grad (not bp)")
     if kind != "sg_pipeline" and config.decoupled:
