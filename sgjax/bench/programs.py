@@ -334,6 +334,12 @@ def run_separately(spec: ProgramSpec, data: DeviceData) -> SeparateRuns:
     return SeparateRuns(compile_s, tuple(times), stacked)
 
 
+def writes_figures() -> bool:
+    """Whether this process reports FLOPs and the matmul rate: process 0 of a ``--distributed``
+    run writes every file, so the others skip those measurements (seconds of compilation each)."""
+    return jax.process_index() == 0
+
+
 def run_program(
     spec: ProgramSpec,
     data: DeviceData,
@@ -344,13 +350,19 @@ def run_program(
     """Compile and run ``spec`` (vmapped, sharded); count its arithmetic (``step_flops`` when
     already known); optionally rerun every run alone for the vmapped-vs-separate comparison."""
     execution = train_runs(spec.config, spec.run_seeds(), spec.run_learning_rates(), data, mesh)
+    if not writes_figures():
+        step_flops = eval_flops = float("nan")
+    else:
+        eval_flops = flops_per_evaluation(spec.config, data)
+        if step_flops is None:
+            step_flops = flops_per_step(spec.config, data)
     return ProgramResult(
         spec=spec,
         history=execution.history,
         compile_s=execution.compile_s,
         run_s=execution.run_s,
-        step_flops=flops_per_step(spec.config, data) if step_flops is None else step_flops,
-        eval_flops=flops_per_evaluation(spec.config, data),
+        step_flops=step_flops,
+        eval_flops=eval_flops,
         num_devices=execution.num_devices,
         peak_memory_bytes=execution.peak_memory_bytes,
         program_memory_bytes=execution.program_memory_bytes,
@@ -391,7 +403,7 @@ def run_benchmark(
     status, message = "completed", ""
     mesh = run_mesh()
     device_data = {name: to_device(ds) for name, ds in datasets.items()}
-    rate = matmul_gflops()
+    rate = matmul_gflops() if writes_figures() else float("nan")
     log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
     programs: list[ProgramResult] = []
     loops: list[LoopComparison] = []
