@@ -176,6 +176,12 @@ def four_device_results() -> dict[str, Any]:
             ],
         }
     out["traces"] = traces
+
+    # The decoupled modes against their single-device references (the cases test_parallel.py
+    # does not run on the dispatch engine, and cdni at p = 0.5).
+    from test_parallel import decoupled_mode_results  # this file runs as a script from tests/
+
+    out["decoupled_modes"] = decoupled_mode_results(mnist, "spmd", ("dgl_p", "zero_grad", "cdni_p"))
     return out
 
 
@@ -229,6 +235,15 @@ def check_backprop(four_devices: dict[str, Any], kind: str) -> None:
     run = four_devices["bp"][kind]
     assert run["difference"]["rest"] < 1e-5, run["difference"]
     np.testing.assert_allclose(run["losses"], run["reference_losses"], rtol=1e-5)
+
+
+def check_decoupled_modes(four_devices: dict[str, Any]) -> None:
+    """dgl and zero_grad equal the single-device steps, cdni at --update_prob=0.5 the
+    single-device coins (tests/test_parallel.py's ``check_decoupled_modes``). Measured: at most
+    7.5e-9; the pre-BatchNorm biases' rounding noise can reach about 1e-4 (a 4-stage dgl run)."""
+    from test_parallel import check_decoupled_modes as check
+
+    check(four_devices["decoupled_modes"], 5e-4)
 
 
 # --------------------------------------------------------------------------- two processes
@@ -345,6 +360,7 @@ def test_spmd_engine_on_four_devices_and_across_two_processes(tmp_path):
     check_sg_equals_dispatch(four_devices)
     check_one_program(four_devices)
     check_resume(four_devices)
+    check_decoupled_modes(four_devices)
     for kind in ("bp_model_parallel", "bp_gpipe"):
         check_backprop(four_devices, kind)
     check_two_processes(two_processes, four_devices)

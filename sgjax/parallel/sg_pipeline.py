@@ -40,6 +40,18 @@ old; group, last-group and module updates are the same in number (N each) and in
 versions they start from. (tests/test_parallel.py checks this statement against
 ``Trainer.decoupled_gradients`` driven by a module copy two updates old.)
 
+Other decoupled methods. Greedy local learning (dgl) and the zero gradient send nothing back
+(``Trainer.local``): each decoupled stage updates from its own auxiliary head, or with a zero
+gradient, on the tick it receives its input, and there are no targets and no FIFO. Stage j still
+trains on minibatch b with theta_j^(b), so the pipeline computes exactly the synchronous steps
+(``Trainer.step``). With --update_prob=p (``Coins``) every stage draws, for the minibatch it works
+on, the coin the single-device loop draws for its group at that step (``Trainer.group_coin``):
+group j's update on minibatch b is kept only if it comes up, and so is M_j's regression towards
+t_j^b two ticks later (and the statistics of M_j's forward pass on b), as ``Trainer.step`` keeps
+or drops a group with its module. (tests/test_parallel.py checks both against single-device
+references.) The stale gradient, BP(lambda) and synthetic inputs do not run here
+(``TrainConfig.validate`` says why).
+
 Minibatches in flight (the FIFOs, the activations and targets arriving next tick) are part of the
 pipeline's state: ``inflight()`` returns them by name and a pipeline built with them continues
 exactly where the one that gave them stopped (checkpoints).

@@ -15,7 +15,9 @@ the staleness, are the dispatch engines' exactly (see ``sgjax.parallel.sg_pipeli
 
 * sg: stage k works on minibatch t - k at tick t; a stage's target arrives two ticks after its
   output, matched to it by a two-slot FIFO indexed by tick parity; N minibatches take N + L + 1
-  ticks (fill and drain are the ticks where a stage has no input or no target);
+  ticks (fill and drain are the ticks where a stage has no input or no target); dgl and
+  zero_grad have no targets (their stages learn on the input tick), --update_prob's coins are
+  drawn from the tick and the batch key as the dispatch engine draws them;
 * bp (GPipe; M = 1 is model parallelism): within a minibatch, stage k runs the forward of
   microbatch m at tick m + k and its backward at tick m + 2(K - 1) - k (the last stage does
   both at once), then every stage updates with the mean of its accumulated gradients. The
