@@ -107,7 +107,7 @@ class TrainConfig:
 
     @property
     def decoupled(self) -> bool:
-        """Whether the run uses synthetic gradients (sg or cdni)."""
+        """Whether the chain is decoupled (every mode but bp)."""
         return self.mode != "bp"
 
     @property
@@ -200,8 +200,8 @@ class TrainConfig:
                 f"--synthetic_inputs needs --mode=sg or --mode=cdni, not --mode={self.mode}"
             )
         if self.parallel == "layers":
-            why = LAYER_PARALLEL_REFUSALS.get(self.mode)
-            if why is not None:
+            if self.mode not in LAYER_PARALLEL_MODES:
+                why = LAYER_PARALLEL_REFUSALS.get(self.mode, "not built for the pipeline")
                 raise ConfigError(
                     f"--parallel=layers cannot run --mode={self.mode}: {why}; run it with "
                     "--parallel=none"
