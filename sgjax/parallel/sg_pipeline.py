@@ -470,8 +470,12 @@ class SgPipeline:
             else:
                 continue
             self.hidden[k] = out.group
-            # What the tick surely wrote (a local method's boundary may hold nothing).
-            dispatched.append(out.group.stages if self.trainer.local else out.group.synthesizer)
+            # Something the tick wrote (a local method's boundary may hold nothing).
+            dispatched.append(
+                out.group.stages[-1].opt_state
+                if self.trainer.local
+                else out.group.synthesizer.opt_state
+            )
             if out.sent is not None:
                 if not self.trainer.local:  # local methods get no targets to match
                     self._fifo[k].append(out.sent)
