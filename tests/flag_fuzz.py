@@ -131,11 +131,7 @@ def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
 
 def _valid_modes(text: str) -> bool:
     names = [n.strip() for n in text.split(",")]
-    return (
-        bool(names)
-        and all(n in MODES for n in names)
-        and len(set(names)) == len(names)
-    )
+    return bool(names) and all(n in MODES for n in names) and len(set(names)) == len(names)
 
 
 PRESET_NAMES = (

@@ -37,6 +37,9 @@ from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import UPDATE_KEY, init_train_state, make_train_step
 from sgjax.training.model import trainer_for
 
+# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
+pytestmark = pytest.mark.xdist_group("test_parallel")
+
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 
 # Measured on the embedded MNIST (3x256 network, 2x256 modules, 300 steps, learning rate 1e-3),

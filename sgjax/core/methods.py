@@ -126,9 +126,7 @@ def dni(
     if synthetic_inputs and oracle:
         raise ValueError("oracle=True needs the true inputs; drop synthetic_inputs")
     chosen = _boundaries(boundaries)
-    return DNI(
-        synthesizer, conditioned, oracle, chosen, num_classes, synthetic_inputs, input_units
-    )
+    return DNI(synthesizer, conditioned, oracle, chosen, num_classes, synthetic_inputs, input_units)
 
 
 def bp_lambda(
