@@ -18,8 +18,8 @@ LAYER_PARALLEL_MODES = ("bp", "sg", "cdni", "dgl", "zero_grad")
 LAYER_PARALLEL_REFUSALS = {
     "bp_lambda": "BP(lambda) mixes in the backpropagated gradient from above, so a stage waits "
     "for the backward pass of every stage above it (it is not decoupled)",
-    "stale_grad": "the stale gradient needs each layer's true gradient, which a pipeline has "
-    "only two ticks later",
+    "stale_grad": "the stale gradient averages each layer's true gradient, which needs a "
+    "backward pass through every stage above (a pipeline passes synthetic-gradient targets)",
 }
 """Why --parallel=layers refuses the other modes (one line each)."""
 MODELS = ("mlp", "cnn")
