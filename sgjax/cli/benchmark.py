@@ -333,7 +333,7 @@ def run_layer_parallel(
     with StopRequest() as stop:
         result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
     table = folder / "table.md"
-    lines = ["# Layer-parallel training: backprop vs. synthetic gradients", ""]
+    lines = [f"# Layer-parallel training: backprop vs. {settings.sg.mode}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
     table.write_text("\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n")
