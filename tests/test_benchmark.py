@@ -151,9 +151,6 @@ from sgjax.bench.programs import run_mesh, train_runs
 from sgjax.training.config import TrainConfig
 from sgjax.data import load_dataset, to_device
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_benchmark")
-
 config = TrainConfig(**json.loads(sys.argv[1]))
 seeds, lrs = np.asarray(json.loads(sys.argv[2])), np.asarray(json.loads(sys.argv[3]))
 assert jax.device_count() == 2, jax.devices()

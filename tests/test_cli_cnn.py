@@ -27,9 +27,6 @@ from sgjax.training.checkpoint import Checkpointer
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import init_train_state
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_cli_cnn")
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "mnist_cnn.py"
 ENV = os.environ | {"JAX_PLATFORMS": "cpu"}

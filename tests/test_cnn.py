@@ -22,9 +22,6 @@ from sgjax.training.config import TrainConfig
 from sgjax.training.loop import PeriodMetrics, Resume, init_train_state
 from sgjax.training.model import sample_shape, trainer_for
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_cnn")
-
 # Two conv stages (depth 3) of 4 filters, 3x3 kernels, batch 32, Adam 3e-3, 300 steps; test
 # accuracy on the first 2000 test images; cosines on a fixed probe batch of 256 training images.
 TINY = dict(

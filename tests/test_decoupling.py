@@ -16,9 +16,6 @@ from sgjax.core.methods import backprop, bp_lambda, dgl, dni, stale_gradient, ze
 from sgjax.core.optim import adam
 from sgjax.core.trainer import Trainer, apply_module
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_decoupling")
-
 BATCH, IN, UNITS, CLASSES = 16, 20, 12, 10
 SYNTH = synthesizers.dense(1, 8)
 

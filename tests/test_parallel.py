@@ -37,7 +37,8 @@ from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import UPDATE_KEY, init_train_state, make_train_step
 from sgjax.training.model import trainer_for
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
+# Its module-scoped 4-device fixture costs a minute: one pytest-xdist worker computes it
+# (--dist=loadgroup in pyproject.toml), not each.
 pytestmark = pytest.mark.xdist_group("test_parallel")
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)

@@ -26,9 +26,6 @@ from sgjax.training.checkpoint import Checkpointer
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import Resume, init_train_state, train_and_evaluate
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_resume")
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
 # Long enough (200 chunks) that a signal lands mid-run; small enough to take seconds. Chunks of

@@ -21,9 +21,6 @@ from sgjax.training.loop import (
 )
 from sgjax.training.model import trainer_for
 
-# Its module-scoped fixture is expensive: one pytest-xdist worker computes it (--dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_train")
-
 # Floors measured on the embedded MNIST (BUILD_NOTES.md, "Accuracy floors"): 300 steps at
 # learning rate 1e-3, seeds 0-2 reached bp 0.946-0.950, sg 0.827-0.847, cdni 0.836-0.857.
 FLOOR_CONFIG = dict(num_steps=300, eval_every=150, learning_rate=1e-3, sg_hidden_units=256)
