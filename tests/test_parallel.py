@@ -8,6 +8,7 @@ prints one JSON object that the tests below check.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import subprocess
@@ -36,10 +37,6 @@ from sgjax.training.checkpoint import Checkpointer
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import UPDATE_KEY, init_train_state, make_train_step
 from sgjax.training.model import trainer_for
-
-# Its module-scoped 4-device fixture costs a minute: one pytest-xdist worker computes it
-# (--dist=loadgroup in pyproject.toml), not each.
-pytestmark = pytest.mark.xdist_group("test_parallel")
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 
@@ -585,8 +582,7 @@ def four_device_results() -> dict[str, Any]:
     return out
 
 
-@pytest.fixture(scope="module")
-def four_devices() -> dict[str, Any]:
+def _four_device_subprocess() -> dict[str, Any]:
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
     )
@@ -595,6 +591,21 @@ def four_devices() -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def four_devices(request: pytest.FixtureRequest, tmp_path_factory) -> dict[str, Any]:
+    """The 4-device results (a minute of subprocess), computed once per session: under
+    pytest-xdist the first worker to need them computes them and the others read its file
+    (the base temporary folder's parent is this session's, shared by the workers)."""
+    if not hasattr(request.config, "workerinput"):
+        return _four_device_subprocess()
+    shared = tmp_path_factory.getbasetemp().parent / "four_devices.json"
+    with open(f"{shared}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while one computes
+        if not shared.is_file():
+            shared.write_text(json.dumps(_four_device_subprocess()))
+        return json.loads(shared.read_text())
 
 
 def test_sg_pipeline_on_four_devices_computes_what_one_device_computes(four_devices):
