@@ -8,24 +8,17 @@ sgjax/cli/distributed.py).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from local_processes import start_processes
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5
 STOP_WITHIN_S = 10  # the connection to process 0 closes at once; the rest is slack
 FATAL_MARKS = ("Traceback", "Check failed", "*** ", "Fatal Python error", "terminate called")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_death_of_process_0_stops_the_other_with_one_line(tmp_path):
@@ -44,24 +37,7 @@ def test_death_of_process_0_stops_the_other_with_one_line(tmp_path):
         "--checkpoint_every=0",
         f"--output_dir={tmp_path / 'run'}",
     ]
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            command,
-            env=dict(
-                os.environ,
-                XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_PLATFORMS="cpu",
-                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    processes = start_processes(command, 2, 1)
     guard = threading.Timer(120, lambda: [p.kill() for p in processes])  # bounded, whatever
     guard.start()
     try:

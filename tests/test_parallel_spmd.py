@@ -11,7 +11,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from local_processes import start_processes
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 # Linear label-conditioned modules; chunks of 20 ticks (the first fills, the last drains), an
@@ -249,12 +249,6 @@ def check_decoupled_modes(four_devices: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _is_step(line: str, step: int) -> bool:
     fields = line.split("|")[0].split()
     return len(fields) == 2 and fields[0] == "step" and fields[1].startswith(f"{step}/")
@@ -275,24 +269,7 @@ def run_two_processes(folder: Path) -> dict[str, Any]:
         f"--output_dir={folder}",
     ]
     devices = "--xla_force_host_platform_device_count=2"
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            command,
-            env=dict(
-                os.environ,
-                XLA_FLAGS=devices,
-                JAX_PLATFORMS="cpu",
-                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    processes = start_processes(command, 2, 2)
     guard = threading.Timer(300, lambda: [p.kill() for p in processes])  # bounded, whatever
     guard.start()
     try:

@@ -334,12 +334,6 @@ def run_separately(spec: ProgramSpec, data: DeviceData) -> SeparateRuns:
     return SeparateRuns(compile_s, tuple(times), stacked)
 
 
-def writes_figures() -> bool:
-    """Whether this process reports FLOPs and the matmul rate: process 0 of a ``--distributed``
-    run writes every file, so the others skip those measurements (seconds of compilation each)."""
-    return jax.process_index() == 0
-
-
 def run_program(
     spec: ProgramSpec,
     data: DeviceData,
@@ -350,7 +344,7 @@ def run_program(
     """Compile and run ``spec`` (vmapped, sharded); count its arithmetic (``step_flops`` when
     already known); optionally rerun every run alone for the vmapped-vs-separate comparison."""
     execution = train_runs(spec.config, spec.run_seeds(), spec.run_learning_rates(), data, mesh)
-    if not writes_figures():
+    if jax.process_index() != 0:  # only process 0 writes (--distributed): skip the counting
         step_flops = eval_flops = float("nan")
     else:
         eval_flops = flops_per_evaluation(spec.config, data)
@@ -403,7 +397,7 @@ def run_benchmark(
     status, message = "completed", ""
     mesh = run_mesh()
     device_data = {name: to_device(ds) for name, ds in datasets.items()}
-    rate = matmul_gflops() if writes_figures() else float("nan")
+    rate = matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
     log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
     programs: list[ProgramResult] = []
     loops: list[LoopComparison] = []

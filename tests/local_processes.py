@@ -1,0 +1,38 @@
+"""Start the processes of one ``jax.distributed`` run on this machine, for the tests that kill
+one of them (tools/launch_local.sh is the way to run them otherwise)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_processes(command: list[str], count: int, devices: int) -> list[subprocess.Popen]:
+    """``count`` processes of ``command``, each told the coordinator, the process count and its
+    id, with ``devices`` simulated CPU devices; text pipes for stdout and stderr."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            command,
+            env=dict(
+                os.environ,
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES=str(count),
+                JAX_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(count)
+    ]
