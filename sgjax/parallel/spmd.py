@@ -835,7 +835,6 @@ class SpmdEngine:
         self.sharded = NamedSharding(mesh, PartitionSpec(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         host_data = jax.device_get(data)
-        self._host_data = host_data
         self.data = jax.tree_util.tree_map(lambda x: global_array(x, self.replicated), host_data)
         self.key = global_array(jax.device_get(start.key), self.replicated)
         self._key = start.key
@@ -996,7 +995,9 @@ class SpmdEngine:
         the dispatch engines' ``stage_ms``."""
         device = jax.local_devices()[0]
         states = self.program.split(self.state().model)
-        data = jax.device_put(self._host_data, device)
+        data = jax.tree_util.tree_map(
+            lambda x: jax.device_put(x.addressable_data(0), device), self.data
+        )
         key = jax.device_put(self._key, device)
         times = []
         for k, state in enumerate(states):
