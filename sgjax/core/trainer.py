@@ -268,9 +268,7 @@ class Trainer:
                 h = jnp.zeros_like(outputs[b])
                 synthesizers.append(self._init_boundary(k, h))
                 if self.unlocked:
-                    assert isinstance(self.method, DNI)
-                    model = InputModel(tuple(h.shape[1:]), self.method.input_units)
-                    params = model.init(k_in, sample_x)["params"]
+                    params = self._input_model(h.shape[1:]).init(k_in, sample_x)["params"]
                     inputs.append(StageState(params, {}, self.optimizer.init(params)))
         return TrainerState(tuple(stages), tuple(synthesizers), tuple(inputs))
 
@@ -641,11 +639,32 @@ class Trainer:
     def synthetic_inputs(self, state: TrainerState, x: jax.Array) -> tuple[jax.Array, ...]:
         """Complete unlock: per boundary the predicted input of the group above it."""
         return tuple(
-            InputModel(tuple(s.shape[1:]), self.method.input_units).apply(  # type: ignore[union-attr]
-                {"params": m.params}, x
-            )
+            self.predicted_input(m, x, tuple(s.shape[1:]))
             for m, s in zip(state.inputs, self._boundary_shapes(state, x), strict=True)
         )
+
+    def _input_model(self, shape: tuple[int, ...]) -> nn.Module:
+        assert isinstance(self.method, DNI)
+        return InputModel(tuple(shape), self.method.input_units)
+
+    def predicted_input(
+        self, model: StageState, x: jax.Array, shape: tuple[int, ...]
+    ) -> jax.Array:
+        """A synthetic-input model's prediction (per example of shape ``shape``) from ``x``."""
+        return self._input_model(shape).apply({"params": model.params}, x)
+
+    def input_model_update(
+        self, model: StageState, x: jax.Array, target: jax.Array
+    ) -> tuple[StageState, jax.Array]:
+        """One optimizer step of a synthetic-input model's L2 regression (mean over the batch of
+        the squared error summed over units) onto ``target``, the output of the group below on
+        the same minibatch; the new state and the loss before the step."""
+        module = self._input_model(tuple(target.shape[1:]))
+        loss, grads = jax.value_and_grad(
+            lambda p: sg_regression_loss(module.apply({"params": p}, x), target)
+        )(model.params)
+        params, opt_state = apply_optimizer(self.optimizer, grads, model.opt_state, model.params)
+        return StageState(params, {}, opt_state), loss
 
     def _boundary_shapes(self, state: TrainerState, x: jax.Array) -> list[jax.ShapeDtypeStruct]:
         def outputs() -> list[jax.Array]:
@@ -677,16 +696,8 @@ class Trainer:
         assert isinstance(self.method, DNI)
         inputs, input_losses = [], []
         for fwd, model_state in zip(forwards, state.inputs, strict=True):
-            model = InputModel(tuple(fwd.output.shape[1:]), self.method.input_units)
-            loss_in, grads_in = jax.value_and_grad(
-                lambda p, out=fwd.output, m=model: sg_regression_loss(
-                    m.apply({"params": p}, x), out
-                )
-            )(model_state.params)
-            params, opt_state = apply_optimizer(
-                self.optimizer, grads_in, model_state.opt_state, model_state.params
-            )
-            inputs.append(StageState(params, {}, opt_state))
+            model, loss_in = self.input_model_update(model_state, x, fwd.output)
+            inputs.append(model)
             input_losses.append(loss_in)
         metrics = metrics._replace(input_loss=jnp.stack(input_losses))
         return new_state._replace(inputs=tuple(inputs)), metrics

@@ -34,6 +34,7 @@ from sgjax.data.sources import Dataset
 from sgjax.parallel.bp_pipeline import BackpropPipeline
 from sgjax.parallel.sg_pipeline import SgPipeline
 from sgjax.parallel.stages import Pipeline, ideal_speedup, stage_devices
+from sgjax.parallel.unlocked import UnlockedPipeline
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import (
@@ -100,7 +101,7 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
         raise ConfigError(f"unknown layer-parallel schedule {kind!r}; choose one of {KINDS}")
     if microbatches < 1:
         raise ConfigError(f"--microbatches={microbatches} must be a positive integer")
-    # What --parallel=layers refuses (bp_lambda, stale_grad, --synthetic_inputs, bp with
+    # What --parallel=layers refuses (bp_lambda, stale_grad, bp with
     # --update_prob: TrainConfig.validate), also for a config built with --parallel=none (the
     # benchmark's).
     dataclasses.replace(config, parallel="layers")
@@ -129,6 +130,10 @@ def make_pipeline(
 ) -> Pipeline:
     """The schedule ``kind`` over ``devices`` (one per pipeline stage), continuing ``start``."""
     trainer, step = trainer_for(config), int(start.step)
+    if kind == "sg_pipeline" and trainer.unlocked:
+        return UnlockedPipeline(
+            trainer, config, data, devices, start.model, start.key, step=step, inflight=inflight
+        )
     if kind == "sg_pipeline":
         return SgPipeline(
             trainer, config, data, devices, start.model, start.key, step=step, inflight=inflight
@@ -175,6 +180,7 @@ class PipelineEngine:
             steps * float(np.mean(window.accuracy)),
             tuple(float(np.sum(values)) for values in window.sg_loss),
             tuple(len(values) for values in window.sg_loss),
+            tuple(float(np.sum(values)) for values in window.input_loss),
         )
 
     def state(self) -> TrainState:

@@ -41,12 +41,15 @@ class WindowMetrics(NamedTuple):
     """Device scalars produced since the last evaluation, not fetched yet.
 
     ``loss`` and ``accuracy``: one per minibatch the output layer trained on; ``sg_loss``: per
-    hidden stage, one per synthetic-gradient module update (empty for backprop).
+    hidden stage, one per synthetic-gradient module update (empty for backprop);
+    ``input_loss``: the complete unlock's, per boundary one per synthetic-input model update (at
+    the same ticks as the synthesizers' updates; empty for every other method).
     """
 
     loss: list[jax.Array]
     accuracy: list[jax.Array]
     sg_loss: tuple[list[jax.Array], ...]
+    input_loss: tuple[list[jax.Array], ...] = ()
 
 
 class Pipeline(Protocol):

@@ -206,10 +206,10 @@ class TrainConfig:
                     f"--parallel=layers cannot run --mode={self.mode}: {why}; run it with "
                     "--parallel=none"
                 )
-            if self.synthetic_inputs:
+            if self.synthetic_inputs and self.engine == "spmd":
                 raise ConfigError(
-                    "--parallel=layers cannot run --synthetic_inputs: the synthetic-input "
-                    "models are not in the pipeline's stages yet; run it with --parallel=none"
+                    "--engine=spmd cannot run --synthetic_inputs yet (the complete unlock's "
+                    "schedule is built for the dispatch engine); use --engine=dispatch"
                 )
             if self.update_prob != 1.0 and self.mode == "bp":
                 raise ConfigError(

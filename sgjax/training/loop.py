@@ -90,7 +90,8 @@ class PeriodMetrics:
     sg_updates: tuple[int, ...] = ()
     """Synthesizer updates that ``sg_loss`` sums, per boundary; empty: one per step."""
     input_loss: tuple[float, ...] = ()
-    """Complete unlock: per boundary the synthetic-input models' losses (one per step)."""
+    """Complete unlock: per boundary the synthetic-input models' losses (one per step, or per
+    ``sg_updates``)."""
 
     def add(self, steps: int, metrics: StepMetrics) -> None:
         """Add a chunk's mean metrics, weighted by its number of steps."""
@@ -114,7 +115,8 @@ class PeriodMetrics:
 
     def mean(self, name: str) -> float | tuple[float, ...]:
         value = getattr(self, name)
-        if name == "sg_loss" and self.sg_updates:
+        # The synthetic-input models update at the same ticks as the synthesizers.
+        if name in ("sg_loss", "input_loss") and self.sg_updates:
             return tuple(
                 v / n if n else math.nan for v, n in zip(value, self.sg_updates, strict=True)
             )
