@@ -1,7 +1,8 @@
 """The benchmark: files and columns, vmapped and sharded runs equal separate ones, presets, sweeps.
 
 One tiny benchmark (bp and sg, two hidden blocks of 16 units, 20 steps, 2 seeds x 2 learning
-rates in one program per mode) is run once per module and shared by the tests that read its results.
+rates in one program per mode) is run once per session (also under pytest-xdist: by the first
+worker to need it, ``shared_fixture.computed_once``) and shared by the tests that read its results.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import chex
 import jax
@@ -19,11 +22,12 @@ import matplotlib.image
 import numpy as np
 import pytest
 from absl import flags
+from shared_fixture import computed_once, session_folder
 
 from sgjax.bench.programs import BenchmarkSettings, run_program
 from sgjax.bench.report import TABLE_HEADERS
 from sgjax.bench.sweep import parse_sweep
-from sgjax.cli.benchmark import define_flags, run, settings_from_flags
+from sgjax.cli.benchmark import BenchmarkFiles, define_flags, run, settings_from_flags
 from sgjax.data import load_dataset, to_device
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import init_train_state
@@ -56,11 +60,44 @@ def _parse(argv: list[str]) -> flags.FlagValues:
     return fv
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("bench")
+def _tiny_benchmark(output_dir: Path) -> dict[str, Any]:
+    """The tiny benchmark, written to ``output_dir``: its files' paths and, per program, what the
+    tests read (config, runs' seeds and learning rates, vmapped and separate histories) as JSON."""
     result, files, _ = run(_parse([*TINY_FLAGS, f"--output_dir={output_dir}"]), log=lambda _: None)
-    return result, files
+    assert files is not None and result.status == "completed", result.message
+    return {
+        "files": {name: path and str(path) for name, path in dataclasses.asdict(files).items()},
+        "programs": [
+            {
+                "config": dataclasses.asdict(program.spec.config),
+                "seeds": program.spec.run_seeds().tolist(),
+                "learning_rates": program.spec.run_learning_rates().tolist(),
+                "history": {k: v.tolist() for k, v in program.history._asdict().items()},
+                "separate": program.separate
+                and {k: v.tolist() for k, v in program.separate.history._asdict().items()},
+            }
+            for program in result.programs
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], BenchmarkFiles]:
+    """The tiny benchmark's programs (histories as numpy arrays) and files, computed once per
+    session; the files lie in the session's folder, which every xdist worker reads."""
+    folder = session_folder(tmp_path_factory)
+
+    def compute() -> dict[str, Any]:
+        return _tiny_benchmark(Path(tempfile.mkdtemp(prefix="tiny_benchmark", dir=folder)))
+
+    record = computed_once(tmp_path_factory, "tiny_benchmark", compute)
+    files = BenchmarkFiles(**{name: path and Path(path) for name, path in record["files"].items()})
+    programs = record["programs"]
+    for program in programs:
+        for key in ("history", "separate"):
+            if program[key] is not None:
+                program[key] = {k: np.asarray(v) for k, v in program[key].items()}
+    return programs, files
 
 
 # ---------------------------------------------------------------------------------- files
@@ -78,7 +115,7 @@ def _main_table(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 def test_tiny_benchmark_writes_every_file_and_column(tiny):
-    result, files = tiny
+    programs, files = tiny
     assert files.grid is None  # no model or depth sweep
     for path in files.paths():
         assert Path(path).stat().st_size > 0, path
@@ -112,7 +149,7 @@ def test_tiny_benchmark_writes_every_file_and_column(tiny):
     sg = next(r for r in record["rows"] if r["mode"] == "sg")
     assert sg["flop_ratio_bp"] > 1  # the modules add arithmetic
     assert len(record["loop_comparison"]) == 2
-    assert len(result.programs) == 2  # learning rates share one program per mode
+    assert len(programs) == 2  # learning rates share one program per mode
 
 
 @pytest.mark.parametrize("name", ["curves", "sg_loss", "time_per_step"])
@@ -130,16 +167,14 @@ def test_plots_are_real_images_with_drawn_content(tiny, name):
 
 
 def test_vmapped_runs_equal_separate_runs_and_seeds_differ(tiny):
-    result, _ = tiny
-    for program in result.programs:
-        assert program.separate is not None
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
-            program.history,
-            program.separate.history,
-        )
+    programs, _ = tiny
+    for program in programs:
+        assert program["separate"] is not None
+        assert program["separate"].keys() == program["history"].keys()
+        for name, vmapped in program["history"].items():
+            np.testing.assert_allclose(vmapped, program["separate"][name], rtol=RTOL, atol=ATOL)
         # runs 0 and 1: same learning rate, seeds 0 and 1; runs 0 and 2: other learning rate
-        losses = program.history.test_loss
+        losses = program["history"]["test_loss"]
         assert np.max(np.abs(losses[0] - losses[1])) > 1e-3
         assert np.max(np.abs(losses[0] - losses[2])) > 1e-3
 
@@ -161,11 +196,10 @@ np.savez(sys.argv[4], num_devices=execution.num_devices, **execution.history._as
 
 
 def test_sharded_run_axis_over_two_devices_equals_unsharded(tiny, tmp_path):
-    result, _ = tiny
-    program = result.programs[0]  # bp
+    programs, _ = tiny
+    program = programs[0]  # bp
     runs = slice(0, 3)  # 3 runs over 2 devices: also exercises the padding
-    seeds = program.spec.run_seeds()[runs].tolist()
-    lrs = program.spec.run_learning_rates()[runs].tolist()
+    seeds, lrs = program["seeds"][runs], program["learning_rates"][runs]
     out = tmp_path / "sharded.npz"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     env["JAX_PLATFORMS"] = "cpu"
@@ -174,7 +208,7 @@ def test_sharded_run_axis_over_two_devices_equals_unsharded(tiny, tmp_path):
             sys.executable,
             "-c",
             SHARDED,
-            json.dumps(dataclasses.asdict(program.spec.config)),
+            json.dumps(program["config"]),
             json.dumps(seeds),
             json.dumps(lrs),
             str(out),
@@ -187,7 +221,7 @@ def test_sharded_run_axis_over_two_devices_equals_unsharded(tiny, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     sharded = np.load(out)
     assert int(sharded["num_devices"]) == 2
-    for name, unsharded in program.history._asdict().items():
+    for name, unsharded in program["history"].items():
         np.testing.assert_allclose(sharded[name], unsharded[runs], rtol=RTOL, atol=ATOL)
 
 

@@ -8,7 +8,6 @@ prints one JSON object that the tests below check.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 from optax import tree_utils as otu
+from shared_fixture import computed_once
 
 from sgjax.core.trainer import StageState, Trainer, TrainerState
 from sgjax.data import Dataset, load_dataset, sample_batch, to_device
@@ -594,18 +594,10 @@ def _four_device_subprocess() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def four_devices(request: pytest.FixtureRequest, tmp_path_factory) -> dict[str, Any]:
-    """The 4-device results (a minute of subprocess), computed once per session: under
-    pytest-xdist the first worker to need them computes them and the others read its file
-    (the base temporary folder's parent is this session's, shared by the workers)."""
-    if not hasattr(request.config, "workerinput"):
-        return _four_device_subprocess()
-    shared = tmp_path_factory.getbasetemp().parent / "four_devices.json"
-    with open(f"{shared}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while one computes
-        if not shared.is_file():
-            shared.write_text(json.dumps(_four_device_subprocess()))
-        return json.loads(shared.read_text())
+def four_devices(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The 4-device results (a minute of subprocess), computed once per session (under
+    pytest-xdist by the first worker to need them; the others read its file)."""
+    return computed_once(tmp_path_factory, "four_devices", _four_device_subprocess)
 
 
 def test_sg_pipeline_on_four_devices_computes_what_one_device_computes(four_devices):
