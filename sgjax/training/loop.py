@@ -116,7 +116,7 @@ class PeriodMetrics:
     def mean(self, name: str) -> float | tuple[float, ...]:
         value = getattr(self, name)
         # The synthetic-input models update at the same ticks as the synthesizers.
-        if name in ("sg_loss", "input_loss") and self.sg_updates:
+        if name in ("sg_loss", "input_loss") and value and self.sg_updates:
             return tuple(
                 v / n if n else math.nan for v, n in zip(value, self.sg_updates, strict=True)
             )
