@@ -10,6 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from absl import flags
+
+from sgjax.cli.benchmark import define_flags, parallel_settings_from_flags
+from sgjax.training.config import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--modes=bp,cdni", "--batch_size=32", "--hidden_units=16", "--parallel_devices=1"]
 
@@ -70,6 +76,34 @@ def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
     assert all(r["examples_per_s"] > 0 for r in rows)
     table = (tmp_path / "table.md").read_text()
     assert "cdni layer-parallel pipeline" in table and "share" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "mode", "unlocked"),
+    [
+        (["--modes=bp,cdni_unlock"], "cdni", True),
+        (["--modes=bp,sg", "--synthetic_inputs"], "sg", True),
+        (["--modes=bp,dgl", "--synthetic_inputs"], "dgl", False),
+        (["--modes=bp,cdni"], "cdni", False),
+    ],
+)
+def test_the_complete_unlock_is_a_decoupled_column_of_the_comparison(args, mode, unlocked):
+    """The unlock's pipeline runs under --parallel=layers, so the comparison takes it as its
+    decoupled column (by name or with --synthetic_inputs); backprop stays plain."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["prog", "--parallel=layers", *args])
+    settings = parallel_settings_from_flags(fv)
+    assert (settings.sg.mode, settings.sg.synthetic_inputs) == (mode, unlocked)
+    assert (settings.bp.mode, settings.bp.synthetic_inputs) == ("bp", False)
+
+
+def test_the_comparison_needs_a_decoupled_mode():
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["prog", "--parallel=layers", "--modes=bp"])
+    with pytest.raises(ConfigError, match="needs a decoupled mode"):
+        parallel_settings_from_flags(fv)
 
 
 def test_a_diverging_run_makes_the_comparison_exit_3_and_its_row_is_marked(tmp_path):

@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
         (["--mode=bp", "--synthetic_inputs"], "--synthetic_inputs needs --mode=sg or --mode=cdni"),
         (["--mode=bp_lambda", "--parallel=layers"], "it is not decoupled"),
         (["--mode=stale_grad", "--parallel=layers"], "backward pass through every stage above"),
-        (["--mode=sg", "--synthetic_inputs", "--parallel=layers"], "--synthetic_inputs"),
         (["--mode=bp", "--update_prob=0.5", "--parallel=layers"], "only with decoupled modes"),
     ],
 )

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 
+from sgjax.bench.sweep import benchmark_mode
 from sgjax.data.sources import Dataset
 from sgjax.parallel.layers import ParallelRunResult, train_layer_parallel
 from sgjax.training.config import TrainConfig
@@ -76,7 +77,7 @@ def _row(variant: str, schedule: str, config: TrainConfig, result: RunResult) ->
     parallel = isinstance(result, ParallelRunResult)
     return BenchmarkRow(
         variant=variant,
-        algorithm=config.mode,
+        algorithm=benchmark_mode(config),
         schedule=schedule,
         devices=result.num_devices if parallel else 1,
         stage_devices=result.stage_devices if parallel else (),
@@ -95,7 +96,7 @@ def _interrupted_row(variant: str, schedule: str, config: TrainConfig) -> Benchm
     """A run stopped before it trained (Ctrl-C while compiling)."""
     return BenchmarkRow(
         variant,
-        config.mode,
+        benchmark_mode(config),
         schedule,
         0,
         (),
@@ -132,12 +133,13 @@ def run_parallel_benchmark(
     counts = sorted({n for n in settings.device_counts if n <= len(jax.local_devices())})
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
     sg, bp, micro = settings.sg, settings.bp, settings.microbatches
+    name = benchmark_mode(sg)
     plans = [
         _Plan("bp single device (scanned)", "single", bp),
-        _Plan(f"{sg.mode} single device (scanned)", "single", sg),
+        _Plan(f"{name} single device (scanned)", "single", sg),
         *(_Plan("bp model-parallel", "bp_model_parallel", bp, 1, n) for n in counts),
         *(_Plan(f"bp GPipe M={micro}", "bp_gpipe", bp, micro, n) for n in counts),
-        *(_Plan(f"{sg.mode} layer-parallel pipeline", "sg_pipeline", sg, 1, n) for n in counts),
+        *(_Plan(f"{name} layer-parallel pipeline", "sg_pipeline", sg, 1, n) for n in counts),
     ]
     rows: list[BenchmarkRow] = []
     for variant, kind, config, microbatches, devices in plans:

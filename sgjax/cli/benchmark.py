@@ -27,7 +27,15 @@ from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchma
 from sgjax.bench.report import build_json, build_rows, table_markdown
 from sgjax.bench.rnn_table import RNN_PRESETS, run_rnn_table
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
-from sgjax.bench.sweep import STATIC_FIELDS, TRACED_FIELDS, Override, parse_sweeps
+from sgjax.bench.sweep import (
+    BENCHMARK_MODES,
+    STATIC_FIELDS,
+    TRACED_FIELDS,
+    Override,
+    benchmark_mode,
+    mode_fields,
+    parse_sweeps,
+)
 from sgjax.bench.update_prob import SWEEP_FILES, run_sweep, write_sweep
 from sgjax.cli.distributed import define_distributed_flags, initialize_from_flags
 from sgjax.cli.errors import fail, parse_int_list
@@ -301,15 +309,18 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
             "and --num_seeds"
         )
     decoupled = [m for m in fv.modes if m != "bp"]
-    if not decoupled or decoupled[0] not in MODES:
+    if not decoupled or decoupled[0] not in BENCHMARK_MODES:
         raise ConfigError(
-            "--parallel=layers needs a decoupled mode (sg, cdni, dgl or zero_grad) in --modes "
-            "(compared with bp)"
+            "--parallel=layers needs a decoupled mode (sg, cdni, sg_unlock, cdni_unlock, dgl or "
+            "zero_grad) in --modes (compared with bp)"
         )
+    fields = {"synthetic_inputs": False, **mode_fields(decoupled[0])}
+    if fv.synthetic_inputs and fields["mode"] in ("sg", "cdni"):
+        fields["synthetic_inputs"] = True
     base = dict(output_dir=fv.output_dir, model=fv.model)
     settings = ParallelBenchmarkSettings(
-        sg=config_from_flags(fv, mode=decoupled[0], **base).validate(),
-        bp=config_from_flags(fv, mode="bp", **base).validate(),
+        sg=config_from_flags(fv, **fields, **base).validate(),
+        bp=config_from_flags(fv, mode="bp", synthetic_inputs=False, **base).validate(),
         device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
         microbatches=fv.microbatches,
     )
@@ -333,7 +344,7 @@ def run_layer_parallel(
     with StopRequest() as stop:
         result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
     table = folder / "table.md"
-    lines = [f"# Layer-parallel training: backprop vs. {settings.sg.mode}", ""]
+    lines = [f"# Layer-parallel training: backprop vs. {benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
     table.write_text("\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n")
