@@ -49,7 +49,8 @@ on, the coin the single-device loop draws for its group at that step (``Trainer.
 group j's update on minibatch b is kept only if it comes up, and so is M_j's regression towards
 t_j^b two ticks later (and the statistics of M_j's forward pass on b), as ``Trainer.step`` keeps
 or drops a group with its module. (tests/test_parallel.py checks both against single-device
-references.) The stale gradient, BP(lambda) and synthetic inputs do not run here
+references.) The complete unlock (synthetic inputs) has a schedule of its own
+(``sgjax.parallel.unlocked``); the stale gradient and BP(lambda) do not run layer-parallel
 (``TrainConfig.validate`` says why).
 
 Minibatches in flight (the FIFOs, the activations and targets arriving next tick) are part of the
