@@ -112,3 +112,15 @@ def test_corrupt_program_files_on_resume_are_one_line_and_exit_2(tmp_path):
         assert done.returncode == 2, done.stderr
         assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], lines
         path.write_text(original)
+    # A program stored before the input losses were kept (no history.input_loss) still loads,
+    # with no input-loss columns.
+    npz = tmp_path / "programs" / "000.npz"
+    with np.load(npz) as arrays:
+        kept = {k: arrays[k] for k in arrays.files if not k.endswith(".input_loss")}
+    assert len(kept) < len(np.load(npz).files)
+    np.savez(npz, **kept)
+    done = _run([sys.executable, SCRIPT, *quick, "--resume"])
+    assert done.returncode == 0, done.stderr
+    history = _benchmark(tmp_path)["programs"][0]["history"]
+    assert np.asarray(history["input_loss"]).size == 0
+    assert len(history["test_loss"][0]) == 2

@@ -115,6 +115,13 @@ def test_short_runs_reach_their_floors_and_beat_the_zero_gradient_control():
         program = jax.jit(jax.vmap(make_train(config), in_axes=(0, None, None)))
         _, history = program(seeds, jnp.float32(config.learning_rate), data)
         accuracy[name] = np.asarray(history.test_accuracy)[:, -1]
+        # The run's history carries the input models' losses (the benchmark's JSON and
+        # sg_loss.png read them): one column per boundary for the unlock, none otherwise.
+        input_loss = np.asarray(history.input_loss)
+        if config.synthetic_inputs:
+            assert input_loss.shape == (2, 1, 2) and np.all(input_loss > 0), input_loss
+        else:
+            assert input_loss.shape == (2, 1, 0), input_loss.shape
     control = accuracy["zero_grad"]
     assert control.max() < ZERO_CEILING, control
     for name, floor in FLOORS.items():

@@ -65,26 +65,50 @@ def plot_curves(rows: Sequence[Row], path: Path) -> Path:
 
 
 def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
-    """Synthetic-gradient loss of every hidden layer's module against steps, per decoupled row."""
+    """Synthetic-gradient loss of every hidden layer's module against steps, per decoupled row;
+    for complete-unlock rows a second row of panels with the synthetic-input models' losses."""
     decoupled = [r for r in rows if r.config.decoupled]
+    unlocked = [r for r in decoupled if r.config.synthetic_inputs]
     layers = max((r.config.hidden_layers for r in decoupled), default=1)
-    figure = Figure(figsize=(4.5 * layers, 4.2), layout="constrained")
-    axes_row = np.atleast_1d(figure.subplots(1, layers, sharey=True))
-    for row, color in zip(decoupled, _colors(len(decoupled)), strict=True):
+    panel_rows = 2 if unlocked else 1
+    figure = Figure(figsize=(4.5 * layers, 4.2 * panel_rows), layout="constrained")
+    grid = figure.subplots(panel_rows, layers, sharey="row", squeeze=False)
+    colors = dict(zip((r.label for r in decoupled), _colors(len(decoupled)), strict=True))
+    for row in decoupled:
         history = row.history
         for layer in range(row.config.hidden_layers):
-            _band(axes_row[layer], history.step[0], history.sg_loss[..., layer], row.label, color)
-    for layer, axes in enumerate(axes_row, start=1):
-        axes.set_title(f"module of hidden layer {layer}")
+            _band(
+                grid[0, layer],
+                history.step[0],
+                history.sg_loss[..., layer],
+                row.label,
+                colors[row.label],
+            )
+            if row.config.synthetic_inputs:
+                _band(
+                    grid[1, layer],
+                    history.step[0],
+                    history.input_loss[..., layer],
+                    row.label,
+                    colors[row.label],
+                )
+    for layer in range(layers):
+        grid[0, layer].set_title(f"module of hidden layer {layer + 1}")
+        if unlocked:
+            grid[1, layer].set_title(f"input model predicting hidden layer {layer + 1}'s output")
+    for axes in grid.flat:
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
         if decoupled:
             axes.set_yscale("log")
-    axes_row[0].set_ylabel("synthetic-gradient loss (chunk mean)")
+    grid[0, 0].set_ylabel("synthetic-gradient loss (chunk mean)")
+    if unlocked:
+        grid[1, 0].set_ylabel("synthetic-input loss (chunk mean)")
+        grid[1, -1].legend(fontsize="small")
     if decoupled:
-        axes_row[-1].legend(fontsize="small")
+        grid[0, -1].legend(fontsize="small")
     else:
-        axes_row[0].text(0.5, 0.5, "no sg or cdni mode was run", ha="center", va="center")
+        grid[0, 0].text(0.5, 0.5, "no sg or cdni mode was run", ha="center", va="center")
     figure.suptitle("Synthetic-gradient loss per layer: ||M_i(h_i) - target_i||^2")
     return _save(figure, path)
 

@@ -94,13 +94,13 @@ class ProgramStore:
         path = self.folder / f"{index:03d}.npz"
         try:
             with np.load(path) as arrays:
-                history = RunHistory(*(arrays[f"history.{k}"] for k in RunHistory._fields))
+                history = _history(arrays, "history")
                 separate = None
                 if "separate" in meta:
                     separate = SeparateRuns(
                         meta["separate"]["compile_s"],
                         tuple(meta["separate"]["run_s"]),
-                        RunHistory(*(arrays[f"separate.{k}"] for k in RunHistory._fields)),
+                        _history(arrays, "separate"),
                     )
         except (OSError, KeyError, ValueError, TypeError) as error:
             raise ConfigError(f"cannot read {path} ({error}); {_RERUN_HINT}") from None
@@ -114,6 +114,19 @@ class ProgramStore:
 
 
 _RERUN_HINT = "delete it to run that program again, or use --overwrite"
+
+
+def _history(arrays: Any, prefix: str) -> RunHistory:
+    """A stored RunHistory; a store written before the input losses were kept has none (every
+    method but the complete unlock has no columns there anyway)."""
+    fields = {}
+    for name in RunHistory._fields:
+        key = f"{prefix}.{name}"
+        if name == "input_loss" and key not in arrays:
+            fields[name] = np.zeros((*arrays[f"{prefix}.sg_loss"].shape[:-1], 0), np.float32)
+        else:
+            fields[name] = arrays[key]
+    return RunHistory(**fields)
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
@@ -148,11 +161,12 @@ def divergence(result: ProgramResult) -> str:
         if bad.size:
             step = int(result.history.step[run][bad[0]])
             return f"{where}: training loss not finite by step {step}"
-        sg = result.history.sg_loss[run]
-        if sg.size and not np.all(np.isfinite(sg)):
-            evaluation, layer = np.argwhere(~np.isfinite(sg))[0]
-            step = int(result.history.step[run][evaluation])
-            return (
-                f"{where}: synthetic-gradient loss of layer {layer + 1} not finite by step {step}"
-            )
+        for name, values in (
+            ("synthetic-gradient", result.history.sg_loss[run]),
+            ("synthetic-input", result.history.input_loss[run]),
+        ):
+            if values.size and not np.all(np.isfinite(values)):
+                evaluation, layer = np.argwhere(~np.isfinite(values))[0]
+                step = int(result.history.step[run][evaluation])
+                return f"{where}: {name} loss of layer {layer + 1} not finite by step {step}"
     return ""
