@@ -647,9 +647,7 @@ class Trainer:
         assert isinstance(self.method, DNI)
         return InputModel(tuple(shape), self.method.input_units)
 
-    def predicted_input(
-        self, model: StageState, x: jax.Array, shape: tuple[int, ...]
-    ) -> jax.Array:
+    def predicted_input(self, model: StageState, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """A synthetic-input model's prediction (per example of shape ``shape``) from ``x``."""
         return self._input_model(shape).apply({"params": model.params}, x)
 
