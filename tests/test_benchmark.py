@@ -368,3 +368,7 @@ def test_plain_and_unlocked_cdni_are_separate_columns():
     assert mode_label(unlocked).startswith("cdni_unlock (cDNI + synthetic inputs")
     with pytest.raises(ConfigError, match="unknown mode 'bp_unlock'.*cdni_unlock"):
         BenchmarkSettings(base=base, modes=("bp_unlock",)).validate()
+    # --synthetic_inputs would make cdni the same program as cdni_unlock: one line instead.
+    with pytest.raises(ConfigError, match="the same program twice") as error:
+        settings_from_flags(_parse(["--modes=bp,cdni,cdni_unlock", "--synthetic_inputs"]))
+    assert "\n" not in str(error.value)

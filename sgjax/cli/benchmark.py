@@ -166,6 +166,13 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
     )
     overrides = preset_overrides(fv, fv.preset) if fv.preset else ()
     if fv.synthetic_inputs:  # the complete unlock applies to the DNI modes only
+        twice = [m for m in ("sg", "cdni") if m in fv.modes and f"{m}_unlock" in fv.modes]
+        if twice:
+            raise ConfigError(
+                f"--synthetic_inputs turns --modes={twice[0]} into {twice[0]}_unlock, which "
+                "--modes also lists (the same program twice); drop --synthetic_inputs to "
+                "compare the plain and unlocked runs"
+            )
         unlock = (("synthetic_inputs", True),)
         overrides += tuple(Override((("mode", m),), unlock) for m in ("sg", "cdni"))
     return BenchmarkSettings(
