@@ -318,7 +318,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ per-group pieces
 
-    def _group_state(self, stages: Sequence[StageState], j: int) -> tuple[tuple, tuple]:
+    def group_state(self, stages: Sequence[StageState], j: int) -> tuple[tuple, tuple]:
+        """Group ``j``'s parameters and other variables, per stage (``stages``: every stage's
+        state, or a mapping from stage index to state holding at least group ``j``'s)."""
         chosen = [stages[k] for k in self.groups[j]]
         return tuple(s.params for s in chosen), tuple(s.collections for s in chosen)
 
@@ -334,7 +336,7 @@ class Trainer:
 
         ``stages`` is the whole tuple of stage states (only group ``j``'s are read).
         """
-        params, collections = self._group_state(stages, j)
+        params, collections = self.group_state(stages, j)
         if j == 0:
             output, group_vjp, new_collections = jax.vjp(
                 lambda p: self.apply_group(j, p, collections, h_in, True), params, has_aux=True
@@ -380,7 +382,7 @@ class Trainer:
     ) -> LastGroupGradients:
         """The last group's true gradients and dLoss/dh_in (the top boundary's target)."""
         j = len(self.groups) - 1
-        params, collections = self._group_state(stages, j)
+        params, collections = self.group_state(stages, j)
 
         def loss_fn(p: Any, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
             output, new = self.apply_group(j, p, collections, x, True)
@@ -444,7 +446,7 @@ class Trainer:
         def forward(offsets: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
             h, outputs = x, []
             for j in range(num_groups):
-                params, collections = self._group_state(state.stages, j)
+                params, collections = self.group_state(state.stages, j)
                 h, _ = self.apply_group(j, params, collections, h, True)
                 if j < num_groups - 1:
                     h = h + offsets[j]
@@ -668,7 +670,7 @@ class Trainer:
         def outputs() -> list[jax.Array]:
             h, hs = x, []
             for j in range(len(self.groups) - 1):
-                params, collections = self._group_state(state.stages, j)
+                params, collections = self.group_state(state.stages, j)
                 h, _ = self.apply_group(j, params, collections, h, False)
                 hs.append(h)
             return hs
@@ -747,7 +749,7 @@ class Trainer:
         """Greedy local learning, decoupled group ``j`` alone (its input a constant): the
         gradients of its auxiliary loss, and the group's output. ``stages`` is the whole tuple
         of stage states (only group ``j``'s are read)."""
-        params, collections = self._group_state(stages, j)
+        params, collections = self.group_state(stages, j)
         h_in = jax.lax.stop_gradient(h)
 
         def aux_loss(
@@ -813,7 +815,7 @@ class Trainer:
         boundary_states, sg_losses = [], []
         h = x
         for j in range(len(self.groups) - 1):
-            params, collections = self._group_state(state.stages, j)
+            params, collections = self.group_state(state.stages, j)
             out, vjp, new_collections = jax.vjp(
                 lambda p, j=j, h=h, c=collections: self.apply_group(j, p, c, h, True),
                 params,

@@ -150,7 +150,7 @@ def _local_update(
         grads, collections, loss = local.stages, local.collections, local.loss
         head = trainer.update_head(head, local.head, local.head_collections)
     else:
-        params, cols = trainer._group_state(indexed, j)
+        params, cols = trainer.group_state(indexed, j)
         out, collections = trainer.apply_group(j, params, cols, inputs.h, True)
         grads = jax.tree_util.tree_map(jnp.zeros_like, params)
         loss = jnp.zeros((), out.dtype)
