@@ -38,6 +38,19 @@ SG = dict(
     **TINY,
 )
 BP = dict(mode="bp", num_steps=4, eval_every=2, learning_rate=1e-2, **TINY)
+# The complete unlock (3 groups on 3 devices), with --update_prob's coins; chunks of 4.
+UNLOCK = dict(
+    mode="cdni",
+    synthetic_inputs=True,
+    update_prob=0.5,
+    sg_hidden_layers=0,
+    num_steps=8,
+    eval_every=4,
+    chunk_steps=4,
+    learning_rate=1e-2,
+    parallel="layers",
+    **(TINY | dict(hidden_layers=2)),
+)
 SG_FLAGS = [f"--{name}={value}" for name, value in SG.items()]
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +93,45 @@ def _records(result) -> list[dict]:
 
 def _train_metrics(result) -> list[list[float]]:
     return [[r.train_loss, r.train_accuracy, *r.sg_loss] for r in result.records]
+
+
+def unlock_results(mnist: Any) -> dict[str, Any]:
+    """The complete unlock under both engines, and the SPMD run stopped after its first period
+    and resumed from the checkpoint."""
+    from sgjax.parallel.layers import train_layer_parallel
+    from sgjax.training.checkpoint import Checkpointer
+    from sgjax.training.config import TrainConfig
+    from sgjax.training.loop import init_train_state
+
+    config = TrainConfig(**UNLOCK)
+    common = dict(kind="sg_pipeline", num_devices=3, log=quiet)
+    ours = train_layer_parallel(config, mnist, engine="spmd", stage_timing_repeats=2, **common)
+    theirs = train_layer_parallel(config, mnist, engine="dispatch", **common)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpointer = Checkpointer(Path(folder))
+        train_layer_parallel(
+            config,
+            mnist,
+            engine="spmd",
+            stop_requested=lambda: True,
+            save_checkpoint=lambda point: checkpointer.save(point, config),
+            **common,
+        )
+        start = checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
+        checkpointer.close()
+    resumed = train_layer_parallel(config, mnist, engine="spmd", start=start, **common)
+    return {
+        "placement": list(ours.stage_devices),
+        "difference": differences(ours.state.model, theirs.state.model),
+        "records": [
+            [[r.train_loss, *r.sg_loss, *r.input_loss] for r in x.records] for x in (ours, theirs)
+        ],
+        "stage_ms": list(ours.stage_ms),
+        "resume_step": int(start.state.step),
+        "inflight": sorted(start.inflight or {}),
+        "resume_difference": differences(resumed.state.model, ours.state.model)["every"],
+        "resume_records_equal": _records(resumed) == _records(ours),
+    }
 
 
 def four_device_results() -> dict[str, Any]:
@@ -182,6 +234,7 @@ def four_device_results() -> dict[str, Any]:
     from test_parallel import decoupled_mode_results  # this file runs as a script from tests/
 
     out["decoupled_modes"] = decoupled_mode_results(mnist, "spmd", ("dgl_p", "zero_grad", "cdni_p"))
+    out["unlock"] = unlock_results(mnist)
     return out
 
 
@@ -228,6 +281,22 @@ def check_resume(four_devices: dict[str, Any]) -> None:
     assert resume["stopped_at"] == 20  # a stop request is honoured after the first chunk
     assert {name.split("_")[0] for name in resume["inflight"]} == {"fifo", "inbox", "target"}
     assert resume["difference"] == 0.0 and resume["records_equal"], resume
+
+
+def check_unlock(four_devices: dict[str, Any]) -> None:
+    """The complete unlock (--synthetic_inputs) as one SPMD program computes what the dispatch
+    engine computes (up to the pre-BatchNorm biases' rounding noise), with the same records
+    (input losses too); stopped and resumed, bitwise the uninterrupted run; stages timed."""
+    unlock = four_devices["unlock"]
+    assert unlock["placement"] == [0, 1, 2]
+    assert unlock["difference"]["rest"] < 1e-5, unlock["difference"]
+    ours, theirs = unlock["records"]
+    assert len(ours[0]) == 1 + 2 + 2  # loss, 2 synthesizers' and 2 input models' losses
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert unlock["resume_step"] == 4
+    assert {name.rsplit("_", 1)[0] for name in unlock["inflight"]} == {"below", "stored", "target"}
+    assert unlock["resume_difference"] == 0.0 and unlock["resume_records_equal"], unlock
+    assert len(unlock["stage_ms"]) == 3 and min(unlock["stage_ms"]) > 0, unlock["stage_ms"]
 
 
 def check_backprop(four_devices: dict[str, Any], kind: str) -> None:
@@ -338,6 +407,7 @@ def test_spmd_engine_on_four_devices_and_across_two_processes(tmp_path):
     check_one_program(four_devices)
     check_resume(four_devices)
     check_decoupled_modes(four_devices)
+    check_unlock(four_devices)
     for kind in ("bp_model_parallel", "bp_gpipe"):
         check_backprop(four_devices, kind)
     check_two_processes(two_processes, four_devices)
@@ -411,4 +481,9 @@ def test_launcher_refuses_bad_arguments():
 
 
 if __name__ == "__main__":
-    print(json.dumps(four_device_results()))
+    with tempfile.TemporaryDirectory() as cache:
+        # The stopped and the resumed runs compile the programs of the uninterrupted run again:
+        # read back from this cache instead (the same executables, so bitwise the same results).
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        print(json.dumps(four_device_results()))

@@ -27,7 +27,7 @@ from sgjax.data import load_dataset, sample_batch, to_device
 from sgjax.parallel.layers import train_layer_parallel
 from sgjax.parallel.stages import stage_devices
 from sgjax.parallel.unlocked import UnlockedPipeline
-from sgjax.training.config import ConfigError, TrainConfig
+from sgjax.training.config import TrainConfig
 from sgjax.training.loop import UPDATE_KEY
 
 SMALL = dict(
@@ -207,11 +207,6 @@ def test_unlocked_pipeline_records_resume_and_learn(four_devices):
     assert abs(mlp["accuracy"][-1] - mlp["synchronous_accuracy"]) < 0.02, mlp
     assert mlp["accuracy"][-1] > mlp["accuracy"][0] + 0.05, mlp
     assert len(mlp["stage_ms"]) == 3 and min(mlp["stage_ms"]) > 0
-
-
-def test_spmd_engine_refuses_the_complete_unlock():
-    with pytest.raises(ConfigError, match="--engine=spmd cannot run --synthetic_inputs"):
-        TrainConfig(mode="sg", synthetic_inputs=True, parallel="layers", engine="spmd").validate()
 
 
 if __name__ == "__main__":

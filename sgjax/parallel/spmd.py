@@ -9,15 +9,21 @@ run on every device of a one-axis mesh under ``jax.shard_map``, does a whole chu
 (``jax.distributed``) and costs one dispatch per chunk instead of one per stage per tick.
 
 The algorithm is not written again: each branch calls the dispatch engines' per-stage functions
-(``hidden_tick``, ``output_tick``; ``stage_forward``, ``stage_backward``, ``last_microbatch``,
-``apply_mean_gradients``), which call the ``Trainer``'s per-group pieces. The schedules, and so
-the staleness, are the dispatch engines' exactly (see ``sgjax.parallel.sg_pipeline``):
+(``hidden_tick``, ``output_tick``; ``unlocked_regress``, ``unlocked_forward``; ``stage_forward``,
+``stage_backward``, ``last_microbatch``, ``apply_mean_gradients``), which call the ``Trainer``'s
+per-group pieces. The schedules, and so the staleness, are the dispatch engines' exactly (see
+``sgjax.parallel.sg_pipeline`` and ``sgjax.parallel.unlocked``):
 
 * sg: stage k works on minibatch t - k at tick t; a stage's target arrives two ticks after its
   output, matched to it by a two-slot FIFO indexed by tick parity; N minibatches take N + L + 1
   ticks (fill and drain are the ticks where a stage has no input or no target); dgl and
   zero_grad have no targets (their stages learn on the input tick), --update_prob's coins are
   drawn from the tick and the batch key as the dispatch engine draws them;
+* the complete unlock (--synthetic_inputs; see ``sgjax.parallel.unlocked``): every stage works
+  on minibatch t at tick t, each device drawing it itself; it first regresses its synthesizer
+  and the input model below it on minibatch t-1 (from the previous tick's messages), then
+  trains on minibatch t with the parameters that left, each half under a ``lax.cond`` on the
+  tick; N minibatches take N + 1 ticks (the last one only regresses);
 * bp (GPipe; M = 1 is model parallelism): within a minibatch, stage k runs the forward of
   microbatch m at tick m + k and its backward at tick m + 2(K - 1) - k (the last stage does
   both at once), then every stage updates with the mean of its accumulated gradients. The
@@ -71,6 +77,13 @@ from sgjax.parallel.sg_pipeline import (
     split_groups,
 )
 from sgjax.parallel.stages import Activations
+from sgjax.parallel.unlocked import (
+    Messages,
+    UnlockedStage,
+    split_unlocked,
+    unlocked_forward,
+    unlocked_regress,
+)
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import TrainState
@@ -189,19 +202,23 @@ class TickMetrics(NamedTuple):
     sg_loss: jax.Array
     """Per tick and stage."""
     sg_valid: jax.Array
+    input_loss: jax.Array | None = None
+    """Per tick and stage: the complete unlock's input model of stage j (valid with
+    ``sg_valid``: it regresses at the same ticks as the synthesizers); None otherwise."""
 
 
 def _gathered(metrics: TickMetrics) -> TickMetrics:
     """A chunk's per-device metrics (one per tick) made the same on every device, once per
     chunk: the output layer's by a sum with the others' zeros (exact), the per-stage ones by a
     gather to [ticks, stages]."""
-    loss, accuracy, loss_valid, sg_loss, sg_valid = metrics
+    loss, accuracy, loss_valid, sg_loss, sg_valid, input_loss = metrics
     return TickMetrics(
         lax.psum(loss, STAGE_AXIS),
         lax.psum(accuracy, STAGE_AXIS),
         lax.psum(loss_valid.astype(jnp.int32), STAGE_AXIS) > 0,
         lax.all_gather(sg_loss, STAGE_AXIS, axis=1),
         lax.all_gather(sg_valid, STAGE_AXIS, axis=1),
+        None if input_loss is None else lax.all_gather(input_loss, STAGE_AXIS, axis=1),
     )
 
 
@@ -217,6 +234,29 @@ def _send_with_labels(
 
 def _window(valid: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.asarray(values[valid.astype(bool)], np.float32)
+
+
+def group_output_shapes(
+    trainer: Trainer, config: TrainConfig, data: DeviceData
+) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """The shape of a minibatch's images and of every decoupled group's output (the next
+    group's input)."""
+    model = jax.eval_shape(
+        lambda: trainer.init(jax.random.PRNGKey(0), jnp.zeros((1, *data.train_images.shape[1:])))
+    )
+    groups, _ = split_groups(trainer, model)
+    batch = jax.eval_shape(
+        lambda d: sample_batch(jax.random.PRNGKey(0), d, config.batch_size), data
+    )
+    h, shapes = batch.images, []
+    for j, group in enumerate(groups):
+        params = tuple(s.params for s in group.stages)
+        cols = tuple(s.collections for s in group.stages)
+        h = jax.eval_shape(
+            lambda x, p, c, j=j: trainer.apply_group(j, p, c, x, True)[0], h, params, cols
+        )
+        shapes.append(tuple(h.shape))
+    return tuple(batch.images.shape), shapes
 
 
 # --------------------------------------------------------------------------- the sg program
@@ -248,30 +288,17 @@ class Sends(NamedTuple):
 class SgProgram:
     """The synthetic-gradient pipeline of ``sgjax.parallel.sg_pipeline`` as one SPMD program."""
 
+    mail_type = Mail
+
     def __init__(self, trainer: Trainer, config: TrainConfig, mesh: Mesh, data: DeviceData):
         self.trainer, self.config, self.mesh = trainer, config, mesh
         self.num_hidden = len(trainer.groups) - 1
         if mesh.devices.size != len(trainer.groups):
             raise ValueError("the mesh needs one device per group")
-        model = jax.eval_shape(
-            lambda: trainer.init(
-                jax.random.PRNGKey(0), jnp.zeros((1, *data.train_images.shape[1:]))
-            )
-        )
-        groups, last = split_groups(trainer, model)
-        batch = jax.eval_shape(
-            lambda d: sample_batch(jax.random.PRNGKey(0), d, config.batch_size), data
-        )
-        h, self.shapes = batch.images, []
-        for j, group in enumerate(groups):
-            params = tuple(s.params for s in group.stages)
-            cols = tuple(s.collections for s in group.stages)
-            h = jax.eval_shape(
-                lambda x, p, c, j=j: trainer.apply_group(j, p, c, x, True)[0], h, params, cols
-            )
-            self.shapes.append(tuple(h.shape))
+        self.input_shape, self.shapes = group_output_shapes(trainer, config, data)
         self.width = max(math.prod(s[1:]) for s in self.shapes)
-        self.input_shape = tuple(batch.images.shape)
+        self.surplus = self.num_hidden + 1
+        """Ticks a chunk may need beyond its minibatches (fill and drain)."""
 
     def split(self, model: TrainerState) -> list[Any]:
         """The pipeline stages' states: decoupled groups, then the last group's stages."""
@@ -536,6 +563,194 @@ class SgProgram:
             if f"inbox_{k}_h" in inflight:
                 mail["inbox_h"][k] = padded(inflight[f"inbox_{k}_h"])
                 mail["inbox_labels"][k] = np.asarray(inflight[f"inbox_{k}_labels"])
+        return mail
+
+
+# --------------------------------------------------------------------------- the unlocked program
+
+
+class UnlockedMail(NamedTuple):
+    """The previous tick's messages of a stage (``Messages``, padded; global arrays: a leading
+    stage axis)."""
+
+    below: jax.Array
+    """o_{j-1}^{t-1} from the stage below: [B, F]."""
+    stored: jax.Array
+    """This stage's own o_j^{t-1}: [B, F]."""
+    target: jax.Array
+    """The gradient at stage j+1's input on minibatch t-1: [B, F]."""
+
+
+class UnlockedSends(NamedTuple):
+    """What a stage's tick sends (padded) and reports."""
+
+    output: jax.Array
+    message: jax.Array
+    metrics: TickMetrics
+
+
+class UnlockedProgram:
+    """The complete unlock of ``sgjax.parallel.unlocked`` as one SPMD program: every stage on
+    minibatch t at tick t, its regressions on minibatch t-1 first (``unlocked_regress``), then
+    its update (``unlocked_forward``), each under a ``lax.cond`` on the tick."""
+
+    mail_type = UnlockedMail
+
+    def __init__(self, trainer: Trainer, config: TrainConfig, mesh: Mesh, data: DeviceData):
+        self.trainer, self.config, self.mesh = trainer, config, mesh
+        self.num_stages = len(trainer.groups)
+        if mesh.devices.size != self.num_stages:
+            raise ValueError("the mesh needs one device per group")
+        self.input_shape, self.shapes = group_output_shapes(trainer, config, data)
+        self.width = max(math.prod(s[1:]) for s in self.shapes)
+        self.surplus = 1
+        """The drain tick (the last minibatch's regressions)."""
+
+    def split(self, model: TrainerState) -> list[UnlockedStage]:
+        return split_unlocked(self.trainer, model)
+
+    def join(self, states: Sequence[UnlockedStage]) -> TrainerState:
+        return TrainerState(
+            tuple(s for stage in states for s in stage.stages),
+            tuple(stage.synthesizer for stage in states[:-1]),
+            tuple(stage.input_model for stage in states[1:]),
+        )
+
+    def empty_mail(self) -> dict[str, np.ndarray]:
+        shape = (self.num_stages, self.config.batch_size, self.width)
+        return {name: np.zeros(shape, np.float32) for name in UnlockedMail._fields}
+
+    # ------------------------------------------------------------------ one tick
+
+    def _branch(self, j: int) -> Callable:
+        trainer, config = self.trainer, self.config
+        last = j == self.num_stages - 1
+        common = dict(
+            trainer=trainer, j=j, batch_size=config.batch_size, update_prob=config.update_prob
+        )
+        zero = jnp.zeros((), jnp.float32)
+
+        def padded(h: jax.Array | None) -> jax.Array:
+            if h is None:
+                return jnp.zeros((config.batch_size, self.width), jnp.float32)
+            return pad_rows(h, self.width)
+
+        def branch(stage: UnlockedStage, _: None, mail: UnlockedMail, t, stop, data, key):
+            active = t < stop
+            regress = active & (t > 0) & (t <= config.num_steps)
+            forward = active & (t < config.num_steps)
+            messages = Messages(
+                unpad_rows(mail.below, self.shapes[j - 1]) if j > 0 else None,
+                None if last else unpad_rows(mail.stored, self.shapes[j]),
+                None if last else unpad_rows(mail.target, self.shapes[j]),
+            )
+
+            def regression(stage: UnlockedStage) -> tuple:
+                out = unlocked_regress(stage, data, key, t, messages, **common)
+                losses = (zero if x is None else x for x in (out.sg_loss, out.input_loss))
+                return out.stage, *losses
+
+            def train(stage: UnlockedStage) -> tuple:
+                input_shape = self.shapes[j - 1][1:] if j > 0 else ()
+                out = unlocked_forward(stage, data, key, t, input_shape=input_shape, **common)
+                losses = (zero if x is None else x for x in (out.loss, out.accuracy))
+                return out.stage, padded(out.output), padded(out.message), *losses
+
+            # The regressions first: the update reads the parameters they leave.
+            stage, sg_loss, input_loss = lax.cond(
+                regress, regression, lambda s: (s, zero, zero), stage
+            )
+            stage, output, message, loss, accuracy = lax.cond(
+                forward, train, lambda s: (s, padded(None), padded(None), zero, zero), stage
+            )
+            metrics = TickMetrics(loss, accuracy, forward & last, sg_loss, regress, input_loss)
+            return stage, UnlockedSends(output, message, metrics)
+
+        return branch
+
+    def chunk_fn(self, ticks: int) -> Callable:
+        """The per-device program for ``ticks`` ticks from ``t0``, those at ``stop`` or after
+        doing nothing."""
+        branches = [self._branch(j) for j in range(self.num_stages)]
+        forward = [(i, i + 1) for i in range(self.num_stages - 1)]
+        backward = [(i + 1, i) for i in range(self.num_stages - 1)]
+
+        def program(states: States, mail: UnlockedMail, data, key, t0, stop):
+            states, mail = local_states(states), UnlockedMail(*(m[0] for m in mail))
+            me = lax.axis_index(STAGE_AXIS)
+
+            def tick(carry, i):
+                states, mail = carry
+                t = t0 + i
+                new, sends = on_own_stage(me, branches, states, mail, t, stop, data, key)
+                received = UnlockedMail(
+                    lax.ppermute(sends.output, STAGE_AXIS, forward),
+                    sends.output,
+                    lax.ppermute(sends.message, STAGE_AXIS, backward),
+                )
+                active = t < stop
+                mail = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), received, mail)
+                return (new, mail), sends.metrics
+
+            (states, mail), metrics = lax.scan(tick, (states, mail), jnp.arange(ticks))
+            return global_states(states), UnlockedMail(*(m[None] for m in mail)), _gathered(metrics)
+
+        return program
+
+    def stage_alone(self, j: int, repeats: int) -> Callable:
+        """``repeats`` steady ticks of stage ``j`` alone (regressions and update; zeros as
+        messages), for ``SpmdEngine.stage_ms``."""
+        branch = self._branch(j)
+        mail = UnlockedMail(*(jnp.asarray(m[0]) for m in self.empty_mail().values()))
+        t, stop = jnp.int32(1), jnp.int32(np.iinfo(np.int32).max)
+
+        def run(state: UnlockedStage, data: DeviceData, key: jax.Array) -> UnlockedStage:
+            def tick(state: UnlockedStage, _: None) -> tuple:
+                return branch(state, None, mail, t, stop, data, key)[0], None
+
+            return lax.scan(tick, state, None, length=repeats)[0]
+
+        return run
+
+    def stage_eval(self, j: int, state: UnlockedStage, h: jax.Array) -> jax.Array:
+        """Group ``j``'s stages in evaluation mode (on the true input)."""
+        params = tuple(s.params for s in state.stages)
+        cols = tuple(s.collections for s in state.stages)
+        return self.trainer.apply_group(j, params, cols, h, False)[0]
+
+    # ------------------------------------------------------------------ in flight
+
+    def tick_after(self, batches: int) -> int:
+        """The next tick once every stage has trained on ``batches`` minibatches (the run's
+        last minibatch also has its regressions done)."""
+        return batches + (batches == self.config.num_steps and batches > 0)
+
+    def _names(self, tick: int) -> list[tuple[str, int, tuple[int, ...]]]:
+        """The messages in flight at ``tick`` (those of tick - 1, which trained): name, stage,
+        shape."""
+        if not 0 < tick <= self.config.num_steps:
+            return []
+        names = [("below", j, self.shapes[j - 1]) for j in range(1, self.num_stages)]
+        for j in range(self.num_stages - 1):
+            names += [("stored", j, self.shapes[j]), ("target", j, self.shapes[j])]
+        return names
+
+    def inflight(self, mail: Mapping[str, np.ndarray], tick: int) -> dict[str, np.ndarray]:
+        """The dispatch engine's names (``UnlockedPipeline.inflight``) for what is in flight at
+        ``tick``, so either engine resumes the other's checkpoints."""
+        return {
+            f"{name}_{j}": SgProgram._unpad(mail[name][j], shape)
+            for name, j, shape in self._names(tick)
+        }
+
+    def mail_from_inflight(self, inflight: Mapping[str, Any], tick: int) -> dict[str, np.ndarray]:
+        """Mailboxes (host arrays) holding ``inflight`` as they were at ``tick``."""
+        mail = self.empty_mail()
+        for name, j, _ in self._names(tick):
+            flat = np.asarray(inflight[f"{name}_{j}"], np.float32).reshape(
+                self.config.batch_size, -1
+            )
+            mail[name][j, :, : flat.shape[1]] = flat
         return mail
 
 
@@ -839,13 +1054,16 @@ class SpmdEngine:
         self.key = global_array(jax.device_get(start.key), self.replicated)
         self._key = start.key
         self._done = int(start.step)
-        self.program: SgProgram | BpProgram
+        self.program: SgProgram | UnlockedProgram | BpProgram
         if kind == "sg_pipeline":
-            self.program = SgProgram(self.trainer, config, mesh, host_data)
+            program = UnlockedProgram if self.trainer.unlocked else SgProgram
+            self.program = program(self.trainer, config, mesh, host_data)
             self.tick = self.program.tick_after(self._done)
             mail = self.program.mail_from_inflight(inflight or {}, self.tick)
-            self.mail = Mail(*(global_array(mail[name], self.sharded) for name in Mail._fields))
-            self.surplus = self.program.num_hidden + 1
+            self.mail = self.program.mail_type(
+                **{name: global_array(value, self.sharded) for name, value in mail.items()}
+            )
+            self.surplus = self.program.surplus
         else:
             self.program = BpProgram(self.trainer, config, mesh, host_data, microbatches)
             self.tick = self._done
@@ -948,20 +1166,25 @@ class SpmdEngine:
             )
         else:
             self.states, metrics = self._chunk(self.states, self.data, self.key, t0, end)
-        metrics = TickMetrics(*(host_value(m) for m in metrics))
+        metrics = TickMetrics(*(None if m is None else host_value(m) for m in metrics))
         self.tick, self._done = stop, target
         losses = _window(metrics.loss_valid, metrics.loss)
         accuracies = _window(metrics.loss_valid, metrics.accuracy)
-        sg = [
-            _window(metrics.sg_valid[:, k], metrics.sg_loss[:, k])
-            for k in range(len(self.trainer.boundaries))
-        ]
+        boundaries = range(len(self.trainer.boundaries))
+        sg = [_window(metrics.sg_valid[:, k], metrics.sg_loss[:, k]) for k in boundaries]
+        inputs = ()
+        if metrics.input_loss is not None:  # boundary k's input model: held by stage k + 1
+            inputs = tuple(
+                float(np.sum(_window(metrics.sg_valid[:, k + 1], metrics.input_loss[:, k + 1])))
+                for k in boundaries
+            )
         return ChunkMetrics(
             steps,
             steps * float(np.mean(losses)),
             steps * float(np.mean(accuracies)),
             tuple(float(np.sum(values)) for values in sg),
             tuple(len(values) for values in sg),
+            inputs,
         )
 
     def state(self) -> TrainState:
@@ -982,10 +1205,7 @@ class SpmdEngine:
     def inflight(self) -> dict[str, np.ndarray]:
         if self.mail is None:
             return {}
-        mail = {
-            name: host_value(self._gather(m))
-            for name, m in zip(Mail._fields, self.mail, strict=True)
-        }
+        mail = {name: host_value(self._gather(m)) for name, m in self.mail._asdict().items()}
         return self.program.inflight(mail, self.tick)
 
     def stage_ms(self, repeats: int) -> tuple[float, ...]:

@@ -106,6 +106,114 @@ def _kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
+class Regressed(NamedTuple):
+    """A stage after its regressions on minibatch t-1, and their losses (None where none)."""
+
+    stage: UnlockedStage
+    sg_loss: jax.Array | None
+    input_loss: jax.Array | None
+
+
+class Trained(NamedTuple):
+    """A stage after its update on minibatch t, what it sends and its losses (None where
+    none)."""
+
+    stage: UnlockedStage
+    output: jax.Array | None
+    message: jax.Array | None
+    loss: jax.Array | None
+    accuracy: jax.Array | None
+
+
+def _batch(key: jax.Array, data: DeviceData, index: jax.Array, batch_size: int) -> Any:
+    return sample_batch(jax.random.fold_in(key, index), data, batch_size)
+
+
+def _coin(
+    trainer: Trainer, key: jax.Array, index: jax.Array, j: int, update_prob: float
+) -> jax.Array | None:
+    return trainer.group_coin(key, index, j, update_prob) if update_prob != 1.0 else None
+
+
+def unlocked_regress(
+    stage: UnlockedStage,
+    data: DeviceData,
+    key: jax.Array,
+    tick: jax.Array,
+    messages: Messages,
+    *,
+    trainer: Trainer,
+    j: int,
+    batch_size: int,
+    update_prob: float = 1.0,
+) -> Regressed:
+    """Step 1 of stage ``j``'s tick ``tick``: M_j and I_{j-1} regress on minibatch tick-1."""
+    last = j == len(trainer.groups) - 1
+    synthesizer, input_model = stage.synthesizer, stage.input_model
+    sg_loss = input_loss = None
+    previous = _batch(key, data, tick - 1, batch_size)
+    learn = _coin(trainer, key, tick - 1, j, update_prob)
+    if j > 0:
+        learnt, input_loss = trainer.input_model_update(
+            input_model, previous.images, messages.below
+        )
+        input_model = _kept(learn, learnt, input_model)
+    if not last:
+        regression = trainer.synthesizer_gradients(
+            synthesizer, messages.stored, previous.labels, messages.target
+        )
+        learnt = trainer.update_synthesizer(synthesizer, regression.grads, synthesizer.collections)
+        synthesizer, sg_loss = _kept(learn, learnt, synthesizer), regression.sg_loss
+    return Regressed(UnlockedStage(stage.stages, synthesizer, input_model), sg_loss, input_loss)
+
+
+def unlocked_forward(
+    stage: UnlockedStage,
+    data: DeviceData,
+    key: jax.Array,
+    tick: jax.Array,
+    *,
+    trainer: Trainer,
+    j: int,
+    batch_size: int,
+    input_shape: tuple[int, ...],
+    update_prob: float = 1.0,
+) -> Trained:
+    """Step 2 of stage ``j``'s tick ``tick``: its update on minibatch ``tick``, with the
+    parameters step 1 left."""
+    last = j == len(trainer.groups) - 1
+    synthesizer, stages = stage.synthesizer, stage.stages
+    current = _batch(key, data, tick, batch_size)
+    update = _coin(trainer, key, tick, j, update_prob)
+    output = loss = accuracy = None
+    h = current.images
+    if j > 0:
+        h = jax.lax.stop_gradient(trainer.predicted_input(stage.input_model, h, input_shape))
+    indexed = _indexed(trainer, j, stages)
+    if last:
+        grads = trainer.last_group_gradients(indexed, h, current.labels)
+        new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, grads.collections)
+        loss, accuracy = grads.loss, trainer.accuracy(grads.output, current.labels)
+    else:
+        fwd = trainer.group_forward(indexed, synthesizer, j, h, current.labels)
+        # The synthesizer half of group_backward (against a dummy target) is dropped by the
+        # compiler: M_j learns from the target that arrives next tick.
+        grads = trainer.group_backward(fwd, fwd.synthetic_grad)
+        new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, fwd.collections)
+        synthesizer = synthesizer._replace(
+            collections=_kept(update, fwd.synthesizer_collections, synthesizer.collections)
+        )
+        output = fwd.output
+    stages = _kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
+    return Trained(
+        UnlockedStage(stages, synthesizer, stage.input_model),
+        output,
+        grads.input_grad,
+        loss,
+        accuracy,
+    )
+
+
 def unlocked_tick(
     stage: UnlockedStage,
     data: DeviceData,
@@ -122,65 +230,16 @@ def unlocked_tick(
 ) -> UnlockedTick:
     """Stage ``j``'s tick ``tick``: regressions on minibatch tick-1, then its update on
     minibatch ``tick`` (see the module docstring)."""
-    last = j == len(trainer.groups) - 1
-    stochastic = update_prob != 1.0
-
-    def batch(index: jax.Array) -> Any:
-        return sample_batch(jax.random.fold_in(key, index), data, batch_size)
-
-    def coin(index: jax.Array) -> jax.Array | None:
-        return trainer.group_coin(key, index, j, update_prob) if stochastic else None
-
-    synthesizer, input_model = stage.synthesizer, stage.input_model
+    common = dict(trainer=trainer, j=j, batch_size=batch_size, update_prob=update_prob)
     sg_loss = input_loss = None
     if plan.regress:
-        previous, learn = batch(tick - 1), coin(tick - 1)
-        if j > 0:
-            learnt, input_loss = trainer.input_model_update(
-                input_model, previous.images, messages.below
-            )
-            input_model = _kept(learn, learnt, input_model)
-        if not last:
-            regression = trainer.synthesizer_gradients(
-                synthesizer, messages.stored, previous.labels, messages.target
-            )
-            learnt = trainer.update_synthesizer(
-                synthesizer, regression.grads, synthesizer.collections
-            )
-            synthesizer, sg_loss = _kept(learn, learnt, synthesizer), regression.sg_loss
-    stages, output = stage.stages, None
-    message = loss = accuracy = None
+        stage, sg_loss, input_loss = unlocked_regress(stage, data, key, tick, messages, **common)
+    output = message = loss = accuracy = None
     if plan.forward:
-        current, update = batch(tick), coin(tick)
-        h = current.images
-        if j > 0:
-            h = jax.lax.stop_gradient(trainer.predicted_input(input_model, h, input_shape))
-        indexed = _indexed(trainer, j, stages)
-        if last:
-            grads = trainer.last_group_gradients(indexed, h, current.labels)
-            new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, grads.collections)
-            loss, accuracy = grads.loss, trainer.accuracy(grads.output, current.labels)
-        else:
-            fwd = trainer.group_forward(indexed, synthesizer, j, h, current.labels)
-            # The synthesizer half of group_backward (against a dummy target) is dropped by the
-            # compiler: M_j learns from the target that arrives next tick.
-            grads = trainer.group_backward(fwd, fwd.synthetic_grad)
-            new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, fwd.collections)
-            synthesizer = synthesizer._replace(
-                collections=_kept(update, fwd.synthesizer_collections, synthesizer.collections)
-            )
-            output = fwd.output
-        stages = _kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
-        message = grads.input_grad
-    return UnlockedTick(
-        UnlockedStage(stages, synthesizer, input_model),
-        output,
-        message,
-        sg_loss,
-        input_loss,
-        loss,
-        accuracy,
-    )
+        stage, output, message, loss, accuracy = unlocked_forward(
+            stage, data, key, tick, input_shape=input_shape, **common
+        )
+    return UnlockedTick(stage, output, message, sg_loss, input_loss, loss, accuracy)
 
 
 def split_unlocked(trainer: Trainer, model: TrainerState) -> list[UnlockedStage]:
