@@ -217,19 +217,28 @@ def test_baselines_zero_gradient_freezes_and_stale_gradient_averages():
         new.stages[2].params["Dense_0"]["kernel"], state.stages[2].params["Dense_0"]["kernel"]
     )
 
-    stale = _trainer(stale_gradient(BATCH, 0.5))
+    # The stale gradient is kept per training example: the first BATCH rows hold the examples
+    # of x, the next BATCH the same images under other ids (never drawn yet).
+    stale = _trainer(stale_gradient(2 * BATCH, 0.5))
     state = jax.jit(stale.init)(jax.random.PRNGKey(4), x)
     step = jax.jit(stale.step)
-    first, _ = step(state, x, y)  # the average starts at 0: no update from it yet
+    ids, others = jnp.arange(BATCH), jnp.arange(BATCH, 2 * BATCH)
+    first, _ = step(state, x, y, example_ids=ids)  # the averages start at 0: no update yet
     for k in range(2):
         chex.assert_trees_all_equal(first.stages[k].params, state.stages[k].params)
     true = jax.jit(stale.boundary_gradients)(state, x, y)
     for j in range(2):
-        expected = 0.5 * true[j]
-        chex.assert_trees_all_close(
-            first.synthesizers[j].collections["stale"], expected, rtol=1e-4, atol=1e-8
-        )
-    second, _ = step(first, x, y)
+        table = first.synthesizers[j].collections["stale"]
+        chex.assert_trees_all_close(table[:BATCH], 0.5 * true[j], rtol=1e-4, atol=1e-8)
+        assert not np.any(table[BATCH:]), "rows of examples not drawn stay zero"
+    # Other examples: their rows are still zero, so the decoupled stages do not move (a
+    # per-position average would move them).
+    elsewhere, _ = step(first, x, y, example_ids=others)
+    for k in range(2):
+        chex.assert_trees_all_equal(elsewhere.stages[k].params, first.stages[k].params)
+    second, _ = step(first, x, y, example_ids=ids)
     assert not np.array_equal(
         second.stages[0].params["Dense_0"]["kernel"], first.stages[0].params["Dense_0"]["kernel"]
     )
+    with pytest.raises(ValueError, match="needs example_ids"):
+        stale.step(state, x, y)

@@ -271,7 +271,8 @@ def test_the_riskiest_decoupling_modes_stop_and_resume_bitwise(tmp_path):
         "stale": dict(mode="stale_grad"),
         "unlock": dict(mode="cdni", synthetic_inputs=True),
     }.items():
-        config = dataclasses.replace(base, **extra)
+        # (The command line sizes the stale gradient's table from the data before it restores.)
+        config = dataclasses.replace(base, **extra).with_train_examples(dataset.train_size)
         whole = train_and_evaluate(config, dataset, **quiet)
         checkpointer = Checkpointer(tmp_path / name)
         chunks = iter(range(1000))

@@ -41,7 +41,7 @@ def _make_single_step(config: TrainConfig):
 
     def single_step(state: TrainState, data: DeviceData) -> TrainState:
         batch = sample_batch(jax.random.fold_in(state.key, state.step), data, config.batch_size)
-        model, _ = step_fn(state.model, batch.images, batch.labels)
+        model, _ = step_fn(state.model, batch.images, batch.labels, example_ids=batch.indices)
         return state._replace(model=model, step=state.step + 1)
 
     return single_step
@@ -74,6 +74,7 @@ def time_scanned(
     config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
     """``steps`` train steps inside one ``lax.scan``."""
+    config = config.with_train_examples(data.train_images.shape[0])
     state = init_train_state(config)
     chunk, compile_s = _compile(make_run_chunk(config, steps), state, data)
 
@@ -90,6 +91,7 @@ def time_python_loop(
     config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
     """The same step, jitted alone and called ``steps`` times from a Python loop."""
+    config = config.with_train_examples(data.train_images.shape[0])
     state = init_train_state(config)
     step, compile_s = _compile(_make_single_step(config), state, data)
 
@@ -111,14 +113,18 @@ def time_host_fed_loop(
 
     Shows what keeping the data on the device and sampling inside the compiled loop saves.
     """
+    config = config.with_train_examples(dataset.train_size)
     model = init_train_state(config).model
-    step_fn = trainer_for(config).step
+    trainer = trainer_for(config)
     rng = np.random.default_rng(config.seed)
 
-    def host_batch() -> tuple[jax.Array, jax.Array]:
+    def host_batch() -> tuple[jax.Array, jax.Array, jax.Array]:
         index = rng.integers(0, dataset.train_size, config.batch_size)
         images = dataset.train_images[index].astype(np.float32) / 255.0
-        return jax.device_put(images), jax.device_put(dataset.train_labels[index])
+        return tuple(jax.device_put(a) for a in (images, dataset.train_labels[index], index))
+
+    def step_fn(model: Any, x: jax.Array, labels: jax.Array, ids: jax.Array) -> Any:
+        return trainer.step(model, x, labels, example_ids=ids)
 
     step, compile_s = _compile(step_fn, model, *host_batch())
 
@@ -158,12 +164,14 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
 
 def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
     """XLA's FLOP count for one compiled train step (batch sampling included)."""
+    config = config.with_train_examples(data.train_images.shape[0])
     state = init_train_state(config)
     return compiled_flops(jax.jit(_make_single_step(config)).lower(state, data).compile())
 
 
 def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
     """XLA's FLOP count for one evaluation on the whole test split."""
+    config = config.with_train_examples(data.train_images.shape[0])
     state = init_train_state(config)
     return compiled_flops(
         jax.jit(evaluate_state, static_argnums=0).lower(config, state, data).compile()

@@ -113,6 +113,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         elif config.engine != "dispatch":
             raise ConfigError(f"--engine={config.engine} applies to --parallel=layers only")
         dataset = load_dataset(config.dataset, config.data_dir)
+        config = config.with_train_examples(dataset.train_size)
         check_fits(config, dataset)
         writer = jax.process_index() == 0  # only process 0 writes (--distributed)
         if writer:
@@ -204,12 +205,14 @@ def agreed(stop: StopRequest) -> Callable[[], bool]:
 
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
     """Refuse a network too big for the device or a batch bigger than the training set."""
-    available = device_memory_bytes()
-    if config.estimated_bytes() > available:
+    available, needed = device_memory_bytes(), config.estimated_bytes()
+    stale_table = config.with_train_examples(dataset.train_size).stale_table_bytes()
+    if needed + stale_table > available:
         raise ConfigError(
-            f"this network needs about {config.estimated_bytes() / 2**30:.1f} GiB but the "
+            f"this network needs about {(needed + stale_table) / 2**30:.1f} GiB but the "
             f"device has {available / 2**30:.1f} GiB; reduce --hidden_units, --hidden_layers, "
             "--sg_hidden_units or --batch_size"
+            + ("" if not stale_table else " (--mode=stale_grad keeps a row per training image)")
         )
     if config.batch_size > dataset.train_size:
         raise ConfigError(

@@ -7,8 +7,9 @@
   predicted from the network's input).
 * ``bp_lambda(lam, ...)``: BP(lambda), each group's gradient mixes the backpropagated one (weight
   lam) with the synthetic one, recursively down the chain.
-* ``zero_gradient()`` and ``stale_gradient(decay)``: the paper's baselines; decoupled groups get
-  no gradient, or a moving average of the true gradients of past steps.
+* ``zero_gradient()`` and ``stale_gradient(num_examples, decay)``: the paper's baselines;
+  decoupled groups get no gradient, or per training example a moving average of the true
+  gradients of its earlier draws.
 * ``dgl(aux)``: greedy local learning (Belilovsky et al. 2020): each decoupled group learns from
   its own auxiliary classifier; nothing crosses a boundary backwards.
 """
@@ -65,7 +66,7 @@ class ZeroGradient:
 class StaleGradient:
     """Decoupled groups get a moving average of past true gradients (see ``stale_gradient``)."""
 
-    batch_size: int
+    num_examples: int
     decay: float = 0.9
     boundaries: tuple[int, ...] | None = None
 
@@ -157,19 +158,20 @@ def zero_gradient(boundaries: Sequence[int] | None = None) -> ZeroGradient:
 
 
 def stale_gradient(
-    batch_size: int, decay: float = 0.9, boundaries: Sequence[int] | None = None
+    num_examples: int, decay: float = 0.9, boundaries: Sequence[int] | None = None
 ) -> StaleGradient:
-    """Baseline (Jaderberg et al. 2016): each decoupled group is updated with an exponential
-    moving average (``decay``) of the true dLoss/dh at its output over past steps, never with
-    the current step's. The average is kept per batch position (``batch_size`` rows: a batch
-    mean would vanish in front of BatchNorm, whose input gradient sums to zero over the batch),
-    so example i of a step gets the average of what position i received before. ``decay=0``
-    is the previous step's gradient."""
+    """Baseline (Jaderberg et al. 2016): each decoupled group is updated with a stale true
+    gradient: per training example, an exponential moving average (``decay``) of the true
+    dLoss/dh at the group's output from the earlier steps that drew that example, never the
+    current step's. The averages are a table with one row per training example
+    (``num_examples``), so ``Trainer.step`` needs ``example_ids``, each batch row's index in
+    the training set; an example's first draw gets a zero gradient. ``decay=0`` is the true
+    gradient of the example's previous draw."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay={decay} must be in [0, 1)")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer")
-    return StaleGradient(int(batch_size), float(decay), _boundaries(boundaries))
+    if num_examples <= 0:
+        raise ValueError(f"num_examples={num_examples} must be a positive integer")
+    return StaleGradient(int(num_examples), float(decay), _boundaries(boundaries))
 
 
 def dgl(

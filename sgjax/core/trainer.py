@@ -283,7 +283,7 @@ class Trainer:
             params, collections = init_module(key, self._auxiliary(h.shape[1:]), h)
             return StageState(params, collections, self.optimizer.init(params))
         if isinstance(self.method, StaleGradient):
-            shape = (self.method.batch_size, *h.shape[1:])
+            shape = (self.method.num_examples, *h.shape[1:])
             return StageState({}, {"stale": jnp.zeros(shape, h.dtype)}, ())
         return StageState({}, {}, ())
 
@@ -497,8 +497,12 @@ class Trainer:
         *,
         key: jax.Array | None = None,
         update_prob: float | jax.Array | None = None,
+        example_ids: jax.Array | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
         """One update of every stage (and synthesizer); pure, jittable, vmappable.
+
+        ``example_ids`` (int, one per batch row: its index in the training set) is what the
+        stale gradient's per-example averages are read and written by; other methods ignore it.
 
         With ``update_prob`` p (a float or a traced scalar; needs ``key``) the update is
         stochastic (Jaderberg et al. 2016, section 3.1): see ``stochastic_update_mask``. Stages
@@ -516,7 +520,7 @@ class Trainer:
         elif isinstance(self.method, DGL):
             new, metrics = self._dgl_step(state, x, labels)
         else:
-            new, metrics = self._baseline_step(state, x, labels)
+            new, metrics = self._baseline_step(state, x, labels, example_ids)
         if update_prob is None:
             return new, metrics
         if key is None:
@@ -803,13 +807,21 @@ class Trainer:
         return TrainerState(stages, tuple(heads), state.inputs), metrics
 
     def _baseline_step(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
+        self,
+        state: TrainerState,
+        x: jax.Array,
+        labels: jax.Array,
+        example_ids: jax.Array | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
-        """Zero gradient (decoupled groups get 0) or stale gradient (the moving average of past
-        true boundary gradients per batch position; then the average takes in this step's true
-        gradients). ``sg_loss`` is the mean over the batch of ||g - true||^2
-        for the stale gradient and 0 for the zero gradient."""
+        """Zero gradient (decoupled groups get 0) or stale gradient (each example's moving
+        average of its past true boundary gradients, then the average takes in this step's
+        true gradient). ``sg_loss`` is the mean over the batch of ||g - true||^2 for the stale
+        gradient and 0 for the zero gradient."""
         stale = isinstance(self.method, StaleGradient)
+        if stale and example_ids is None:
+            raise ValueError(
+                "stale_gradient needs example_ids: each batch row's index in the training set"
+            )
         true = self.boundary_gradients(state, x, labels) if stale else None
         new: dict[int, StageState] = {}
         boundary_states, sg_losses = [], []
@@ -823,14 +835,13 @@ class Trainer:
             )
             if stale:
                 assert isinstance(self.method, StaleGradient) and true is not None
-                g = state.synthesizers[j].collections["stale"]
-                if g.shape != out.shape:
-                    raise ValueError(
-                        f"stale_gradient(batch_size={g.shape[0]}) got a batch of {out.shape[0]}"
-                    )
+                table = state.synthesizers[j].collections["stale"]
+                # Rows repeated in a batch hold one example twice: equal g and true gradient,
+                # so the scatter writes equal values.
+                g = jnp.take(table, example_ids, axis=0)
                 (grads,) = vjp(g)
                 decay = self.method.decay
-                updated = decay * g + (1.0 - decay) * true[j]
+                updated = table.at[example_ids].set(decay * g + (1.0 - decay) * true[j])
                 boundary = state.synthesizers[j]._replace(collections={"stale": updated})
                 boundary_states.append(boundary)
                 sg_losses.append(sg_regression_loss(g, true[j]))

@@ -27,10 +27,12 @@ class DeviceData(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """A minibatch: float32 (B, ...) images in [0, 1] (trailing shape as stored), int32 labels."""
+    """A minibatch: float32 (B, ...) images in [0, 1] (trailing shape as stored), int32 labels
+    and each row's index in the training set."""
 
     images: jax.Array
     labels: jax.Array
+    indices: jax.Array
 
 
 def to_device(ds: Dataset, device: Any = None) -> DeviceData:
@@ -57,4 +59,4 @@ def sample_batch(key: jax.Array, data: DeviceData, batch_size: int) -> Batch:
     idx = jax.random.randint(key, (batch_size,), 0, n)
     images = scale_images(jnp.take(data.train_images, idx, axis=0))
     labels = jnp.take(data.train_labels, idx, axis=0)
-    return Batch(images=images, labels=labels)
+    return Batch(images=images, labels=labels, indices=idx)

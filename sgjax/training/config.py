@@ -93,7 +93,10 @@ class TrainConfig:
     bp_lambda: float = 0.5
     """--mode=bp_lambda: weight of the backpropagated gradient (1: bp, 0: DNI)."""
     stale_decay: float = 0.9
-    """--mode=stale_grad: decay of the moving average of past true gradients."""
+    """--mode=stale_grad: decay of each example's moving average of its past true gradients."""
+    train_examples: int = 0
+    """--mode=stale_grad: the training set's size (its averages keep a row per example); set
+    from the loaded data (``with_train_examples``), not a flag."""
     synthetic_inputs: bool = False
     """sg and cdni: the complete unlock (every layer also trains on a synthetic input)."""
     checkpoint_every: int | None = None
@@ -266,6 +269,27 @@ class TrainConfig:
             maps += [m // 4 * (depth + 1) for m in maps]
         activations = self.batch_size * (self.input_dim + 8 * sum(maps))
         return 4 * (4 * params + activations)
+
+    def with_train_examples(self, count: int) -> TrainConfig:
+        """This configuration for a training set of ``count`` examples: only the stale
+        gradient's state depends on it, so every other mode is returned unchanged."""
+        if self.mode != "stale_grad" or self.train_examples == count:
+            return self
+        return dataclasses.replace(self, train_examples=int(count))
+
+    def stale_table_bytes(self) -> int:
+        """--mode=stale_grad: bytes of its per-example averages (a float32 row per training
+        example at every boundary); 0 for the other modes."""
+        if self.mode != "stale_grad":
+            return 0
+        widths = [self.hidden_units] * self.hidden_layers
+        if self.model == "cnn":
+            height, width, _ = CONV_INPUT_SHAPES[self.dataset]
+            widths = []
+            for _ in range(self.hidden_layers):  # each hidden stage pools by 2
+                height, width = -(-height // 2), -(-width // 2)
+                widths.append(height * width * self.resolved_filters)
+        return 4 * self.train_examples * sum(widths)
 
     def to_dict(self) -> dict:
         """Every field, with derived values (module depth, boundaries) filled in."""

@@ -190,7 +190,9 @@ def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -
         step_key = jax.random.fold_in(state.key, state.step)
         batch = sample_batch(step_key, data, config.batch_size)
         if update_prob is None:
-            model, metrics = trainer.step(state.model, batch.images, batch.labels)
+            model, metrics = trainer.step(
+                state.model, batch.images, batch.labels, example_ids=batch.indices
+            )
         else:
             model, metrics = trainer.step(
                 state.model,
@@ -198,6 +200,7 @@ def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -
                 batch.labels,
                 key=jax.random.fold_in(step_key, UPDATE_KEY),
                 update_prob=update_prob,
+                example_ids=batch.indices,
             )
         return state._replace(model=model, step=state.step + 1), metrics
 
@@ -260,10 +263,10 @@ def make_train(
     full_chunks = lengths.count(config.eval_every)
 
     def chunk_and_evaluate(
-        state: TrainState, data: DeviceData, run_chunk: ChunkFn
+        state: TrainState, data: DeviceData, run_chunk: ChunkFn, sized: TrainConfig
     ) -> tuple[TrainState, RunHistory]:
         state, metrics = run_chunk(state, data)
-        test_loss, test_accuracy = evaluate_state(config, state, data)
+        test_loss, test_accuracy = evaluate_state(sized, state, data)
         input_loss = metrics.input_loss
         if not isinstance(input_loss, jax.Array):  # () for every method but the unlock
             input_loss = jnp.zeros((0,), metrics.loss.dtype)
@@ -284,16 +287,20 @@ def make_train(
         data: DeviceData,
         update_prob: jax.Array | None = None,
     ) -> tuple[TrainState, RunHistory]:
-        run_full = make_run_chunk(config, config.eval_every, update_prob)
+        sized = config.with_train_examples(data.train_images.shape[0])
+        run_full = make_run_chunk(sized, config.eval_every, update_prob)
         run_rest = None
         if lengths[-1] != config.eval_every:
-            run_rest = make_run_chunk(config, lengths[-1], update_prob)
-        state = init_train_state(config, seed, learning_rate)
+            run_rest = make_run_chunk(sized, lengths[-1], update_prob)
+        state = init_train_state(sized, seed, learning_rate)
         state, history = jax.lax.scan(
-            lambda s, _: chunk_and_evaluate(s, data, run_full), state, None, length=full_chunks
+            lambda s, _: chunk_and_evaluate(s, data, run_full, sized),
+            state,
+            None,
+            length=full_chunks,
         )
         if run_rest is not None:
-            state, last = chunk_and_evaluate(state, data, run_rest)
+            state, last = chunk_and_evaluate(state, data, run_rest, sized)
             history = jax.tree_util.tree_map(
                 lambda h, x: jnp.concatenate([h, x[None]]), history, last
             )
@@ -412,6 +419,7 @@ def train_and_evaluate(
     "diverged" and a last record, without checkpointing the bad state; a ``KeyboardInterrupt``
     (also while compiling) ends it at once with status "interrupted".
     """
+    config = config.with_train_examples(dataset.train_size)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
         start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)

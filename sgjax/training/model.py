@@ -20,7 +20,7 @@ from sgjax.core.trainer import Trainer
 from sgjax.data.sources import IMAGE_SHAPES
 from sgjax.models.cnn import cnn_stages
 from sgjax.models.mlp import mlp_stages
-from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, TrainConfig
+from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, ConfigError, TrainConfig
 
 
 def stages_for(config: TrainConfig) -> list[nn.Module]:
@@ -58,7 +58,12 @@ def method_for(config: TrainConfig) -> Method:
     if config.mode == "zero_grad":
         return zero_gradient()
     if config.mode == "stale_grad":
-        return stale_gradient(config.batch_size, config.stale_decay)
+        if config.train_examples < 1:
+            raise ConfigError(
+                "--mode=stale_grad keeps a row per training example: build it with "
+                "config.with_train_examples(number of training images) (the scripts do)"
+            )
+        return stale_gradient(config.train_examples, config.stale_decay)
     return dni(
         synthesizer_for(config),
         conditioned=config.conditioned,
