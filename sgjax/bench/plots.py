@@ -34,6 +34,14 @@ def _band(axes: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: 
         axes.fill_between(steps, mean - std, mean + std, alpha=0.2, color=color)
 
 
+def _log_scale(axes: Axes) -> None:
+    """A log y axis where the plotted lines have a finite positive value (a run that diverged
+    has none, and matplotlib refuses to log-scale such data)."""
+    values = [np.asarray(line.get_ydata(), dtype=float) for line in axes.get_lines()]
+    if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
+        axes.set_yscale("log")
+
+
 def _colors(count: int) -> list[str]:
     return [f"C{i % 10}" for i in range(count)]
 
@@ -58,7 +66,7 @@ def plot_curves(rows: Sequence[Row], path: Path) -> Path:
         axes.grid(alpha=0.3)
     for axes, _, _ in panels[2:]:
         axes.set_xlabel("step")
-        axes.set_yscale("log")
+        _log_scale(axes)
     grid[0, 1].legend(fontsize="small")
     figure.suptitle("Learning curves (mean over seeds, band: +- 1 std)")
     return _save(figure, path)
@@ -99,8 +107,7 @@ def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
     for axes in grid.flat:
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-        if decoupled:
-            axes.set_yscale("log")
+        _log_scale(axes)
     grid[0, 0].set_ylabel("synthetic-gradient loss (chunk mean)")
     if unlocked:
         grid[1, 0].set_ylabel("synthetic-input loss (chunk mean)")

@@ -157,7 +157,9 @@ def plot_sweep(results: Sequence[SweepResult], path: Path) -> Path:
         axes.scatter(r.probs, r.test_error, s=12, color=f"C{i}", label=LABELS.get(r.mode, r.mode))
     axes.set_xlabel("update probability p")
     axes.set_ylabel("final test error %")
-    axes.set_yscale("log")
+    errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
+    if np.any(np.isfinite(errors) & (errors > 0)):  # matplotlib refuses to log-scale none
+        axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
     FigureCanvasAgg(figure)
