@@ -1,11 +1,30 @@
-"""Start the processes of one ``jax.distributed`` run on this machine, for the tests that kill
-one of them (tools/launch_local.sh is the way to run them otherwise)."""
+"""Start JAX processes for the tests: a test file run as a script on simulated CPU devices
+(``script_json``), or the processes of one ``jax.distributed`` run on this machine, for the tests
+that kill one of them (tools/launch_local.sh is the way to run those otherwise)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
+from typing import Any
+
+
+def script_json(path: str, devices: int) -> dict[str, Any]:
+    """Run the test file ``path`` as a script with ``devices`` simulated CPU devices (the flag
+    must be set before JAX starts); the JSON object it prints on its last line."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    done = subprocess.run(
+        [sys.executable, path], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def free_port() -> int:

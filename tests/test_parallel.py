@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from local_processes import script_json
 from optax import tree_utils as otu
 from shared_fixture import computed_once
 
@@ -583,14 +581,7 @@ def four_device_results() -> dict[str, Any]:
 
 
 def _four_device_subprocess() -> dict[str, Any]:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return script_json(__file__, 4)
 
 
 @pytest.fixture(scope="module")

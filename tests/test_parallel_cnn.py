@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import jax
 import numpy as np
+from local_processes import script_json
 
 from sgjax.data.sources import Dataset, load_dataset
 from sgjax.parallel.layers import train_layer_parallel
@@ -94,15 +92,7 @@ def four_device_results() -> dict[str, Any]:
 
 
 def test_cnn_sg_pipeline_on_four_devices_equals_one_device():
-    env = os.environ | {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    done = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = script_json(__file__, 4)
     assert out["placement"] == {"4": [0, 1, 2, 3], "1": [0, 0, 0, 0]}
     assert out["status"] == ["completed", "completed"]
     assert out["difference"] <= 1e-6, out

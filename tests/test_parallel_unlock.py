@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from local_processes import script_json
 
 import sgjax
 from sgjax.data import load_dataset, sample_batch, to_device
@@ -164,14 +162,7 @@ def mlp_results(mnist: sgjax.Dataset) -> dict[str, Any]:
 
 
 def _four_device_subprocess() -> dict[str, Any]:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return script_json(__file__, 4)
 
 
 @pytest.fixture(scope="module")
