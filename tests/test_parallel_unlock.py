@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from local_processes import script_json
+from test_parallel import SMALL, _strip, max_difference, quiet, resumed_run
 
 import sgjax
 from sgjax.data import load_dataset, sample_batch, to_device
@@ -28,14 +29,6 @@ from sgjax.parallel.unlocked import UnlockedPipeline
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import UPDATE_KEY
 
-SMALL = dict(
-    hidden_layers=2,
-    hidden_units=32,
-    sg_hidden_units=32,
-    sg_hidden_layers=0,
-    batch_size=32,
-    learning_rate=1e-2,
-)
 # A short run of the paper's MLP, pipelined and synchronous (measured, 4 simulated CPU devices,
 # embedded MNIST, seed 0: test accuracy 0.392 then 0.462 pipelined, 0.468 synchronous).
 FLOOR = dict(
@@ -59,18 +52,6 @@ class Dense(nn.Module):
         del train
         h = nn.Dense(self.features)(x)
         return nn.relu(h) if self.relu else h
-
-
-def _leaves(tree: Any) -> list[np.ndarray]:
-    return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
-
-
-def max_difference(a: Any, b: Any) -> float:
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    return max(
-        float(np.max(np.abs(x - y), initial=0.0))
-        for x, y in zip(_leaves(a), _leaves(b), strict=True)
-    )
 
 
 def exact_results(mnist: sgjax.Dataset) -> dict[str, Any]:
@@ -130,24 +111,18 @@ def exact_results(mnist: sgjax.Dataset) -> dict[str, Any]:
     }
 
 
-def _strip(records: list) -> list[dict]:
-    return [dataclasses.asdict(r) | {"elapsed_s": 0.0} for r in records]
-
-
 def mlp_results(mnist: sgjax.Dataset) -> dict[str, Any]:
     """The paper's MLP (BatchNorm) through ``train_layer_parallel``: records, stage times, a
     short run against the synchronous one, and the same run stopped after its first period and
     resumed from the checkpoint."""
-    from test_parallel import resumed_run  # this file runs as a script from tests/
-
     config = TrainConfig(mode="sg", synthetic_inputs=True, parallel="layers", **FLOOR)
     run = train_layer_parallel(
-        config, mnist, kind="sg_pipeline", num_devices=4, log=lambda _: None, stage_timing_repeats=2
+        config, mnist, kind="sg_pipeline", num_devices=4, log=quiet, stage_timing_repeats=2
     )
     with tempfile.TemporaryDirectory() as folder:
         resumed, inflight = resumed_run(config, mnist, Path(folder), "sg_pipeline")
     synchronous = sgjax.train_and_evaluate(
-        dataclasses.replace(config, parallel="none"), mnist, log=lambda _: None
+        dataclasses.replace(config, parallel="none"), mnist, log=quiet
     )
     return {
         "placement": list(run.stage_devices),
@@ -161,13 +136,9 @@ def mlp_results(mnist: sgjax.Dataset) -> dict[str, Any]:
     }
 
 
-def _four_device_subprocess() -> dict[str, Any]:
-    return script_json(__file__, 4)
-
-
 @pytest.fixture(scope="module")
 def four_devices() -> dict[str, Any]:
-    return _four_device_subprocess()
+    return script_json(__file__, 4)
 
 
 def test_unlocked_pipeline_computes_the_synchronous_complete_unlock(four_devices):

@@ -646,7 +646,7 @@ class Trainer:
         """Complete unlock: per boundary the predicted input of the group above it."""
         return tuple(
             self.predicted_input(m, x, tuple(s.shape[1:]))
-            for m, s in zip(state.inputs, self._boundary_shapes(state, x), strict=True)
+            for m, s in zip(state.inputs, self.boundary_shapes(x), strict=True)
         )
 
     def _input_model(self, shape: tuple[int, ...]) -> nn.Module:
@@ -670,16 +670,20 @@ class Trainer:
         params, opt_state = apply_optimizer(self.optimizer, grads, model.opt_state, model.params)
         return StageState(params, {}, opt_state), loss
 
-    def _boundary_shapes(self, state: TrainerState, x: jax.Array) -> list[jax.ShapeDtypeStruct]:
-        def outputs() -> list[jax.Array]:
+    def boundary_shapes(self, x: Any) -> list[jax.ShapeDtypeStruct]:
+        """Shape and dtype of every decoupled group's output (the input of the group above it)
+        for a batch like ``x`` (an array or a ``jax.ShapeDtypeStruct``); nothing is computed."""
+
+        def outputs(x: jax.Array) -> list[jax.Array]:
+            stages = self.init(jax.random.PRNGKey(0), x).stages
             h, hs = x, []
             for j in range(len(self.groups) - 1):
-                params, collections = self.group_state(state.stages, j)
+                params, collections = self.group_state(stages, j)
                 h, _ = self.apply_group(j, params, collections, h, False)
                 hs.append(h)
             return hs
 
-        return jax.eval_shape(outputs)
+        return jax.eval_shape(outputs, x)
 
     def _unlocked_step(
         self,

@@ -63,7 +63,7 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,8 @@ from sgjax.parallel.stages import (
     WindowMetrics,
     abstract_on,
     device_id_of,
+    indexed_group,
+    kept,
     time_chain,
     zeros_on,
 )
@@ -116,11 +118,6 @@ class OutputTick(NamedTuple):
     accuracy: jax.Array
 
 
-def _indexed(trainer: Trainer, j: int, stages: tuple[StageState, ...]) -> dict[int, StageState]:
-    """Group ``j``'s stage states keyed by their index in the chain (what the Trainer reads)."""
-    return dict(zip(trainer.groups[j], stages, strict=True))
-
-
 class Coins(NamedTuple):
     """Where a stage draws its stochastic updates' coins (``--update_prob`` < 1): the run's batch
     key and the tick. Minibatch b's coin for group j is ``Trainer.group_coin(key, b, j, p)``,
@@ -130,13 +127,6 @@ class Coins(NamedTuple):
     tick: jax.Array
 
 
-def _kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
-    """``new`` where ``flag`` is set (or when there is no coin), else ``old``."""
-    if flag is None:
-        return new
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
-
-
 def _local_update(
     group: GroupState, inputs: Activations, *, trainer: Trainer, j: int
 ) -> tuple[GroupState, jax.Array, jax.Array]:
@@ -144,7 +134,7 @@ def _local_update(
     local learning (its auxiliary head's loss) or the zero gradient. The group's new state, its
     output and its local loss (0 for the zero gradient), as ``Trainer.step`` computes them."""
     stages, head = group.stages, group.synthesizer
-    indexed = _indexed(trainer, j, stages)
+    indexed = indexed_group(trainer, j, stages)
     if isinstance(trainer.method, DGL):
         local, out = trainer.local_group_gradients(indexed, head, j, inputs.h, inputs.labels)
         grads, collections, loss = local.stages, local.collections, local.loss
@@ -186,19 +176,19 @@ def hidden_tick(
     if trainer.local:
         if inputs is not None:
             new, out, sg_loss = _local_update(group, inputs, trainer=trainer, j=j)
-            group = _kept(update, new, group)
+            group = kept(update, new, group)
             sent = Activations(out, inputs.labels)
         return HiddenTick(group, sent, None, sg_loss)
     if inputs is not None:
-        indexed = _indexed(trainer, j, stages)
+        indexed = indexed_group(trainer, j, stages)
         fwd = trainer.group_forward(indexed, synthesizer, j, inputs.h, inputs.labels)
         # Only the group's half of group_backward is used (M learns from `target` below); the
         # synthesizer half, computed against a dummy target, is dropped by the compiler.
         grads = trainer.group_backward(fwd, fwd.synthetic_grad)
         new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, fwd.collections)
-        stages = _kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
+        stages = kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
         synthesizer = synthesizer._replace(
-            collections=_kept(update, fwd.synthesizer_collections, synthesizer.collections)
+            collections=kept(update, fwd.synthesizer_collections, synthesizer.collections)
         )
         sent = Activations(fwd.output, inputs.labels)
         message = grads.input_grad
@@ -209,7 +199,7 @@ def hidden_tick(
         learnt = trainer.update_synthesizer(
             group.synthesizer, regression.grads, synthesizer.collections
         )
-        synthesizer = _kept(learn, learnt, synthesizer)
+        synthesizer = kept(learn, learnt, synthesizer)
         sg_loss = regression.sg_loss
     return HiddenTick(GroupState(stages, synthesizer), sent, message, sg_loss)
 
@@ -246,14 +236,14 @@ def output_tick(
     """The last group's tick: true-gradient update; dLoss/dh_L goes back to stage L (with
     ``coins``: the update kept only if minibatch tick - L's coin for the last group says so)."""
     j = len(trainer.groups) - 1
-    indexed = _indexed(trainer, j, stages)
+    indexed = indexed_group(trainer, j, stages)
     last = trainer.last_group_gradients(indexed, inputs.h, inputs.labels)
     new = trainer.update_stages(indexed, trainer.groups[j], last.stages, last.collections)
     update = None
     if coins is not None:
         update = trainer.group_coin(coins.key, coins.tick - j, j, update_prob)
     return OutputTick(
-        _kept(update, tuple(new[k] for k in trainer.groups[j]), stages),
+        kept(update, tuple(new[k] for k in trainer.groups[j]), stages),
         last.input_grad,
         last.loss,
         trainer.accuracy(last.output, inputs.labels),
@@ -376,15 +366,7 @@ class SgPipeline:
         batch = jax.eval_shape(
             lambda d, c: sample_batch(c.key, d, self.config.batch_size), self.data, self._cursor
         )
-        h, labels, out = batch.images, batch.labels, []
-        for j, group in enumerate(self.hidden):
-            params = tuple(s.params for s in group.stages)
-            cols = tuple(s.collections for s in group.stages)
-            h = jax.eval_shape(
-                lambda x, j=j, p=params, c=cols: self.trainer.apply_group(j, p, c, x, True)[0], h
-            )
-            out.append(Activations(jax.ShapeDtypeStruct(h.shape, h.dtype), labels))
-        return out
+        return [Activations(h, batch.labels) for h in self.trainer.boundary_shapes(batch.images)]
 
     def _coins(self, k: int) -> Coins | None:
         """Stage ``k``'s coins at this tick (None at p = 1)."""

@@ -241,21 +241,10 @@ def group_output_shapes(
 ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """The shape of a minibatch's images and of every decoupled group's output (the next
     group's input)."""
-    model = jax.eval_shape(
-        lambda: trainer.init(jax.random.PRNGKey(0), jnp.zeros((1, *data.train_images.shape[1:])))
-    )
-    groups, _ = split_groups(trainer, model)
     batch = jax.eval_shape(
         lambda d: sample_batch(jax.random.PRNGKey(0), d, config.batch_size), data
     )
-    h, shapes = batch.images, []
-    for j, group in enumerate(groups):
-        params = tuple(s.params for s in group.stages)
-        cols = tuple(s.collections for s in group.stages)
-        h = jax.eval_shape(
-            lambda x, p, c, j=j: trainer.apply_group(j, p, c, x, True)[0], h, params, cols
-        )
-        shapes.append(tuple(h.shape))
+    shapes = [tuple(h.shape) for h in trainer.boundary_shapes(batch.images)]
     return tuple(batch.images.shape), shapes
 
 

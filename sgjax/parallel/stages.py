@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from sgjax.core.trainer import TrainerState
+from sgjax.core.trainer import StageState, Trainer, TrainerState
 from sgjax.training.config import ConfigError
 
 
@@ -35,6 +35,20 @@ class BatchCursor(NamedTuple):
 
     key: jax.Array
     index: jax.Array
+
+
+def indexed_group(
+    trainer: Trainer, j: int, stages: tuple[StageState, ...]
+) -> dict[int, StageState]:
+    """Group ``j``'s stage states keyed by their index in the chain (what the Trainer reads)."""
+    return dict(zip(trainer.groups[j], stages, strict=True))
+
+
+def kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` is set (or when there is no coin), else ``old``."""
+    if flag is None:
+        return new
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
 class WindowMetrics(NamedTuple):

@@ -47,6 +47,8 @@ from sgjax.parallel.stages import (
     WindowMetrics,
     abstract_on,
     device_id_of,
+    indexed_group,
+    kept,
     time_chain,
     zeros_on,
 )
@@ -85,6 +87,8 @@ class UnlockedTick(NamedTuple):
     input_loss: jax.Array | None
     loss: jax.Array | None
     accuracy: jax.Array | None
+    next_tick: jax.Array
+    """The tick after this one, on the stage's device (the host never sends it)."""
 
 
 class TickPlan(NamedTuple):
@@ -94,16 +98,6 @@ class TickPlan(NamedTuple):
     """Whether the stage trains on minibatch t (False on the drain tick)."""
     regress: bool
     """Whether the stage regresses on minibatch t-1 (False on tick 0)."""
-
-
-def _indexed(trainer: Trainer, j: int, stages: tuple[StageState, ...]) -> dict[int, StageState]:
-    return dict(zip(trainer.groups[j], stages, strict=True))
-
-
-def _kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
-    if flag is None:
-        return new
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
 class Regressed(NamedTuple):
@@ -157,13 +151,13 @@ def unlocked_regress(
         learnt, input_loss = trainer.input_model_update(
             input_model, previous.images, messages.below
         )
-        input_model = _kept(learn, learnt, input_model)
+        input_model = kept(learn, learnt, input_model)
     if not last:
         regression = trainer.synthesizer_gradients(
             synthesizer, messages.stored, previous.labels, messages.target
         )
         learnt = trainer.update_synthesizer(synthesizer, regression.grads, synthesizer.collections)
-        synthesizer, sg_loss = _kept(learn, learnt, synthesizer), regression.sg_loss
+        synthesizer, sg_loss = kept(learn, learnt, synthesizer), regression.sg_loss
     return Regressed(UnlockedStage(stage.stages, synthesizer, input_model), sg_loss, input_loss)
 
 
@@ -189,7 +183,7 @@ def unlocked_forward(
     h = current.images
     if j > 0:
         h = jax.lax.stop_gradient(trainer.predicted_input(stage.input_model, h, input_shape))
-    indexed = _indexed(trainer, j, stages)
+    indexed = indexed_group(trainer, j, stages)
     if last:
         grads = trainer.last_group_gradients(indexed, h, current.labels)
         new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, grads.collections)
@@ -201,10 +195,10 @@ def unlocked_forward(
         grads = trainer.group_backward(fwd, fwd.synthetic_grad)
         new = trainer.update_stages(indexed, trainer.groups[j], grads.stages, fwd.collections)
         synthesizer = synthesizer._replace(
-            collections=_kept(update, fwd.synthesizer_collections, synthesizer.collections)
+            collections=kept(update, fwd.synthesizer_collections, synthesizer.collections)
         )
         output = fwd.output
-    stages = _kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
+    stages = kept(update, tuple(new[k] for k in trainer.groups[j]), stages)
     return Trained(
         UnlockedStage(stages, synthesizer, stage.input_model),
         output,
@@ -239,7 +233,7 @@ def unlocked_tick(
         stage, output, message, loss, accuracy = unlocked_forward(
             stage, data, key, tick, input_shape=input_shape, **common
         )
-    return UnlockedTick(stage, output, message, sg_loss, input_loss, loss, accuracy)
+    return UnlockedTick(stage, output, message, sg_loss, input_loss, loss, accuracy, tick + 1)
 
 
 def split_unlocked(trainer: Trainer, model: TrainerState) -> list[UnlockedStage]:
@@ -290,9 +284,15 @@ class UnlockedPipeline:
         """Every stage draws its minibatches itself, from the data on its own device."""
         self.keys = [jax.device_put(key, d) for d in devices]
         self.tick = self._tick_after(step)
+        self._ticks = [jax.device_put(jnp.int32(self.tick), d) for d in devices]
+        """The tick on every stage's device; each tick's call returns the next one."""
         self._messages = self._restore_inflight(inflight or {})
         self.update_prob = float(config.update_prob)
-        self._shapes = self._boundary_shapes()
+        batch = jax.eval_shape(
+            lambda d, k: sample_batch(k, d, config.batch_size), self.data[0], self.keys[0]
+        )
+        self._shapes = trainer.boundary_shapes(batch.images)
+        """The shape of every decoupled group's output (the next group's input)."""
         self._window = DispatchWindow(max_ticks_in_flight)
         self._compiler = StageCompiler()
         self._calls: dict[tuple[int, TickPlan], jax.stages.Compiled] = {}
@@ -323,21 +323,6 @@ class UnlockedPipeline:
         ]
 
     # ------------------------------------------------------------------ compile and run
-
-    def _boundary_shapes(self) -> list[jax.ShapeDtypeStruct]:
-        """The shape of every decoupled group's output (the next group's input)."""
-        batch = jax.eval_shape(
-            lambda d, k: sample_batch(k, d, self.config.batch_size), self.data[0], self.keys[0]
-        )
-        h, shapes = batch.images, []
-        for j, stage in enumerate(self.stages[:-1]):
-            params = tuple(s.params for s in stage.stages)
-            cols = tuple(s.collections for s in stage.stages)
-            h = jax.eval_shape(
-                lambda x, j=j, p=params, c=cols: self.trainer.apply_group(j, p, c, x, True)[0], h
-            )
-            shapes.append(jax.ShapeDtypeStruct(h.shape, h.dtype))
-        return shapes
 
     def _example_messages(self, j: int, plan: TickPlan) -> Messages:
         """Shapes of stage ``j``'s messages under ``plan`` (None where it reads none)."""
@@ -371,7 +356,7 @@ class UnlockedPipeline:
                 abstract_on(self.stages[j], device),
                 abstract_on(self.data[j], device),
                 abstract_on(self.keys[j], device),
-                abstract_on(self._tick_index(j), device),
+                abstract_on(self._ticks[j], device),
                 abstract_on(self._example_messages(j, plan), device),
             )
         return self._calls[(j, plan)]
@@ -385,9 +370,6 @@ class UnlockedPipeline:
             for plan in plans:
                 self._call(j, plan)
 
-    def _tick_index(self, j: int) -> jax.Array:
-        return jax.device_put(jnp.int32(self.tick), self.devices[j])
-
     def _run_tick(self, window: WindowMetrics) -> None:
         t = self.tick
         plan = TickPlan(forward=t < self.config.num_steps, regress=t > 0)
@@ -396,14 +378,14 @@ class UnlockedPipeline:
                 self.stages[j],
                 self.data[j],
                 self.keys[j],
-                self._tick_index(j),
+                self._ticks[j],
                 self._messages[j] if plan.regress else Messages(None, None, None),
             )
             for j in range(self.num_stages)
         ]
         messages = []
         for j, out in enumerate(ticks):
-            self.stages[j] = out.stage
+            self.stages[j], self._ticks[j] = out.stage, out.next_tick
             below = ticks[j - 1].output if j > 0 else None
             above = ticks[j + 1].message if j < self.num_stages - 1 else None
             messages.append(
@@ -454,7 +436,7 @@ class UnlockedPipeline:
             messages = Messages(
                 *(None if m is None else zeros_on(m.shape, m.dtype, device) for m in example)
             )
-            call, tick = self._call(j, plan), self._tick_index(j)
+            call, tick = self._call(j, plan), self._ticks[j]
             data, key = self.data[j], self.keys[j]
             times.append(
                 time_chain(
