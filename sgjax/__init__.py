@@ -16,11 +16,9 @@ DNI, DNI+Aux). Everything in ``sgjax.core`` is pure JAX (jit, vmap, scan, shard)
 from sgjax.core import synthesizers
 from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
 from sgjax.core.methods import (
-    DGL,
-    DNI,
-    Backprop,
-    StaleGradient,
-    ZeroGradient,
+    Learned,
+    Method,
+    Prediction,
     backprop,
     bp_lambda,
     dgl,
@@ -41,9 +39,9 @@ from sgjax.training.model import trainer_for
 __version__ = "0.2.0"
 
 __all__ = [
-    "DGL",
-    "DNI",
-    "Backprop",
+    "Learned",
+    "Method",
+    "Prediction",
     "ConfigError",
     "Dataset",
     "HiddenBlock",
@@ -51,13 +49,11 @@ __all__ = [
     "OutputLayer",
     "RecurrentTrainer",
     "Segment",
-    "StaleGradient",
     "StageState",
     "StepMetrics",
     "TrainConfig",
     "Trainer",
     "TrainerState",
-    "ZeroGradient",
     "accuracy",
     "adam",
     "backprop",

@@ -7,15 +7,13 @@ DNI reference) are in test_trainer.py.
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgjax.core.methods import DNI
+from sgjax.core.methods import with_oracle
 from sgjax.core.trainer import Trainer, TrainerState
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import init_train_state
@@ -45,8 +43,8 @@ def _randomise_synthesizers(state: TrainerState, key: jax.Array) -> TrainerState
 
 
 def _oracle(trainer: Trainer) -> Trainer:
-    assert isinstance(trainer.method, DNI)
-    method = dataclasses.replace(trainer.method, oracle=True)
+    assert trainer.method.name in ("sg", "cdni")
+    method = with_oracle(trainer.method)
     return Trainer(
         trainer.stages, method, trainer.loss, trainer.optimizer, accuracy=trainer.accuracy
     )

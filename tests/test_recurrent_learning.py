@@ -1,16 +1,25 @@
-"""Synthetic gradients let a small LSTM learn beyond its truncation: on Repeat Copy at T = 4,
-DNI solves longer episodes than truncated BPTT on every seed (BUILD_NOTES.md has the margin,
-measured on 6 seeds: BPTT 5 on all, DNI 7 to 9). BPTT is the control a broken DNI would equal:
+"""Synthetic gradients let a small LSTM learn beyond its truncation: on Repeat Copy at T = 4, the
+median over 6 seeds of the longest episode DNI solves is longer than truncated BPTT's.
+
+Per-seed outcomes of this chaotic recurrent run change with the CPU's floating-point kernels
+(seed 0 gave DNI 7 on an AVX-512 Xeon and 5 on an AMD EPYC), so the test asserts on the median
+over seeds, which held on both (BUILD_NOTES.md, "Recurrent learning across machines": on 8
+seeds BPTT solved 5 on every seed, DNI 7 to 9). BPTT is the control a broken DNI would equal:
 zero synthetic gradients make DNI's core updates BPTT's."""
 
 from __future__ import annotations
 
+import statistics
+
+import pytest
+
 from sgjax.bench.rnn_table import RNN_PRESETS, cell_config, run_cell
 
-SEEDS = [0, 1, 2]
+SEEDS = list(range(6))
 
 
-def test_dni_solves_longer_repeat_copy_episodes_than_bptt_on_every_seed():
+@pytest.mark.slow
+def test_median_dni_solves_longer_repeat_copy_episodes_than_bptt():
     preset = RNN_PRESETS["paper_rnn_quick"]  # LSTM 32, batch 16, 4-bit patterns, Adam 1e-3
     solved = {
         mode: run_cell(
@@ -18,4 +27,4 @@ def test_dni_solves_longer_repeat_copy_episodes_than_bptt_on_every_seed():
         ).solved
         for mode in ("bptt", "dni")
     }
-    assert min(solved["dni"]) > max(solved["bptt"]), solved
+    assert statistics.median(solved["dni"]) > statistics.median(solved["bptt"]), solved

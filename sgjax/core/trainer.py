@@ -1,22 +1,22 @@
 """``Trainer``: any chain of Flax modules trained by backprop or with synthetic gradients.
 
 Notation (DESIGN.md): stages f_1..f_K; decoupled boundaries split them into groups; the group
-above boundary k ends with h_k and carries the synthesizer M_k, g_k = M_k(h_k [, label]).
+below boundary k ends with h_k, where the method's boundary module reads it (DNI: the
+synthesizer M_k, g_k = M_k(h_k [, label])).
 
-* every group but the last is updated with the VJP of the group at its (constant) input with the
-  synthetic gradient of the boundary above it; the last group gets the true loss gradient;
+* every group but the last is updated with the VJP of the group at its (constant) input with
+  what its boundary sends it (DNI: g_k); the last group gets the true loss gradient;
 * that VJP at the group's input is the message sent down: the bootstrapped target of the
   boundary below; the last group sends dLoss/dh down;
-* every M_k regresses g_k onto its target (stop_gradient): mean over the batch of ||g_k - t_k||^2,
-  with its own optimizer state.
+* every boundary module learns from the message it received (DNI: M_k regresses g_k onto it,
+  mean over the batch of ||g_k - t_k||^2, with its own optimizer state).
 
-Other methods (``sgjax.core.methods``) reuse the groups: BP(lambda) mixes the message from
-above into the synthetic gradient; the complete unlock feeds every group a synthetic input; the
-baselines (zero and stale gradient) and greedy local learning (an auxiliary classifier per group)
-keep their per-boundary state where DNI keeps its synthesizers. ``step(..., key=, update_prob=)``
-makes every update stochastic (``stochastic_update_mask``).
+``step`` (with ``gradients``) is the whole algorithm on one screen; what differs between methods
+(backprop, DNI, cDNI, BP(lambda), the baselines, DGL) is in the ``Method`` object
+(``sgjax.core.methods``). The complete unlock feeds every group above the first a synthetic
+input; ``step(..., key=, update_prob=)`` makes every update stochastic.
 
-Every stage and synthesizer keeps its own optimizer state. The per-group pieces
+Every stage and boundary module keeps its own optimizer state. The per-group pieces
 (``group_forward``, ``group_backward``, ``last_group_gradients``, ``synthesizer_gradients``)
 are public so that engines can run groups on separate devices.
 """
@@ -31,15 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sgjax.core.methods import (
-    DECOUPLED_METHODS,
-    DGL,
-    DNI,
-    Backprop,
-    Method,
-    StaleGradient,
-    ZeroGradient,
-)
+from sgjax.core.methods import Method, Prediction, sg_regression_loss
 from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import InputModel
 
@@ -50,7 +42,7 @@ UPDATE_KEY = 0x55504450
 
 
 class StageState(NamedTuple):
-    """A stage's (or synthesizer's) parameters, other variables and optimizer state."""
+    """A stage's (or boundary module's) parameters, other variables and optimizer state."""
 
     params: Any
     collections: Any
@@ -59,13 +51,12 @@ class StageState(NamedTuple):
 
 
 class TrainerState(NamedTuple):
-    """Everything a ``Trainer`` updates: one ``StageState`` per stage and per synthesizer."""
+    """Everything a ``Trainer`` updates: one ``StageState`` per stage and per boundary."""
 
     stages: tuple[StageState, ...]
     synthesizers: tuple[StageState, ...]
-    """One per decoupled boundary, bottom to top; empty for backprop. DNI's synthesizers; the
-    stale-gradient average (``collections["stale"]``), DGL's auxiliary heads, or nothing (zero
-    gradient) for the other decoupled methods."""
+    """One per decoupled boundary, bottom to top; empty for backprop: what the method keeps
+    there (DNI's synthesizers, DGL's heads, the stale-gradient table, nothing)."""
     inputs: tuple[StageState, ...] = ()
     """Complete unlock only: per boundary the synthetic-input model of the group above it."""
 
@@ -82,28 +73,36 @@ class StepMetrics(NamedTuple):
 
 
 class GroupForward(NamedTuple):
-    """What a decoupled group's forward pass leaves for its backward pass.
-
-    The VJP closures are ``jax.tree_util.Partial`` pytrees, so they can cross a jit boundary.
-    """
+    """What a decoupled group's forward pass leaves for its backward pass (a pytree: the VJP
+    closures are ``jax.tree_util.Partial``s, so it can cross a jit boundary)."""
 
     output: jax.Array
-    synthetic_grad: jax.Array
     group_vjp: Callable
-    synthesizer_vjp: Callable
     collections: tuple[Any, ...]
-    synthesizer_collections: Any
+    prediction: Prediction
+    """The boundary module's reading of ``output`` (``Method.predict``)."""
+
+    @property
+    def synthetic_grad(self) -> jax.Array:
+        return self.prediction.gradient
+
+    @property
+    def synthesizer_collections(self) -> Any:
+        return self.prediction.collections
 
 
 class GroupGradients(NamedTuple):
-    """Gradients of a decoupled group (per stage) and of its synthesizer."""
+    """Gradients of a decoupled group (per stage) and of its boundary module."""
 
     stages: tuple[Any, ...]
     synthesizer: Any
+    """The boundary module's gradients (None: it has no parameters)."""
     input_grad: jax.Array | None
     """VJP at the group's input: the bootstrapped target of the boundary below (None for the
     first group)."""
     sg_loss: jax.Array
+    synthesizer_collections: Any = None
+    """The boundary module's new other variables."""
 
 
 class LastGroupGradients(NamedTuple):
@@ -114,6 +113,16 @@ class LastGroupGradients(NamedTuple):
     collections: tuple[Any, ...]
     loss: jax.Array
     output: jax.Array
+
+
+class StepGradients(NamedTuple):
+    """One synchronous pass of ``Trainer.gradients``, bottom to top."""
+
+    forwards: list[GroupForward]
+    groups: list[GroupGradients]
+    last: LastGroupGradients
+    messages: list[jax.Array]
+    """What each boundary received from the group above (its module's target)."""
 
 
 class LocalGradients(NamedTuple):
@@ -150,27 +159,21 @@ def init_module(key: jax.Array, module: nn.Module, *args: Any) -> tuple[Any, Any
     return params, variables
 
 
-def sg_regression_loss(synthetic: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean over the batch of ||g - t||^2 (summed over the rest); the target is a constant."""
-    error = synthetic - jax.lax.stop_gradient(target)
-    return jnp.sum(jnp.square(error)) / error.shape[0]
-
-
 def _zero_accuracy(output: jax.Array, labels: jax.Array) -> jax.Array:
     del output, labels
     return jnp.zeros((), jnp.float32)
 
 
 class Trainer:
-    """Train a chain of Flax modules with ``method`` (``backprop()`` or ``dni(...)``).
+    """Train a chain of Flax modules with ``method`` (``backprop()``, ``dni(...)``, ...).
 
     Args:
       stages: Flax modules, each called as ``module(x, train=...)``; the last one produces the
         output that ``loss`` reads.
-      method: ``sgjax.backprop()`` or ``sgjax.dni(...)``.
+      method: a ``sgjax.Method``: ``sgjax.backprop()``, ``sgjax.dni(...)`` or another.
       loss: ``loss(output, labels) -> scalar``.
       optimizer: an optax optimizer; every stage gets its own state of it.
-      synthesizer_optimizer: the synthesizers' optimizer (default: ``optimizer``).
+      synthesizer_optimizer: the boundary modules' optimizer (default: ``optimizer``).
       accuracy: optional ``accuracy(output, labels) -> scalar`` reported in the metrics.
     """
 
@@ -187,10 +190,10 @@ class Trainer:
         self.stages = tuple(stages)
         if not self.stages:
             raise ValueError("a Trainer needs at least one stage")
-        if not isinstance(method, (Backprop, *DECOUPLED_METHODS)):
+        if not all(callable(getattr(method, f, None)) for f in ("init", "predict", "learn")):
             raise TypeError(
-                "method must be sgjax.backprop(), dni(...), bp_lambda(...), zero_gradient(), "
-                f"stale_gradient(...) or dgl(...), got {method!r}"
+                "method must be a sgjax.Method such as sgjax.backprop(), dni(...), "
+                f"bp_lambda(...), zero_gradient(), stale_gradient(...) or dgl(...), got {method!r}"
             )
         self.method = method
         self.loss = loss
@@ -202,17 +205,26 @@ class Trainer:
     # ------------------------------------------------------------------ structure
 
     @property
-    def decoupled(self) -> bool:
-        return not isinstance(self.method, Backprop)
-
-    @property
     def boundaries(self) -> tuple[int, ...]:
         """0-based indices of the stages after which the chain is decoupled."""
-        if isinstance(self.method, Backprop):
-            return ()
         if self.method.boundaries is None:
             return tuple(range(len(self.stages) - 1))
         return self.method.boundaries
+
+    @property
+    def decoupled(self) -> bool:
+        return bool(self.boundaries)
+
+    @property
+    def unlocked(self) -> bool:
+        """Whether the method is the complete unlock (groups train on synthetic inputs)."""
+        return self.method.synthetic_inputs
+
+    @property
+    def local(self) -> bool:
+        """Whether no feedback crosses a decoupled boundary backwards (greedy local learning,
+        zero gradient): each decoupled group learns from what it computes itself."""
+        return self.method.local
 
     def _groups(self) -> tuple[tuple[int, ...], ...]:
         last = len(self.stages) - 1
@@ -226,30 +238,12 @@ class Trainer:
         ends = [*(b + 1 for b in self.boundaries), len(self.stages)]
         return tuple(tuple(range(s, e)) for s, e in zip(starts, ends, strict=True))
 
-    def _synthesizer(self, shape: tuple[int, ...]) -> nn.Module:
-        assert isinstance(self.method, DNI)
-        return self.method.synthesizer.build(tuple(shape))
-
-    def _auxiliary(self, shape: tuple[int, ...]) -> nn.Module:
-        assert isinstance(self.method, DGL)
-        return self.method.aux.build(tuple(shape), self.method.num_classes)
-
-    @property
-    def unlocked(self) -> bool:
-        """Whether the method is the complete unlock (DNI with synthetic inputs)."""
-        return isinstance(self.method, DNI) and self.method.synthetic_inputs
-
-    def _context(self, labels: jax.Array, dtype: Any) -> jax.Array | None:
-        if not (isinstance(self.method, DNI) and self.method.conditioned):
-            return None
-        return jax.nn.one_hot(labels, self.method.num_classes, dtype=dtype)
-
     # ------------------------------------------------------------------ init and apply
 
     def init(self, key: jax.Array, sample_x: jax.Array) -> TrainerState:
         """Initial state; ``sample_x`` is an example batch (only its shape matters).
 
-        Stage k is initialised with ``split(key, K)[k]``, synthesizer j with
+        Stage k is initialised with ``split(key, K)[k]``, boundary j with
         ``split(fold_in(key, 1), J)[j]``, so backprop and DNI start from the same network.
         """
         keys = jax.random.split(key, len(self.stages))
@@ -266,26 +260,14 @@ class Trainer:
             input_keys = jax.random.split(jax.random.fold_in(key, 2), len(self.boundaries))
             for b, k, k_in in zip(self.boundaries, synth_keys, input_keys, strict=True):
                 h = jnp.zeros_like(outputs[b])
-                synthesizers.append(self._init_boundary(k, h))
+                params, collections = self.method.init(k, h, jnp.zeros(h.shape[:1], jnp.int32))
+                has_params = bool(jax.tree_util.tree_leaves(params))
+                opt_state = self.synthesizer_optimizer.init(params) if has_params else ()
+                synthesizers.append(StageState(params, collections, opt_state))
                 if self.unlocked:
                     params = self._input_model(h.shape[1:]).init(k_in, sample_x)["params"]
                     inputs.append(StageState(params, {}, self.optimizer.init(params)))
         return TrainerState(tuple(stages), tuple(synthesizers), tuple(inputs))
-
-    def _init_boundary(self, key: jax.Array, h: jax.Array) -> StageState:
-        """The state a decoupled boundary keeps: DNI's synthesizer, DGL's auxiliary head, the
-        stale-gradient average, or nothing (zero gradient)."""
-        if isinstance(self.method, DNI):
-            context = self._context(jnp.zeros(h.shape[:1], jnp.int32), h.dtype)
-            params, collections = init_module(key, self._synthesizer(h.shape[1:]), h, context)
-            return StageState(params, collections, self.synthesizer_optimizer.init(params))
-        if isinstance(self.method, DGL):
-            params, collections = init_module(key, self._auxiliary(h.shape[1:]), h)
-            return StageState(params, collections, self.optimizer.init(params))
-        if isinstance(self.method, StaleGradient):
-            shape = (self.method.num_examples, *h.shape[1:])
-            return StageState({}, {"stale": jnp.zeros(shape, h.dtype)}, ())
-        return StageState({}, {}, ())
 
     def apply_group(
         self,
@@ -316,178 +298,7 @@ class Trainer:
         output = self.apply(state, x)
         return self.loss(output, labels), self.accuracy(output, labels)
 
-    # ------------------------------------------------------------------ per-group pieces
-
-    def group_state(self, stages: Sequence[StageState], j: int) -> tuple[tuple, tuple]:
-        """Group ``j``'s parameters and other variables, per stage (``stages``: every stage's
-        state, or a mapping from stage index to state holding at least group ``j``'s)."""
-        chosen = [stages[k] for k in self.groups[j]]
-        return tuple(s.params for s in chosen), tuple(s.collections for s in chosen)
-
-    def group_forward(
-        self,
-        stages: Sequence[StageState],
-        synthesizer: StageState,
-        j: int,
-        h_in: jax.Array,
-        labels: jax.Array,
-    ) -> GroupForward:
-        """Decoupled group ``j`` (not the last): its output h and g = M(h), with their VJPs.
-
-        ``stages`` is the whole tuple of stage states (only group ``j``'s are read).
-        """
-        params, collections = self.group_state(stages, j)
-        if j == 0:
-            output, group_vjp, new_collections = jax.vjp(
-                lambda p: self.apply_group(j, p, collections, h_in, True), params, has_aux=True
-            )
-        else:
-            output, group_vjp, new_collections = jax.vjp(
-                lambda p, x: self.apply_group(j, p, collections, x, True),
-                params,
-                h_in,
-                has_aux=True,
-            )
-        # M's input is a constant for M: its loss must not reach the group.
-        h_const = jax.lax.stop_gradient(output)
-        context = self._context(labels, output.dtype)
-        module = self._synthesizer(output.shape[1:])
-        synthetic, synth_vjp, synth_collections = jax.vjp(
-            lambda p: apply_module(
-                module, p, synthesizer.collections, h_const, context, train=True
-            ),
-            synthesizer.params,
-            has_aux=True,
-        )
-        return GroupForward(
-            output, synthetic, group_vjp, synth_vjp, new_collections, synth_collections
-        )
-
-    def group_backward(
-        self, fwd: GroupForward, target: jax.Array, synthetic_grad: jax.Array | None = None
-    ) -> GroupGradients:
-        """Group gradients from g (or ``synthetic_grad``, e.g. the oracle's) and the
-        synthesizer's gradient towards the constant ``target``."""
-        g = fwd.synthetic_grad if synthetic_grad is None else synthetic_grad
-        cotangents = fwd.group_vjp(jax.lax.stop_gradient(g))
-        input_grad = cotangents[1] if len(cotangents) == 2 else None
-        error = fwd.synthetic_grad - jax.lax.stop_gradient(target)
-        batch = error.shape[0]
-        (synth_grads,) = fwd.synthesizer_vjp(2.0 * error / batch)
-        sg_loss = jnp.sum(jnp.square(error)) / batch
-        return GroupGradients(cotangents[0], synth_grads, input_grad, sg_loss)
-
-    def last_group_gradients(
-        self, stages: Sequence[StageState], h_in: jax.Array, labels: jax.Array
-    ) -> LastGroupGradients:
-        """The last group's true gradients and dLoss/dh_in (the top boundary's target)."""
-        j = len(self.groups) - 1
-        params, collections = self.group_state(stages, j)
-
-        def loss_fn(p: Any, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
-            output, new = self.apply_group(j, p, collections, x, True)
-            return self.loss(output, labels), (output, new)
-
-        argnums = (0, 1) if j > 0 else (0,)
-        (loss, (output, new)), grads = jax.value_and_grad(loss_fn, argnums, has_aux=True)(
-            params, h_in
-        )
-        input_grad = grads[1] if j > 0 else None
-        return LastGroupGradients(grads[0], input_grad, new, loss, output)
-
-    def synthesizer_gradients(
-        self, synthesizer: StageState, h: jax.Array, labels: jax.Array, target: jax.Array
-    ) -> SynthesizerGradients:
-        """M's gradient towards a constant target on a (stored) h, with M's current
-        parameters: the loss is ``group_backward``'s."""
-        module = self._synthesizer(h.shape[1:])
-        context = self._context(labels, h.dtype)
-        loss, grads = jax.value_and_grad(
-            lambda p: sg_regression_loss(
-                apply_module(module, p, synthesizer.collections, h, context, train=True)[0],
-                target,
-            )
-        )(synthesizer.params)
-        return SynthesizerGradients(grads, loss)
-
-    def update_stages(
-        self,
-        stages: Sequence[StageState],
-        indices: Sequence[int],
-        grads: Sequence[Any],
-        collections: Sequence[Any],
-    ) -> dict[int, StageState]:
-        """New states of stages ``indices`` after one optimizer step each."""
-        new = {}
-        for k, g, c in zip(indices, grads, collections, strict=True):
-            params, opt_state = apply_optimizer(
-                self.optimizer, g, stages[k].opt_state, stages[k].params
-            )
-            new[k] = StageState(params, c, opt_state)
-        return new
-
-    def update_synthesizer(
-        self, synthesizer: StageState, grads: Any, collections: Any
-    ) -> StageState:
-        params, opt_state = apply_optimizer(
-            self.synthesizer_optimizer, grads, synthesizer.opt_state, synthesizer.params
-        )
-        return StageState(params, collections, opt_state)
-
-    # ------------------------------------------------------------------ true gradients
-
-    def boundary_gradients(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> tuple[jax.Array, ...]:
-        """True dLoss/dh_k at every decoupled boundary (training mode): the oracle, and the
-        reference for probes such as the cosine with the synthetic gradients."""
-        num_groups = len(self.groups)
-
-        def forward(offsets: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
-            h, outputs = x, []
-            for j in range(num_groups):
-                params, collections = self.group_state(state.stages, j)
-                h, _ = self.apply_group(j, params, collections, h, True)
-                if j < num_groups - 1:
-                    h = h + offsets[j]
-                    outputs.append(h)
-            return self.loss(h, labels), outputs
-
-        shapes = jax.eval_shape(lambda: forward([0.0] * (num_groups - 1))[1])
-        zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-        return tuple(jax.grad(lambda o: forward(o)[0])(zeros))
-
-    def frozen_control(self) -> Trainer:
-        """This trainer with synthesizers that never learn: every synthetic gradient stays 0,
-        so decoupled stages keep their initialisation and only the last group trains. The
-        control a decoupled method must beat to show that its synthetic gradients teach."""
-        return Trainer(
-            self.stages,
-            self.method,
-            self.loss,
-            self.optimizer,
-            synthesizer_optimizer=optax.set_to_zero(),
-            accuracy=self.accuracy,
-        )
-
-    def synthetic_gradient_cosines(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> jax.Array:
-        """Per decoupled boundary, the cosine between the synthetic gradient and the true
-        dLoss/dh on this batch (both flattened over the batch); 0 where either is zero.
-
-        The control that tells learning synthesizers from moving ones: 0 at initialisation,
-        about 0 for random directions, 1 for the oracle."""
-        true = self.boundary_gradients(state, x, labels)
-        forwards, _, _, _ = self.decoupled_gradients(state, x, labels)
-        cosines = []
-        for fwd, t in zip(forwards, true, strict=True):
-            norms = jnp.linalg.norm(fwd.synthetic_grad) * jnp.linalg.norm(t)
-            safe = jnp.where(norms > 0, norms, 1.0)
-            cosines.append(jnp.where(norms > 0, jnp.vdot(fwd.synthetic_grad, t) / safe, 0.0))
-        return jnp.stack(cosines) if cosines else jnp.zeros((0,))
-
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ the step
 
     def step(
         self,
@@ -499,45 +310,98 @@ class Trainer:
         update_prob: float | jax.Array | None = None,
         example_ids: jax.Array | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
-        """One update of every stage (and synthesizer); pure, jittable, vmappable.
+        """One update of every stage and boundary module; pure, jittable, vmappable.
 
         ``example_ids`` (int, one per batch row: its index in the training set) is what the
-        stale gradient's per-example averages are read and written by; other methods ignore it.
-
+        stale gradient's per-example table is read and written by; other methods ignore it.
         With ``update_prob`` p (a float or a traced scalar; needs ``key``) the update is
-        stochastic (Jaderberg et al. 2016, section 3.1): see ``stochastic_update_mask``. Stages
-        (and boundary modules) that do not update keep their whole state (parameters, BatchNorm
-        statistics, optimizer state). Every update reads the step's starting parameters, so the
-        order in which the chosen stages update does not matter in this synchronous step. The
-        arithmetic is not skipped: the masked updates are computed and discarded.
+        stochastic (``stochastic_update_mask``): stages and boundary modules that do not update
+        keep their whole state; the masked updates are computed and discarded.
         """
-        if isinstance(self.method, Backprop):
-            new, metrics = self._backprop_step(state, x, labels)
-        elif isinstance(self.method, DNI) and self.method.synthetic_inputs:
-            new, metrics = self._unlocked_step(state, x, labels)
-        elif isinstance(self.method, DNI):
-            new, metrics = self._decoupled_step(state, x, labels)
-        elif isinstance(self.method, DGL):
-            new, metrics = self._dgl_step(state, x, labels)
-        else:
-            new, metrics = self._baseline_step(state, x, labels, example_ids)
+        inputs = self.synthetic_inputs(state, x) if self.unlocked else None
+        grads = self.gradients(state, x, labels, group_inputs=inputs, example_ids=example_ids)
+        last = grads.last
+        new = self.update_stages(state.stages, self.groups[-1], last.stages, last.collections)
+        boundaries = []
+        for j, (fwd, g) in enumerate(zip(grads.forwards, grads.groups, strict=True)):
+            new.update(self.update_stages(state.stages, self.groups[j], g.stages, fwd.collections))
+            boundaries.append(
+                self.update_synthesizer(
+                    state.synthesizers[j], g.synthesizer, g.synthesizer_collections
+                )
+            )
+        sg_loss = [g.sg_loss for g in grads.groups]
+        metrics = StepMetrics(
+            last.loss,
+            self.accuracy(last.output, labels),
+            jnp.stack(sg_loss) if sg_loss else jnp.zeros((0,), jnp.asarray(last.loss).dtype),
+        )
+        new_state = TrainerState(
+            tuple(new[k] for k in range(len(self.stages))), tuple(boundaries), state.inputs
+        )
+        if inputs is not None:
+            # Each synthetic-input model regresses onto what the group below produced.
+            fitted = [
+                self.input_model_update(model, x, fwd.output)
+                for model, fwd in zip(state.inputs, grads.forwards, strict=True)
+            ]
+            new_state = new_state._replace(inputs=tuple(model for model, _ in fitted))
+            metrics = metrics._replace(input_loss=jnp.stack([loss for _, loss in fitted]))
         if update_prob is None:
-            return new, metrics
+            return new_state, metrics
         if key is None:
             raise ValueError("update_prob needs a key for the random updates")
         mask = self.stochastic_update_mask(key, update_prob)
-        return self.masked_update(state, new, mask), metrics
+        return self.masked_update(state, new_state, mask), metrics
+
+    def gradients(
+        self,
+        state: TrainerState,
+        x: jax.Array,
+        labels: jax.Array,
+        synthetic_override: Sequence[jax.Array] | None = None,
+        group_inputs: Sequence[jax.Array] | None = None,
+        example_ids: jax.Array | None = None,
+    ) -> StepGradients:
+        """Every gradient of one synchronous step: forwards bottom to top, the last group's
+        true gradients, then each group's gradients top to bottom with what its boundary sends
+        it and the message it sends down. ``synthetic_override`` replaces what every boundary
+        sends (for the groups' updates and so for the bootstrapped targets); ``group_inputs``
+        gives the input of every group above the first (the complete unlock's synthetic
+        inputs) instead of the output of the group below."""
+        true = self.boundary_gradients(state, x, labels) if self.method.true_gradients else None
+        forwards, h = [], x
+        for j in range(len(self.groups) - 1):
+            h = group_inputs[j - 1] if group_inputs is not None and j > 0 else h
+            fwd = self.group_forward(state.stages, state.synthesizers[j], j, h, labels, example_ids)
+            forwards.append(fwd)
+            h = fwd.output
+        if group_inputs is not None and forwards:
+            h = group_inputs[-1]
+        last = self.last_group_gradients(state.stages, h, labels)
+        groups: list[GroupGradients] = [None] * len(forwards)  # type: ignore[list-item]
+        messages: list[jax.Array] = [None] * len(forwards)  # type: ignore[list-item]
+        message = last.input_grad
+        for j in reversed(range(len(forwards))):
+            override = None if synthetic_override is None else synthetic_override[j]
+            truth = None if true is None else true[j]
+            messages[j] = message
+            groups[j] = self.group_backward(forwards[j], message, override, truth, example_ids)
+            message = groups[j].input_grad
+        return StepGradients(forwards, groups, last, messages)
+
+    decoupled_gradients = gradients
 
     def stochastic_update_mask(self, key: jax.Array, update_prob: float | jax.Array) -> jax.Array:
         """Which stages update this step (bool, one per stage), each with probability p.
 
         Decoupled methods: every group (its stages, the module at its top boundary and, for the
         complete unlock, its synthetic-input model) updates with probability p, independently of
-        the others. Backprop: every stage runs its backward pass with probability p and a stage
-        updates only when it and every stage above it ran theirs (stage k of K updates with
-        probability p^(K - k), 0-based: the backward pass stops at the first stage that skips).
+        the others. Backprop (a locked method): every stage runs its backward pass with
+        probability p and a stage updates only when it and every stage above it ran theirs
+        (stage k of K updates with probability p^(K - k), 0-based).
         """
-        if isinstance(self.method, Backprop):
+        if self.method.locked:
             coins = jax.random.bernoulli(key, update_prob, (len(self.stages),))
             return jnp.flip(jnp.cumprod(jnp.flip(coins).astype(jnp.int32))).astype(bool)
         coins = jax.random.bernoulli(key, update_prob, (len(self.groups),))
@@ -565,82 +429,152 @@ class Trainer:
         )
         return TrainerState(stages, synthesizers, inputs)
 
-    def backprop_gradients(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> tuple[tuple[Any, ...], tuple[Any, ...], jax.Array, jax.Array]:
-        """True gradients of every stage, new other variables, loss and output."""
+    def group_coin(
+        self, key: jax.Array, step: jax.Array, j: int, update_prob: float | jax.Array
+    ) -> jax.Array:
+        """Whether group ``j`` (and its boundary module) updates at step ``step`` of the
+        single-device loop whose batch key is ``key``: the same draw as ``step(...,
+        key=fold_in(fold_in(key, step), UPDATE_KEY), update_prob=)`` makes for it."""
+        step_key = jax.random.fold_in(jax.random.fold_in(key, step), UPDATE_KEY)
+        return self.stochastic_update_mask(step_key, update_prob)[self.groups[j][0]]
 
-        def loss_fn(params: tuple[Any, ...]) -> tuple[jax.Array, tuple]:
-            h, new = x, []
-            for module, p, s in zip(self.stages, params, state.stages, strict=True):
-                h, c = apply_module(module, p, s.collections, h, train=True)
-                new.append(c)
-            return self.loss(h, labels), (h, tuple(new))
+    # ------------------------------------------------------------------ per-group pieces
 
-        params = tuple(s.params for s in state.stages)
-        (loss, (output, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, new, loss, output
+    def group_state(self, stages: Sequence[StageState], j: int) -> tuple[tuple, tuple]:
+        """Group ``j``'s parameters and other variables, per stage (``stages``: every stage's
+        state, or a mapping from stage index to state holding at least group ``j``'s)."""
+        chosen = [stages[k] for k in self.groups[j]]
+        return tuple(s.params for s in chosen), tuple(s.collections for s in chosen)
 
-    def _backprop_step(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> tuple[TrainerState, StepMetrics]:
-        grads, collections, loss, output = self.backprop_gradients(state, x, labels)
-        indices = range(len(self.stages))
-        new = self.update_stages(state.stages, indices, grads, collections)
-        metrics = StepMetrics(
-            loss, self.accuracy(output, labels), jnp.zeros((0,), jnp.asarray(loss).dtype)
-        )
-        return TrainerState(tuple(new[k] for k in indices), state.synthesizers), metrics
-
-    def decoupled_gradients(
+    def group_forward(
         self,
-        state: TrainerState,
-        x: jax.Array,
+        stages: Sequence[StageState],
+        synthesizer: StageState,
+        j: int,
+        h_in: jax.Array,
         labels: jax.Array,
-        synthetic_override: Sequence[jax.Array] | None = None,
-        group_inputs: Sequence[jax.Array] | None = None,
-    ) -> tuple[list[GroupForward], list[GroupGradients], LastGroupGradients, list[jax.Array]]:
-        """One synchronous decoupled pass: forwards, group gradients (bottom to top), the last
-        group's, and the targets. ``synthetic_override`` replaces every g_k (for the groups'
-        updates and for the bootstrapped targets). ``group_inputs`` gives the input of every
-        group above the first (the complete unlock's synthetic inputs) instead of the output
-        of the group below. For BP(lambda) the gradient used by group j is lambda times what
-        the group above sends down plus (1 - lambda) times g_j."""
-        num_decoupled = len(self.groups) - 1
-        forwards = []
-        h = x
-        for j in range(num_decoupled):
-            if j > 0 and group_inputs is not None:
-                h = jax.lax.stop_gradient(group_inputs[j - 1])
-            fwd = self.group_forward(state.stages, state.synthesizers[j], j, h, labels)
-            forwards.append(fwd)
-            h = fwd.output
-        if num_decoupled and group_inputs is not None:
-            h = jax.lax.stop_gradient(group_inputs[-1])
-        last = self.last_group_gradients(state.stages, h, labels)
-        mix = self.method.backprop_weight if isinstance(self.method, DNI) else None
+        example_ids: jax.Array | None = None,
+    ) -> GroupForward:
+        """Decoupled group ``j`` (not the last) on a constant input: its output h with its VJP,
+        and its boundary module's prediction on h. ``stages`` is the whole tuple of stage
+        states (only group ``j``'s are read)."""
+        params, collections = self.group_state(stages, j)
+        if j == 0:
+            output, group_vjp, new_collections = jax.vjp(
+                lambda p: self.apply_group(j, p, collections, h_in, True), params, has_aux=True
+            )
+        else:
+            output, group_vjp, new_collections = jax.vjp(
+                lambda p, x: self.apply_group(j, p, collections, x, True),
+                params,
+                h_in,
+                has_aux=True,
+            )
+        prediction = self.method.predict(
+            synthesizer.params, synthesizer.collections, output, labels, example_ids
+        )
+        return GroupForward(output, group_vjp, new_collections, prediction)
 
-        grads: list[GroupGradients] = [None] * num_decoupled  # type: ignore[list-item]
-        targets: list[jax.Array] = [None] * num_decoupled  # type: ignore[list-item]
-        target = last.input_grad
-        for j in reversed(range(num_decoupled)):
-            override = None if synthetic_override is None else synthetic_override[j]
-            if mix is not None:
-                override = mix * target + (1.0 - mix) * forwards[j].synthetic_grad
-            targets[j] = target
-            grads[j] = self.group_backward(forwards[j], target, override)
-            target = grads[j].input_grad
-        return forwards, grads, last, targets
+    def group_backward(
+        self,
+        fwd: GroupForward,
+        target: jax.Array | None,
+        synthetic_grad: jax.Array | None = None,
+        true: jax.Array | None = None,
+        example_ids: jax.Array | None = None,
+    ) -> GroupGradients:
+        """Group gradients from what its boundary sends it (``Method.send``, or
+        ``synthetic_grad``, e.g. the oracle's) and its boundary module's learning from
+        ``target``, the message from above (``Method.learn``)."""
+        g = (
+            self.method.send(fwd.prediction, target, true)
+            if synthetic_grad is None
+            else synthetic_grad
+        )
+        cotangents = fwd.group_vjp(jax.lax.stop_gradient(g))
+        input_grad = cotangents[1] if len(cotangents) == 2 else None
+        learned = self.method.learn(fwd.prediction, target, true, example_ids)
+        return GroupGradients(
+            cotangents[0], learned.grads, input_grad, learned.loss, learned.collections
+        )
 
-    def _decoupled_step(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> tuple[TrainerState, StepMetrics]:
-        assert isinstance(self.method, DNI)
-        override = self.boundary_gradients(state, x, labels) if self.method.oracle else None
-        forwards, grads, last, _ = self.decoupled_gradients(state, x, labels, override)
-        return self._apply_decoupled(state, forwards, grads, last, labels)
+    def last_group_gradients(
+        self, stages: Sequence[StageState], h_in: jax.Array, labels: jax.Array
+    ) -> LastGroupGradients:
+        """The last group's true gradients and dLoss/dh_in (the top boundary's target)."""
+        j = len(self.groups) - 1
+        params, collections = self.group_state(stages, j)
 
-    # ------------------------------------------------------------------ other decoupled methods
+        def loss_fn(p: Any, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple]]:
+            output, new = self.apply_group(j, p, collections, x, True)
+            return self.loss(output, labels), (output, new)
+
+        argnums = (0, 1) if j > 0 else (0,)
+        (loss, (output, new)), grads = jax.value_and_grad(loss_fn, argnums, has_aux=True)(
+            params, h_in
+        )
+        input_grad = grads[1] if j > 0 else None
+        return LastGroupGradients(grads[0], input_grad, new, loss, output)
+
+    def local_group_gradients(
+        self,
+        stages: Sequence[StageState],
+        head_state: StageState,
+        j: int,
+        h: jax.Array,
+        labels: jax.Array,
+    ) -> tuple[LocalGradients, jax.Array]:
+        """A local method's (greedy local learning, zero gradient) decoupled group ``j`` alone
+        (its input a constant): its gradients and its boundary module's, and the group's output."""
+        fwd = self.group_forward(stages, head_state, j, jax.lax.stop_gradient(h), labels)
+        g = self.group_backward(fwd, None)
+        local = LocalGradients(
+            g.stages, g.synthesizer, fwd.collections, g.synthesizer_collections, g.sg_loss
+        )
+        return local, fwd.output
+
+    def synthesizer_gradients(
+        self, synthesizer: StageState, h: jax.Array, labels: jax.Array, target: jax.Array
+    ) -> SynthesizerGradients:
+        """The boundary module's gradients towards a constant target on a (stored) h, with its
+        current parameters: ``Method.learn``, as in ``group_backward``."""
+        prediction = self.method.predict(
+            synthesizer.params, synthesizer.collections, h, labels, None
+        )
+        learned = self.method.learn(prediction, target, None, None)
+        return SynthesizerGradients(learned.grads, learned.loss)
+
+    def update_stages(
+        self,
+        stages: Sequence[StageState],
+        indices: Sequence[int],
+        grads: Sequence[Any],
+        collections: Sequence[Any],
+    ) -> dict[int, StageState]:
+        """New states of stages ``indices`` after one optimizer step each."""
+        new = {}
+        for k, g, c in zip(indices, grads, collections, strict=True):
+            params, opt_state = apply_optimizer(
+                self.optimizer, g, stages[k].opt_state, stages[k].params
+            )
+            new[k] = StageState(params, c, opt_state)
+        return new
+
+    def update_synthesizer(
+        self, synthesizer: StageState, grads: Any, collections: Any
+    ) -> StageState:
+        """A boundary module's optimizer step (none when ``grads`` is None) and its new other
+        variables."""
+        if grads is None:
+            return synthesizer._replace(collections=collections)
+        params, opt_state = apply_optimizer(
+            self.synthesizer_optimizer, grads, synthesizer.opt_state, synthesizer.params
+        )
+        return StageState(params, collections, opt_state)
+
+    update_head = update_synthesizer
+
+    # ------------------------------------------------------------------ the complete unlock
 
     def synthetic_inputs(self, state: TrainerState, x: jax.Array) -> tuple[jax.Array, ...]:
         """Complete unlock: per boundary the predicted input of the group above it."""
@@ -650,7 +584,6 @@ class Trainer:
         )
 
     def _input_model(self, shape: tuple[int, ...]) -> nn.Module:
-        assert isinstance(self.method, DNI)
         return InputModel(tuple(shape), self.method.input_units)
 
     def predicted_input(self, model: StageState, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -685,179 +618,71 @@ class Trainer:
 
         return jax.eval_shape(outputs, x)
 
-    def _unlocked_step(
-        self,
-        state: TrainerState,
-        x: jax.Array,
-        labels: jax.Array,
-        true_inputs: bool = False,
-    ) -> tuple[TrainerState, StepMetrics]:
-        """Complete unlock: every group above the first trains on its synthetic input (and its
-        synthetic gradient); each synthetic-input model regresses (L2, mean over the batch of
-        the squared error summed over units) onto the output the group below produced this step.
-        ``true_inputs`` feeds the chain's own outputs instead (the step is then DNI's)."""
-        predicted = None if true_inputs else self.synthetic_inputs(state, x)
-        forwards, grads, last, _ = self.decoupled_gradients(
-            state, x, labels, group_inputs=predicted
+    # ------------------------------------------------------------------ true gradients, probes
+
+    def backprop_gradients(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...], jax.Array, jax.Array]:
+        """True gradients of every stage, new other variables, loss and output."""
+
+        def loss_fn(params: tuple[Any, ...]) -> tuple[jax.Array, tuple]:
+            h, new = x, []
+            for module, p, s in zip(self.stages, params, state.stages, strict=True):
+                h, c = apply_module(module, p, s.collections, h, train=True)
+                new.append(c)
+            return self.loss(h, labels), (h, tuple(new))
+
+        params = tuple(s.params for s in state.stages)
+        (loss, (output, new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, new, loss, output
+
+    def boundary_gradients(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array
+    ) -> tuple[jax.Array, ...]:
+        """True dLoss/dh_k at every decoupled boundary (training mode): the oracle, and the
+        reference for probes such as the cosine with the synthetic gradients."""
+        num_groups = len(self.groups)
+
+        def forward(offsets: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+            h, outputs = x, []
+            for j in range(num_groups):
+                params, collections = self.group_state(state.stages, j)
+                h, _ = self.apply_group(j, params, collections, h, True)
+                if j < num_groups - 1:
+                    h = h + offsets[j]
+                    outputs.append(h)
+            return self.loss(h, labels), outputs
+
+        shapes = jax.eval_shape(lambda: forward([0.0] * (num_groups - 1))[1])
+        zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+        return tuple(jax.grad(lambda o: forward(o)[0])(zeros))
+
+    def frozen_control(self) -> Trainer:
+        """This trainer with boundary modules that never learn: every synthetic gradient stays
+        0, so decoupled stages keep their initialisation and only the last group trains. The
+        control a decoupled method must beat to show that its synthetic gradients teach."""
+        return Trainer(
+            self.stages,
+            self.method,
+            self.loss,
+            self.optimizer,
+            synthesizer_optimizer=optax.set_to_zero(),
+            accuracy=self.accuracy,
         )
-        new_state, metrics = self._apply_decoupled(state, forwards, grads, last, labels)
-        assert isinstance(self.method, DNI)
-        inputs, input_losses = [], []
-        for fwd, model_state in zip(forwards, state.inputs, strict=True):
-            model, loss_in = self.input_model_update(model_state, x, fwd.output)
-            inputs.append(model)
-            input_losses.append(loss_in)
-        metrics = metrics._replace(input_loss=jnp.stack(input_losses))
-        return new_state._replace(inputs=tuple(inputs)), metrics
 
-    def _apply_decoupled(
-        self,
-        state: TrainerState,
-        forwards: Sequence[GroupForward],
-        grads: Sequence[GroupGradients],
-        last: LastGroupGradients,
-        labels: jax.Array,
-    ) -> tuple[TrainerState, StepMetrics]:
-        new: dict[int, StageState] = {}
-        synthesizers = []
-        for j, (fwd, g) in enumerate(zip(forwards, grads, strict=True)):
-            new.update(self.update_stages(state.stages, self.groups[j], g.stages, fwd.collections))
-            synthesizers.append(
-                self.update_synthesizer(
-                    state.synthesizers[j], g.synthesizer, fwd.synthesizer_collections
-                )
-            )
-        new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
-        sg_loss = jnp.stack([g.sg_loss for g in grads]) if grads else jnp.zeros((0,))
-        metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
-        stages = tuple(new[k] for k in range(len(self.stages)))
-        return TrainerState(stages, tuple(synthesizers), state.inputs), metrics
-
-    def local_gradients(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> tuple[list[LocalGradients], LastGroupGradients]:
-        """Greedy local learning: per decoupled group, the gradients of its auxiliary loss for
-        its stages and its head, new other variables (stages, head) and the loss; the input of
-        every group is a constant. Then the last group's true gradients."""
-        results = []
-        h = x
-        for j in range(len(self.groups) - 1):
-            local, h = self.local_group_gradients(state.stages, state.synthesizers[j], j, h, labels)
-            results.append(local)
-        return results, self.last_group_gradients(state.stages, jax.lax.stop_gradient(h), labels)
-
-    def local_group_gradients(
-        self,
-        stages: Sequence[StageState],
-        head_state: StageState,
-        j: int,
-        h: jax.Array,
-        labels: jax.Array,
-    ) -> tuple[LocalGradients, jax.Array]:
-        """Greedy local learning, decoupled group ``j`` alone (its input a constant): the
-        gradients of its auxiliary loss, and the group's output. ``stages`` is the whole tuple
-        of stage states (only group ``j``'s are read)."""
-        params, collections = self.group_state(stages, j)
-        h_in = jax.lax.stop_gradient(h)
-
-        def aux_loss(
-            p: tuple[Any, ...], head: Any
-        ) -> tuple[jax.Array, tuple[jax.Array, tuple, Any]]:
-            out, new = self.apply_group(j, p, collections, h_in, True)
-            logits, head_new = apply_module(
-                self._auxiliary(out.shape[1:]), head, head_state.collections, out, train=True
-            )
-            return self.loss(logits, labels), (out, new, head_new)
-
-        (loss, (out, new, head_new)), (g_stages, g_head) = jax.value_and_grad(
-            aux_loss, (0, 1), has_aux=True
-        )(params, head_state.params)
-        return LocalGradients(g_stages, g_head, new, head_new, loss), out
-
-    def update_head(self, head: StageState, grads: Any, collections: Any) -> StageState:
-        """Greedy local learning: an auxiliary head's optimizer step (the stages' optimizer)."""
-        params, opt_state = apply_optimizer(self.optimizer, grads, head.opt_state, head.params)
-        return StageState(params, collections, opt_state)
-
-    @property
-    def local(self) -> bool:
-        """Whether no feedback crosses a decoupled boundary backwards (greedy local learning,
-        zero gradient): each decoupled group learns from what it computes itself."""
-        return isinstance(self.method, (DGL, ZeroGradient))
-
-    def group_coin(
-        self, key: jax.Array, step: jax.Array, j: int, update_prob: float | jax.Array
+    def synthetic_gradient_cosines(
+        self, state: TrainerState, x: jax.Array, labels: jax.Array, example_ids: Any = None
     ) -> jax.Array:
-        """Whether group ``j`` (and its boundary module) updates at step ``step`` of the
-        single-device loop whose batch key is ``key``: the same draw as ``step(...,
-        key=fold_in(fold_in(key, step), UPDATE_KEY), update_prob=)`` makes for it."""
-        step_key = jax.random.fold_in(jax.random.fold_in(key, step), UPDATE_KEY)
-        return self.stochastic_update_mask(step_key, update_prob)[self.groups[j][0]]
+        """Per decoupled boundary, the cosine between the boundary's prediction and the true
+        dLoss/dh on this batch (both flattened over the batch); 0 where either is zero.
 
-    def _dgl_step(
-        self, state: TrainerState, x: jax.Array, labels: jax.Array
-    ) -> tuple[TrainerState, StepMetrics]:
-        local, last = self.local_gradients(state, x, labels)
-        new: dict[int, StageState] = {}
-        heads = []
-        for j, (g_stages, g_head, collections, head_collections, _) in enumerate(local):
-            new.update(self.update_stages(state.stages, self.groups[j], g_stages, collections))
-            heads.append(self.update_head(state.synthesizers[j], g_head, head_collections))
-        new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
-        losses = [item[-1] for item in local]
-        sg_loss = jnp.stack(losses) if losses else jnp.zeros((0,))
-        metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
-        stages = tuple(new[k] for k in range(len(self.stages)))
-        return TrainerState(stages, tuple(heads), state.inputs), metrics
-
-    def _baseline_step(
-        self,
-        state: TrainerState,
-        x: jax.Array,
-        labels: jax.Array,
-        example_ids: jax.Array | None = None,
-    ) -> tuple[TrainerState, StepMetrics]:
-        """Zero gradient (decoupled groups get 0) or stale gradient (each example's moving
-        average of its past true boundary gradients, then the average takes in this step's
-        true gradient). ``sg_loss`` is the mean over the batch of ||g - true||^2 for the stale
-        gradient and 0 for the zero gradient."""
-        stale = isinstance(self.method, StaleGradient)
-        if stale and example_ids is None:
-            raise ValueError(
-                "stale_gradient needs example_ids: each batch row's index in the training set"
-            )
-        true = self.boundary_gradients(state, x, labels) if stale else None
-        new: dict[int, StageState] = {}
-        boundary_states, sg_losses = [], []
-        h = x
-        for j in range(len(self.groups) - 1):
-            params, collections = self.group_state(state.stages, j)
-            out, vjp, new_collections = jax.vjp(
-                lambda p, j=j, h=h, c=collections: self.apply_group(j, p, c, h, True),
-                params,
-                has_aux=True,
-            )
-            if stale:
-                assert isinstance(self.method, StaleGradient) and true is not None
-                table = state.synthesizers[j].collections["stale"]
-                # Rows repeated in a batch hold one example twice: equal g and true gradient,
-                # so the scatter writes equal values.
-                g = jnp.take(table, example_ids, axis=0)
-                (grads,) = vjp(g)
-                decay = self.method.decay
-                updated = table.at[example_ids].set(decay * g + (1.0 - decay) * true[j])
-                boundary = state.synthesizers[j]._replace(collections={"stale": updated})
-                boundary_states.append(boundary)
-                sg_losses.append(sg_regression_loss(g, true[j]))
-            else:
-                grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-                boundary_states.append(state.synthesizers[j])
-                sg_losses.append(jnp.zeros((), out.dtype))
-            new.update(self.update_stages(state.stages, self.groups[j], grads, new_collections))
-            h = jax.lax.stop_gradient(out)
-        last = self.last_group_gradients(state.stages, h, labels)
-        new.update(self.update_stages(state.stages, self.groups[-1], last.stages, last.collections))
-        sg_loss = jnp.stack(sg_losses) if sg_losses else jnp.zeros((0,))
-        metrics = StepMetrics(last.loss, self.accuracy(last.output, labels), sg_loss)
-        stages = tuple(new[k] for k in range(len(self.stages)))
-        return TrainerState(stages, tuple(boundary_states), state.inputs), metrics
+        The control that tells learning synthesizers from moving ones: 0 at initialisation,
+        about 0 for random directions, 1 for the oracle."""
+        true = self.boundary_gradients(state, x, labels)
+        forwards = self.gradients(state, x, labels, example_ids=example_ids).forwards
+        cosines = []
+        for fwd, t in zip(forwards, true, strict=True):
+            norms = jnp.linalg.norm(fwd.synthetic_grad) * jnp.linalg.norm(t)
+            safe = jnp.where(norms > 0, norms, 1.0)
+            cosines.append(jnp.where(norms > 0, jnp.vdot(fwd.synthetic_grad, t) / safe, 0.0))
+        return jnp.stack(cosines) if cosines else jnp.zeros((0,))
