@@ -68,7 +68,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sgjax.core.methods import DGL
 from sgjax.core.trainer import StageState, Trainer, TrainerState
 from sgjax.data.device import DeviceData, sample_batch
 from sgjax.parallel.stages import (
@@ -135,15 +134,9 @@ def _local_update(
     output and its local loss (0 for the zero gradient), as ``Trainer.step`` computes them."""
     stages, head = group.stages, group.synthesizer
     indexed = indexed_group(trainer, j, stages)
-    if isinstance(trainer.method, DGL):
-        local, out = trainer.local_group_gradients(indexed, head, j, inputs.h, inputs.labels)
-        grads, collections, loss = local.stages, local.collections, local.loss
-        head = trainer.update_head(head, local.head, local.head_collections)
-    else:
-        params, cols = trainer.group_state(indexed, j)
-        out, collections = trainer.apply_group(j, params, cols, inputs.h, True)
-        grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-        loss = jnp.zeros((), out.dtype)
+    local, out = trainer.local_group_gradients(indexed, head, j, inputs.h, inputs.labels)
+    grads, collections, loss = local.stages, local.collections, local.loss
+    head = trainer.update_head(head, local.head, local.head_collections)
     new = trainer.update_stages(indexed, trainer.groups[j], grads, collections)
     return GroupState(tuple(new[k] for k in trainer.groups[j]), head), out, loss
 
