@@ -12,10 +12,11 @@ def test_library_examples_run() -> None:
     text = README.read_text()
     section = text[text.index("## As a library") : text.index("## Data")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     exec(compile("\n".join(blocks), str(README), "exec"), namespace)  # noqa: S102
     assert namespace["logits"].shape == (32, 10)
+    _clipping_changes_dni_only_when_it_clips(namespace)
     assert namespace["history"].test_accuracy.shape == (4, 2)
     assert float(namespace["history"].test_accuracy[:, -1].min()) > 0.5
 
@@ -30,3 +31,28 @@ def test_recurrent_library_example_runs() -> None:
     exec(compile(prelude + blocks[0], str(README), "exec"), namespace)  # noqa: S102
     assert namespace["carry"][1].shape == (8, 16)
     assert float(namespace["seg_metrics"].count) == 32  # 4 steps x 8 sequences
+
+
+def _clipping_changes_dni_only_when_it_clips(ns: dict) -> None:
+    """The README's own method: with a threshold no gradient reaches it is DNI exactly (the
+    control), with the README's threshold its updates differ from DNI's."""
+    import jax
+    import numpy as np
+    import optax
+
+    import sgjax
+
+    def run(method):
+        stages = sgjax.mlp_stages(2, 16, 10)
+        trainer = sgjax.Trainer(stages, method, sgjax.cross_entropy, optax.adam(1e-2))
+        x = jax.random.uniform(jax.random.PRNGKey(1), (32, 20))
+        y = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)
+        state = trainer.init(jax.random.PRNGKey(0), x)
+        for _ in range(3):
+            state, _ = jax.jit(trainer.step)(state, x, y)
+        return np.asarray(jax.tree_util.tree_leaves(state.stages[0].params)[-1])
+
+    synthesizer = sgjax.synthesizers.dense(1, 16)
+    plain = run(sgjax.dni(synthesizer))
+    np.testing.assert_array_equal(run(ns["clipped_dni"](1e30, synthesizer)), plain)
+    assert np.max(np.abs(run(ns["clipped_dni"](0.01, synthesizer)) - plain)) > 1e-6
