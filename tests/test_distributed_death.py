@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 8  # --distributed_timeout: joining, JAX's heartbeats, the shutdown wait
 # Process 0's death ends the other at once (its JAX client loses the service); another
 # process's death is noticed by the service after TIMEOUT_S of missed heartbeats. Measured
-# (BUILD_NOTES.md): 0.2-2.2 s and 6.5-7.7 s; the rest is slack for a loaded machine.
+# (BUILD_NOTES.md): 0.15-2.2 s and 5.4-8.4 s; the rest is slack for a loaded machine.
 STOP_WITHIN_S = {0: 8, 1: TIMEOUT_S + 8}
 SURVIVOR_ENDS = ("killed by signal SIGABRT", "exit code 1")
 
@@ -83,8 +83,8 @@ def test_a_dead_process_ends_the_other_and_launch_local_names_it(tmp_path, victi
         launcher.kill()
         launcher.wait()
         reader.join(timeout=10)
-    print(f"process {survivor} ended {ended_after:.2f} s after process {victim} was killed")
     lines = [line.rstrip("\n") for line in stderr if line.strip()]
+    print(f"ended {ended_after:.2f} s after process {victim} was killed: {lines[-1:]}")
     text = "".join(stderr)[-3000:]
     assert launcher.returncode == 128 + signal.SIGKILL, text
     assert ended_after < STOP_WITHIN_S[victim], (ended_after, text)

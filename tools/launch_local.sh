@@ -12,7 +12,11 @@
 # has ended, naming that process and how it failed (exit code N, or killed by signal SIGNAME),
 # e.g. "launch_local: process 0 of 2 failed first: killed by signal SIGKILL; then process 1:
 # killed by signal SIGABRT".
+# Needs bash 5.1 or newer (wait -n -p: which process ended first).
 set -u
+if [ "${BASH_VERSINFO[0]}" -lt 5 ] || { [ "${BASH_VERSINFO[0]}" -eq 5 ] && [ "${BASH_VERSINFO[1]}" -lt 1 ]; }; then
+  echo "error: tools/launch_local.sh needs bash 5.1 or newer (this is $BASH_VERSION)" >&2; exit 2
+fi
 
 usage() { echo "usage: tools/launch_local.sh N CMD [ARGS...]  (N: processes, 1 to 64)" >&2; exit 2; }
 [ $# -ge 2 ] || usage

@@ -9,9 +9,10 @@ cluster JAX detects (SLURM, Open MPI, ...) picks them when neither is given. CPU
 through gloo, so the same commands run as several processes on one machine.
 
 Every wait is bounded by ``--distributed_timeout`` (T seconds): joining
-(``initialization_timeout``), JAX's heartbeats (``heartbeat_timeout_seconds``) and the shutdown
-barrier at the end (``shutdown_timeout_seconds``). When a process dies, the others end within
-about T seconds (measured in BUILD_NOTES.md): at once when process 0 (which hosts JAX's
+(``initialization_timeout``; a process that cannot join ends after about T + 5 s), JAX's
+heartbeats (``heartbeat_timeout_seconds``) and the shutdown barrier at the end
+(``shutdown_timeout_seconds``). When a process dies, the others end within T seconds plus about
+1 (measured in BUILD_NOTES.md): at once when process 0 (which hosts JAX's
 coordination service) dies, since their JAX clients lose the service; when another one dies,
 as soon as a collective with it fails (one line of ours, exit code 1, ``stop_process``), or once
 the service has missed its heartbeats for T seconds. jaxlib ends a process that learns of a
@@ -138,8 +139,10 @@ def cluster_from(
 
 
 def initialize(cluster: Cluster) -> None:
-    """Join the run with ``jax.distributed.initialize`` (gloo collectives on the CPU); one
-    line and exit code 1 if the others do not join within the timeout."""
+    """Join the run with ``jax.distributed.initialize`` (gloo collectives on the CPU). If the
+    others do not join within the timeout, jaxlib 0.10.2 ends the process itself (its fatal
+    message, SIGABRT, about ``timeout_s`` + 5 s after the start); an error it raises instead
+    (e.g. an address it cannot parse) ends it with one line, exit code 1."""
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
