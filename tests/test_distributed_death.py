@@ -1,27 +1,36 @@
-"""A multi-process run whose process 0 (the coordinator) dies: the others stop with one line.
+"""A process of a multi-process run dies (process 0, which hosts JAX's coordination service, or
+process 1): the other ends by itself within the bound that --distributed_timeout states, and
+tools/launch_local.sh ends with one line naming the process that failed and how.
 
-Two processes of a tiny single-device run under jax.distributed; process 0 is killed once
-process 1 trains. Process 1 must end by itself within seconds, exit code 1, its last line ours
-and none of jaxlib's fatal output (process 0 no longer hosts the coordination service, see
-sgjax/cli/distributed.py).
+Two processes of a tiny single-device run under tools/launch_local.sh; the victim is killed
+with SIGKILL once the other trains. The survivor may end with jaxlib's own fatal message
+(SIGABRT) or with sgjax's one line (exit code 1); either way within the bound.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from local_processes import start_processes
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 5
-STOP_WITHIN_S = 10  # the connection to process 0 closes at once; the rest is slack
-FATAL_MARKS = ("Traceback", "Check failed", "*** ", "Fatal Python error", "terminate called")
+TIMEOUT_S = 8  # --distributed_timeout: joining, JAX's heartbeats, the shutdown wait
+# Process 0's death ends the other at once (its JAX client loses the service); another
+# process's death is noticed by the service after TIMEOUT_S of missed heartbeats. Measured
+# (BUILD_NOTES.md): 0.15-2.2 s and 5.4-8.4 s; the rest is slack for a loaded machine.
+STOP_WITHIN_S = {0: 8, 1: TIMEOUT_S + 8}
+SURVIVOR_ENDS = ("killed by signal SIGABRT", "exit code 1")
 
 
-def test_death_of_process_0_stops_the_other_with_one_line(tmp_path):
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_dead_process_ends_the_other_and_launch_local_names_it(tmp_path, victim):
+    survivor = 1 - victim
     command = [
         sys.executable,
         str(REPO / "experiments" / "mnist_mlp.py"),
@@ -37,26 +46,52 @@ def test_death_of_process_0_stops_the_other_with_one_line(tmp_path):
         "--checkpoint_every=0",
         f"--output_dir={tmp_path / 'run'}",
     ]
-    processes = start_processes(command, 2, 1)
-    guard = threading.Timer(120, lambda: [p.kill() for p in processes])  # bounded, whatever
+    # Each process prints its pid first (the shell execs into the command: the same pid).
+    show_pid = ["sh", "-c", 'echo "pid $$"; exec "$0" "$@"']
+    launcher = subprocess.Popen(
+        [str(REPO / "tools" / "launch_local.sh"), "2", *show_pid, *command],
+        env=dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            SGJAX_LAUNCH_GRACE="60",  # longer than the bound: the survivor must end by itself
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(launcher.stderr), daemon=True)
+    reader.start()
+    guard = threading.Timer(120, launcher.kill)  # bounded, whatever happens
     guard.start()
     try:
-        for line in processes[1].stdout:
-            if line.startswith("step "):  # process 1 trains
+        pids = {}
+        for line in launcher.stdout:
+            words = line.split()
+            if words[1:2] == ["pid"]:
+                pids[int(words[0].strip("[]"))] = int(words[2])
+            if line.startswith(f"[{survivor}] step "):  # the survivor trains
                 break
-        processes[0].kill()
+        os.kill(pids[victim], signal.SIGKILL)
         killed = time.monotonic()
-        _, stderr = processes[1].communicate(timeout=60)
-        stopped_after = time.monotonic() - killed
+        launcher.stdout.read()
+        launcher.wait(timeout=100)
+        ended_after = time.monotonic() - killed
     finally:
         guard.cancel()
-        for process in processes:
-            process.kill()
-            process.communicate()
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert processes[1].returncode == 1, stderr[-3000:]
-    assert stopped_after < STOP_WITHIN_S, stopped_after
-    assert lines and lines[-1].startswith("error: process 1 stops: process 0 (the coordinator)")
-    for mark in FATAL_MARKS:
-        assert mark not in stderr, stderr[-3000:]
-    assert not any(line[:1] in "FE" and line[1:5].isdigit() for line in lines), lines  # glog
+        launcher.kill()
+        launcher.wait()
+        reader.join(timeout=10)
+    lines = [line.rstrip("\n") for line in stderr if line.strip()]
+    print(f"ended {ended_after:.2f} s after process {victim} was killed: {lines[-1:]}")
+    text = "".join(stderr)[-3000:]
+    assert launcher.returncode == 128 + signal.SIGKILL, text
+    assert ended_after < STOP_WITHIN_S[victim], (ended_after, text)
+    failed = [line for line in lines if line.startswith("launch_local:")]
+    assert len(failed) == 1, text
+    assert failed == lines[-1:], text
+    head = f"launch_local: process {victim} of 2 failed first: killed by signal SIGKILL"
+    assert any(lines[-1] == f"{head}; then process {survivor}: {how}" for how in SURVIVOR_ENDS), (
+        lines[-1]
+    )
