@@ -41,9 +41,10 @@ def _clipping_changes_dni_only_when_it_clips(ns: dict) -> None:
     import optax
 
     import sgjax
+    from sgjax.models.mlp import mlp_stages
 
     def run(method):
-        stages = sgjax.mlp_stages(2, 16, 10)
+        stages = mlp_stages(2, 16, 10)
         trainer = sgjax.Trainer(stages, method, sgjax.cross_entropy, optax.adam(1e-2))
         x = jax.random.uniform(jax.random.PRNGKey(1), (32, 20))
         y = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)

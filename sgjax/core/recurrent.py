@@ -1,7 +1,7 @@
 """Recurrent DNI: truncated BPTT whose gradient from beyond each segment is synthetic.
 
-Notation (DESIGN.md, "Recurrent DNI"): a core ``(carry, x) -> (carry, logits)`` is unrolled over
-segments of T steps; the carry at the end of one segment starts the next. Per update:
+Notation (Jaderberg et al. 2016, section 3.2): a core ``(carry, x) -> (carry, logits)`` is
+unrolled over segments of T steps; the carry at the end of one segment starts the next. Per update:
 
 * ``bptt``: the segment's loss is backpropagated to the segment's start; the gradient from
   beyond the segment's end is zero.
