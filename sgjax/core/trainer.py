@@ -1,8 +1,8 @@
 """``Trainer``: any chain of Flax modules trained by backprop or with synthetic gradients.
 
 Notation (Jaderberg et al. 2016, for any chain): stages f_1..f_K; decoupled boundaries split
-them into groups; the group below boundary k ends with h_k, where the method's boundary module reads it (DNI: the
-synthesizer M_k, g_k = M_k(h_k [, label])).
+them into groups; the group below boundary k ends with h_k, where the method's boundary module
+reads it (DNI: the synthesizer M_k, g_k = M_k(h_k [, label])).
 
 * every group but the last is updated with the VJP of the group at its (constant) input with
   what its boundary sends it (DNI: g_k); the last group gets the true loss gradient;
