@@ -57,3 +57,11 @@ def _clipping_changes_dni_only_when_it_clips(ns: dict) -> None:
     plain = run(sgjax.dni(synthesizer))
     np.testing.assert_array_equal(run(ns["clipped_dni"](1e30, synthesizer)), plain)
     assert np.max(np.abs(run(ns["clipped_dni"](0.01, synthesizer)) - plain)) > 1e-6
+
+
+def test_version_is_the_installed_distributions() -> None:
+    import importlib.metadata
+
+    import sgjax
+
+    assert importlib.metadata.version("sgjax") == sgjax.__version__
