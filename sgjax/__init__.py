@@ -27,7 +27,7 @@ from sgjax.core.methods import (
     zero_gradient,
 )
 from sgjax.core.optim import adam, learning_rate_of, piecewise_schedule, with_learning_rate
-from sgjax.core.recurrent import RecurrentTrainer, Segment, recurrent_method
+from sgjax.core.recurrent import RecurrentTrainer, Segment
 from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
 from sgjax.data import Dataset, load_dataset
 from sgjax.models.lstm import LSTMCore, zero_carry
@@ -66,7 +66,6 @@ __all__ = [
     "make_train",
     "mlp_stages",
     "piecewise_schedule",
-    "recurrent_method",
     "stale_gradient",
     "synthesizers",
     "train_and_evaluate",

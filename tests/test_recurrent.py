@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgjax.core.recurrent import RecurrentTrainer, Segment, recurrent_method
+from sgjax.core import synthesizers
+from sgjax.core.methods import backprop, dni
+from sgjax.core.recurrent import RecurrentTrainer, Segment
 from sgjax.models.lstm import LSTMCore, zero_carry
 from sgjax.tasks.copy import CopyTask, Level, sigmoid_loss
 
@@ -18,9 +20,15 @@ LEVEL = Level(jnp.int32(2), jnp.int32(2))  # 2 + 2 + 4 + 1 = 9 steps: 3 segments
 
 
 def _trainer(mode: str, **kwargs) -> RecurrentTrainer:
-    method = recurrent_method(mode, **kwargs)
+    method = backprop() if mode == "bptt" else dni(synthesizers.dense(1, UNITS))
+    aux_weight = 1.0 if mode == "dni_aux" else 0.0
     return RecurrentTrainer(
-        LSTMCore(UNITS, TASK.output_dim), sigmoid_loss, method, optax.adam(1e-2)
+        LSTMCore(UNITS, TASK.output_dim),
+        method,
+        sigmoid_loss,
+        optax.adam(1e-2),
+        aux_weight=aux_weight,
+        **kwargs,
     )
 
 

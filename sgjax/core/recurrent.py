@@ -1,18 +1,19 @@
 """Recurrent DNI: truncated BPTT whose gradient from beyond each segment is synthetic.
 
 Notation (Jaderberg et al. 2016, section 3.2): a core ``(carry, x) -> (carry, logits)`` is
-unrolled over segments of T steps; the carry at the end of one segment starts the next. Per update:
+unrolled over segments of T steps; the carry at the end of one segment starts the next. The
+methods are the feed-forward ones (``sgjax.core.methods``); per update:
 
-* ``bptt``: the segment's loss is backpropagated to the segment's start; the gradient from
-  beyond the segment's end is zero.
-* ``dni``: the gradient at the segment's end is ``scale * M(carry_T)`` (zero where the sequence
-  ends there), M a synthesizer shared over time. M regresses ``M(carry_0)`` onto the gradient
-  that reaches the segment's start when the segment is backpropagated with that scaled
-  synthetic gradient (bootstrapping; one backward pass gives the core's gradient and the
-  target).
-* ``dni_aux``: as ``dni``, and an auxiliary head reads the carry after the segment's first step
-  and predicts ``M(carry_T)``, the synthetic gradient produced T steps on; its loss trains the
-  core too.
+* ``backprop()`` (truncated BPTT, mode ``bptt``): the segment's loss is backpropagated to the
+  segment's start; the gradient from beyond the segment's end is zero.
+* ``dni(dense(1, units))`` (mode ``dni``): the gradient at the segment's end is
+  ``scale * M(carry_T)`` (zero where the sequence ends there), M a synthesizer shared over
+  time. M regresses ``M(carry_0)`` onto the gradient that reaches the segment's start when the
+  segment is backpropagated with that scaled synthetic gradient (bootstrapping; one backward
+  pass gives the core's gradient and the target).
+* DNI with ``aux_weight > 0`` (mode ``dni_aux``): an auxiliary head reads the carry after the
+  segment's first step and predicts ``M(carry_T)``, the synthetic gradient produced T steps
+  on; its loss trains the core too.
 
 Losses are sums over the segment's (masked) steps and means over the batch, so the segments'
 gradients of a sequence add up to the gradient of its whole loss (the plumbing invariant, with
@@ -22,7 +23,6 @@ are per example (the gradient of the example's own loss), independent of the bat
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgjax.core.methods import Method
 from sgjax.core.optim import apply_optimizer
+from sgjax.core.synthesizers import Dense
 
 RECURRENT_MODES = ("bptt", "dni", "dni_aux")
 PAPER_SG_SCALE = 0.1
@@ -56,49 +58,47 @@ class Segment(NamedTuple):
     """``[T, batch]``: 1 where the step's loss counts (0 on padding and where nothing is due)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RecurrentMethod:
-    """How a recurrent core is trained (see ``recurrent_method``)."""
+class RecurrentOptions(NamedTuple):
+    """How a recurrent core uses its synthetic gradients (see ``RecurrentTrainer``)."""
 
-    mode: str = "dni"
-    sg_scale: float = PAPER_SG_SCALE
-    synthesizer_units: int | None = None
-    sg_trains_core: bool = False
-    aux_weight: float = 1.0
-
-    @property
-    def synthetic(self) -> bool:
-        return self.mode != "bptt"
+    synthetic: bool
+    """DNI (``sgjax.dni``) or truncated BPTT (``sgjax.backprop``)."""
+    synthesizer_units: int | None
+    sg_scale: float
+    sg_trains_core: bool
+    aux_weight: float
+    """DNI+Aux when positive."""
 
 
-def recurrent_method(
-    mode: str = "dni",
+def recurrent_options(
+    method: Method,
     *,
     sg_scale: float = PAPER_SG_SCALE,
-    synthesizer_units: int | None = None,
     sg_trains_core: bool = False,
-    aux_weight: float = 1.0,
-) -> RecurrentMethod:
-    """Truncated BPTT (``"bptt"``), with synthetic gradients (``"dni"``), or with the auxiliary
-    prediction of the future synthetic gradient (``"dni_aux"``).
-
-    Args:
-      sg_scale: factor applied to M's output before it enters the core (paper: 0.1).
-      synthesizer_units: width of M's hidden layer (default: the carry's per-example size / 2,
-        i.e. the LSTM's width).
-      sg_trains_core: M's regression loss is also backpropagated into the core, through the
-        previous segment recomputed with the current parameters (``step``'s ``previous``).
-      aux_weight: weight of the auxiliary loss (``dni_aux``).
-    """
-    if mode not in RECURRENT_MODES:
-        raise ValueError(f"mode={mode!r} must be one of {', '.join(RECURRENT_MODES)}")
+    aux_weight: float = 0.0,
+) -> RecurrentOptions:
+    """Checks a method for a recurrent core: ``sgjax.backprop()`` (truncated BPTT) or
+    ``sgjax.dni()`` with a one-hidden-layer dense synthesizer (``sgjax.synthesizers.dense(1,
+    units)``; ``sgjax.dni()`` alone: as wide as the core)."""
+    synthesizer = dict(method.options).get("synthesizer")
+    if method.boundaries == ():
+        units = None
+    elif method.name == "sg" and isinstance(synthesizer, Dense) and synthesizer.hidden_layers == 1:
+        units = synthesizer.units
+    else:
+        raise ValueError(
+            "RecurrentTrainer takes sgjax.backprop() (truncated BPTT) or "
+            "sgjax.dni(sgjax.synthesizers.dense(1, units)) (unconditioned, one hidden layer); "
+            f"got the method {method.name!r} with {synthesizer}"
+        )
     if not (math.isfinite(sg_scale) and sg_scale > 0):
         raise ValueError(f"sg_scale={sg_scale} must be a positive number")
-    if synthesizer_units is not None and synthesizer_units <= 0:
-        raise ValueError(f"synthesizer_units={synthesizer_units} must be a positive integer")
     if not (math.isfinite(aux_weight) and aux_weight >= 0):
         raise ValueError(f"aux_weight={aux_weight} must be 0 or more")
-    return RecurrentMethod(mode, sg_scale, synthesizer_units, sg_trains_core, aux_weight)
+    synthetic = method.boundaries != ()
+    if not synthetic and (sg_trains_core or aux_weight > 0):
+        raise ValueError("sg_trains_core and aux_weight need sgjax.dni(), not backprop()")
+    return RecurrentOptions(synthetic, units, float(sg_scale), sg_trains_core, float(aux_weight))
 
 
 class CarryPredictor(nn.Module):
@@ -199,9 +199,15 @@ class SegmentMetrics(NamedTuple):
 
 
 class RecurrentTrainer:
-    """Trains a recurrent ``core`` segment by segment with ``method`` and ``optimizer``.
+    """Trains a recurrent ``core`` segment by segment with ``method`` and ``optimizer``, the
+    arguments in ``Trainer``'s order.
 
-    ``loss(logits, targets)`` is each example's loss at one step. Everything is pure:
+    ``method`` is ``sgjax.backprop()`` (truncated BPTT) or ``sgjax.dni(dense(1, units))``;
+    ``sg_scale`` scales M's output before it enters the core (paper: 0.1); ``sg_trains_core``
+    backpropagates M's regression loss into the core through the previous segment recomputed
+    with the current parameters (``step``'s ``previous``); ``aux_weight > 0`` adds DNI+Aux's
+    auxiliary loss with that weight. ``loss(logits, targets)`` is each example's loss at one
+    step. Everything is pure:
     ``init`` and ``step`` can be jitted, scanned and vmapped. ``unroll`` is ``lax.scan``'s over
     a segment's steps (``True``: fully unrolled; XLA's cost analysis then counts every step,
     where it counts a loop's body once).
@@ -210,30 +216,36 @@ class RecurrentTrainer:
     def __init__(
         self,
         core: nn.Module,
+        method: Method,
         loss: StepLoss,
-        method: RecurrentMethod,
         optimizer: optax.GradientTransformation,
         *,
+        sg_scale: float = PAPER_SG_SCALE,
+        sg_trains_core: bool = False,
+        aux_weight: float = 0.0,
         unroll: int | bool = 1,
     ) -> None:
         self.core = core
-        self.loss = loss
         self.method = method
+        self.options = recurrent_options(
+            method, sg_scale=sg_scale, sg_trains_core=sg_trains_core, aux_weight=aux_weight
+        )
+        self.loss = loss
         self.optimizer = optimizer
         self.scan_unroll = unroll
 
     def _predictors(self, carry: Carry) -> tuple[CarryPredictor, CarryPredictor]:
-        units = self.method.synthesizer_units or max(_width(carry) // 2, 1)
+        units = self.options.synthesizer_units or max(_width(carry) // 2, 1)
         return CarryPredictor(units, 1), CarryPredictor(units, 0)
 
     def init(self, key: jax.Array, carry: Carry, x: jax.Array) -> RecurrentState:
         """Parameters for a carry and one step's input like ``carry`` and ``x``."""
         core_key, sg_key, aux_key = jax.random.split(key, 3)
         params: dict[str, Any] = {"core": self.core.init(core_key, carry, x)["params"]}
-        if self.method.synthetic:
+        if self.options.synthetic:
             synthesizer, aux = self._predictors(carry)
             params["synthesizer"] = synthesizer.init(sg_key, carry)["params"]
-            if self.method.mode == "dni_aux":
+            if self.options.aux_weight > 0:
                 params["aux"] = aux.init(aux_key, carry)["params"]
         return RecurrentState(params, self.optimizer.init(params))
 
@@ -284,7 +296,7 @@ class RecurrentTrainer:
         and its start carry, needed when ``sg_trains_core`` (``present[b]`` false: there was
         none, e.g. at an episode's start).
         """
-        method, params = self.method, state.params
+        method, params = self.options, state.params
         batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
         zero_metric = jnp.zeros((), jnp.float32)
         grads: dict[str, Any] = {}
@@ -326,7 +338,7 @@ class RecurrentTrainer:
             if method.sg_trains_core:
                 grads["core"] = _add(grads["core"], core_sg_grad)
 
-            if method.mode == "dni_aux":
+            if method.aux_weight > 0:
                 aux_target = jax.lax.stop_gradient(end_sg)
                 first = jax.tree_util.tree_map(lambda x: x[0], segment.inputs)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgjax.core.methods import backprop, dni
 from sgjax.core.optim import adam
 from sgjax.core.recurrent import (
     Carry,
@@ -19,8 +20,8 @@ from sgjax.core.recurrent import (
     RecurrentTrainer,
     Segment,
     StepLoss,
-    recurrent_method,
 )
+from sgjax.core.synthesizers import dense
 from sgjax.models.lstm import LSTMCore, zero_carry
 from sgjax.recurrent.config import RNNConfig
 from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT, CopyTask, Episode, Level, bit_errors
@@ -33,14 +34,18 @@ def make_trainer(
     config: RNNConfig, output_dim: int, loss: StepLoss, unroll: int | bool = 1
 ) -> RecurrentTrainer:
     """The LSTM core of ``config`` trained with its mode, Adam at its learning rate."""
-    method = recurrent_method(
-        config.mode,
+    units = config.synthesizer_units or config.hidden_units
+    method = backprop() if config.mode == "bptt" else dni(dense(1, units))
+    return RecurrentTrainer(
+        LSTMCore(config.hidden_units, output_dim),
+        method,
+        loss,
+        adam(config.learning_rate),
         sg_scale=config.sg_scale,
-        synthesizer_units=config.synthesizer_units or config.hidden_units,
         sg_trains_core=config.sg_trains_core,
+        aux_weight=1.0 if config.mode == "dni_aux" else 0.0,
+        unroll=unroll,
     )
-    core = LSTMCore(config.hidden_units, output_dim)
-    return RecurrentTrainer(core, loss, method, adam(config.learning_rate), unroll=unroll)
 
 
 def _where(flag: jax.Array, a: Any, b: Any) -> Any:
