@@ -10,7 +10,7 @@ import optax
 
 from sgjax.core import synthesizers
 from sgjax.core.methods import backprop, dni
-from sgjax.core.recurrent import RecurrentTrainer, Segment
+from sgjax.core.recurrent import RecurrentTrainer, Segment, carry_sq_error
 from sgjax.models.lstm import LSTMCore, zero_carry
 from sgjax.tasks.copy import CopyTask, Level, sigmoid_loss
 
@@ -19,17 +19,29 @@ TASK = CopyTask("repeat_copy", 24, bits=3)
 LEVEL = Level(jnp.int32(2), jnp.int32(2))  # 2 + 2 + 4 + 1 = 9 steps: 3 segments of 3
 
 
-def _trainer(mode: str, **kwargs) -> RecurrentTrainer:
+def _trainer(mode: str, optimizer=None, **kwargs) -> RecurrentTrainer:
     method = backprop() if mode == "bptt" else dni(synthesizers.dense(1, UNITS))
     aux_weight = 1.0 if mode == "dni_aux" else 0.0
     return RecurrentTrainer(
         LSTMCore(UNITS, TASK.output_dim),
         method,
         sigmoid_loss,
-        optax.adam(1e-2),
+        optimizer or optax.adam(1e-2),
         aux_weight=aux_weight,
         **kwargs,
     )
+
+
+LR = 0.5
+"""Plain SGD in the reference checks: an update is then -LR x the gradient."""
+
+
+def _sgd_step(params, grads):
+    return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
+
+
+def _max_gap(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(_leaves(a), _leaves(b), strict=True))
 
 
 def _episode_segments():
@@ -126,12 +138,32 @@ def test_zero_initialised_modules_make_the_first_update_the_bptt_update():
         # Equal up to float rounding: the zero synthetic gradient adds nothing.
         for got, want in zip(_leaves(firsts[mode]), _leaves(firsts["bptt"]), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-        # A second update differs from BPTT's: the synthetic gradient is no longer zero.
-        gap = max(
-            float(jnp.max(jnp.abs(a - b)))
-            for a, b in zip(_leaves(seconds[mode]), _leaves(seconds["bptt"]), strict=True)
-        )
-        assert gap > 0
+
+
+def test_a_dni_update_backpropagates_the_scaled_synthetic_gradient_from_the_segment_end():
+    """Against a reference built from the (separately tested) segment gradients: the second
+    update is the segment's gradient with 0.1 x M(end carry) at its end, M after one update.
+    Control: the same reference without the synthetic term (BPTT's update) is far from it."""
+    segment = _episode_segments()[1]
+    carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
+    continues = jnp.ones((BATCH,))
+    trainer = _trainer("dni", optax.sgd(LR))
+    state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
+    step = jax.jit(trainer.step)
+    first, _, _ = step(state, carry, segment, continues)
+    second, _, _ = step(first, carry, segment, continues)
+
+    core = first.params["core"]
+    (_, end), _ = trainer.unroll(core, carry, segment)
+    synthetic = jax.tree_util.tree_map(
+        lambda g: 0.1 * g, trainer.synthetic_gradient(first.params, end)
+    )
+    zero = jax.tree_util.tree_map(jnp.zeros_like, end)
+    expected = _sgd_step(core, trainer.segment_gradients(core, carry, segment, synthetic).core)
+    bptt = _sgd_step(core, trainer.segment_gradients(core, carry, segment, zero).core)
+    for got, want in zip(_leaves(second.params["core"]), _leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert _max_gap(expected, bptt) > 1e-4
 
 
 def test_the_synthesizer_learns_the_true_gradient_of_a_fixed_core():
@@ -175,21 +207,38 @@ def test_the_synthesizer_learns_the_true_gradient_of_a_fixed_core():
 
 
 def test_sg_trains_core_backpropagates_the_synthesizer_loss_into_the_core():
+    """Against a reference: with ``sg_trains_core`` the core's gradient gains the gradient of
+    M's regression loss at the start carry recomputed through the previous segment. Control:
+    the update without that term (``sg_trains_core=False``) is far from it."""
     segments = _episode_segments()
     carry0 = zero_carry(BATCH, UNITS)
+    continues = jnp.ones((BATCH,))
+    previous = (carry0, segments[0], jnp.ones((BATCH,), bool))
     results = {}
     for trains_core in (False, True):
-        trainer = _trainer("dni", sg_trains_core=trains_core)
+        trainer = _trainer("dni", optax.sgd(LR), sg_trains_core=trains_core)
         state = trainer.init(jax.random.PRNGKey(1), carry0, segments[0].inputs[0])
         (_, start), _ = trainer.unroll(state.params["core"], carry0, segments[0])
-        continues = jnp.ones((BATCH,))
-        previous = (carry0, segments[0], jnp.ones((BATCH,), bool))
         # Two updates: the first makes M non-zero, the second's M loss reaches the core.
-        for _ in range(2):
-            state, _, _ = trainer.step(state, start, segments[1], continues, previous)
-        results[trains_core] = state.params["core"]
-    gap = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(_leaves(results[True]), _leaves(results[False]), strict=True)
+        first, _, _ = trainer.step(state, start, segments[1], continues, previous)
+        second, _, _ = trainer.step(first, start, segments[1], continues, previous)
+        results[trains_core] = second.params["core"]
+
+    core = first.params["core"]
+    (_, end), _ = trainer.unroll(core, start, segments[1])
+    synthetic = jax.tree_util.tree_map(
+        lambda g: 0.1 * g, trainer.synthetic_gradient(first.params, end)
     )
-    assert gap > 0
+    segment_grads = trainer.segment_gradients(core, start, segments[1], synthetic)
+    target = segment_grads.start_grad
+
+    def synthesizer_loss(core_params):
+        (_, recomputed), _ = trainer.unroll(core_params, carry0, segments[0])
+        return carry_sq_error(trainer.synthetic_gradient(first.params, recomputed), target)
+
+    through_core = jax.grad(synthesizer_loss)(core)
+    total = jax.tree_util.tree_map(jnp.add, segment_grads.core, through_core)
+    expected = _sgd_step(core, total)
+    for got, want in zip(_leaves(results[True]), _leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert _max_gap(results[False], expected) > 1e-4
