@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import jax
 from absl import flags
 
 from sgjax.cli.errors import fail
@@ -21,7 +20,7 @@ from sgjax.recurrent.loop import (
     RNNRecord,
     char_lm_scores,
     curriculum_curve,
-    program_for,
+    state_template,
     text_identity,
     text_streams,
     train_recurrent,
@@ -276,13 +275,12 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
         header.append(
             f"core: LSTM {config.hidden_units} units; {config.mode}, truncation {config.truncation}"
         )
-        program = program_for(config, corpus)  # built outside the trace: it reads the levels
         return Job(
             config,
             Path(config.output_dir or f"runs/rnn-{config.task}-{config.mode}"),
             header,
             METRICS_COLUMNS["char_lm" if corpus else "copy"],
-            lambda: jax.eval_shape(lambda: program.init(config.seed)),
+            partial(state_template, config, corpus),
             partial(train_recurrent, config, corpus),
             partial(build_rnn_results, config, corpus),
             summary_lines,

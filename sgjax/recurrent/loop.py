@@ -115,6 +115,12 @@ def program_for(config: RNNConfig, corpus: TextCorpus | None) -> CopyProgram | T
     return CopyProgram(config)
 
 
+def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:
+    """The run state's structure, shapes and dtypes (to restore a checkpoint)."""
+    program = program_for(config, corpus)  # built outside the trace: it reads the levels
+    return jax.eval_shape(lambda: program.init(config.seed))
+
+
 def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]:
     """Training streams (``batch_size`` of them) and evaluation streams; raises ConfigError
     when the training text is too short for one segment per stream."""
