@@ -12,6 +12,7 @@ from typing import Any
 from absl import flags
 
 from sgjax.cli.errors import fail
+from sgjax.cli.flags import define_fields, define_run_flags
 from sgjax.cli.run import Job, check_memory, run_job
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.data.text import TextCorpus, load_text_corpus
@@ -36,133 +37,40 @@ RNN_RUN_FILES = ("results.json", "metrics.csv", "curves.png", "checkpoints")
 CONFIG_FLAGS = tuple(f.name for f in dataclasses.fields(RNNConfig) if f.name not in ("output_dir",))
 
 
+RNN_HELP = {
+    "task": "copy, repeat_copy (generated episodes with the paper's curriculum) or char_lm "
+    "(character language modelling on --text_file).",
+    "mode": "bptt: truncated BPTT; dni: synthetic gradient at every segment boundary; dni_aux: "
+    "dni plus the auxiliary prediction of the synthetic gradient T steps ahead.",
+    "truncation": "Time steps per segment (one update each).",
+    "hidden_units": "LSTM units.",
+    "batch_size": "Episodes (copy tasks) or text streams (char_lm) per batch.",
+    "num_steps": "Updates (segments).",
+    "learning_rate": "Adam learning rate (paper: 7e-5).",
+    "seed": "Random seed.",
+    "eval_every": "Updates between records (default: 1000 for the copy tasks, 5000 for char_lm, "
+    "which scores the validation and test texts there).",
+    "sg_scale": "Factor on the synthetic gradient the core consumes (paper: 0.1).",
+    "synthesizer_units": "Width of the synthesizer's hidden layer (default: --hidden_units).",
+    "sg_trains_core": "Backpropagate the synthesizer's regression loss into the core too "
+    "(through the previous segment, recomputed).",
+    "bits": "Copy tasks: bits per pattern vector.",
+    "max_length": "Copy tasks: episodes are padded to this many time steps; the curriculum "
+    "stops at the largest level that fits.",
+    "text_file": "char_lm: a UTF-8 text to train on.",
+    "valid_file": "char_lm: validation text (default: held out from --text_file).",
+    "test_file": "char_lm: test text (default: held out from --text_file).",
+    "valid_fraction": "char_lm without --valid_file: share of --text_file held out for validation.",
+    "test_fraction": "char_lm without --test_file: share of --text_file held out for test.",
+    "patience": "char_lm: stop after this many records without a better validation score (0: "
+    "never).",
+}
+
+
 def define_rnn_flags(fv: flags.FlagValues) -> None:
     """Define experiments/rnn.py's flags on ``fv``."""
-    flags.DEFINE_enum(
-        "task",
-        _DEFAULTS.task,
-        RNN_TASKS,
-        "copy, repeat_copy (generated episodes with the paper's curriculum) or "
-        "char_lm (character language modelling on --text_file).",
-        flag_values=fv,
-    )
-    flags.DEFINE_enum(
-        "mode",
-        _DEFAULTS.mode,
-        RECURRENT_MODES,
-        "bptt: truncated BPTT; dni: synthetic gradient at every segment boundary; "
-        "dni_aux: dni plus the auxiliary prediction of the synthetic gradient "
-        "T steps ahead.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "truncation",
-        _DEFAULTS.truncation,
-        "Time steps per segment (one update each).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("hidden_units", _DEFAULTS.hidden_units, "LSTM units.", flag_values=fv)
-    flags.DEFINE_integer(
-        "batch_size",
-        _DEFAULTS.batch_size,
-        "Episodes (copy tasks) or text streams (char_lm) per batch.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("num_steps", _DEFAULTS.num_steps, "Updates (segments).", flag_values=fv)
-    flags.DEFINE_float(
-        "learning_rate",
-        _DEFAULTS.learning_rate,
-        "Adam learning rate (paper: 7e-5).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed.", flag_values=fv)
-    flags.DEFINE_integer(
-        "eval_every",
-        None,
-        "Updates between records (default: 1000 for the copy tasks, 5000 for "
-        "char_lm, which scores the validation and test texts there).",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "sg_scale",
-        _DEFAULTS.sg_scale,
-        "Factor on the synthetic gradient the core consumes (paper: 0.1).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "synthesizer_units",
-        None,
-        "Width of the synthesizer's hidden layer (default: --hidden_units).",
-        flag_values=fv,
-    )
-    flags.DEFINE_bool(
-        "sg_trains_core",
-        _DEFAULTS.sg_trains_core,
-        "Backpropagate the synthesizer's regression loss into the core too "
-        "(through the previous segment, recomputed).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "bits", _DEFAULTS.bits, "Copy tasks: bits per pattern vector.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "max_length",
-        _DEFAULTS.max_length,
-        "Copy tasks: episodes are padded to this many time steps; the "
-        "curriculum stops at the largest level that fits.",
-        flag_values=fv,
-    )
-    flags.DEFINE_string("text_file", None, "char_lm: a UTF-8 text to train on.", flag_values=fv)
-    flags.DEFINE_string(
-        "valid_file",
-        None,
-        "char_lm: validation text (default: held out from --text_file).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "test_file",
-        None,
-        "char_lm: test text (default: held out from --text_file).",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "valid_fraction",
-        _DEFAULTS.valid_fraction,
-        "char_lm without --valid_file: share of --text_file held out for validation.",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "test_fraction",
-        _DEFAULTS.test_fraction,
-        "char_lm without --test_file: share of --text_file held out for test.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "patience",
-        _DEFAULTS.patience,
-        "char_lm: stop after this many records without a better validation score (0: never).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "chunk_steps",
-        _DEFAULTS.chunk_steps,
-        "Longest compiled chunk of updates: a progress line, and a chance to "
-        "stop cleanly, after each.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "checkpoint_every",
-        None,
-        "Updates between checkpoints, a multiple of --eval_every (default: every record; 0: none).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "output_dir", None, "Where results go (default: runs/rnn-<task>-<mode>).", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "resume", False, "Continue from the latest checkpoint in --output_dir.", flag_values=fv
-    )
-    flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.", flag_values=fv)
+    define_fields(fv, _DEFAULTS, RNN_HELP, {"task": RNN_TASKS, "mode": RECURRENT_MODES})
+    define_run_flags(fv, _DEFAULTS, "updates", "runs/rnn-<task>-<mode>")
 
 
 def config_from_flags(fv: flags.FlagValues) -> RNNConfig:
