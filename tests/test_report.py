@@ -10,7 +10,13 @@ import pytest
 
 from sgjax.bench.report import learning_rate_schedule
 from sgjax.training.loop import EvalRecord
-from sgjax.training.records import MetricsWriter, OutputError, prepare_output_dir, write_json_atomic
+from sgjax.training.records import (
+    MetricsWriter,
+    OutputError,
+    metrics_columns,
+    prepare_output_dir,
+    write_json_atomic,
+)
 
 
 @pytest.fixture
@@ -34,7 +40,7 @@ def test_results_json_is_strict_and_replaced_whole(tmp_path, umask_022):
 
 
 def test_metrics_rows_are_on_disk_as_soon_as_written(tmp_path):
-    writer = MetricsWriter(tmp_path / "metrics.csv", num_sg_layers=2)
+    writer = MetricsWriter(tmp_path / "metrics.csv", metrics_columns(2))
     writer.write(EvalRecord(10, 3e-5, 1.5, 0.4, 1.2, 0.5, (1e-4, 2e-4), 3.25))
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))  # before close()
     writer.close()
@@ -54,7 +60,7 @@ def test_metrics_rows_are_on_disk_as_soon_as_written(tmp_path):
 
 
 def test_synthetic_input_losses_get_one_column_per_boundary(tmp_path):
-    writer = MetricsWriter(tmp_path / "metrics.csv", num_sg_layers=2, num_input_models=2)
+    writer = MetricsWriter(tmp_path / "metrics.csv", metrics_columns(2, 2))
     record = EvalRecord(10, 3e-5, 1.5, 0.4, 1.2, 0.5, (1e-4, 2e-4), 3.25, input_loss=(0.5, 0.25))
     writer.write(record)
     writer.close()

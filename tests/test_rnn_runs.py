@@ -17,7 +17,15 @@ import pytest
 from sgjax.cli.rnn import run_rnn
 from sgjax.data.text import load_text_corpus
 from sgjax.recurrent.config import RNNConfig
-from sgjax.recurrent.loop import RNNCheckpointer, RNNRecord, char_lm_scores, train_recurrent
+from sgjax.recurrent.loop import (
+    RNNRecord,
+    char_lm_scores,
+    curriculum_curve,
+    state_template,
+    text_identity,
+    train_recurrent,
+)
+from sgjax.training.checkpoint import Checkpointer
 from sgjax.training.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +73,12 @@ def _config(text: Path, **kw) -> RNNConfig:
     return RNNConfig(**(values | kw))
 
 
+def _restore(checkpoints, config, corpus):
+    template = state_template(config, corpus)
+    extra = text_identity(corpus)
+    return checkpoints.restore(config, template, extra=extra, record_type=RNNRecord)
+
+
 def test_char_lm_learns_and_a_resumed_run_is_the_uninterrupted_run(tmp_path):
     config = _config(_text(tmp_path))
     corpus = load_text_corpus(config.text_file)
@@ -76,14 +90,14 @@ def test_char_lm_learns_and_a_resumed_run_is_the_uninterrupted_run(tmp_path):
     assert bpc[0] > bpc[-1] + 0.1 and bpc[-1] < 1.2, bpc
     assert all(r.test_bpc is not None for r in full.records)
 
-    checkpoints = RNNCheckpointer(tmp_path / "checkpoints")
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
     stops = iter([True])
     first = train_recurrent(
         config, corpus, log=log, stop_requested=lambda: next(stops, False),
-        save_checkpoint=lambda point: checkpoints.save(point, config, corpus),
+        save_checkpoint=lambda point: checkpoints.save(point, config, text_identity(corpus)),
     )  # fmt: skip
     assert first.status == "interrupted" and first.steps_done == 50
-    start = checkpoints.restore(config, corpus)
+    start = _restore(checkpoints, config, corpus)
     rest = train_recurrent(config, corpus, log=log, start=start)
     checkpoints.close()
     assert rest.status == "completed" and rest.steps_done == 150
@@ -126,20 +140,21 @@ def test_a_copy_run_stopped_mid_period_resumes_to_the_uninterrupted_run(tmp_path
                        chunk_steps=30, learning_rate=1e-2)  # fmt: skip
     log = lambda line: None  # noqa: E731
     full = train_recurrent(config, log=log)
-    checkpoints = RNNCheckpointer(tmp_path / "checkpoints")
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
     first = train_recurrent(
         config, log=log, stop_requested=lambda: True,  # after the first chunk: mid-period
-        save_checkpoint=lambda point: checkpoints.save(point, config, None),
+        save_checkpoint=lambda point: checkpoints.save(point, config),
     )  # fmt: skip
     assert first.status == "interrupted" and first.steps_done == 30 and not first.records
-    rest = train_recurrent(config, log=log, start=checkpoints.restore(config, None))
+    rest = train_recurrent(config, log=log, start=_restore(checkpoints, config, None))
     checkpoints.close()
 
     def scores(records):  # everything but the wall-clock times
         return [(r.step, r.train_bits, r.sg_loss, r.level, r.episode_error) for r in records]
 
     assert scores(rest.records) == scores(full.records) and len(full.records) == 2
-    assert rest.curriculum == full.curriculum
+    curves = [curriculum_curve(config.copy_task, r.state) for r in (rest, full)]
+    assert curves[0] == curves[1]
     for a, b in zip(jax.tree_util.tree_leaves(rest.state), jax.tree_util.tree_leaves(full.state),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)

@@ -6,135 +6,110 @@ schedule flags; defining them once keeps their names, defaults and help identica
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
 
 from sgjax.cli.errors import parse_int_list
-from sgjax.training.config import DATASETS, TrainConfig
+from sgjax.training.config import DATASETS, RunConfig, TrainConfig
 
 _DEFAULTS = TrainConfig()
-SHARED_FIELDS = (
-    "num_steps",
-    "batch_size",
-    "learning_rate",
-    "lr_boundaries",
-    "hidden_layers",
-    "hidden_units",
-    "sg_hidden_layers",
-    "sg_hidden_units",
-    "dataset",
-    "data_dir",
-    "seed",
-    "eval_every",
-)
+
+
+TRAIN_HELP = {
+    "num_steps": "Training steps (minibatch updates).",
+    "batch_size": "Minibatch size.",
+    "learning_rate": "Initial Adam learning rate.",
+    "lr_boundaries": "Steps at which the learning rate is divided by 10 (default: 0.6 and 0.8 of "
+    "--num_steps; an empty value keeps it constant).",
+    "hidden_layers": "Hidden blocks (Dense-BN-ReLU).",
+    "hidden_units": "Units per hidden block.",
+    "sg_hidden_layers": "Hidden layers of each synthetic-gradient module (default: 2 for sg, 0 "
+    "for cdni).",
+    "sg_hidden_units": "Units per synthetic-gradient module layer.",
+    "dataset": "Dataset to train and test on.",
+    "data_dir": "Folder with the four MNIST-format IDX files (optionally .gz).",
+    "seed": "Random seed (initialisation, batch sampling).",
+    "eval_every": "Steps between test evaluations.",
+}
+SHARED_FIELDS = tuple(TRAIN_HELP)
+DECOUPLING_HELP = {
+    "update_prob": "Probability that each layer (and its module) updates at a step; for bp a "
+    "layer updates only when every layer above it ran its backward pass (1: every step).",
+    "bp_lambda": "--mode=bp_lambda: weight of the backpropagated gradient against the synthetic "
+    "one (1: backprop, 0: DNI).",
+    "stale_decay": "--mode=stale_grad: decay of the moving average of past true gradients.",
+    "synthetic_inputs": "With --mode=sg or cdni: the complete unlock, every layer also trains "
+    "on its input as predicted from the image by a one-hidden-layer model (--sg_hidden_units "
+    "units).",
+}
+DECOUPLING_FIELDS = tuple(DECOUPLING_HELP)
+"""Flags of issue 12's methods (``define_decoupling_flags``)."""
+CNN_HELP = {
+    "filters": "Filters of every convolution, the synthesizers' too (default: the paper's, 64 "
+    "for MNIST and Fashion-MNIST, 128 for CIFAR-10).",
+    "kernel_size": "Square kernel size of every convolution, the synthesizers' too.",
+}
+CNN_FIELDS = tuple(CNN_HELP)
+"""Flags of the convolutional network (``define_cnn_flags``)."""
+_KINDS = {
+    "bool": flags.DEFINE_bool,
+    "int": flags.DEFINE_integer,
+    "float": flags.DEFINE_float,
+    "str": flags.DEFINE_string,
+    "tuple": flags.DEFINE_list,
+}
+
+
+def define_fields(
+    fv: flags.FlagValues,
+    defaults: RunConfig,
+    helps: dict[str, str],
+    choices: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """Define a flag on ``fv`` for each field of ``defaults`` named in ``helps``, with its
+    default: an enum of ``choices[name]``, else of the field's type (a tuple: a list)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(defaults)}
+    for name, text in helps.items():
+        default = getattr(defaults, name)
+        if name in (choices or {}):
+            flags.DEFINE_enum(name, default, choices[name], text, flag_values=fv)
+            continue
+        kind = next(k for k in _KINDS if types[name].startswith(k))
+        _KINDS[kind](name, default, text, flag_values=fv)
+
+
+def define_run_flags(fv: flags.FlagValues, defaults: RunConfig, unit: str, folder: str) -> None:
+    """Define --chunk_steps, --checkpoint_every, --output_dir, --resume and --overwrite."""
+    helps = {
+        "chunk_steps": f"Longest compiled chunk of {unit}: a progress line, and a chance to "
+        "stop cleanly, after each.",
+        "checkpoint_every": f"{unit.capitalize()} between checkpoints, a multiple of "
+        "--eval_every (default: every evaluation; 0: none).",
+        "output_dir": f"Where results go (default: {folder}).",
+    }
+    define_fields(fv, defaults, helps)
+    flags.DEFINE_bool(
+        "resume", False, "Continue from the latest checkpoint in --output_dir.", flag_values=fv
+    )
+    flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.", flag_values=fv)
 
 
 def define_train_flags(fv: flags.FlagValues) -> None:
     """Define the shared training flags on ``fv`` with the paper's defaults."""
-    flags.DEFINE_integer(
-        "num_steps", _DEFAULTS.num_steps, "Training steps (minibatch updates).", flag_values=fv
-    )
-    flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Minibatch size.", flag_values=fv)
-    flags.DEFINE_float(
-        "learning_rate", _DEFAULTS.learning_rate, "Initial Adam learning rate.", flag_values=fv
-    )
-    flags.DEFINE_list(
-        "lr_boundaries",
-        None,
-        "Steps at which the learning rate is divided by 10 (default: 0.6 and 0.8 of "
-        "--num_steps; an empty value keeps it constant).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "hidden_layers", _DEFAULTS.hidden_layers, "Hidden blocks (Dense-BN-ReLU).", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "hidden_units", _DEFAULTS.hidden_units, "Units per hidden block.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "sg_hidden_layers",
-        None,
-        "Hidden layers of each synthetic-gradient module (default: 2 for sg, 0 for cdni).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "sg_hidden_units",
-        _DEFAULTS.sg_hidden_units,
-        "Units per synthetic-gradient module layer.",
-        flag_values=fv,
-    )
-    flags.DEFINE_enum(
-        "dataset", _DEFAULTS.dataset, DATASETS, "Dataset to train and test on.", flag_values=fv
-    )
-    flags.DEFINE_string(
-        "data_dir",
-        None,
-        "Folder with the four MNIST-format IDX files (optionally .gz).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "seed", _DEFAULTS.seed, "Random seed (initialisation, batch sampling).", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "eval_every", _DEFAULTS.eval_every, "Steps between test evaluations.", flag_values=fv
-    )
-
-
-DECOUPLING_FIELDS = ("update_prob", "bp_lambda", "stale_decay", "synthetic_inputs")
-"""Flags of issue 12's methods (``define_decoupling_flags``)."""
+    define_fields(fv, _DEFAULTS, TRAIN_HELP, {"dataset": DATASETS})
 
 
 def define_decoupling_flags(fv: flags.FlagValues) -> None:
     """Define --update_prob, --bp_lambda, --stale_decay and --synthetic_inputs on ``fv``."""
-    flags.DEFINE_float(
-        "update_prob",
-        _DEFAULTS.update_prob,
-        "Probability that each layer (and its module) updates at a step; for bp a layer updates "
-        "only when every layer above it ran its backward pass (1: every step).",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "bp_lambda",
-        _DEFAULTS.bp_lambda,
-        "--mode=bp_lambda: weight of the backpropagated gradient against the synthetic one "
-        "(1: backprop, 0: DNI).",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "stale_decay",
-        _DEFAULTS.stale_decay,
-        "--mode=stale_grad: decay of the moving average of past true gradients.",
-        flag_values=fv,
-    )
-    flags.DEFINE_bool(
-        "synthetic_inputs",
-        _DEFAULTS.synthetic_inputs,
-        "With --mode=sg or cdni: the complete unlock, every layer also trains on its input as "
-        "predicted from the image by a one-hidden-layer model (--sg_hidden_units units).",
-        flag_values=fv,
-    )
-
-
-CNN_FIELDS = ("filters", "kernel_size")
-"""Flags of the convolutional network (``define_cnn_flags``)."""
+    define_fields(fv, _DEFAULTS, DECOUPLING_HELP)
 
 
 def define_cnn_flags(fv: flags.FlagValues) -> None:
     """Define ``--filters`` and ``--kernel_size`` (experiments/mnist_cnn.py, the benchmark)."""
-    flags.DEFINE_integer(
-        "filters",
-        None,
-        "Filters of every convolution, the synthesizers' too (default: the paper's, 64 for "
-        "MNIST and Fashion-MNIST, 128 for CIFAR-10).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "kernel_size",
-        _DEFAULTS.kernel_size,
-        "Square kernel size of every convolution, the synthesizers' too.",
-        flag_values=fv,
-    )
+    define_fields(fv, _DEFAULTS, CNN_HELP)
 
 
 def config_from_flags(fv: flags.FlagValues, **fields: Any) -> TrainConfig:

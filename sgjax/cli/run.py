@@ -11,9 +11,10 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -21,12 +22,19 @@ import numpy as np
 from sgjax.cli.errors import EXIT_DIVERGED, fail
 from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.training.checkpoint import Checkpointer, CheckpointError
-from sgjax.training.config import ConfigError, TrainConfig
-from sgjax.training.loop import Resume, init_train_state, train_and_evaluate
+from sgjax.training.config import ConfigError, RunConfig, TrainConfig
+from sgjax.training.loop import (
+    EvalRecord,
+    Resume,
+    RunResult,
+    init_train_state,
+    train_and_evaluate,
+)
 from sgjax.training.records import (
     MetricsWriter,
     OutputError,
     build_results,
+    metrics_columns,
     network_description,
     prepare_output_dir,
     summary_lines,
@@ -75,6 +83,7 @@ class StopRequest:
 
 
 def output_dir_for(config: TrainConfig) -> Path:
+    """--output_dir, or runs/<mode>."""
     return Path(config.output_dir or Path(DEFAULT_OUTPUT_ROOT) / config.mode)
 
 
@@ -102,91 +111,147 @@ def resume_command(argv: Sequence[str]) -> str:
     return " ".join(["python", *kept, "--resume"])
 
 
-def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Validate, load data, train (resuming if asked), write results; returns the exit code."""
+class Job(NamedTuple):
+    """One run as a script makes it: what ``run_job`` needs that differs between scripts."""
+
+    config: RunConfig
+    output_dir: Path
+    header: list[str]
+    """Lines printed before the run (data, network)."""
+    columns: Sequence[str]
+    """metrics.csv's columns."""
+    template: Callable[[], Any]
+    """The state's structure, shapes and dtypes (``jax.eval_shape``), to resume."""
+    train: Callable[..., RunResult]
+    """``train(on_record=, start=, save_checkpoint=, stop_requested=)``."""
+    results: Callable[[RunResult], dict[str, Any]]
+    """The contents of results.json."""
+    summary: Callable[[dict[str, Any]], list[str]]
+    run_files: Sequence[str] = RUN_FILES
+    identity: dict[str, Any] | None = None
+    """What a resume must match besides the configuration (``Checkpointer.save``)."""
+    record_type: Any = EvalRecord
+    finish: Callable[[dict[str, Any], Path], None] = lambda results, folder: None
+    """Called with the results before the summary (e.g. to draw them)."""
+    writer: bool = True
+    """Whether this process writes the files (only process 0 does, with --distributed)."""
+
+
+def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool = False) -> int:
+    """A run end to end: ``prepare()`` (checking the configuration and data), the output folder,
+    the checkpoint to resume, metrics.csv as the records come, SIGINT/SIGTERM, results.json and
+    the summary; returns the exit code. Nothing is written before ``prepare`` succeeds."""
     try:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-        config.validate()
-        if config.parallel == "layers":
-            _check_parallel(config)
-        elif config.engine != "dispatch":
-            raise ConfigError(f"--engine={config.engine} applies to --parallel=layers only")
-        dataset = load_dataset(config.dataset, config.data_dir)
-        config = config.with_train_examples(dataset.train_size)
-        check_fits(config, dataset)
-        writer = jax.process_index() == 0  # only process 0 writes (--distributed)
-        if writer:
-            output_dir = claim_output_dir(output_dir_for(config), resume, overwrite)
-        else:
-            output_dir = output_dir_for(config)
-        checkpointer = Checkpointer(output_dir / "checkpoints") if writer or resume else None
-        start = _resume_point(checkpointer, config) if resume else None
+        job = prepare()
+        config, output_dir = job.config, job.output_dir
+        if job.writer:
+            claim_output_dir(output_dir, resume, overwrite, job.run_files)
+        checkpointer = Checkpointer(output_dir / "checkpoints") if job.writer or resume else None
+        start = None
+        if resume and checkpointer.latest_step() is None:
+            print(f"no checkpoint in {checkpointer.directory}: starting from step 0", flush=True)
+        elif resume:
+            start = checkpointer.restore(
+                config, job.template(), extra=job.identity, record_type=job.record_type
+            )
     except (ConfigError, DataError, OutputError, CheckpointError) as error:
         fail(str(error))
-    print(f"data: {dataset.reason}", flush=True)
-    print(f"network: {network_description(config)}", flush=True)
-    print(f"synthesizers: {synthesizer_description(config)}", flush=True)
+    for line in job.header:
+        print(line, flush=True)
     if start is not None:
         print(f"resuming from step {int(start.state.step)} in {output_dir}", flush=True)
     else:
         print(f"writing to {output_dir}", flush=True)
 
     def save(point: Resume) -> None:
-        checkpointer.save(point, config)
+        if job.writer:  # every process gathered the state, as the collectives require
+            checkpointer.save(point, config, job.identity)
 
-    if not writer:
-        checkpointer = checkpointer.close() if checkpointer else None
-
-        def save(point: Resume) -> None:  # noqa: F811 (process 0 writes the checkpoint)
-            del point  # every process gathered the state, as the collectives require
-
+    if not job.writer and checkpointer is not None:
+        checkpointer = checkpointer.close()
     metrics = MetricsWriter(
-        output_dir / "metrics.csv" if writer else Path(os.devnull),
-        config.hidden_layers * config.decoupled,
-        config.hidden_layers * (config.decoupled and config.synthetic_inputs),
+        output_dir / "metrics.csv" if job.writer else Path(os.devnull), job.columns
     )
     try:
         for record in start.records if start else []:
             metrics.write(record)
         with StopRequest() as stop:
-            if config.parallel == "layers":
-                from sgjax.parallel.layers import parallel_kind, train_layer_parallel
-
-                result = train_layer_parallel(
-                    config,
-                    dataset,
-                    kind=parallel_kind(config.mode, config.microbatches),
-                    num_devices=_parallel_devices(config),
-                    microbatches=config.microbatches,
-                    on_record=metrics.write,
-                    stop_requested=agreed(stop),
-                    start=start,
-                    save_checkpoint=save if config.resolved_checkpoint_every else None,
-                    stage_timing_repeats=STAGE_TIMING_REPEATS,
-                    engine=config.engine,
-                )
-            else:
-                result = train_and_evaluate(
-                    config,
-                    dataset,
-                    on_record=metrics.write,
-                    start=start,
-                    save_checkpoint=save if config.resolved_checkpoint_every else None,
-                    stop_requested=stop,
-                )
+            result = job.train(
+                on_record=metrics.write,
+                start=start,
+                save_checkpoint=save if config.resolved_checkpoint_every else None,
+                stop_requested=stop,
+            )
     finally:
         metrics.close()
         if checkpointer is not None:
             checkpointer.close()
-    if not writer:
+    if not job.writer:
         print(f"process {jax.process_index()}: {result.status}", flush=True)
         return report_status(result.status, result.message, output_dir, stop.signal)
-    results = build_results(config, dataset, result)
+    results = job.results(result)
     write_json_atomic(output_dir / "results.json", results)
-    for line in summary_lines(results):
+    job.finish(results, output_dir)
+    for line in job.summary(results):
         print(line, flush=True)
     return report_status(result.status, result.message, output_dir, stop.signal)
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
+    """Validate, load data, train (resuming if asked), write results; returns the exit code."""
+
+    def prepare() -> Job:
+        config.validate()
+        if config.parallel == "layers":
+            _check_parallel(config)
+        elif config.engine != "dispatch":
+            raise ConfigError(f"--engine={config.engine} applies to --parallel=layers only")
+        dataset = load_dataset(config.dataset, config.data_dir)
+        sized = config.with_train_examples(dataset.train_size)
+        check_fits(sized, dataset)
+        header = [
+            f"data: {dataset.reason}",
+            f"network: {network_description(sized)}",
+            f"synthesizers: {synthesizer_description(sized)}",
+        ]
+        boundaries = sized.hidden_layers * sized.decoupled
+        columns = metrics_columns(boundaries, boundaries * sized.synthetic_inputs)
+        return Job(
+            sized,
+            output_dir_for(sized),
+            header,
+            columns,
+            lambda: jax.eval_shape(lambda: init_train_state(sized)),
+            partial(_train, sized, dataset),
+            partial(build_results, sized, dataset),
+            summary_lines,
+            writer=jax.process_index() == 0,  # only process 0 writes (--distributed)
+        )
+
+    return run_job(prepare, resume=resume, overwrite=overwrite)
+
+
+def _train(
+    config: TrainConfig, dataset: Dataset, *, stop_requested: StopRequest, **loop: Any
+) -> RunResult:
+    """The run of ``config``: on one device, or layer-parallel."""
+    if config.parallel != "layers":
+        return train_and_evaluate(config, dataset, stop_requested=stop_requested, **loop)
+    from sgjax.parallel.layers import parallel_kind, train_layer_parallel
+
+    return train_layer_parallel(
+        config,
+        dataset,
+        kind=parallel_kind(config.mode, config.microbatches),
+        num_devices=_parallel_devices(config),
+        microbatches=config.microbatches,
+        stop_requested=agreed(stop_requested),
+        stage_timing_repeats=STAGE_TIMING_REPEATS,
+        engine=config.engine,
+        **loop,
+    )
 
 
 def agreed(stop: StopRequest) -> Callable[[], bool]:
@@ -205,19 +270,27 @@ def agreed(stop: StopRequest) -> Callable[[], bool]:
 
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
     """Refuse a network too big for the device or a batch bigger than the training set."""
-    available, needed = device_memory_bytes(), config.estimated_bytes()
     stale_table = config.with_train_examples(dataset.train_size).stale_table_bytes()
-    if needed + stale_table > available:
-        raise ConfigError(
-            f"this network needs about {(needed + stale_table) / 2**30:.1f} GiB but the "
-            f"device has {available / 2**30:.1f} GiB; reduce --hidden_units, --hidden_layers, "
-            "--sg_hidden_units or --batch_size"
-            + ("" if not stale_table else " (--mode=stale_grad keeps a row per training image)")
-        )
+    check_memory(
+        "network",
+        config.estimated_bytes() + stale_table,
+        "--hidden_units, --hidden_layers, --sg_hidden_units or --batch_size"
+        + ("" if not stale_table else " (--mode=stale_grad keeps a row per training image)"),
+    )
     if config.batch_size > dataset.train_size:
         raise ConfigError(
             f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
             f"training images of {dataset.name} ({dataset.source}); use a smaller batch"
+        )
+
+
+def check_memory(what: str, needed: int, reduce: str) -> None:
+    """Refuse (one line naming the flags to ``reduce``) a run needing more than the device."""
+    available = device_memory_bytes()
+    if needed > available:
+        raise ConfigError(
+            f"this {what} needs about {needed / 2**30:.1f} GiB but the device has "
+            f"{available / 2**30:.1f} GiB; reduce {reduce}"
         )
 
 
@@ -250,13 +323,6 @@ def device_memory_bytes() -> int:
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _resume_point(checkpointer: Checkpointer, config: TrainConfig) -> Resume | None:
-    if checkpointer.latest_step() is None:
-        print(f"no checkpoint in {checkpointer.directory}: starting from step 0", flush=True)
-        return None
-    return checkpointer.restore(config, jax.eval_shape(lambda: init_train_state(config)))
 
 
 def report_status(

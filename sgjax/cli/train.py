@@ -18,6 +18,8 @@ from sgjax.cli.flags import (
     config_from_flags,
     define_cnn_flags,
     define_decoupling_flags,
+    define_fields,
+    define_run_flags,
     define_train_flags,
 )
 from sgjax.cli.run import run_training
@@ -28,16 +30,24 @@ CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")
 """Shared flags the CNN has no use for: its widths are --filters."""
 
 
+SCRIPT_HELP = {
+    "mode": "bp: backprop; sg: DNI; cdni: label-conditioned DNI; bp_lambda: BP(lambda); dgl: "
+    "greedy local learning; zero_grad, stale_grad: the zero and stale gradient baselines.",
+}
+PARALLEL_HELP = {
+    "parallel": "none: one device; layers: every layer (block with its module, output layer) on "
+    "its own device, pipelined (sg, cdni) or model-parallel / GPipe (bp).",
+    "num_devices": "Devices for --parallel=layers (0: all there are).",
+    "engine": "For --parallel=layers: dispatch (one call per layer per tick from this process) "
+    "or spmd (one program per chunk, a stage per device; spans processes with --distributed).",
+    "microbatches": "GPipe microbatches per minibatch for --parallel=layers --mode=bp (1: model "
+    "parallelism).",
+}
+
+
 def define_script_flags(fv: flags.FlagValues, model: str) -> None:
     """Define the flags of the training script for ``model`` ("mlp" or "cnn") on ``fv``."""
-    flags.DEFINE_enum(
-        "mode",
-        _DEFAULTS.mode,
-        MODES,
-        "bp: backprop; sg: DNI; cdni: label-conditioned DNI; bp_lambda: BP(lambda); dgl: "
-        "greedy local learning; zero_grad, stale_grad: the zero and stale gradient baselines.",
-        flag_values=fv,
-    )
+    define_fields(fv, _DEFAULTS, SCRIPT_HELP, {"mode": MODES})
     define_train_flags(fv)
     define_decoupling_flags(fv)
     if model == "cnn":
@@ -58,55 +68,8 @@ def define_script_flags(fv: flags.FlagValues, model: str) -> None:
         "--dataset=cifar10 the CIFAR-10 python version (cifar-10-python.tar.gz or its "
         "extracted folder)."
     )
-    flags.DEFINE_enum(
-        "parallel",
-        _DEFAULTS.parallel,
-        PARALLEL,
-        "none: one device; layers: every layer (block with its module, output layer) on its own "
-        "device, pipelined (sg, cdni) or model-parallel / GPipe (bp).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "num_devices",
-        _DEFAULTS.num_devices,
-        "Devices for --parallel=layers (0: all there are).",
-        flag_values=fv,
-    )
-    flags.DEFINE_enum(
-        "engine",
-        _DEFAULTS.engine,
-        ENGINES,
-        "For --parallel=layers: dispatch (one call per layer per tick from this process) or "
-        "spmd (one program per chunk, a stage per device; spans processes with --distributed).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "microbatches",
-        _DEFAULTS.microbatches,
-        "GPipe microbatches per minibatch for --parallel=layers --mode=bp (1: model parallelism).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "chunk_steps",
-        _DEFAULTS.chunk_steps,
-        "Longest compiled chunk of steps: a progress line, and a chance to stop cleanly, "
-        "after each.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "checkpoint_every",
-        None,
-        "Steps between checkpoints, a multiple of --eval_every (default: every evaluation; "
-        "0: none).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "output_dir", None, "Where results go (default: runs/<mode>).", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "resume", False, "Continue from the latest checkpoint in --output_dir.", flag_values=fv
-    )
-    flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.", flag_values=fv)
+    define_fields(fv, _DEFAULTS, PARALLEL_HELP, {"parallel": PARALLEL, "engine": ENGINES})
+    define_run_flags(fv, _DEFAULTS, "steps", "runs/<mode>")
     define_distributed_flags(fv)
 
 

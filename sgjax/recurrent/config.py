@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 from sgjax.core.recurrent import PAPER_SG_SCALE, RECURRENT_MODES
 from sgjax.tasks.copy import COPY_TASKS, DEFAULT_BITS, CopyTask
-from sgjax.training.config import MAX_SEED, MAX_STEPS, ConfigError
+from sgjax.training.config import ConfigError, RunConfig, require_positive
 
 RNN_TASKS = (*COPY_TASKS, "char_lm")
 PAPER_RNN_LEARNING_RATE = 7e-5
@@ -16,18 +17,16 @@ DEFAULT_EVAL_EVERY = {"copy": 1_000, "repeat_copy": 1_000, "char_lm": 5_000}
 
 
 @dataclasses.dataclass(frozen=True)
-class RNNConfig:
+class RNNConfig(RunConfig):
     """Everything one recurrent run needs; defaults are the paper's where it gives them."""
 
     task: str = "copy"
     mode: str = "dni"
     truncation: int = 3
     hidden_units: int = 256
-    batch_size: int = 256
     num_steps: int = 100_000
     """Updates, one per segment of ``truncation`` steps."""
     learning_rate: float = PAPER_RNN_LEARNING_RATE
-    seed: int = 0
     eval_every: int | None = None
     """Updates between records (default: 1k for the copy tasks, 5k for char_lm)."""
     sg_scale: float = PAPER_SG_SCALE
@@ -44,31 +43,27 @@ class RNNConfig:
     test_fraction: float = 0.05
     patience: int = 5
     """char_lm: stop after this many validations without a better one (0: never)."""
-    chunk_steps: int = 1_000
-    checkpoint_every: int | None = None
-    output_dir: str | None = None
 
-    def __post_init__(self) -> None:
-        self.validate()
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (
+        *RunConfig.RESUME_FREE,
+        "text_file",
+        "valid_file",
+        "test_file",
+    )
+    """The texts are checked by their sizes instead (``text_identity``)."""
 
     @property
     def resolved_eval_every(self) -> int:
         return self.eval_every if self.eval_every is not None else DEFAULT_EVAL_EVERY[self.task]
 
     @property
-    def resolved_checkpoint_every(self) -> int:
-        if self.checkpoint_every is None:
-            return self.resolved_eval_every
-        return self.checkpoint_every
-
-    @property
     def copy_task(self) -> CopyTask:
         return CopyTask(self.task, self.max_length, self.bits)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def identity(self) -> dict:
+        return super().identity() | {"model": "lstm"}
 
-    def validate(self) -> None:
+    def validate(self) -> RNNConfig:
         """Raise ConfigError (one line, saying what to change) if the run cannot work."""
         choices = {"task": RNN_TASKS, "mode": RECURRENT_MODES}
         for name, allowed in choices.items():
@@ -76,30 +71,13 @@ class RNNConfig:
                 raise ConfigError(
                     f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
-        positive = ("truncation", "hidden_units", "batch_size", "num_steps", "bits", "chunk_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"--{name}={value} must be a positive integer")
-        for name in ("eval_every", "synthesizer_units"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name}={value} must be a positive integer")
-        if self.num_steps > MAX_STEPS:
-            raise ConfigError(f"--num_steps={self.num_steps} must be at most {MAX_STEPS}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"--seed={self.seed} must be between 0 and {MAX_SEED}")
-        for name in ("learning_rate", "sg_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name}={value} must be a positive number")
-        if self.checkpoint_every is not None and (
-            self.checkpoint_every < 0 or self.checkpoint_every % self.resolved_eval_every
-        ):
-            raise ConfigError(
-                f"--checkpoint_every={self.checkpoint_every} must be 0 or a multiple of "
-                f"--eval_every={self.resolved_eval_every}"
-            )
+        for name in ("truncation", "hidden_units", "bits"):
+            require_positive(name, getattr(self, name))
+        if self.synthesizer_units is not None:
+            require_positive("synthesizer_units", self.synthesizer_units)
+        super().validate()
+        if not (math.isfinite(self.sg_scale) and self.sg_scale > 0):
+            raise ConfigError(f"--sg_scale={self.sg_scale} must be a positive number")
         if self.patience < 0:
             raise ConfigError(f"--patience={self.patience} must be 0 (never stop) or more")
         for name in ("valid_fraction", "test_fraction"):
@@ -107,30 +85,26 @@ class RNNConfig:
             if not (0 <= value < 0.5):
                 raise ConfigError(f"--{name}={value} must be at least 0 and below 0.5")
         if self.task == "char_lm":
-            self._validate_text()
-        else:
-            if self.text_file or self.valid_file or self.test_file:
+            if not self.text_file:
                 raise ConfigError(
-                    f"--text_file, --valid_file and --test_file are for --task=char_lm, not "
-                    f"--task={self.task} (its episodes are generated)"
+                    "--task=char_lm needs --text_file=PATH (a UTF-8 text; e.g. Penn Treebank's "
+                    "character version, or any text to try it: --text_file=README.md)"
                 )
-            try:
-                task = self.copy_task
-            except ValueError as error:
-                raise ConfigError(f"--{error}") from None
-            if self.max_length < self.truncation:
-                raise ConfigError(
-                    f"--max_length={self.max_length} must be at least --truncation="
-                    f"{self.truncation}"
-                )
-            del task
-
-    def _validate_text(self) -> None:
-        if not self.text_file:
+            return self
+        if self.text_file or self.valid_file or self.test_file:
             raise ConfigError(
-                "--task=char_lm needs --text_file=PATH (a UTF-8 text; e.g. Penn Treebank's "
-                "character version, or any text to try it: --text_file=README.md)"
+                f"--text_file, --valid_file and --test_file are for --task=char_lm, not "
+                f"--task={self.task} (its episodes are generated)"
             )
+        try:
+            _ = self.copy_task
+        except ValueError as error:
+            raise ConfigError(f"--{error}") from None
+        if self.max_length < self.truncation:
+            raise ConfigError(
+                f"--max_length={self.max_length} must be at least --truncation={self.truncation}"
+            )
+        return self
 
     def estimated_bytes(self, input_dim: int, output_dim: int) -> int:
         """A rough upper estimate of the device memory a run needs (float32): parameters with

@@ -1,12 +1,12 @@
-"""The host side of a recurrent run: compiled chunks between records, the curriculum or the
-validation score at each record, early stopping, checkpoints, stop requests and divergence."""
+"""A recurrent run as an ``Engine`` (``RecurrentEngine``) that the one host loop
+(``sgjax.training.loop.run_engine``) drives: its records (``RNNRecord``), the curriculum or the
+validation score at each record, and early stopping."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import jax
@@ -15,14 +15,18 @@ import numpy as np
 
 from sgjax.data.text import TextCorpus, as_streams
 from sgjax.recurrent.config import RNNConfig
-from sgjax.recurrent.programs import LN2, ChunkStats, CopyProgram, TextProgram, level_sizes
-from sgjax.training.checkpoint import CheckpointError, OrbaxStore
+from sgjax.recurrent.programs import LN2, CopyProgram, TextProgram, level_sizes
+from sgjax.tasks.copy import CopyTask
 from sgjax.training.config import ConfigError
-from sgjax.training.loop import _format_eta, chunk_plan
-
-RNN_CHECKPOINT_FORMAT = 1
-IGNORED_CONFIG_KEYS = ("output_dir", "checkpoint_every", "text_file", "valid_file", "test_file")
-"""Settings that may differ on resume (the texts are checked by their sizes instead)."""
+from sgjax.training.engine import ChunkMetrics
+from sgjax.training.loop import (
+    PeriodMetrics,
+    Recording,
+    Resume,
+    RunResult,
+    SaveCheckpoint,
+    run_engine,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,35 +47,40 @@ class RNNRecord:
     test_bpc: float | None = None
     elapsed_s: float = 0.0
 
+    def text(self) -> str:
+        """The record in the progress line (after the step, before the speed)."""
+        line = f"train {self.train_bits:.4f} bits"
+        if self.level is not None:
+            n, r = self.level
+            error = "-" if self.episode_error is None else f"{self.episode_error:.3f}"
+            line += (
+                f" | level N={n} R={r} error {error} bits/element | largest solved "
+                f"{self.max_episode_solved}"
+            )
+        if self.valid_bpc is not None:
+            line += f" | valid {self.valid_bpc:.4f} test {self.test_bpc:.4f} bpc"
+        if self.sg_loss:
+            line += f" | sg loss {self.sg_loss:.3e}"
+        return line
 
-class RNNResume(NamedTuple):
-    """Where a resumed run starts."""
+    def cells(self) -> dict[str, str]:
+        """metrics.csv's cells of this record, by column."""
+        values = dataclasses.asdict(self)
+        values["level_n"], values["level_r"] = values.pop("level") or (None, None)
+        return {name: _cell(value) for name, value in values.items()}
 
-    state: Any
-    records: list[RNNRecord]
-    period: ChunkStats
-    """Sums since the last record (as host floats)."""
-    period_steps: int
-    train_time_s: float
-    eval_time_s: float
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> RNNRecord:
+        """The record ``dataclasses.asdict`` made ``saved`` of (a checkpoint's)."""
+        return cls(**(saved | {"level": tuple(saved["level"]) if saved["level"] else None}))
 
 
-@dataclasses.dataclass
-class RNNRunResult:
-    state: Any
-    records: list[RNNRecord]
-    status: str
-    message: str
-    compile_time_s: float
-    train_time_s: float
-    eval_time_s: float
-    steps_done: int
-    curriculum: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    """Copy tasks: (update, episode size) at which each level was solved."""
-
-    @property
-    def steps_per_s(self) -> float:
-        return self.steps_done / self.train_time_s if self.train_time_s > 0 else float("nan")
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 class Scores(NamedTuple):
@@ -106,6 +115,12 @@ def program_for(config: RNNConfig, corpus: TextCorpus | None) -> CopyProgram | T
     return CopyProgram(config)
 
 
+def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:
+    """The run state's structure, shapes and dtypes (to restore a checkpoint)."""
+    program = program_for(config, corpus)  # built outside the trace: it reads the levels
+    return jax.eval_shape(lambda: program.init(config.seed))
+
+
 def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]:
     """Training streams (``batch_size`` of them) and evaluation streams; raises ConfigError
     when the training text is too short for one segment per stream."""
@@ -129,21 +144,102 @@ def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]
     return out
 
 
-def _host(stats: ChunkStats) -> ChunkStats:
-    return ChunkStats(*(float(x) for x in jax.device_get(stats)))
+def text_identity(corpus: TextCorpus | None) -> dict[str, Any]:
+    """What a resumed char_lm run must match of its texts (their sizes; the files may move)."""
+    if corpus is None:
+        return {}
+    sizes = [len(corpus.train), len(corpus.valid), len(corpus.test)]
+    return {"text_sizes": sizes, "vocab_size": corpus.vocab_size}
 
 
-def _add(a: ChunkStats, b: ChunkStats) -> ChunkStats:
-    return ChunkStats(*(x + y for x, y in zip(a, b, strict=True)))
-
-
-ZERO_STATS = ChunkStats(0.0, 0.0, 0.0, 0.0)
-
-
-def curriculum_curve(program: CopyProgram, state: Any) -> list[tuple[int, int]]:
+def curriculum_curve(task: CopyTask, state: Any) -> list[tuple[int, int]]:
     """(update, episode size) of every level solved so far."""
     steps = [int(s) for s in np.asarray(jax.device_get(state.solved_steps)) if s >= 0]
-    return list(zip(steps, level_sizes(program.task, len(steps)), strict=True))
+    return list(zip(steps, level_sizes(task, len(steps)), strict=True))
+
+
+class RecurrentEngine:
+    """A recurrent program as an ``Engine``: compiled chunks of updates; its evaluation is the
+    task's scores (the curriculum's state, or the validation and test texts' bits per
+    character). ``ChunkMetrics.loss`` sums the loss over output elements, which
+    ``extra["count"]`` counts; ``extra["aux_loss"]`` sums the auxiliary loss."""
+
+    def __init__(
+        self,
+        program: CopyProgram | TextProgram,
+        streams: dict[str, np.ndarray],
+        state: Any,
+        max_chunk: int,
+    ) -> None:
+        self.program = program
+        self.max_chunk = max_chunk
+        self.data = {name: jnp.asarray(a) for name, a in streams.items()}
+        self._state = state
+        self._chunks: dict[int, jax.stages.Compiled] = {}
+        self._scores: dict[str, jax.stages.Compiled] = {}
+
+    def compile(self, chunk_lengths: Collection[int]) -> None:
+        state, train = self._state, self.data.get("train")
+        self._chunks = {
+            n: jax.jit(self.program.chunk(n), donate_argnums=0).lower(state, train).compile()
+            for n in sorted(set(chunk_lengths))
+        }
+        if isinstance(self.program, TextProgram):
+            score = jax.jit(self.program.bits_per_character)
+            self._scores = {
+                name: score.lower(state, self.data[name]).compile() for name in ("valid", "test")
+            }
+
+    def advance(self, steps: int) -> ChunkMetrics:
+        self._state, stats = self._chunks[steps](self._state, self.data.get("train"))
+        loss, count, sg_loss, aux_loss = (float(x) for x in jax.device_get(stats))
+        return ChunkMetrics(
+            steps, loss, 0.0, (sg_loss,), extra={"count": count, "aux_loss": aux_loss}
+        )
+
+    def state(self) -> Any:
+        return self._state
+
+    def evaluate(self) -> dict[str, Any]:
+        """The record's task fields: bits per character, or the curriculum's state."""
+        state = self._state
+        if self._scores:
+            return {
+                f"{name}_bpc": float(score(state, self.data[name]))
+                for name, score in self._scores.items()
+            }
+        error = float(state.last_error)
+        return {
+            "level": tuple(int(x) for x in jax.device_get(state.level)),
+            "episode_error": error if math.isfinite(error) else None,
+            "max_episode_solved": int(state.solved),
+        }
+
+    def inflight(self) -> dict[str, Any]:
+        return {}
+
+
+def _record(step: int, period: PeriodMetrics, scores: dict[str, Any]) -> RNNRecord:
+    count = period.extra.get("count", 0.0)
+    return RNNRecord(
+        step=step,
+        train_bits=period.loss / count / LN2 if count else math.nan,
+        sg_loss=period.sg_loss[0] / max(period.steps, 1),
+        aux_loss=period.extra["aux_loss"] / max(period.steps, 1),
+        **scores,
+    )
+
+
+def _chunk_text(chunk: ChunkMetrics) -> str:
+    count = chunk.extra["count"]
+    bits = chunk.loss / count / LN2 if count else math.nan
+    return f"train {bits:.4f} bits (last chunk)"
+
+
+def _divergence(period: PeriodMetrics, step: int) -> str:
+    if math.isfinite(period.loss) and math.isfinite(period.sg_loss[0]):
+        return ""
+    return f"training loss became non-finite by step {step}"
 
 
 def train_recurrent(
@@ -152,216 +248,30 @@ def train_recurrent(
     *,
     on_record: Callable[[RNNRecord], None] | None = None,
     log: Callable[[str], None] = print,
-    start: RNNResume | None = None,
-    save_checkpoint: Callable[[RNNResume], None] | None = None,
+    start: Resume | None = None,
+    save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
-) -> RNNRunResult:
-    """Run ``config`` (with ``corpus`` for char_lm): compile every chunk shape, then train,
-    recording every ``eval_every`` updates. char_lm scores the validation and test texts at each
-    record and stops early after ``patience`` records without a better validation score.
-    A non-finite training loss ends the run with status "diverged"; a KeyboardInterrupt (also
-    while compiling) with "interrupted", as does ``stop_requested()`` after a chunk.
-    """
+) -> RunResult:
+    """Run ``config`` (with ``corpus`` for char_lm) with ``run_engine``, recording every
+    ``eval_every`` updates. char_lm scores the validation and test texts at each record and
+    stops early after ``patience`` records without a better validation score."""
     program = program_for(config, corpus)
     streams = text_streams(config, corpus) if config.task == "char_lm" else {}
-    device = {name: jnp.asarray(a) for name, a in streams.items()}
-    train_data = device.get("train")
     if start is None:
-        start = RNNResume(jax.jit(program.init)(config.seed), [], ZERO_STATS, 0, 0.0, 0.0)
-    state = start.state
-    records = list(start.records)
-    period, period_steps = start.period, start.period_steps
-    train_time, eval_time, compile_time = start.train_time_s, start.eval_time_s, 0.0
-    steps_done = int(state.step)
+        start = Resume(jax.jit(program.init)(config.seed), [], PeriodMetrics(), 0.0, 0.0)
+    engine = RecurrentEngine(program, streams, start.state, config.chunk_steps)
+
+    def stop_early(records: list[RNNRecord]) -> str:
+        if config.task != "char_lm" or not config.patience:
+            return ""
+        if char_lm_scores(records).validations_since_best < config.patience:
+            return ""
+        return f"stopped early after {config.patience} validations without improvement"
+
+    recording = Recording(_record, _chunk_text, _divergence, "updates", stop_early)
     every = config.resolved_eval_every
-    plan = chunk_plan(steps_done, config.num_steps, every, config.chunk_steps)
-
-    def result(status: str, message: str) -> RNNRunResult:
-        curve = curriculum_curve(program, state) if isinstance(program, CopyProgram) else []
-        times = (compile_time, train_time, eval_time)
-        return RNNRunResult(state, records, status, message, *times, steps_done, curve)
-
-    try:
-        begin = time.perf_counter()
-        chunks = {
-            n: jax.jit(program.chunk(n), donate_argnums=0).lower(state, train_data).compile()
-            for n in sorted(set(plan))
-        }
-        score = None
-        if isinstance(program, TextProgram):
-            score = jax.jit(program.bits_per_character).lower(state, device["valid"]).compile()
-            score_test = jax.jit(program.bits_per_character).lower(state, device["test"]).compile()
-        compile_time = time.perf_counter() - begin
-    except KeyboardInterrupt:
-        return result("interrupted", f"interrupted while compiling, after step {steps_done}")
-    log(f"compiled {len(chunks)} chunk shape(s) in {compile_time:.1f} s")
-
-    status, message = "completed", ""
-    session_steps, session_time = 0, 0.0
-    try:
-        for n in plan:
-            begin = time.perf_counter()
-            state, stats = chunks[n](state, train_data)
-            stats = _host(stats)
-            elapsed = time.perf_counter() - begin
-            train_time += elapsed
-            session_time += elapsed
-            steps_done += n
-            session_steps += n
-            period, period_steps = _add(period, stats), period_steps + n
-            speed = session_steps / session_time
-            diverged = not math.isfinite(period.loss_sum) or not math.isfinite(period.sg_loss)
-            at_record = steps_done % every == 0 or steps_done == config.num_steps
-            if at_record or diverged:
-                begin = time.perf_counter()
-                record = _record(config, program, state, period, period_steps, steps_done)
-                if score is not None:
-                    record = dataclasses.replace(
-                        record,
-                        valid_bpc=float(score(state, device["valid"])),
-                        test_bpc=float(score_test(state, device["test"])),
-                    )
-                eval_time += time.perf_counter() - begin
-                record = dataclasses.replace(record, elapsed_s=train_time + eval_time)
-                records.append(record)
-                period, period_steps = ZERO_STATS, 0
-                if on_record is not None:
-                    on_record(record)
-                log(progress_line(record, config.num_steps, speed))
-            if diverged:
-                status = "diverged"
-                message = f"training loss became non-finite by step {steps_done}"
-                break
-            patience_over = (
-                score is not None
-                and config.patience
-                and char_lm_scores(records).validations_since_best >= config.patience
-            )
-            stopping = stop_requested()
-            last = steps_done == config.num_steps or bool(patience_over)
-            due = (
-                at_record
-                and config.resolved_checkpoint_every
-                and (steps_done % config.resolved_checkpoint_every == 0)
-            )
-            if save_checkpoint is not None and (last or stopping or due):
-                save_checkpoint(
-                    RNNResume(state, records, period, period_steps, train_time, eval_time)
-                )
-            if patience_over:
-                message = f"stopped early after {config.patience} validations without improvement"
-                break
-            if stopping and not last:
-                status, message = "interrupted", f"stopped after step {steps_done}"
-                break
-    except KeyboardInterrupt:
-        status, message = "interrupted", f"interrupted after step {steps_done}"
-    return result(status, message)
-
-
-def _record(
-    config: RNNConfig,
-    program: CopyProgram | TextProgram,
-    state: Any,
-    period: ChunkStats,
-    period_steps: int,
-    step: int,
-) -> RNNRecord:
-    train_bits = period.loss_sum / period.count / LN2 if period.count else math.nan
-    common = dict(
-        step=step,
-        train_bits=train_bits,
-        sg_loss=period.sg_loss / max(period_steps, 1),
-        aux_loss=period.aux_loss / max(period_steps, 1),
-    )
-    if isinstance(program, CopyProgram):
-        level = tuple(int(x) for x in jax.device_get(state.level))
-        error = float(state.last_error)
-        return RNNRecord(
-            **common,
-            level=level,
-            episode_error=error if math.isfinite(error) else None,
-            max_episode_solved=int(state.solved),
-        )
-    return RNNRecord(**common)
-
-
-def progress_line(record: RNNRecord, num_steps: int, steps_per_s: float) -> str:
-    eta = (num_steps - record.step) / steps_per_s if steps_per_s > 0 else float("nan")
-    line = f"step {record.step:>7d}/{num_steps} | train {record.train_bits:.4f} bits"
-    if record.level is not None:
-        n, r = record.level
-        error = "-" if record.episode_error is None else f"{record.episode_error:.3f}"
-        line += (
-            f" | level N={n} R={r} error {error} bits/element | largest solved "
-            f"{record.max_episode_solved}"
-        )
-    if record.valid_bpc is not None:
-        line += f" | valid {record.valid_bpc:.4f} test {record.test_bpc:.4f} bpc"
-    if record.sg_loss:
-        line += f" | sg loss {record.sg_loss:.3e}"
-    return line + f" | {steps_per_s:,.0f} updates/s | ETA {_format_eta(eta)}"
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _comparable(config: RNNConfig, corpus: TextCorpus | None) -> dict[str, Any]:
-    values = config.to_dict()
-    for key in IGNORED_CONFIG_KEYS:
-        values.pop(key, None)
-    if corpus is not None:
-        values["text_sizes"] = [len(corpus.train), len(corpus.valid), len(corpus.test)]
-        values["vocab_size"] = corpus.vocab_size
-    return values
-
-
-class RNNCheckpointer(OrbaxStore):
-    """Checkpoints of recurrent runs: the whole run state plus records and period sums."""
-
-    def save(self, point: RNNResume, config: RNNConfig, corpus: TextCorpus | None) -> None:
-        meta = {
-            "format": RNN_CHECKPOINT_FORMAT,
-            "config": _comparable(config, corpus),
-            "records": [dataclasses.asdict(r) for r in point.records],
-            "period": list(point.period),
-            "period_steps": point.period_steps,
-            "train_time_s": point.train_time_s,
-            "eval_time_s": point.eval_time_s,
-        }
-        self.save_items(int(point.state.step), point.state, meta)
-
-    def restore(self, config: RNNConfig, corpus: TextCorpus | None) -> RNNResume:
-        step, meta = self.read_meta()
-        where = self.directory / str(step)
-        if not isinstance(meta, dict) or meta.get("format") != RNN_CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"{where} is not a recurrent sgjax checkpoint; start again with --overwrite"
-            )
-        now = _comparable(config, corpus)
-        saved = meta.get("config", {})
-        differences = [
-            f"--{key}={saved.get(key)} (now {now.get(key)})"
-            for key in sorted(set(saved) | set(now))
-            if saved.get(key) != now.get(key)
-        ]
-        if differences:
-            raise CheckpointError(
-                f"checkpoint {where} was made with {', '.join(differences)}; resume with the "
-                "same flags and texts, or start again with --overwrite"
-            )
-        program = program_for(config, corpus)  # built outside the trace: it reads the levels
-        template = jax.eval_shape(lambda: program.init(config.seed))
-        state = self.read_state(step, template)
-        records = [
-            RNNRecord(**(r | {"level": tuple(r["level"]) if r["level"] else None}))
-            for r in meta["records"]
-        ]
-        return RNNResume(
-            state,
-            records,
-            ChunkStats(*meta["period"]),
-            meta["period_steps"],
-            meta["train_time_s"],
-            meta["eval_time_s"],
-        )
+    return run_engine(
+        engine, recording, config.num_steps, every, config.resolved_checkpoint_every, start,
+        on_record=on_record, log=log, save_checkpoint=save_checkpoint,
+        stop_requested=stop_requested,
+    )  # fmt: skip

@@ -65,8 +65,18 @@ class ChunkStats(NamedTuple):
     aux_loss: jax.Array
 
 
-def _chunk_stats(per_step: ChunkStats) -> ChunkStats:
-    return ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
+class Chunked:
+    """``chunk(n)``: ``n`` of a program's ``step(state, data)`` in one ``lax.scan``."""
+
+    def chunk(self, num_steps: int) -> Callable[[Any, Any], tuple[Any, ChunkStats]]:
+        """``num_steps`` updates in one ``lax.scan``; returns the state and the sums."""
+
+        def run(state: Any, data: Any = None) -> tuple[Any, ChunkStats]:
+            scan = jax.lax.scan(lambda s, _: self.step(s, data), state, None, length=num_steps)
+            state, per_step = scan
+            return state, ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
+
+        return run
 
 
 # ---------------------------------------------------------------- copy and repeat copy
@@ -117,7 +127,7 @@ def level_sizes(task: CopyTask, count: int) -> list[int]:
     return sizes
 
 
-class CopyProgram:
+class CopyProgram(Chunked):
     """Copy or Repeat Copy under ``config``: ``init(seed)`` and ``chunk(n)`` are pure.
     ``unroll``: the segment's ``lax.scan`` unroll (``True`` to count FLOPs per step)."""
 
@@ -154,7 +164,8 @@ class CopyProgram:
             jnp.full((self.levels + 1,), -1, jnp.int32), zero_i, zero_i, zero_i, data_key,
         )  # fmt: skip
 
-    def step(self, state: CopyRunState) -> tuple[CopyRunState, ChunkStats]:
+    def step(self, state: CopyRunState, data: Any = None) -> tuple[CopyRunState, ChunkStats]:
+        del data  # the episodes are generated on the device
         config, task, truncation = self.config, self.task, self.config.truncation
         batch = config.batch_size
         episode = state.episode
@@ -217,16 +228,6 @@ class CopyProgram:
         stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
         return new_state, stats
 
-    def chunk(self, num_steps: int) -> Callable[[CopyRunState, Any], tuple[Any, ChunkStats]]:
-        """``num_steps`` updates in one ``lax.scan``; returns the state and the sums."""
-
-        def run(state: CopyRunState, data: Any = None) -> tuple[CopyRunState, ChunkStats]:
-            del data
-            state, per_step = jax.lax.scan(lambda s, _: self.step(s), state, None, length=num_steps)
-            return state, _chunk_stats(per_step)
-
-        return run
-
 
 # ---------------------------------------------------------------- character language modelling
 
@@ -251,7 +252,7 @@ def _text_segment(streams: jax.Array, start: jax.Array, length: int, vocab: int)
     return Segment(inputs, ids[1:], jnp.ones(ids[1:].shape, jnp.float32))
 
 
-class TextProgram:
+class TextProgram(Chunked):
     """Character language modelling: ``batch_size`` parallel streams of the training text,
     one segment of each per update; the state carries over, and restarts where the text does."""
 
@@ -297,15 +298,6 @@ class TextProgram:
         )
         stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
         return new_state, stats
-
-    def chunk(self, num_steps: int) -> Callable[[TextRunState, jax.Array], tuple[Any, ChunkStats]]:
-        def run(state: TextRunState, streams: jax.Array) -> tuple[TextRunState, ChunkStats]:
-            state, per_step = jax.lax.scan(
-                lambda s, _: self.step(s, streams), state, None, length=num_steps
-            )
-            return state, _chunk_stats(per_step)
-
-        return run
 
     def bits_per_character(self, state: TextRunState, streams: jax.Array) -> jax.Array:
         """Bits per character of the model on ``streams`` ([streams, length]), read from the

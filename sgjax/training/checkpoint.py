@@ -16,15 +16,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from sgjax.training.config import TrainConfig
-from sgjax.training.loop import EvalRecord, PeriodMetrics, Resume, TrainState
-from sgjax.training.records import UNUSED_FIELDS, config_record
+from sgjax.training.config import UNUSED_FIELDS, RunConfig
+from sgjax.training.loop import EvalRecord, PeriodMetrics, Resume
 
 CHECKPOINT_FORMAT = 1
 KEEP_LAST = 3
-IGNORED_CONFIG_KEYS = ("output_dir", "data_dir", "checkpoint_every", "engine")
-"""Flags that may differ on resume: they do not change what the run computes (the layer-parallel
-engines compute the same schedule and name their work in flight alike)."""
 
 
 class CheckpointError(ValueError):
@@ -47,10 +43,10 @@ def _this_process_only(directory: Path, keep_last: int) -> ocp.CheckpointManager
     )
 
 
-class OrbaxStore:
-    """Checkpoints under ``directory``, one sub-folder per step: a state pytree, JSON metadata
-    and optionally an engine's work in flight. Any run (the scripts', the recurrent ones) keeps
-    its own metadata."""
+class Checkpointer:
+    """Checkpoints of a run (any ``Engine``'s) under ``directory``, one sub-folder per step: the
+    state pytree, an engine's work in flight, and as JSON the ``Resume``'s records, period sums
+    and times with the configuration that made them (``RunConfig.identity``)."""
 
     def __init__(self, directory: Path, keep_last: int = KEEP_LAST) -> None:
         self.directory = Path(directory).absolute()
@@ -69,17 +65,49 @@ class OrbaxStore:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save_items(
-        self, step: int, state: Any, meta: dict[str, Any], inflight: dict | None = None
-    ) -> None:
-        """Write the checkpoint of ``step`` and wait until it is complete on disk."""
+    def save(self, point: Resume, config: RunConfig, extra: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint for ``point.state.step`` and wait until it is complete on disk;
+        ``extra``: more of what a resume must match (e.g. the sizes of a run's texts)."""
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config.identity() | (extra or {}),
+            "records": [dataclasses.asdict(r) for r in point.records],
+            "period": dataclasses.asdict(point.period),
+            "train_time_s": point.train_time_s,
+            "eval_time_s": point.eval_time_s,
+            "inflight": sorted(point.inflight or {}),
+        }
+        state, inflight = point.state, point.inflight
         if jax.process_count() > 1:  # orbax writes host values, not one process's arrays
             state, inflight = jax.device_get((state, inflight))
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if inflight:  # an engine's work in flight (the sg pipeline's), by name
             items["inflight"] = ocp.args.StandardSave(dict(inflight))
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._manager.save(int(point.state.step), args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
+
+    def restore(
+        self,
+        config: RunConfig,
+        template: Any,
+        step: int | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        record_type: Any = EvalRecord,
+    ) -> Resume:
+        """Restore ``step`` (default: the latest), refusing one made by another configuration
+        (``config.identity() | extra``); its records are ``record_type``'s.
+
+        ``template`` gives the state's structure, shapes and dtypes (``jax.eval_shape`` will do).
+        """
+        step, meta = self.read_meta(step)
+        _check_compatible(meta, config.identity() | (extra or {}), self.directory / str(step))
+        restored = self.read_state(step, template)
+        records = [record_type.from_dict(r) for r in meta["records"]]
+        period = PeriodMetrics.from_dict(meta["period"])
+        inflight = self.read_inflight(step) if meta.get("inflight") else None
+        times = (meta["train_time_s"], meta["eval_time_s"])
+        return Resume(restored, records, period, *times, inflight)
 
     def read_meta(self, step: int | None = None) -> tuple[int, Any]:
         """``(step, metadata)`` of ``step`` (default: the latest)."""
@@ -125,52 +153,7 @@ class OrbaxStore:
         self._manager.close()
 
 
-class Checkpointer(OrbaxStore):
-    """Checkpoints of the scripts' runs (``TrainState`` and ``Resume``)."""
-
-    def save(self, point: Resume, config: TrainConfig) -> None:
-        """Write a checkpoint for ``point.state.step`` and wait until it is complete on disk."""
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "config": _comparable(config),
-            "records": [dataclasses.asdict(r) for r in point.records],
-            "period": dataclasses.asdict(point.period),
-            "train_time_s": point.train_time_s,
-            "eval_time_s": point.eval_time_s,
-            "inflight": sorted(point.inflight or {}),
-        }
-        self.save_items(int(point.state.step), point.state, meta, point.inflight)
-
-    def restore(self, config: TrainConfig, template: TrainState, step: int | None = None) -> Resume:
-        """Restore ``step`` (default: the latest), refusing one made by another configuration.
-
-        ``template`` gives the state's structure, shapes and dtypes (``jax.eval_shape`` will do).
-        """
-        step, meta = self.read_meta(step)
-        _check_compatible(meta, config, self.directory / str(step))
-        restored = self.read_state(step, template)
-        records = [EvalRecord(**_tuples(r, "sg_loss", "input_loss")) for r in meta["records"]]
-        saved = meta["period"]
-        period = PeriodMetrics(**_tuples(saved, "sg_loss", "sg_updates", "input_loss"))
-        inflight = self.read_inflight(step) if meta.get("inflight") else None
-        times = (meta["train_time_s"], meta["eval_time_s"])
-        return Resume(restored, records, period, *times, inflight)
-
-
-def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:
-    """``saved`` with its lists ``names`` as tuples (absent ones, from older checkpoints, as
-    empty tuples)."""
-    return saved | {name: tuple(saved.get(name, ())) for name in names}
-
-
-def _comparable(config: TrainConfig) -> dict[str, Any]:
-    values = config_record(config)
-    for key in IGNORED_CONFIG_KEYS:
-        values.pop(key, None)
-    return values
-
-
-def _check_compatible(meta: Any, config: TrainConfig, where: Path) -> None:
+def _check_compatible(meta: Any, now: dict[str, Any], where: Path) -> None:
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{where} is not an sgjax checkpoint of format {CHECKPOINT_FORMAT}; "
@@ -179,7 +162,6 @@ def _check_compatible(meta: Any, config: TrainConfig, where: Path) -> None:
     # Checkpoints from before the CNN hold MLPs and no CNN fields.
     saved = {"model": "mlp"} | meta.get("config", {})
     saved = {k: v for k, v in saved.items() if k not in UNUSED_FIELDS.get(saved["model"], ())}
-    now = _comparable(config)
     differences = [
         f"the {saved.get(key)} network (now {now.get(key)})"
         if key == "model"

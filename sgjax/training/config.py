@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
+from typing import ClassVar
 
 from sgjax.data.sources import IMAGE_SHAPES
 
@@ -39,6 +41,9 @@ PAPER_LEARNING_RATE = 3e-5
 PAPER_BOUNDARY_FRACTIONS = (0.6, 0.8)
 """The paper divides the learning rate by 10 at 300k and 400k of 500k steps."""
 
+UNUSED_FIELDS = {"mlp": ("filters", "kernel_size"), "cnn": ("hidden_units", "sg_hidden_units")}
+"""Configuration fields that do not shape the model's network or synthesizers."""
+
 DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0, "bp_lambda": 2}
 """DNI modules have 2 hidden layers of 1024 units; cDNI modules are linear (paper settings)."""
 
@@ -53,16 +58,86 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class RunConfig:
+    """The fields every run has (feed-forward and recurrent), validated when it is built."""
+
+    num_steps: int = PAPER_NUM_STEPS
+    batch_size: int = 256
+    learning_rate: float = PAPER_LEARNING_RATE
+    seed: int = 0
+    eval_every: int | None = 10_000
+    chunk_steps: int = 1_000
+    """Longest compiled chunk: a progress line, and a chance to stop cleanly, after each."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints: None means at every evaluation, 0 means never."""
+    output_dir: str | None = None
+
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("output_dir", "checkpoint_every")
+    """Fields that may differ on resume: they do not change what the run computes."""
+
+    def __post_init__(self) -> None:
+        # A config that exists is one that can run: the library refuses mode="dni" here, not
+        # silently later.
+        self.validate()
+
+    @property
+    def resolved_eval_every(self) -> int:
+        """Steps between evaluations (records)."""
+        assert self.eval_every is not None
+        return self.eval_every
+
+    @property
+    def resolved_checkpoint_every(self) -> int:
+        """Steps between checkpoints (0: none)."""
+        if self.checkpoint_every is None:
+            return self.resolved_eval_every
+        return self.checkpoint_every
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError, naming the flag and a fix, for settings that cannot run."""
+        for name in ("num_steps", "batch_size", "chunk_steps"):
+            require_positive(name, getattr(self, name))
+        if self.eval_every is not None:
+            require_positive("eval_every", self.eval_every)
+        if self.num_steps > MAX_STEPS:
+            raise ConfigError(f"--num_steps={self.num_steps} is above the limit of {MAX_STEPS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed={self.seed} must be between 0 and {MAX_SEED}")
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
+            raise ConfigError(
+                f"--learning_rate={self.learning_rate} must be a positive finite number"
+            )
+        every = self.checkpoint_every
+        if every is not None and (every < 0 or every % self.resolved_eval_every):
+            raise ConfigError(
+                f"--checkpoint_every={every} must be 0 (no checkpoints) or a multiple of "
+                f"--eval_every={self.resolved_eval_every}: checkpoints are taken at evaluations"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """What results.json records of the configuration."""
+        return self.to_dict()
+
+    def identity(self) -> dict:
+        """What a checkpoint records of the run, and a resume must match."""
+        values = self.recorded()
+        for key in self.RESUME_FREE:
+            values.pop(key, None)
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(RunConfig):
     """Everything one training run needs; defaults are the paper's."""
 
     mode: str = "sg"
     model: str = "mlp"
     """"mlp" or "cnn"; for the CNN ``hidden_layers`` counts its convolutional stages (the paper's
     depth is that plus the classifier)."""
-    num_steps: int = PAPER_NUM_STEPS
-    batch_size: int = 256
-    learning_rate: float = PAPER_LEARNING_RATE
     lr_boundaries: tuple[int, ...] | None = None
     hidden_layers: int = 3
     hidden_units: int = 256
@@ -75,10 +150,7 @@ class TrainConfig:
     """CNN kernel size (square), the synthesizers' too."""
     dataset: str = "mnist"
     data_dir: str | None = None
-    seed: int = 0
     eval_every: int = 10_000
-    chunk_steps: int = 1_000
-    """Longest compiled chunk: a progress line, and a chance to stop cleanly, after each."""
     parallel: str = "none"
     """"none": one device; "layers": every layer on its own device, pipelined."""
     num_devices: int = 0
@@ -99,14 +171,10 @@ class TrainConfig:
     from the loaded data (``with_train_examples``), not a flag."""
     synthetic_inputs: bool = False
     """sg and cdni: the complete unlock (every layer also trains on a synthetic input)."""
-    checkpoint_every: int | None = None
-    """Steps between checkpoints: None means at every evaluation, 0 means never."""
-    output_dir: str | None = None
 
-    def __post_init__(self) -> None:
-        # A config that exists is one that can run: the library refuses mode="dni" here, not
-        # silently later.
-        self.validate()
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*RunConfig.RESUME_FREE, "data_dir", "engine")
+    """The layer-parallel engines compute the same schedule and name their work in flight
+    alike; the data is checked by its contents' description, not its folder."""
 
     @property
     def decoupled(self) -> bool:
@@ -143,27 +211,16 @@ class TrainConfig:
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.filters is not None:
-            _require_positive("filters", self.filters)
-        _require_positive("kernel_size", self.kernel_size)
-        for name in (
-            "num_steps",
-            "batch_size",
-            "hidden_layers",
-            "hidden_units",
-            "eval_every",
-            "chunk_steps",
-        ):
-            _require_positive(name, getattr(self, name))
-        if self.num_steps > MAX_STEPS:
-            raise ConfigError(f"--num_steps={self.num_steps} is above the limit of {MAX_STEPS}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"--seed={self.seed} must be between 0 and {MAX_SEED}")
+            require_positive("filters", self.filters)
+        for name in ("kernel_size", "hidden_layers", "hidden_units"):
+            require_positive(name, getattr(self, name))
+        super().validate()
         if self.sg_hidden_layers is not None and self.sg_hidden_layers < 0:
             raise ConfigError(
                 f"--sg_hidden_layers={self.sg_hidden_layers} is negative; use 0 (linear) or more"
             )
-        _require_positive("sg_hidden_units", self.sg_hidden_units)
-        _require_positive("microbatches", self.microbatches)
+        require_positive("sg_hidden_units", self.sg_hidden_units)
+        require_positive("microbatches", self.microbatches)
         if self.parallel not in PARALLEL:
             raise ConfigError(
                 f"unknown --parallel={self.parallel!r}; choose one of {', '.join(PARALLEL)}"
@@ -174,19 +231,8 @@ class TrainConfig:
             )
         if self.num_devices < 0:
             raise ConfigError(f"--num_devices={self.num_devices} must be 0 (all) or more")
-        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
-            raise ConfigError(
-                f"--learning_rate={self.learning_rate} must be a positive finite number"
-            )
         _validate_boundaries(self.resolved_lr_boundaries, self.num_steps, self.lr_boundaries)
         self._validate_decoupling()
-        if self.checkpoint_every is not None and (
-            self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every
-        ):
-            raise ConfigError(
-                f"--checkpoint_every={self.checkpoint_every} must be 0 (no checkpoints) or a "
-                f"multiple of --eval_every={self.eval_every}: checkpoints are taken at evaluations"
-            )
         return self
 
     def _validate_decoupling(self) -> None:
@@ -219,11 +265,6 @@ class TrainConfig:
     def uses_synthesizers(self) -> bool:
         """Whether the mode has synthetic-gradient modules (sg, cdni, bp_lambda)."""
         return self.mode in SYNTHESIZER_MODES
-
-    @property
-    def resolved_checkpoint_every(self) -> int:
-        """Steps between checkpoints (0: none)."""
-        return self.eval_every if self.checkpoint_every is None else self.checkpoint_every
 
     @property
     def resolved_filters(self) -> int:
@@ -293,15 +334,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """Every field, with derived values (module depth, boundaries) filled in."""
-        values = dataclasses.asdict(self)
+        values = super().to_dict()
         values["sg_hidden_layers"] = self.resolved_sg_hidden_layers
         values["filters"] = self.resolved_filters
         values["lr_boundaries"] = list(self.resolved_lr_boundaries)
         return values
 
+    def recorded(self) -> dict:
+        """``to_dict()`` without the fields its model does not use (the CNN has no
+        ``hidden_units``; the MLP no ``filters``): what results.json and checkpoints record."""
+        values = self.to_dict()
+        for name in UNUSED_FIELDS[self.model]:
+            values.pop(name, None)
+        return values
 
-def _require_positive(name: str, value: int) -> None:
-    if value <= 0:
+
+def require_positive(name: str, value: int) -> None:
+    if not isinstance(value, numbers.Integral) or value <= 0:
         raise ConfigError(f"--{name}={value} must be a positive integer")
 
 

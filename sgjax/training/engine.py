@@ -1,9 +1,10 @@
 """What the training loop drives: an ``Engine`` advances a run by some steps and shows its state.
 
-``sgjax.training.loop.train_and_evaluate`` owns everything around the steps (evaluation
-periods, records, divergence, stop requests, checkpoints, results) and drives any engine: the
-single-device compiled chunks (``sgjax.training.loop.ScanEngine``) or a layer-parallel schedule
-(``sgjax.parallel.layers.PipelineEngine``).
+``sgjax.training.loop.run_engine`` owns everything around the steps (evaluation periods,
+records, divergence, stop requests, checkpoints, results) and drives any engine: the
+single-device compiled chunks (``sgjax.training.loop.ScanEngine``), a layer-parallel schedule
+(``sgjax.parallel.layers.PipelineEngine``) or a recurrent program
+(``sgjax.recurrent.loop.RecurrentEngine``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class ChunkMetrics(NamedTuple):
     input_loss: tuple[float, ...] = ()
     """Complete unlock: per boundary the sum over the steps of its synthetic-input model's
     regression loss (empty for every other method)."""
+    extra: Mapping[str, float] = {}
+    """Sums of a task's own metrics, by name (the recurrent runs' element count and auxiliary
+    loss); empty for the feed-forward engines."""
 
 
 class Engine(Protocol):
@@ -46,8 +50,9 @@ class Engine(Protocol):
     def state(self) -> TrainState:
         """The current state, on one device (for evaluation, checkpoints and results)."""
 
-    def evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy of the current state."""
+    def evaluate(self) -> Any:
+        """The test scores of the current state: loss and accuracy for the feed-forward
+        engines, the task's named scores for a recurrent run (``RecurrentEngine``)."""
 
     def inflight(self) -> Mapping[str, Any]:
         """Work in flight that ``state()`` does not hold, by name (empty for most engines);

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,43 @@ class EvalRecord:
     """Complete unlock: per boundary the synthetic-input model's mean regression loss over the
     period (metrics.csv's ``input_loss_i``); empty for every other method."""
 
+    def text(self) -> str:
+        """The record in the progress line (after the step, before the speed)."""
+        line = (
+            f"loss {self.train_loss:.4f} acc {self.train_accuracy:.4f} | "
+            f"test loss {self.test_loss:.4f} acc {self.test_accuracy:.4f}"
+        )
+        if self.sg_loss:
+            line += " | sg loss " + " ".join(f"{v:.2e}" for v in self.sg_loss)
+        if self.input_loss:
+            line += " | input loss " + " ".join(f"{v:.2e}" for v in self.input_loss)
+        return line
+
+    def cells(self) -> dict[str, str]:
+        """metrics.csv's cells of this record, by column (``metrics_columns``)."""
+        return {
+            "step": str(self.step),
+            "learning_rate": f"{self.learning_rate:.6g}",
+            **{name: f"{getattr(self, name):.6f}" for name in EVAL_COLUMNS},
+            **{f"sg_loss_{i}": f"{v:.6g}" for i, v in enumerate(self.sg_loss, start=1)},
+            "elapsed_s": f"{self.elapsed_s:.3f}",
+            **{f"input_loss_{i}": f"{v:.6g}" for i, v in enumerate(self.input_loss, start=1)},
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> EvalRecord:
+        """The record ``dataclasses.asdict`` made ``saved`` of (a checkpoint's)."""
+        return cls(**_tuples(saved, "sg_loss", "input_loss"))
+
+
+EVAL_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:
+    """``saved`` with its lists ``names`` as tuples (absent ones, from older checkpoints, as
+    empty tuples)."""
+    return saved | {name: tuple(saved.get(name, ())) for name in names}
+
 
 @dataclasses.dataclass
 class RunResult:
@@ -92,6 +129,13 @@ class PeriodMetrics:
     input_loss: tuple[float, ...] = ()
     """Complete unlock: per boundary the synthetic-input models' losses (one per step, or per
     ``sg_updates``)."""
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Sums of a task's own metrics (``ChunkMetrics.extra``)."""
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> PeriodMetrics:
+        """The period ``dataclasses.asdict`` made ``saved`` of (a checkpoint's)."""
+        return cls(**_tuples(saved, "sg_loss", "sg_updates", "input_loss"))
 
     def add(self, steps: int, metrics: StepMetrics) -> None:
         """Add a chunk's mean metrics, weighted by its number of steps."""
@@ -109,6 +153,8 @@ class PeriodMetrics:
         if chunk.sg_updates is not None:
             before = self.sg_updates or (0,) * len(chunk.sg_updates)
             self.sg_updates = tuple(a + b for a, b in zip(before, chunk.sg_updates, strict=True))
+        for name, value in chunk.extra.items():
+            self.extra[name] = self.extra.get(name, 0.0) + value
         self.loss += chunk.loss
         self.accuracy += chunk.accuracy
         self.steps += chunk.steps
@@ -342,19 +388,137 @@ def _format_eta(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def progress_line(record: EvalRecord, num_steps: int, steps_per_s: float) -> str:
-    """One human line per chunk: step, losses, accuracies, speed and ETA."""
-    eta = (num_steps - record.step) / steps_per_s if steps_per_s > 0 else float("nan")
-    line = (
-        f"step {record.step:>7d}/{num_steps} | loss {record.train_loss:.4f} "
-        f"acc {record.train_accuracy:.4f} | test loss {record.test_loss:.4f} "
-        f"acc {record.test_accuracy:.4f}"
+def progress_line(step: int, num_steps: int, text: str, steps_per_s: float, unit: str) -> str:
+    """One human line per chunk: step, what ``text`` says, speed and ETA."""
+    eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+    return (
+        f"step {step:>7d}/{num_steps} | {text} | {steps_per_s:,.0f} {unit}/s | "
+        f"ETA {_format_eta(eta)}"
     )
-    if record.sg_loss:
-        line += " | sg loss " + " ".join(f"{v:.2e}" for v in record.sg_loss)
-    if record.input_loss:
-        line += " | input loss " + " ".join(f"{v:.2e}" for v in record.input_loss)
-    return line + f" | {steps_per_s:,.0f} steps/s | ETA {_format_eta(eta)}"
+
+
+class Record(Protocol):
+    """What the loop needs of a record (``EvalRecord``, ``RNNRecord``)."""
+
+    step: int
+    elapsed_s: float
+
+    def text(self) -> str: ...
+
+    def cells(self) -> dict[str, str]: ...
+
+
+class Recording(NamedTuple):
+    """What a kind of run records, and when it ends early."""
+
+    make: Callable[[int, PeriodMetrics, Any], Record]
+    """The record of ``step`` from the period's sums and ``Engine.evaluate()`` (``elapsed_s``
+    is filled in by the loop)."""
+    chunk_text: Callable[[ChunkMetrics], str]
+    """A chunk between evaluations in the progress line."""
+    divergence: Callable[[PeriodMetrics, int], str]
+    """A one-line description of the first non-finite training quantity by a step, or ''."""
+    unit: str = "steps"
+    stop_early: Callable[[list[Any]], str] = lambda records: ""
+    """Why to stop before ``num_steps`` given the records so far ('': go on)."""
+
+
+def run_engine(
+    engine: Engine,
+    recording: Recording,
+    num_steps: int,
+    eval_every: int,
+    checkpoint_every: int,
+    start: Resume,
+    *,
+    on_record: Callable[[Any], None] | None = None,
+    log: Callable[[str], None] = print,
+    save_checkpoint: SaveCheckpoint | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> RunResult:
+    """The host loop of every run: compile every chunk shape first, then train and evaluate.
+
+    Evaluation periods of ``eval_every`` steps are cut into chunks of at most
+    ``engine.max_chunk`` steps (``chunk_plan``); between evaluations each chunk prints a progress
+    line. ``start`` is the engine's starting point (a checkpoint's resumes at a chunk boundary,
+    so the rest of the run is exactly what an uninterrupted run computes). ``on_record``
+    receives each record as soon as it exists; ``save_checkpoint`` is called every
+    ``checkpoint_every`` steps (0: never), at the end, and when ``stop_requested()`` turns true
+    after a chunk (status "interrupted"). A non-finite loss ends the run at the end of that
+    chunk with status "diverged" and a last record, without checkpointing the bad state;
+    ``recording.stop_early`` ends it as "completed" after a checkpoint; a
+    ``KeyboardInterrupt`` (also while compiling) ends it at once with status "interrupted".
+    """
+    period = dataclasses.replace(start.period, extra=dict(start.period.extra))
+    records = list(start.records)
+    steps_done = int(start.state.step)
+    train_time, eval_time = start.train_time_s, start.eval_time_s
+    compile_time = 0.0
+
+    def result(status: str, message: str) -> RunResult:
+        times = (compile_time, train_time, eval_time)
+        return RunResult(engine.state(), records, status, *times, steps_done, message)
+
+    plan = chunk_plan(steps_done, num_steps, eval_every, engine.max_chunk)
+    compile_start = time.perf_counter()
+    try:
+        engine.compile(set(plan))
+    except KeyboardInterrupt:
+        return result("interrupted", f"interrupted while compiling, at step {steps_done}")
+    compile_time = time.perf_counter() - compile_start
+    log(f"compiled {len(set(plan))} chunk shape(s) and the evaluation in {compile_time:.1f} s")
+
+    session_steps, session_time = 0, 0.0
+    status, message = "completed", ""
+    try:
+        for n in plan:
+            begin = time.perf_counter()
+            chunk = engine.advance(n)
+            elapsed = time.perf_counter() - begin
+            train_time += elapsed
+            session_time += elapsed
+            steps_done += n
+            session_steps += n
+            period.merge(chunk)
+            speed = session_steps / session_time
+
+            at_eval = steps_done % eval_every == 0 or steps_done == num_steps
+            message = recording.divergence(period, steps_done)
+            if not (at_eval or message):
+                text = recording.chunk_text(chunk)
+                log(progress_line(steps_done, num_steps, text, speed, recording.unit))
+            else:
+                begin = time.perf_counter()
+                record = recording.make(steps_done, period, engine.evaluate())
+                eval_time += time.perf_counter() - begin
+                record = dataclasses.replace(record, elapsed_s=train_time + eval_time)
+                period = PeriodMetrics()
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+                log(progress_line(steps_done, num_steps, record.text(), speed, recording.unit))
+            if message:
+                status = "diverged"
+                break
+            early = recording.stop_early(records)
+            stopping = stop_requested()
+            last = steps_done == num_steps or bool(early)
+            due = at_eval and checkpoint_every and steps_done % checkpoint_every == 0
+            if save_checkpoint is not None and (last or stopping or due):
+                save_checkpoint(
+                    Resume(
+                        engine.state(), records, period, train_time, eval_time, engine.inflight()
+                    )
+                )
+            if early:
+                message = early
+                break
+            if stopping and not last:
+                status, message = "interrupted", f"stopped after step {steps_done}"
+                break
+    except KeyboardInterrupt:
+        status, message = "interrupted", f"interrupted after step {steps_done}"
+    return result(status, message)
 
 
 class ScanEngine:
@@ -406,18 +570,11 @@ def train_and_evaluate(
     stop_requested: Callable[[], bool] = lambda: False,
     engine: Engine | None = None,
 ) -> RunResult:
-    """Run ``config`` on ``dataset``: compile every chunk shape first, then train and evaluate.
+    """Run ``config`` on ``dataset`` with ``run_engine``: records every ``config.eval_every``
+    steps (test loss and accuracy), checkpoints every ``config.resolved_checkpoint_every``.
 
     ``engine`` runs the steps (default: ``ScanEngine`` from ``start``; a layer-parallel engine
-    must be built from the same ``start``). Evaluation periods are cut into chunks of at most
-    ``engine.max_chunk`` steps (``chunk_plan``); between evaluations each chunk prints a progress
-    line. ``start`` resumes from a checkpoint (a chunk boundary, so the rest of the run is
-    exactly what an uninterrupted run computes). ``on_record`` receives each evaluation row as
-    soon as it exists; ``save_checkpoint`` is called every ``config.resolved_checkpoint_every``
-    steps, at the end, and when ``stop_requested()`` turns true after a chunk (status
-    "interrupted"). A non-finite loss ends the run at the end of that chunk with status
-    "diverged" and a last record, without checkpointing the bad state; a ``KeyboardInterrupt``
-    (also while compiling) ends it at once with status "interrupted".
+    must be built from the same ``start``); ``start`` resumes from a checkpoint.
     """
     config = config.with_train_examples(dataset.train_size)
     if start is None:
@@ -425,92 +582,35 @@ def train_and_evaluate(
         start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
     if engine is None:
         engine = ScanEngine(config, dataset, start.state)
-    period = dataclasses.replace(start.period)
-    records = list(start.records)
-    steps_done = int(start.state.step)
     schedule = schedule_for(config)
+
+    def make(step: int, period: PeriodMetrics, evaluation: tuple[float, float]) -> EvalRecord:
+        test_loss, test_accuracy = evaluation
+        return EvalRecord(
+            step=step,
+            learning_rate=float(schedule(step - 1)),
+            train_loss=period.mean("loss"),
+            train_accuracy=period.mean("accuracy"),
+            test_loss=float(test_loss),
+            test_accuracy=float(test_accuracy),
+            sg_loss=period.mean("sg_loss"),
+            elapsed_s=0.0,
+            input_loss=period.mean("input_loss"),
+        )
+
+    recording = Recording(make, _chunk_text, _divergence)
     every = config.resolved_checkpoint_every
-    train_time, eval_time = start.train_time_s, start.eval_time_s
-    compile_time = 0.0
-
-    def result(status: str, message: str) -> RunResult:
-        times = (compile_time, train_time, eval_time)
-        return RunResult(engine.state(), records, status, *times, steps_done, message)
-
-    plan = chunk_plan(steps_done, config.num_steps, config.eval_every, engine.max_chunk)
-    compile_start = time.perf_counter()
-    try:
-        engine.compile(set(plan))
-    except KeyboardInterrupt:
-        return result("interrupted", f"interrupted while compiling, at step {steps_done}")
-    compile_time = time.perf_counter() - compile_start
-    log(f"compiled {len(set(plan))} chunk shape(s) and the evaluation in {compile_time:.1f} s")
-
-    session_steps, session_time = 0, 0.0
-    status, message = "completed", ""
-    try:
-        for n in plan:
-            begin = time.perf_counter()
-            chunk = engine.advance(n)
-            elapsed = time.perf_counter() - begin
-            train_time += elapsed
-            session_time += elapsed
-            steps_done += n
-            session_steps += n
-            period.merge(chunk)
-            speed = session_steps / session_time
-
-            at_eval = steps_done % config.eval_every == 0 or steps_done == config.num_steps
-            message = _divergence(period, steps_done)
-            if not (at_eval or message):
-                log(_chunk_line(steps_done, config.num_steps, chunk, speed))
-            else:
-                begin = time.perf_counter()
-                test_loss, test_acc = engine.evaluate()
-                eval_time += time.perf_counter() - begin
-                record = EvalRecord(
-                    step=steps_done,
-                    learning_rate=float(schedule(steps_done - 1)),
-                    train_loss=period.mean("loss"),
-                    train_accuracy=period.mean("accuracy"),
-                    test_loss=float(test_loss),
-                    test_accuracy=float(test_acc),
-                    sg_loss=period.mean("sg_loss"),
-                    elapsed_s=train_time + eval_time,
-                    input_loss=period.mean("input_loss"),
-                )
-                period = PeriodMetrics()
-                records.append(record)
-                if on_record is not None:
-                    on_record(record)
-                log(progress_line(record, config.num_steps, speed))
-            if message:
-                status = "diverged"
-                break
-            stopping = stop_requested()
-            last = steps_done == config.num_steps
-            due = at_eval and every and steps_done % every == 0
-            if save_checkpoint is not None and (last or stopping or due):
-                save_checkpoint(
-                    Resume(
-                        engine.state(), records, period, train_time, eval_time, engine.inflight()
-                    )
-                )
-            if stopping and not last:
-                status, message = "interrupted", f"stopped after step {steps_done}"
-                break
-    except KeyboardInterrupt:
-        status, message = "interrupted", f"interrupted after step {steps_done}"
-    return result(status, message)
+    return run_engine(
+        engine, recording, config.num_steps, config.eval_every, every, start,
+        on_record=on_record, log=log, save_checkpoint=save_checkpoint,
+        stop_requested=stop_requested,
+    )  # fmt: skip
 
 
-def _chunk_line(step: int, num_steps: int, chunk: ChunkMetrics, steps_per_s: float) -> str:
-    """Progress between evaluations: the chunk's mean training metrics, speed and ETA."""
-    eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+def _chunk_text(chunk: ChunkMetrics) -> str:
+    """Progress between evaluations: the chunk's mean training metrics."""
     return (
-        f"step {step:>7d}/{num_steps} | loss {chunk.loss / chunk.steps:.4f} "
-        f"acc {chunk.accuracy / chunk.steps:.4f} (last chunk) | {steps_per_s:,.0f} steps/s | "
-        f"ETA {_format_eta(eta)}"
+        f"loss {chunk.loss / chunk.steps:.4f} acc {chunk.accuracy / chunk.steps:.4f} (last chunk)"
     )
 
 

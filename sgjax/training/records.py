@@ -8,6 +8,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -15,8 +16,8 @@ import jax
 
 from sgjax.data.sources import Dataset
 from sgjax.models.cnn import POOL_STRIDES, POOL_WINDOW
-from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, TrainConfig
-from sgjax.training.loop import EvalRecord, RunResult
+from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, RunConfig, TrainConfig
+from sgjax.training.loop import EVAL_COLUMNS, Record, RunResult
 
 
 class OutputError(OSError):
@@ -74,10 +75,7 @@ def metrics_columns(num_sg_layers: int, num_input_models: int = 0) -> list[str]:
     return [
         "step",
         "learning_rate",
-        "train_loss",
-        "train_accuracy",
-        "test_loss",
-        "test_accuracy",
+        *EVAL_COLUMNS,
         *[f"sg_loss_{i}" for i in range(1, num_sg_layers + 1)],
         "elapsed_s",
         *[f"input_loss_{i}" for i in range(1, num_input_models + 1)],
@@ -85,28 +83,19 @@ def metrics_columns(num_sg_layers: int, num_input_models: int = 0) -> list[str]:
 
 
 class MetricsWriter:
-    """Appends one metrics.csv row per evaluation and flushes it at once."""
+    """metrics.csv: the ``columns`` of each record's ``cells()``, a row per record, flushed at
+    once."""
 
-    def __init__(self, path: Path, num_sg_layers: int, num_input_models: int = 0) -> None:
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
         self._handle: IO[str] = open(path, "w", newline="")
         self._writer = csv.writer(self._handle)
-        self._writer.writerow(metrics_columns(num_sg_layers, num_input_models))
+        self._writer.writerow(self.columns)
         self._handle.flush()
 
-    def write(self, record: EvalRecord) -> None:
-        self._writer.writerow(
-            [
-                record.step,
-                f"{record.learning_rate:.6g}",
-                f"{record.train_loss:.6f}",
-                f"{record.train_accuracy:.6f}",
-                f"{record.test_loss:.6f}",
-                f"{record.test_accuracy:.6f}",
-                *[f"{v:.6g}" for v in record.sg_loss],
-                f"{record.elapsed_s:.3f}",
-                *[f"{v:.6g}" for v in record.input_loss],
-            ]
-        )
+    def write(self, record: Record) -> None:
+        cells = record.cells()
+        self._writer.writerow([cells[name] for name in self.columns])
         self._handle.flush()
 
     def close(self) -> None:
@@ -135,19 +124,6 @@ def versions() -> dict[str, str]:
         "flax": flax.__version__,
         "optax": optax.__version__,
     }
-
-
-UNUSED_FIELDS = {"mlp": ("filters", "kernel_size"), "cnn": ("hidden_units", "sg_hidden_units")}
-"""Configuration fields that do not shape the model's network or synthesizers."""
-
-
-def config_record(config: TrainConfig) -> dict[str, Any]:
-    """``config.to_dict()`` without the fields its model does not use (the CNN has no
-    ``hidden_units``; the MLP no ``filters``): what results.json and checkpoints record."""
-    values = config.to_dict()
-    for name in UNUSED_FIELDS[config.model]:
-        values.pop(name, None)
-    return values
 
 
 def network_description(config: TrainConfig) -> str:
@@ -186,6 +162,27 @@ def synthesizer_description(config: TrainConfig) -> str:
     return f"dense, {hidden}a zero-initialised Dense to the layer's width{label}"
 
 
+def run_results(config: RunConfig, result: RunResult, **fields: Any) -> dict[str, Any]:
+    """The contents of results.json: what every run reports, with ``fields`` (the run's own)
+    before its times and history."""
+    return {
+        "status": result.status,
+        "message": result.message,
+        "num_steps": config.num_steps,
+        "steps_done": result.steps_done,
+        "seed": config.seed,
+        **fields,
+        "train_time_s": result.train_time_s,
+        "eval_time_s": result.eval_time_s,
+        "compile_time_s": result.compile_time_s,
+        "steps_per_s": result.steps_per_s,
+        "device": device_info(),
+        "versions": versions(),
+        "config": config.recorded(),
+        "history": [dataclasses.asdict(r) for r in result.records],
+    }
+
+
 def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> dict[str, Any]:
     """The contents of results.json."""
     last = result.records[-1] if result.records else None
@@ -198,32 +195,21 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
             "stage_ms": list(result.stage_ms),
             "ideal_speedup": result.ideal_speedup,
         }
-    return {
-        "mode": config.mode,
-        "network": network_description(config),
-        "synthesizers": synthesizer_description(config),
-        "status": result.status,
-        "message": result.message,
-        "num_steps": config.num_steps,
-        "steps_done": result.steps_done,
-        "seed": config.seed,
-        "test_accuracy": last.test_accuracy if last else None,
-        "test_loss": last.test_loss if last else None,
-        "train_loss": last.train_loss if last else None,
-        "train_accuracy": last.train_accuracy if last else None,
-        "sg_loss": list(last.sg_loss) if last else None,
-        "input_loss": list(last.input_loss) if last else None,
-        "train_time_s": result.train_time_s,
-        "eval_time_s": result.eval_time_s,
-        "compile_time_s": result.compile_time_s,
-        "steps_per_s": result.steps_per_s,
-        "dataset": dataset.describe(),
-        "device": device_info(),
-        "versions": versions(),
-        "config": config_record(config),
-        "parallel": parallel,
-        "history": [dataclasses.asdict(r) for r in result.records],
-    }
+    return run_results(
+        config,
+        result,
+        mode=config.mode,
+        network=network_description(config),
+        synthesizers=synthesizer_description(config),
+        test_accuracy=last.test_accuracy if last else None,
+        test_loss=last.test_loss if last else None,
+        train_loss=last.train_loss if last else None,
+        train_accuracy=last.train_accuracy if last else None,
+        sg_loss=list(last.sg_loss) if last else None,
+        input_loss=list(last.input_loss) if last else None,
+        dataset=dataset.describe(),
+        parallel=parallel,
+    )
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
