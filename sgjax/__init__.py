@@ -24,6 +24,7 @@ from sgjax.core.methods import (
     dgl,
     dni,
     stale_gradient,
+    with_oracle,
     zero_gradient,
 )
 from sgjax.core.optim import adam, learning_rate_of, piecewise_schedule, with_learning_rate
@@ -31,10 +32,6 @@ from sgjax.core.recurrent import RecurrentTrainer, Segment
 from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
 from sgjax.data import Dataset, load_dataset
 from sgjax.models.lstm import LSTMCore, zero_carry
-from sgjax.models.mlp import mlp_stages
-from sgjax.training.config import ConfigError, TrainConfig
-from sgjax.training.loop import make_train, train_and_evaluate
-from sgjax.training.model import trainer_for
 
 __version__ = "0.2.0"
 
@@ -42,7 +39,6 @@ __all__ = [
     "Learned",
     "Method",
     "Prediction",
-    "ConfigError",
     "Dataset",
     "HiddenBlock",
     "LSTMCore",
@@ -51,7 +47,6 @@ __all__ = [
     "Segment",
     "StageState",
     "StepMetrics",
-    "TrainConfig",
     "Trainer",
     "TrainerState",
     "accuracy",
@@ -63,13 +58,10 @@ __all__ = [
     "dni",
     "learning_rate_of",
     "load_dataset",
-    "make_train",
-    "mlp_stages",
     "piecewise_schedule",
     "stale_gradient",
+    "with_oracle",
     "synthesizers",
-    "train_and_evaluate",
-    "trainer_for",
     "with_learning_rate",
     "zero_carry",
     "zero_gradient",
