@@ -138,8 +138,13 @@ def tick_metrics(sends: Sequence[Sends]) -> TickMetrics:
 def gathered(metrics: TickMetrics) -> TickMetrics:
     """A chunk's metrics the same on every device: each value is computed by one device and
     zero on the others, so a sum over the axis is exact (once per chunk, not per tick)."""
-    summed = [lax.psum(m.astype(jnp.int32) if m.dtype == bool else m, STAGE_AXIS) for m in metrics]
-    return TickMetrics(*(s > 0 if m.dtype == bool else s for s, m in zip(summed, metrics)))
+
+    def total(m: jax.Array) -> jax.Array:
+        if m.dtype == bool:
+            return lax.psum(m.astype(jnp.int32), STAGE_AXIS) > 0
+        return lax.psum(m, STAGE_AXIS)
+
+    return TickMetrics(*(total(m) for m in metrics))
 
 
 def local_states(states: Any) -> Any:
@@ -365,7 +370,9 @@ class SgProgram(DecoupledProgram):
                 # Only the group's half of group_backward is used (the synthesizer learns from
                 # the target below); the other half is dropped by the compiler.
                 grads = trainer.group_backward(fwd, fwd.synthetic_grad)
-                new = trainer.update_stages(indexed, trainer.groups[k], grads.stages, fwd.collections)
+                new = trainer.update_stages(
+                    indexed, trainer.groups[k], grads.stages, fwd.collections
+                )
                 stages = kept(update, tuple(new[i] for i in trainer.groups[k]), stage.stages)
                 statistics = kept(update, fwd.synthesizer_collections, synth.collections)
                 # The regression on the output of two ticks ago, with the current parameters.
@@ -463,8 +470,8 @@ class UnlockedProgram(DecoupledProgram):
                 update = self.coin(key, t, j)
                 synth, h = stage.boundary, x
                 if j > 0:
-                    predicted = trainer.predicted_input(stage.input_model, x, self.shapes[j - 1][1:])
-                    h = lax.stop_gradient(predicted)
+                    shape = self.shapes[j - 1][1:]
+                    h = lax.stop_gradient(trainer.predicted_input(stage.input_model, x, shape))
                 indexed = indexed_group(trainer, j, stage.stages)
                 up = loss = accuracy = None
                 if last:
@@ -496,7 +503,8 @@ class UnlockedProgram(DecoupledProgram):
             idle = (self._zeros(), self._zeros(), zero, zero)
             stage, up, down, loss, accuracy = lax.cond(forward, train, lambda s: (s, *idle), stage)
             valid = forward & last
-            return stage, Sends(up, down, forward, loss, accuracy, valid, sg_loss, regress, input_loss)
+            sends = Sends(up, down, forward, loss, accuracy, valid, sg_loss, regress, input_loss)
+            return stage, sends
 
         return branch
 
@@ -542,7 +550,7 @@ class BpProgram(Program):
     def chunk_fn(self, ticks: int, owner: Sequence[int], only: int | None = None) -> Callable:
         trainer, micro, num = self.trainer, self.schedule.microbatches, self.num_stages
         size, width = self.micro_shape[0], self.width
-        zero, no = jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+        zero = jnp.zeros((), jnp.float32)
 
         def forward_branch(k: int) -> Callable:
             def branch(collections, params, inbox, s, xs, ys):
@@ -555,9 +563,8 @@ class BpProgram(Program):
                     out, new = apply_module(trainer.stages[k], params, collections, h, train=True)
                     if k < num - 1:
                         return new, pad_rows(out, width), zero, zero
-                    return new, jnp.zeros((size, width)), trainer.loss(out, ys[m]), trainer.accuracy(
-                        out, ys[m]
-                    )
+                    loss, accuracy = trainer.loss(out, ys[m]), trainer.accuracy(out, ys[m])
+                    return new, jnp.zeros((size, width)), loss, accuracy
 
                 idle = (collections, jnp.zeros((size, width)), zero, zero)
                 new, sent, loss, accuracy = lax.cond(has, work, lambda: idle)
@@ -618,7 +625,6 @@ class BpProgram(Program):
             metrics = jax.tree_util.tree_map(lambda m: m.reshape(-1, *m.shape[2:]), metrics)
             return global_states(states), mail, gathered(metrics)
 
-        del no
         return program
 
 

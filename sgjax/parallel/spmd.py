@@ -276,7 +276,8 @@ class PipelineEngine:
         times = []
         for k in range(program.num_stages):
             placed = _Placed(program, mesh, only=k)
-            data, key = placed.replicate(self.host_data), placed.replicate(jax.device_get(self._key))
+            data = placed.replicate(self.host_data)
+            key = placed.replicate(jax.device_get(self._key))
             mail = program.empty_mail()
             fresh = []
             for _ in range(2):  # the program takes its buffers: one copy per run
