@@ -425,9 +425,12 @@ def _reference_bp(
 
 
 def _pre_batchnorm(path: tuple, last_stage: int) -> bool:
-    """A hidden block's Dense bias (in front of BatchNorm) or BatchNorm's running mean."""
+    """A hidden block's or a synthesizer's Dense bias (in front of BatchNorm) or BatchNorm's
+    running mean."""
     name = jax.tree_util.keystr(path)
-    hidden = name.startswith(".stages[") and int(name[8 : name.index("]")]) < last_stage
+    hidden = name.startswith(".synthesizers[") or (
+        name.startswith(".stages[") and int(name[8 : name.index("]")]) < last_stage
+    )
     return hidden and (
         name.endswith(".params['Dense_0']['bias']")
         or name.endswith(".collections['batch_stats']['BatchNorm_0']['mean']")
@@ -435,7 +438,7 @@ def _pre_batchnorm(path: tuple, last_stage: int) -> bool:
 
 
 def bp_difference(a: TrainerState, b: TrainerState) -> dict[str, float]:
-    """Largest difference of two backprop states, apart from the pre-BatchNorm biases.
+    """Largest difference of two states, apart from the pre-BatchNorm biases.
 
     BatchNorm subtracts the mean, so a block's Dense bias has an exactly zero gradient in exact
     arithmetic; Adam scales its rounding noise up to full-size steps (about the learning rate),
@@ -504,17 +507,20 @@ def resumed_run(
 
 
 class Block(nn.Module):
-    """Dense -> LayerNorm -> ReLU (or a plain Dense layer): blocks of a chain that is not the
-    paper's network."""
+    """Dense, then optionally LayerNorm and ReLU: blocks of chains that are not the paper's
+    network (without BatchNorm, whose pre-normalisation biases turn rounding noise into Adam
+    steps and would hide real differences)."""
 
     features: int
     norm: bool = True
+    relu: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
         h = nn.Dense(self.features)(x)
-        return nn.relu(nn.LayerNorm()(h)) if self.norm else h
+        h = nn.LayerNorm()(h) if self.norm else h
+        return nn.relu(h) if self.relu else h
 
 
 def chain_results(dataset: Dataset) -> dict[str, Any]:
@@ -527,7 +533,7 @@ def chain_results(dataset: Dataset) -> dict[str, Any]:
     key, n, size = jax.random.PRNGKey(5), 8, 32
     data = to_device(dataset)
     batches = image_batches(dataset, size)
-    blocks = [Block(32), Block(32), Block(32), Block(10, norm=False)]
+    blocks = [Block(32), Block(32), Block(32), Block(10, norm=False, relu=False)]
     out: dict[str, Any] = {}
     for name, method, kind, micro in [
         ("cdni", sgjax.dni(sgjax.synthesizers.dense(0, 32), conditioned=True), "sg_pipeline", 1),
@@ -585,9 +591,10 @@ def four_device_results() -> dict[str, Any]:
         "records_equal": _strip(runs[4].records)
         == _strip(runs[1].records)
         == _strip(runs[2].records),
-        # The staleness statement of sgjax.parallel.schedules (lag 2), and two lags it is not.
+        # The staleness statement of sgjax.parallel.schedules (lag 2), and two lags it is not
+        # (apart from the pre-BatchNorm biases' rounding noise: bp_difference).
         "stale_reference": {
-            lag: max_difference(runs[4].state.model, stale_module_reference(sg, mnist, lag))
+            lag: bp_difference(runs[4].state.model, stale_module_reference(sg, mnist, lag))
             for lag in (0, 1, 2)
         },
         "update_counts": update_counts(runs[4].state.model),
@@ -689,8 +696,11 @@ def test_layer_parallel_runs_resume_exactly_from_a_checkpoint(four_devices):
 
 def test_sg_pipeline_is_sg_with_modules_two_updates_stale(four_devices):
     """Synthetic gradients from modules two updates old; everything else as synchronous sg."""
-    stale = four_devices["sg"]["stale_reference"]
+    stale = {lag: got["rest"] for lag, got in four_devices["sg"]["stale_reference"].items()}
+    # Measured: 7.5e-8 (the pre-BatchNorm biases' rounding noise, which Adam turns into steps
+    # of the learning rate, up to 3e-3; their gradients are noise: bias_moment).
     assert stale["2"] < 2e-5, stale
+    assert four_devices["sg"]["stale_reference"]["2"]["bias_moment"] < 1e-6
     assert stale["0"] > 1e-3 and stale["1"] > 1e-3, stale  # sync sg, a one-update lag
     assert four_devices["sg"]["update_counts"] == [12]  # every layer and module, once per batch
 

@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 from local_processes import script_json
-from test_parallel import SMALL, _strip, max_difference, quiet, resumed_run
+from test_parallel import SMALL, Block, _strip, max_difference, quiet, resumed_run
 
 import sgjax
 from sgjax.data import load_dataset, sample_batch, to_device
@@ -40,20 +39,6 @@ FLOOR = dict(
 )
 
 
-class Dense(nn.Module):
-    """A Dense layer with an optional ReLU: a stage without BatchNorm (whose pre-normalisation
-    biases would turn rounding noise into Adam steps and hide real differences)."""
-
-    features: int
-    relu: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train
-        h = nn.Dense(self.features)(x)
-        return nn.relu(h) if self.relu else h
-
-
 def exact_results(mnist: sgjax.Dataset) -> dict[str, Any]:
     """A BatchNorm-free chain (2 decoupled groups and the output layer on 3 devices) pipelined
     against ``Trainer.step`` driven by the single-device loop's batches and coins:
@@ -61,7 +46,7 @@ def exact_results(mnist: sgjax.Dataset) -> dict[str, Any]:
     data = to_device(mnist)
     key = jax.random.PRNGKey(3)
     trainer = sgjax.Trainer(
-        [Dense(32), Dense(32), Dense(10, relu=False)],
+        [Block(32, norm=False), Block(32, norm=False), Block(10, norm=False, relu=False)],
         sgjax.dni(
             sgjax.synthesizers.dense(0, 32),
             conditioned=True,

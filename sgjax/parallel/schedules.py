@@ -96,13 +96,9 @@ class PipeStage(NamedTuple):
     input_model: StageState | None = None
 
 
-class Sends(NamedTuple):
-    """What a stage's tick sends up and down (padded) and reports."""
+class TickMetrics(NamedTuple):
+    """Per tick (leading axis); per stage on the second axis where named so."""
 
-    up: jax.Array
-    down: jax.Array
-    store: jax.Array
-    """sg: whether ``up`` goes into the stage's FIFO (it had an input)."""
     loss: jax.Array
     accuracy: jax.Array
     loss_valid: jax.Array
@@ -112,27 +108,22 @@ class Sends(NamedTuple):
     input_loss: jax.Array
 
 
-class TickMetrics(NamedTuple):
-    """Per tick (leading axis); per stage on the second axis where named so."""
+class Sends(NamedTuple):
+    """What a stage's tick sends up and down (padded) and reports."""
 
-    loss: jax.Array
-    accuracy: jax.Array
-    loss_valid: jax.Array
-    aux_loss: jax.Array
-    aux_valid: jax.Array
-    input_loss: jax.Array
+    up: jax.Array
+    down: jax.Array
+    store: jax.Array
+    """sg: whether ``up`` goes into the stage's FIFO (it had an input)."""
+    metrics: TickMetrics
+    """The stage's own (scalars)."""
 
 
 def tick_metrics(sends: Sequence[Sends]) -> TickMetrics:
-    last = sends[-1]
-    return TickMetrics(
-        last.loss,
-        last.accuracy,
-        last.loss_valid,
-        jnp.stack([s.aux_loss for s in sends]),
-        jnp.stack([s.aux_valid for s in sends]),
-        jnp.stack([s.input_loss for s in sends]),
-    )
+    """One tick's metrics: the last stage's loss and accuracy, the others' per stage."""
+    last = sends[-1].metrics
+    per_stage = [jnp.stack(m) for m in zip(*(s.metrics[3:] for s in sends), strict=True)]
+    return TickMetrics(*last[:3], *per_stage)
 
 
 def gathered(metrics: TickMetrics) -> TickMetrics:
@@ -392,9 +383,9 @@ class SgProgram(DecoupledProgram):
 
             new, up, down, loss, aux = lax.cond(has_input | has_target, work, idle)
             if last:
-                return new, Sends(up, down, no, loss, aux, has_input, zero, no, zero)
+                return new, Sends(up, down, no, TickMetrics(loss, aux, has_input, zero, no, zero))
             aux = jnp.where(learns, aux, 0.0)
-            return new, Sends(up, down, has_input, zero, zero, no, aux, learns, zero)
+            return new, Sends(up, down, has_input, TickMetrics(zero, zero, no, aux, learns, zero))
 
         return branch
 
@@ -503,8 +494,8 @@ class UnlockedProgram(DecoupledProgram):
             idle = (self._zeros(), self._zeros(), zero, zero)
             stage, up, down, loss, accuracy = lax.cond(forward, train, lambda s: (s, *idle), stage)
             valid = forward & last
-            sends = Sends(up, down, forward, loss, accuracy, valid, sg_loss, regress, input_loss)
-            return stage, sends
+            metrics = TickMetrics(loss, accuracy, valid, sg_loss, regress, input_loss)
+            return stage, Sends(up, down, forward, metrics)
 
         return branch
 
