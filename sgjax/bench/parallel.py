@@ -257,13 +257,14 @@ def notes(settings: ParallelBenchmarkSettings) -> list[str]:
     lines = [
         f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
         f"{settings.bp.num_steps} minibatches of {settings.bp.batch_size} per run",
-        "stage ms: each stage (hidden blocks, then the output layer) timed alone on its device: "
+        "stage ms: each stage (hidden blocks, then the output layer) timed alone on one device "
+        "(the schedule's own program with only that stage working): "
         "per tick for the sg pipeline, per minibatch (M forwards, M backwards, one update) for bp.",
         "ideal speed-up: S / B for the sg pipeline, S = sum of the stage times, B = the busiest "
         "device's share; M S / (S + (M - 1) B) for bp with M microbatches (exactly 1 for "
         "model-parallel bp: one minibatch crosses the devices one after another). Transfers and "
-        "host dispatch are left out. measured speed-up: examples/s over the same schedule's on "
-        "1 device; vs 1-device scanned: over the single-device lax.scan loop.",
+        "the devices' per-tick rendezvous are left out. measured speed-up: examples/s over the "
+        "same schedule's on 1 device; vs 1-device scanned: over the single-device lax.scan loop.",
     ]
     if devices[0].platform == "cpu":
         lines.append(

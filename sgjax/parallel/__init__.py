@@ -1,2 +1,2 @@
-"""Layer-parallel engines: stages placed on devices, the synthetic-gradient pipeline,
-model-parallel and GPipe backprop."""
+"""Layer-parallel training: any ``Trainer``'s stages placed on devices, the decoupled pipelines
+and model-parallel and GPipe backprop, each schedule one SPMD program (``PipelineEngine``)."""

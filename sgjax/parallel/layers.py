@@ -1,50 +1,41 @@
-"""Layer-parallel training: every layer (a *stage*) on its own device.
+"""Layer-parallel training of the paper's networks (``--parallel=layers``): a ``TrainConfig`` run
+through ``sgjax.parallel.spmd.PipelineEngine``.
 
 Three schedules (``KINDS``), all started from the single-device loop's initial state and fed the
 same minibatches (minibatch b is ``sample_batch(fold_in(key, b), ...)``):
 
-* ``sg_pipeline``: decoupled (sg/cdni, dgl, zero_grad; any --update_prob) training, pipelined:
-  at every tick every stage works on a different minibatch (``sgjax.parallel.sg_pipeline``,
-  where the staleness is stated exactly; dgl and zero_grad have none);
+* ``sg_pipeline``: decoupled training (sg/cdni, dgl, zero_grad, the complete unlock; any
+  --update_prob), pipelined: at every tick every stage works on a different minibatch
+  (the complete unlock: on the same one);
 * ``bp_model_parallel``: backprop with the layers on the devices, one minibatch at a time;
 * ``bp_gpipe``: backprop with each minibatch split into microbatches that flow through the
-  stages as a pipeline, gradients accumulated, one update per minibatch
-  (``sgjax.parallel.bp_pipeline``).
+  stages as a pipeline, gradients accumulated, one update per minibatch.
 
-Pipeline stages (the ``Trainer``'s groups for sg, its stages for bp; for the MLP: the hidden
-blocks, then the output layer) are grouped evenly over ``num_devices`` devices. The run is the
-single-device loop's (``train_and_evaluate``) driving a ``PipelineEngine``. Records are written
-every ``eval_every`` minibatches *that reached the last stage*; in the sg pipeline the earlier
-groups are then up to L minibatches ahead, and the last record follows the drain, when every
-group and module has trained on all N minibatches.
+The schedules themselves are in ``sgjax.parallel.schedules``; any ``Trainer`` can be pipelined
+with ``PipelineEngine`` directly. The run is the single-device loop's (``train_and_evaluate``)
+driving the engine: the same records, stop requests and checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sgjax.data.device import DeviceData, to_device
+from sgjax.data.device import DeviceData, sample_batch, scale_images
 from sgjax.data.sources import Dataset
-from sgjax.parallel.bp_pipeline import BackpropPipeline
-from sgjax.parallel.sg_pipeline import SgPipeline
-from sgjax.parallel.stages import Pipeline, ideal_speedup, stage_devices
-from sgjax.parallel.unlocked import UnlockedPipeline
+from sgjax.parallel.schedules import BatchSource, Schedule
+from sgjax.parallel.spmd import PipelineEngine
+from sgjax.parallel.stages import ideal_speedup
 from sgjax.training.config import ConfigError, TrainConfig
-from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import (
     EvalRecord,
     PeriodMetrics,
     Resume,
     RunResult,
     SaveCheckpoint,
-    TrainState,
-    evaluate_state,
     init_train_state,
     train_and_evaluate,
 )
@@ -52,8 +43,8 @@ from sgjax.training.model import trainer_for
 
 KINDS = ("sg_pipeline", "bp_model_parallel", "bp_gpipe")
 ENGINES = ("dispatch", "spmd")
-"""dispatch: one jitted call per stage per tick from the host (this module's pipelines);
-spmd: one SPMD program per chunk of ticks (``sgjax.parallel.spmd``)."""
+"""Accepted --engine values: both run the one SPMD engine (``PipelineEngine``); ``dispatch``,
+the host-dispatched engine that it replaced, is kept as a name so commands keep working."""
 
 
 def parallel_kind(mode: str, microbatches: int = 1) -> str:
@@ -70,11 +61,10 @@ class ParallelRunResult(RunResult):
 
     kind: str = ""
     stage_devices: tuple[int, ...] = ()
-    """Id of the device each stage ran on (hidden blocks, then the output layer), read from
-    where its final state lives."""
+    """Id of the device each pipeline stage ran on."""
     microbatches: int = 1
     stage_ms: tuple[float, ...] = ()
-    """Each stage alone: ms per tick (sg) or per minibatch (bp); empty if not timed."""
+    """Each stage alone: ms per tick (decoupled) or per minibatch (bp); empty if not timed."""
 
     @property
     def num_devices(self) -> int:
@@ -90,7 +80,7 @@ class ParallelRunResult(RunResult):
 
 
 def num_pipeline_stages(config: TrainConfig, kind: str) -> int:
-    """Pipeline stages of ``kind``: the Trainer's groups (sg) or its stages (bp)."""
+    """Pipeline stages of ``kind``: the Trainer's groups (decoupled) or its stages (bp)."""
     trainer = trainer_for(config)
     return len(trainer.groups) if kind == "sg_pipeline" else len(trainer.stages)
 
@@ -101,9 +91,8 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
         raise ConfigError(f"unknown layer-parallel schedule {kind!r}; choose one of {KINDS}")
     if microbatches < 1:
         raise ConfigError(f"--microbatches={microbatches} must be a positive integer")
-    # What --parallel=layers refuses (bp_lambda, stale_grad, bp with
-    # --update_prob: TrainConfig.validate), also for a config built with --parallel=none (the
-    # benchmark's).
+    # What --parallel=layers refuses (bp_lambda, stale_grad, bp with --update_prob:
+    # TrainConfig.validate), also for a config built with --parallel=none (the benchmark's).
     dataclasses.replace(config, parallel="layers")
     if kind == "sg_pipeline" and not config.decoupled:
         raise ConfigError("the decoupled pipeline needs --mode=sg, cdni, dgl or zero_grad (not bp)")
@@ -119,80 +108,24 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
         )
 
 
-def make_pipeline(
-    config: TrainConfig,
-    data: DeviceData,
-    start: TrainState,
-    kind: str,
-    devices: tuple[jax.Device, ...],
-    microbatches: int = 1,
-    inflight: Mapping[str, Any] | None = None,
-) -> Pipeline:
-    """The schedule ``kind`` over ``devices`` (one per pipeline stage), continuing ``start``."""
-    trainer, step = trainer_for(config), int(start.step)
-    if kind == "sg_pipeline" and trainer.unlocked:
-        return UnlockedPipeline(
-            trainer, config, data, devices, start.model, start.key, step=step, inflight=inflight
-        )
-    if kind == "sg_pipeline":
-        return SgPipeline(
-            trainer, config, data, devices, start.model, start.key, step=step, inflight=inflight
-        )
-    return BackpropPipeline(
-        trainer, config, data, devices, start.model, start.key, microbatches, step=step
+def image_batches(dataset: Dataset, batch_size: int) -> BatchSource:
+    """The single-device loop's minibatches of ``dataset`` (``sample_batch``) and its test
+    split, as a ``BatchSource``."""
+    data = DeviceData(
+        train_images=np.asarray(dataset.train_images, np.uint8),
+        train_labels=np.asarray(dataset.train_labels, np.int32),
+        test_images=np.asarray(dataset.test_images, np.uint8),
+        test_labels=np.asarray(dataset.test_labels, np.int32),
     )
 
+    def sample(d: DeviceData, key: jax.Array, index: jax.Array) -> tuple:
+        batch = sample_batch(jax.random.fold_in(key, index), d, batch_size)
+        return batch.images, batch.labels
 
-class PipelineEngine:
-    """A layer-parallel schedule as an ``Engine`` of the training loop: one ``advance`` per
-    evaluation period; the state is gathered on the first stage's device."""
+    def test(d: DeviceData) -> tuple:
+        return scale_images(d.test_images), d.test_labels
 
-    def __init__(
-        self, config: TrainConfig, pipeline: Pipeline, data: DeviceData, start: TrainState
-    ):
-        self.config = config
-        self.pipeline = pipeline
-        self.max_chunk = config.eval_every
-        self.data = data
-        self.home = pipeline.devices[0]
-        self._key = start.key
-        self._done = int(start.step)
-        self._evaluate: jax.stages.Compiled | None = None
-
-    def compile(self, chunk_lengths: Collection[int]) -> None:
-        del chunk_lengths  # the stage functions do not depend on them
-        self.pipeline.compile()
-        self._evaluate = (
-            jax.jit(evaluate_state, static_argnums=0)
-            .lower(self.config, self.state(), self.data)
-            .compile()
-        )
-
-    def advance(self, steps: int) -> ChunkMetrics:
-        window = self.pipeline.advance(self._done + steps)
-        self.pipeline.block_until_ready()
-        window = jax.device_get(window)
-        self._done += steps
-        # One loss per minibatch, or per microbatch (GPipe): their mean stands for each step.
-        return ChunkMetrics(
-            steps,
-            steps * float(np.mean(window.loss)),
-            steps * float(np.mean(window.accuracy)),
-            tuple(float(np.sum(values)) for values in window.sg_loss),
-            tuple(len(values) for values in window.sg_loss),
-            tuple(float(np.sum(values)) for values in window.input_loss),
-        )
-
-    def state(self) -> TrainState:
-        step = jnp.asarray(self._done, jnp.int32)
-        return TrainState(self.pipeline.model_state(self.home), step, self._key)
-
-    def evaluate(self) -> tuple[float, float]:
-        loss, accuracy = jax.device_get(self._evaluate(self.state(), self.data))
-        return float(loss), float(accuracy)
-
-    def inflight(self) -> dict[str, jax.Array]:
-        return self.pipeline.inflight()
+    return BatchSource(data, sample, test)
 
 
 def train_layer_parallel(
@@ -208,49 +141,47 @@ def train_layer_parallel(
     start: Resume | None = None,
     save_checkpoint: SaveCheckpoint | None = None,
     stage_timing_repeats: int = 0,
-    devices: list[jax.Device] | None = None,
-    engine: str = "dispatch",
+    devices: Sequence[jax.Device] | None = None,
+    engine: str = "spmd",
 ) -> ParallelRunResult:
-    """Train ``config`` with the layer-parallel schedule ``kind`` on ``num_devices`` devices.
+    """Train ``config`` with the layer-parallel schedule ``kind`` on ``num_devices`` devices of
+    ``devices`` (default: every process's; 0: one per stage, as many as there are).
 
     The loop is ``sgjax.training.loop.train_and_evaluate`` driving a ``PipelineEngine``: the
     same records (every ``eval_every`` minibatches that reached the last stage), statuses, stop
-    requests and checkpoints (``start`` resumes one; the sg pipeline's minibatches in flight are
-    saved with it, so a resumed run computes exactly what an uninterrupted one does).
-    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``).
-    ``engine="spmd"`` runs the same schedule as one SPMD program per chunk
-    (``sgjax.parallel.spmd``), one stage per device of ``devices`` (default: every process's).
+    requests and checkpoints (``start`` resumes one; the minibatches in flight are saved with it,
+    so a resumed run computes exactly what an uninterrupted one does).
+    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``). ``engine``:
+    ``spmd`` or ``dispatch``, the same engine.
     """
     config.validate()
     validate_parallel(config, kind, microbatches)
-    if engine == "spmd":
-        return _train_spmd(
-            config,
-            dataset,
-            kind,
-            num_devices,
-            microbatches,
-            log,
-            on_record,
-            stop_requested,
-            start,
-            save_checkpoint,
-            devices,
-            stage_timing_repeats,
-        )
-    if engine != "dispatch":
+    if engine not in ENGINES:
         raise ConfigError(f"unknown --engine={engine!r}; choose one of {', '.join(ENGINES)}")
-    placement = stage_devices(num_pipeline_stages(config, kind), num_devices, devices)
-    data = to_device(dataset, placement[0])
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
         start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
-    pipeline = make_pipeline(
-        config, data, start.state, kind, placement, microbatches, start.inflight
+    schedule = Schedule(
+        kind,
+        config.num_steps,
+        config.batch_size,
+        config.update_prob,
+        microbatches,
+        config.chunk_steps,
+    )
+    pipeline = PipelineEngine(
+        trainer_for(config),
+        image_batches(dataset, config.batch_size),
+        start.state,
+        schedule,
+        num_devices=num_devices,
+        devices=devices,
+        inflight=start.inflight,
     )
     log(
-        f"{kind}: stages on devices {[d.id for d in placement]} "
-        f"({len(set(placement))} of {len(jax.local_devices())})"
+        f"{kind}: stages on devices {list(pipeline.stage_devices())} "
+        f"({pipeline.mesh.devices.size} of {jax.device_count()}, {jax.process_count()} "
+        "process(es))"
     )
     result = train_and_evaluate(
         config,
@@ -260,59 +191,12 @@ def train_layer_parallel(
         start=start,
         save_checkpoint=save_checkpoint,
         stop_requested=stop_requested,
-        engine=PipelineEngine(config, pipeline, data, start.state),
-    )
-    stage_ms = pipeline.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else ()
-    return ParallelRunResult(
-        **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)},
-        kind=kind,
-        stage_devices=pipeline.state_devices(),
-        microbatches=microbatches,
-        stage_ms=stage_ms,
-    )
-
-
-def _train_spmd(
-    config: TrainConfig,
-    dataset: Dataset,
-    kind: str,
-    num_devices: int,
-    microbatches: int,
-    log: Callable[[str], None],
-    on_record: Callable[[EvalRecord], None] | None,
-    stop_requested: Callable[[], bool],
-    start: Resume | None,
-    save_checkpoint: SaveCheckpoint | None,
-    devices: list[jax.Device] | None,
-    stage_timing_repeats: int,
-) -> ParallelRunResult:
-    """``train_layer_parallel`` with the SPMD engine."""
-    from sgjax.parallel.spmd import SpmdEngine, stage_mesh
-
-    mesh = stage_mesh(num_pipeline_stages(config, kind), num_devices, devices)
-    if start is None:
-        initial = jax.jit(init_train_state, static_argnums=0)(config)
-        start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
-    data = to_device(dataset, jax.local_devices()[0])
-    engine = SpmdEngine(config, kind, data, start.state, mesh, microbatches, start.inflight)
-    log(
-        f"{kind} (spmd): stages on devices {list(engine.stage_devices())} "
-        f"({mesh.devices.size} of {jax.device_count()}, {jax.process_count()} process(es))"
-    )
-    result = train_and_evaluate(
-        config,
-        dataset,
-        on_record=on_record,
-        log=log,
-        start=start,
-        save_checkpoint=save_checkpoint,
-        stop_requested=stop_requested,
-        engine=engine,
+        engine=pipeline,
     )
     return ParallelRunResult(
         **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)},
         kind=kind,
-        stage_devices=engine.stage_devices(),
+        stage_devices=pipeline.stage_devices(),
         microbatches=microbatches,
-        stage_ms=engine.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else (),
+        stage_ms=pipeline.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else (),
     )
