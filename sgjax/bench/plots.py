@@ -84,22 +84,11 @@ def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
     colors = dict(zip((r.label for r in decoupled), _colors(len(decoupled)), strict=True))
     for row in decoupled:
         history = row.history
-        for layer in range(row.config.hidden_layers):
-            _band(
-                grid[0, layer],
-                history.step[0],
-                history.sg_loss[..., layer],
-                row.label,
-                colors[row.label],
-            )
-            if row.config.synthetic_inputs:
-                _band(
-                    grid[1, layer],
-                    history.step[0],
-                    history.input_loss[..., layer],
-                    row.label,
-                    colors[row.label],
-                )
+        losses = [history.sg_loss] + ([history.input_loss] if row.config.synthetic_inputs else [])
+        for panel, loss in enumerate(losses):
+            for layer in range(row.config.hidden_layers):
+                axes = grid[panel, layer]
+                _band(axes, history.step[0], loss[..., layer], row.label, colors[row.label])
     for layer in range(layers):
         grid[0, layer].set_title(f"module of hidden layer {layer + 1}")
         if unlocked:

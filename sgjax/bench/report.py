@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from sgjax.bench.architecture import config_facts, merge_depths
+from sgjax.bench.names import MODE_NAMES, device_label, markdown_table
 from sgjax.bench.presets import (
     PAPER_DEVICE,
     PAPER_RESULTS,
@@ -18,45 +20,13 @@ from sgjax.bench.presets import (
     paper_time_ratio,
 )
 from sgjax.bench.programs import BenchmarkResult, ProgramResult
-from sgjax.bench.sweep import SG_FIELDS, benchmark_mode
+from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import device_info, versions
 
-MODE_NAMES = {
-    "bp": "backprop",
-    "sg": "DNI",
-    "cdni": "cDNI",
-    "bp_lambda": "BP(lambda)",
-    "dgl": "greedy local",
-    "zero_grad": "zero gradient",
-    "stale_grad": "stale gradient",
-}
 RATE_TOLERANCE = 1.15
 """Achieved rates within this factor of each other count as the same in the summary."""
-
-
-def module_label(config: TrainConfig) -> str:
-    """The synthetic-gradient module of ``config``: '-', 'linear' or 'LxW'; for the CNN
-    'conv linear' or 'conv LxF' (L hidden convolutions of F filters)."""
-    if not config.uses_synthesizers:
-        return "-"
-    layers = config.resolved_sg_hidden_layers
-    if config.model == "cnn":
-        return f"conv {layers}x{config.resolved_filters}" if layers else "conv linear"
-    return f"{layers}x{config.sg_hidden_units}" if layers else "linear"
-
-
-def network_label(config: TrainConfig, layers: str | None = None) -> str:
-    """'3x256 (Dense-BN-ReLU) + Dense 10' or 'CNN 3x64 filters 5x5 (Conv-BN-ReLU-pool) + Dense
-    10'; ``layers`` replaces the hidden-layer count (e.g. '2/3/4' for a depth sweep)."""
-    layers = layers or str(config.hidden_layers)
-    if config.model == "cnn":
-        k = config.kernel_size
-        return (
-            f"CNN {layers}x{config.resolved_filters} filters {k}x{k} (Conv-BN-ReLU-pool) + Dense 10"
-        )
-    return f"{layers}x{config.hidden_units} (Dense-BN-ReLU) + Dense 10"
 
 
 def mode_label(config: TrainConfig) -> str:
@@ -70,14 +40,9 @@ def mode_label(config: TrainConfig) -> str:
         name += " + synthetic inputs"
     if config.update_prob != 1.0:
         name += f" p={config.update_prob:g}"
-    module = module_label(config)
+    module = config_facts(config).synthesizer
     mode = benchmark_mode(config)
     return f"{mode} ({name})" if module == "-" else f"{mode} ({name} {module})"
-
-
-def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
-    """' learning_rate=0.0001 hidden_units=64' (empty without sweeps)."""
-    return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
 
 
 class Stat(NamedTuple):
@@ -126,7 +91,7 @@ class Row:
         return {
             "label": self.label,
             "mode": benchmark_mode(self.config),
-            "module": module_label(self.config),
+            "module": config_facts(self.config).synthesizer,
             "sweep": dict(self.sweep),
             "learning_rate": self.config.learning_rate,
             "seeds": list(p.spec.seeds),
@@ -224,11 +189,6 @@ def _paper_row(paper: PaperResult) -> list[str]:
     return [cells.get(name, "-") for name in TABLE_HEADERS]
 
 
-def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def learning_rate_schedule(boundaries: Sequence[int]) -> str:
     """'divided by 10 at 600, 800', or 'constant' without boundaries (--lr_boundaries=)."""
     if not boundaries:
@@ -240,14 +200,9 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
     """What was run, in a few lines."""
     s = result.settings
     base = s.base
-    device = device_info()
     datasets = "; ".join(ds.reason for ds in result.datasets.values())
     configs = [p.spec.config for p in result.programs] or [base]
-    by_model = {c.model: [d for d in configs if d.model == c.model] for c in configs}
-    networks = "; ".join(
-        network_label(same[0], "/".join(map(str, sorted({c.hidden_layers for c in same}))))
-        for same in by_model.values()
-    )
+    networks = merge_depths([config_facts(c).description for c in configs])
     lines = [
         f"- preset: {s.preset or 'none'}; modes: {','.join(s.modes)}; seeds: "
         f"{','.join(map(str, s.seeds))}"
@@ -257,9 +212,7 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
         f"{base.learning_rate:g} {learning_rate_schedule(base.resolved_lr_boundaries)}; test "
         f"evaluation every {base.eval_every} steps (inside the program)",
         f"- data: {datasets}",
-        f"- device: {_device_name()}, {device['device_count']} "
-        f"device(s), {os.cpu_count()} CPU core(s); float32 matmul "
-        f"{result.matmul_gflops:.0f} GFLOP/s",
+        f"- device: {device_label()}; float32 matmul {result.matmul_gflops:.0f} GFLOP/s",
         "- training time: wall time of the whole compiled run (every run of the program vmapped, "
         "test evaluations included, compile excluded); ms/step and steps/s are of that program; "
         "GFLOP/step is XLA's count for one step of one run; GFLOP/s counts every run's steps and "
@@ -300,7 +253,7 @@ def loop_lines(result: BenchmarkResult) -> list[str]:
         "",
         "## lax.scan loop vs. the jitted step called from a Python loop",
         "",
-        *_markdown(headers, table),
+        *markdown_table(headers, table),
     ]
 
 
@@ -317,7 +270,7 @@ def rate_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
         for r in rows
     ]
     headers = ["run", "GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s", "of matmul"]
-    return ["", "## Arithmetic rate", "", *_markdown(headers, table)]
+    return ["", "## Arithmetic rate", "", *markdown_table(headers, table)]
 
 
 def vmap_lines(result: BenchmarkResult) -> list[str]:
@@ -357,7 +310,7 @@ def vmap_lines(result: BenchmarkResult) -> list[str]:
         "",
         "## Runs vmapped in one program vs. the same runs one after another",
         "",
-        *_markdown(headers, table),
+        *markdown_table(headers, table),
         "",
         note,
     ]
@@ -414,13 +367,13 @@ def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
     rates = f"{rate:.0f} vs. {bp_rate:.0f} GFLOP/s, matmul {result.matmul_gflops:.0f}"
     if time_ratio < 1:
         head = (
-            f"- On this device ({_device_name()}) {mode} takes {time_ratio:.2f}x bp's time "
+            f"- On this device ({device_label()}) {mode} takes {time_ratio:.2f}x bp's time "
             f"although it does {flop_ratio:.2f}x the arithmetic per step: the paper's direction "
             f"holds here"
         )
     else:
         head = (
-            f"- On this device ({_device_name()}) {mode} takes {time_ratio:.2f}x bp's time, so "
+            f"- On this device ({device_label()}) {mode} takes {time_ratio:.2f}x bp's time, so "
             f"the paper's speed-up does not hold here"
         )
     if rate > RATE_TOLERANCE * bp_rate:
@@ -438,13 +391,6 @@ def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
     return head + why
 
 
-def _device_name() -> str:
-    device = device_info()
-    if device["device_kind"].lower() == device["platform"].lower():
-        return device["platform"]
-    return f"{device['platform']}, {device['device_kind']}"
-
-
 def _paper_rate_line(row: Row, bp: Row) -> str:
     """For the paper's network: the GFLOP/s the paper's times imply at XLA's FLOP counts."""
     c = row.config
@@ -453,7 +399,7 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
         and c.hidden_layers == 3
         and c.hidden_units == 256
         and c.mode == "sg"
-        and module_label(c) == "2x1024"
+        and config_facts(c).synthesizer == "2x1024"
     )
     if not paper_network:
         return ""
@@ -488,7 +434,7 @@ def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
         *status,
         *settings_lines(result),
         "",
-        *_markdown(TABLE_HEADERS, body),
+        *markdown_table(TABLE_HEADERS, body),
         *loop_lines(result),
         *rate_lines(result, rows),
         *vmap_lines(result),

@@ -9,6 +9,7 @@ and every timing ends with ``block_until_ready``.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,11 +48,6 @@ def _make_single_step(config: TrainConfig):
     return single_step
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float:
     """Median wall time of ``run()`` (which advances its own state) after ``warmups`` calls."""
     for _ in range(warmups):
@@ -61,7 +57,7 @@ def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float
         start = time.perf_counter()
         jax.block_until_ready(run())
         runs.append(time.perf_counter() - start)
-    return _median(runs)
+    return statistics.median_high(runs)
 
 
 def _compile(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:

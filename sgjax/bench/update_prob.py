@@ -10,17 +10,17 @@ p, and by bins of p), ``update_prob.json`` and ``update_prob.png`` (final test e
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sgjax.bench.architecture import config_facts
+from sgjax.bench.names import device_label, markdown_table, mode_name
+from sgjax.bench.programs import run_vmapped
 from sgjax.bench.timing import flops_per_step
 from sgjax.data.device import DeviceData
 from sgjax.training.config import TrainConfig
@@ -31,7 +31,6 @@ TABLE_PROBS = (0.05, 0.2, 0.5, 1.0)
 """The p of the table (Jaderberg et al. quote DNI at 0.2 and cDNI at 0.05)."""
 BINS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 SWEEP_FILES = ("update_prob.md", "update_prob.json", "update_prob.png")
-LABELS = {"bp": "backprop", "sg": "DNI", "cdni": "cDNI"}
 
 
 class SweepResult(NamedTuple):
@@ -67,15 +66,11 @@ def run_sweep(
     results = []
     for mode in modes:
         config = dataclasses.replace(base, mode=mode, update_prob=1.0)
-        train = jax.vmap(make_train(config), in_axes=(0, None, None, 0))
-        lr = jnp.float32(config.learning_rate)
-        start = time.perf_counter()
-        compiled = jax.jit(train).lower(seeds, lr, data, probs).compile()
-        compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        _, history = compiled(seeds, lr, data, probs)
-        accuracy = np.asarray(jax.device_get(history.test_accuracy))[:, -1]
-        run_s = time.perf_counter() - start
+        args = (seeds, np.float32(config.learning_rate), data, probs)
+        run = run_vmapped(
+            make_train(config), args, (0, None, None, 0), keep=lambda out: out[1].test_accuracy
+        )
+        accuracy, compile_s, run_s = run.history[:, -1], run.compile_s, run.run_s
         error = 100.0 * (1.0 - accuracy)
         flops = flops_per_step(config, data)  # the plain step; the masks add a select per leaf
         results.append(SweepResult(mode, probs, seeds, error, compile_s, run_s, flops))
@@ -95,52 +90,49 @@ def _table_error(result: SweepResult, p: float) -> float:
 
 def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: str) -> str:
     """The table at ``TABLE_PROBS``, the random runs by bins of p, and the settings."""
-    lines = [
-        "# Stochastic updates: final test error % against the update probability p",
-        "",
-        "| method | " + " | ".join(f"p = {p}" for p in TABLE_PROBS) + " |",
-        "|---|" + "---|" * len(TABLE_PROBS),
-    ]
-    for r in results:
-        cells = " | ".join(f"{_table_error(r, p):.2f}" for p in TABLE_PROBS)
-        lines.append(f"| {LABELS.get(r.mode, r.mode)} | {cells} |")
-    lines += [
-        "",
-        "Random-p runs by bin (mean test error %, number of runs):",
-        "",
-        "| method | "
-        + " | ".join(f"[{a}, {b})" for a, b in zip(BINS[:-1], BINS[1:], strict=True))
-        + " |",
-        "|---|" + "---|" * (len(BINS) - 1),
-    ]
+    bins = list(zip(BINS[:-1], BINS[1:], strict=True))
+
+    def module(mode: str) -> str:
+        return config_facts(dataclasses.replace(config, mode=mode)).synthesizer
+
+    by_bin = []
     for r in results:
         drawn = slice(0, len(r.probs) - len(TABLE_PROBS))
         p, e = r.probs[drawn], r.test_error[drawn]
         cells = []
-        for a, b in zip(BINS[:-1], BINS[1:], strict=True):
+        for a, b in bins:
             chosen = (p >= a) & ((p < b) if b < 1.0 else (p <= b))
             cells.append(f"{e[chosen].mean():.2f} ({chosen.sum()})" if chosen.any() else "-")
-        lines.append(f"| {LABELS.get(r.mode, r.mode)} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| method | runs | compile s | run s | ms/step (all runs) | GFLOP/step (one run) |",
-        "|---|---|---|---|---|---|",
+        by_bin.append([mode_name(r.mode), *cells])
+    costs = [
+        [mode_name(r.mode), len(r.probs), f"{r.compile_s:.1f}", f"{r.run_s:.1f}"]
+        + [f"{1e3 * r.run_s / config.num_steps:.1f}", f"{r.step_flops / 1e9:.3f}"]
+        for r in results
     ]
-    for r in results:
-        ms = 1e3 * r.run_s / config.num_steps
-        lines.append(
-            f"| {LABELS.get(r.mode, r.mode)} | {len(r.probs)} | {r.compile_s:.1f} | "
-            f"{r.run_s:.1f} | {ms:.1f} | {r.step_flops / 1e9:.3f} |"
-        )
-    lines += [
+    lines = [
+        "# Stochastic updates: final test error % against the update probability p",
         "",
-        f"Settings: {config.model}, {config.hidden_layers} hidden layers of "
-        f"{config.hidden_units} units, {config.num_steps} steps of batch {config.batch_size}, "
-        f"Adam {config.learning_rate:g} (boundaries {list(config.resolved_lr_boundaries)}), "
-        f"DNI modules {dataclasses.replace(config, mode='sg').resolved_sg_hidden_layers} x "
-        f"{config.sg_hidden_units}, cDNI "
-        f"{dataclasses.replace(config, mode='cdni').resolved_sg_hidden_layers} hidden layers, "
-        f"dataset {config.dataset}; run i has seed "
+        *markdown_table(
+            ["method", *(f"p = {p}" for p in TABLE_PROBS)],
+            (
+                [mode_name(r.mode), *(f"{_table_error(r, p):.2f}" for p in TABLE_PROBS)]
+                for r in results
+            ),
+        ),
+        "",
+        "Random-p runs by bin (mean test error %, number of runs):",
+        "",
+        *markdown_table(["method", *(f"[{a}, {b})" for a, b in bins)], by_bin),
+        "",
+        *markdown_table(
+            ["method", "runs", "compile s", "run s", "ms/step (all runs)", "GFLOP/step (one run)"],
+            costs,
+        ),
+        "",
+        f"Settings: {config_facts(config).description}, {config.num_steps} steps of batch "
+        f"{config.batch_size}, Adam {config.learning_rate:g} (boundaries "
+        f"{list(config.resolved_lr_boundaries)}), DNI modules {module('sg')}, cDNI modules "
+        f"{module('cdni')}, dataset {config.dataset}; run i has seed "
         f"{config.seed} + i; device {device}. A stage that skips an update keeps its optimizer "
         "state, so its Adam count (and learning-rate schedule) advances only with its own "
         "updates. The arithmetic of skipped updates is computed and discarded.",
@@ -154,7 +146,7 @@ def plot_sweep(results: Sequence[SweepResult], path: Path) -> Path:
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
     for i, r in enumerate(results):
-        axes.scatter(r.probs, r.test_error, s=12, color=f"C{i}", label=LABELS.get(r.mode, r.mode))
+        axes.scatter(r.probs, r.test_error, s=12, color=f"C{i}", label=mode_name(r.mode))
     axes.set_xlabel("update probability p")
     axes.set_ylabel("final test error %")
     errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
@@ -171,7 +163,7 @@ def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Pat
     """``update_prob.md``, ``update_prob.json`` and ``update_prob.png`` in ``folder``."""
     device = device_info()
     names = [folder / name for name in SWEEP_FILES]
-    names[0].write_text(sweep_markdown(results, config, device.get("device_kind", "?")))
+    names[0].write_text(sweep_markdown(results, config, device_label()))
     payload: dict[str, Any] = {
         "config": config.to_dict(),
         "device": device,

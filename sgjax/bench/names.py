@@ -1,0 +1,50 @@
+"""What every report shares: the one map of method names, the one markdown-table writer and the
+device in words."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from sgjax.training.records import device_info
+
+MODE_NAMES = {
+    "bp": "backprop",
+    "sg": "DNI",
+    "cdni": "cDNI",
+    "bp_lambda": "BP(lambda)",
+    "dgl": "greedy local",
+    "zero_grad": "zero gradient",
+    "stale_grad": "stale gradient",
+    "bptt": "BPTT",
+    "dni": "DNI",
+    "dni_aux": "DNI+Aux",
+}
+"""A method's name in tables and figures, by its ``--mode`` (feed-forward and recurrent)."""
+TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+MODEL_NAMES = {"mlp": "FCN", "cnn": "CNN"}
+
+
+def mode_name(mode: str) -> str:
+    """``MODE_NAMES[mode]``, or ``mode`` itself for a name not in the map."""
+    return MODE_NAMES.get(mode, mode)
+
+
+def markdown_row(cells: Iterable[object]) -> str:
+    """One line of a markdown table (cells as str); printed alone it streams a table's rows."""
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Iterable[object]] = ()) -> list[str]:
+    """The lines of a markdown table: header, separator, one line per row."""
+    return [markdown_row(headers), "|" + "---|" * len(headers), *map(markdown_row, rows)]
+
+
+def device_label() -> str:
+    """'cpu, 2 cores' ('cpu x4, 2 cores' with 4 host devices) or 'gpu, NVIDIA H100 x1'."""
+    device = device_info()
+    count = device["device_count"]
+    if device["platform"] == "cpu":
+        return f"cpu{f' x{count}' if count > 1 else ''}, {os.cpu_count()} cores"
+    return f"{device['platform']}, {device['device_kind']} x{count}"
