@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from sgjax.training.config import TrainConfig
 from sgjax.training.model import sample_shape, trainer_for
 
 BLOCK_WORDS = {"HiddenBlock": "Dense-BN-ReLU", "ConvBlock": "Conv-BN-ReLU-pool"}
-"""Stage modules named by what they chain; any other stage is named by its first layer."""
+"""The paper's blocks named by what they chain; any other stage by its class."""
 
 
 class Facts(NamedTuple):
@@ -68,62 +69,56 @@ def config_facts(config: TrainConfig) -> Facts:
     return facts(trainer_for(config), sample)
 
 
-def _kernels(params: Any) -> dict[str, tuple[int, ...]]:
-    """Kernel shape of every layer of one module, by layer name ('Dense_0', 'Conv_1', ...)."""
-    return {name: p["kernel"].shape for name, p in params.items() if "kernel" in p}
+def _kernels(params: Any) -> list[tuple[int, ...]]:
+    """Shape of every ``kernel`` in a module's parameters, in layer order (Dense_2 before
+    Dense_10)."""
 
+    def order(path: tuple) -> list[tuple]:
+        parts = (str(getattr(key, "key", key)) for key in path)
+        return [tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)) for p in parts]
 
-def _layer_number(name: str) -> int:
-    return int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else 0
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    kernels = [(path, leaf) for path, leaf in leaves if getattr(path[-1], "key", None) == "kernel"]
+    return [leaf.shape for path, leaf in sorted(kernels, key=lambda item: order(item[0]))]
 
 
 def _synthesizer_label(params: Any) -> str:
     kernels = _kernels(params)
-    first = kernels[min(kernels, key=_layer_number)]
-    depth = len(kernels) - 1
-    size = f"{depth}x{first[-1]}" if depth else "linear"
-    return f"conv {size}" if len(first) == 4 else size
+    size = f"{len(kernels) - 1}x{kernels[0][-1]}" if len(kernels) > 1 else "linear"
+    return f"conv {size}" if len(kernels[0]) == 4 else size
 
 
 def _stage_label(module: Any, params: Any) -> tuple[str, bool]:
-    """('256 (Dense-BN-ReLU)', True) for a block, ('Dense 10', False) for a single layer."""
-    kernels = _kernels(params)
-    word = BLOCK_WORDS.get(type(module).__name__)
+    """('256 (Dense-BN-ReLU)', True) for a block (counted when repeated), ('Dense 10', False)
+    for the classifier; another module by its class: '32 (Norm)'."""
+    kernels, name = _kernels(params), type(module).__name__
+    if name == "OutputLayer":
+        return f"Dense {kernels[0][-1]}", False
+    word = BLOCK_WORDS.get(name, name)
     if not kernels:
-        return type(module).__name__, False
-    kernel = kernels[min(kernels, key=_layer_number)]
-    if word is None:
-        return f"{'Conv' if len(kernel) == 4 else 'Dense'} {kernel[-1]}", False
-    if len(kernel) == 4:
-        return f"{kernel[-1]} filters {kernel[0]}x{kernel[1]} ({word})", True
-    return f"{kernel[-1]} ({word})", True
+        return f"({word})", True
+    k = kernels[0]
+    return f"{f'{k[-1]} filters {k[0]}x{k[1]}' if len(k) == 4 else k[-1]} ({word})", True
 
 
 def _describe(modules: Sequence[Any], params: Sequence[Any]) -> str:
     """Runs of equal stages: '3x256 (Dense-BN-ReLU) + Dense 10', 'CNN 2x8 filters 5x5
     (Conv-BN-ReLU-pool) + Dense 10'."""
-    runs: list[list[Any]] = []
-    for label in (_stage_label(m, p) for m, p in zip(modules, params, strict=True)):
-        if runs and runs[-1][0] == label:
-            runs[-1][1] += 1
-        else:
-            runs.append([label, 1])
+    labels = [_stage_label(m, p) for m, p in zip(modules, params, strict=True)]
+    runs = [(label, len(list(same))) for label, same in itertools.groupby(labels)]
     parts = [f"{n}x{text}" if block else text for (text, block), n in runs]
-    conv = any(len(k) == 4 for p in params for k in _kernels(p).values())
+    conv = any(len(k) == 4 for p in params for k in _kernels(p))
     return ("CNN " if conv else "") + " + ".join(parts)
 
 
 def merge_depths(descriptions: Sequence[str]) -> str:
-    """Descriptions that differ only in their first count, as one: '2/3x256 (Dense-BN-ReLU) +
-    Dense 10'; others joined with '; '."""
-    merged: dict[str, list[str]] = {}
+    """Descriptions that differ only in their first count as one, '2/3x256 (Dense-BN-ReLU) +
+    Dense 10'; different ones joined by '; '."""
+    counts: dict[str, list[int]] = {}
     for text in descriptions:
-        match = re.search(r"(\d+)x", text)
-        key = text if match is None else text[: match.start(1)] + "{}" + text[match.end(1) :]
-        counts = merged.setdefault(key, [])
-        if match is not None and match.group(1) not in counts:
-            counts.append(match.group(1))
-    return "; ".join(
-        key.format("/".join(sorted(counts, key=int))) if counts else key
-        for key, counts in merged.items()
-    )
+        match = re.search(r"\d+(?=x)", text) or re.match("", text)
+        key = text[: match.start()] + "{}" + text[match.end() :]
+        counts.setdefault(key, [])
+        if match.group() and int(match.group()) not in counts[key]:
+            counts[key].append(int(match.group()))
+    return "; ".join(key.format("/".join(map(str, sorted(n)))) for key, n in counts.items())

@@ -44,8 +44,8 @@ PAPER_GRID: Mapping[tuple[str, str, int, str], float] = {
 }
 """Test error % the paper's text quotes (Jaderberg et al. 2016, 500k steps; see DESIGN.md)."""
 PAPER_FCN_UNITS = {"mnist": 256, "fashion_mnist": 256, "cifar10": 1000}
-PAPER_FCN_MODULES = {"mnist": (2, 1024), "fashion_mnist": (2, 1024), "cifar10": (1, 4000)}
-"""DNI module (hidden layers, units) of the FCN; cDNI modules are linear."""
+PAPER_FCN_MODULES = {"mnist": "2x1024", "fashion_mnist": "2x1024", "cifar10": "1x4000"}
+"""DNI's synthesizer of the FCN (hidden layers x units); cDNI's is linear."""
 
 
 class GridEntry(NamedTuple):
@@ -206,22 +206,19 @@ def _paper_boundaries(num_steps: int) -> tuple[int, ...]:
 
 
 def _module_difference(config: TrainConfig) -> str:
-    """'' when the synthesizer is the paper's for this task and mode, else what it is."""
-    if not config.decoupled:
+    """'' when the synthesizer (read off the built model) is the paper's for this task and
+    mode, else what it is and the paper's."""
+    if not config.uses_synthesizers:
         return ""
-    depth = config.resolved_sg_hidden_layers
-    name = MODE_NAMES[config.mode]
+    ours = config_facts(config).synthesizer
     if config.model == "cnn":
-        paper_depth = DEFAULT_SG_HIDDEN_LAYERS[config.mode]
-        if depth != paper_depth:
-            return f"{name} conv synthesizer {depth} hidden (paper {paper_depth})"
-        return ""
-    paper = PAPER_FCN_MODULES[config.dataset] if config.mode == "sg" else (0, None)
-    if depth == paper[0] and (depth == 0 or config.sg_hidden_units == paper[1]):
-        return ""
-    ours = f"{depth}x{config.sg_hidden_units}" if depth else "linear"
-    theirs = f"{paper[0]}x{paper[1]}" if paper[0] else "linear"
-    return f"{name} synthesizer {ours} (paper {theirs})"
+        depth = DEFAULT_SG_HIDDEN_LAYERS[config.mode]
+        theirs = f"conv {depth}x{config.resolved_filters}" if depth else "conv linear"
+    else:
+        theirs = PAPER_FCN_MODULES[config.dataset] if config.mode == "sg" else "linear"
+    return (
+        "" if ours == theirs else f"{MODE_NAMES[config.mode]} synthesizer {ours} (paper {theirs})"
+    )
 
 
 def build_grid(

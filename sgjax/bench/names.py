@@ -4,9 +4,12 @@ device in words."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from sgjax.training.records import device_info
+
+T = TypeVar("T")
 
 MODE_NAMES = {
     "bp": "backprop",
@@ -39,6 +42,18 @@ def markdown_row(cells: Iterable[object]) -> str:
 def markdown_table(headers: Sequence[str], rows: Iterable[Iterable[object]] = ()) -> list[str]:
     """The lines of a markdown table: header, separator, one line per row."""
     return [markdown_row(headers), "|" + "---|" * len(headers), *map(markdown_row, rows)]
+
+
+def column_table(
+    columns: Sequence[tuple[str, Callable[[T], object]]], items: Iterable[T]
+) -> list[str]:
+    """``markdown_table`` with a column per (header, cell of an item) and a row per item."""
+    return markdown_table([h for h, _ in columns], ([f(i) for _, f in columns] for i in items))
+
+
+def section(title: str, table: list[str], *notes: str) -> list[str]:
+    """A report section: a blank line, '## title', the table, then each note after a blank."""
+    return ["", f"## {title}", "", *table, *(line for note in notes for line in ("", note))]
 
 
 def device_label() -> str:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from sgjax.bench.architecture import config_facts, merge_depths
-from sgjax.bench.names import MODE_NAMES, device_label, markdown_table
+from sgjax.bench.names import MODE_NAMES, column_table, device_label, markdown_row, section
 from sgjax.bench.presets import (
     PAPER_DEVICE,
     PAPER_RESULTS,
@@ -19,7 +19,7 @@ from sgjax.bench.presets import (
     paper_results,
     paper_time_ratio,
 )
-from sgjax.bench.programs import BenchmarkResult, ProgramResult
+from sgjax.bench.programs import BenchmarkResult, LoopComparison, ProgramResult
 from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
@@ -152,7 +152,7 @@ def _bytes(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
-def _ratio(value: float | None) -> str:
+def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
@@ -166,8 +166,8 @@ TABLE_COLUMNS: tuple[Column, ...] = (
     ("compile (s)", lambda r: f"{r.program.compile_s:.1f}"),
     ("GFLOP/step", lambda r: f"{r.program.step_flops / 1e9:.3g}"),
     ("GFLOP/s", lambda r: f"{r.program.achieved_gflops:.1f}"),
-    ("time / bp", lambda r: _ratio(r.time_ratio_bp)),
-    ("FLOPs / bp", lambda r: _ratio(r.flop_ratio_bp)),
+    ("time / bp", lambda r: _number(r.time_ratio_bp)),
+    ("FLOPs / bp", lambda r: _number(r.flop_ratio_bp)),
     ("peak device memory", lambda r: _bytes(r.program.peak_memory_bytes)),
     ("XLA program memory", lambda r: _bytes(r.program.program_memory_bytes)),
     ("seeds x runs/program", lambda r: f"{len(r.program.spec.seeds)} x {r.program.spec.num_runs}"),
@@ -227,93 +227,61 @@ def loop_lines(result: BenchmarkResult) -> list[str]:
     """Scanned whole run vs. a Python loop of the jitted step, per mode."""
     if not result.loops:
         return []
-    table = []
-    for loop in result.loops:
-        program = next(p for p in result.programs if p.spec.config == loop.config)
-        whole = program.single_run_ms_per_step
-        table.append(
-            [
-                mode_label(loop.config),
-                f"{loop.scanned.ms_per_step:.2f}",
-                f"{loop.python_loop.ms_per_step:.2f}",
-                f"{loop.ratio:.2f}",
-                f"{loop.scanned.steps} x {loop.scanned.repeats}",
-                "n/a" if whole is None else f"{whole:.2f}",
-            ]
-        )
-    headers = [
-        "mode",
-        "lax.scan ms/step",
-        "Python loop ms/step",
-        "loop / scan",
-        "steps x repeats",
-        "whole compiled run ms/step (one run alone, evaluation included)",
-    ]
-    return [
-        "",
-        "## lax.scan loop vs. the jitted step called from a Python loop",
-        "",
-        *markdown_table(headers, table),
-    ]
+    whole = {  # one run alone of the program the loop was timed for
+        t.mode: next(p for p in result.programs if p.spec.config == t.config) for t in result.loops
+    }
+    columns: tuple[tuple[str, Callable[[LoopComparison], str]], ...] = (
+        ("mode", lambda t: mode_label(t.config)),
+        ("lax.scan ms/step", lambda t: f"{t.scanned.ms_per_step:.2f}"),
+        ("Python loop ms/step", lambda t: f"{t.python_loop.ms_per_step:.2f}"),
+        ("loop / scan", lambda t: f"{t.ratio:.2f}"),
+        ("steps x repeats", lambda t: f"{t.scanned.steps} x {t.scanned.repeats}"),
+        (
+            "whole compiled run ms/step (one run alone, evaluation included)",
+            lambda t: _number(whole[t.mode].single_run_ms_per_step),
+        ),
+    )
+    title = "lax.scan loop vs. the jitted step called from a Python loop"
+    return section(title, column_table(columns, result.loops))
 
 
 def rate_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
     """Achieved arithmetic rate of every row beside the machine's measured matmul rate."""
-    table = [
-        [
-            r.label,
-            f"{r.program.step_flops / 1e9:.3g}",
-            f"{r.program.achieved_gflops:.1f}",
-            f"{result.matmul_gflops:.0f}",
-            f"{100 * r.program.achieved_gflops / result.matmul_gflops:.0f}%",
-        ]
-        for r in rows
-    ]
-    headers = ["run", "GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s", "of matmul"]
-    return ["", "## Arithmetic rate", "", *markdown_table(headers, table)]
+    matmul = result.matmul_gflops
+    columns: tuple[Column, ...] = (
+        ("run", lambda r: r.label),
+        ("GFLOP/step", lambda r: f"{r.program.step_flops / 1e9:.3g}"),
+        ("achieved GFLOP/s", lambda r: f"{r.program.achieved_gflops:.1f}"),
+        ("matmul GFLOP/s", lambda r: f"{matmul:.0f}"),
+        ("of matmul", lambda r: f"{100 * r.program.achieved_gflops / matmul:.0f}%"),
+    )
+    return section("Arithmetic rate", column_table(columns, rows))
 
 
 def vmap_lines(result: BenchmarkResult) -> list[str]:
     """N runs vmapped in one program vs. the same N runs one after another."""
-    table = []
-    for p in result.programs:
-        if p.separate is None:
-            continue
-        table.append(
-            [
-                mode_label(p.spec.config) + sweep_label(p.spec.static),
-                f"{p.spec.num_runs}",
-                f"{p.run_s:.1f}",
-                f"{p.separate.total_run_s:.1f}",
-                f"{p.run_s / p.separate.total_run_s:.2f}",
-                f"{p.compile_s:.1f} / {p.separate.compile_s:.1f}",
-                p.separate_difference().format(),
-            ]
-        )
-    if not table:
+    compared = [p for p in result.programs if p.separate is not None]
+    if not compared:
         return []
-    headers = [
-        "program",
-        "runs",
-        "vmapped (s)",
-        "separate (s)",
-        "vmapped / separate",
-        "compile (s) vmapped / one separate",
-        "largest difference of any metric (where)",
-    ]
+    columns: tuple[tuple[str, Callable[[ProgramResult], str]], ...] = (
+        ("program", lambda p: mode_label(p.spec.config) + sweep_label(p.spec.static)),
+        ("runs", lambda p: f"{p.spec.num_runs}"),
+        ("vmapped (s)", lambda p: f"{p.run_s:.1f}"),
+        ("separate (s)", lambda p: f"{p.separate.total_run_s:.1f}"),
+        ("vmapped / separate", lambda p: f"{p.run_s / p.separate.total_run_s:.2f}"),
+        (
+            "compile (s) vmapped / one separate",
+            lambda p: f"{p.compile_s:.1f} / {p.separate.compile_s:.1f}",
+        ),
+        ("largest difference of any metric (where)", lambda p: p.separate_difference().format()),
+    )
     note = (
         "vmap batches the matrix products differently from a run alone, so results agree up to "
         "float reassociation, which training amplifies over many steps: compare the difference "
         "with the spread over seeds."
     )
-    return [
-        "",
-        "## Runs vmapped in one program vs. the same runs one after another",
-        "",
-        *markdown_table(headers, table),
-        "",
-        note,
-    ]
+    title = "Runs vmapped in one program vs. the same runs one after another"
+    return section(title, column_table(columns, compared), note)
 
 
 def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
@@ -419,8 +387,7 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
 
 def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
     """The contents of table.md."""
-    body = [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
-    body += [_paper_row(p) for p in paper_results(result.settings.base.num_steps)]
+    paper = [markdown_row(_paper_row(p)) for p in paper_results(result.settings.base.num_steps)]
     status = []
     if result.status != "completed":
         status = [
@@ -434,7 +401,8 @@ def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
         *status,
         *settings_lines(result),
         "",
-        *markdown_table(TABLE_HEADERS, body),
+        *column_table(TABLE_COLUMNS, rows),
+        *paper,
         *loop_lines(result),
         *rate_lines(result, rows),
         *vmap_lines(result),
