@@ -1,13 +1,14 @@
-"""What every report shares: the one map of method names, the one markdown-table writer and the
-device in words."""
+"""What every report shares: the one map of method names, the one markdown-table writer, the
+device in words, and the writer of a table with its JSON record."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
-from sgjax.training.records import device_info
+from sgjax.training.records import device_info, versions, write_json_atomic
 
 T = TypeVar("T")
 
@@ -63,3 +64,11 @@ def device_label() -> str:
     if device["platform"] == "cpu":
         return f"cpu{f' x{count}' if count > 1 else ''}, {os.cpu_count()} cores"
     return f"{device['platform']}, {device['device_kind']} x{count}"
+
+
+def write_report(table: Path, text: str, record_path: Path, record: dict[str, Any]) -> list[Path]:
+    """Write ``text`` to ``table`` and ``record`` to ``record_path`` (JSON, replaced whole), with
+    the device and the library versions unless ``record`` gives them; returns both paths."""
+    table.write_text(text)
+    write_json_atomic(record_path, {"device": device_info(), "versions": versions(), **record})
+    return [table, record_path]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sgjax.bench.names import mode_name
 from sgjax.bench.programs import LoopComparison
 from sgjax.bench.report import Row
 
@@ -163,4 +165,21 @@ def plot_time_per_step(
         axes.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
         axes.grid(axis="y", alpha=0.3)
     figure.suptitle("Cost per step of every mode")
+    return _save(figure, path)
+
+
+def plot_sweep(results: Sequence[Any], path: Path) -> Path:
+    """Final test error % against the update probability p, one colour per method
+    (``update_prob.SweepResult``s; Jaderberg et al.'s figure)."""
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    axes = figure.subplots()
+    for r, color in zip(results, _colors(len(results)), strict=True):
+        axes.scatter(r.probs, r.test_error, s=12, color=color, label=mode_name(r.mode))
+    axes.set_xlabel("update probability p")
+    axes.set_ylabel("final test error %")
+    errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
+    if np.any(np.isfinite(errors) & (errors > 0)):  # matplotlib refuses to log-scale none
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend()
     return _save(figure, path)

@@ -31,6 +31,7 @@ from sgjax.bench.sweep import (
 )
 from sgjax.bench.timing import (
     LoopTiming,
+    compile_timed,
     compiled_memory_bytes,
     flops_per_evaluation,
     flops_per_step,
@@ -293,9 +294,7 @@ def run_vmapped(
         shard_runs(np.asarray(a), mesh) if axis == 0 else replicate(a, mesh)
         for a, axis in zip(args, in_axes, strict=True)
     ]
-    start = time.perf_counter()
-    compiled = jax.jit(jax.vmap(fn, in_axes=tuple(in_axes))).lower(*placed).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = compile_timed(jax.vmap(fn, in_axes=tuple(in_axes)), *placed)
     start = time.perf_counter()
     outputs = jax.block_until_ready(keep(compiled(*placed)))
     run_s = time.perf_counter() - start
@@ -323,9 +322,7 @@ def train_runs(
 def run_separately(spec: ProgramSpec, data: DeviceData) -> SeparateRuns:
     """Each run of ``spec`` alone: ``jax.jit(make_train(config))`` compiled once, run per run."""
     seeds, learning_rates = spec.run_seeds(), spec.run_learning_rates()
-    start = time.perf_counter()
-    compiled = jax.jit(make_train(spec.config)).lower(seeds[0], learning_rates[0], data).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = compile_timed(make_train(spec.config), seeds[0], learning_rates[0], data)
     histories, times = [], []
     for seed, lr in zip(seeds, learning_rates, strict=True):
         start = time.perf_counter()
@@ -366,18 +363,6 @@ def run_program(
     )
 
 
-def compare_loops(
-    config: TrainConfig, data: DeviceData, steps: int, repeats: int
-) -> LoopComparison:
-    """The step of ``config`` in ``lax.scan`` vs. jitted alone and called from Python."""
-    return LoopComparison(
-        benchmark_mode(config),
-        config,
-        time_scanned(config, data, steps, repeats),
-        time_python_loop(config, data, steps, repeats),
-    )
-
-
 def run_benchmark(
     settings: BenchmarkSettings,
     datasets: Mapping[str, Dataset],
@@ -412,7 +397,13 @@ def run_benchmark(
             continue
         loop = next((t for t in loops if t.config == config), None)
         if settings.loop_steps and all(t.mode != name for t in loops):
-            loop = compare_loops(config, data, settings.loop_steps, settings.loop_repeats)
+            steps, repeats = settings.loop_steps, settings.loop_repeats
+            loop = LoopComparison(
+                name,
+                config,
+                time_scanned(config, data, steps, repeats),
+                time_python_loop(config, data, steps, repeats),
+            )
             loops.append(loop)
             log(
                 f"{name}: lax.scan {loop.scanned.ms_per_step:.2f} ms/step, Python loop "

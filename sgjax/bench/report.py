@@ -417,10 +417,6 @@ def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
 # ---------------------------------------------------------------------------------- benchmark.json
 
 
-def _history_dict(history: RunHistory) -> dict[str, list]:
-    return {name: np.asarray(value).tolist() for name, value in history._asdict().items()}
-
-
 def _program_dict(p: ProgramResult) -> dict[str, Any]:
     separate = p.separate
     return {
@@ -450,7 +446,7 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
             "vmapped_over_separate": p.run_s / separate.total_run_s,
             "largest_difference": p.separate_difference()._asdict(),
         },
-        "history": _history_dict(p.history),
+        "history": {k: np.asarray(v).tolist() for k, v in p.history._asdict().items()},
     }
 
 

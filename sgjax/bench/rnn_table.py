@@ -17,14 +17,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from sgjax.bench.names import MODE_NAMES, TASK_NAMES, device_label, markdown_table
+from sgjax.bench.names import MODE_NAMES, TASK_NAMES, device_label, markdown_table, write_report
 from sgjax.bench.programs import run_vmapped
 from sgjax.bench.timing import compiled_flops
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
 from sgjax.recurrent.programs import CopyProgram
 from sgjax.tasks.copy import COPY_TASKS
-from sgjax.training.records import device_info, versions, write_json_atomic
 
 PAPER_CELLS: Mapping[tuple[str, str, int], int] = MappingProxyType(
     {
@@ -125,18 +124,10 @@ def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> C
         return state.solved
 
     run = run_vmapped(whole_run, (np.asarray(seeds, np.uint32),), (0,))
-    solved, compile_s, run_s = run.history, run.compile_s, run.run_s
     flops = update_flops(config) if count_flops else float("nan")
-    return CellResult(
-        config.task,
-        config.mode,
-        config.truncation,
-        [int(s) for s in solved],
-        compile_s,
-        run_s,
-        1e3 * run_s / config.num_steps,
-        flops,
-    )
+    solved, ms = [int(s) for s in run.history], 1e3 * run.run_s / config.num_steps
+    cell = (config.task, config.mode, config.truncation, solved, run.compile_s, run.run_s, ms)
+    return CellResult(*cell, flops)
 
 
 def _cell_text(cell: CellResult | None, paper: int | None) -> str:
@@ -211,10 +202,9 @@ def run_rnn_table(
     status, message = "completed", ""
 
     def write() -> None:
-        (output_dir / "table.md").write_text(
-            table_markdown(preset_name, preset, cells, seeds, steps)
-        )
-        write_json_atomic(
+        write_report(
+            output_dir / "table.md",
+            table_markdown(preset_name, preset, cells, seeds, steps),
             output_dir / "results.json",
             {
                 "preset": preset_name,
@@ -226,8 +216,6 @@ def run_rnn_table(
                     {"task": t, "mode": m, "truncation": k, "solved": v}
                     for (t, m, k), v in PAPER_CELLS.items()
                 ],
-                "device": device_info(),
-                "versions": versions(),
             },
         )
 

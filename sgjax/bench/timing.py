@@ -61,7 +61,8 @@ def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float
     return statistics.median_high(runs)
 
 
-def _compile(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+def compile_timed(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+    """``jax.jit(fn)`` compiled ahead of time for ``args``, and the seconds that took."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
@@ -72,7 +73,7 @@ def _timed(
 ) -> LoopTiming:
     """Compile ``fn(state, *inputs()) -> (state, ...)`` and time ``calls`` calls of it that
     carry the state (``steps`` train steps in all; median of ``repeats`` after a warm-up)."""
-    compiled, compile_s = _compile(fn, state, *inputs())
+    compiled, compile_s = compile_timed(fn, state, *inputs())
 
     def run() -> Any:
         nonlocal state
@@ -153,14 +154,16 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
 def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
     """XLA's FLOP count for one compiled train step (batch sampling included)."""
     config = config.with_train_examples(data.train_images.shape[0])
-    return compiled_flops(_compile(_make_single_step(config), init_train_state(config), data)[0])
+    return compiled_flops(
+        compile_timed(_make_single_step(config), init_train_state(config), data)[0]
+    )
 
 
 def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
     """XLA's FLOP count for one evaluation on the whole test split."""
     config = config.with_train_examples(data.train_images.shape[0])
     evaluate = functools.partial(evaluate_state, config)
-    return compiled_flops(_compile(evaluate, init_train_state(config), data)[0])
+    return compiled_flops(compile_timed(evaluate, init_train_state(config), data)[0])
 
 
 def peak_memory_bytes() -> int | None:

@@ -12,20 +12,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from sgjax.bench.architecture import config_facts
-from sgjax.bench.names import device_label, markdown_table, mode_name
+from sgjax.bench.names import device_label, markdown_table, mode_name, write_report
+from sgjax.bench.plots import plot_sweep
 from sgjax.bench.programs import run_vmapped
 from sgjax.bench.timing import flops_per_step
 from sgjax.data.device import DeviceData
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import make_train
-from sgjax.training.records import device_info, versions, write_json_atomic
 
 TABLE_PROBS = (0.05, 0.2, 0.5, 1.0)
 """The p of the table (Jaderberg et al. quote DNI at 0.2 and cDNI at 0.05)."""
@@ -141,47 +139,24 @@ def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: 
     return "\n".join(lines)
 
 
-def plot_sweep(results: Sequence[SweepResult], path: Path) -> Path:
-    """Final test error % against p, one colour per method (Jaderberg et al.'s figure)."""
-    figure = Figure(figsize=(7, 5), layout="constrained")
-    axes = figure.subplots()
-    for i, r in enumerate(results):
-        axes.scatter(r.probs, r.test_error, s=12, color=f"C{i}", label=mode_name(r.mode))
-    axes.set_xlabel("update probability p")
-    axes.set_ylabel("final test error %")
-    errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
-    if np.any(np.isfinite(errors) & (errors > 0)):  # matplotlib refuses to log-scale none
-        axes.set_yscale("log")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=110)
-    return path
-
-
 def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Path) -> list[Path]:
     """``update_prob.md``, ``update_prob.json`` and ``update_prob.png`` in ``folder``."""
-    device = device_info()
-    names = [folder / name for name in SWEEP_FILES]
-    names[0].write_text(sweep_markdown(results, config, device_label()))
-    payload: dict[str, Any] = {
-        "config": config.to_dict(),
-        "device": device,
-        "versions": versions(),
-        "table_probs": list(TABLE_PROBS),
-        "methods": [
-            {
-                "mode": r.mode,
-                "update_prob": r.probs.tolist(),
-                "seed": r.seeds.tolist(),
-                "test_error_percent": r.test_error.tolist(),
-                "compile_s": r.compile_s,
-                "run_s": r.run_s,
-                "flops_per_step": r.step_flops,
-            }
-            for r in results
-        ],
-    }
-    write_json_atomic(names[1], payload)
-    plot_sweep(results, names[2])
-    return names
+    methods = [
+        {
+            "mode": r.mode,
+            "update_prob": r.probs.tolist(),
+            "seed": r.seeds.tolist(),
+            "test_error_percent": r.test_error.tolist(),
+            "compile_s": r.compile_s,
+            "run_s": r.run_s,
+            "flops_per_step": r.step_flops,
+        }
+        for r in results
+    ]
+    table, record, figure = (folder / name for name in SWEEP_FILES)
+    text = sweep_markdown(results, config, device_label())
+    record = {"config": config.to_dict(), "table_probs": list(TABLE_PROBS), "methods": methods}
+    return [
+        *write_report(table, text, folder / SWEEP_FILES[1], record),
+        plot_sweep(results, figure),
+    ]

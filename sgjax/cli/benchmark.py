@@ -14,6 +14,7 @@ import jax
 from absl import flags
 
 from sgjax.bench.grid import grid_applies, grid_markdown, grid_notes, grid_of
+from sgjax.bench.names import write_report
 from sgjax.bench.parallel import (
     ParallelBenchmark,
     ParallelBenchmarkSettings,
@@ -50,7 +51,7 @@ from sgjax.data.device import to_device
 from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.parallel.layers import validate_parallel
 from sgjax.training.config import MODELS, MODES, PAPER_MODES, ConfigError, TrainConfig
-from sgjax.training.records import OutputError, device_info, versions, write_json_atomic
+from sgjax.training.records import OutputError
 
 DEFAULT_OUTPUT_DIR = "runs/benchmark"
 _DEFAULTS = TrainConfig()
@@ -221,8 +222,6 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
     """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png, and
     grid.md (also under "grid" in benchmark.json) for a grid of models and depths."""
     rows = build_rows(result)
-    table = folder / "table.md"
-    table.write_text(table_markdown(result, rows))
     record = build_json(result, rows)
     grid_path = None
     if grid_applies(result.settings.sweeps):
@@ -230,8 +229,8 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
         grid_path = folder / "grid.md"
         grid_path.write_text(grid_markdown(grid, grid_notes(result)))
         record["grid"] = grid.to_dict()
-    json_path = folder / "benchmark.json"
-    write_json_atomic(json_path, record)
+    table, json_path = (folder / name for name in ("table.md", "benchmark.json"))
+    write_report(table, table_markdown(result, rows), json_path, record)
     return BenchmarkFiles(
         table=table,
         json=json_path,
@@ -350,14 +349,13 @@ def run_layer_parallel(
     log(f"data: {dataset.reason}")
     with StopRequest() as stop:
         result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
-    table = folder / "table.md"
     lines = [f"# Layer-parallel training: backprop vs. {benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
-    table.write_text("\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n")
-    json_path = folder / "benchmark.json"
-    write_json_atomic(
-        json_path,
+    paths = write_report(
+        folder / "table.md",
+        "\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n",
+        folder / "benchmark.json",
         {
             "status": result.status,
             "message": result.message,
@@ -368,13 +366,11 @@ def run_layer_parallel(
                 "device_counts": list(settings.device_counts),
                 "microbatches": settings.microbatches,
             },
-            "device": device_info(),
-            "versions": versions(),
             "dataset": dataset.describe(),
             "rows": [dataclasses.asdict(row) for row in result.rows],
         },
     )
-    return result, BenchmarkFiles(table, json_path), stop.signal
+    return result, BenchmarkFiles(*paths), stop.signal
 
 
 RNN_TABLE_FLAGS = ("preset", "output_dir", "seed", "num_seeds", "num_steps", "overwrite")
