@@ -8,7 +8,6 @@ its synthetic-gradient modules in words for the tables.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -63,8 +62,7 @@ def facts(trainer: Trainer, sample_x: Any) -> Facts:
 @functools.lru_cache(maxsize=256)
 def config_facts(config: TrainConfig) -> Facts:
     """``facts`` of the run configuration's trainer (built once per configuration)."""
-    if config.mode == "stale_grad":  # its table's size does not change the network
-        config = dataclasses.replace(config, train_examples=max(config.train_examples, 1))
+    config = config.with_train_examples(config.train_examples or 1)  # stale_grad needs a count
     sample = jax.ShapeDtypeStruct(sample_shape(config), jnp.float32)
     return facts(trainer_for(config), sample)
 

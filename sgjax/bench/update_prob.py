@@ -68,14 +68,14 @@ def run_sweep(
         run = run_vmapped(
             make_train(config), args, (0, None, None, 0), keep=lambda out: out[1].test_accuracy
         )
-        accuracy, compile_s, run_s = run.history[:, -1], run.compile_s, run.run_s
-        error = 100.0 * (1.0 - accuracy)
+        error, run_s = 100.0 * (1.0 - run.history[:, -1]), run.run_s
         flops = flops_per_step(config, data)  # the plain step; the masks add a select per leaf
-        results.append(SweepResult(mode, probs, seeds, error, compile_s, run_s, flops))
+        results.append(SweepResult(mode, probs, seeds, error, run.compile_s, run_s, flops))
         offset = len(probs) - len(TABLE_PROBS)
         at = {p: float(error[offset + i]) for i, p in enumerate(TABLE_PROBS)}
         log(
-            f"{mode}: {len(probs)} runs in {run_s:.1f} s (compile {compile_s:.1f} s); test error "
+            f"{mode}: {len(probs)} runs in {run_s:.1f} s (compile {run.compile_s:.1f} s); "
+            + "test error "
             + ", ".join(f"p={p}: {e:.2f}%" for p, e in at.items())
         )
     return results
