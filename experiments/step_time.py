@@ -11,14 +11,13 @@ import sys
 from absl import app, flags
 
 from sgjax.bench.architecture import config_facts
-from sgjax.bench.names import markdown_row, markdown_table
+from sgjax.bench.names import device_label, markdown_row, markdown_table
 from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
 from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.cli.run import check_fits
 from sgjax.data import load_dataset, to_device
 from sgjax.data.sources import DataError
 from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
-from sgjax.training.records import device_info
 
 LOOPS = ("scan", "python", "host")
 
@@ -78,8 +77,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as error:
         fail(str(error))
     data = to_device(dataset)
-    device = device_info()
-    print(f"device: {device['platform']} ({device['device_kind']})")
+    print(f"device: {device_label()}")
     print(f"network: {config_facts(configs[0]).description}; batch {FLAGS.batch_size}")
     matmul = matmul_gflops()
     print(f"float32 matmul: {matmul:.0f} GFLOP/s")

@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from sgjax.bench.names import markdown_row, markdown_table
+from sgjax.bench.names import device_label, markdown_row, markdown_table
 from sgjax.bench.timing import compiled_flops
 from sgjax.core.recurrent import RECURRENT_MODES, Segment
 from sgjax.models.lstm import zero_carry
@@ -93,9 +93,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    device = jax.devices()[0]
     print(
-        f"device: {device.platform} {device.device_kind}; LSTM {args.hidden_units}, batch "
+        f"device: {device_label()}; LSTM {args.hidden_units}, batch "
         f"{args.batch_size}; median of {args.repeats} x {args.steps} updates\n"
     )
     headers = ["T", "mode", "ms/update", "vs bptt", "GFLOP/update", "vs bptt", "compile s"]
