@@ -10,14 +10,14 @@ import sys
 
 from absl import app, flags
 
-from sgjax.bench.report import module_label
+from sgjax.bench.architecture import config_facts
+from sgjax.bench.names import device_label, markdown_row, markdown_table
 from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
 from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.cli.run import check_fits
 from sgjax.data import load_dataset, to_device
 from sgjax.data.sources import DataError
 from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
-from sgjax.training.records import device_info, network_description
 
 LOOPS = ("scan", "python", "host")
 
@@ -67,14 +67,6 @@ def configs_from_flags() -> list[TrainConfig]:
     ]
 
 
-def module(config: TrainConfig) -> str:
-    """The synthetic-gradient module: '-', 'linear' or 'LxW' (MLP), 'conv LxF' (CNN)."""
-    if config.model == "mlp" or not config.decoupled:
-        return module_label(config)
-    depth = config.resolved_sg_hidden_layers
-    return f"conv {depth}x{config.resolved_filters}" if depth else "conv linear"
-
-
 def main(argv: list[str]) -> int:
     del argv
     try:
@@ -85,16 +77,13 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as error:
         fail(str(error))
     data = to_device(dataset)
-    device = device_info()
-    print(f"device: {device['platform']} ({device['device_kind']})")
-    print(f"network: {network_description(configs[0])}; batch {FLAGS.batch_size}")
+    print(f"device: {device_label()}")
+    print(f"network: {config_facts(configs[0]).description}; batch {FLAGS.batch_size}")
     matmul = matmul_gflops()
     print(f"float32 matmul: {matmul:.0f} GFLOP/s")
-    header = "| mode | module | scanned ms/step | python-loop ms/step | loop/scan |"
-    header += " host-fed loop ms/step | host-fed/scan | GFLOP/step | GFLOP/s (scanned) |"
-    header += " compile s (scan / step) |"
-    print(header)
-    print("|" + "---|" * 10)
+    headers = ["mode", "module", "scanned ms/step", "python-loop ms/step", "loop/scan"]
+    headers += ["host-fed loop ms/step", "host-fed/scan", "GFLOP/step", "GFLOP/s (scanned)"]
+    print(*markdown_table([*headers, "compile s (scan / step)"]), sep="\n")
     for config in configs:
         mode = config.mode
         loops = {name.strip() for name in FLAGS.loops}
@@ -111,14 +100,12 @@ def main(argv: list[str]) -> int:
         loop_ms = looped.ms_per_step if timed else float("nan")
         gflop = looped.flops_per_step / 1e9
         gflops = gflop / scanned.ms_per_step * 1e3
-        print(
-            f"| {mode} | {module(config)} | {scanned.ms_per_step:.2f} | {loop_ms:.2f} | "
-            f"{loop_ms / scanned.ms_per_step:.2f} | {host_ms:.2f} | "
-            f"{host_ms / scanned.ms_per_step:.2f} | {gflop:.3f} | {gflops:.0f} "
-            f"({gflops / matmul:.0%} of matmul) | "
-            f"{scanned.compile_s:.1f} / {looped.compile_s:.1f} |",
-            flush=True,
-        )
+        cells = [mode, config_facts(config).synthesizer, f"{scanned.ms_per_step:.2f}"]
+        cells += [f"{loop_ms:.2f}", f"{loop_ms / scanned.ms_per_step:.2f}", f"{host_ms:.2f}"]
+        cells += [f"{host_ms / scanned.ms_per_step:.2f}", f"{gflop:.3f}"]
+        cells += [f"{gflops:.0f} ({gflops / matmul:.0%} of matmul)"]
+        cells += [f"{scanned.compile_s:.1f} / {looped.compile_s:.1f}"]
+        print(markdown_row(cells), flush=True)
     return 0
 
 

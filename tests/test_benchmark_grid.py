@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from absl import flags
 
+from sgjax.bench.architecture import config_facts, merge_depths
 from sgjax.bench.grid import PAPER_GRID, GridEntry, build_grid, grid_applies, grid_markdown
-from sgjax.bench.report import mode_label, network_label
+from sgjax.bench.report import mode_label
 from sgjax.bench.sweep import parse_sweeps
 from sgjax.cli.benchmark import define_flags, run, settings_from_flags
 from sgjax.training.config import ConfigError, TrainConfig
@@ -62,25 +63,26 @@ def test_grid_builder_on_synthetic_numbers():
     grid = build_grid(entries, {"mnist": "MNIST data", "cifar10": "CIFAR data"}, "a device")
     headers = grid.headers()
     assert headers[0] == "task" and headers[-3:] == ["steps", "data", "device"]
-    assert headers[1:4] == ["3 layers bp", "3 layers DNI", "3 layers cDNI"]
+    assert headers[1:4] == ["3 layers backprop", "3 layers DNI", "3 layers cDNI"]
     assert len(headers) == 1 + 4 * 3 + 3
     body = {row[0]: dict(zip(headers, row, strict=True)) for row in grid.body()}
     assert list(body) == ["MNIST FCN", "MNIST CNN", "CIFAR-10 FCN", "CIFAR-10 CNN"]
     # mean and population std of (d, d + 2): d + 1 ± 1
-    assert body["MNIST CNN"]["4 layers bp"] == "5.00 ± 1.00"
+    assert body["MNIST CNN"]["4 layers backprop"] == "5.00 ± 1.00"
     # the paper's cells beside ours, exactly where its text quotes them
     assert body["MNIST FCN"]["3 layers cDNI"] == "4.00 ± 1.00 (paper 2.2)"
     assert body["MNIST FCN"]["6 layers cDNI"].endswith("(paper 1.6)")
     assert body["CIFAR-10 FCN"]["5 layers DNI"].endswith("(paper 47)")
-    assert body["CIFAR-10 CNN"]["3 layers bp"].endswith("(paper 17.9)")
+    assert body["CIFAR-10 CNN"]["3 layers backprop"].endswith("(paper 17.9)")
     shown = sum("(paper" in cell for row in body.values() for cell in row.values())
     assert shown == len(PAPER_GRID)
-    assert body["MNIST FCN"]["3 layers bp"] == "4.00 ± 1.00"  # not quoted: ours alone
+    assert body["MNIST FCN"]["3 layers backprop"] == "4.00 ± 1.00"  # not quoted: ours alone
     assert body["CIFAR-10 FCN"]["data"] == "CIFAR data"
     assert body["MNIST CNN"]["device"] == "a device" and body["MNIST CNN"]["steps"] == "1,000"
 
     text = grid_markdown(grid)
-    assert "| MNIST CNN | 64 filters 5x5; synthesizers conv |" in text
+    assert "| MNIST CNN | CNN 2/3/4/5x64 filters 5x5 (Conv-BN-ReLU-pool) + Dense 10 |" in text
+    assert "| CIFAR-10 FCN | 2/3/4/5x256 (Dense-BN-ReLU) + Dense 10 |" in text
     assert "1,000 steps (paper 500,000)" in text
     assert "not run here" not in text  # every quoted task ran
     record = grid.to_dict()
@@ -100,9 +102,9 @@ def test_grid_builder_marks_missing_cells_and_single_seeds():
     cells = dict(zip(grid.headers(), row, strict=True))
     assert cells["3 layers cDNI"] == "3.50 (paper 2.2)"
     assert cells["4 layers cDNI"] == "- (paper 1.9)"
-    assert cells["3 layers bp"] == "-"
+    assert cells["3 layers backprop"] == "-"
     text = grid_markdown(grid)
-    assert "- CIFAR-10 FCN: 5 layers bp 42, 5 layers DNI 47, 5 layers cDNI 44" in text
+    assert "- CIFAR-10 FCN: 5 layers backprop 42, 5 layers DNI 47, 5 layers cDNI 44" in text
     assert "1 seed(s)" in text
 
 
@@ -181,7 +183,7 @@ def test_toy_grid_writes_the_table_with_every_cell_filled(tmp_path):
     text = files.grid.read_text()
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert headers == ["task", "3 layers bp", "3 layers cDNI", "steps", "data", "device"]
+    assert headers == ["task", "3 layers backprop", "3 layers cDNI", "steps", "data", "device"]
     rows = {
         cells[0]: dict(zip(headers, cells, strict=True))
         for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:3])
@@ -195,7 +197,7 @@ def test_toy_grid_writes_the_table_with_every_cell_filled(tmp_path):
     assert rows["MNIST FCN"]["3 layers cDNI"].endswith("(paper 2.2)")
     assert "(paper" not in rows["MNIST CNN"]["3 layers cDNI"]
     assert "2 filters (paper 64)" in text and "4 steps (paper 500,000)" in text
-    assert "- CIFAR-10 CNN: 3 layers bp 17.9" in text
+    assert "- CIFAR-10 CNN: 3 layers backprop 17.9" in text
 
     record = json.loads(files.json.read_text())
     assert record["grid"]["headers"] == headers
@@ -213,5 +215,6 @@ def test_cnn_rows_describe_conv_synthesizers():
     assert mode_label(cnn) == "sg (DNI conv 2x64)"
     assert mode_label(dataclasses.replace(cnn, mode="cdni")) == "cdni (cDNI conv linear)"
     assert mode_label(TrainConfig(mode="sg")) == "sg (DNI 2x1024)"
-    assert network_label(cnn).startswith("CNN 3x64 filters 5x5")
-    assert network_label(TrainConfig(), "2/3") == "2/3x256 (Dense-BN-ReLU) + Dense 10"
+    assert config_facts(cnn).description.startswith("CNN 3x64 filters 5x5")
+    two, three = (config_facts(TrainConfig(hidden_layers=n)).description for n in (2, 3))
+    assert merge_depths([two, three, two]) == "2/3x256 (Dense-BN-ReLU) + Dense 10"

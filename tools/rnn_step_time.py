@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from sgjax.bench.names import device_label, markdown_row, markdown_table
 from sgjax.bench.timing import compiled_flops
 from sgjax.core.recurrent import RECURRENT_MODES, Segment
 from sgjax.models.lstm import zero_carry
@@ -92,13 +93,12 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    device = jax.devices()[0]
     print(
-        f"device: {device.platform} {device.device_kind}; LSTM {args.hidden_units}, batch "
+        f"device: {device_label()}; LSTM {args.hidden_units}, batch "
         f"{args.batch_size}; median of {args.repeats} x {args.steps} updates\n"
     )
-    print("| T | mode | ms/update | vs bptt | GFLOP/update | vs bptt | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    headers = ["T", "mode", "ms/update", "vs bptt", "GFLOP/update", "vs bptt", "compile s"]
+    print(*markdown_table(headers), sep="\n")
     for truncation in truncations:
         programs = {m: _timed_program(m, truncation, args) for m in RECURRENT_MODES}
         flops = {m: _flops(m, truncation, args) for m in RECURRENT_MODES}
@@ -112,11 +112,9 @@ def main() -> int:
         for mode, (_, _, compile_s) in programs.items():
             ms = statistics.median(times[mode])
             ratio = flops[mode] / flops["bptt"]
-            print(
-                f"| {truncation} | {mode} | {ms:.3f} | {ms / base_ms:.2f}x | "
-                f"{flops[mode] / 1e9:.3f} | {ratio:.2f}x | {compile_s:.1f} |",
-                flush=True,
-            )
+            cells = [truncation, mode, f"{ms:.3f}", f"{ms / base_ms:.2f}x"]
+            cells += [f"{flops[mode] / 1e9:.3f}", f"{ratio:.2f}x", f"{compile_s:.1f}"]
+            print(markdown_row(cells), flush=True)
     return 0
 
 

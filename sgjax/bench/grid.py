@@ -7,15 +7,16 @@ device and how its settings differ from the paper's (500k steps, batch 256, ...)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from sgjax.bench.architecture import config_facts, merge_depths
+from sgjax.bench.names import DATASET_NAMES, MODE_NAMES, MODEL_NAMES, device_label, markdown_table
 from sgjax.bench.presets import PRESETS
 from sgjax.bench.programs import BenchmarkResult
-from sgjax.bench.report import Row
+from sgjax.bench.report import Row, Stat
 from sgjax.bench.sweep import SweepAxis, benchmark_mode
 from sgjax.data.sources import Dataset
 from sgjax.training.config import (
@@ -26,13 +27,9 @@ from sgjax.training.config import (
     PAPER_NUM_STEPS,
     TrainConfig,
 )
-from sgjax.training.records import device_info
 
 GRID_AXES = ("model", "hidden_layers", "dataset")
 """Sweeps a grid table can show: tasks and depths (any other swept flag would share cells)."""
-METHOD_NAMES = {"bp": "bp", "sg": "DNI", "cdni": "cDNI"}
-DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-MODEL_NAMES = {"mlp": "FCN", "cnn": "CNN"}
 PAPER_GRID: Mapping[tuple[str, str, int, str], float] = {
     ("mnist", "mlp", 3, "cdni"): 2.2,
     ("mnist", "mlp", 4, "cdni"): 1.9,
@@ -47,8 +44,8 @@ PAPER_GRID: Mapping[tuple[str, str, int, str], float] = {
 }
 """Test error % the paper's text quotes (Jaderberg et al. 2016, 500k steps; see DESIGN.md)."""
 PAPER_FCN_UNITS = {"mnist": 256, "fashion_mnist": 256, "cifar10": 1000}
-PAPER_FCN_MODULES = {"mnist": (2, 1024), "fashion_mnist": (2, 1024), "cifar10": (1, 4000)}
-"""DNI module (hidden layers, units) of the FCN; cDNI modules are linear."""
+PAPER_FCN_MODULES = {"mnist": "2x1024", "fashion_mnist": "2x1024", "cifar10": "1x4000"}
+"""DNI's synthesizer of the FCN (hidden layers x units); cDNI's is linear."""
 
 
 class GridEntry(NamedTuple):
@@ -79,9 +76,7 @@ class Cell(NamedTuple):
 
     def format(self) -> str:
         """'2.31 ± 0.05 (paper 2.2)', '2.31 (one seed)', '- (paper 2.2)' or '-'."""
-        ours = "-"
-        if self.mean is not None:
-            ours = f"{self.mean:.2f}" if self.seeds == 1 else f"{self.mean:.2f} ± {self.std:.2f}"
+        ours = "-" if self.mean is None else Stat(self.mean, self.std, self.seeds).format(2)
         return ours if self.paper is None else f"{ours} (paper {self.paper:g})"
 
 
@@ -109,7 +104,7 @@ class Grid(NamedTuple):
 
     def headers(self) -> list[str]:
         """'task', then '3 layers bp', '3 layers DNI', ..., then steps, data, device."""
-        cells = [f"{d} layers {METHOD_NAMES[m]}" for d in self.depths for m in self.modes]
+        cells = [f"{d} layers {MODE_NAMES[m]}" for d in self.depths for m in self.modes]
         return ["task", *cells, "steps", "data", "device"]
 
     def body(self) -> list[list[str]]:
@@ -166,14 +161,6 @@ def task_name(dataset: str, model: str) -> str:
     return f"{DATASET_NAMES[dataset]} {MODEL_NAMES[model]}"
 
 
-def network_label(config: TrainConfig) -> str:
-    """The task's layer width and synthesizers, e.g. '256 units; DNI 2x1024, cDNI linear'."""
-    if config.model == "cnn":
-        k = config.kernel_size
-        return f"{config.resolved_filters} filters {k}x{k}; synthesizers conv"
-    return f"{config.hidden_units} units"
-
-
 def differences(configs: Sequence[TrainConfig], seeds: int) -> str:
     """How ``configs`` (one task's programs) differ from the paper's settings, or 'none'."""
     notes: list[str] = []
@@ -219,22 +206,19 @@ def _paper_boundaries(num_steps: int) -> tuple[int, ...]:
 
 
 def _module_difference(config: TrainConfig) -> str:
-    """'' when the synthesizer is the paper's for this task and mode, else what it is."""
-    if not config.decoupled:
+    """'' when the synthesizer (read off the built model) is the paper's for this task and
+    mode, else what it is and the paper's."""
+    if not config.uses_synthesizers:
         return ""
-    depth = config.resolved_sg_hidden_layers
-    name = METHOD_NAMES[config.mode]
+    ours = config_facts(config).synthesizer
     if config.model == "cnn":
-        paper_depth = DEFAULT_SG_HIDDEN_LAYERS[config.mode]
-        if depth != paper_depth:
-            return f"{name} conv synthesizer {depth} hidden (paper {paper_depth})"
-        return ""
-    paper = PAPER_FCN_MODULES[config.dataset] if config.mode == "sg" else (0, None)
-    if depth == paper[0] and (depth == 0 or config.sg_hidden_units == paper[1]):
-        return ""
-    ours = f"{depth}x{config.sg_hidden_units}" if depth else "linear"
-    theirs = f"{paper[0]}x{paper[1]}" if paper[0] else "linear"
-    return f"{name} synthesizer {ours} (paper {theirs})"
+        depth = DEFAULT_SG_HIDDEN_LAYERS[config.mode]
+        theirs = f"conv {depth}x{config.resolved_filters}" if depth else "conv linear"
+    else:
+        theirs = PAPER_FCN_MODULES[config.dataset] if config.mode == "sg" else "linear"
+    return (
+        "" if ours == theirs else f"{MODE_NAMES[config.mode]} synthesizer {ours} (paper {theirs})"
+    )
 
 
 def build_grid(
@@ -263,9 +247,7 @@ def build_grid(
                 if entry is None:
                     cells[(depth, mode)] = Cell(None, None, 0, paper)
                 else:
-                    errors = np.asarray(entry.errors, np.float64)
-                    mean, std = float(np.mean(errors)), float(np.std(errors))
-                    cells[(depth, mode)] = Cell(mean, std, int(errors.size), paper)
+                    cells[(depth, mode)] = Cell(*Stat.of(entry.errors), paper)
         configs = [e.config for e in task_entries]
         steps = sorted({c.num_steps for c in configs})
         seeds = min(int(np.asarray(e.errors).size) for e in task_entries)
@@ -276,7 +258,7 @@ def build_grid(
                 model=model,
                 cells=cells,
                 steps=_join(steps),
-                network=network_label(configs[0]),
+                network=merge_depths([config_facts(c).description for c in configs]),
                 data=data.get(dataset, dataset),
                 device=device,
                 differences=differences(configs, seeds),
@@ -294,18 +276,17 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
         "",
         *title_notes,
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" * len(headers),
-        *("| " + " | ".join(row) + " |" for row in grid.body()),
+        *markdown_table(headers, grid.body()),
         "",
         "Depth is the paper's layer count: hidden layers (conv stages for the CNN) plus the "
         "classifier. DNI: synthesizers with 2 hidden layers (1 for the CIFAR-10 FCN), cDNI: "
         "linear and label-conditioned; convolutional for the CNN. '(paper x)' is the test error "
         "the paper's text quotes for that cell at 500k steps; '-' is a cell not run.",
         "",
-        "| task | network | differs from the paper's settings |",
-        "|---|---|---|",
-        *(f"| {row.task} | {row.network} | {row.differences} |" for row in grid.rows),
+        *markdown_table(
+            ("task", "network", "differs from the paper's settings"),
+            ((row.task, row.network, row.differences) for row in grid.rows),
+        ),
     ]
     shown = {(row.dataset, row.model) for row in grid.rows}
     unshown = sorted({(k[0], k[1]) for k in PAPER_GRID} - shown, key=lambda t: (t[0] != "mnist", t))
@@ -313,7 +294,7 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
         lines += ["", "The paper also quotes (not run here):"]
         for dataset, model in unshown:
             cells = ", ".join(
-                f"{depth} layers {METHOD_NAMES[mode]} {error:g}"
+                f"{depth} layers {MODE_NAMES[mode]} {error:g}"
                 for (d, m, depth, mode), error in PAPER_GRID.items()
                 if (d, m) == (dataset, model)
             )
@@ -330,14 +311,6 @@ def data_label(dataset: Dataset) -> str:
         f"{dataset.name}, {len(dataset.train_labels):,} train / {len(dataset.test_labels):,} "
         f"test ({dataset.source})"
     )
-
-
-def device_label() -> str:
-    """'cpu, 2 cores' or 'gpu, NVIDIA H100 80GB HBM3 x1'."""
-    device = device_info()
-    if device["platform"] == "cpu":
-        return f"cpu, {os.cpu_count()} cores"
-    return f"{device['platform']}, {device['device_kind']} x{device['device_count']}"
 
 
 def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sgjax.bench.names import mode_name
 from sgjax.bench.programs import LoopComparison
 from sgjax.bench.report import Row
 
@@ -84,22 +86,11 @@ def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
     colors = dict(zip((r.label for r in decoupled), _colors(len(decoupled)), strict=True))
     for row in decoupled:
         history = row.history
-        for layer in range(row.config.hidden_layers):
-            _band(
-                grid[0, layer],
-                history.step[0],
-                history.sg_loss[..., layer],
-                row.label,
-                colors[row.label],
-            )
-            if row.config.synthetic_inputs:
-                _band(
-                    grid[1, layer],
-                    history.step[0],
-                    history.input_loss[..., layer],
-                    row.label,
-                    colors[row.label],
-                )
+        losses = [history.sg_loss] + ([history.input_loss] if row.config.synthetic_inputs else [])
+        for panel, loss in enumerate(losses):
+            for layer in range(row.config.hidden_layers):
+                axes = grid[panel, layer]
+                _band(axes, history.step[0], loss[..., layer], row.label, colors[row.label])
     for layer in range(layers):
         grid[0, layer].set_title(f"module of hidden layer {layer + 1}")
         if unlocked:
@@ -174,4 +165,21 @@ def plot_time_per_step(
         axes.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
         axes.grid(axis="y", alpha=0.3)
     figure.suptitle("Cost per step of every mode")
+    return _save(figure, path)
+
+
+def plot_sweep(results: Sequence[Any], path: Path) -> Path:
+    """Final test error % against the update probability p, one colour per method
+    (``update_prob.SweepResult``s; Jaderberg et al.'s figure)."""
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    axes = figure.subplots()
+    for r, color in zip(results, _colors(len(results)), strict=True):
+        axes.scatter(r.probs, r.test_error, s=12, color=color, label=mode_name(r.mode))
+    axes.set_xlabel("update probability p")
+    axes.set_ylabel("final test error %")
+    errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
+    if np.any(np.isfinite(errors) & (errors > 0)):  # matplotlib refuses to log-scale none
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend()
     return _save(figure, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -27,9 +27,11 @@ from sgjax.bench.sweep import (
     SweepAxis,
     benchmark_mode,
     plan_programs,
+    sweep_label,
 )
 from sgjax.bench.timing import (
     LoopTiming,
+    compile_timed,
     compiled_memory_bytes,
     flops_per_evaluation,
     flops_per_step,
@@ -264,25 +266,41 @@ def gather(tree: Any) -> Any:
 # ---------------------------------------------------------------------------------- programs
 
 
-def compile_runs(
-    config: TrainConfig, seeds: jax.Array, learning_rates: jax.Array, data: DeviceData
-) -> tuple[jax.stages.Compiled, float]:
-    """``jax.jit(jax.vmap(make_train(config)))`` compiled for these arrays, and the compile time."""
-    start = time.perf_counter()
-    program = jax.jit(jax.vmap(make_train(config), in_axes=(0, 0, None)))
-    compiled = program.lower(seeds, learning_rates, data).compile()
-    return compiled, time.perf_counter() - start
-
-
 class Execution(NamedTuple):
-    """One program run: per-run metrics (numpy, leading run axis) and what it cost."""
+    """One program run: its outputs (numpy, leading run axis) and what it cost."""
 
-    history: RunHistory
+    history: Any
+    """What the vmapped function returned for every run (``RunHistory`` for training)."""
     compile_s: float
     run_s: float
     num_devices: int
     program_memory_bytes: int | None
     peak_memory_bytes: int | None
+
+
+def run_vmapped(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    in_axes: Sequence[int | None],
+    mesh: Mesh | None = None,
+    keep: Callable[[Any], Any] = lambda outputs: outputs,
+) -> Execution:
+    """The runner: ``jax.jit(jax.vmap(fn, in_axes))(*args)`` compiled ahead of time (timed apart),
+    the per-run arguments (``in_axes`` 0) sharded over ``mesh`` (default: every device), the others
+    (None) replicated; returns ``keep(outputs)`` of the runs, gathered to numpy."""
+    mesh = mesh or run_mesh()
+    num_runs = len(next(a for a, axis in zip(args, in_axes, strict=True) if axis == 0))
+    placed = [
+        shard_runs(np.asarray(a), mesh) if axis == 0 else replicate(a, mesh)
+        for a, axis in zip(args, in_axes, strict=True)
+    ]
+    compiled, compile_s = compile_timed(jax.vmap(fn, in_axes=tuple(in_axes)), *placed)
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(keep(compiled(*placed)))
+    run_s = time.perf_counter() - start
+    outputs = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], gather(outputs))
+    memory = compiled_memory_bytes(compiled)
+    return Execution(outputs, compile_s, run_s, mesh.size, memory, peak_memory_bytes())
 
 
 def train_runs(
@@ -297,33 +315,14 @@ def train_runs(
     Run ``i`` equals ``make_train(config)(seeds[i], learning_rates[i], data)`` run alone, up to
     float reassociation (vmap batches the matrix products differently).
     """
-    mesh = mesh or run_mesh()
-    num_runs = len(seeds)
-    sharded_seeds = shard_runs(np.asarray(seeds, np.uint32), mesh)
-    sharded_lrs = shard_runs(np.asarray(learning_rates, np.float32), mesh)
-    replicated = replicate(data, mesh)
-    compiled, compile_s = compile_runs(config, sharded_seeds, sharded_lrs, replicated)
-    start = time.perf_counter()
-    _, history = compiled(sharded_seeds, sharded_lrs, replicated)
-    jax.block_until_ready(history)
-    run_s = time.perf_counter() - start
-    history = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], gather(history))
-    return Execution(
-        history,
-        compile_s,
-        run_s,
-        mesh.size,
-        compiled_memory_bytes(compiled),
-        peak_memory_bytes(),
-    )
+    args = (np.asarray(seeds, np.uint32), np.asarray(learning_rates, np.float32), data)
+    return run_vmapped(make_train(config), args, (0, 0, None), mesh, keep=lambda out: out[1])
 
 
 def run_separately(spec: ProgramSpec, data: DeviceData) -> SeparateRuns:
     """Each run of ``spec`` alone: ``jax.jit(make_train(config))`` compiled once, run per run."""
     seeds, learning_rates = spec.run_seeds(), spec.run_learning_rates()
-    start = time.perf_counter()
-    compiled = jax.jit(make_train(spec.config)).lower(seeds[0], learning_rates[0], data).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = compile_timed(make_train(spec.config), seeds[0], learning_rates[0], data)
     histories, times = [], []
     for seed, lr in zip(seeds, learning_rates, strict=True):
         start = time.perf_counter()
@@ -364,18 +363,6 @@ def run_program(
     )
 
 
-def compare_loops(
-    config: TrainConfig, data: DeviceData, steps: int, repeats: int
-) -> LoopComparison:
-    """The step of ``config`` in ``lax.scan`` vs. jitted alone and called from Python."""
-    return LoopComparison(
-        benchmark_mode(config),
-        config,
-        time_scanned(config, data, steps, repeats),
-        time_python_loop(config, data, steps, repeats),
-    )
-
-
 def run_benchmark(
     settings: BenchmarkSettings,
     datasets: Mapping[str, Dataset],
@@ -406,11 +393,17 @@ def run_benchmark(
         name = benchmark_mode(config)
         if index in done:
             programs.append(done[index])
-            log(f"{name}{_static_label(spec)}: done in an earlier session, not run again")
+            log(f"{name}{sweep_label(spec.static)}: done in an earlier session, not run again")
             continue
         loop = next((t for t in loops if t.config == config), None)
         if settings.loop_steps and all(t.mode != name for t in loops):
-            loop = compare_loops(config, data, settings.loop_steps, settings.loop_repeats)
+            steps, repeats = settings.loop_steps, settings.loop_repeats
+            loop = LoopComparison(
+                name,
+                config,
+                time_scanned(config, data, steps, repeats),
+                time_python_loop(config, data, steps, repeats),
+            )
             loops.append(loop)
             log(
                 f"{name}: lax.scan {loop.scanned.ms_per_step:.2f} ms/step, Python loop "
@@ -419,7 +412,7 @@ def run_benchmark(
                 f"run(s) of {config.num_steps} steps"
             )
         log(
-            f"{name}{_static_label(spec)}: compiling and running {spec.num_runs} run(s) "
+            f"{name}{sweep_label(spec.static)}: compiling and running {spec.num_runs} run(s) "
             f"of {config.num_steps} steps in one program on {mesh.size} device(s)"
         )
         separate = settings.compare_separate and spec.num_runs > 1
@@ -448,10 +441,6 @@ def run_benchmark(
             status, message = "interrupted", f"stopped after {index + 1} program(s)"
             break
     return BenchmarkResult(settings, programs, loops, rate, datasets, status, message)
-
-
-def _static_label(spec: ProgramSpec) -> str:
-    return "".join(f" {name}={value}" for name, value in spec.static)
 
 
 def _estimate_s(spec: ProgramSpec, scanned: LoopTiming) -> float:

@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from sgjax.bench.architecture import config_facts, merge_depths
+from sgjax.bench.names import MODE_NAMES, column_table, device_label, markdown_row, section
 from sgjax.bench.presets import (
     PAPER_DEVICE,
     PAPER_RESULTS,
@@ -17,46 +19,14 @@ from sgjax.bench.presets import (
     paper_results,
     paper_time_ratio,
 )
-from sgjax.bench.programs import BenchmarkResult, ProgramResult
-from sgjax.bench.sweep import SG_FIELDS, benchmark_mode
+from sgjax.bench.programs import BenchmarkResult, LoopComparison, ProgramResult
+from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import device_info, versions
 
-MODE_NAMES = {
-    "bp": "backprop",
-    "sg": "DNI",
-    "cdni": "cDNI",
-    "bp_lambda": "BP(lambda)",
-    "dgl": "greedy local",
-    "zero_grad": "zero gradient",
-    "stale_grad": "stale gradient",
-}
 RATE_TOLERANCE = 1.15
 """Achieved rates within this factor of each other count as the same in the summary."""
-
-
-def module_label(config: TrainConfig) -> str:
-    """The synthetic-gradient module of ``config``: '-', 'linear' or 'LxW'; for the CNN
-    'conv linear' or 'conv LxF' (L hidden convolutions of F filters)."""
-    if not config.uses_synthesizers:
-        return "-"
-    layers = config.resolved_sg_hidden_layers
-    if config.model == "cnn":
-        return f"conv {layers}x{config.resolved_filters}" if layers else "conv linear"
-    return f"{layers}x{config.sg_hidden_units}" if layers else "linear"
-
-
-def network_label(config: TrainConfig, layers: str | None = None) -> str:
-    """'3x256 (Dense-BN-ReLU) + Dense 10' or 'CNN 3x64 filters 5x5 (Conv-BN-ReLU-pool) + Dense
-    10'; ``layers`` replaces the hidden-layer count (e.g. '2/3/4' for a depth sweep)."""
-    layers = layers or str(config.hidden_layers)
-    if config.model == "cnn":
-        k = config.kernel_size
-        return (
-            f"CNN {layers}x{config.resolved_filters} filters {k}x{k} (Conv-BN-ReLU-pool) + Dense 10"
-        )
-    return f"{layers}x{config.hidden_units} (Dense-BN-ReLU) + Dense 10"
 
 
 def mode_label(config: TrainConfig) -> str:
@@ -70,14 +40,9 @@ def mode_label(config: TrainConfig) -> str:
         name += " + synthetic inputs"
     if config.update_prob != 1.0:
         name += f" p={config.update_prob:g}"
-    module = module_label(config)
+    module = config_facts(config).synthesizer
     mode = benchmark_mode(config)
     return f"{mode} ({name})" if module == "-" else f"{mode} ({name} {module})"
-
-
-def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
-    """' learning_rate=0.0001 hidden_units=64' (empty without sweeps)."""
-    return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
 
 
 class Stat(NamedTuple):
@@ -126,7 +91,7 @@ class Row:
         return {
             "label": self.label,
             "mode": benchmark_mode(self.config),
-            "module": module_label(self.config),
+            "module": config_facts(self.config).synthesizer,
             "sweep": dict(self.sweep),
             "learning_rate": self.config.learning_rate,
             "seeds": list(p.spec.seeds),
@@ -187,7 +152,7 @@ def _bytes(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
-def _ratio(value: float | None) -> str:
+def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
@@ -201,8 +166,8 @@ TABLE_COLUMNS: tuple[Column, ...] = (
     ("compile (s)", lambda r: f"{r.program.compile_s:.1f}"),
     ("GFLOP/step", lambda r: f"{r.program.step_flops / 1e9:.3g}"),
     ("GFLOP/s", lambda r: f"{r.program.achieved_gflops:.1f}"),
-    ("time / bp", lambda r: _ratio(r.time_ratio_bp)),
-    ("FLOPs / bp", lambda r: _ratio(r.flop_ratio_bp)),
+    ("time / bp", lambda r: _number(r.time_ratio_bp)),
+    ("FLOPs / bp", lambda r: _number(r.flop_ratio_bp)),
     ("peak device memory", lambda r: _bytes(r.program.peak_memory_bytes)),
     ("XLA program memory", lambda r: _bytes(r.program.program_memory_bytes)),
     ("seeds x runs/program", lambda r: f"{len(r.program.spec.seeds)} x {r.program.spec.num_runs}"),
@@ -224,11 +189,6 @@ def _paper_row(paper: PaperResult) -> list[str]:
     return [cells.get(name, "-") for name in TABLE_HEADERS]
 
 
-def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def learning_rate_schedule(boundaries: Sequence[int]) -> str:
     """'divided by 10 at 600, 800', or 'constant' without boundaries (--lr_boundaries=)."""
     if not boundaries:
@@ -240,14 +200,9 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
     """What was run, in a few lines."""
     s = result.settings
     base = s.base
-    device = device_info()
     datasets = "; ".join(ds.reason for ds in result.datasets.values())
     configs = [p.spec.config for p in result.programs] or [base]
-    by_model = {c.model: [d for d in configs if d.model == c.model] for c in configs}
-    networks = "; ".join(
-        network_label(same[0], "/".join(map(str, sorted({c.hidden_layers for c in same}))))
-        for same in by_model.values()
-    )
+    networks = merge_depths([config_facts(c).description for c in configs])
     lines = [
         f"- preset: {s.preset or 'none'}; modes: {','.join(s.modes)}; seeds: "
         f"{','.join(map(str, s.seeds))}"
@@ -257,9 +212,7 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
         f"{base.learning_rate:g} {learning_rate_schedule(base.resolved_lr_boundaries)}; test "
         f"evaluation every {base.eval_every} steps (inside the program)",
         f"- data: {datasets}",
-        f"- device: {_device_name()}, {device['device_count']} "
-        f"device(s), {os.cpu_count()} CPU core(s); float32 matmul "
-        f"{result.matmul_gflops:.0f} GFLOP/s",
+        f"- device: {device_label()}; float32 matmul {result.matmul_gflops:.0f} GFLOP/s",
         "- training time: wall time of the whole compiled run (every run of the program vmapped, "
         "test evaluations included, compile excluded); ms/step and steps/s are of that program; "
         "GFLOP/step is XLA's count for one step of one run; GFLOP/s counts every run's steps and "
@@ -274,93 +227,61 @@ def loop_lines(result: BenchmarkResult) -> list[str]:
     """Scanned whole run vs. a Python loop of the jitted step, per mode."""
     if not result.loops:
         return []
-    table = []
-    for loop in result.loops:
-        program = next(p for p in result.programs if p.spec.config == loop.config)
-        whole = program.single_run_ms_per_step
-        table.append(
-            [
-                mode_label(loop.config),
-                f"{loop.scanned.ms_per_step:.2f}",
-                f"{loop.python_loop.ms_per_step:.2f}",
-                f"{loop.ratio:.2f}",
-                f"{loop.scanned.steps} x {loop.scanned.repeats}",
-                "n/a" if whole is None else f"{whole:.2f}",
-            ]
-        )
-    headers = [
-        "mode",
-        "lax.scan ms/step",
-        "Python loop ms/step",
-        "loop / scan",
-        "steps x repeats",
-        "whole compiled run ms/step (one run alone, evaluation included)",
-    ]
-    return [
-        "",
-        "## lax.scan loop vs. the jitted step called from a Python loop",
-        "",
-        *_markdown(headers, table),
-    ]
+    whole = {  # one run alone of the program the loop was timed for
+        t.mode: next(p for p in result.programs if p.spec.config == t.config) for t in result.loops
+    }
+    columns: tuple[tuple[str, Callable[[LoopComparison], str]], ...] = (
+        ("mode", lambda t: mode_label(t.config)),
+        ("lax.scan ms/step", lambda t: f"{t.scanned.ms_per_step:.2f}"),
+        ("Python loop ms/step", lambda t: f"{t.python_loop.ms_per_step:.2f}"),
+        ("loop / scan", lambda t: f"{t.ratio:.2f}"),
+        ("steps x repeats", lambda t: f"{t.scanned.steps} x {t.scanned.repeats}"),
+        (
+            "whole compiled run ms/step (one run alone, evaluation included)",
+            lambda t: _number(whole[t.mode].single_run_ms_per_step),
+        ),
+    )
+    title = "lax.scan loop vs. the jitted step called from a Python loop"
+    return section(title, column_table(columns, result.loops))
 
 
 def rate_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
     """Achieved arithmetic rate of every row beside the machine's measured matmul rate."""
-    table = [
-        [
-            r.label,
-            f"{r.program.step_flops / 1e9:.3g}",
-            f"{r.program.achieved_gflops:.1f}",
-            f"{result.matmul_gflops:.0f}",
-            f"{100 * r.program.achieved_gflops / result.matmul_gflops:.0f}%",
-        ]
-        for r in rows
-    ]
-    headers = ["run", "GFLOP/step", "achieved GFLOP/s", "matmul GFLOP/s", "of matmul"]
-    return ["", "## Arithmetic rate", "", *_markdown(headers, table)]
+    matmul = result.matmul_gflops
+    columns: tuple[Column, ...] = (
+        ("run", lambda r: r.label),
+        ("GFLOP/step", lambda r: f"{r.program.step_flops / 1e9:.3g}"),
+        ("achieved GFLOP/s", lambda r: f"{r.program.achieved_gflops:.1f}"),
+        ("matmul GFLOP/s", lambda r: f"{matmul:.0f}"),
+        ("of matmul", lambda r: f"{100 * r.program.achieved_gflops / matmul:.0f}%"),
+    )
+    return section("Arithmetic rate", column_table(columns, rows))
 
 
 def vmap_lines(result: BenchmarkResult) -> list[str]:
     """N runs vmapped in one program vs. the same N runs one after another."""
-    table = []
-    for p in result.programs:
-        if p.separate is None:
-            continue
-        table.append(
-            [
-                mode_label(p.spec.config) + sweep_label(p.spec.static),
-                f"{p.spec.num_runs}",
-                f"{p.run_s:.1f}",
-                f"{p.separate.total_run_s:.1f}",
-                f"{p.run_s / p.separate.total_run_s:.2f}",
-                f"{p.compile_s:.1f} / {p.separate.compile_s:.1f}",
-                p.separate_difference().format(),
-            ]
-        )
-    if not table:
+    compared = [p for p in result.programs if p.separate is not None]
+    if not compared:
         return []
-    headers = [
-        "program",
-        "runs",
-        "vmapped (s)",
-        "separate (s)",
-        "vmapped / separate",
-        "compile (s) vmapped / one separate",
-        "largest difference of any metric (where)",
-    ]
+    columns: tuple[tuple[str, Callable[[ProgramResult], str]], ...] = (
+        ("program", lambda p: mode_label(p.spec.config) + sweep_label(p.spec.static)),
+        ("runs", lambda p: f"{p.spec.num_runs}"),
+        ("vmapped (s)", lambda p: f"{p.run_s:.1f}"),
+        ("separate (s)", lambda p: f"{p.separate.total_run_s:.1f}"),
+        ("vmapped / separate", lambda p: f"{p.run_s / p.separate.total_run_s:.2f}"),
+        (
+            "compile (s) vmapped / one separate",
+            lambda p: f"{p.compile_s:.1f} / {p.separate.compile_s:.1f}",
+        ),
+        ("largest difference of any metric (where)", lambda p: p.separate_difference().format()),
+    )
     note = (
         "vmap batches the matrix products differently from a run alone, so results agree up to "
         "float reassociation, which training amplifies over many steps: compare the difference "
         "with the spread over seeds."
     )
-    return [
-        "",
-        "## Runs vmapped in one program vs. the same runs one after another",
-        "",
-        *_markdown(headers, table),
-        "",
-        note,
-    ]
+    title = "Runs vmapped in one program vs. the same runs one after another"
+    return section(title, column_table(columns, compared), note)
 
 
 def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
@@ -414,13 +335,13 @@ def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
     rates = f"{rate:.0f} vs. {bp_rate:.0f} GFLOP/s, matmul {result.matmul_gflops:.0f}"
     if time_ratio < 1:
         head = (
-            f"- On this device ({_device_name()}) {mode} takes {time_ratio:.2f}x bp's time "
+            f"- On this device ({device_label()}) {mode} takes {time_ratio:.2f}x bp's time "
             f"although it does {flop_ratio:.2f}x the arithmetic per step: the paper's direction "
             f"holds here"
         )
     else:
         head = (
-            f"- On this device ({_device_name()}) {mode} takes {time_ratio:.2f}x bp's time, so "
+            f"- On this device ({device_label()}) {mode} takes {time_ratio:.2f}x bp's time, so "
             f"the paper's speed-up does not hold here"
         )
     if rate > RATE_TOLERANCE * bp_rate:
@@ -438,13 +359,6 @@ def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
     return head + why
 
 
-def _device_name() -> str:
-    device = device_info()
-    if device["device_kind"].lower() == device["platform"].lower():
-        return device["platform"]
-    return f"{device['platform']}, {device['device_kind']}"
-
-
 def _paper_rate_line(row: Row, bp: Row) -> str:
     """For the paper's network: the GFLOP/s the paper's times imply at XLA's FLOP counts."""
     c = row.config
@@ -453,7 +367,7 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
         and c.hidden_layers == 3
         and c.hidden_units == 256
         and c.mode == "sg"
-        and module_label(c) == "2x1024"
+        and config_facts(c).synthesizer == "2x1024"
     )
     if not paper_network:
         return ""
@@ -473,8 +387,7 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
 
 def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
     """The contents of table.md."""
-    body = [[cell(r) for _, cell in TABLE_COLUMNS] for r in rows]
-    body += [_paper_row(p) for p in paper_results(result.settings.base.num_steps)]
+    paper = [markdown_row(_paper_row(p)) for p in paper_results(result.settings.base.num_steps)]
     status = []
     if result.status != "completed":
         status = [
@@ -488,7 +401,8 @@ def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
         *status,
         *settings_lines(result),
         "",
-        *_markdown(TABLE_HEADERS, body),
+        *column_table(TABLE_COLUMNS, rows),
+        *paper,
         *loop_lines(result),
         *rate_lines(result, rows),
         *vmap_lines(result),
@@ -501,10 +415,6 @@ def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
 
 
 # ---------------------------------------------------------------------------------- benchmark.json
-
-
-def _history_dict(history: RunHistory) -> dict[str, list]:
-    return {name: np.asarray(value).tolist() for name, value in history._asdict().items()}
 
 
 def _program_dict(p: ProgramResult) -> dict[str, Any]:
@@ -536,7 +446,7 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
             "vmapped_over_separate": p.run_s / separate.total_run_s,
             "largest_difference": p.separate_difference()._asdict(),
         },
-        "history": _history_dict(p.history),
+        "history": {k: np.asarray(v).tolist() for k, v in p.history._asdict().items()},
     }
 
 

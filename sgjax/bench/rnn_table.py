@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
+from sgjax.bench.names import MODE_NAMES, TASK_NAMES, device_label, markdown_table, write_report
+from sgjax.bench.programs import run_vmapped
 from sgjax.bench.timing import compiled_flops
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
 from sgjax.recurrent.programs import CopyProgram
 from sgjax.tasks.copy import COPY_TASKS
-from sgjax.training.records import device_info, versions, write_json_atomic
 
-MODE_NAMES = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
-TASK_NAMES = {"copy": "Copy", "repeat_copy": "Repeat Copy"}
 PAPER_CELLS: Mapping[tuple[str, str, int], int] = MappingProxyType(
     {
         ("repeat_copy", "bptt", 3): 5,
@@ -125,24 +123,11 @@ def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> C
         state, _ = program.chunk(config.num_steps)(state, None)
         return state.solved
 
-    seed_array = jnp.asarray(seeds, jnp.uint32)
-    begin = time.perf_counter()
-    compiled = jax.jit(jax.vmap(whole_run)).lower(seed_array).compile()
-    compile_s = time.perf_counter() - begin
-    begin = time.perf_counter()
-    solved = jax.device_get(compiled(seed_array))
-    run_s = time.perf_counter() - begin
+    run = run_vmapped(whole_run, (np.asarray(seeds, np.uint32),), (0,))
     flops = update_flops(config) if count_flops else float("nan")
-    return CellResult(
-        config.task,
-        config.mode,
-        config.truncation,
-        [int(s) for s in solved],
-        compile_s,
-        run_s,
-        1e3 * run_s / config.num_steps,
-        flops,
-    )
+    solved, ms = [int(s) for s in run.history], 1e3 * run.run_s / config.num_steps
+    cell = (config.task, config.mode, config.truncation, solved, run.compile_s, run.run_s, ms)
+    return CellResult(*cell, flops)
 
 
 def _cell_text(cell: CellResult | None, paper: int | None) -> str:
@@ -161,6 +146,20 @@ def table_markdown(
     """Table 2's shape: a row per task, a column per mode and truncation."""
     by_key = {(c.task, c.mode, c.truncation): c for c in cells}
     header = ["Task"] + [f"{MODE_NAMES[m]} T={t}" for m in preset.modes for t in preset.truncations]
+    body = [
+        [TASK_NAMES[task]]
+        + [
+            _cell_text(by_key.get((task, m, t)), PAPER_CELLS.get((task, m, t)))
+            for m in preset.modes
+            for t in preset.truncations
+        ]
+        for task in preset.tasks
+    ]
+    costs = [
+        [TASK_NAMES[c.task], MODE_NAMES[c.mode], c.truncation, f"{c.ms_per_update:.3f}"]
+        + [f"{c.flops_per_update / 1e9:.4f}", f"{c.compile_s:.1f}"]
+        for c in cells
+    ]
     lines = [
         f"# Largest episode solved ({preset_name})",
         "",
@@ -168,34 +167,16 @@ def table_markdown(
         f"error below 0.15 bits per output element. Mean ± std over seeds {seeds}; "
         f"{num_steps} updates; LSTM {preset.hidden_units}, batch {preset.batch_size}, "
         f"{preset.bits}-bit patterns, Adam {preset.learning_rate:g}, episodes padded to "
-        f"{preset.max_length} steps. Device: {device_info()['device_kind']}. Paper cells in "
+        f"{preset.max_length} steps. Device: {device_label()}. Paper cells in "
         "brackets (Jaderberg et al. 2016, Table 2, as quoted in DESIGN.md).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for task in preset.tasks:
-        row = [TASK_NAMES[task]] + [
-            _cell_text(by_key.get((task, m, t)), PAPER_CELLS.get((task, m, t)))
-            for m in preset.modes
-            for t in preset.truncations
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += [
+        *markdown_table(header, body),
         "",
         "ms per update (all seeds at once) and GFLOP per update of one seed (XLA's count after "
         "optimisation, the segment's steps unrolled for counting):",
         "",
+        *markdown_table(["Task", "Mode", "T", "ms/update", "GFLOP/update", "compile s"], costs),
     ]
-    lines += [
-        "| Task | Mode | T | ms/update | GFLOP/update | compile s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-        lines.append(
-            f"| {TASK_NAMES[c.task]} | {MODE_NAMES[c.mode]} | {c.truncation} | "
-            f"{c.ms_per_update:.3f} | {c.flops_per_update / 1e9:.4f} | {c.compile_s:.1f} |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -221,10 +202,9 @@ def run_rnn_table(
     status, message = "completed", ""
 
     def write() -> None:
-        (output_dir / "table.md").write_text(
-            table_markdown(preset_name, preset, cells, seeds, steps)
-        )
-        write_json_atomic(
+        write_report(
+            output_dir / "table.md",
+            table_markdown(preset_name, preset, cells, seeds, steps),
             output_dir / "results.json",
             {
                 "preset": preset_name,
@@ -236,8 +216,6 @@ def run_rnn_table(
                     {"task": t, "mode": m, "truncation": k, "solved": v}
                     for (t, m, k), v in PAPER_CELLS.items()
                 ],
-                "device": device_info(),
-                "versions": versions(),
             },
         )
 

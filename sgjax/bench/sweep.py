@@ -36,6 +36,11 @@ def benchmark_mode(config: TrainConfig) -> str:
     return f"{config.mode}_unlock" if config.synthetic_inputs else config.mode
 
 
+def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
+    """' learning_rate=0.0001 hidden_units=64' (empty without sweeps)."""
+    return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
+
+
 TRACED_FIELDS = ("learning_rate",)
 """Swept inside one vmapped program (TrainState carries them as arrays)."""
 STATIC_FIELDS = (

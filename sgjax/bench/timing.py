@@ -9,6 +9,8 @@ and every timing ends with ``block_until_ready``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,17 +41,12 @@ class LoopTiming:
 def _make_single_step(config: TrainConfig):
     step_fn = trainer_for(config).step
 
-    def single_step(state: TrainState, data: DeviceData) -> TrainState:
+    def single_step(state: TrainState, data: DeviceData) -> tuple[TrainState]:
         batch = sample_batch(jax.random.fold_in(state.key, state.step), data, config.batch_size)
         model, _ = step_fn(state.model, batch.images, batch.labels, example_ids=batch.indices)
-        return state._replace(model=model, step=state.step + 1)
+        return (state._replace(model=model, step=state.step + 1),)
 
     return single_step
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float:
@@ -61,13 +58,31 @@ def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float
         start = time.perf_counter()
         jax.block_until_ready(run())
         runs.append(time.perf_counter() - start)
-    return _median(runs)
+    return statistics.median_high(runs)
 
 
-def _compile(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+def compile_timed(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+    """``jax.jit(fn)`` compiled ahead of time for ``args``, and the seconds that took."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
+
+
+def _timed(
+    fn: Callable, state: Any, inputs: Callable[[], tuple], steps: int, repeats: int, calls: int
+) -> LoopTiming:
+    """Compile ``fn(state, *inputs()) -> (state, ...)`` and time ``calls`` calls of it that
+    carry the state (``steps`` train steps in all; median of ``repeats`` after a warm-up)."""
+    compiled, compile_s = compile_timed(fn, state, *inputs())
+
+    def run() -> Any:
+        nonlocal state
+        for _ in range(calls):
+            state = compiled(state, *inputs())[0]
+        return state
+
+    seconds = _median_seconds(run, repeats, warmups=1)
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(compiled))
 
 
 def time_scanned(
@@ -75,16 +90,8 @@ def time_scanned(
 ) -> LoopTiming:
     """``steps`` train steps inside one ``lax.scan``."""
     config = config.with_train_examples(data.train_images.shape[0])
-    state = init_train_state(config)
-    chunk, compile_s = _compile(make_run_chunk(config, steps), state, data)
-
-    def run() -> TrainState:
-        nonlocal state
-        state, _ = chunk(state, data)
-        return state
-
-    seconds = _median_seconds(run, repeats, warmups=1)
-    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(chunk))
+    chunk = make_run_chunk(config, steps)
+    return _timed(chunk, init_train_state(config), lambda: (data,), steps, repeats, 1)
 
 
 def time_python_loop(
@@ -92,17 +99,8 @@ def time_python_loop(
 ) -> LoopTiming:
     """The same step, jitted alone and called ``steps`` times from a Python loop."""
     config = config.with_train_examples(data.train_images.shape[0])
-    state = init_train_state(config)
-    step, compile_s = _compile(_make_single_step(config), state, data)
-
-    def run() -> TrainState:
-        nonlocal state
-        for _ in range(steps):
-            state = step(state, data)
-        return state
-
-    seconds = _median_seconds(run, repeats, warmups=1)
-    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(step))
+    step = _make_single_step(config)
+    return _timed(step, init_train_state(config), lambda: (data,), steps, repeats, steps)
 
 
 def time_host_fed_loop(
@@ -114,7 +112,6 @@ def time_host_fed_loop(
     Shows what keeping the data on the device and sampling inside the compiled loop saves.
     """
     config = config.with_train_examples(dataset.train_size)
-    model = init_train_state(config).model
     trainer = trainer_for(config)
     rng = np.random.default_rng(config.seed)
 
@@ -123,19 +120,11 @@ def time_host_fed_loop(
         images = dataset.train_images[index].astype(np.float32) / 255.0
         return tuple(jax.device_put(a) for a in (images, dataset.train_labels[index], index))
 
-    def step_fn(model: Any, x: jax.Array, labels: jax.Array, ids: jax.Array) -> Any:
+    def step(model: Any, x: jax.Array, labels: jax.Array, ids: jax.Array) -> Any:
         return trainer.step(model, x, labels, example_ids=ids)
 
-    step, compile_s = _compile(step_fn, model, *host_batch())
-
-    def run() -> Any:
-        nonlocal model
-        for _ in range(steps):
-            model, _ = step(model, *host_batch())
-        return model
-
-    seconds = _median_seconds(run, repeats, warmups=1)
-    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(step))
+    model = init_train_state(config).model
+    return _timed(step, model, host_batch, steps, repeats, steps)
 
 
 def compiled_flops(compiled: jax.stages.Compiled) -> float:
@@ -165,17 +154,16 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
 def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
     """XLA's FLOP count for one compiled train step (batch sampling included)."""
     config = config.with_train_examples(data.train_images.shape[0])
-    state = init_train_state(config)
-    return compiled_flops(jax.jit(_make_single_step(config)).lower(state, data).compile())
+    return compiled_flops(
+        compile_timed(_make_single_step(config), init_train_state(config), data)[0]
+    )
 
 
 def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
     """XLA's FLOP count for one evaluation on the whole test split."""
     config = config.with_train_examples(data.train_images.shape[0])
-    state = init_train_state(config)
-    return compiled_flops(
-        jax.jit(evaluate_state, static_argnums=0).lower(config, state, data).compile()
-    )
+    evaluate = functools.partial(evaluate_state, config)
+    return compiled_flops(compile_timed(evaluate, init_train_state(config), data)[0])
 
 
 def peak_memory_bytes() -> int | None:

@@ -10,28 +10,25 @@ p, and by bins of p), ``update_prob.json`` and ``update_prob.png`` (final test e
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from sgjax.bench.architecture import config_facts
+from sgjax.bench.names import device_label, markdown_table, mode_name, write_report
+from sgjax.bench.plots import plot_sweep
+from sgjax.bench.programs import run_vmapped
 from sgjax.bench.timing import flops_per_step
 from sgjax.data.device import DeviceData
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import make_train
-from sgjax.training.records import device_info, versions, write_json_atomic
 
 TABLE_PROBS = (0.05, 0.2, 0.5, 1.0)
 """The p of the table (Jaderberg et al. quote DNI at 0.2 and cDNI at 0.05)."""
 BINS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 SWEEP_FILES = ("update_prob.md", "update_prob.json", "update_prob.png")
-LABELS = {"bp": "backprop", "sg": "DNI", "cdni": "cDNI"}
 
 
 class SweepResult(NamedTuple):
@@ -67,22 +64,18 @@ def run_sweep(
     results = []
     for mode in modes:
         config = dataclasses.replace(base, mode=mode, update_prob=1.0)
-        train = jax.vmap(make_train(config), in_axes=(0, None, None, 0))
-        lr = jnp.float32(config.learning_rate)
-        start = time.perf_counter()
-        compiled = jax.jit(train).lower(seeds, lr, data, probs).compile()
-        compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        _, history = compiled(seeds, lr, data, probs)
-        accuracy = np.asarray(jax.device_get(history.test_accuracy))[:, -1]
-        run_s = time.perf_counter() - start
-        error = 100.0 * (1.0 - accuracy)
+        args = (seeds, np.float32(config.learning_rate), data, probs)
+        run = run_vmapped(
+            make_train(config), args, (0, None, None, 0), keep=lambda out: out[1].test_accuracy
+        )
+        error, run_s = 100.0 * (1.0 - run.history[:, -1]), run.run_s
         flops = flops_per_step(config, data)  # the plain step; the masks add a select per leaf
-        results.append(SweepResult(mode, probs, seeds, error, compile_s, run_s, flops))
+        results.append(SweepResult(mode, probs, seeds, error, run.compile_s, run_s, flops))
         offset = len(probs) - len(TABLE_PROBS)
         at = {p: float(error[offset + i]) for i, p in enumerate(TABLE_PROBS)}
         log(
-            f"{mode}: {len(probs)} runs in {run_s:.1f} s (compile {compile_s:.1f} s); test error "
+            f"{mode}: {len(probs)} runs in {run_s:.1f} s (compile {run.compile_s:.1f} s); "
+            + "test error "
             + ", ".join(f"p={p}: {e:.2f}%" for p, e in at.items())
         )
     return results
@@ -95,52 +88,49 @@ def _table_error(result: SweepResult, p: float) -> float:
 
 def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: str) -> str:
     """The table at ``TABLE_PROBS``, the random runs by bins of p, and the settings."""
-    lines = [
-        "# Stochastic updates: final test error % against the update probability p",
-        "",
-        "| method | " + " | ".join(f"p = {p}" for p in TABLE_PROBS) + " |",
-        "|---|" + "---|" * len(TABLE_PROBS),
-    ]
-    for r in results:
-        cells = " | ".join(f"{_table_error(r, p):.2f}" for p in TABLE_PROBS)
-        lines.append(f"| {LABELS.get(r.mode, r.mode)} | {cells} |")
-    lines += [
-        "",
-        "Random-p runs by bin (mean test error %, number of runs):",
-        "",
-        "| method | "
-        + " | ".join(f"[{a}, {b})" for a, b in zip(BINS[:-1], BINS[1:], strict=True))
-        + " |",
-        "|---|" + "---|" * (len(BINS) - 1),
-    ]
+    bins = list(zip(BINS[:-1], BINS[1:], strict=True))
+
+    def module(mode: str) -> str:
+        return config_facts(dataclasses.replace(config, mode=mode)).synthesizer
+
+    by_bin = []
     for r in results:
         drawn = slice(0, len(r.probs) - len(TABLE_PROBS))
         p, e = r.probs[drawn], r.test_error[drawn]
         cells = []
-        for a, b in zip(BINS[:-1], BINS[1:], strict=True):
+        for a, b in bins:
             chosen = (p >= a) & ((p < b) if b < 1.0 else (p <= b))
             cells.append(f"{e[chosen].mean():.2f} ({chosen.sum()})" if chosen.any() else "-")
-        lines.append(f"| {LABELS.get(r.mode, r.mode)} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| method | runs | compile s | run s | ms/step (all runs) | GFLOP/step (one run) |",
-        "|---|---|---|---|---|---|",
+        by_bin.append([mode_name(r.mode), *cells])
+    costs = [
+        [mode_name(r.mode), len(r.probs), f"{r.compile_s:.1f}", f"{r.run_s:.1f}"]
+        + [f"{1e3 * r.run_s / config.num_steps:.1f}", f"{r.step_flops / 1e9:.3f}"]
+        for r in results
     ]
-    for r in results:
-        ms = 1e3 * r.run_s / config.num_steps
-        lines.append(
-            f"| {LABELS.get(r.mode, r.mode)} | {len(r.probs)} | {r.compile_s:.1f} | "
-            f"{r.run_s:.1f} | {ms:.1f} | {r.step_flops / 1e9:.3f} |"
-        )
-    lines += [
+    lines = [
+        "# Stochastic updates: final test error % against the update probability p",
         "",
-        f"Settings: {config.model}, {config.hidden_layers} hidden layers of "
-        f"{config.hidden_units} units, {config.num_steps} steps of batch {config.batch_size}, "
-        f"Adam {config.learning_rate:g} (boundaries {list(config.resolved_lr_boundaries)}), "
-        f"DNI modules {dataclasses.replace(config, mode='sg').resolved_sg_hidden_layers} x "
-        f"{config.sg_hidden_units}, cDNI "
-        f"{dataclasses.replace(config, mode='cdni').resolved_sg_hidden_layers} hidden layers, "
-        f"dataset {config.dataset}; run i has seed "
+        *markdown_table(
+            ["method", *(f"p = {p}" for p in TABLE_PROBS)],
+            (
+                [mode_name(r.mode), *(f"{_table_error(r, p):.2f}" for p in TABLE_PROBS)]
+                for r in results
+            ),
+        ),
+        "",
+        "Random-p runs by bin (mean test error %, number of runs):",
+        "",
+        *markdown_table(["method", *(f"[{a}, {b})" for a, b in bins)], by_bin),
+        "",
+        *markdown_table(
+            ["method", "runs", "compile s", "run s", "ms/step (all runs)", "GFLOP/step (one run)"],
+            costs,
+        ),
+        "",
+        f"Settings: {config_facts(config).description}, {config.num_steps} steps of batch "
+        f"{config.batch_size}, Adam {config.learning_rate:g} (boundaries "
+        f"{list(config.resolved_lr_boundaries)}), DNI modules {module('sg')}, cDNI modules "
+        f"{module('cdni')}, dataset {config.dataset}; run i has seed "
         f"{config.seed} + i; device {device}. A stage that skips an update keeps its optimizer "
         "state, so its Adam count (and learning-rate schedule) advances only with its own "
         "updates. The arithmetic of skipped updates is computed and discarded.",
@@ -149,47 +139,24 @@ def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: 
     return "\n".join(lines)
 
 
-def plot_sweep(results: Sequence[SweepResult], path: Path) -> Path:
-    """Final test error % against p, one colour per method (Jaderberg et al.'s figure)."""
-    figure = Figure(figsize=(7, 5), layout="constrained")
-    axes = figure.subplots()
-    for i, r in enumerate(results):
-        axes.scatter(r.probs, r.test_error, s=12, color=f"C{i}", label=LABELS.get(r.mode, r.mode))
-    axes.set_xlabel("update probability p")
-    axes.set_ylabel("final test error %")
-    errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
-    if np.any(np.isfinite(errors) & (errors > 0)):  # matplotlib refuses to log-scale none
-        axes.set_yscale("log")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=110)
-    return path
-
-
 def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Path) -> list[Path]:
     """``update_prob.md``, ``update_prob.json`` and ``update_prob.png`` in ``folder``."""
-    device = device_info()
-    names = [folder / name for name in SWEEP_FILES]
-    names[0].write_text(sweep_markdown(results, config, device.get("device_kind", "?")))
-    payload: dict[str, Any] = {
-        "config": config.to_dict(),
-        "device": device,
-        "versions": versions(),
-        "table_probs": list(TABLE_PROBS),
-        "methods": [
-            {
-                "mode": r.mode,
-                "update_prob": r.probs.tolist(),
-                "seed": r.seeds.tolist(),
-                "test_error_percent": r.test_error.tolist(),
-                "compile_s": r.compile_s,
-                "run_s": r.run_s,
-                "flops_per_step": r.step_flops,
-            }
-            for r in results
-        ],
-    }
-    write_json_atomic(names[1], payload)
-    plot_sweep(results, names[2])
-    return names
+    methods = [
+        {
+            "mode": r.mode,
+            "update_prob": r.probs.tolist(),
+            "seed": r.seeds.tolist(),
+            "test_error_percent": r.test_error.tolist(),
+            "compile_s": r.compile_s,
+            "run_s": r.run_s,
+            "flops_per_step": r.step_flops,
+        }
+        for r in results
+    ]
+    table, record, figure = (folder / name for name in SWEEP_FILES)
+    text = sweep_markdown(results, config, device_label())
+    record = {"config": config.to_dict(), "table_probs": list(TABLE_PROBS), "methods": methods}
+    return [
+        *write_report(table, text, folder / SWEEP_FILES[1], record),
+        plot_sweep(results, figure),
+    ]

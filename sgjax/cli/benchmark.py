@@ -14,6 +14,7 @@ import jax
 from absl import flags
 
 from sgjax.bench.grid import grid_applies, grid_markdown, grid_notes, grid_of
+from sgjax.bench.names import write_report
 from sgjax.bench.parallel import (
     ParallelBenchmark,
     ParallelBenchmarkSettings,
@@ -50,7 +51,7 @@ from sgjax.data.device import to_device
 from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.parallel.layers import validate_parallel
 from sgjax.training.config import MODELS, MODES, PAPER_MODES, ConfigError, TrainConfig
-from sgjax.training.records import OutputError, device_info, versions, write_json_atomic
+from sgjax.training.records import OutputError
 
 DEFAULT_OUTPUT_DIR = "runs/benchmark"
 _DEFAULTS = TrainConfig()
@@ -206,9 +207,9 @@ class BenchmarkFiles:
 
     table: Path
     json: Path
-    curves: Path
-    sg_loss: Path
-    time_per_step: Path
+    curves: Path | None = None
+    sg_loss: Path | None = None
+    time_per_step: Path | None = None
     grid: Path | None = None
     """grid.md, for benchmarks that sweep the model or depth (``grid_applies``)."""
 
@@ -221,8 +222,6 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
     """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png, and
     grid.md (also under "grid" in benchmark.json) for a grid of models and depths."""
     rows = build_rows(result)
-    table = folder / "table.md"
-    table.write_text(table_markdown(result, rows))
     record = build_json(result, rows)
     grid_path = None
     if grid_applies(result.settings.sweeps):
@@ -230,8 +229,8 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
         grid_path = folder / "grid.md"
         grid_path.write_text(grid_markdown(grid, grid_notes(result)))
         record["grid"] = grid.to_dict()
-    json_path = folder / "benchmark.json"
-    write_json_atomic(json_path, record)
+    table, json_path = (folder / name for name in ("table.md", "benchmark.json"))
+    write_report(table, table_markdown(result, rows), json_path, record)
     return BenchmarkFiles(
         table=table,
         json=json_path,
@@ -350,14 +349,13 @@ def run_layer_parallel(
     log(f"data: {dataset.reason}")
     with StopRequest() as stop:
         result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
-    table = folder / "table.md"
     lines = [f"# Layer-parallel training: backprop vs. {benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
-    table.write_text("\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n")
-    json_path = folder / "benchmark.json"
-    write_json_atomic(
-        json_path,
+    paths = write_report(
+        folder / "table.md",
+        "\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n",
+        folder / "benchmark.json",
         {
             "status": result.status,
             "message": result.message,
@@ -368,25 +366,11 @@ def run_layer_parallel(
                 "device_counts": list(settings.device_counts),
                 "microbatches": settings.microbatches,
             },
-            "device": device_info(),
-            "versions": versions(),
             "dataset": dataset.describe(),
             "rows": [dataclasses.asdict(row) for row in result.rows],
         },
     )
-    return result, ParallelFiles(table, json_path), stop.signal
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelFiles:
-    """What --parallel=layers writes."""
-
-    table: Path
-    json: Path
-
-    def paths(self) -> list[Path]:
-        """Every file written."""
-        return [self.table, self.json]
+    return result, BenchmarkFiles(*paths), stop.signal
 
 
 RNN_TABLE_FLAGS = ("preset", "output_dir", "seed", "num_seeds", "num_steps", "overwrite")
@@ -414,7 +398,7 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
         folder = claim_output_dir(Path(fv.output_dir), False, fv.overwrite, RNN_TABLE_FILES)
     except (ConfigError, OutputError) as error:
         fail(str(error))
-    print(f"preset {fv.preset}: {RNN_PRESETS[fv.preset].description}", flush=True)
+    _log(f"preset {fv.preset}: {RNN_PRESETS[fv.preset].description}")
     start = time.perf_counter()
     with StopRequest() as stop:
         status, message = run_rnn_table(
@@ -423,11 +407,9 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
             seed=fv.seed,
             num_seeds=fv.num_seeds if fv["num_seeds"].present else None,
             num_steps=fv.num_steps if fv["num_steps"].present else None,
-            log=lambda line: print(line, flush=True),
+            log=_log,
         )
-    print((folder / "table.md").read_text(), flush=True)
-    print(f"wrote {folder / 'table.md'}, {folder / 'results.json'}", flush=True)
-    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    _show([folder / name for name in RNN_TABLE_FILES], start)
     return report_status(status, message, folder, stop.signal, resumable=False)
 
 
@@ -446,18 +428,25 @@ def run_update_prob_preset(fv: flags.FlagValues) -> int:
         folder = claim_output_dir(Path(fv.output_dir), False, fv.overwrite, SWEEP_FILES)
     except (ConfigError, DataError, OutputError) as error:
         fail(str(error))
-    print(f"preset {SWEEP_PRESET}: {PRESETS[SWEEP_PRESET].description}", flush=True)
+    _log(f"preset {SWEEP_PRESET}: {PRESETS[SWEEP_PRESET].description}")
     start = time.perf_counter()
     base = settings.base
     data = to_device(datasets[base.dataset])
-    results = run_sweep(
-        base, settings.modes, settings.num_seeds, data, lambda line: print(line, flush=True)
-    )
-    paths = write_sweep(results, base, folder)
-    print(paths[0].read_text(), flush=True)
-    print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
-    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    results = run_sweep(base, settings.modes, settings.num_seeds, data, _log)
+    _show(write_sweep(results, base, folder), start)
     return 0
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _show(paths: list[Path], start: float) -> None:
+    """Print the first file (the table), where every file went, and the time taken."""
+    if paths:
+        _log(paths[0].read_text())
+        _log(f"wrote {', '.join(str(p) for p in paths)}")
+    _log(f"benchmark took {time.perf_counter() - start:.0f} s")
 
 
 def main(fv: flags.FlagValues) -> int:
@@ -467,11 +456,8 @@ def main(fv: flags.FlagValues) -> int:
     if fv.preset == SWEEP_PRESET:
         return run_update_prob_preset(fv)
     start = time.perf_counter()
-    result, files, signum = run(fv, log=lambda line: print(line, flush=True))
-    if files is not None:
-        print(files.table.read_text(), flush=True)
-        print(f"wrote {', '.join(str(p) for p in files.paths())}", flush=True)
-    print(f"benchmark took {time.perf_counter() - start:.0f} s", flush=True)
+    result, files, signum = run(fv, log=_log)
+    _show(files.paths() if files is not None else [], start)
     return report_status(
         result.status,
         result.message,
