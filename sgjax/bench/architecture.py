@@ -48,7 +48,7 @@ def facts(trainer: Trainer, sample_x: Any) -> Facts:
     params = [s.params for s in (*state.stages, *state.synthesizers, *state.inputs)]
     leaves = jax.tree_util.tree_leaves(state)
     synthesizer = "-"
-    if getattr(trainer.method, "synthesizer", None) is not None and state.synthesizers:
+    if "synthesizer" in dict(trainer.method.options) and state.synthesizers:
         synthesizer = _synthesizer_label(state.synthesizers[0].params)
     return Facts(
         param_count=sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)),

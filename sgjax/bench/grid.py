@@ -42,7 +42,7 @@ PAPER_GRID: Mapping[tuple[str, str, int, str], float] = {
     ("cifar10", "cnn", 3, "sg"): 19.5,
     ("cifar10", "cnn", 3, "cdni"): 19.0,
 }
-"""Test error % the paper's text quotes (Jaderberg et al. 2016, 500k steps; see DESIGN.md)."""
+"""Test error % the paper's text quotes (Jaderberg et al. 2016, arXiv v1, 500k steps)."""
 PAPER_FCN_UNITS = {"mnist": 256, "fashion_mnist": 256, "cifar10": 1000}
 PAPER_FCN_MODULES = {"mnist": "2x1024", "fashion_mnist": "2x1024", "cifar10": "1x4000"}
 """DNI's synthesizer of the FCN (hidden layers x units); cDNI's is linear."""

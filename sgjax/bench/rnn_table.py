@@ -32,7 +32,7 @@ PAPER_CELLS: Mapping[tuple[str, str, int], int] = MappingProxyType(
         ("repeat_copy", "dni_aux", 3): 59,
     }
 )
-"""The published cells quoted in DESIGN.md (Jaderberg et al. 2016, Table 2); the others are in
+"""Published cells (Jaderberg et al. 2016, Table 2, as quoted in its text); the others are in
 the paper and not transcribed here."""
 
 
@@ -168,7 +168,7 @@ def table_markdown(
         f"{num_steps} updates; LSTM {preset.hidden_units}, batch {preset.batch_size}, "
         f"{preset.bits}-bit patterns, Adam {preset.learning_rate:g}, episodes padded to "
         f"{preset.max_length} steps. Device: {device_label()}. Paper cells in "
-        "brackets (Jaderberg et al. 2016, Table 2, as quoted in DESIGN.md).",
+        "brackets (Jaderberg et al. 2016, Table 2).",
         "",
         *markdown_table(header, body),
         "",
