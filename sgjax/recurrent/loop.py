@@ -19,6 +19,7 @@ from sgjax.tasks.copy import CopyTask
 from sgjax.training.config import ConfigError
 from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import (
+    ChunkedEngine,
     PeriodMetrics,
     Recording,
     Resume,
@@ -148,7 +149,7 @@ def curriculum_curve(task: CopyTask, state: Any) -> list[tuple[int, int]]:
     return list(zip(steps, level_sizes(task, len(steps)), strict=True))
 
 
-class RecurrentEngine:
+class RecurrentEngine(ChunkedEngine):
     """A recurrent program as an ``Engine``; its evaluation is the task's scores. Its
     ``ChunkMetrics.loss`` sums over output elements, counted in ``extra["count"]``."""
 
@@ -159,40 +160,31 @@ class RecurrentEngine:
         state: Any,
         max_chunk: int,
     ) -> None:
+        self.texts = {name: jnp.asarray(a) for name, a in streams.items()}
+        super().__init__(program.chunk, self.texts.get("train"), state, max_chunk)
         self.program = program
-        self.max_chunk = max_chunk
-        self.data = {name: jnp.asarray(a) for name, a in streams.items()}
-        self._state = state
-        self._chunks: dict[int, jax.stages.Compiled] = {}
         self._scores: dict[str, jax.stages.Compiled] = {}
 
     def compile(self, chunk_lengths: Collection[int]) -> None:
-        state, train = self._state, self.data.get("train")
-        self._chunks = {
-            n: jax.jit(self.program.chunk(n), donate_argnums=0).lower(state, train).compile()
-            for n in sorted(set(chunk_lengths))
-        }
+        super().compile(chunk_lengths)
         if isinstance(self.program, TextProgram):
             score = jax.jit(self.program.bits_per_character)
             self._scores = {
-                name: score.lower(state, self.data[name]).compile() for name in ("valid", "test")
+                name: score.lower(self._state, self.texts[name]).compile()
+                for name in ("valid", "test")
             }
 
     def advance(self, steps: int) -> ChunkMetrics:
-        self._state, stats = self._chunks[steps](self._state, self.data.get("train"))
-        loss, count, sg_loss, aux_loss = (float(x) for x in jax.device_get(stats))
+        loss, count, sg_loss, aux_loss = (float(x) for x in self.run(steps))
         return ChunkMetrics(
             steps, loss, 0.0, (sg_loss,), extra={"count": count, "aux_loss": aux_loss}
         )
-
-    def state(self) -> Any:
-        return self._state
 
     def evaluate(self) -> dict[str, Any]:
         state = self._state
         if self._scores:
             return {
-                f"{name}_bpc": float(score(state, self.data[name]))
+                f"{name}_bpc": float(score(state, self.texts[name]))
                 for name, score in self._scores.items()
             }
         error = float(state.last_error)
@@ -201,9 +193,6 @@ class RecurrentEngine:
             "episode_error": error if math.isfinite(error) else None,
             "max_episode_solved": int(state.solved),
         }
-
-    def inflight(self) -> dict[str, Any]:
-        return {}
 
 
 def _record(step: int, period: PeriodMetrics, scores: dict[str, Any]) -> RNNRecord:

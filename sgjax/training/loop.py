@@ -253,17 +253,10 @@ class RunHistory(NamedTuple):
     input_loss: jax.Array  # complete unlock only (no columns otherwise)
 
 
-def make_train(
-    config: TrainConfig,
-) -> Callable[..., tuple[TrainState, RunHistory]]:
-    """``train(seed, learning_rate, data, update_prob=None)``: the whole run as one pure,
-    jittable function (``update_prob``, traced, overrides ``config.update_prob``).
-
-    Evaluation runs inside the program after every chunk, so ``jax.jit(jax.vmap(train, (0, 0,
-    None)))`` trains many seeds or learning rates at once. Its numbers equal those of ``train``
-    (the Python-driven loop) for the same seed to float rounding (``train`` averages the training
-    metrics over sub-chunks on the host).
-    """
+def make_train(config: TrainConfig) -> Callable[..., tuple[TrainState, RunHistory]]:
+    """``train(seed, learning_rate, data, update_prob=None)``: the whole run, evaluations too, as
+    one pure function, so ``jax.jit(jax.vmap(train, (0, 0, None)))`` trains many seeds or rates at
+    once. It equals the host loop to float rounding (which averages sub-chunks on the host)."""
     lengths = chunk_lengths(config.num_steps, config.eval_every)
     full_chunks = lengths.count(config.eval_every)
 
@@ -452,42 +445,50 @@ def run_engine(
     return result(status, message)
 
 
-class ScanEngine:
+class ChunkedEngine:
+    """A single-device engine of compiled chunks: ``chunk(n)(state, data) -> (state, metrics)``."""
+
+    def __init__(self, chunk: Callable[[int], Callable], data: Any, state: Any, max_chunk: int):
+        self.chunk, self.data, self._state, self.max_chunk = chunk, data, state, max_chunk
+        self._chunks: dict[int, jax.stages.Compiled] = {}
+
+    def compile(self, chunk_lengths: Collection[int]) -> None:
+        self._chunks = {
+            n: jax.jit(self.chunk(n), donate_argnums=0).lower(self._state, self.data).compile()
+            for n in sorted(set(chunk_lengths))
+        }
+
+    def run(self, steps: int) -> Any:
+        """Run the chunk of ``steps``; its metrics, on the host."""
+        self._state, metrics = self._chunks[steps](self._state, self.data)
+        return jax.device_get(metrics)
+
+    def state(self) -> Any:
+        return self._state
+
+    def inflight(self) -> dict[str, Any]:
+        return {}
+
+
+class ScanEngine(ChunkedEngine):
     """The single-device engine: compiled ``lax.scan`` chunks of ``config.chunk_steps`` at most."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset, state: TrainState) -> None:
+        chunk = lambda n: make_run_chunk(config, n)  # noqa: E731
+        super().__init__(chunk, to_device(dataset), state, config.chunk_steps)
         self.config = config
-        self.max_chunk = config.chunk_steps
-        self.data = to_device(dataset)
-        self._state = state
-        self._chunks: dict[int, jax.stages.Compiled] = {}
-        self._evaluate: jax.stages.Compiled | None = None
 
     def compile(self, chunk_lengths: Collection[int]) -> None:
-        state, data = self._state, self.data
-        self._chunks = {
-            n: jax.jit(make_run_chunk(self.config, n), donate_argnums=0)
-            .lower(state, data)
-            .compile()
-            for n in sorted(set(chunk_lengths))
-        }
-        self._evaluate = (
-            jax.jit(evaluate_state, static_argnums=0).lower(self.config, state, data).compile()
-        )
+        super().compile(chunk_lengths)
+        evaluate = jax.jit(evaluate_state, static_argnums=0)
+        self._evaluate = evaluate.lower(self.config, self._state, self.data).compile()
 
     def advance(self, steps: int) -> ChunkMetrics:
-        self._state, metrics = self._chunks[steps](self._state, self.data)
-        return chunk_sums(steps, jax.device_get(metrics))
-
-    def state(self) -> TrainState:
-        return self._state
+        return chunk_sums(steps, self.run(steps))
 
     def evaluate(self) -> tuple[float, float]:
         loss, accuracy = jax.device_get(self._evaluate(self._state, self.data))
         return float(loss), float(accuracy)
-
-    def inflight(self) -> dict[str, Any]:
-        return {}
 
 
 def train_and_evaluate(
