@@ -39,10 +39,7 @@ def make_flags_parser(
 
 def parse_int_list(name: str, values: Sequence[str] | None) -> tuple[int, ...] | None:
     """Parse a comma-separated flag of integers, or fail with one line."""
-    if values is None:
-        return None
     try:
-        return tuple(int(v) for v in values)
+        return None if values is None else tuple(int(v) for v in values)
     except ValueError:
         fail(f"--{name}={','.join(values)} must be comma-separated integers, e.g. 300000,400000")
-    return None

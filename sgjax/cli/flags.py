@@ -1,8 +1,5 @@
-"""The training flags shared by the scripts, and the config they make.
-
-``experiments/mnist_mlp.py`` and ``experiments/benchmark.py`` take the same network, data and
-schedule flags; defining them once keeps their names, defaults and help identical.
-"""
+"""The training flags shared by the scripts (defined once, so their names, defaults and help
+stay identical), and the config they make."""
 
 from __future__ import annotations
 
@@ -46,14 +43,12 @@ DECOUPLING_HELP = {
     "units).",
 }
 DECOUPLING_FIELDS = tuple(DECOUPLING_HELP)
-"""Flags of issue 12's methods (``define_decoupling_flags``)."""
 CNN_HELP = {
     "filters": "Filters of every convolution, the synthesizers' too (default: the paper's, 64 "
     "for MNIST and Fashion-MNIST, 128 for CIFAR-10).",
     "kernel_size": "Square kernel size of every convolution, the synthesizers' too.",
 }
 CNN_FIELDS = tuple(CNN_HELP)
-"""Flags of the convolutional network (``define_cnn_flags``)."""
 _KINDS = {
     "bool": flags.DEFINE_bool,
     "int": flags.DEFINE_integer,
@@ -98,17 +93,14 @@ def define_run_flags(fv: flags.FlagValues, defaults: RunConfig, unit: str, folde
 
 
 def define_train_flags(fv: flags.FlagValues) -> None:
-    """Define the shared training flags on ``fv`` with the paper's defaults."""
     define_fields(fv, _DEFAULTS, TRAIN_HELP, {"dataset": DATASETS})
 
 
 def define_decoupling_flags(fv: flags.FlagValues) -> None:
-    """Define --update_prob, --bp_lambda, --stale_decay and --synthetic_inputs on ``fv``."""
     define_fields(fv, _DEFAULTS, DECOUPLING_HELP)
 
 
 def define_cnn_flags(fv: flags.FlagValues) -> None:
-    """Define ``--filters`` and ``--kernel_size`` (experiments/mnist_cnn.py, the benchmark)."""
     define_fields(fv, _DEFAULTS, CNN_HELP)
 
 

@@ -1,5 +1,4 @@
-"""The recurrent script's flags and main (experiments/rnn.py): its flags, its configuration, and
-what its results say; the run itself is the other scripts' (``sgjax.cli.run.run_job``)."""
+"""experiments/rnn.py's flags, configuration and results; the run is ``sgjax.cli.run.run_job``."""
 
 from __future__ import annotations
 
@@ -68,29 +67,21 @@ RNN_HELP = {
 
 
 def define_rnn_flags(fv: flags.FlagValues) -> None:
-    """Define experiments/rnn.py's flags on ``fv``."""
     define_fields(fv, _DEFAULTS, RNN_HELP, {"task": RNN_TASKS, "mode": RECURRENT_MODES})
     define_run_flags(fv, _DEFAULTS, "updates", "runs/rnn-<task>-<mode>")
 
 
-def config_from_flags(fv: flags.FlagValues) -> RNNConfig:
-    """The run's configuration; raises ConfigError (one line)."""
-    return RNNConfig(**{name: fv[name].value for name in CONFIG_FLAGS}, output_dir=fv.output_dir)
-
-
+_TRAINING_COLUMNS = ("step", "train_bits", "sg_loss", "aux_loss")
 METRICS_COLUMNS = {
     "copy": (
-        "step",
-        "train_bits",
-        "sg_loss",
-        "aux_loss",
+        *_TRAINING_COLUMNS,
         "level_n",
         "level_r",
         "episode_error",
         "max_episode_solved",
         "elapsed_s",
     ),
-    "char_lm": ("step", "train_bits", "sg_loss", "aux_loss", "valid_bpc", "test_bpc", "elapsed_s"),
+    "char_lm": (*_TRAINING_COLUMNS, "valid_bpc", "test_bpc", "elapsed_s"),
 }
 
 
@@ -195,24 +186,21 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
             run_files=RNN_RUN_FILES,
             identity=text_identity(corpus),
             record_type=RNNRecord,
-            finish=_plot,
+            finish=lambda results, folder: (
+                results["history"] and plot_run(results, folder / "curves.png")
+            ),
         )
 
     return run_job(prepare, resume=resume, overwrite=overwrite)
-
-
-def _plot(results: dict[str, Any], folder: Path) -> None:
-    if results["history"]:
-        plot_run(results, folder / "curves.png")
 
 
 def rnn_main(fv: flags.FlagValues) -> Callable[[list[str]], int]:
     """The ``main`` of experiments/rnn.py: config from ``fv``, then one run end to end."""
 
     def run(argv: list[str]) -> int:
-        del argv
         try:
-            config = config_from_flags(fv)
+            values = {name: fv[name].value for name in CONFIG_FLAGS}
+            config = RNNConfig(**values, output_dir=fv.output_dir)
         except ConfigError as error:
             fail(str(error))
         return run_rnn(config, resume=fv.resume, overwrite=fv.overwrite)

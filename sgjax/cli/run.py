@@ -1,8 +1,5 @@
-"""One run end to end, as the command line does it: output folder, checkpoints, signals, exit code.
-
-Order matters for "nothing half-written": the configuration, the data and the output folder are
-all checked before the first file is written.
-"""
+"""One run end to end, as the command line does it: output folder, checkpoints, signals, exit
+code. The configuration, the data and the output folder are all checked before the first write."""
 
 from __future__ import annotations
 
@@ -42,9 +39,7 @@ from sgjax.training.records import (
     write_json_atomic,
 )
 
-DEFAULT_OUTPUT_ROOT = "runs"
-STAGE_TIMING_REPEATS = 20
-"""Calls per stage when timing each layer's step alone after a layer-parallel run."""
+STAGE_TIMING_REPEATS = 20  # calls per stage, timing each layer's step alone
 RUN_FILES = ("results.json", "metrics.csv", "checkpoints")
 EXIT_CODE_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -62,29 +57,23 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *_: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del frame
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
         name = signal.Signals(signum).name
-        print(
-            f"{name} received: stopping after the current chunk (Ctrl-C again stops at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        _say(f"{name} received: stopping after the current chunk (Ctrl-C again stops at once)")
 
     def __call__(self) -> bool:
         return self.signal is not None
 
 
-def output_dir_for(config: TrainConfig) -> Path:
-    """--output_dir, or runs/<mode>."""
-    return Path(config.output_dir or Path(DEFAULT_OUTPUT_ROOT) / config.mode)
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def claim_output_dir(
@@ -105,36 +94,22 @@ def claim_output_dir(
     return folder
 
 
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that resumes this run."""
-    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
-    return " ".join(["python", *kept, "--resume"])
-
-
 class Job(NamedTuple):
     """One run as a script makes it: what ``run_job`` needs that differs between scripts."""
 
     config: RunConfig
     output_dir: Path
-    header: list[str]
-    """Lines printed before the run (data, network)."""
-    columns: Sequence[str]
-    """metrics.csv's columns."""
-    template: Callable[[], Any]
-    """The state's structure, shapes and dtypes (``jax.eval_shape``), to resume."""
-    train: Callable[..., RunResult]
-    """``train(on_record=, start=, save_checkpoint=, stop_requested=)``."""
-    results: Callable[[RunResult], dict[str, Any]]
-    """The contents of results.json."""
+    header: list[str]  # lines printed before the run (data, network)
+    columns: Sequence[str]  # metrics.csv's
+    template: Callable[[], Any]  # the state's shapes (``jax.eval_shape``), to resume
+    train: Callable[..., RunResult]  # (on_record=, start=, save_checkpoint=, stop_requested=)
+    results: Callable[[RunResult], dict[str, Any]]  # results.json
     summary: Callable[[dict[str, Any]], list[str]]
     run_files: Sequence[str] = RUN_FILES
-    identity: dict[str, Any] | None = None
-    """What a resume must match besides the configuration (``Checkpointer.save``)."""
+    identity: dict[str, Any] | None = None  # what a resume must match besides the config
     record_type: Any = EvalRecord
-    finish: Callable[[dict[str, Any], Path], None] = lambda results, folder: None
-    """Called with the results before the summary (e.g. to draw them)."""
-    writer: bool = True
-    """Whether this process writes the files (only process 0 does, with --distributed)."""
+    finish: Callable[[dict[str, Any], Path], None] = lambda results, folder: None  # e.g. plots
+    writer: bool = True  # whether this process writes the files (process 0 with --distributed)
 
 
 def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool = False) -> int:
@@ -160,10 +135,8 @@ def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool
         fail(str(error))
     for line in job.header:
         print(line, flush=True)
-    if start is not None:
-        print(f"resuming from step {int(start.state.step)} in {output_dir}", flush=True)
-    else:
-        print(f"writing to {output_dir}", flush=True)
+    where = f"resuming from step {int(start.state.step)} in" if start else "writing to"
+    print(f"{where} {output_dir}", flush=True)
 
     def save(point: Resume) -> None:
         if job.writer:  # every process gathered the state, as the collectives require
@@ -190,12 +163,12 @@ def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool
             checkpointer.close()
     if not job.writer:
         print(f"process {jax.process_index()}: {result.status}", flush=True)
-        return report_status(result.status, result.message, output_dir, stop.signal)
-    results = job.results(result)
-    write_json_atomic(output_dir / "results.json", results)
-    job.finish(results, output_dir)
-    for line in job.summary(results):
-        print(line, flush=True)
+    else:
+        results = job.results(result)
+        write_json_atomic(output_dir / "results.json", results)
+        job.finish(results, output_dir)
+        for line in job.summary(results):
+            print(line, flush=True)
     return report_status(result.status, result.message, output_dir, stop.signal)
 
 
@@ -217,12 +190,11 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
             f"synthesizers: {synthesizer_description(sized)}",
         ]
         boundaries = sized.hidden_layers * sized.decoupled
-        columns = metrics_columns(boundaries, boundaries * sized.synthetic_inputs)
         return Job(
             sized,
-            output_dir_for(sized),
+            Path(sized.output_dir or Path("runs") / sized.mode),
             header,
-            columns,
+            metrics_columns(boundaries, boundaries * sized.synthetic_inputs),
             lambda: jax.eval_shape(lambda: init_train_state(sized)),
             partial(_train, sized, dataset),
             partial(build_results, sized, dataset),
@@ -285,8 +257,12 @@ def check_fits(config: TrainConfig, dataset: Dataset) -> None:
 
 
 def check_memory(what: str, needed: int, reduce: str) -> None:
-    """Refuse (one line naming the flags to ``reduce``) a run needing more than the device."""
-    available = device_memory_bytes()
+    """Refuse (one line naming the flags to ``reduce``) a run needing more than the device: its
+    allocator limit, or the host's RAM for the CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    available = int(
+        stats.get("bytes_limit", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    )
     if needed > available:
         raise ConfigError(
             f"this {what} needs about {needed / 2**30:.1f} GiB but the device has "
@@ -310,42 +286,30 @@ def _check_parallel(config: TrainConfig) -> None:
 
 
 def _parallel_devices(config: TrainConfig) -> int:
-    """--num_devices, or (0) as many devices as there are, at most one per stage (the SPMD
-    engine takes one per stage)."""
+    """--num_devices, or (0) as many as there are, at most one per stage (SPMD: one per stage)."""
     if config.num_devices or config.engine == "spmd":
         return config.num_devices
     return min(jax.device_count(), config.hidden_layers + 1)
-
-
-def device_memory_bytes() -> int:
-    """Memory of the default device: its allocator limit, or the host's RAM for the CPU."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def report_status(
     status: str, message: str, output_dir: Path, signum: int | None, resumable: bool = True
 ) -> int:
     """Say how a run ended (one line on stderr unless completed); returns the exit code.
-
-    ``resumable=False`` (the layer-parallel benchmark) says to start again instead of printing
-    a resume command that would be refused."""
+    ``resumable=False`` (the layer-parallel benchmark) says to start again instead."""
     if status == "diverged":
-        print(
+        _say(
             f"error: run diverged: {message}; results so far and the last good checkpoint are "
-            f"in {output_dir}; lower --learning_rate and start again",
-            file=sys.stderr,
-            flush=True,
+            f"in {output_dir}; lower --learning_rate and start again"
         )
         return EXIT_DIVERGED
     if status == "interrupted":
+        kept = [a for a in sys.argv if a not in ("--overwrite", "--resume")]
         how = (
-            f"resume with: {resume_command(sys.argv)}"
+            f"resume with: {' '.join(['python', *kept, '--resume'])}"
             if resumable
             else "this comparison cannot be resumed; run it again with --overwrite"
         )
-        print(f"{message}; results so far in {output_dir}; {how}", file=sys.stderr, flush=True)
+        _say(f"{message}; results so far in {output_dir}; {how}")
         return EXIT_CODE_FOR_SIGNAL.get(signum, 130)
     return 0

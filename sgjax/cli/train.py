@@ -1,6 +1,5 @@
-"""The training scripts' flags and main, for the MLP (experiments/mnist_mlp.py) and the CNN
-(experiments/mnist_cnn.py): one definition, so both take the same flags and write the same files.
-"""
+"""The flags and main of experiments/mnist_mlp.py and mnist_cnn.py: one definition, so both
+take the same flags and write the same files."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ from sgjax.cli.run import run_training
 from sgjax.training.config import ENGINES, MODES, PARALLEL, ConfigError, TrainConfig
 
 _DEFAULTS = TrainConfig()
-CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")
-"""Shared flags the CNN has no use for: its widths are --filters."""
+CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")  # the CNN's widths are --filters
 
 
 SCRIPT_HELP = {
@@ -56,11 +54,8 @@ def define_script_flags(fv: flags.FlagValues, model: str) -> None:
             "Convolutional stages (conv-BN-ReLU-pooling); the paper's depth is this plus the "
             "linear classifier."
         )
-        fv[
-            "sg_hidden_layers"
-        ].help = (
-            "Hidden convolutions of each synthetic-gradient module (default: 2 for sg, 0 for cdni)."
-        )
+        sg_help = "Hidden convolutions of each synthetic-gradient module (default: 2 for sg, 0 "
+        fv["sg_hidden_layers"].help = sg_help + "for cdni)."
         for name in CNN_UNUSED_FLAGS:
             fv[name].help = "Not used by the CNN (its widths are --filters); refused if given."
     fv["data_dir"].help = (
@@ -83,35 +78,24 @@ def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
                 f"{' and '.join(given)} {verb} not apply to the CNN: every convolution, the "
                 "synthesizers' too, has --filters filters"
             )
-    return config_from_flags(
-        fv,
-        mode=fv.mode,
-        model=model,
-        chunk_steps=fv.chunk_steps,
-        parallel=fv.parallel,
-        num_devices=fv.num_devices,
-        microbatches=fv.microbatches,
-        engine=fv.engine,
-        checkpoint_every=fv.checkpoint_every,
-        output_dir=fv.output_dir,
-    )
+    names = ("mode", "chunk_steps", *PARALLEL_HELP, "checkpoint_every", "output_dir")
+    return config_from_flags(fv, model=model, **{name: fv[name].value for name in names})
 
 
 def script_main(fv: flags.FlagValues, model: str) -> Callable[[list[str]], int]:
     """The ``main`` of the training script for ``model``: config, then one run end to end."""
 
     def main(argv: list[str]) -> int:
-        del argv
         try:
             config = script_config(fv, model)
             initialize_from_flags(fv)
         except ConfigError as error:
             fail(str(error))
-        if not fv.distributed:
-            return run_training(config, resume=fv.resume, overwrite=fv.overwrite)
         try:
             return run_training(config, resume=fv.resume, overwrite=fv.overwrite)
-        except Exception as error:  # noqa: BLE001 (a collective failed: a peer is gone)
+        except Exception as error:  # a collective failed: a peer is gone
+            if not fv.distributed:
+                raise
             stop_process(error)
 
     return main

@@ -1,8 +1,5 @@
-"""Layers of the paper's networks as Flax modules, and the classification loss and accuracy.
-
-Every stage of a chain is called as ``module(x, train=...)``; in training BatchNorm normalises
-with the batch's statistics and updates its running averages, in evaluation it uses them.
-"""
+"""Layers of the paper's networks as Flax modules (called as ``module(x, train=...)``), and the
+classification loss and accuracy."""
 
 from __future__ import annotations
 
@@ -11,15 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-BATCH_NORM_MOMENTUM = 0.99
-BATCH_NORM_EPSILON = 1e-5
-
 
 def batch_norm(train: bool) -> nn.BatchNorm:
     """The BatchNorm every layer of the package uses (the paper's TensorFlow defaults)."""
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON
-    )
+    return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-5)
 
 
 class HiddenBlock(nn.Module):

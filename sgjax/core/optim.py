@@ -1,9 +1,5 @@
-"""Optimizers whose learning rate lives in their state (one source of truth).
-
-``optax.inject_hyperparams`` stores the initial learning rate in the optimizer state, so a sweep
-over learning rates is a sweep over states: one compiled program serves every value, and the
-rate a run used can always be read back from its state.
-"""
+"""Optimizers whose initial learning rate lives in their state (``optax.inject_hyperparams``),
+so one compiled program serves a sweep over rates, and a run's rate is read back from its state."""
 
 from __future__ import annotations
 
@@ -14,30 +10,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DECAY_FACTOR = 0.1
-
 
 def piecewise_schedule(
     learning_rate: float | jax.Array, boundaries: Sequence[int]
 ) -> optax.Schedule:
-    """``learning_rate`` before the first boundary, times 0.1 from each boundary on.
-
-    Update ``k`` (0-based) uses ``schedule(k)``; with the paper's settings updates 0..299_999 use
-    3e-5, 300_000..399_999 use 3e-6 and the rest 3e-7.
-    """
-    return optax.piecewise_constant_schedule(
-        learning_rate, {int(b): DECAY_FACTOR for b in boundaries}
-    )
+    """``learning_rate`` before the first boundary, times 0.1 from each boundary on (update k,
+    0-based, uses ``schedule(k)``)."""
+    return optax.piecewise_constant_schedule(learning_rate, {int(b): 0.1 for b in boundaries})
 
 
 def adam(learning_rate: float, boundaries: Sequence[int] = ()) -> optax.GradientTransformation:
     """Adam with the paper's piecewise-constant decay; the initial rate is a hyperparameter in
     the state (``learning_rate_of``, ``with_learning_rate``)."""
     decay_at = tuple(int(b) for b in boundaries)
-
-    def factory(learning_rate: float) -> optax.GradientTransformation:
-        return optax.adam(piecewise_schedule(learning_rate, decay_at))
-
+    factory = lambda learning_rate: optax.adam(piecewise_schedule(learning_rate, decay_at))  # noqa: E731
     return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
 
 

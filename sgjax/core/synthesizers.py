@@ -1,10 +1,8 @@
 """Synthesizers: modules M_k that predict dLoss/dh_k from h_k (and, for cDNI, the label).
 
-A synthesizer *factory* (``dense``, ``conv``) says how to build one for a boundary once the
-activation's shape is known; the built module is called as ``module(h, context, train=...)``
-where ``context`` is the one-hot label (cDNI) or None. Its last layer starts at zero, so the
-first synthetic gradients are exactly 0.
-"""
+A factory (``dense``, ``conv``) builds one per boundary once the activation's shape is known,
+called as ``module(h, context, train=...)`` (``context``: the one-hot label, or None). Its last
+layer starts at zero, so the first synthetic gradients are exactly 0."""
 
 from __future__ import annotations
 
@@ -19,6 +17,8 @@ import jax.numpy as jnp
 from sgjax.core.conv import SameConv
 from sgjax.core.layers import batch_norm
 
+_zeros = nn.initializers.zeros
+
 
 class SynthesizerFactory(Protocol):
     """Builds the synthesizer of one boundary for activations of ``shape`` (batch excluded)."""
@@ -27,10 +27,8 @@ class SynthesizerFactory(Protocol):
 
 
 class DenseSynthesizer(nn.Module):
-    """``hidden_layers`` x (Dense -> BatchNorm -> ReLU), then a zero-initialised Dense layer.
-
-    Activations of any shape are flattened per example and the output reshaped back.
-    """
+    """``hidden_layers`` x (Dense -> BatchNorm -> ReLU), then a zero-initialised Dense layer, on
+    the activation flattened per example (the output reshaped back)."""
 
     shape: tuple[int, ...]
     hidden_layers: int
@@ -43,17 +41,13 @@ class DenseSynthesizer(nn.Module):
             x = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
         for _ in range(self.hidden_layers):
             x = nn.relu(batch_norm(train)(nn.Dense(self.units)(x)))
-        out = nn.Dense(
-            math.prod(self.shape),
-            kernel_init=nn.initializers.zeros,
-            bias_init=nn.initializers.zeros,
-        )(x)
+        out = nn.Dense(math.prod(self.shape), kernel_init=_zeros, bias_init=_zeros)(x)
         return out.reshape((h.shape[0], *self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """Factory of ``DenseSynthesizer``s (see ``dense``)."""
+    """Factory of ``DenseSynthesizer``s."""
 
     hidden_layers: int = 0
     units: int = 1024
@@ -75,11 +69,8 @@ def dense(hidden_layers: int = 0, units: int = 1024) -> Dense:
 
 class ConvSynthesizer(nn.Module):
     """``hidden_layers`` x (Conv -> BatchNorm -> ReLU), then a zero-initialised convolution to
-    the activation's channels; same padding throughout, no pooling.
-
-    With a context (cDNI) the one-hot label enters as extra input channels: all zero except the
-    label's, which is all ones (Jaderberg et al.'s cDNI for convolutional maps).
-    """
+    the activation's channels; same padding, no pooling. cDNI's one-hot label enters as extra
+    input planes, all ones for the label (Jaderberg et al.'s cDNI for maps)."""
 
     channels: int
     hidden_layers: int
@@ -98,18 +89,13 @@ class ConvSynthesizer(nn.Module):
         for i in range(self.hidden_layers):
             conv = SameConv(self.filters, self.kernel_size, name=f"Conv_{i}")
             x = nn.relu(batch_norm(train)(conv(x)))
-        return SameConv(
-            self.channels,
-            self.kernel_size,
-            kernel_init=nn.initializers.zeros,
-            bias_init=nn.initializers.zeros,
-            name=f"Conv_{self.hidden_layers}",
-        )(x)
+        name = f"Conv_{self.hidden_layers}"
+        return SameConv(self.channels, self.kernel_size, _zeros, _zeros, name=name)(x)
 
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-    """Factory of ``ConvSynthesizer``s (see ``conv``)."""
+    """Factory of ``ConvSynthesizer``s."""
 
     hidden_layers: int = 2
     filters: int = 64
@@ -139,8 +125,8 @@ def conv(hidden_layers: int = 2, filters: int = 64, kernel_size: int = 5) -> Con
 
 
 class InputModel(nn.Module):
-    """A synthetic-input model (complete unlock): Dense(units) -> ReLU -> Dense to the predicted
-    activation's size, reshaped to ``shape``; reads the network's input flattened per example."""
+    """A synthetic-input model (complete unlock): Dense(units) -> ReLU -> Dense to ``shape``,
+    from the network's input flattened per example."""
 
     shape: tuple[int, ...]
     units: int
@@ -192,7 +178,7 @@ class AuxiliaryFactory(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Auxiliary:
-    """Factory of DGL heads (see ``auxiliary``): linear for flat activations, pooled for maps."""
+    """Factory of DGL heads: linear for flat activations, pooled for maps."""
 
     pooled: int = 2
     hidden_layers: int = 0

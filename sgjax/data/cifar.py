@@ -1,13 +1,9 @@
 """CIFAR-10 from the official "python version" (``cifar-10-python.tar.gz``), read safely.
 
-The archive holds ``cifar-10-batches-py/`` with ``data_batch_1`` .. ``data_batch_5`` and
-``test_batch``: pickled dicts whose ``b"data"`` is uint8 (N, 3072), each row the R, G then B
-32x32 planes, and whose ``b"labels"`` lists N ints in 0..9. ``load_cifar10_dir`` reads them from
-the archive (without extracting it), from the extracted folder, or from the batch files directly,
-and returns a ``Dataset`` of uint8 (N, 32, 32, 3) channels-last images and int32 labels. The
-pickles are read by an unpickler that builds nothing but dicts, lists, bytes, numbers and numpy
-arrays; anything else, or any damage, raises a one-line ``DataError`` naming the file.
-"""
+Its six batches are pickled dicts: ``b"data"`` uint8 (N, 3072), each row the R, G then B planes,
+and ``b"labels"``. They are read from the archive (not extracted), the extracted folder or the
+files themselves by an unpickler that builds nothing but containers, bytes, numbers and numpy
+arrays; anything else, or any damage, raises a one-line ``DataError`` naming the file."""
 
 from __future__ import annotations
 
@@ -22,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from sgjax.data.sources import NUM_CLASSES, DataError, Dataset
+from sgjax.data.sources import NUM_CLASSES, DataError, Dataset, one_line
 
 NAME = "cifar10"
 IMAGE_SIDE = 32
 CHANNELS = 3
-IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE, CHANNELS)
 ROW_SIZE = IMAGE_SIDE * IMAGE_SIDE * CHANNELS  # 3072
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -45,10 +40,6 @@ CLASSES = (
 HINT = f"download {ARCHIVE} from {URL} and pass --data_dir=<folder holding it>"
 REDOWNLOAD = f"re-download {ARCHIVE} from {URL}"
 
-
-# ----------------------------------------------------------------------------------------------
-# A restricted unpickler
-
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
 except ImportError:  # numpy 1.x
@@ -56,8 +47,8 @@ except ImportError:  # numpy 1.x
 
 
 def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """``numpy``'s array reconstructor, for plain ndarrays with a small placeholder shape (the
-    real shape and the bytes come afterwards, in ``__setstate__``)."""
+    """numpy's reconstructor, for plain ndarrays with a placeholder shape (``__setstate__`` then
+    sets the real shape and bytes)."""
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError(f"refusing to build {subtype!r}, not a numpy array")
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n <= 1 for n in shape):
@@ -66,20 +57,19 @@ def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    """``numpy``'s protocol-5 array reconstructor (a copy, so the result owns its memory)."""
-    array = np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
-    return array.copy()
+    """numpy's protocol-5 reconstructor (a copy, so the result owns its memory)."""
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
 
 
 def _encode(text: str, encoding: str = "latin1") -> bytes:
-    """``_codecs.encode``, which protocol-2 pickles from Python 3 use to spell bytes."""
+    """``_codecs.encode``: how protocol-2 pickles from Python 3 spell bytes."""
     if not isinstance(text, str) or encoding != "latin1":
         raise pickle.UnpicklingError("refusing _codecs.encode with unexpected arguments")
     return text.encode("latin1")
 
 
 def _bytes(*args: Any) -> bytes:
-    """``bytes()``, which protocol-2 pickles from Python 3 use to spell an empty bytes object."""
+    """``bytes()``: how protocol-2 pickles from Python 3 spell empty bytes."""
     if args:
         raise pickle.UnpicklingError("refusing bytes() with arguments")
     return b""
@@ -111,22 +101,13 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refusing a persistent id")
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ----------------------------------------------------------------------------------------------
-# One batch
-
-
 def parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> uint8 (N, 32, 32, 3) images, int32 (N,) labels; ``where`` names it."""
     try:
         obj = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001  (any failure to unpickle means a damaged file)
         raise DataError(
-            f"{where}: not a readable CIFAR-10 batch pickle ({_one_line(e)}); {REDOWNLOAD}"
+            f"{where}: not a readable CIFAR-10 batch pickle ({one_line(e, 160)}); {REDOWNLOAD}"
         ) from None
     if not isinstance(obj, dict):
         raise DataError(
@@ -188,10 +169,6 @@ def _labels_array(labels: Any, where: str) -> np.ndarray:
     return array.astype(np.int32)
 
 
-# ----------------------------------------------------------------------------------------------
-# Finding and reading the six batch files
-
-
 def _archive_members(archive: Path) -> Iterator[tuple[str, str, bytes]]:
     """(batch name, where, raw bytes) for each batch file in the archive, in archive order."""
     wanted = set(TRAIN_BATCHES) | {TEST_BATCH}
@@ -221,7 +198,7 @@ def _read_archive(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             batches.setdefault(base, parse_batch(raw, where))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise DataError(
-            f"{archive}: truncated or corrupt archive ({_one_line(e)}); {REDOWNLOAD}"
+            f"{archive}: truncated or corrupt archive ({one_line(e, 160)}); {REDOWNLOAD}"
         ) from None
     _require_all(batches, f"{archive}")
     return batches
@@ -297,13 +274,5 @@ def load_cifar10_dir(data_dir: str | os.PathLike[str], *, reason: str | None = N
             f"{test_images.shape[0]:,} test{'' if official else ', fewer than the official set'}"
             f") because --data_dir was given"
         )
-    return Dataset(
-        name=NAME,
-        source="cifar",
-        reason=reason,
-        location=str(location),
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-    )
+    arrays = (train_images, train_labels, test_images, test_labels)
+    return Dataset(NAME, "cifar", reason, *arrays, location=str(location))

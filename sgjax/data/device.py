@@ -1,9 +1,5 @@
 """Device side of the data path: arrays placed on a device once, batches sampled inside jit.
-
-Host-side loading lives in ``sgjax.data.sources``; ``sgjax.data`` exports both sides. Images
-keep the shape the host gave them: uint8 (N, 784) for MNIST and Fashion-MNIST, (N, 32, 32, 3)
-for CIFAR-10; nothing here depends on the trailing shape.
-"""
+Images keep the shape the host gave them; nothing here depends on it."""
 
 from __future__ import annotations
 
@@ -27,8 +23,7 @@ class DeviceData(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """A minibatch: float32 (B, ...) images in [0, 1] (trailing shape as stored), int32 labels
-    and each row's index in the training set."""
+    """float32 images in [0, 1], int32 labels and each row's index in the training set."""
 
     images: jax.Array
     labels: jax.Array
@@ -38,10 +33,10 @@ class Batch(NamedTuple):
 def to_device(ds: Dataset, device: Any = None) -> DeviceData:
     """Copy the dataset's arrays to ``device`` (default device if None) in one transfer."""
     host = DeviceData(
-        train_images=np.asarray(ds.train_images, dtype=np.uint8),
-        train_labels=np.asarray(ds.train_labels, dtype=np.int32),
-        test_images=np.asarray(ds.test_images, dtype=np.uint8),
-        test_labels=np.asarray(ds.test_labels, dtype=np.int32),
+        np.asarray(ds.train_images, np.uint8),
+        np.asarray(ds.train_labels, np.int32),
+        np.asarray(ds.test_images, np.uint8),
+        np.asarray(ds.test_labels, np.int32),
     )
     return jax.device_put(host, device)
 
@@ -53,8 +48,7 @@ def scale_images(images_uint8: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="batch_size")
 def sample_batch(key: jax.Array, data: DeviceData, batch_size: int) -> Batch:
-    """Draw ``batch_size`` training examples uniformly with replacement, on device; the images
-    keep their trailing shape ((B, 784) for MNIST, (B, 32, 32, 3) for CIFAR-10)."""
+    """``batch_size`` training examples drawn uniformly with replacement, on device."""
     n = data.train_images.shape[0]
     idx = jax.random.randint(key, (batch_size,), 0, n)
     images = scale_images(jnp.take(data.train_images, idx, axis=0))

@@ -1,10 +1,6 @@
-"""Host-side dataset sources: IDX files, TFDS, Debian's Fashion-MNIST, the embedded MNIST subset,
-and CIFAR-10's python-version batches (read in ``sgjax.data.cifar``).
-
-Everything here is numpy only; ``sgjax.data.device`` moves the arrays onto a device. The entry
-point is ``load_dataset(name, data_dir)``, which picks the best real data reachable, never hangs
-offline, and records in ``Dataset.reason`` which data it used and why.
-"""
+"""Host-side (numpy) dataset sources: IDX files, TFDS, Debian's Fashion-MNIST, the embedded MNIST
+subset, CIFAR-10 (``sgjax.data.cifar``). ``load_dataset`` picks the best real data reachable,
+never hangs offline, and says in ``Dataset.reason`` which data it used and why."""
 
 from __future__ import annotations
 
@@ -25,7 +21,6 @@ NUM_CLASSES = 10
 IMAGE_SIDE = 28
 IMAGE_SIZE = IMAGE_SIDE * IMAGE_SIDE
 
-# Per-example image shape of each dataset: MNIST's are flattened, CIFAR-10's channels last.
 IMAGE_SHAPES: dict[str, tuple[int, ...]] = {
     "mnist": (IMAGE_SIZE,),
     "fashion_mnist": (IMAGE_SIZE,),
@@ -35,27 +30,18 @@ SOURCES = ("idx", "tfds", "embedded", "cifar")
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dims
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dim
-
-# Base names of the four IDX files; each may also end in ".gz".
-IDX_FILES = {
+IDX_FILES = {  # each may also end in ".gz"
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-
-# Where Debian's `dataset-fashion-mnist` installs the four gzipped IDX files.
-DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-# The embedded MNIST subset, relative to the sgjax package (see tools/build_embedded_mnist.py).
-EMBEDDED_MNIST = ("assets", "mnist_embedded.npz")
-
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # dataset-fashion-mnist's
+EMBEDDED_MNIST = ("assets", "mnist_embedded.npz")  # tools/build_embedded_mnist.py makes it
 TFDS_PROBE_HOST = ("storage.googleapis.com", 443)
-
 NO_TFDS_ENV = "SGJAX_NO_TFDS"
-"""Environment variable: set to anything but "" or "0" and ``load_dataset`` skips TFDS (no
-import, no network probe). The tests set it (tests/conftest.py), so that every machine, online or
-not, with TensorFlow or not, runs them on the same data; subprocesses inherit it."""
+"""Set to anything but "" or "0", ``load_dataset`` skips TFDS (no import, no network probe); the
+tests set it (tests/conftest.py) so that every machine runs them on the same data."""
 
 _IDX_HINT = (
     "pass a folder holding the four MNIST-format IDX files "
@@ -73,11 +59,8 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """uint8 images, labels int32 (N,), plus where they came from.
-
-    Images are (N, 784) flattened for MNIST and Fashion-MNIST, (N, 32, 32, 3) channels last for
-    CIFAR-10 (``IMAGE_SHAPES``); a dataset of another name may use either shape.
-    """
+    """uint8 images of ``IMAGE_SHAPES`` (another name may use either shape), int32 (N,) labels,
+    and where they came from."""
 
     name: str
     source: str
@@ -118,38 +101,24 @@ class Dataset:
 
     @property
     def train_size(self) -> int:
-        """Number of training examples."""
         return int(self.train_images.shape[0])
 
     @property
     def test_size(self) -> int:
-        """Number of test examples."""
         return int(self.test_images.shape[0])
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (10 for MNIST, Fashion-MNIST and CIFAR-10)."""
         return NUM_CLASSES
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """Shape of one image: (784,) for MNIST and Fashion-MNIST, (32, 32, 3) for CIFAR-10."""
         return tuple(int(n) for n in self.train_images.shape[1:])
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for a run's record."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "train_size": self.train_size,
-            "test_size": self.test_size,
-            "reason": self.reason,
-            "location": self.location,
-        }
-
-
-# ----------------------------------------------------------------------------------------------
-# IDX files
+        names = ("name", "source", "train_size", "test_size", "reason", "location")
+        return {name: getattr(self, name) for name in names}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -269,10 +238,6 @@ def load_idx_dir(
     return Dataset(name=name, source="idx", reason=reason, location=str(directory), **arrays)
 
 
-# ----------------------------------------------------------------------------------------------
-# TFDS
-
-
 def _tfds_data_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
 
@@ -309,7 +274,8 @@ def _network_available(
     return bool(result and result[0])
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The exception's type and message on one line, cut to ``limit`` characters."""
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -335,10 +301,6 @@ def _load_tfds(name: str, download: bool) -> Dataset:
     return Dataset(name=name, source="tfds", reason="", location=str(_tfds_data_dir()), **arrays)
 
 
-# ----------------------------------------------------------------------------------------------
-# Embedded MNIST subset
-
-
 def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> Dataset:
     """The 5,000-train / 10,000-test real MNIST images shipped inside the package."""
     resource = importlib.resources.files("sgjax")
@@ -349,7 +311,7 @@ def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> D
             arrays = {key: npz[key] for key in IDX_FILES}
     except (OSError, KeyError, ValueError, zlib.error) as e:
         raise DataError(
-            f"{resource}: embedded MNIST missing or unreadable ({_one_line(e)}); reinstall sgjax "
+            f"{resource}: embedded MNIST missing or unreadable ({one_line(e)}); reinstall sgjax "
             f"with its package data or pass --data_dir with the MNIST IDX files"
         ) from e
     for key in ("train_labels", "test_labels"):
@@ -359,22 +321,14 @@ def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> D
     return Dataset(name="mnist", source="embedded", reason=reason, location=str(resource), **arrays)
 
 
-# ----------------------------------------------------------------------------------------------
-# The choice
-
-
 def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) -> Dataset:
     """Load ``name`` from the best source reachable; ``Dataset.reason`` says which and why.
 
-    Order: ``data_dir`` (IDX files, or for cifar10 the official python version read by
-    ``sgjax.data.cifar``; errors raise, no fallback); TFDS when it holds a prepared copy or
-    the network answers (skipped, without a probe, when ``allow_tfds`` is False or the
-    environment variable ``SGJAX_NO_TFDS`` is set to anything but "" or "0"); Debian's
-    Fashion-MNIST folder (fashion_mnist only); the embedded MNIST subset (mnist only); for
-    cifar10, a ``DataError`` saying where to get the archive. Offline, the choice takes a few
-    seconds at most. TFDS is optional (``pip install sgjax[tfds]``); when
-    it is not installed the choice moves on to the next source.
-    """
+    Order: ``data_dir`` (IDX files, or CIFAR-10's python version; errors raise, no fallback);
+    TFDS (optional) when it holds a prepared copy or the network answers (unless ``allow_tfds``
+    is False or ``SGJAX_NO_TFDS`` is set); Debian's Fashion-MNIST folder; the embedded MNIST
+    subset; for cifar10, a ``DataError`` saying where to get the archive. Offline, the choice
+    takes a few seconds at most."""
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
     if data_dir is not None:
@@ -400,7 +354,7 @@ def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) ->
             try:
                 ds = _load_tfds(name, download=online)
             except Exception as e:  # noqa: BLE001  (any TFDS failure means: try the next source)
-                why_not = f"{why} but TFDS failed ({_one_line(e)})"
+                why_not = f"{why} but TFDS failed ({one_line(e)})"
             else:
                 reason = (
                     f"using {name} from TFDS ({ds.train_size:,} train / {ds.test_size:,} test) "

@@ -1,9 +1,5 @@
-"""Text for character language modelling: files read as UTF-8, characters mapped to ids.
-
-The vocabulary is the training text's characters (sorted) plus one id for any character the
-training text lacks. Penn Treebank's character version is what Jaderberg et al. used; any
-UTF-8 text works.
-"""
+"""Text for character language modelling (Penn Treebank's character version in the paper; any
+UTF-8 text works): the vocabulary is the training text's characters plus one unknown id."""
 
 from __future__ import annotations
 
@@ -19,13 +15,11 @@ from sgjax.data.sources import DataError
 class TextCorpus(NamedTuple):
     """Training, validation and test texts as character ids."""
 
-    vocabulary: str
-    """The training text's distinct characters; id ``len(vocabulary)`` is any other one."""
+    vocabulary: str  # the training text's characters; id len(vocabulary) is any other
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
-    source: str
-    """One line: which files, or which split of one file."""
+    source: str  # which files, or which split of one file
 
     @property
     def vocab_size(self) -> int:

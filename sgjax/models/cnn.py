@@ -1,12 +1,7 @@
-"""The convolutional networks of Jaderberg et al. (2016, appendix) as chains of stages.
-
-A depth-d network has d - 1 convolutional stages (k x k kernels, same padding, BatchNorm, ReLU,
-then pooling) and a linear classifier: 3x3 max pooling after the first convolution, 3x3 average
-pooling after the later ones. The paper does not state pooling strides or the classifier's input;
-here every pooling has stride 2 and same padding (28 -> 14 -> 7 -> 4 -> 2 -> 1 on MNIST,
-32 -> 16 -> ... -> 1 on CIFAR-10) and the classifier reads the flattened last map (see
-BUILD_NOTES.md for the reasons).
-"""
+"""The convolutional networks of Jaderberg et al. (2016, appendix) as chains of stages: d - 1
+conv-BN-ReLU-pooling stages (3x3 max pooling first, then average) and a linear classifier. The
+paper does not state pooling strides or the classifier's input: here every pooling has stride 2,
+same padding, and the classifier reads the flattened last map (BUILD_NOTES.md says why)."""
 
 from __future__ import annotations
 
@@ -20,14 +15,11 @@ from sgjax.core.layers import OutputLayer, batch_norm
 
 POOL_WINDOW = (3, 3)
 POOL_STRIDES = (2, 2)
-PAPER_FILTERS = {"mnist": 64, "fashion_mnist": 64, "cifar10": 128}
 
 
 class ConvBlock(nn.Module):
-    """Conv -> BatchNorm -> ReLU -> pooling (``max`` or ``avg``).
-
-    ``input_shape`` (H, W, C), when given, reshapes flat inputs (e.g. MNIST's 784 values) first.
-    """
+    """Conv -> BatchNorm -> ReLU -> pooling (``max`` or ``avg``); ``input_shape`` (H, W, C)
+    reshapes flat inputs (MNIST's 784 values) first."""
 
     filters: int
     kernel_size: int = 5

@@ -11,11 +11,8 @@ LSTMCarry = tuple[jax.Array, jax.Array]
 
 
 class LSTMCore(nn.Module):
-    """One LSTM layer of ``hidden_units`` and a linear readout to ``output_dim`` logits.
-
-    Called as ``core(carry, x) -> (carry, logits)`` for one time step; any Flax module with this
-    signature and a pytree carry can replace it in ``sgjax.core.recurrent``.
-    """
+    """One LSTM layer and a linear readout: ``core(carry, x) -> (carry, logits)`` per time step
+    (any Flax module with this signature can replace it in ``sgjax.core.recurrent``)."""
 
     hidden_units: int
     output_dim: int
@@ -27,6 +24,5 @@ class LSTMCore(nn.Module):
 
 
 def zero_carry(batch_size: int, hidden_units: int) -> LSTMCarry:
-    """The LSTM state at the start of a sequence: zeros."""
     zeros = jnp.zeros((batch_size, hidden_units), jnp.float32)
     return zeros, zeros

@@ -24,33 +24,28 @@ class RNNConfig(RunConfig):
     mode: str = "dni"
     truncation: int = 3
     hidden_units: int = 256
-    num_steps: int = 100_000
-    """Updates, one per segment of ``truncation`` steps."""
+    num_steps: int = 100_000  # updates, one per segment of ``truncation`` steps
     learning_rate: float = PAPER_RNN_LEARNING_RATE
-    eval_every: int | None = None
-    """Updates between records (default: 1k for the copy tasks, 5k for char_lm)."""
+    eval_every: int | None = None  # default: DEFAULT_EVAL_EVERY
     sg_scale: float = PAPER_SG_SCALE
-    synthesizer_units: int | None = None
-    """Width of the synthesizer's hidden layer (default: --hidden_units)."""
+    synthesizer_units: int | None = None  # default: hidden_units
     sg_trains_core: bool = False
     bits: int = DEFAULT_BITS
-    max_length: int = 256
-    """Copy tasks: episodes are padded to this many time steps (the largest level that fits)."""
+    max_length: int = 256  # copy tasks: episodes are padded to this many time steps
     text_file: str | None = None
     valid_file: str | None = None
     test_file: str | None = None
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
     patience: int = 5
-    """char_lm: stop after this many validations without a better one (0: never)."""
 
+    # The texts are checked by their sizes instead (``text_identity``).
     RESUME_FREE: ClassVar[tuple[str, ...]] = (
         *RunConfig.RESUME_FREE,
         "text_file",
         "valid_file",
         "test_file",
     )
-    """The texts are checked by their sizes instead (``text_identity``)."""
 
     @property
     def resolved_eval_every(self) -> int:
@@ -65,8 +60,7 @@ class RNNConfig(RunConfig):
 
     def validate(self) -> RNNConfig:
         """Raise ConfigError (one line, saying what to change) if the run cannot work."""
-        choices = {"task": RNN_TASKS, "mode": RECURRENT_MODES}
-        for name, allowed in choices.items():
+        for name, allowed in (("task", RNN_TASKS), ("mode", RECURRENT_MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"

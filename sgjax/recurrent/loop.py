@@ -1,6 +1,5 @@
-"""A recurrent run as an ``Engine`` (``RecurrentEngine``) that the one host loop
-(``sgjax.training.loop.run_engine``) drives: its records (``RNNRecord``), the curriculum or the
-validation score at each record, and early stopping."""
+"""A recurrent run as an ``Engine`` for ``sgjax.training.loop.run_engine``: its records, the
+curriculum or the validation score at each record, and early stopping."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from sgjax.tasks.copy import CopyTask
 from sgjax.training.config import ConfigError
 from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import (
+    ChunkedEngine,
     PeriodMetrics,
     Recording,
     Resume,
@@ -34,21 +34,17 @@ class RNNRecord:
     """One row of metrics.csv: training means over the period, the task's scores at its end."""
 
     step: int
-    train_bits: float
-    """Training loss in bits per output element (copy tasks) or per character (char_lm)."""
+    train_bits: float  # per output element (copy tasks) or character (char_lm)
     sg_loss: float
     aux_loss: float
-    level: tuple[int, int] | None = None
-    """Copy tasks: the curriculum's (N, R) at the record."""
-    episode_error: float | None = None
-    """Copy tasks: bits per element wrong in the last finished batch of episodes."""
+    level: tuple[int, int] | None = None  # copy tasks: the curriculum's (N, R)
+    episode_error: float | None = None  # copy tasks: in the last finished episodes
     max_episode_solved: int | None = None
     valid_bpc: float | None = None
     test_bpc: float | None = None
     elapsed_s: float = 0.0
 
     def text(self) -> str:
-        """The record in the progress line (after the step, before the speed)."""
         line = f"train {self.train_bits:.4f} bits"
         if self.level is not None:
             n, r = self.level
@@ -64,23 +60,16 @@ class RNNRecord:
         return line
 
     def cells(self) -> dict[str, str]:
-        """metrics.csv's cells of this record, by column."""
         values = dataclasses.asdict(self)
         values["level_n"], values["level_r"] = values.pop("level") or (None, None)
-        return {name: _cell(value) for name, value in values.items()}
+        return {
+            name: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+            for name, v in values.items()
+        }
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> RNNRecord:
-        """The record ``dataclasses.asdict`` made ``saved`` of (a checkpoint's)."""
         return cls(**(saved | {"level": tuple(saved["level"]) if saved["level"] else None}))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 class Scores(NamedTuple):
@@ -109,10 +98,10 @@ def char_lm_scores(records: list[RNNRecord]) -> Scores:
 
 
 def program_for(config: RNNConfig, corpus: TextCorpus | None) -> CopyProgram | TextProgram:
-    if config.task == "char_lm":
-        assert corpus is not None
-        return TextProgram(config, corpus.vocab_size)
-    return CopyProgram(config)
+    if config.task != "char_lm":
+        return CopyProgram(config)
+    assert corpus is not None
+    return TextProgram(config, corpus.vocab_size)
 
 
 def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:
@@ -122,8 +111,8 @@ def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:
 
 
 def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]:
-    """Training streams (``batch_size`` of them) and evaluation streams; raises ConfigError
-    when the training text is too short for one segment per stream."""
+    """Training streams (``batch_size`` of them) and evaluation streams; ConfigError when the
+    training text is too short for one segment per stream."""
     train = as_streams(corpus.train, config.batch_size)
     if train.shape[1] < 2 * config.truncation + 1:
         need = config.batch_size * (2 * config.truncation + 1)
@@ -148,8 +137,10 @@ def text_identity(corpus: TextCorpus | None) -> dict[str, Any]:
     """What a resumed char_lm run must match of its texts (their sizes; the files may move)."""
     if corpus is None:
         return {}
-    sizes = [len(corpus.train), len(corpus.valid), len(corpus.test)]
-    return {"text_sizes": sizes, "vocab_size": corpus.vocab_size}
+    return {
+        "text_sizes": [len(t) for t in (corpus.train, corpus.valid, corpus.test)],
+        "vocab_size": corpus.vocab_size,
+    }
 
 
 def curriculum_curve(task: CopyTask, state: Any) -> list[tuple[int, int]]:
@@ -158,11 +149,9 @@ def curriculum_curve(task: CopyTask, state: Any) -> list[tuple[int, int]]:
     return list(zip(steps, level_sizes(task, len(steps)), strict=True))
 
 
-class RecurrentEngine:
-    """A recurrent program as an ``Engine``: compiled chunks of updates; its evaluation is the
-    task's scores (the curriculum's state, or the validation and test texts' bits per
-    character). ``ChunkMetrics.loss`` sums the loss over output elements, which
-    ``extra["count"]`` counts; ``extra["aux_loss"]`` sums the auxiliary loss."""
+class RecurrentEngine(ChunkedEngine):
+    """A recurrent program as an ``Engine``; its evaluation is the task's scores. Its
+    ``ChunkMetrics.loss`` sums over output elements, counted in ``extra["count"]``."""
 
     def __init__(
         self,
@@ -171,41 +160,31 @@ class RecurrentEngine:
         state: Any,
         max_chunk: int,
     ) -> None:
+        self.texts = {name: jnp.asarray(a) for name, a in streams.items()}
+        super().__init__(program.chunk, self.texts.get("train"), state, max_chunk)
         self.program = program
-        self.max_chunk = max_chunk
-        self.data = {name: jnp.asarray(a) for name, a in streams.items()}
-        self._state = state
-        self._chunks: dict[int, jax.stages.Compiled] = {}
         self._scores: dict[str, jax.stages.Compiled] = {}
 
     def compile(self, chunk_lengths: Collection[int]) -> None:
-        state, train = self._state, self.data.get("train")
-        self._chunks = {
-            n: jax.jit(self.program.chunk(n), donate_argnums=0).lower(state, train).compile()
-            for n in sorted(set(chunk_lengths))
-        }
+        super().compile(chunk_lengths)
         if isinstance(self.program, TextProgram):
             score = jax.jit(self.program.bits_per_character)
             self._scores = {
-                name: score.lower(state, self.data[name]).compile() for name in ("valid", "test")
+                name: score.lower(self._state, self.texts[name]).compile()
+                for name in ("valid", "test")
             }
 
     def advance(self, steps: int) -> ChunkMetrics:
-        self._state, stats = self._chunks[steps](self._state, self.data.get("train"))
-        loss, count, sg_loss, aux_loss = (float(x) for x in jax.device_get(stats))
+        loss, count, sg_loss, aux_loss = (float(x) for x in self.run(steps))
         return ChunkMetrics(
             steps, loss, 0.0, (sg_loss,), extra={"count": count, "aux_loss": aux_loss}
         )
 
-    def state(self) -> Any:
-        return self._state
-
     def evaluate(self) -> dict[str, Any]:
-        """The record's task fields: bits per character, or the curriculum's state."""
         state = self._state
         if self._scores:
             return {
-                f"{name}_bpc": float(score(state, self.data[name]))
+                f"{name}_bpc": float(score(state, self.texts[name]))
                 for name, score in self._scores.items()
             }
         error = float(state.last_error)
@@ -214,9 +193,6 @@ class RecurrentEngine:
             "episode_error": error if math.isfinite(error) else None,
             "max_episode_solved": int(state.solved),
         }
-
-    def inflight(self) -> dict[str, Any]:
-        return {}
 
 
 def _record(step: int, period: PeriodMetrics, scores: dict[str, Any]) -> RNNRecord:
@@ -252,9 +228,8 @@ def train_recurrent(
     save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """Run ``config`` (with ``corpus`` for char_lm) with ``run_engine``, recording every
-    ``eval_every`` updates. char_lm scores the validation and test texts at each record and
-    stops early after ``patience`` records without a better validation score."""
+    """Run ``config`` (with ``corpus`` for char_lm) with ``run_engine``; char_lm stops early
+    after ``patience`` records without a better validation score."""
     program = program_for(config, corpus)
     streams = text_streams(config, corpus) if config.task == "char_lm" else {}
     if start is None:

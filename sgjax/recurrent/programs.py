@@ -57,7 +57,7 @@ def _slice(array: jax.Array, start: jax.Array, size: int) -> jax.Array:
 
 
 class ChunkStats(NamedTuple):
-    """Sums (``loss_sum``, ``count``, ``sg_loss``, ``aux_loss``: over the chunk's updates)."""
+    """Sums over a chunk's updates."""
 
     loss_sum: jax.Array
     count: jax.Array
@@ -66,17 +66,36 @@ class ChunkStats(NamedTuple):
 
 
 class Chunked:
-    """``chunk(n)``: ``n`` of a program's ``step(state, data)`` in one ``lax.scan``."""
+    """``chunk(n)``: ``n`` of a program's ``step(state, data)`` in one ``lax.scan``, summed."""
 
     def chunk(self, num_steps: int) -> Callable[[Any, Any], tuple[Any, ChunkStats]]:
-        """``num_steps`` updates in one ``lax.scan``; returns the state and the sums."""
-
         def run(state: Any, data: Any = None) -> tuple[Any, ChunkStats]:
             scan = jax.lax.scan(lambda s, _: self.step(s, data), state, None, length=num_steps)
             state, per_step = scan
             return state, ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
 
         return run
+
+    def _update(
+        self,
+        state: Any,
+        segment: Segment,
+        before: Callable[[jax.Array], Segment],
+        continues: jax.Array,
+    ):
+        """The trainer's step on ``segment``; with ``sg_trains_core`` also on the segment
+        before it (``before(start)``), present unless this one starts the stream."""
+        batch = continues.shape[0]
+        previous = None
+        if self.config.sg_trains_core:
+            start = jnp.maximum(state.position - self.config.truncation, 0)
+            present = jnp.broadcast_to(state.position > 0, (batch,))
+            previous = (state.previous_carry, before(start), present)
+        model, end, metrics = self.trainer.step(
+            state.model, state.carry, segment, continues, previous
+        )
+        stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
+        return model, end, metrics, stats
 
 
 # ---------------------------------------------------------------- copy and repeat copy
@@ -87,22 +106,15 @@ class CopyRunState(NamedTuple):
 
     model: RecurrentState
     carry: Carry
-    previous_carry: Carry
-    """The carry at the start of the previous segment (``sg_trains_core``)."""
+    previous_carry: Carry  # at the start of the previous segment (sg_trains_core)
     episode: Episode
-    position: jax.Array
-    """Time step where the next segment starts."""
+    position: jax.Array  # time step where the next segment starts
     level: Level
-    error_bits: jax.Array
-    """Wrong bits so far in the current episodes (summed over the batch)."""
-    elements: jax.Array
-    """Output elements (time steps x batch) so far in the current episodes."""
-    last_error: jax.Array
-    """Bits per element of the last finished batch of episodes (NaN before the first)."""
-    solved: jax.Array
-    """Largest episode size solved so far (0: none)."""
-    solved_steps: jax.Array
-    """``solved_steps[k]``: the update at which the k-th level was solved (-1: not yet)."""
+    error_bits: jax.Array  # wrong bits so far in the current episodes
+    elements: jax.Array  # output elements (time steps x batch) so far in them
+    last_error: jax.Array  # bits per element of the last finished episodes (NaN before)
+    solved: jax.Array  # largest episode size solved so far (0: none)
+    solved_steps: jax.Array  # the update at which the k-th level was solved (-1: not yet)
     levels_solved: jax.Array
     episodes: jax.Array
     step: jax.Array
@@ -169,23 +181,11 @@ class CopyProgram(Chunked):
         config, task, truncation = self.config, self.task, self.config.truncation
         batch = config.batch_size
         episode = state.episode
-        segment = Segment(
-            *(_slice(a, state.position, truncation)
-              for a in (episode.inputs, episode.targets, episode.mask))
-        )  # fmt: skip
+        arrays = (episode.inputs, episode.targets, episode.mask)
+        cut = lambda start: Segment(*(_slice(a, start, truncation) for a in arrays))  # noqa: E731
+        segment = cut(state.position)
         continues = jnp.broadcast_to(state.position + truncation < episode.length, (batch,))
-        previous = None
-        if config.sg_trains_core:
-            start = jnp.maximum(state.position - truncation, 0)
-            before = Segment(
-                *(_slice(a, start, truncation)
-                  for a in (episode.inputs, episode.targets, episode.mask))
-            )  # fmt: skip
-            present = jnp.broadcast_to(state.position > 0, (batch,))
-            previous = (state.previous_carry, before, present)
-        model, end, metrics = self.trainer.step(
-            state.model, state.carry, segment, continues, previous
-        )
+        model, end, metrics, stats = self._update(state, segment, cut, continues)
         error_bits = state.error_bits + jnp.sum(
             bit_errors(metrics.outputs, segment.targets, segment.mask)
         )
@@ -225,7 +225,6 @@ class CopyProgram(Chunked):
             step=state.step + 1,
             key=state.key,
         )
-        stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
         return new_state, stats
 
 
@@ -236,13 +235,11 @@ class TextRunState(NamedTuple):
     model: RecurrentState
     carry: Carry
     previous_carry: Carry
-    position: jax.Array
-    """Where the next segment starts in every stream."""
+    position: jax.Array  # where the next segment starts in every stream
     step: jax.Array
 
 
 def char_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Each example's cross-entropy in nats for integer character targets."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
@@ -272,20 +269,9 @@ class TextProgram(Chunked):
     def step(self, state: TextRunState, streams: jax.Array) -> tuple[TextRunState, ChunkStats]:
         config, truncation = self.config, self.config.truncation
         batch, length = streams.shape
-        segment = _text_segment(streams, state.position, truncation, self.vocab_size)
+        cut = lambda start: _text_segment(streams, start, truncation, self.vocab_size)  # noqa: E731
         continues = jnp.broadcast_to(state.position + 2 * truncation + 1 <= length, (batch,))
-        previous = None
-        if config.sg_trains_core:
-            start = jnp.maximum(state.position - truncation, 0)
-            before = _text_segment(streams, start, truncation, self.vocab_size)
-            previous = (
-                state.previous_carry,
-                before,
-                jnp.broadcast_to(state.position > 0, (batch,)),
-            )
-        model, end, metrics = self.trainer.step(
-            state.model, state.carry, segment, continues, previous
-        )
+        model, end, metrics, stats = self._update(state, cut(state.position), cut, continues)
         position = state.position + truncation
         wrap = position + truncation + 1 > length
         zero = zero_carry(batch, config.hidden_units)
@@ -296,12 +282,10 @@ class TextProgram(Chunked):
             jnp.where(wrap, 0, position),
             state.step + 1,
         )
-        stats = ChunkStats(metrics.loss_sum, metrics.count, metrics.sg_loss, metrics.aux_loss)
         return new_state, stats
 
     def bits_per_character(self, state: TextRunState, streams: jax.Array) -> jax.Array:
-        """Bits per character of the model on ``streams`` ([streams, length]), read from the
-        start of each stream with the state carried through (no truncation)."""
+        """Bits per character on ``streams`` ([streams, length]), each read whole."""
         batch, length = streams.shape
         carry = zero_carry(batch, self.config.hidden_units)
         segment = _text_segment(streams, jnp.zeros((), jnp.int32), length - 1, self.vocab_size)

@@ -1,20 +1,12 @@
 """Copy and Repeat Copy (Graves et al. 2014), generated on the device inside the compiled loop.
 
-Encoding, per time step (``Episode``), for a pattern of N random ``bits``-bit vectors:
-
-* step 0: the start channel (``bits``) is 1;
-* steps 1..N: the pattern, one vector per step, on channels 0..bits-1;
-* step N+1: the delimiter channel (``bits + 1``) is 1; Repeat Copy also puts R * 0.1 on the
-  repeat channel (``bits + 2``);
-* then the output phase, inputs all zero: Copy's targets are the pattern (N steps); Repeat
-  Copy's are the pattern R times (N*R steps), then one step whose target is the end marker
-  (output channel ``bits``) alone.
-
-The loss and the errors count only the output phase (``mask``). An episode of any level lies in
-arrays padded to ``max_length`` steps, so the compiled program never changes as N and R grow.
-The size reported for a level is the paper's episode length: N + 3 for Copy, N*R + 3 for Repeat
-Copy (``episode_size``).
-"""
+Per time step, for a pattern of N random ``bits``-bit vectors: step 0 sets the start channel
+(``bits``); steps 1..N carry the pattern; step N+1 sets the delimiter channel (``bits + 1``) and,
+for Repeat Copy, R * 0.1 on channel ``bits + 2``. Then the output phase (inputs zero, the only
+steps the loss counts): the pattern (Copy), or the pattern R times and one end-marker step on
+output channel ``bits`` (Repeat Copy). Episodes are padded to ``max_length`` steps, so the
+compiled program never changes as N and R grow. A level's size is the paper's: N + 3 (Copy),
+N*R + 3 (Repeat Copy)."""
 
 from __future__ import annotations
 
@@ -27,10 +19,8 @@ import optax
 
 COPY_TASKS = ("copy", "repeat_copy")
 DEFAULT_BITS = 8
-SOLVED_BITS_PER_ELEMENT = 0.15
-"""The curriculum advances when the mean error falls below 0.15 bits per sequence element."""
+SOLVED_BITS_PER_ELEMENT = 0.15  # the curriculum advances below this mean error
 REPEAT_INPUT_SCALE = 0.1
-"""The repeat count R enters as R * 0.1 on its channel."""
 
 
 class Level(NamedTuple):
@@ -43,14 +33,10 @@ class Level(NamedTuple):
 class Episode(NamedTuple):
     """A batch of episodes of one level, time-major and padded to ``max_length`` steps."""
 
-    inputs: jax.Array
-    """``[max_length, batch, input_dim]``."""
-    targets: jax.Array
-    """``[max_length, batch, output_dim]``."""
-    mask: jax.Array
-    """``[max_length, batch]``: 1 on the output phase."""
-    length: jax.Array
-    """Steps in the episode (int32 scalar); the rest is padding."""
+    inputs: jax.Array  # [max_length, batch, input_dim]
+    targets: jax.Array  # [max_length, batch, output_dim]
+    mask: jax.Array  # [max_length, batch]: 1 on the output phase
+    length: jax.Array  # steps in the episode (int32); the rest is padding
 
 
 @dataclasses.dataclass(frozen=True)

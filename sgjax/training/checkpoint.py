@@ -1,11 +1,6 @@
-"""Checkpoints with orbax: the whole training state plus the run's records, and a safe resume.
-
-A checkpoint holds every layer's and module's parameters, BatchNorm statistics and Adam state,
-the step, the PRNG key and learning rate (all in ``TrainState``), and as JSON the metrics so far,
-the training time so far and the configuration that made it. Orbax writes each checkpoint to a
-temporary folder and renames it when complete, so a killed process never leaves a half-written
-checkpoint that looks finished.
-"""
+"""Checkpoints with orbax: the whole run state, and as JSON the records, times and the
+configuration that made them. Orbax renames a checkpoint's folder only when it is complete, so a
+killed process never leaves a half-written one that looks finished."""
 
 from __future__ import annotations
 
@@ -27,36 +22,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line saying what to do."""
 
 
-def _this_process_only(directory: Path, keep_last: int) -> ocp.CheckpointManagerOptions:
-    """Options for a multi-process run (``--distributed``): every process has the whole state,
-    so process 0 writes and any process reads without waiting for the others."""
-    index = jax.process_index()
-    if index == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    return ocp.CheckpointManagerOptions(
-        max_to_keep=keep_last,
-        create=False,
-        enable_async_checkpointing=False,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=index, active_processes={index}
-        ),
-    )
-
-
 class Checkpointer:
     """Checkpoints of a run (any ``Engine``'s) under ``directory``, one sub-folder per step: the
-    state pytree, an engine's work in flight, and as JSON the ``Resume``'s records, period sums
-    and times with the configuration that made them (``RunConfig.identity``)."""
+    state, an engine's work in flight, and the ``Resume``'s records, period sums and times with
+    the configuration that made them (``RunConfig.identity``)."""
 
     def __init__(self, directory: Path, keep_last: int = KEEP_LAST) -> None:
         self.directory = Path(directory).absolute()
+        options: dict[str, Any] = {"create": True}
+        if jax.process_count() > 1:  # every process has the whole state: process 0 writes, and
+            index = jax.process_index()  # any process reads without waiting for the others
+            if index == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            options = dict(
+                create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=index, active_processes={index}
+                ),
+            )
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep_last, create=True, enable_async_checkpointing=False
-            )
-            if jax.process_count() == 1
-            else _this_process_only(self.directory, keep_last),
+                max_to_keep=keep_last, enable_async_checkpointing=False, **options
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -66,8 +54,8 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, point: Resume, config: RunConfig, extra: dict[str, Any] | None = None) -> None:
-        """Write a checkpoint for ``point.state.step`` and wait until it is complete on disk;
-        ``extra``: more of what a resume must match (e.g. the sizes of a run's texts)."""
+        """Write ``point``'s checkpoint and wait until it is on disk; ``extra``: more of what a
+        resume must match (e.g. the sizes of a run's texts)."""
         meta = {
             "format": CHECKPOINT_FORMAT,
             "config": config.identity() | (extra or {}),
@@ -95,11 +83,8 @@ class Checkpointer:
         extra: dict[str, Any] | None = None,
         record_type: Any = EvalRecord,
     ) -> Resume:
-        """Restore ``step`` (default: the latest), refusing one made by another configuration
-        (``config.identity() | extra``); its records are ``record_type``'s.
-
-        ``template`` gives the state's structure, shapes and dtypes (``jax.eval_shape`` will do).
-        """
+        """Restore ``step`` (default: the latest) into ``template``'s structure, shapes and dtypes
+        (``jax.eval_shape`` will do), refusing one made by another ``config.identity() | extra``."""
         step, meta = self.read_meta(step)
         _check_compatible(meta, config.identity() | (extra or {}), self.directory / str(step))
         restored = self.read_state(step, template)
@@ -114,16 +99,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        try:
-            meta = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )["meta"]
-        except Exception as error:  # orbax raises many kinds; all mean "unreadable"
-            raise CheckpointError(
-                f"cannot read checkpoint {self.directory / str(step)} ({_short(error)}); delete "
-                "it to resume from an earlier one, or start again with --overwrite"
-            ) from None
-        return step, meta
+        return step, self._read(step, "meta", ocp.args.JsonRestore(), "")
 
     def read_state(self, step: int, template: Any) -> Any:
         """The state of ``step`` with the structure, shapes and dtypes of ``template``."""
@@ -133,21 +109,25 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
         )
-        try:
-            return self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )["state"]
-        except Exception as error:
-            raise CheckpointError(
-                f"cannot read the training state in checkpoint {self.directory / str(step)} "
-                f"({_short(error)}); delete it to resume from an earlier one, or start again "
-                "with --overwrite"
-            ) from None
+        return self._read(
+            step, "state", ocp.args.StandardRestore(abstract), "the training state in "
+        )
 
     def read_inflight(self, step: int) -> Any:
         return self._manager.restore(
             step, args=ocp.args.Composite(inflight=ocp.args.StandardRestore())
         )["inflight"]
+
+    def _read(self, step: int, item: str, args: Any, what: str) -> Any:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+        except Exception as error:  # orbax raises many kinds; all mean "unreadable"
+            text = str(error).strip().splitlines()
+            short = (text[0] if text else type(error).__name__)[:200]
+            raise CheckpointError(
+                f"cannot read {what}checkpoint {self.directory / str(step)} ({short}); delete "
+                "it to resume from an earlier one, or start again with --overwrite"
+            ) from None
 
     def close(self) -> None:
         self._manager.close()
@@ -179,11 +159,4 @@ def _check_compatible(meta: Any, now: dict[str, Any], where: Path) -> None:
 
 
 def _flag_value(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def _short(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)

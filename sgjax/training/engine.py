@@ -1,11 +1,5 @@
-"""What the training loop drives: an ``Engine`` advances a run by some steps and shows its state.
-
-``sgjax.training.loop.run_engine`` owns everything around the steps (evaluation periods,
-records, divergence, stop requests, checkpoints, results) and drives any engine: the
-single-device compiled chunks (``sgjax.training.loop.ScanEngine``), a layer-parallel schedule
-(``sgjax.parallel.layers.PipelineEngine``) or a recurrent program
-(``sgjax.recurrent.loop.RecurrentEngine``).
-"""
+"""What ``sgjax.training.loop.run_engine`` drives: an ``Engine`` advances a run by some steps and
+shows its state (``ScanEngine``, ``PipelineEngine``, ``RecurrentEngine``)."""
 
 from __future__ import annotations
 
@@ -21,25 +15,17 @@ class ChunkMetrics(NamedTuple):
 
     steps: int
     loss: float
-    """Sum over the steps of the training loss."""
     accuracy: float
-    sg_loss: tuple[float, ...]
-    """Per decoupled boundary, the sum of its synthesizer's regression losses."""
-    sg_updates: tuple[int, ...] | None = None
-    """Per boundary, how many synthesizer updates ``sg_loss`` sums (None: one per step)."""
-    input_loss: tuple[float, ...] = ()
-    """Complete unlock: per boundary the sum over the steps of its synthetic-input model's
-    regression loss (empty for every other method)."""
-    extra: Mapping[str, float] = {}
-    """Sums of a task's own metrics, by name (the recurrent runs' element count and auxiliary
-    loss); empty for the feed-forward engines."""
+    sg_loss: tuple[float, ...]  # per decoupled boundary
+    sg_updates: tuple[int, ...] | None = None  # updates sg_loss sums (None: one per step)
+    input_loss: tuple[float, ...] = ()  # complete unlock only
+    extra: Mapping[str, float] = {}  # a task's own sums (recurrent: element count, aux loss)
 
 
 class Engine(Protocol):
     """One way of running training steps from a ``TrainState``."""
 
-    max_chunk: int
-    """The most steps one ``advance`` should run (the loop cuts evaluation periods by it)."""
+    max_chunk: int  # the most steps one ``advance`` should run
 
     def compile(self, chunk_lengths: Collection[int]) -> None:
         """Compile everything ``advance`` (with these step counts) and ``evaluate`` run."""
@@ -51,8 +37,7 @@ class Engine(Protocol):
         """The current state, on one device (for evaluation, checkpoints and results)."""
 
     def evaluate(self) -> Any:
-        """The test scores of the current state: loss and accuracy for the feed-forward
-        engines, the task's named scores for a recurrent run (``RecurrentEngine``)."""
+        """The current state's test scores (loss and accuracy, or a task's named scores)."""
 
     def inflight(self) -> Mapping[str, Any]:
         """Work in flight that ``state()`` does not hold, by name (empty for most engines);

@@ -1,8 +1,5 @@
 """The compiled training loop: ``lax.scan`` over chunks of steps, evaluation between chunks.
-
-Data lives on the device; every minibatch is sampled inside the compiled loop from
-``fold_in(key, step)``, so the host only sees chunk boundaries (progress, evaluation).
-"""
+Minibatches are sampled on the device from ``fold_in(key, step)``; the host sees chunk ends."""
 
 from __future__ import annotations
 
@@ -28,17 +25,12 @@ from sgjax.training.model import sample_shape, trainer_for
 class TrainState(NamedTuple):
     """Everything that changes during a run."""
 
-    model: TrainerState
-    """Every stage's and synthesizer's variables and optimizer state; the initial learning rate
-    is a hyperparameter in the optimizer states (traced, so one program serves a sweep)."""
-    step: jax.Array
-    """Number of updates done so far (int32 scalar)."""
-    key: jax.Array
-    """Base key; the batch of step t is sampled with ``fold_in(key, t)``."""
+    model: TrainerState  # the initial learning rate is a (traced) hyperparameter in it
+    step: jax.Array  # updates done (int32)
+    key: jax.Array  # the batch of step t is sampled with fold_in(key, t)
 
     @property
     def learning_rate(self) -> jax.Array:
-        """The run's initial learning rate, read from its optimizer states."""
         return learning_rate_of(self.model)
 
 
@@ -54,12 +46,10 @@ class EvalRecord:
     test_accuracy: float
     sg_loss: tuple[float, ...]
     elapsed_s: float
-    input_loss: tuple[float, ...] = ()
-    """Complete unlock: per boundary the synthetic-input model's mean regression loss over the
-    period (metrics.csv's ``input_loss_i``); empty for every other method."""
+    input_loss: tuple[float, ...] = ()  # complete unlock only: input_loss_i columns
 
     def text(self) -> str:
-        """The record in the progress line (after the step, before the speed)."""
+        """The record in the progress line."""
         line = (
             f"loss {self.train_loss:.4f} acc {self.train_accuracy:.4f} | "
             f"test loss {self.test_loss:.4f} acc {self.test_accuracy:.4f}"
@@ -71,7 +61,7 @@ class EvalRecord:
         return line
 
     def cells(self) -> dict[str, str]:
-        """metrics.csv's cells of this record, by column (``metrics_columns``)."""
+        """metrics.csv's cells by column."""
         return {
             "step": str(self.step),
             "learning_rate": f"{self.learning_rate:.6g}",
@@ -83,7 +73,6 @@ class EvalRecord:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> EvalRecord:
-        """The record ``dataclasses.asdict`` made ``saved`` of (a checkpoint's)."""
         return cls(**_tuples(saved, "sg_loss", "input_loss"))
 
 
@@ -91,8 +80,7 @@ EVAL_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
 def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:
-    """``saved`` with its lists ``names`` as tuples (absent ones, from older checkpoints, as
-    empty tuples)."""
+    """A checkpoint's dict with lists as tuples (absent in older checkpoints: empty)."""
     return saved | {name: tuple(saved.get(name, ())) for name in names}
 
 
@@ -111,30 +99,23 @@ class RunResult:
 
     @property
     def steps_per_s(self) -> float:
-        """Training steps per second over the whole run (all sessions, compile excluded)."""
         return self.steps_done / self.train_time_s if self.train_time_s > 0 else float("nan")
 
 
 @dataclasses.dataclass
 class PeriodMetrics:
-    """Sums of the training metrics since the last evaluation (per step; the synthesizers' per
-    update when an engine counts their updates apart, ``sg_updates``)."""
+    """Sums of the training metrics since the last evaluation (``ChunkMetrics`` added up)."""
 
     steps: int = 0
     loss: float = 0.0
     accuracy: float = 0.0
     sg_loss: tuple[float, ...] = ()
-    sg_updates: tuple[int, ...] = ()
-    """Synthesizer updates that ``sg_loss`` sums, per boundary; empty: one per step."""
+    sg_updates: tuple[int, ...] = ()  # per boundary; empty: one update per step
     input_loss: tuple[float, ...] = ()
-    """Complete unlock: per boundary the synthetic-input models' losses (one per step, or per
-    ``sg_updates``)."""
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Sums of a task's own metrics (``ChunkMetrics.extra``)."""
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> PeriodMetrics:
-        """The period ``dataclasses.asdict`` made ``saved`` of (a checkpoint's)."""
         return cls(**_tuples(saved, "sg_loss", "sg_updates", "input_loss"))
 
     def add(self, steps: int, metrics: StepMetrics) -> None:
@@ -143,16 +124,11 @@ class PeriodMetrics:
 
     def merge(self, chunk: ChunkMetrics) -> None:
         """Add an engine's sums for one ``advance``."""
-        sg = chunk.sg_loss
-        if self.sg_loss:
-            sg = tuple(a + b for a, b in zip(self.sg_loss, sg, strict=True))
-        self.sg_loss = sg
+        self.sg_loss = _add(self.sg_loss, chunk.sg_loss) if self.sg_loss else chunk.sg_loss
         if chunk.input_loss:
-            before = self.input_loss or (0.0,) * len(chunk.input_loss)
-            self.input_loss = tuple(a + b for a, b in zip(before, chunk.input_loss, strict=True))
+            self.input_loss = _add(self.input_loss, chunk.input_loss)
         if chunk.sg_updates is not None:
-            before = self.sg_updates or (0,) * len(chunk.sg_updates)
-            self.sg_updates = tuple(a + b for a, b in zip(before, chunk.sg_updates, strict=True))
+            self.sg_updates = _add(self.sg_updates, chunk.sg_updates)
         for name, value in chunk.extra.items():
             self.extra[name] = self.extra.get(name, 0.0) + value
         self.loss += chunk.loss
@@ -169,6 +145,11 @@ class PeriodMetrics:
         if isinstance(value, tuple):
             return tuple(v / self.steps for v in value)
         return value / self.steps
+
+
+def _add(sums: tuple, values: tuple) -> tuple:
+    """Elementwise sums; an empty ``sums`` counts as zeros."""
+    return tuple(a + b for a, b in zip(sums or (0,) * len(values), values, strict=True))
 
 
 def chunk_sums(steps: int, metrics: StepMetrics) -> ChunkMetrics:
@@ -190,12 +171,10 @@ class Resume(NamedTuple):
     period: PeriodMetrics
     train_time_s: float
     eval_time_s: float
-    inflight: Mapping[str, Any] | None = None
-    """An engine's work in flight (``Engine.inflight``); None or empty for most engines."""
+    inflight: Mapping[str, Any] | None = None  # ``Engine.inflight``
 
 
 SaveCheckpoint = Callable[[Resume], None]
-"""Called with everything a checkpoint must hold, at checkpoint steps."""
 
 
 ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
@@ -215,15 +194,8 @@ def init_train_state(
     return TrainState(model, jnp.zeros((), jnp.int32), data_key)
 
 
-def schedule_for(config: TrainConfig, learning_rate: float | jax.Array | None = None):
-    """The run's piecewise-constant schedule, starting at ``learning_rate`` (default: config's)."""
-    lr = config.learning_rate if learning_rate is None else learning_rate
-    return piecewise_schedule(lr, config.resolved_lr_boundaries)
-
-
 def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -> ChunkFn:
-    """Pure function running one train step: samples step ``state.step``'s batch on the device,
-    updates the model, returns the new state and the step's metrics.
+    """One pure train step: samples step ``state.step``'s batch on the device and updates.
 
     ``update_prob`` (traced, e.g. one per vmapped run) makes the updates stochastic; without it
     ``config.update_prob`` does when it is below 1 (at 1 the step is the plain one, unchanged).
@@ -235,19 +207,11 @@ def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -
     def train_step(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
         step_key = jax.random.fold_in(state.key, state.step)
         batch = sample_batch(step_key, data, config.batch_size)
-        if update_prob is None:
-            model, metrics = trainer.step(
-                state.model, batch.images, batch.labels, example_ids=batch.indices
-            )
-        else:
-            model, metrics = trainer.step(
-                state.model,
-                batch.images,
-                batch.labels,
-                key=jax.random.fold_in(step_key, UPDATE_KEY),
-                update_prob=update_prob,
-                example_ids=batch.indices,
-            )
+        coins = None if update_prob is None else jax.random.fold_in(step_key, UPDATE_KEY)
+        model, metrics = trainer.step(
+            state.model, batch.images, batch.labels, key=coins, update_prob=update_prob,
+            example_ids=batch.indices,
+        )  # fmt: skip
         return state._replace(model=model, step=state.step + 1), metrics
 
     return train_step
@@ -256,10 +220,7 @@ def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -
 def make_run_chunk(
     config: TrainConfig, num_steps: int, update_prob: jax.Array | None = None
 ) -> ChunkFn:
-    """Pure function running ``num_steps`` train steps in one ``lax.scan``.
-
-    Returns the new state and the metrics averaged over those steps.
-    """
+    """``num_steps`` train steps in one ``lax.scan``; the metrics averaged over them."""
     train_step = make_train_step(config, update_prob)
 
     def run_chunk(state: TrainState, data: DeviceData) -> tuple[TrainState, StepMetrics]:
@@ -289,22 +250,13 @@ class RunHistory(NamedTuple):
     test_loss: jax.Array
     test_accuracy: jax.Array
     sg_loss: jax.Array
-    input_loss: jax.Array
-    """Complete unlock: per boundary the synthetic-input models' mean loss (no columns for
-    every other method)."""
+    input_loss: jax.Array  # complete unlock only (no columns otherwise)
 
 
-def make_train(
-    config: TrainConfig,
-) -> Callable[..., tuple[TrainState, RunHistory]]:
-    """``train(seed, learning_rate, data, update_prob=None)``: the whole run as one pure,
-    jittable function (``update_prob``, traced, overrides ``config.update_prob``).
-
-    Evaluation runs inside the program after every chunk, so ``jax.jit(jax.vmap(train, (0, 0,
-    None)))`` trains many seeds or learning rates at once. Its numbers equal those of ``train``
-    (the Python-driven loop) for the same seed to float rounding (``train`` averages the training
-    metrics over sub-chunks on the host).
-    """
+def make_train(config: TrainConfig) -> Callable[..., tuple[TrainState, RunHistory]]:
+    """``train(seed, learning_rate, data, update_prob=None)``: the whole run, evaluations too, as
+    one pure function, so ``jax.jit(jax.vmap(train, (0, 0, None)))`` trains many seeds or rates at
+    once. It equals the host loop to float rounding (which averages sub-chunks on the host)."""
     lengths = chunk_lengths(config.num_steps, config.eval_every)
     full_chunks = lengths.count(config.eval_every)
 
@@ -316,22 +268,11 @@ def make_train(
         input_loss = metrics.input_loss
         if not isinstance(input_loss, jax.Array):  # () for every method but the unlock
             input_loss = jnp.zeros((0,), metrics.loss.dtype)
-        record = RunHistory(
-            state.step,
-            metrics.loss,
-            metrics.accuracy,
-            test_loss,
-            test_accuracy,
-            metrics.sg_loss,
-            input_loss,
-        )
-        return state, record
+        row = (metrics.loss, metrics.accuracy, test_loss, test_accuracy, metrics.sg_loss)
+        return state, RunHistory(state.step, *row, input_loss)
 
     def train_run(
-        seed: jax.Array,
-        learning_rate: jax.Array,
-        data: DeviceData,
-        update_prob: jax.Array | None = None,
+        seed: jax.Array, learning_rate: jax.Array, data: DeviceData, update_prob=None
     ) -> tuple[TrainState, RunHistory]:
         sized = config.with_train_examples(data.train_images.shape[0])
         run_full = make_run_chunk(sized, config.eval_every, update_prob)
@@ -339,12 +280,8 @@ def make_train(
         if lengths[-1] != config.eval_every:
             run_rest = make_run_chunk(sized, lengths[-1], update_prob)
         state = init_train_state(sized, seed, learning_rate)
-        state, history = jax.lax.scan(
-            lambda s, _: chunk_and_evaluate(s, data, run_full, sized),
-            state,
-            None,
-            length=full_chunks,
-        )
+        step = lambda s, _: chunk_and_evaluate(s, data, run_full, sized)  # noqa: E731
+        state, history = jax.lax.scan(step, state, None, length=full_chunks)
         if run_rest is not None:
             state, last = chunk_and_evaluate(state, data, run_rest, sized)
             history = jax.tree_util.tree_map(
@@ -362,12 +299,9 @@ def chunk_lengths(num_steps: int, eval_every: int) -> list[int]:
 
 
 def chunk_plan(start: int, num_steps: int, eval_every: int, max_chunk: int) -> list[int]:
-    """Scanned chunk lengths from step ``start`` on.
-
-    Each evaluation period is cut into pieces of ``max_chunk`` steps counted from the period's
-    start, so a run resumed at any chunk boundary continues with exactly the same chunks, and
-    there are at most four distinct chunk shapes to compile.
-    """
+    """Scanned chunk lengths from step ``start`` on: each evaluation period cut into pieces of
+    ``max_chunk`` from the period's start, so a run resumed at any chunk boundary continues with
+    exactly the same chunks (and at most four shapes to compile)."""
     lengths = []
     step = start
     while step < num_steps:
@@ -411,16 +345,11 @@ class Record(Protocol):
 class Recording(NamedTuple):
     """What a kind of run records, and when it ends early."""
 
-    make: Callable[[int, PeriodMetrics, Any], Record]
-    """The record of ``step`` from the period's sums and ``Engine.evaluate()`` (``elapsed_s``
-    is filled in by the loop)."""
-    chunk_text: Callable[[ChunkMetrics], str]
-    """A chunk between evaluations in the progress line."""
-    divergence: Callable[[PeriodMetrics, int], str]
-    """A one-line description of the first non-finite training quantity by a step, or ''."""
+    make: Callable[[int, PeriodMetrics, Any], Record]  # (step, period, evaluate()); no elapsed_s
+    chunk_text: Callable[[ChunkMetrics], str]  # a chunk between evaluations
+    divergence: Callable[[PeriodMetrics, int], str]  # the first non-finite quantity, or ''
     unit: str = "steps"
-    stop_early: Callable[[list[Any]], str] = lambda records: ""
-    """Why to stop before ``num_steps`` given the records so far ('': go on)."""
+    stop_early: Callable[[list[Any]], str] = lambda records: ""  # why to stop now, or ''
 
 
 def run_engine(
@@ -436,19 +365,14 @@ def run_engine(
     save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """The host loop of every run: compile every chunk shape first, then train and evaluate.
+    """The host loop of every run: compile every chunk shape (``chunk_plan``), then train,
+    printing a progress line per chunk and recording at each evaluation.
 
-    Evaluation periods of ``eval_every`` steps are cut into chunks of at most
-    ``engine.max_chunk`` steps (``chunk_plan``); between evaluations each chunk prints a progress
-    line. ``start`` is the engine's starting point (a checkpoint's resumes at a chunk boundary,
-    so the rest of the run is exactly what an uninterrupted run computes). ``on_record``
-    receives each record as soon as it exists; ``save_checkpoint`` is called every
-    ``checkpoint_every`` steps (0: never), at the end, and when ``stop_requested()`` turns true
-    after a chunk (status "interrupted"). A non-finite loss ends the run at the end of that
-    chunk with status "diverged" and a last record, without checkpointing the bad state;
-    ``recording.stop_early`` ends it as "completed" after a checkpoint; a
-    ``KeyboardInterrupt`` (also while compiling) ends it at once with status "interrupted".
-    """
+    ``save_checkpoint`` runs every ``checkpoint_every`` steps (0: never), at the end, and when
+    ``stop_requested()`` turns true after a chunk ("interrupted"). A non-finite loss ends the run
+    after that chunk as "diverged", with a last record and no checkpoint of the bad state;
+    ``recording.stop_early`` ends it as "completed" after a checkpoint; a ``KeyboardInterrupt``
+    (also while compiling) ends it at once as "interrupted"."""
     period = dataclasses.replace(start.period, extra=dict(start.period.extra))
     records = list(start.records)
     steps_done = int(start.state.step)
@@ -521,42 +445,50 @@ def run_engine(
     return result(status, message)
 
 
-class ScanEngine:
+class ChunkedEngine:
+    """A single-device engine of compiled chunks: ``chunk(n)(state, data) -> (state, metrics)``."""
+
+    def __init__(self, chunk: Callable[[int], Callable], data: Any, state: Any, max_chunk: int):
+        self.chunk, self.data, self._state, self.max_chunk = chunk, data, state, max_chunk
+        self._chunks: dict[int, jax.stages.Compiled] = {}
+
+    def compile(self, chunk_lengths: Collection[int]) -> None:
+        self._chunks = {
+            n: jax.jit(self.chunk(n), donate_argnums=0).lower(self._state, self.data).compile()
+            for n in sorted(set(chunk_lengths))
+        }
+
+    def run(self, steps: int) -> Any:
+        """Run the chunk of ``steps``; its metrics, on the host."""
+        self._state, metrics = self._chunks[steps](self._state, self.data)
+        return jax.device_get(metrics)
+
+    def state(self) -> Any:
+        return self._state
+
+    def inflight(self) -> dict[str, Any]:
+        return {}
+
+
+class ScanEngine(ChunkedEngine):
     """The single-device engine: compiled ``lax.scan`` chunks of ``config.chunk_steps`` at most."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset, state: TrainState) -> None:
+        chunk = lambda n: make_run_chunk(config, n)  # noqa: E731
+        super().__init__(chunk, to_device(dataset), state, config.chunk_steps)
         self.config = config
-        self.max_chunk = config.chunk_steps
-        self.data = to_device(dataset)
-        self._state = state
-        self._chunks: dict[int, jax.stages.Compiled] = {}
-        self._evaluate: jax.stages.Compiled | None = None
 
     def compile(self, chunk_lengths: Collection[int]) -> None:
-        state, data = self._state, self.data
-        self._chunks = {
-            n: jax.jit(make_run_chunk(self.config, n), donate_argnums=0)
-            .lower(state, data)
-            .compile()
-            for n in sorted(set(chunk_lengths))
-        }
-        self._evaluate = (
-            jax.jit(evaluate_state, static_argnums=0).lower(self.config, state, data).compile()
-        )
+        super().compile(chunk_lengths)
+        evaluate = jax.jit(evaluate_state, static_argnums=0)
+        self._evaluate = evaluate.lower(self.config, self._state, self.data).compile()
 
     def advance(self, steps: int) -> ChunkMetrics:
-        self._state, metrics = self._chunks[steps](self._state, self.data)
-        return chunk_sums(steps, jax.device_get(metrics))
-
-    def state(self) -> TrainState:
-        return self._state
+        return chunk_sums(steps, self.run(steps))
 
     def evaluate(self) -> tuple[float, float]:
         loss, accuracy = jax.device_get(self._evaluate(self._state, self.data))
         return float(loss), float(accuracy)
-
-    def inflight(self) -> dict[str, Any]:
-        return {}
 
 
 def train_and_evaluate(
@@ -570,32 +502,22 @@ def train_and_evaluate(
     stop_requested: Callable[[], bool] = lambda: False,
     engine: Engine | None = None,
 ) -> RunResult:
-    """Run ``config`` on ``dataset`` with ``run_engine``: records every ``config.eval_every``
-    steps (test loss and accuracy), checkpoints every ``config.resolved_checkpoint_every``.
-
-    ``engine`` runs the steps (default: ``ScanEngine`` from ``start``; a layer-parallel engine
-    must be built from the same ``start``); ``start`` resumes from a checkpoint.
-    """
+    """Run ``config`` on ``dataset`` with ``run_engine`` (default engine: ``ScanEngine``; a
+    layer-parallel one must be built from the same ``start``, a checkpoint's to resume)."""
     config = config.with_train_examples(dataset.train_size)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
         start = Resume(initial, [], PeriodMetrics(), 0.0, 0.0)
     if engine is None:
         engine = ScanEngine(config, dataset, start.state)
-    schedule = schedule_for(config)
+    schedule = piecewise_schedule(config.learning_rate, config.resolved_lr_boundaries)
 
     def make(step: int, period: PeriodMetrics, evaluation: tuple[float, float]) -> EvalRecord:
-        test_loss, test_accuracy = evaluation
+        scores = [period.mean(name) for name in ("loss", "accuracy", "sg_loss", "input_loss")]
+        loss, accuracy, sg_loss, input_loss = scores
+        test = map(float, evaluation)
         return EvalRecord(
-            step=step,
-            learning_rate=float(schedule(step - 1)),
-            train_loss=period.mean("loss"),
-            train_accuracy=period.mean("accuracy"),
-            test_loss=float(test_loss),
-            test_accuracy=float(test_accuracy),
-            sg_loss=period.mean("sg_loss"),
-            elapsed_s=0.0,
-            input_loss=period.mean("input_loss"),
+            step, float(schedule(step - 1)), loss, accuracy, *test, sg_loss, 0.0, input_loss
         )
 
     recording = Recording(make, _chunk_text, _divergence)
@@ -608,14 +530,12 @@ def train_and_evaluate(
 
 
 def _chunk_text(chunk: ChunkMetrics) -> str:
-    """Progress between evaluations: the chunk's mean training metrics."""
     return (
         f"loss {chunk.loss / chunk.steps:.4f} acc {chunk.accuracy / chunk.steps:.4f} (last chunk)"
     )
 
 
 def _divergence(period: PeriodMetrics, step: int) -> str:
-    """A one-line description of the first non-finite training quantity, or ''."""
     if not math.isfinite(period.loss):
         return f"training loss became {period.mean('loss')} by step {step}"
     updated = period.sg_updates or (1,) * len(period.sg_loss)

@@ -37,8 +37,6 @@ def stages_for(config: TrainConfig) -> list[nn.Module]:
 
 
 def synthesizer_for(config: TrainConfig) -> SynthesizerFactory:
-    """Dense synthesizers for the MLP; convolutional ones (the network's filters and kernel) for
-    the CNN."""
     depth = config.resolved_sg_hidden_layers
     if config.model == "cnn":
         return conv(depth, config.resolved_filters, config.kernel_size)
@@ -46,9 +44,7 @@ def synthesizer_for(config: TrainConfig) -> SynthesizerFactory:
 
 
 def method_for(config: TrainConfig) -> Method:
-    """``--mode`` as a method: bp -> backprop(); sg -> dni(); cdni -> dni(conditioned=True);
-    bp_lambda -> bp_lambda(); dgl -> dgl(); zero_grad -> zero_gradient(); stale_grad ->
-    stale_gradient(). The complete unlock's input models have ``--sg_hidden_units`` units."""
+    """``--mode`` as a method (the complete unlock's input models: ``--sg_hidden_units``)."""
     if not config.decoupled:
         return backprop()
     if config.mode == "bp_lambda":
@@ -74,8 +70,7 @@ def method_for(config: TrainConfig) -> Method:
 
 
 def trainer_for(config: TrainConfig) -> Trainer:
-    """The configured network, method and optimizer (Adam with the paper's decay; the initial
-    rate is the config's and lives in every optimizer state)."""
+    """The configured network, method and optimizer (Adam with the paper's decay)."""
     return Trainer(
         stages_for(config),
         method_for(config),

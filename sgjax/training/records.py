@@ -51,8 +51,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write strict JSON (non-finite floats as null) to a temporary file in the same folder,
-    fsync it, then rename it over ``path``."""
+    """Strict JSON (non-finite floats as null) to a fsynced temporary file renamed over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
@@ -83,8 +82,7 @@ def metrics_columns(num_sg_layers: int, num_input_models: int = 0) -> list[str]:
 
 
 class MetricsWriter:
-    """metrics.csv: the ``columns`` of each record's ``cells()``, a row per record, flushed at
-    once."""
+    """metrics.csv: the ``columns`` of each record's ``cells()``, a row per record, flushed."""
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
         self.columns = list(columns)
@@ -103,13 +101,9 @@ class MetricsWriter:
 
 
 def device_info() -> dict[str, Any]:
-    """Platform and kind of the device the run used."""
     device = jax.devices()[0]
-    return {
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-    }
+    kind = {"platform": device.platform, "device_kind": device.device_kind}
+    return kind | {"device_count": jax.device_count()}
 
 
 def versions() -> dict[str, str]:
@@ -118,17 +112,11 @@ def versions() -> dict[str, str]:
     import jaxlib
     import optax
 
-    return {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-    }
+    return {m.__name__: m.__version__ for m in (jax, jaxlib, flax, optax)}
 
 
 def network_description(config: TrainConfig) -> str:
-    """The network in words, e.g. 'CNN: 3 x (conv 5x5x64, BN, ReLU, 3x3/2 pooling: max, then
-    avg) on 28x28x1 -> 4x4x64 -> linear 10' or 'MLP: 784 -> 3 x 256 (Dense-BN-ReLU) -> 10'."""
+    """The network in words, e.g. 'MLP: 784 -> 3 x 256 (Dense-BN-ReLU) -> linear 10'."""
     if config.model == "mlp":
         return (
             f"MLP: {config.input_dim} -> {config.hidden_layers} x {config.hidden_units} "
@@ -163,8 +151,7 @@ def synthesizer_description(config: TrainConfig) -> str:
 
 
 def run_results(config: RunConfig, result: RunResult, **fields: Any) -> dict[str, Any]:
-    """The contents of results.json: what every run reports, with ``fields`` (the run's own)
-    before its times and history."""
+    """results.json: what every run reports, with the run's own ``fields`` before the times."""
     return {
         "status": result.status,
         "message": result.message,
@@ -188,28 +175,18 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
     last = result.records[-1] if result.records else None
     parallel = None
     if hasattr(result, "stage_devices"):
-        parallel = {
-            "kind": result.kind,
-            "stage_devices": list(result.stage_devices),
-            "microbatches": result.microbatches,
-            "stage_ms": list(result.stage_ms),
-            "ideal_speedup": result.ideal_speedup,
-        }
+        names = ("kind", "stage_devices", "microbatches", "stage_ms", "ideal_speedup")
+        parallel = {name: getattr(result, name) for name in names}
+        parallel |= {"stage_devices": list(result.stage_devices), "stage_ms": list(result.stage_ms)}
+    scores = ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "sg_loss", "input_loss")
+    last_scores = {name: getattr(last, name) if last else None for name in scores}
+    for name in ("sg_loss", "input_loss"):
+        last_scores[name] = list(last_scores[name]) if last else None
     return run_results(
-        config,
-        result,
-        mode=config.mode,
-        network=network_description(config),
-        synthesizers=synthesizer_description(config),
-        test_accuracy=last.test_accuracy if last else None,
-        test_loss=last.test_loss if last else None,
-        train_loss=last.train_loss if last else None,
-        train_accuracy=last.train_accuracy if last else None,
-        sg_loss=list(last.sg_loss) if last else None,
-        input_loss=list(last.input_loss) if last else None,
-        dataset=dataset.describe(),
-        parallel=parallel,
-    )
+        config, result, mode=config.mode, network=network_description(config),
+        synthesizers=synthesizer_description(config), **last_scores,
+        dataset=dataset.describe(), parallel=parallel,
+    )  # fmt: skip
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
