@@ -10,13 +10,13 @@ import sys
 
 from absl import app, flags
 
-from sgjax.bench.architecture import config_facts
 from sgjax.bench.names import device_label, markdown_row, markdown_table
 from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
 from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.cli.run import check_fits
 from sgjax.data import load_dataset, to_device
 from sgjax.data.sources import DataError
+from sgjax.training.architecture import config_facts
 from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
 
 LOOPS = ("scan", "python", "host")

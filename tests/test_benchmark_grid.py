@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from absl import flags
 
-from sgjax.bench.architecture import config_facts, merge_depths
 from sgjax.bench.grid import PAPER_GRID, GridEntry, build_grid, grid_applies, grid_markdown
 from sgjax.bench.report import mode_label
 from sgjax.bench.sweep import parse_sweeps
 from sgjax.cli.benchmark import define_flags, run, settings_from_flags
+from sgjax.training.architecture import config_facts, merge_depths
 from sgjax.training.config import ConfigError, TrainConfig
 
 TOY_FLAGS = [

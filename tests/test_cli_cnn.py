@@ -77,9 +77,9 @@ def test_a_run_on_a_cifar_archive_writes_its_files(uninterrupted):
     assert results["dataset"]["name"] == "cifar10" and results["dataset"]["source"] == "cifar"
     assert (results["dataset"]["train_size"], results["dataset"]["test_size"]) == (100, 20)
     # Honest about the network: a CNN of 2 conv stages on 32x32x3, conv synthesizers.
-    assert results["network"].startswith("CNN (depth 3): 2 x (conv 3x3x4")
-    assert "32x32x3 -> 8x8x4 -> linear 10" in results["network"]
-    assert results["synthesizers"].startswith("conv, 1 x (conv 3x3x4")
+    assert results["network"].startswith("CNN 2x4 filters 3x3 (Conv-BN-ReLU-pool) + Dense 10")
+    assert results["network"].endswith("32x32x3 -> 8x8x4 -> 10")
+    assert results["synthesizers"] == "conv 1x4"
     config = results["config"]
     assert (config["model"], config["filters"], config["kernel_size"]) == ("cnn", 4, 3)
     assert "hidden_units" not in config and "sg_hidden_units" not in config

@@ -12,13 +12,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sgjax.bench.architecture import config_facts, merge_depths
 from sgjax.bench.names import DATASET_NAMES, MODE_NAMES, MODEL_NAMES, device_label, markdown_table
 from sgjax.bench.presets import PRESETS
 from sgjax.bench.programs import BenchmarkResult
 from sgjax.bench.report import Row, Stat
 from sgjax.bench.sweep import SweepAxis, benchmark_mode
 from sgjax.data.sources import Dataset
+from sgjax.training.architecture import config_facts, merge_depths
 from sgjax.training.config import (
     DEFAULT_SG_HIDDEN_LAYERS,
     PAPER_BOUNDARY_FRACTIONS,

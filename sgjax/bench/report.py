@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from sgjax.bench.architecture import config_facts, merge_depths
 from sgjax.bench.names import MODE_NAMES, column_table, device_label, markdown_row, section
 from sgjax.bench.presets import (
     PAPER_DEVICE,
@@ -21,6 +20,7 @@ from sgjax.bench.presets import (
 )
 from sgjax.bench.programs import BenchmarkResult, LoopComparison, ProgramResult
 from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
+from sgjax.training.architecture import config_facts, merge_depths
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import device_info, versions

@@ -18,6 +18,7 @@ import numpy as np
 
 from sgjax.cli.errors import EXIT_DIVERGED, fail
 from sgjax.data.sources import DataError, Dataset, load_dataset
+from sgjax.training.architecture import estimated_bytes, network_text, synthesizer_text
 from sgjax.training.checkpoint import Checkpointer, CheckpointError
 from sgjax.training.config import ConfigError, RunConfig, TrainConfig
 from sgjax.training.loop import (
@@ -32,10 +33,8 @@ from sgjax.training.records import (
     OutputError,
     build_results,
     metrics_columns,
-    network_description,
     prepare_output_dir,
     summary_lines,
-    synthesizer_description,
     write_json_atomic,
 )
 
@@ -186,8 +185,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         check_fits(sized, dataset)
         header = [
             f"data: {dataset.reason}",
-            f"network: {network_description(sized)}",
-            f"synthesizers: {synthesizer_description(sized)}",
+            f"network: {network_text(sized)}",
+            f"synthesizers: {synthesizer_text(sized)}",
         ]
         boundaries = sized.hidden_layers * sized.decoupled
         return Job(
@@ -242,12 +241,12 @@ def agreed(stop: StopRequest) -> Callable[[], bool]:
 
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
     """Refuse a network too big for the device or a batch bigger than the training set."""
-    stale_table = config.with_train_examples(dataset.train_size).stale_table_bytes()
+    stale = config.mode == "stale_grad"
     check_memory(
         "network",
-        config.estimated_bytes() + stale_table,
+        estimated_bytes(config.with_train_examples(dataset.train_size)),
         "--hidden_units, --hidden_layers, --sg_hidden_units or --batch_size"
-        + ("" if not stale_table else " (--mode=stale_grad keeps a row per training image)"),
+        + (" (--mode=stale_grad keeps a row per training image)" if stale else ""),
     )
     if config.batch_size > dataset.train_size:
         raise ConfigError(

@@ -239,57 +239,11 @@ class TrainConfig(RunConfig):
         """Values per example as the data arrives (784 for MNIST, 3072 for CIFAR-10)."""
         return math.prod(IMAGE_SHAPES[self.dataset])
 
-    def estimated_bytes(self) -> int:
-        """Rough memory need (parameters with gradients and two Adam moments, activations), to
-        refuse impossible sizes before anything is allocated."""
-        if self.model == "cnn":
-            return self._estimated_cnn_bytes()
-        units, hidden, inputs = self.hidden_units, self.hidden_layers, self.input_dim
-        params = inputs * units + (hidden - 1) * units * units + units * NUM_CLASSES
-        widths = [units] * hidden
-        if self.uses_synthesizers:
-            depth, width = self.resolved_sg_hidden_layers, self.sg_hidden_units
-            module_in = units + (NUM_CLASSES if self.conditioned else 0)
-            sizes = [module_in] + [width] * depth + [units]
-            params += hidden * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-            widths += [width] * depth * hidden
-        activations = self.batch_size * (inputs + 8 * sum(widths))
-        return 4 * (4 * params + activations)
-
-    def _estimated_cnn_bytes(self) -> int:
-        height, width, channels = CONV_INPUT_SHAPES[self.dataset]
-        filters, area = self.resolved_filters, self.kernel_size**2
-        params = area * channels * filters + (self.hidden_layers - 1) * area * filters**2
-        maps = []  # activation sizes per example, before each stage's pooling
-        for _ in range(self.hidden_layers):
-            maps.append(height * width * filters)
-            height, width = -(-height // 2), -(-width // 2)
-        params += height * width * filters * NUM_CLASSES
-        if self.uses_synthesizers:
-            depth, extra = self.resolved_sg_hidden_layers, NUM_CLASSES if self.conditioned else 0
-            params += self.hidden_layers * area * ((filters + extra) * filters + depth * filters**2)
-            maps += [m // 4 * (depth + 1) for m in maps]
-        activations = self.batch_size * (self.input_dim + 8 * sum(maps))
-        return 4 * (4 * params + activations)
-
     def with_train_examples(self, count: int) -> TrainConfig:
         """This configuration for ``count`` training examples (only stale_grad depends on it)."""
         if self.mode != "stale_grad" or self.train_examples == count:
             return self
         return dataclasses.replace(self, train_examples=int(count))
-
-    def stale_table_bytes(self) -> int:
-        """--mode=stale_grad: bytes of its per-example rows at every boundary (else 0)."""
-        if self.mode != "stale_grad":
-            return 0
-        widths = [self.hidden_units] * self.hidden_layers
-        if self.model == "cnn":
-            height, width, _ = CONV_INPUT_SHAPES[self.dataset]
-            widths = []
-            for _ in range(self.hidden_layers):  # each hidden stage pools by 2
-                height, width = -(-height // 2), -(-width // 2)
-                widths.append(height * width * self.resolved_filters)
-        return 4 * self.train_examples * sum(widths)
 
     def to_dict(self) -> dict:
         """Every field, with derived values (module depth, boundaries) filled in."""

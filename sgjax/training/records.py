@@ -15,8 +15,8 @@ from typing import IO, Any
 import jax
 
 from sgjax.data.sources import Dataset
-from sgjax.models.cnn import POOL_STRIDES, POOL_WINDOW
-from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, RunConfig, TrainConfig
+from sgjax.training.architecture import network_text, synthesizer_text
+from sgjax.training.config import RunConfig, TrainConfig
 from sgjax.training.loop import EVAL_COLUMNS, Record, RunResult
 
 
@@ -115,41 +115,6 @@ def versions() -> dict[str, str]:
     return {m.__name__: m.__version__ for m in (jax, jaxlib, flax, optax)}
 
 
-def network_description(config: TrainConfig) -> str:
-    """The network in words, e.g. 'MLP: 784 -> 3 x 256 (Dense-BN-ReLU) -> linear 10'."""
-    if config.model == "mlp":
-        return (
-            f"MLP: {config.input_dim} -> {config.hidden_layers} x {config.hidden_units} "
-            f"(Dense-BN-ReLU) -> linear {NUM_CLASSES}"
-        )
-    height, width, channels = CONV_INPUT_SHAPES[config.dataset]
-    filters, k, stride = config.resolved_filters, config.kernel_size, POOL_STRIDES[0]
-    side = height
-    for _ in range(config.hidden_layers):
-        side = -(-side // stride)
-    pooling = "max" + (", then avg" if config.hidden_layers > 1 else "")
-    window = "x".join(map(str, POOL_WINDOW))
-    return (
-        f"CNN (depth {config.hidden_layers + 1}): {config.hidden_layers} x (conv {k}x{k}x{filters} "
-        f"same, BN, ReLU, {window}/{stride} pooling: {pooling}) on {height}x{width}x{channels} "
-        f"-> {side}x{side}x{filters} -> linear {NUM_CLASSES}"
-    )
-
-
-def synthesizer_description(config: TrainConfig) -> str:
-    """The synthetic-gradient modules in words ('none' for backprop)."""
-    if not config.decoupled:
-        return "none (backprop)"
-    depth = config.resolved_sg_hidden_layers
-    label = f" with the label as {NUM_CLASSES} extra inputs" if config.conditioned else ""
-    if config.model == "cnn":
-        k, filters = config.kernel_size, config.resolved_filters
-        hidden = f"{depth} x (conv {k}x{k}x{filters}, BN, ReLU), then " if depth else "linear: "
-        return f"conv, {hidden}a zero-initialised conv {k}x{k} to the map's channels{label}"
-    hidden = f"{depth} x (Dense {config.sg_hidden_units}, BN, ReLU), then " if depth else "linear: "
-    return f"dense, {hidden}a zero-initialised Dense to the layer's width{label}"
-
-
 def run_results(config: RunConfig, result: RunResult, **fields: Any) -> dict[str, Any]:
     """results.json: what every run reports, with the run's own ``fields`` before the times."""
     return {
@@ -183,8 +148,8 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
     for name in ("sg_loss", "input_loss"):
         last_scores[name] = list(last_scores[name]) if last else None
     return run_results(
-        config, result, mode=config.mode, network=network_description(config),
-        synthesizers=synthesizer_description(config), **last_scores,
+        config, result, mode=config.mode, network=network_text(config),
+        synthesizers=synthesizer_text(config), **last_scores,
         dataset=dataset.describe(), parallel=parallel,
     )  # fmt: skip
 

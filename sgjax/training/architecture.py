@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sgjax.core.trainer import Trainer
-from sgjax.training.config import TrainConfig
+from sgjax.core.trainer import Trainer, apply_module
+from sgjax.training.config import CONV_INPUT_SHAPES, TrainConfig
 from sgjax.training.model import sample_shape, trainer_for
 
 BLOCK_WORDS = {"HiddenBlock": "Dense-BN-ReLU", "ConvBlock": "Conv-BN-ReLU-pool"}
@@ -40,6 +40,8 @@ class Facts(NamedTuple):
     """The chain of stages, e.g. '3x256 (Dense-BN-ReLU) + Dense 10'."""
     synthesizer: str
     """The synthetic-gradient module: '-', 'linear', '2x1024', 'conv linear' or 'conv 2x64'."""
+    stage_shapes: tuple[tuple[int, ...], ...] = ()
+    """Per example, the output shape of every stage."""
 
 
 def facts(trainer: Trainer, sample_x: Any) -> Facts:
@@ -47,6 +49,7 @@ def facts(trainer: Trainer, sample_x: Any) -> Facts:
     state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), sample_x)
     params = [s.params for s in (*state.stages, *state.synthesizers, *state.inputs)]
     leaves = jax.tree_util.tree_leaves(state)
+    outputs = jax.eval_shape(lambda st, x: _stage_outputs(trainer, st, x), state, sample_x)
     synthesizer = "-"
     if "synthesizer" in dict(trainer.method.options) and state.synthesizers:
         synthesizer = _synthesizer_label(state.synthesizers[0].params)
@@ -56,13 +59,52 @@ def facts(trainer: Trainer, sample_x: Any) -> Facts:
         boundary_shapes=tuple(s.shape[1:] for s in trainer.boundary_shapes(sample_x)),
         description=_describe(trainer.stages, [s.params for s in state.stages]),
         synthesizer=synthesizer,
+        stage_shapes=tuple(o.shape[1:] for o in outputs),
     )
+
+
+def _stage_outputs(trainer: Trainer, state: Any, x: jax.Array) -> list[jax.Array]:
+    outputs = []
+    for module, stage in zip(trainer.stages, state.stages, strict=True):
+        x, _ = apply_module(module, stage.params, stage.collections, x, train=False)
+        outputs.append(x)
+    return outputs
+
+
+def estimated_bytes(config: TrainConfig) -> int:
+    """Rough device memory a run needs, from the built model: the whole training state (every
+    parameter with its Adam moments, BatchNorm statistics, the stale-gradient table), one
+    gradient per parameter, and a batch's activations (input plus 8 values per stage output:
+    the forward values, their gradients and what BatchNorm and the synthesizers keep)."""
+    facts_ = config_facts(config)
+    per_example = math.prod(sample_shape(config)) + 8 * sum(
+        math.prod(s) for s in facts_.stage_shapes
+    )
+    return facts_.state_bytes + 4 * facts_.param_count + 4 * config.batch_size * per_example
+
+
+def network_text(config: TrainConfig) -> str:
+    """The network in words for results.json, e.g. '3x256 (Dense-BN-ReLU) + Dense 10: 784 ->
+    256 -> 10'."""
+    facts_ = config_facts(config)
+    given = CONV_INPUT_SHAPES[config.dataset] if config.model == "cnn" else sample_shape(config)[1:]
+    shapes = [given, *facts_.stage_shapes[-2:]]
+    return f"{facts_.description}: " + " -> ".join("x".join(map(str, s)) for s in shapes)
+
+
+def synthesizer_text(config: TrainConfig) -> str:
+    """The boundary modules in words for results.json ('none (bp)' without synthesizers)."""
+    label = config_facts(config).synthesizer
+    if label == "-":
+        return f"none ({config.mode})"
+    return label + (", label-conditioned" if config.conditioned else "")
 
 
 @functools.lru_cache(maxsize=256)
 def config_facts(config: TrainConfig) -> Facts:
     """``facts`` of the run configuration's trainer (built once per configuration)."""
-    config = config.with_train_examples(config.train_examples or 1)  # stale_grad needs a count
+    if config.mode == "stale_grad" and config.train_examples < 1:
+        config = config.with_train_examples(1)  # a placeholder count: the table's rows
     sample = jax.ShapeDtypeStruct(sample_shape(config), jnp.float32)
     return facts(trainer_for(config), sample)
 
