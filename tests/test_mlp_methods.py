@@ -121,7 +121,7 @@ def test_synthesizer_loss_falls_on_a_fixed_batch(mode: str, sg_hidden_layers: in
     @jax.jit
     def synthesizer_update(top):
         model = state._replace(synthesizers=(*state.synthesizers[:-1], top))
-        forwards, grads, _, _ = trainer.decoupled_gradients(model, images, labels)
+        forwards, grads, _, _ = trainer.gradients(model, images, labels)
         top = trainer.update_synthesizer(
             top, grads[-1].synthesizer, forwards[-1].synthesizer_collections
         )

@@ -194,7 +194,7 @@ def _stale_module_step(
         synthetic.append(fwd.synthetic_grad)
         synth_collections.append(fwd.synthesizer_collections)
         h = fwd.output
-    forwards, grads, last, _ = trainer.decoupled_gradients(state, images, labels, synthetic)
+    forwards, grads, last, _ = trainer.gradients(state, images, labels, synthetic)
     new: dict[int, StageState] = {}
     for j, (fwd, g) in enumerate(zip(forwards, grads, strict=True)):
         new.update(

@@ -167,9 +167,9 @@ def test_bootstrapped_targets_are_true_gradients_under_the_oracle() -> None:
         trainer.init(jax.random.PRNGKey(0), x), jax.random.PRNGKey(7)
     )
     true = trainer.boundary_gradients(state, x, y)
-    _, _, _, targets = trainer.decoupled_gradients(state, x, y, synthetic_override=true)
+    _, _, _, targets = trainer.gradients(state, x, y, synthetic_override=true)
     chex.assert_trees_all_close(list(targets), list(true), rtol=1e-5, atol=1e-7)
-    _, _, _, own = trainer.decoupled_gradients(state, x, y)
+    _, _, _, own = trainer.gradients(state, x, y)
     assert float(jnp.max(jnp.abs(own[0] - true[0]))) > 1e-4
 
 
@@ -181,7 +181,7 @@ def test_zero_initialised_synthesizers_leave_decoupled_stages_unchanged(
     x, y = _batch(8)
     trainer = _trainer(CHAINS[chain](), dni(_synthesizer(chain), conditioned=conditioned))
     state = trainer.init(jax.random.PRNGKey(0), x)
-    forwards, grads, last, _ = trainer.decoupled_gradients(state, x, y)
+    forwards, grads, last, _ = trainer.gradients(state, x, y)
     for fwd, g in zip(forwards, grads, strict=True):
         assert float(jnp.max(jnp.abs(fwd.synthetic_grad))) == 0.0
         for leaf in jax.tree_util.tree_leaves(g.stages):

@@ -390,8 +390,6 @@ class Trainer:
             message = groups[j].input_grad
         return StepGradients(forwards, groups, last, messages)
 
-    decoupled_gradients = gradients
-
     def stochastic_update_mask(self, key: jax.Array, update_prob: float | jax.Array) -> jax.Array:
         """Which stages update this step (bool, one per stage), each with probability p.
 
