@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sgjax.bench import timing
 from sgjax.bench.sweep import (
     BENCHMARK_MODES,
     Override,
@@ -24,17 +25,7 @@ from sgjax.bench.sweep import (
     plan_programs,
     sweep_label,
 )
-from sgjax.bench.timing import (
-    LoopTiming,
-    compile_timed,
-    compiled_memory_bytes,
-    flops_per_evaluation,
-    flops_per_step,
-    matmul_gflops,
-    peak_memory_bytes,
-    time_python_loop,
-    time_scanned,
-)
+from sgjax.bench.timing import LoopTiming, compile_timed
 from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
 from sgjax.training.config import MAX_SEED, PAPER_MODES, ConfigError, TrainConfig
@@ -271,8 +262,8 @@ def run_vmapped(
     if jax.process_count() > 1:  # numpy copies of the multi-host sharded arrays
         outputs = multihost_utils.process_allgather(outputs, tiled=True)
     outputs = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], jax.device_get(outputs))
-    memory = compiled_memory_bytes(compiled)
-    return Execution(outputs, compile_s, run_s, mesh.size, memory, peak_memory_bytes())
+    memory = timing.compiled_memory_bytes(compiled)
+    return Execution(outputs, compile_s, run_s, mesh.size, memory, timing.peak_memory_bytes())
 
 
 def train_runs(
@@ -316,9 +307,9 @@ def run_program(
     if jax.process_index() != 0:  # only process 0 writes (--distributed): skip the counting
         step_flops = eval_flops = float("nan")
     else:
-        eval_flops = flops_per_evaluation(spec.config, data)
+        eval_flops = timing.flops_per_evaluation(spec.config, data)
         if step_flops is None:
-            step_flops = flops_per_step(spec.config, data)
+            step_flops = timing.flops_per_step(spec.config, data)
     separate_runs = run_separately(spec, data) if separate else None
     return ProgramResult(
         spec,
@@ -346,7 +337,7 @@ def run_benchmark(
     status, message = "completed", ""
     mesh = run_mesh()
     device_data = {name: to_device(ds) for name, ds in datasets.items()}
-    rate = matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
+    rate = timing.matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
     log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
     programs: list[ProgramResult] = []
     loops: list[LoopComparison] = []
@@ -363,8 +354,8 @@ def run_benchmark(
             loop = LoopComparison(
                 name,
                 config,
-                time_scanned(config, data, steps, repeats),
-                time_python_loop(config, data, steps, repeats),
+                timing.time_scanned(config, data, steps, repeats),
+                timing.time_python_loop(config, data, steps, repeats),
             )
             loops.append(loop)
             estimate_s = loop.scanned.ms_per_step * config.num_steps * spec.num_runs / 1e3

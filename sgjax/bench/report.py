@@ -12,12 +12,7 @@ import numpy as np
 
 from sgjax.bench.architecture import config_facts, merge_depths
 from sgjax.bench.names import MODE_NAMES, column_table, device_label, markdown_row, section
-from sgjax.bench.presets import (
-    PAPER_DEVICE,
-    PAPER_RESULTS,
-    PaperResult,
-    paper_results,
-)
+from sgjax.bench.presets import PAPER_DEVICE, PAPER_RESULTS, PaperResult, paper_results
 from sgjax.bench.programs import BenchmarkResult, LoopComparison, ProgramResult
 from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
 from sgjax.training.config import TrainConfig

@@ -14,30 +14,15 @@ from pathlib import Path
 import jax
 from absl import flags
 
+from sgjax.bench import parallel, sweep
 from sgjax.bench.grid import grid_applies, grid_markdown, grid_notes, grid_of
 from sgjax.bench.names import write_report
-from sgjax.bench.parallel import (
-    ParallelBenchmark,
-    ParallelBenchmarkSettings,
-    notes,
-    run_parallel_benchmark,
-    table_lines,
-)
 from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.bench.presets import PRESETS, SWEEP_PRESET, apply_preset, preset_overrides
 from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.bench.report import build_json, build_rows, table_markdown
 from sgjax.bench.rnn_table import RNN_PRESETS, run_rnn_table
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
-from sgjax.bench.sweep import (
-    BENCHMARK_MODES,
-    STATIC_FIELDS,
-    TRACED_FIELDS,
-    Override,
-    benchmark_mode,
-    mode_fields,
-    parse_sweeps,
-)
 from sgjax.bench.update_prob import SWEEP_FILES, run_sweep, write_sweep
 from sgjax.cli.distributed import define_distributed_flags, initialize_from_flags
 from sgjax.cli.errors import fail, parse_int_list
@@ -67,8 +52,8 @@ _FLAGS = (  # (define, name, default, [enum values,] help): the benchmark's own 
      "Seeds (--seed, --seed+1, ...) trained in one vmapped program."),
     (flags.DEFINE_multi_string, "sweep", [],
      "name=v1,v2: run every value (repeat the flag for more names; every combination runs). "
-     f"Vmapped in one program: {', '.join(TRACED_FIELDS)}; one program per value: "
-     f"{', '.join(STATIC_FIELDS)}."),
+     f"Vmapped in one program: {', '.join(sweep.TRACED_FIELDS)}; one program per value: "
+     f"{', '.join(sweep.STATIC_FIELDS)}."),
     (flags.DEFINE_enum, "model", TrainConfig().model, list(MODELS),
      "mlp: the fully connected network (FCN); cnn: the paper's convolutional network "
      "(--hidden_layers conv stages, --filters, --kernel_size, convolutional synthesizers)."),
@@ -125,12 +110,12 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
                 "compare the plain and unlocked runs"
             )
         unlock = (("synthetic_inputs", True),)
-        overrides += tuple(Override((("mode", m),), unlock) for m in ("sg", "cdni"))
+        overrides += tuple(sweep.Override((("mode", m),), unlock) for m in ("sg", "cdni"))
     return BenchmarkSettings(
         base=base,
         modes=tuple(fv.modes),
         num_seeds=fv.num_seeds,
-        sweeps=parse_sweeps(fv.sweep),
+        sweeps=sweep.parse_sweeps(fv.sweep),
         loop_steps=fv.loop_steps,
         loop_repeats=fv.loop_repeats,
         compare_separate=fv.compare_separate,
@@ -192,7 +177,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
 
 def run(
     fv: flags.FlagValues, log: Callable[[str], None] = print
-) -> tuple[BenchmarkResult | ParallelBenchmark, BenchmarkFiles | None, int | None]:
+) -> tuple[BenchmarkResult | parallel.ParallelBenchmark, BenchmarkFiles | None, int | None]:
     """Flags -> settings -> data -> programs -> files (written by process 0 only).
 
     Bad input prints one line and exits with code 2 before any training. Returns the result,
@@ -248,7 +233,7 @@ def run(
     return result, files, stop.signal
 
 
-def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSettings:
+def parallel_settings_from_flags(fv: flags.FlagValues) -> parallel.ParallelBenchmarkSettings:
     """The layer-parallel comparison's settings; raises ConfigError (one line)."""
     if fv.preset:
         apply_preset(fv, fv.preset)
@@ -258,16 +243,16 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
             "and --num_seeds"
         )
     decoupled = [m for m in fv.modes if m != "bp"]
-    if not decoupled or decoupled[0] not in BENCHMARK_MODES:
+    if not decoupled or decoupled[0] not in sweep.BENCHMARK_MODES:
         raise ConfigError(
             "--parallel=layers needs a decoupled mode (sg, cdni, sg_unlock, cdni_unlock, dgl or "
             "zero_grad) in --modes (compared with bp)"
         )
-    fields = {"synthetic_inputs": False, **mode_fields(decoupled[0])}
+    fields = {"synthetic_inputs": False, **sweep.mode_fields(decoupled[0])}
     if fv.synthetic_inputs and fields["mode"] in ("sg", "cdni"):
         fields["synthetic_inputs"] = True
     base = dict(output_dir=fv.output_dir, model=fv.model)
-    settings = ParallelBenchmarkSettings(
+    settings = parallel.ParallelBenchmarkSettings(
         sg=config_from_flags(fv, **fields, **base).validate(),
         bp=config_from_flags(fv, mode="bp", synthetic_inputs=False, **base).validate(),
         device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
@@ -279,7 +264,7 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
 
 def run_layer_parallel(
     fv: flags.FlagValues, log: Callable[[str], None]
-) -> tuple[ParallelBenchmark, BenchmarkFiles | None, int | None]:
+) -> tuple[parallel.ParallelBenchmark, BenchmarkFiles | None, int | None]:
     """--parallel=layers: run the comparison and write table.md and benchmark.json (with the
     comparison's status; rows of runs that did not complete are marked, not tabulated)."""
     try:
@@ -291,13 +276,14 @@ def run_layer_parallel(
         fail(str(error))
     log(f"data: {dataset.reason}")
     with StopRequest() as stop:
-        result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
-    lines = [f"# Layer-parallel training: backprop vs. {benchmark_mode(settings.sg)}", ""]
+        result = parallel.run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
+    lines = [f"# Layer-parallel training: backprop vs. {sweep.benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
     paths = write_report(
         folder / "table.md",
-        "\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n",
+        "\n".join([*lines, *parallel.table_lines(result.rows), "", *parallel.notes(settings)])
+        + "\n",
         folder / "benchmark.json",
         {
             "status": result.status,
