@@ -111,7 +111,7 @@ def test_grid_builder_marks_missing_cells_and_single_seeds():
 def test_the_papers_settings_differ_in_nothing():
     config = TrainConfig(mode="sg", num_steps=500_000, hidden_layers=2)
     grid = build_grid([GridEntry(config, np.zeros(3))], {}, "gpu")
-    assert grid.rows[0].differences == "none"
+    assert grid.rows[0].differences_from_paper == "none"
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,5 @@
-"""The paper's Table 1 shape: test error % per task, depth and method, the paper's cells beside.
-
-Rows are tasks (dataset x FCN/CNN), columns depth (hidden layers + 1) x method (bp, DNI, cDNI),
-cells the final test error as mean +- std over seeds. Each row also says its step budget, data,
-device and how its settings differ from the paper's (500k steps, batch 256, ...).
-"""
+"""The paper's Table 1 shape: final test error % (mean ± std over seeds) per task (dataset x
+FCN/CNN), depth and method, the paper's cells beside; each row says how its settings differ."""
 
 from __future__ import annotations
 
@@ -17,7 +13,6 @@ from sgjax.bench.presets import PRESETS
 from sgjax.bench.programs import BenchmarkResult
 from sgjax.bench.report import Row, Stat
 from sgjax.bench.sweep import SweepAxis, benchmark_mode
-from sgjax.data.sources import Dataset
 from sgjax.training.architecture import config_facts, merge_depths
 from sgjax.training.config import (
     DEFAULT_SG_HIDDEN_LAYERS,
@@ -49,16 +44,10 @@ PAPER_FCN_MODULES = {"mnist": "2x1024", "fashion_mnist": "2x1024", "cifar10": "1
 
 
 class GridEntry(NamedTuple):
-    """One grid cell's runs: the task, depth, method, settings and final test errors (%)."""
+    """One grid cell's runs: their settings and final test errors (%, one per seed)."""
 
     config: TrainConfig
     errors: np.ndarray
-    """Final test error in percent, one per seed."""
-
-    @property
-    def task(self) -> tuple[str, str]:
-        """(dataset, model)."""
-        return self.config.dataset, self.config.model
 
     @property
     def depth(self) -> int:
@@ -81,34 +70,29 @@ class Cell(NamedTuple):
 
 
 class GridRow(NamedTuple):
-    """One task: its cells by (depth, mode) and what it ran on."""
+    """One task: what it ran on, how it differs from the paper ('none'), cells by (depth, mode)."""
 
     task: str
     dataset: str
     model: str
-    cells: Mapping[tuple[int, str], Cell]
     steps: str
     network: str
     data: str
     device: str
-    differences: str
-    """How the settings differ from the paper's ('none' at the paper's settings)."""
+    differences_from_paper: str
+    cells: Mapping[tuple[int, str], Cell]
 
 
 class Grid(NamedTuple):
-    """The whole table."""
-
     depths: tuple[int, ...]
     modes: tuple[str, ...]
     rows: tuple[GridRow, ...]
 
     def headers(self) -> list[str]:
-        """'task', then '3 layers bp', '3 layers DNI', ..., then steps, data, device."""
         cells = [f"{d} layers {MODE_NAMES[m]}" for d in self.depths for m in self.modes]
         return ["task", *cells, "steps", "data", "device"]
 
     def body(self) -> list[list[str]]:
-        """Markdown cells of every row, in header order."""
         return [
             [
                 row.task,
@@ -121,28 +105,18 @@ class Grid(NamedTuple):
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: headers, rows with every cell's numbers, the paper's cells."""
+        cells = [
+            [
+                {"depth": d, "mode": m, "test_error_percent": c._asdict()}
+                for (d, m), c in r.cells.items()
+            ]
+            for r in self.rows
+        ]
         return {
             "headers": self.headers(),
             "depths": list(self.depths),
             "modes": list(self.modes),
-            "rows": [
-                {
-                    "task": row.task,
-                    "dataset": row.dataset,
-                    "model": row.model,
-                    "steps": row.steps,
-                    "network": row.network,
-                    "data": row.data,
-                    "device": row.device,
-                    "differences_from_paper": row.differences,
-                    "cells": [
-                        {"depth": d, "mode": m, "test_error_percent": cell._asdict()}
-                        for (d, m), cell in row.cells.items()
-                    ],
-                }
-                for row in self.rows
-            ],
+            "rows": [{**r._asdict(), "cells": c} for r, c in zip(self.rows, cells, strict=True)],
             "paper": [
                 {"dataset": k[0], "model": k[1], "depth": k[2], "mode": k[3], "error": v}
                 for k, v in PAPER_GRID.items()
@@ -235,7 +209,7 @@ def build_grid(
     modes = tuple(m for m in ("bp", "sg", "cdni") if m in modes)
     tasks: dict[tuple[str, str], list[GridEntry]] = {}
     for entry in entries:
-        tasks.setdefault(entry.task, []).append(entry)
+        tasks.setdefault((entry.config.dataset, entry.config.model), []).append(entry)
     rows = []
     for (dataset, model), task_entries in tasks.items():
         by_cell = {(e.depth, benchmark_mode(e.config)): e for e in task_entries}
@@ -256,12 +230,12 @@ def build_grid(
                 task=task_name(dataset, model),
                 dataset=dataset,
                 model=model,
-                cells=cells,
                 steps=_join(steps),
                 network=merge_depths([config_facts(c).description for c in configs]),
                 data=data.get(dataset, dataset),
                 device=device,
-                differences=differences(configs, seeds),
+                differences_from_paper=differences(configs, seeds),
+                cells=cells,
             )
         )
     return Grid(depths, modes, tuple(rows))
@@ -285,7 +259,7 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
         "",
         *markdown_table(
             ("task", "network", "differs from the paper's settings"),
-            ((row.task, row.network, row.differences) for row in grid.rows),
+            ((row.task, row.network, row.differences_from_paper) for row in grid.rows),
         ),
     ]
     shown = {(row.dataset, row.model) for row in grid.rows}
@@ -305,23 +279,15 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
 # ------------------------------------------------------------------------------ from a benchmark
 
 
-def data_label(dataset: Dataset) -> str:
-    """'mnist, 5,000 train / 10,000 test (embedded)'."""
-    return (
-        f"{dataset.name}, {len(dataset.train_labels):,} train / {len(dataset.test_labels):,} "
-        f"test ({dataset.source})"
-    )
-
-
 def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:
     """The grid of a benchmark's rows (final test error of every seed)."""
     entries = [GridEntry(row.config, 100 * (1 - row.history.test_accuracy[:, -1])) for row in rows]
-    return build_grid(
-        entries,
-        {name: data_label(ds) for name, ds in result.datasets.items()},
-        device_label(),
-        result.settings.modes,
-    )
+    data = {  # 'mnist, 5,000 train / 10,000 test (embedded)'
+        name: f"{ds.name}, {len(ds.train_labels):,} train / {len(ds.test_labels):,} test "
+        f"({ds.source})"
+        for name, ds in result.datasets.items()
+    }
+    return build_grid(entries, data, device_label(), result.settings.modes)
 
 
 def grid_notes(result: BenchmarkResult) -> list[str]:

@@ -1,8 +1,5 @@
-"""Benchmark figures: learning curves, synthetic-gradient losses, time and FLOPs per step.
-
-Figures are drawn with matplotlib's object API on the Agg canvas, so importing this module
-changes no global backend.
-"""
+"""Benchmark figures: learning curves, synthetic-gradient losses, time and FLOPs per step (drawn
+with matplotlib's object API on the Agg canvas, so importing this changes no global backend)."""
 
 from __future__ import annotations
 
@@ -36,10 +33,10 @@ def _band(axes: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: 
         axes.fill_between(steps, mean - std, mean + std, alpha=0.2, color=color)
 
 
-def _log_scale(axes: Axes) -> None:
-    """A log y axis where the plotted lines have a finite positive value (a run that diverged
-    has none, and matplotlib refuses to log-scale such data)."""
-    values = [np.asarray(line.get_ydata(), dtype=float) for line in axes.get_lines()]
+def _log_scale(axes: Axes, values: Sequence[Any] = ()) -> None:
+    """A log y axis where the plotted lines (or ``values``) have a finite positive value (a run
+    that diverged has none, and matplotlib refuses to log-scale such data)."""
+    values = [np.asarray(v, float) for v in values or [x.get_ydata() for x in axes.get_lines()]]
     if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
         axes.set_yscale("log")
 
@@ -126,25 +123,13 @@ def plot_time_per_step(
     per_run_ms = [r.program.ms_per_step / r.program.spec.num_runs for r in rows]
     width = 0.27 if loops else 0.6
     time_axes.bar(positions, per_run_ms, width, color=colors, label="whole run compiled, per run")
-    if loops:
-        time_axes.bar(
-            positions + width,
-            [t.scanned.ms_per_step if t else np.nan for t in timed],
-            width,
-            color=colors,
-            alpha=0.6,
-            hatch="..",
-            label="lax.scan chunk",
-        )
-        time_axes.bar(
-            positions + 2 * width,
-            [t.python_loop.ms_per_step if t else np.nan for t in timed],
-            width,
-            color=colors,
-            alpha=0.35,
-            hatch="//",
-            label="jitted step from a Python loop",
-        )
+    variants = (
+        ("scanned", dict(alpha=0.6, hatch="..", label="lax.scan chunk")),
+        ("python_loop", dict(alpha=0.35, hatch="//", label="jitted step from a Python loop")),
+    )
+    for shift, (name, style) in enumerate(variants if loops else (), 1):
+        ms = [getattr(t, name).ms_per_step if t else np.nan for t in timed]
+        time_axes.bar(positions + shift * width, ms, width, color=colors, **style)
     loop_ms = [ms for t in timed if t for ms in (t.scanned.ms_per_step, t.python_loop.ms_per_step)]
     tallest = max(per_run_ms + loop_ms)
     time_axes.set_ylim(0, 1.4 * tallest)  # room for the legend above the bars
@@ -169,17 +154,14 @@ def plot_time_per_step(
 
 
 def plot_sweep(results: Sequence[Any], path: Path) -> Path:
-    """Final test error % against the update probability p, one colour per method
-    (``update_prob.SweepResult``s; Jaderberg et al.'s figure)."""
+    """Final test error % against the update probability p per method (``update_prob``)."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
     for r, color in zip(results, _colors(len(results)), strict=True):
         axes.scatter(r.probs, r.test_error, s=12, color=color, label=mode_name(r.mode))
     axes.set_xlabel("update probability p")
     axes.set_ylabel("final test error %")
-    errors = np.concatenate([np.asarray(r.test_error, dtype=float) for r in results])
-    if np.any(np.isfinite(errors) & (errors > 0)):  # matplotlib refuses to log-scale none
-        axes.set_yscale("log")
+    _log_scale(axes, [r.test_error for r in results])
     axes.grid(alpha=0.3)
     axes.legend()
     return _save(figure, path)

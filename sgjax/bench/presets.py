@@ -1,8 +1,6 @@
-"""Named flag settings for the benchmark, and the paper's published numbers.
-
-A preset sets flags the command line did not give: ``--preset=paper_100k --batch_size=128``
-runs the paper's 100k settings with a batch of 128.
-"""
+"""The benchmark's named flag settings, and the paper's published numbers. A preset sets only
+flags the command line did not give: ``--preset=paper_100k --batch_size=128`` runs the paper's
+100k settings with a batch of 128."""
 
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ class Preset:
 
     description: str
     values: Mapping[str, Any]
-    overrides: tuple[Override, ...] = ()
-    """Per-task values (flags the command line gives or sweeps win over them)."""
+    overrides: tuple[Override, ...] = ()  # per-task values (given or swept flags win)
 
 
 _PAPER_NETWORK = MappingProxyType(
@@ -163,7 +160,6 @@ class PaperResult(NamedTuple):
 
     @property
     def ms_per_step(self) -> float:
-        """Training time per step in milliseconds."""
         return 1e3 * self.train_time_s / self.num_steps
 
 
@@ -181,25 +177,11 @@ def paper_results(num_steps: int) -> tuple[PaperResult, ...]:
     return tuple(r for r in PAPER_RESULTS if r.num_steps == num_steps)
 
 
-def paper_time_ratio(num_steps: int) -> float | None:
-    """The paper's SG / backprop training-time ratio at ``num_steps`` (None if not reported)."""
-    rows = {r.mode: r for r in paper_results(num_steps)}
-    if "bp" in rows and "sg" in rows:
-        return rows["sg"].train_time_s / rows["bp"].train_time_s
-    return None
-
-
-def apply_preset(flag_values: flags.FlagValues, name: str) -> list[str]:
-    """Set every flag of preset ``name`` that the command line did not give; returns their names.
-
-    Raises KeyError for an unknown preset.
-    """
-    applied = []
+def apply_preset(flag_values: flags.FlagValues, name: str) -> None:
+    """Set every flag of preset ``name`` that the command line did not give."""
     for flag_name, value in PRESETS[name].values.items():
         if flag_name in flag_values and not flag_values[flag_name].present:
             flag_values[flag_name].value = list(value) if isinstance(value, list) else value
-            applied.append(flag_name)
-    return applied
 
 
 def preset_overrides(flag_values: flags.FlagValues, name: str) -> tuple[Override, ...]:

@@ -1,11 +1,6 @@
-"""Benchmark execution: every program is a whole run compiled once, its runs vmapped and sharded.
-
-A program (``sgjax.bench.sweep.ProgramSpec``) trains several independent runs (seeds x learning
-rates) of one configuration with ``jax.jit(jax.vmap(make_train(config)))``. The run axis is
-sharded over every device of ``jax.devices()`` (all hosts after ``jax.distributed.initialize()``),
-so more devices train more runs at once. Compile time is measured apart from run time;
-arithmetic is XLA's count for one step and one evaluation.
-"""
+"""Benchmark execution: a program (``sweep.ProgramSpec``) trains its runs (seeds x learning rates)
+with ``jax.jit(jax.vmap(make_train(config)))``, the run axis sharded over every device of every
+process, so more devices train more runs at once. Compile time is measured apart from run time."""
 
 from __future__ import annotations
 
@@ -20,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sgjax.bench import timing
 from sgjax.bench.sweep import (
     BENCHMARK_MODES,
     Override,
@@ -29,25 +25,14 @@ from sgjax.bench.sweep import (
     plan_programs,
     sweep_label,
 )
-from sgjax.bench.timing import (
-    LoopTiming,
-    compile_timed,
-    compiled_memory_bytes,
-    flops_per_evaluation,
-    flops_per_step,
-    matmul_gflops,
-    peak_memory_bytes,
-    time_python_loop,
-    time_scanned,
-)
+from sgjax.bench.timing import LoopTiming, compile_timed
 from sgjax.data.device import DeviceData, to_device
 from sgjax.data.sources import Dataset
 from sgjax.training.config import MAX_SEED, PAPER_MODES, ConfigError, TrainConfig
 from sgjax.training.loop import RunHistory, make_train
 
 RUN_AXIS = "runs"
-MAX_NUM_SEEDS = 1024
-"""The seeds of a program are vmapped together; more than this is a typo, not a benchmark."""
+MAX_NUM_SEEDS = 1024  # a program's seeds are vmapped together; more is a typo, not a benchmark
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,18 +43,14 @@ class BenchmarkSettings:
     modes: tuple[str, ...] = PAPER_MODES
     num_seeds: int = 1
     sweeps: tuple[SweepAxis, ...] = ()
-    loop_steps: int = 0
-    """Steps per timing of lax.scan vs. a Python loop of the jitted step (0: skip it)."""
+    loop_steps: int = 0  # steps per timing of lax.scan vs. a Python loop (0: skip it)
     loop_repeats: int = 3
-    compare_separate: bool = True
-    """With several runs per program, also run each one alone (time and equality)."""
+    compare_separate: bool = True  # with several runs per program, also run each alone
     preset: str | None = None
-    overrides: tuple[Override, ...] = ()
-    """Per-task values of the preset (e.g. the CIFAR-10 FCN's widths in a grid)."""
+    overrides: tuple[Override, ...] = ()  # the preset's per-task values
 
     @property
     def seeds(self) -> tuple[int, ...]:
-        """``--seed``, ``--seed + 1``, ... (``num_seeds`` of them)."""
         return tuple(range(self.base.seed, self.base.seed + self.num_seeds))
 
     def validate(self) -> BenchmarkSettings:
@@ -97,11 +78,9 @@ class BenchmarkSettings:
         return self
 
     def programs(self) -> list[ProgramSpec]:
-        """The compiled programs to run, in order."""
         return plan_programs(self.base, self.modes, self.sweeps, self.seeds, self.overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings, with the base configuration's derived values filled in."""
         return {
             "preset": self.preset,
             "modes": list(self.modes),
@@ -122,12 +101,10 @@ class SeparateRuns:
 
     compile_s: float
     run_s: tuple[float, ...]
-    history: RunHistory
-    """Numpy arrays with a leading run axis, like ``ProgramResult.history``."""
+    history: RunHistory  # numpy, leading run axis
 
     @property
     def total_run_s(self) -> float:
-        """Sum of the runs' wall times (compile excluded)."""
         return float(sum(self.run_s))
 
 
@@ -138,7 +115,6 @@ class Difference(NamedTuple):
     metric: str
 
     def format(self) -> str:
-        """'1.8e-03 (test_accuracy)'."""
         return f"{self.value:.1e} ({self.metric})"
 
 
@@ -147,8 +123,7 @@ class ProgramResult:
     """One compiled program's measurements and per-run metrics."""
 
     spec: ProgramSpec
-    history: RunHistory
-    """Numpy arrays of shape (runs, evaluations[, layers])."""
+    history: RunHistory  # numpy, (runs, evaluations[, layers])
     compile_s: float
     run_s: float
     step_flops: float
@@ -160,18 +135,16 @@ class ProgramResult:
 
     @property
     def num_evals(self) -> int:
-        """Evaluations inside each run."""
         return int(self.history.step.shape[1])
 
     @property
     def total_flops(self) -> float:
-        """Arithmetic of the whole program: every run's steps and evaluations."""
+        """Every run's steps and evaluations."""
         per_run = self.spec.config.num_steps * self.step_flops + self.num_evals * self.eval_flops
         return self.spec.num_runs * per_run
 
     @property
     def achieved_gflops(self) -> float:
-        """Arithmetic rate the program achieved, GFLOP/s."""
         return self.total_flops / self.run_s / 1e9
 
     @property
@@ -181,14 +154,13 @@ class ProgramResult:
 
     @property
     def single_run_ms_per_step(self) -> float | None:
-        """Median wall time per step of one run alone (None without separate runs)."""
+        """Median wall time per step of one run alone."""
         if self.separate is None:
             return None
         return 1e3 * float(np.median(self.separate.run_s)) / self.spec.config.num_steps
 
     def separate_difference(self) -> Difference | None:
-        """Largest |vmapped - separate| over every recorded metric and evaluation, and the
-        metric where it occurs (None without separate runs)."""
+        """Largest |vmapped - separate| over every metric and evaluation, and where."""
         if self.separate is None:
             return None
         return max(
@@ -223,8 +195,7 @@ class BenchmarkResult:
     loops: list[LoopComparison]
     matmul_gflops: float
     datasets: Mapping[str, Dataset]
-    status: str = "completed"
-    """"completed", "interrupted" (stopped between programs) or "diverged"."""
+    status: str = "completed"  # or "interrupted" (between programs) or "diverged"
     message: str = ""
 
 
@@ -236,15 +207,11 @@ def run_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (RUN_AXIS,))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """A full copy of every leaf on every device of ``mesh`` (works across hosts)."""
-    sharding = NamedSharding(mesh, PartitionSpec())
-
-    def put(leaf: Any) -> jax.Array:
-        host = np.asarray(leaf)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree_util.tree_map(put, tree)
+def _place(values: Any, mesh: Mesh, *spec: str) -> jax.Array:
+    """``values`` on ``mesh`` with ``PartitionSpec(*spec)`` (works across hosts)."""
+    host = np.asarray(values)
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -252,25 +219,17 @@ def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
     multiple of the device count; the padded runs are dropped from the results."""
     padded_size = -(-len(values) // mesh.size) * mesh.size
     padded = np.concatenate([values, np.repeat(values[-1:], padded_size - len(values))])
-    sharding = NamedSharding(mesh, PartitionSpec(RUN_AXIS))
-    return jax.make_array_from_callback(padded.shape, sharding, lambda index: padded[index])
-
-
-def gather(tree: Any) -> Any:
-    """Numpy copies of (possibly multi-host) sharded arrays."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+    return _place(padded, mesh, RUN_AXIS)
 
 
 # ---------------------------------------------------------------------------------- programs
 
 
 class Execution(NamedTuple):
-    """One program run: its outputs (numpy, leading run axis) and what it cost."""
+    """One program run: what the vmapped function returned for every run (numpy, leading run
+    axis) and what it cost."""
 
     history: Any
-    """What the vmapped function returned for every run (``RunHistory`` for training)."""
     compile_s: float
     run_s: float
     num_devices: int
@@ -291,16 +250,20 @@ def run_vmapped(
     mesh = mesh or run_mesh()
     num_runs = len(next(a for a, axis in zip(args, in_axes, strict=True) if axis == 0))
     placed = [
-        shard_runs(np.asarray(a), mesh) if axis == 0 else replicate(a, mesh)
+        shard_runs(np.asarray(a), mesh)
+        if axis == 0
+        else jax.tree_util.tree_map(lambda x: _place(x, mesh), a)
         for a, axis in zip(args, in_axes, strict=True)
     ]
     compiled, compile_s = compile_timed(jax.vmap(fn, in_axes=tuple(in_axes)), *placed)
     start = time.perf_counter()
     outputs = jax.block_until_ready(keep(compiled(*placed)))
     run_s = time.perf_counter() - start
-    outputs = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], gather(outputs))
-    memory = compiled_memory_bytes(compiled)
-    return Execution(outputs, compile_s, run_s, mesh.size, memory, peak_memory_bytes())
+    if jax.process_count() > 1:  # numpy copies of the multi-host sharded arrays
+        outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    outputs = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], jax.device_get(outputs))
+    memory = timing.compiled_memory_bytes(compiled)
+    return Execution(outputs, compile_s, run_s, mesh.size, memory, timing.peak_memory_bytes())
 
 
 def train_runs(
@@ -310,11 +273,9 @@ def train_runs(
     data: DeviceData,
     mesh: Mesh | None = None,
 ) -> Execution:
-    """Train one run per (seed, learning rate) pair in one program sharded over ``mesh``.
-
-    Run ``i`` equals ``make_train(config)(seeds[i], learning_rates[i], data)`` run alone, up to
-    float reassociation (vmap batches the matrix products differently).
-    """
+    """Train one run per (seed, learning rate) pair in one program sharded over ``mesh``; run
+    ``i`` equals ``make_train(config)(seeds[i], learning_rates[i], data)`` up to float
+    reassociation (vmap batches the matrix products differently)."""
     args = (np.asarray(seeds, np.uint32), np.asarray(learning_rates, np.float32), data)
     return run_vmapped(make_train(config), args, (0, 0, None), mesh, keep=lambda out: out[1])
 
@@ -346,20 +307,16 @@ def run_program(
     if jax.process_index() != 0:  # only process 0 writes (--distributed): skip the counting
         step_flops = eval_flops = float("nan")
     else:
-        eval_flops = flops_per_evaluation(spec.config, data)
+        eval_flops = timing.flops_per_evaluation(spec.config, data)
         if step_flops is None:
-            step_flops = flops_per_step(spec.config, data)
+            step_flops = timing.flops_per_step(spec.config, data)
+    separate_runs = run_separately(spec, data) if separate else None
     return ProgramResult(
-        spec=spec,
-        history=execution.history,
-        compile_s=execution.compile_s,
-        run_s=execution.run_s,
+        spec,
+        **execution._asdict(),
         step_flops=step_flops,
         eval_flops=eval_flops,
-        num_devices=execution.num_devices,
-        peak_memory_bytes=execution.peak_memory_bytes,
-        program_memory_bytes=execution.program_memory_bytes,
-        separate=run_separately(spec, data) if separate else None,
+        separate=separate_runs,
     )
 
 
@@ -373,18 +330,14 @@ def run_benchmark(
     stop_requested: Callable[[], bool] = lambda: False,
     divergence: Callable[[ProgramResult], str] = lambda _: "",
 ) -> BenchmarkResult:
-    """Run every program of ``settings`` on ``datasets`` (by name) and measure it.
-
-    Programs in ``done`` (by index, from an earlier session) are not run again; each new one is
-    passed to ``on_program`` as soon as it finishes. The benchmark stops between programs when
-    ``stop_requested()`` (status "interrupted") or when ``divergence(result)`` names a
-    non-finite loss (status "diverged").
-    """
+    """Run and measure every program of ``settings`` but those ``done`` (by index, from an
+    earlier session), passing each new one to ``on_program``; stop between programs when
+    ``stop_requested()`` ("interrupted") or ``divergence(result)`` names a non-finite loss."""
     done = done or {}
     status, message = "completed", ""
     mesh = run_mesh()
     device_data = {name: to_device(ds) for name, ds in datasets.items()}
-    rate = matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
+    rate = timing.matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
     log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
     programs: list[ProgramResult] = []
     loops: list[LoopComparison] = []
@@ -401,15 +354,16 @@ def run_benchmark(
             loop = LoopComparison(
                 name,
                 config,
-                time_scanned(config, data, steps, repeats),
-                time_python_loop(config, data, steps, repeats),
+                timing.time_scanned(config, data, steps, repeats),
+                timing.time_python_loop(config, data, steps, repeats),
             )
             loops.append(loop)
+            estimate_s = loop.scanned.ms_per_step * config.num_steps * spec.num_runs / 1e3
             log(
                 f"{name}: lax.scan {loop.scanned.ms_per_step:.2f} ms/step, Python loop "
                 f"{loop.python_loop.ms_per_step:.2f} ms/step (loop/scan {loop.ratio:.2f}); "
-                f"expect roughly {_estimate_s(spec, loop.scanned):.0f} s for {spec.num_runs} "
-                f"run(s) of {config.num_steps} steps"
+                f"expect roughly {estimate_s:.0f} s for {spec.num_runs} run(s) of "
+                f"{config.num_steps} steps"
             )
         log(
             f"{name}{sweep_label(spec.static)}: compiling and running {spec.num_runs} run(s) "
@@ -441,7 +395,3 @@ def run_benchmark(
             status, message = "interrupted", f"stopped after {index + 1} program(s)"
             break
     return BenchmarkResult(settings, programs, loops, rate, datasets, status, message)
-
-
-def _estimate_s(spec: ProgramSpec, scanned: LoopTiming) -> float:
-    return scanned.ms_per_step * spec.config.num_steps * spec.num_runs / 1e3

@@ -11,13 +11,7 @@ import jax
 import numpy as np
 
 from sgjax.bench.names import MODE_NAMES, column_table, device_label, markdown_row, section
-from sgjax.bench.presets import (
-    PAPER_DEVICE,
-    PAPER_RESULTS,
-    PaperResult,
-    paper_results,
-    paper_time_ratio,
-)
+from sgjax.bench.presets import PAPER_DEVICE, PAPER_RESULTS, PaperResult, paper_results
 from sgjax.bench.programs import BenchmarkResult, LoopComparison, ProgramResult
 from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
 from sgjax.training.architecture import config_facts, merge_depths
@@ -25,8 +19,8 @@ from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
 from sgjax.training.records import device_info, versions
 
-RATE_TOLERANCE = 1.15
-"""Achieved rates within this factor of each other count as the same in the summary."""
+PAPER_STEPS = sorted({r.num_steps for r in PAPER_RESULTS}, reverse=True)
+RATE_TOLERANCE = 1.15  # achieved rates within this factor count as the same in the summary
 
 
 def mode_label(config: TrainConfig) -> str:
@@ -59,9 +53,7 @@ class Stat(NamedTuple):
 
     def format(self, digits: int = 4) -> str:
         """'0.9512' for one seed, '0.9512 ± 0.0021' for several."""
-        if self.count == 1:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+        return f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.count > 1 else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +70,7 @@ class Row:
 
     @property
     def history(self) -> RunHistory:
-        """This row's runs (one per seed) of the program's metrics."""
+        """This row's runs (one per seed)."""
         return jax.tree_util.tree_map(lambda x: x[self.runs], self.program.history)
 
     def final(self, metric: str) -> Stat:
@@ -86,7 +78,6 @@ class Row:
         return Stat.of(getattr(self.history, metric)[:, -1])
 
     def to_dict(self) -> dict[str, Any]:
-        """The row's numbers as JSON-ready values."""
         p = self.program
         return {
             "label": self.label,
@@ -191,19 +182,16 @@ def _paper_row(paper: PaperResult) -> list[str]:
 
 def learning_rate_schedule(boundaries: Sequence[int]) -> str:
     """'divided by 10 at 600, 800', or 'constant' without boundaries (--lr_boundaries=)."""
-    if not boundaries:
-        return "constant"
-    return f"divided by 10 at {', '.join(map(str, boundaries))}"
+    return f"divided by 10 at {', '.join(map(str, boundaries))}" if boundaries else "constant"
 
 
 def settings_lines(result: BenchmarkResult) -> list[str]:
-    """What was run, in a few lines."""
     s = result.settings
     base = s.base
     datasets = "; ".join(ds.reason for ds in result.datasets.values())
     configs = [p.spec.config for p in result.programs] or [base]
     networks = merge_depths([config_facts(c).description for c in configs])
-    lines = [
+    return [
         f"- preset: {s.preset or 'none'}; modes: {','.join(s.modes)}; seeds: "
         f"{','.join(map(str, s.seeds))}"
         + (f"; sweeps: {' '.join(a.describe() for a in s.sweeps)}" if s.sweeps else "")
@@ -220,11 +208,9 @@ def settings_lines(result: BenchmarkResult) -> list[str]:
         "keeps no statistics, e.g. the CPU); XLA program memory is the compiled program's "
         "arguments, outputs and temporaries",
     ]
-    return lines
 
 
 def loop_lines(result: BenchmarkResult) -> list[str]:
-    """Scanned whole run vs. a Python loop of the jitted step, per mode."""
     if not result.loops:
         return []
     whole = {  # one run alone of the program the loop was timed for
@@ -246,7 +232,6 @@ def loop_lines(result: BenchmarkResult) -> list[str]:
 
 
 def rate_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
-    """Achieved arithmetic rate of every row beside the machine's measured matmul rate."""
     matmul = result.matmul_gflops
     columns: tuple[Column, ...] = (
         ("run", lambda r: r.label),
@@ -259,7 +244,6 @@ def rate_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
 
 
 def vmap_lines(result: BenchmarkResult) -> list[str]:
-    """N runs vmapped in one program vs. the same N runs one after another."""
     compared = [p for p in result.programs if p.separate is not None]
     if not compared:
         return []
@@ -301,17 +285,13 @@ def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
             f"{bp.program.step_flops / 1e9:.3g} GFLOP/step), achieved "
             f"{row.program.achieved_gflops:.0f} vs. {bp.program.achieved_gflops:.0f} GFLOP/s."
         )
-    ratios = {
-        steps: paper_time_ratio(steps)
-        for steps in sorted({r.num_steps for r in PAPER_RESULTS}, reverse=True)
-    }
+    ratios = []
+    for steps in PAPER_STEPS:
+        paper = {r.mode: r.train_time_s for r in paper_results(steps)}
+        ratios.append(f"{paper['sg'] / paper['bp']:.2f}x backprop's time at {steps // 1000}k steps")
     lines.append(
-        f"- The paper ({PAPER_DEVICE}) reports SG-DNI training in "
-        + " and ".join(
-            f"{ratio:.2f}x backprop's time at {steps // 1000}k steps"
-            for steps, ratio in ratios.items()
-        )
-        + ", and concludes it is over 3x faster."
+        f"- The paper ({PAPER_DEVICE}) reports SG-DNI training in {' and '.join(ratios)}, and "
+        "concludes it is over 3x faster."
     )
     reference = by_mode.get("sg") or by_mode.get("cdni")
     if reference is not None and reference.time_ratio_bp is not None and bp is not None:
@@ -330,20 +310,18 @@ def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
 def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
     """Whether the paper's speed-up holds here, and why, from the time, FLOP and rate ratios."""
     time_ratio, flop_ratio = row.time_ratio_bp, row.flop_ratio_bp
-    mode = row.config.mode
     rate, bp_rate = row.program.achieved_gflops, bp.program.achieved_gflops
     rates = f"{rate:.0f} vs. {bp_rate:.0f} GFLOP/s, matmul {result.matmul_gflops:.0f}"
+    head = (
+        f"- On this device ({device_label()}) {row.config.mode} takes {time_ratio:.2f}x bp's time"
+    )
     if time_ratio < 1:
-        head = (
-            f"- On this device ({device_label()}) {mode} takes {time_ratio:.2f}x bp's time "
-            f"although it does {flop_ratio:.2f}x the arithmetic per step: the paper's direction "
-            f"holds here"
+        head += (
+            f" although it does {flop_ratio:.2f}x the arithmetic per step: the paper's direction "
+            "holds here"
         )
     else:
-        head = (
-            f"- On this device ({device_label()}) {mode} takes {time_ratio:.2f}x bp's time, so "
-            f"the paper's speed-up does not hold here"
-        )
+        head += ", so the paper's speed-up does not hold here"
     if rate > RATE_TOLERANCE * bp_rate:
         why = (
             f"; its time grows less than its arithmetic because its extra work runs at a higher "
@@ -372,7 +350,7 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
     if not paper_network:
         return ""
     parts = []
-    for steps in sorted({r.num_steps for r in PAPER_RESULTS}, reverse=True):
+    for steps in PAPER_STEPS:
         paper = {r.mode: r for r in paper_results(steps)}
         bp_rate = bp.program.step_flops * steps / paper["bp"].train_time_s / 1e9
         sg_rate = row.program.step_flops * steps / paper["sg"].train_time_s / 1e9
@@ -386,7 +364,6 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
 
 
 def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
-    """The contents of table.md."""
     paper = [markdown_row(_paper_row(p)) for p in paper_results(result.settings.base.num_steps)]
     status = []
     if result.status != "completed":
@@ -451,7 +428,7 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
 
 
 def build_json(result: BenchmarkResult, rows: Sequence[Row]) -> dict[str, Any]:
-    """The contents of benchmark.json: every number of the table, settings, device, versions."""
+    """benchmark.json: every number of the table, settings, device, versions."""
     return {
         "status": result.status,
         "message": result.message,

@@ -1,9 +1,5 @@
-"""The recurrent benchmark: the paper's Table 2 (largest Copy / Repeat Copy episode solved, per
-truncation, BPTT / DNI / DNI+Aux), every cell one compiled program with its seeds vmapped.
-
-Presets ``paper_rnn`` (the paper's 256-unit LSTM and batch 256) and ``paper_rnn_quick`` (about
-15 minutes on a 2-core CPU) run through ``experiments/benchmark.py --preset=...``.
-"""
+"""The paper's Table 2 (``--preset=paper_rnn[_quick]``): largest Copy / Repeat Copy episode solved
+per truncation, BPTT / DNI / DNI+Aux, every cell one compiled program with its seeds vmapped."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import jax
 import numpy as np
@@ -82,17 +77,16 @@ class CellResult:
     task: str
     mode: str
     truncation: int
-    solved: list[int]
-    """Largest episode solved, per seed."""
+    solved: list[int]  # largest episode solved, per seed
     compile_s: float
     run_s: float
-    ms_per_update: float
-    """Wall time of one update of all the vmapped seeds."""
-    flops_per_update: float
-    """XLA's FLOPs of one update of one seed (NaN when not counted)."""
+    ms_per_update: float  # one update of all the vmapped seeds
+    flops_per_update: float  # XLA's, one update of one seed (NaN when not counted)
 
 
-def cell_config(preset: RNNPreset, task: str, mode: str, truncation: int, **kw: Any) -> RNNConfig:
+def cell_config(
+    preset: RNNPreset, task: str, mode: str, truncation: int, num_steps: int | None = None
+) -> RNNConfig:
     return RNNConfig(
         task=task,
         mode=mode,
@@ -100,18 +94,10 @@ def cell_config(preset: RNNPreset, task: str, mode: str, truncation: int, **kw: 
         hidden_units=preset.hidden_units,
         batch_size=preset.batch_size,
         learning_rate=preset.learning_rate,
-        num_steps=kw.get("num_steps", preset.num_steps),
+        num_steps=num_steps or preset.num_steps,
         bits=preset.bits,
         max_length=preset.max_length,
     )
-
-
-def update_flops(config: RNNConfig) -> float:
-    """XLA's FLOPs for one update of one seed after optimisation, the segment unrolled (a
-    scanned loop's body is counted once)."""
-    program = CopyProgram(config, unroll=True)
-    state = jax.eval_shape(lambda: program.init(0))
-    return compiled_flops(jax.jit(program.chunk(1)).lower(state, None).compile())
 
 
 def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> CellResult:
@@ -124,7 +110,11 @@ def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> C
         return state.solved
 
     run = run_vmapped(whole_run, (np.asarray(seeds, np.uint32),), (0,))
-    flops = update_flops(config) if count_flops else float("nan")
+    flops = float("nan")
+    if count_flops:  # one update of one seed, the segment unrolled (XLA counts a loop body once)
+        unrolled = CopyProgram(config, unroll=True)
+        state = jax.eval_shape(lambda: unrolled.init(0))
+        flops = compiled_flops(jax.jit(unrolled.chunk(1)).lower(state, None).compile())
     solved, ms = [int(s) for s in run.history], 1e3 * run.run_s / config.num_steps
     cell = (config.task, config.mode, config.truncation, solved, run.compile_s, run.run_s, ms)
     return CellResult(*cell, flops)
@@ -189,10 +179,8 @@ def run_rnn_table(
     num_steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[str, str]:
-    """Run every cell of ``preset_name``, writing table.md and results.json after each cell.
-
-    Returns (status, message): "completed", or "interrupted" on Ctrl-C (the cells done so far
-    are kept)."""
+    """Run every cell of ``preset_name``, writing table.md and results.json after each; returns
+    (status, message): "completed", or "interrupted" on Ctrl-C (the cells done are kept)."""
     preset = RNN_PRESETS[preset_name]
     steps = num_steps or preset.num_steps
     seeds = list(range(seed, seed + (num_seeds or preset.num_seeds)))

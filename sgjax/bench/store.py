@@ -1,10 +1,7 @@
-"""Finished benchmark programs on disk, so a stopped benchmark resumes where it stopped.
-
-Each program's per-run metrics go to ``programs/NNN.npz`` and its measurements to
-``programs/NNN.json`` (both written to a temporary name and renamed), next to
-``programs/settings.json``, the settings that made them. A resumed benchmark with other settings
-is refused. The unit of work is one compiled program: a program stopped midway runs again.
-"""
+"""Finished benchmark programs on disk, so a stopped benchmark resumes where it stopped: each
+program's metrics in ``programs/NNN.npz``, its measurements in ``programs/NNN.json`` (both written
+to a temporary name and renamed), beside ``programs/settings.json``; other settings are refused.
+The unit of work is one compiled program: a program stopped midway runs again."""
 
 from __future__ import annotations
 
@@ -42,11 +39,12 @@ class ProgramStore:
 
     def start(self, settings: BenchmarkSettings, resume: bool) -> dict[int, ProgramResult]:
         """Prepare the store; on resume, return the finished programs (refusing other settings)."""
-        wanted = _comparable(settings)
-        if resume and (self.folder / "settings.json").exists():
-            saved = _read_json(
-                self.folder / "settings.json", "resume is impossible; use --overwrite"
-            )
+        wanted = json.loads(json.dumps(settings.to_dict(), default=str))
+        for name in ("output_dir", "data_dir"):  # where files are is no setting
+            wanted["base_config"].pop(name, None)
+        path = self.folder / "settings.json"
+        if resume and path.exists():
+            saved = _read_json(path, "resume is impossible; use --overwrite")
             if saved != wanted:
                 changed = sorted(
                     k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
@@ -55,10 +53,13 @@ class ProgramStore:
                     f"the benchmark in {self.folder.parent} was run with other settings "
                     f"({', '.join(changed)} differ); resume with the same flags or use --overwrite"
                 )
-            return self._load_all(settings.programs())
+            specs = enumerate(settings.programs())
+            return {
+                i: self._load(i, s) for i, s in specs if (self.folder / f"{i:03d}.json").exists()
+            }
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
-        write_json_atomic(self.folder / "settings.json", wanted)
+        write_json_atomic(path, wanted)
         return {}
 
     def save(self, index: int, result: ProgramResult) -> None:
@@ -81,16 +82,8 @@ class ProgramStore:
             }
         write_json_atomic(self.folder / f"{index:03d}.json", meta)
 
-    def _load_all(self, specs: list[ProgramSpec]) -> dict[int, ProgramResult]:
-        done = {}
-        for index, spec in enumerate(specs):
-            meta_path = self.folder / f"{index:03d}.json"
-            if meta_path.exists():
-                meta = _read_json(meta_path, _RERUN_HINT)
-                done[index] = self._load(index, spec, meta)
-        return done
-
-    def _load(self, index: int, spec: ProgramSpec, meta: dict[str, Any]) -> ProgramResult:
+    def _load(self, index: int, spec: ProgramSpec) -> ProgramResult:
+        meta = _read_json(self.folder / f"{index:03d}.json", _RERUN_HINT)
         path = self.folder / f"{index:03d}.npz"
         try:
             with np.load(path) as arrays:
@@ -130,7 +123,6 @@ def _history(arrays: Any, prefix: str) -> RunHistory:
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
-    """A JSON object from ``path``, or ConfigError (one line) naming the file and ``hint``."""
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -140,16 +132,8 @@ def _read_json(path: Path, hint: str) -> dict[str, Any]:
     return value
 
 
-def _comparable(settings: BenchmarkSettings) -> dict[str, Any]:
-    values = json.loads(json.dumps(settings.to_dict(), default=str))
-    values.get("base_config", {}).pop("output_dir", None)
-    values.get("base_config", {}).pop("data_dir", None)
-    return values
-
-
 def divergence(result: ProgramResult) -> str:
-    """One line naming the first run whose final training or synthetic-gradient loss is not
-    finite, or ''."""
+    """One line naming the first run with a non-finite training or synthetic loss, or ''."""
     spec = result.spec
     for run in range(spec.num_runs):
         where = (

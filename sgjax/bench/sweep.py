@@ -1,9 +1,6 @@
-"""Flag sweeps: ``--sweep=name=v1,v2,...`` parsed, and expanded into compiled programs.
-
-Every combination of the swept values is run. Values that can be traced (the learning rate) are
-vmapped inside one program together with the seeds; every other swept flag changes shapes or
-structure, so each of its values gets a program (one compile) of its own.
-"""
+"""``--sweep=name=v1,v2,...`` parsed and expanded into compiled programs, every combination run:
+traced values (the learning rate) are vmapped in one program with the seeds; every other swept
+flag changes shapes or structure, so each of its values gets a program (a compile) of its own."""
 
 from __future__ import annotations
 
@@ -17,10 +14,9 @@ import numpy as np
 from sgjax.training.config import DATASETS, MODELS, MODES, ConfigError, TrainConfig
 
 UNLOCK_MODES = ("sg_unlock", "cdni_unlock")
-"""Benchmark methods that are a mode with --synthetic_inputs (the complete unlock), so one
-benchmark can show plain and unlocked DNI/cDNI side by side."""
-BENCHMARK_MODES = (*MODES, *UNLOCK_MODES)
-"""What ``--modes`` of the benchmark accepts."""
+"""A mode with --synthetic_inputs (the complete unlock), so one benchmark shows plain and
+unlocked DNI/cDNI side by side."""
+BENCHMARK_MODES = (*MODES, *UNLOCK_MODES)  # what --modes accepts
 
 
 def mode_fields(mode: str) -> dict[str, Any]:
@@ -41,8 +37,7 @@ def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
     return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
 
 
-TRACED_FIELDS = ("learning_rate",)
-"""Swept inside one vmapped program (TrainState carries them as arrays)."""
+TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
 STATIC_FIELDS = (
     "model",
     "num_steps",
@@ -55,10 +50,8 @@ STATIC_FIELDS = (
     "kernel_size",
     "eval_every",
     "dataset",
-)
-"""Swept with one program per value."""
-SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")
-"""Settings that backprop ignores: bp runs once for all their values."""
+)  # one program per value
+SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
 _FIELD_TYPES = {
     field.name: field.type
     for field in dataclasses.fields(TrainConfig)
@@ -81,7 +74,6 @@ class SweepAxis:
 
     @property
     def traced(self) -> bool:
-        """Whether the values are vmapped inside one program instead of compiled apart."""
         return self.name in TRACED_FIELDS
 
     def describe(self) -> str:
@@ -144,10 +136,6 @@ class Override(NamedTuple):
     when: tuple[tuple[str, Any], ...]
     values: tuple[tuple[str, Any], ...]
 
-    def applies(self, config: TrainConfig) -> bool:
-        """Whether ``config`` has every value of ``when``."""
-        return all(getattr(config, name) == value for name, value in self.when)
-
     def describe(self) -> str:
         """'model=mlp dataset=cifar10: hidden_units=1000 sg_hidden_units=4000'."""
         when = " ".join(f"{k}={v}" for k, v in self.when)
@@ -159,7 +147,7 @@ def apply_overrides(
 ) -> TrainConfig:
     """``config`` with the values of every matching override, except the fields in ``keep``."""
     for override in overrides:
-        if override.applies(config):
+        if all(getattr(config, name) == value for name, value in override.when):
             values = {k: v for k, v in override.values if k not in keep}
             config = dataclasses.replace(config, **values)
     return config
@@ -174,23 +162,19 @@ class ProgramSpec:
     """
 
     config: TrainConfig
-    static: tuple[tuple[str, Any], ...]
-    """Values of the statically swept flags (empty when none is swept)."""
+    static: tuple[tuple[str, Any], ...]  # values of the statically swept flags
     learning_rates: tuple[float, ...]
     seeds: tuple[int, ...]
     lr_swept: bool
 
     @property
     def num_runs(self) -> int:
-        """Independent training runs inside the program."""
         return len(self.learning_rates) * len(self.seeds)
 
     def run_seeds(self) -> np.ndarray:
-        """uint32 seed of every run (seeds go up to 2**32 - 1)."""
         return np.tile(np.asarray(self.seeds, np.uint32), len(self.learning_rates))
 
     def run_learning_rates(self) -> np.ndarray:
-        """float32 initial learning rate of every run."""
         return np.repeat(np.asarray(self.learning_rates, np.float32), len(self.seeds))
 
     def runs_of(self, lr_index: int) -> slice:
@@ -205,11 +189,8 @@ def plan_programs(
     seeds: Sequence[int],
     overrides: Sequence[Override] = (),
 ) -> list[ProgramSpec]:
-    """One program per mode and combination of static values; bp ignores the module settings.
-
-    ``overrides`` then set the values of matching programs (never a swept flag). Every
-    configuration is validated (ConfigError names the flag and value that cannot run).
-    """
+    """One program per mode and combination of static values (bp ignores the module settings),
+    with the values of matching ``overrides`` (never a swept flag); each configuration validated."""
     static_axes = [a for a in axes if not a.traced]
     lr_axis = next((a for a in axes if a.name == "learning_rate"), None)
     learning_rates = lr_axis.values if lr_axis else (base.learning_rate,)

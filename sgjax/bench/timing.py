@@ -1,10 +1,6 @@
-"""Step timing and arithmetic counts: scanned loop vs. a jitted step driven from Python.
-
-The scanned and Python-loop variants run the identical step on identical device-resident data;
-only the loop differs. A third variant feeds each batch from the host, as unoptimised code does.
-Compile time is measured apart (ahead-of-time ``lower().compile()``), runs are warmed up first
-and every timing ends with ``block_until_ready``.
-"""
+"""Step timing and arithmetic counts: the identical step on identical device-resident data, in a
+``lax.scan`` or called from a Python loop (or fed from the host, as unoptimised code does).
+Compile time is measured apart, runs are warmed up and every timing ends with a block."""
 
 from __future__ import annotations
 
@@ -49,18 +45,6 @@ def _make_single_step(config: TrainConfig):
     return single_step
 
 
-def _median_seconds(run: Callable[[], Any], repeats: int, warmups: int) -> float:
-    """Median wall time of ``run()`` (which advances its own state) after ``warmups`` calls."""
-    for _ in range(warmups):
-        jax.block_until_ready(run())
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        runs.append(time.perf_counter() - start)
-    return statistics.median_high(runs)
-
-
 def compile_timed(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
     """``jax.jit(fn)`` compiled ahead of time for ``args``, and the seconds that took."""
     start = time.perf_counter()
@@ -75,20 +59,22 @@ def _timed(
     carry the state (``steps`` train steps in all; median of ``repeats`` after a warm-up)."""
     compiled, compile_s = compile_timed(fn, state, *inputs())
 
-    def run() -> Any:
+    def run() -> float:
         nonlocal state
+        start = time.perf_counter()
         for _ in range(calls):
             state = compiled(state, *inputs())[0]
-        return state
+        jax.block_until_ready(state)
+        return time.perf_counter() - start
 
-    seconds = _median_seconds(run, repeats, warmups=1)
+    run()  # warm-up
+    seconds = statistics.median_high([run() for _ in range(repeats)])
     return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(compiled))
 
 
 def time_scanned(
     config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
-    """``steps`` train steps inside one ``lax.scan``."""
     config = config.with_train_examples(data.train_images.shape[0])
     chunk = make_run_chunk(config, steps)
     return _timed(chunk, init_train_state(config), lambda: (data,), steps, repeats, 1)
@@ -106,11 +92,9 @@ def time_python_loop(
 def time_host_fed_loop(
     config: TrainConfig, dataset: Dataset, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
-    """The common unoptimised pattern: each step's batch is drawn, gathered and scaled with numpy
-    on the host, copied to the device, and the jitted step called from Python.
-
-    Shows what keeping the data on the device and sampling inside the compiled loop saves.
-    """
+    """The common unoptimised pattern: each step's batch drawn, gathered and scaled with numpy,
+    copied to the device, and the jitted step called from Python (what keeping the data on the
+    device and sampling inside the compiled loop saves)."""
     config = config.with_train_examples(dataset.train_size)
     trainer = trainer_for(config)
     rng = np.random.default_rng(config.seed)
@@ -138,16 +122,16 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float:
 def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
     """XLA's estimate of a compiled program's memory: arguments, outputs and temporaries."""
     try:
-        stats = compiled.memory_analysis()
+        s = compiled.memory_analysis()
     except (NotImplementedError, RuntimeError):
         return None
-    if stats is None:
+    if s is None:
         return None
     return int(
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
+        s.argument_size_in_bytes
+        + s.output_size_in_bytes
+        + s.temp_size_in_bytes
+        - s.alias_size_in_bytes
     )
 
 
@@ -182,10 +166,9 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     timed products, i.e. what the device reaches when nothing else competes for it."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     product = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(product(a))
     runs = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call compiles
         start = time.perf_counter()
         jax.block_until_ready(product(a))
         runs.append(time.perf_counter() - start)
-    return 2 * size**3 / min(runs) / 1e9
+    return 2 * size**3 / min(runs[1:]) / 1e9

@@ -1,11 +1,6 @@
-"""The stochastic-update sweep (Jaderberg et al. 2016, section 3.1, ``--preset=update_prob_sweep``).
-
-Per method (bp, DNI, cDNI) one compiled program trains ``num_runs`` runs with the update
-probability p drawn uniformly from [0, 1], plus one run at each of ``TABLE_PROBS``; p is traced
-per run (``make_train(config)(seed, lr, data, update_prob)`` vmapped), as the learning rate is.
-Run i has seed ``config.seed + i``. Writes ``update_prob.md`` (final test error % at the table's
-p, and by bins of p), ``update_prob.json`` and ``update_prob.png`` (final test error against p).
-"""
+"""The stochastic-update sweep (Jaderberg et al. 2016, section 3.1, ``--preset=update_prob_sweep``):
+per method one program trains ``num_runs`` runs with p uniform in [0, 1] plus one at each of
+``TABLE_PROBS`` (p traced per run, as the learning rate is; run i has seed ``config.seed + i``)."""
 
 from __future__ import annotations
 
@@ -25,8 +20,7 @@ from sgjax.training.architecture import config_facts
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import make_train
 
-TABLE_PROBS = (0.05, 0.2, 0.5, 1.0)
-"""The p of the table (Jaderberg et al. quote DNI at 0.2 and cDNI at 0.05)."""
+TABLE_PROBS = (0.05, 0.2, 0.5, 1.0)  # Jaderberg et al. quote DNI at 0.2 and cDNI at 0.05
 BINS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 SWEEP_FILES = ("update_prob.md", "update_prob.json", "update_prob.png")
 
@@ -37,18 +31,10 @@ class SweepResult(NamedTuple):
     mode: str
     probs: np.ndarray
     seeds: np.ndarray
-    test_error: np.ndarray
-    """Final test error % per run."""
+    test_error: np.ndarray  # final, %, per run
     compile_s: float
     run_s: float
-    step_flops: float
-    """XLA's count for one step of one run."""
-
-
-def sweep_probs(num_runs: int, seed: int) -> np.ndarray:
-    """``num_runs`` values uniform in [0, 1] (numpy generator ``seed``), then ``TABLE_PROBS``."""
-    drawn = np.random.default_rng(seed).uniform(0.0, 1.0, num_runs)
-    return np.concatenate([drawn, TABLE_PROBS]).astype(np.float32)
+    step_flops: float  # XLA's count for one step of one run
 
 
 def run_sweep(
@@ -58,8 +44,9 @@ def run_sweep(
     data: DeviceData,
     log: Callable[[str], None] = print,
 ) -> list[SweepResult]:
-    """One vmapped program per mode over every p of ``sweep_probs(num_runs, base.seed)``."""
-    probs = sweep_probs(num_runs, base.seed)
+    """One vmapped program per mode over ``num_runs`` p uniform in [0, 1], then ``TABLE_PROBS``."""
+    drawn = np.random.default_rng(base.seed).uniform(0.0, 1.0, num_runs)
+    probs = np.concatenate([drawn, TABLE_PROBS]).astype(np.float32)
     seeds = (base.seed + np.arange(len(probs))).astype(np.uint32)
     results = []
     for mode in modes:
@@ -71,12 +58,10 @@ def run_sweep(
         error, run_s = 100.0 * (1.0 - run.history[:, -1]), run.run_s
         flops = flops_per_step(config, data)  # the plain step; the masks add a select per leaf
         results.append(SweepResult(mode, probs, seeds, error, run.compile_s, run_s, flops))
-        offset = len(probs) - len(TABLE_PROBS)
-        at = {p: float(error[offset + i]) for i, p in enumerate(TABLE_PROBS)}
+        at = ", ".join(f"p={p}: {_table_error(results[-1], p):.2f}%" for p in TABLE_PROBS)
         log(
             f"{mode}: {len(probs)} runs in {run_s:.1f} s (compile {run.compile_s:.1f} s); "
-            + "test error "
-            + ", ".join(f"p={p}: {e:.2f}%" for p, e in at.items())
+            f"test error {at}"
         )
     return results
 
@@ -140,7 +125,7 @@ def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: 
 
 
 def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Path) -> list[Path]:
-    """``update_prob.md``, ``update_prob.json`` and ``update_prob.png`` in ``folder``."""
+    """``update_prob.md`` (error at ``TABLE_PROBS`` and by bins of p), ``.json`` and ``.png``."""
     methods = [
         {
             "mode": r.mode,

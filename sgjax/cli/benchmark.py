@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,30 +14,15 @@ from pathlib import Path
 import jax
 from absl import flags
 
+from sgjax.bench import parallel, sweep
 from sgjax.bench.grid import grid_applies, grid_markdown, grid_notes, grid_of
 from sgjax.bench.names import write_report
-from sgjax.bench.parallel import (
-    ParallelBenchmark,
-    ParallelBenchmarkSettings,
-    notes,
-    run_parallel_benchmark,
-    table_lines,
-)
 from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.bench.presets import PRESETS, SWEEP_PRESET, apply_preset, preset_overrides
 from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.bench.report import build_json, build_rows, table_markdown
 from sgjax.bench.rnn_table import RNN_PRESETS, run_rnn_table
 from sgjax.bench.store import OUTPUT_FILES, ProgramStore, divergence
-from sgjax.bench.sweep import (
-    BENCHMARK_MODES,
-    STATIC_FIELDS,
-    TRACED_FIELDS,
-    Override,
-    benchmark_mode,
-    mode_fields,
-    parse_sweeps,
-)
 from sgjax.bench.update_prob import SWEEP_FILES, run_sweep, write_sweep
 from sgjax.cli.distributed import define_distributed_flags, initialize_from_flags
 from sgjax.cli.errors import fail, parse_int_list
@@ -54,112 +40,61 @@ from sgjax.training.config import MODELS, MODES, PAPER_MODES, ConfigError, Train
 from sgjax.training.records import OutputError
 
 DEFAULT_OUTPUT_DIR = "runs/benchmark"
-_DEFAULTS = TrainConfig()
+_PRESET_HELP = "; ".join(f"{n}: {p.description}" for n, p in {**PRESETS, **RNN_PRESETS}.items())
+# fmt: off
+_FLAGS = (  # (define, name, default, [enum values,] help): the benchmark's own flags
+    (flags.DEFINE_enum, "preset", None, [*PRESETS, *RNN_PRESETS],
+     f"Named settings; explicit flags override them. {_PRESET_HELP}"),
+    (flags.DEFINE_list, "modes", list(PAPER_MODES),
+     f"Modes to compare ({', '.join(MODES)}; sg_unlock and cdni_unlock are sg and cdni with "
+     "--synthetic_inputs, so plain and unlocked runs show side by side)."),
+    (flags.DEFINE_integer, "num_seeds", 1,
+     "Seeds (--seed, --seed+1, ...) trained in one vmapped program."),
+    (flags.DEFINE_multi_string, "sweep", [],
+     "name=v1,v2: run every value (repeat the flag for more names; every combination runs). "
+     f"Vmapped in one program: {', '.join(sweep.TRACED_FIELDS)}; one program per value: "
+     f"{', '.join(sweep.STATIC_FIELDS)}."),
+    (flags.DEFINE_enum, "model", TrainConfig().model, list(MODELS),
+     "mlp: the fully connected network (FCN); cnn: the paper's convolutional network "
+     "(--hidden_layers conv stages, --filters, --kernel_size, convolutional synthesizers)."),
+    (flags.DEFINE_string, "output_dir", DEFAULT_OUTPUT_DIR,
+     "Where table.md, benchmark.json and plots go."),
+    (flags.DEFINE_integer, "loop_steps", 200,
+     "Steps per timing of the lax.scan loop vs. the jitted step from a Python loop (0: skip)."),
+    (flags.DEFINE_integer, "loop_repeats", 3, "Timed repeats (median)."),
+    (flags.DEFINE_boolean, "compare_separate", True,
+     "With several runs per program, also run each alone (time ratio and equality check)."),
+    (flags.DEFINE_enum, "parallel", "none", ["none", "layers"],
+     "layers: instead of the vmapped programs, compare bp (single device, model-parallel, "
+     "GPipe) with the first synthetic-gradient mode of --modes (single device, layer-parallel "
+     "pipeline) on --parallel_devices devices."),
+    (flags.DEFINE_list, "parallel_devices", ["1", "2", "4"],
+     "Device counts for --parallel=layers."),
+    (flags.DEFINE_integer, "microbatches", 4, "GPipe microbatches for --parallel=layers."),
+    (flags.DEFINE_boolean, "resume", False,
+     "Continue a stopped benchmark in --output_dir: finished programs are not run again."),
+    (flags.DEFINE_boolean, "overwrite", False, "Replace an earlier benchmark in --output_dir."),
+    (flags.DEFINE_boolean, "distributed", False,
+     "Join a multi-process run with jax.distributed first (runs shard over every process's "
+     "devices; process 0 writes); see --coordinator_address."),
+)
+# fmt: on
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     """Define the benchmark's flags on ``fv``: the training flags of mnist_mlp.py (``--modes``
     instead of ``--mode``) plus preset, seeds, sweeps and the extra timings."""
-    presets = "; ".join(
-        f"{name}: {p.description}" for name, p in [*PRESETS.items(), *RNN_PRESETS.items()]
-    )
-    flags.DEFINE_enum(
-        "preset",
-        None,
-        [*PRESETS, *RNN_PRESETS],
-        f"Named settings; explicit flags override them. {presets}",
-        flag_values=fv,
-    )
-    flags.DEFINE_list(
-        "modes",
-        list(PAPER_MODES),
-        f"Modes to compare ({', '.join(MODES)}; sg_unlock and cdni_unlock are sg and cdni "
-        "with --synthetic_inputs, so plain and unlocked runs show side by side).",
-        flag_values=fv,
-    )
+    for define, name, default, *rest in _FLAGS:
+        define(name, default, *rest, flag_values=fv)
     define_decoupling_flags(fv)
-    flags.DEFINE_integer(
-        "num_seeds",
-        1,
-        "Seeds (--seed, --seed+1, ...) trained in one vmapped program.",
-        flag_values=fv,
-    )
-    flags.DEFINE_multi_string(
-        "sweep",
-        [],
-        "name=v1,v2: run every value (repeat the flag for more names; every combination runs). "
-        f"Vmapped in one program: {', '.join(TRACED_FIELDS)}; one program per value: "
-        f"{', '.join(STATIC_FIELDS)}.",
-        flag_values=fv,
-    )
-    flags.DEFINE_enum(
-        "model",
-        _DEFAULTS.model,
-        list(MODELS),
-        "mlp: the fully connected network (FCN); cnn: the paper's convolutional network "
-        "(--hidden_layers conv stages, --filters, --kernel_size, convolutional synthesizers).",
-        flag_values=fv,
-    )
     define_train_flags(fv)
     define_cnn_flags(fv)
-    flags.DEFINE_string(
-        "output_dir",
-        DEFAULT_OUTPUT_DIR,
-        "Where table.md, benchmark.json and plots go.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "loop_steps",
-        200,
-        "Steps per timing of the lax.scan loop vs. the jitted step from a Python loop (0: skip).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("loop_repeats", 3, "Timed repeats (median).", flag_values=fv)
-    flags.DEFINE_boolean(
-        "compare_separate",
-        True,
-        "With several runs per program, also run each alone (time ratio and equality check).",
-        flag_values=fv,
-    )
-    flags.DEFINE_enum(
-        "parallel",
-        "none",
-        ["none", "layers"],
-        "layers: instead of the vmapped programs, compare bp (single device, model-parallel, "
-        "GPipe) with the first synthetic-gradient mode of --modes (single device, layer-parallel "
-        "pipeline) on --parallel_devices devices.",
-        flag_values=fv,
-    )
-    flags.DEFINE_list(
-        "parallel_devices", ["1", "2", "4"], "Device counts for --parallel=layers.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "microbatches", 4, "GPipe microbatches for --parallel=layers.", flag_values=fv
-    )
-    flags.DEFINE_boolean(
-        "resume",
-        False,
-        "Continue a stopped benchmark in --output_dir: finished programs are not run again.",
-        flag_values=fv,
-    )
-    flags.DEFINE_boolean(
-        "overwrite", False, "Replace an earlier benchmark in --output_dir.", flag_values=fv
-    )
-    flags.DEFINE_boolean(
-        "distributed",
-        False,
-        "Join a multi-process run with jax.distributed first (runs shard over every process's "
-        "devices; process 0 writes); see --coordinator_address.",
-        flag_values=fv,
-    )
     define_distributed_flags(fv, with_switch=False)
 
 
 def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
-    """Apply ``--preset`` under the explicit flags, then build and validate the settings.
-
-    Raises ConfigError (one line) for settings that cannot run.
-    """
+    """Apply ``--preset`` under the explicit flags, then build and validate the settings
+    (ConfigError, one line, for settings that cannot run)."""
     if fv.preset:
         apply_preset(fv, fv.preset)
     base = config_from_flags(
@@ -175,12 +110,12 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
                 "compare the plain and unlocked runs"
             )
         unlock = (("synthetic_inputs", True),)
-        overrides += tuple(Override((("mode", m),), unlock) for m in ("sg", "cdni"))
+        overrides += tuple(sweep.Override((("mode", m),), unlock) for m in ("sg", "cdni"))
     return BenchmarkSettings(
         base=base,
         modes=tuple(fv.modes),
         num_seeds=fv.num_seeds,
-        sweeps=parse_sweeps(fv.sweep),
+        sweeps=sweep.parse_sweeps(fv.sweep),
         loop_steps=fv.loop_steps,
         loop_repeats=fv.loop_repeats,
         compare_separate=fv.compare_separate,
@@ -196,14 +131,13 @@ def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
         config = spec.config
         if config.dataset not in datasets:
             datasets[config.dataset] = load_dataset(config.dataset, config.data_dir)
-        dataset = datasets[config.dataset]
-        check_fits(config, dataset)
+        check_fits(config, datasets[config.dataset])
     return datasets
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkFiles:
-    """Paths of everything a benchmark writes."""
+    """Paths of everything a benchmark writes (grid.md only for a grid: ``grid_applies``)."""
 
     table: Path
     json: Path
@@ -211,16 +145,14 @@ class BenchmarkFiles:
     sg_loss: Path | None = None
     time_per_step: Path | None = None
     grid: Path | None = None
-    """grid.md, for benchmarks that sweep the model or depth (``grid_applies``)."""
 
     def paths(self) -> list[Path]:
-        """Every file written."""
         return [p for p in dataclasses.astuple(self) if p is not None]
 
 
 def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
-    """Write table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png, and
-    grid.md (also under "grid" in benchmark.json) for a grid of models and depths."""
+    """Write table.md, benchmark.json, the plots, and for a grid of models and depths grid.md
+    (also under "grid" in benchmark.json)."""
     rows = build_rows(result)
     record = build_json(result, rows)
     grid_path = None
@@ -229,7 +161,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
         grid_path = folder / "grid.md"
         grid_path.write_text(grid_markdown(grid, grid_notes(result)))
         record["grid"] = grid.to_dict()
-    table, json_path = (folder / name for name in ("table.md", "benchmark.json"))
+    table, json_path = folder / "table.md", folder / "benchmark.json"
     write_report(table, table_markdown(result, rows), json_path, record)
     return BenchmarkFiles(
         table=table,
@@ -245,7 +177,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
 
 def run(
     fv: flags.FlagValues, log: Callable[[str], None] = print
-) -> tuple[BenchmarkResult | ParallelBenchmark, BenchmarkFiles | None, int | None]:
+) -> tuple[BenchmarkResult | parallel.ParallelBenchmark, BenchmarkFiles | None, int | None]:
     """Flags -> settings -> data -> programs -> files (written by process 0 only).
 
     Bad input prints one line and exits with code 2 before any training. Returns the result,
@@ -253,7 +185,12 @@ def run(
     """
     try:
         initialize_from_flags(fv)
-        _check_parallel_flags(fv)
+        # The layer-parallel flags must make sense even when --parallel=layers is not given.
+        if fv.microbatches < 1:
+            raise ConfigError(f"--microbatches={fv.microbatches} must be a positive integer")
+        counts = parse_int_list("parallel_devices", fv.parallel_devices) or ()
+        if not counts or any(n < 1 for n in counts):
+            raise ConfigError("--parallel_devices must list positive device counts, e.g. 1,2,4")
     except ConfigError as error:
         fail(str(error))
     if fv.parallel == "layers":
@@ -296,16 +233,7 @@ def run(
     return result, files, stop.signal
 
 
-def _check_parallel_flags(fv: flags.FlagValues) -> None:
-    """The layer-parallel flags must make sense even when --parallel=layers is not given."""
-    if fv.microbatches < 1:
-        raise ConfigError(f"--microbatches={fv.microbatches} must be a positive integer")
-    counts = parse_int_list("parallel_devices", fv.parallel_devices) or ()
-    if not counts or any(n < 1 for n in counts):
-        raise ConfigError("--parallel_devices must list positive device counts, e.g. 1,2,4")
-
-
-def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSettings:
+def parallel_settings_from_flags(fv: flags.FlagValues) -> parallel.ParallelBenchmarkSettings:
     """The layer-parallel comparison's settings; raises ConfigError (one line)."""
     if fv.preset:
         apply_preset(fv, fv.preset)
@@ -315,16 +243,16 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
             "and --num_seeds"
         )
     decoupled = [m for m in fv.modes if m != "bp"]
-    if not decoupled or decoupled[0] not in BENCHMARK_MODES:
+    if not decoupled or decoupled[0] not in sweep.BENCHMARK_MODES:
         raise ConfigError(
             "--parallel=layers needs a decoupled mode (sg, cdni, sg_unlock, cdni_unlock, dgl or "
             "zero_grad) in --modes (compared with bp)"
         )
-    fields = {"synthetic_inputs": False, **mode_fields(decoupled[0])}
+    fields = {"synthetic_inputs": False, **sweep.mode_fields(decoupled[0])}
     if fv.synthetic_inputs and fields["mode"] in ("sg", "cdni"):
         fields["synthetic_inputs"] = True
     base = dict(output_dir=fv.output_dir, model=fv.model)
-    settings = ParallelBenchmarkSettings(
+    settings = parallel.ParallelBenchmarkSettings(
         sg=config_from_flags(fv, **fields, **base).validate(),
         bp=config_from_flags(fv, mode="bp", synthetic_inputs=False, **base).validate(),
         device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
@@ -336,7 +264,7 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> ParallelBenchmarkSetti
 
 def run_layer_parallel(
     fv: flags.FlagValues, log: Callable[[str], None]
-) -> tuple[ParallelBenchmark, BenchmarkFiles | None, int | None]:
+) -> tuple[parallel.ParallelBenchmark, BenchmarkFiles | None, int | None]:
     """--parallel=layers: run the comparison and write table.md and benchmark.json (with the
     comparison's status; rows of runs that did not complete are marked, not tabulated)."""
     try:
@@ -348,13 +276,14 @@ def run_layer_parallel(
         fail(str(error))
     log(f"data: {dataset.reason}")
     with StopRequest() as stop:
-        result = run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
-    lines = [f"# Layer-parallel training: backprop vs. {benchmark_mode(settings.sg)}", ""]
+        result = parallel.run_parallel_benchmark(settings, dataset, log=log, stop_requested=stop)
+    lines = [f"# Layer-parallel training: backprop vs. {sweep.benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
     paths = write_report(
         folder / "table.md",
-        "\n".join([*lines, *table_lines(result.rows), "", *notes(settings)]) + "\n",
+        "\n".join([*lines, *parallel.table_lines(result.rows), "", *parallel.notes(settings)])
+        + "\n",
         folder / "benchmark.json",
         {
             "status": result.status,
@@ -382,9 +311,7 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
     """``--preset=paper_rnn`` or ``paper_rnn_quick``: the recurrent table (Table 2's shape)."""
     probe = flags.FlagValues()
     define_flags(probe)
-    given = sorted(
-        f"--{name}" for name in probe if fv[name].present and name not in RNN_TABLE_FLAGS
-    )
+    given = sorted(f"--{n}" for n in probe if fv[n].present and n not in RNN_TABLE_FLAGS)
     try:
         if given:
             raise ConfigError(
@@ -400,15 +327,9 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
         fail(str(error))
     _log(f"preset {fv.preset}: {RNN_PRESETS[fv.preset].description}")
     start = time.perf_counter()
+    given = {n: fv[n].value if fv[n].present else None for n in ("num_seeds", "num_steps")}
     with StopRequest() as stop:
-        status, message = run_rnn_table(
-            fv.preset,
-            folder,
-            seed=fv.seed,
-            num_seeds=fv.num_seeds if fv["num_seeds"].present else None,
-            num_steps=fv.num_steps if fv["num_steps"].present else None,
-            log=_log,
-        )
+        status, message = run_rnn_table(fv.preset, folder, seed=fv.seed, log=_log, **given)
     _show([folder / name for name in RNN_TABLE_FILES], start)
     return report_status(status, message, folder, stop.signal, resumable=False)
 
@@ -431,14 +352,14 @@ def run_update_prob_preset(fv: flags.FlagValues) -> int:
     _log(f"preset {SWEEP_PRESET}: {PRESETS[SWEEP_PRESET].description}")
     start = time.perf_counter()
     base = settings.base
-    data = to_device(datasets[base.dataset])
-    results = run_sweep(base, settings.modes, settings.num_seeds, data, _log)
+    results = run_sweep(
+        base, settings.modes, settings.num_seeds, to_device(datasets[base.dataset]), _log
+    )
     _show(write_sweep(results, base, folder), start)
     return 0
 
 
-def _log(line: str) -> None:
-    print(line, flush=True)
+_log = functools.partial(print, flush=True)
 
 
 def _show(paths: list[Path], start: float) -> None:
@@ -458,10 +379,5 @@ def main(fv: flags.FlagValues) -> int:
     start = time.perf_counter()
     result, files, signum = run(fv, log=_log)
     _show(files.paths() if files is not None else [], start)
-    return report_status(
-        result.status,
-        result.message,
-        Path(fv.output_dir),
-        signum,
-        resumable=fv.parallel != "layers",
-    )
+    resumable = fv.parallel != "layers"
+    return report_status(result.status, result.message, Path(fv.output_dir), signum, resumable)

@@ -1,10 +1,5 @@
-"""Architecture facts read off the built model, never recomputed by hand from config strings.
-
-``facts(trainer, sample_x)`` traces ``Trainer.init`` with ``jax.eval_shape`` (nothing is
-allocated or computed) and reads the module tree and the state's shapes: parameter count, bytes
-of the whole training state, the shapes crossing the decoupled boundaries, and the network and
-its synthetic-gradient modules in words for the tables.
-"""
+"""Architecture facts read off the built model (``Trainer.init`` traced by ``jax.eval_shape``:
+nothing allocated), never recomputed by hand from config strings."""
 
 from __future__ import annotations
 
@@ -22,26 +17,19 @@ from sgjax.core.trainer import Trainer, apply_module
 from sgjax.training.config import CONV_INPUT_SHAPES, TrainConfig
 from sgjax.training.model import sample_shape, trainer_for
 
+# The paper's blocks named by what they chain; any other stage by its class.
 BLOCK_WORDS = {"HiddenBlock": "Dense-BN-ReLU", "ConvBlock": "Conv-BN-ReLU-pool"}
-"""The paper's blocks named by what they chain; any other stage by its class."""
 
 
 class Facts(NamedTuple):
     """What the built model is, for reports and memory checks."""
 
-    param_count: int
-    """Trainable parameters: stages, synthesizers (or auxiliary heads) and input models."""
-    state_bytes: int
-    """Every array of the training state: parameters, BatchNorm statistics, optimizer state
-    and per-example tables (the stale gradient's)."""
-    boundary_shapes: tuple[tuple[int, ...], ...]
-    """Per-example shape of each decoupled group's output, bottom to top (none for backprop)."""
-    description: str
-    """The chain of stages, e.g. '3x256 (Dense-BN-ReLU) + Dense 10'."""
-    synthesizer: str
-    """The synthetic-gradient module: '-', 'linear', '2x1024', 'conv linear' or 'conv 2x64'."""
-    stage_shapes: tuple[tuple[int, ...], ...] = ()
-    """Per example, the output shape of every stage."""
+    param_count: int  # stages, synthesizers (or auxiliary heads) and input models
+    state_bytes: int  # the whole training state, optimizer and per-example tables included
+    boundary_shapes: tuple[tuple[int, ...], ...]  # per example, each decoupled group's output
+    description: str  # the chain of stages, e.g. '3x256 (Dense-BN-ReLU) + Dense 10'
+    synthesizer: str  # '-', 'linear', '2x1024', 'conv linear' or 'conv 2x64'
+    stage_shapes: tuple[tuple[int, ...], ...] = ()  # per example, every stage's output
 
 
 def facts(trainer: Trainer, sample_x: Any) -> Facts:
@@ -110,8 +98,7 @@ def config_facts(config: TrainConfig) -> Facts:
 
 
 def _kernels(params: Any) -> list[tuple[int, ...]]:
-    """Shape of every ``kernel`` in a module's parameters, in layer order (Dense_2 before
-    Dense_10)."""
+    """Shape of every ``kernel`` in a module's parameters, Dense_2 before Dense_10."""
 
     def order(path: tuple) -> list[tuple]:
         parts = (str(getattr(key, "key", key)) for key in path)
