@@ -35,3 +35,40 @@ os.environ[NO_TFDS_ENV] = "1"
 def pytest_unconfigure(config) -> None:
     if _OWN_CACHE:
         shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
+
+
+SLOW_FILES = frozenset(
+    {
+        "test_benchmark.py",
+        "test_benchmark_grid.py",
+        "test_benchmark_parallel.py",
+        "test_benchmark_resume.py",
+        "test_cli.py",
+        "test_cli_cnn.py",
+        "test_cnn.py",
+        "test_decoupling_runs.py",
+        "test_distributed_benchmark.py",
+        "test_distributed_death.py",
+        "test_flags_fuzz.py",
+        "test_parallel.py",
+        "test_parallel_cnn.py",
+        "test_parallel_spmd.py",
+        "test_parallel_unlock.py",
+        "test_readme.py",
+        "test_recurrent_learning.py",
+        "test_resume.py",
+        "test_rnn_runs.py",
+        "test_train.py",
+    }
+)
+"""Learning runs, subprocesses, multi-device and multi-process scripts: marked ``slow``, so
+``pytest -m "not slow"`` runs the fast core (the Trainer, the methods, recurrent DNI, data,
+tasks, reports) in about a minute."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import pytest
+
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

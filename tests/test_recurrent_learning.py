@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import statistics
 
-import pytest
-
 from sgjax.bench.rnn_table import RNN_PRESETS, cell_config, run_cell
 
 SEEDS = list(range(6))
 
 
-@pytest.mark.slow
 def test_median_dni_solves_longer_repeat_copy_episodes_than_bptt():
     preset = RNN_PRESETS["paper_rnn_quick"]  # LSTM 32, batch 16, 4-bit patterns, Adam 1e-3
     solved = {
