@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from sgjax.bench.names import markdown_row, markdown_table
 from sgjax.cli.errors import make_flags_parser
 from sgjax.data import load_dataset
 from sgjax.training.checkpoint import Checkpointer
@@ -32,8 +33,11 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> int:
     del argv
     dataset = load_dataset("mnist", None)
-    print("| mode | floats in state | on disk | save (median) | restore |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n".join(
+            markdown_table(["mode", "floats in state", "on disk", "save (median)", "restore"])
+        )
+    )
     for mode in ("bp", "cdni", "sg"):
         config = TrainConfig(mode=mode, num_steps=20, eval_every=20, learning_rate=1e-3)
         state = train_and_evaluate(config, dataset, log=lambda _: None).state
@@ -51,11 +55,9 @@ def main(argv: list[str]) -> int:
         latest = folder / str(checkpointer.latest_step())
         size = int(subprocess.check_output(["du", "-sb", str(latest)]).split()[0])
         floats = sum(x.size for x in jax.tree_util.tree_leaves(state.model))
-        print(
-            f"| {mode} | {floats / 1e6:.2f} M | {size / 2**20:.1f} MiB | "
-            f"{statistics.median(saves) * 1e3:.0f} ms | {restore * 1e3:.0f} ms |",
-            flush=True,
-        )
+        cells = [mode, f"{floats / 1e6:.2f} M", f"{size / 2**20:.1f} MiB"]
+        cells += [f"{statistics.median(saves) * 1e3:.0f} ms", f"{restore * 1e3:.0f} ms"]
+        print(markdown_row(cells), flush=True)
         checkpointer.close()
         shutil.rmtree(folder)
     return 0

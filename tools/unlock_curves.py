@@ -16,7 +16,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-NAMES = {"bp": "backprop", "sg": "DNI", "cdni": "cDNI"}
+from sgjax.bench.names import MODE_NAMES
+
+NAMES = {mode: MODE_NAMES[mode] for mode in ("bp", "sg", "cdni")}
 UNLOCKED = " + synthetic inputs"
 
 
