@@ -569,7 +569,7 @@ class BpProgram(Program):
 
         # Rematerialised: the backward recomputes a stage's forward from its input. Saving
         # every tick's residuals instead made the chunk 3-5x slower (BUILD_NOTES).
-        forwards = [jax.checkpoint(forward_branch(k)) for k in range(num)]
+        forwards = [jax.checkpoint(forward_branch(k), prevent_cse=False) for k in range(num)]
         updates = [update_branch(k) for k in range(num)]
 
         def program(states, mail, data, key, t0, stop):
