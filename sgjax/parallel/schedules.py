@@ -567,7 +567,9 @@ class BpProgram(Program):
 
             return branch
 
-        forwards = [forward_branch(k) for k in range(num)]
+        # Rematerialised: the backward recomputes a stage's forward from its input. Saving
+        # every tick's residuals instead made the chunk 3-5x slower (BUILD_NOTES).
+        forwards = [jax.checkpoint(forward_branch(k), prevent_cse=False) for k in range(num)]
         updates = [update_branch(k) for k in range(num)]
 
         def program(states, mail, data, key, t0, stop):
