@@ -1,4 +1,4 @@
-"""Speed of the layer-parallel engines: SPMD vs. dispatch vs. the scanned single-device loop.
+"""Speed of the layer-parallel engine against the scanned single-device loop.
 
 Usage (4 simulated CPU devices; the flag must be set before JAX starts):
 
@@ -8,9 +8,9 @@ Usage (4 simulated CPU devices; the flag must be set before JAX starts):
 For sg (pipeline), bp (model parallelism) and bp with GPipe (4 microbatches) on the paper's MLP
 (3 x 256) it trains ``--steps`` minibatches with each engine, ``--repeats`` times interleaved,
 and prints minibatches (= ticks in steady state) per second, examples per second (training time
-only: compilation and evaluation excluded, as results.json counts it), the ratio SPMD/dispatch,
-and the ideal speed-up over one device from each stage's time alone (the dispatch engine's
-``stage_ms``). One JSON line at the end holds every number.
+only: compilation and evaluation excluded, as results.json counts it), the ratio pipelined /
+single device, and the ideal speed-up over one device from each stage's time alone
+(``stage_ms``). One JSON line at the end holds every number.
 """
 
 from __future__ import annotations
@@ -72,41 +72,38 @@ def main() -> int:
     out: dict = {"steps": args.steps, "batch_size": args.batch_size, "cases": {}}
     for name, (mode, kind, micro) in cases.items():
         config = TrainConfig(mode=mode, **common)
-        rates: dict[str, list[float]] = {"scanned": [], "dispatch": [], "spmd": []}
+        rates: dict[str, list[float]] = {"scanned": [], "pipelined": []}
         stage_ms: tuple[float, ...] = ()
         for _ in range(args.repeats):
             start = time.perf_counter()
             run = train_and_evaluate(config, mnist, log=quiet)
             rates["scanned"].append(run.steps_done / run.train_time_s)
-            for engine in ("dispatch", "spmd"):
-                run = train_layer_parallel(
-                    config,
-                    mnist,
-                    kind=kind,
-                    num_devices=4,
-                    microbatches=micro,
-                    log=quiet,
-                    engine=engine,
-                    stage_timing_repeats=20 if engine == "dispatch" and not stage_ms else 0,
-                )
-                if engine == "dispatch" and run.stage_ms:
-                    stage_ms = run.stage_ms
-                    ideal = run.ideal_speedup
-                rates[engine].append(run.steps_done / run.train_time_s)
+            run = train_layer_parallel(
+                config,
+                mnist,
+                kind=kind,
+                num_devices=4,
+                microbatches=micro,
+                log=quiet,
+                stage_timing_repeats=0 if stage_ms else 20,
+            )
+            if run.stage_ms:
+                stage_ms, ideal = run.stage_ms, run.ideal_speedup
+            rates["pipelined"].append(run.steps_done / run.train_time_s)
             print(f"{name}: one repeat in {time.perf_counter() - start:.0f} s", flush=True)
         medians = {k: statistics.median(v) for k, v in rates.items()}
         out["cases"][name] = {
             "minibatches_per_s": medians,
             "examples_per_s": {k: v * args.batch_size for k, v in medians.items()},
             "all": rates,
-            "spmd_over_dispatch": medians["spmd"] / medians["dispatch"],
+            "pipelined_over_scanned": medians["pipelined"] / medians["scanned"],
             "stage_ms": list(stage_ms),
             "ideal_speedup": ideal,
         }
         print(
-            f"{name}: minibatches/s scanned {medians['scanned']:.1f}, dispatch "
-            f"{medians['dispatch']:.1f}, spmd {medians['spmd']:.1f} (spmd/dispatch "
-            f"{medians['spmd'] / medians['dispatch']:.2f}x); stage ms "
+            f"{name}: minibatches/s scanned {medians['scanned']:.1f}, pipelined "
+            f"{medians['pipelined']:.1f} ({medians['pipelined'] / medians['scanned']:.2f}x); "
+            "stage ms "
             f"{' / '.join(f'{t:.2f}' for t in stage_ms)}, ideal speed-up {ideal:.2f}x",
             flush=True,
         )
