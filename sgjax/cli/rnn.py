@@ -91,19 +91,14 @@ def build_rnn_results(
         "train_bits": last.train_bits if last else None,
     }
     if config.task == "char_lm":
-        assert corpus is not None
         scores = char_lm_scores(result.records)
         fields |= {
             "test_bpc": scores.test_bpc,
             "best_valid_bpc": scores.best_valid_bpc,
             "best_step": scores.best_step,
-            "text": {
-                "source": corpus.source,
-                "train_chars": len(corpus.train),
-                "valid_chars": len(corpus.valid),
-                "test_chars": len(corpus.test),
-                "vocab_size": corpus.vocab_size,
-            },
+            "text": {"source": corpus.source}
+            | {f"{name}_chars": len(getattr(corpus, name)) for name in ("train", "valid", "test")}
+            | {"vocab_size": corpus.vocab_size},
         }
     else:
         curriculum = curriculum_curve(config.copy_task, result.state)
@@ -138,13 +133,11 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
     def prepare() -> Job:
         corpus, header = None, []
         if config.task == "char_lm":
-            corpus = load_text_corpus(
-                config.text_file,
-                config.valid_file,
-                config.test_file,
-                valid_fraction=config.valid_fraction,
-                test_fraction=config.test_fraction,
-            )
+            files = (config.text_file, config.valid_file, config.test_file)
+            fractions = {
+                name: getattr(config, name) for name in ("valid_fraction", "test_fraction")
+            }
+            corpus = load_text_corpus(*files, **fractions)
             text_streams(config, corpus)  # refuse a too-short text before writing anything
             dims = (corpus.vocab_size, corpus.vocab_size)
             header.append(
@@ -153,12 +146,10 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
             )
         else:
             dims = (config.copy_task.input_dim, config.copy_task.output_dim)
-        check_memory(
-            "run", config.estimated_bytes(*dims), "--hidden_units, --batch_size or --max_length"
-        )
-        header.append(
-            f"core: LSTM {config.hidden_units} units; {config.mode}, truncation {config.truncation}"
-        )
+        reduce = "--hidden_units, --batch_size or --max_length"
+        check_memory("run", config.estimated_bytes(*dims), reduce)
+        units, mode, truncation = config.hidden_units, config.mode, config.truncation
+        header.append(f"core: LSTM {units} units; {mode}, truncation {truncation}")
         return Job(
             config,
             Path(config.output_dir or f"runs/rnn-{config.task}-{config.mode}"),

@@ -75,8 +75,7 @@ class EvalRecord:
 EVAL_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
-def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:
-    """A checkpoint's dict with lists as tuples (absent in older checkpoints: empty)."""
+def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:  # absent (older): empty
     return saved | {name: tuple(saved.get(name, ())) for name in names}
 
 
@@ -423,7 +422,7 @@ class ChunkedEngine:  # one device's compiled chunks: ``chunk(n)(state, data) ->
     def state(self) -> Any:
         return self._state
 
-    def inflight(self) -> dict[str, Any]:
+    def inflight(self) -> dict[str, Any]:  # nothing in flight between chunks
         return {}
 
 
@@ -457,8 +456,8 @@ def train_and_evaluate(
     stop_requested: Callable[[], bool] = lambda: False,
     engine: Engine | None = None,
 ) -> RunResult:
-    """Run ``config`` on ``dataset`` with ``run_engine`` (default engine: ``ScanEngine``; a
-    layer-parallel one must be built from the same ``start``, a checkpoint's to resume)."""
+    """Run ``config`` on ``dataset`` with ``run_engine`` (default engine: ``ScanEngine``; another
+    must be built from the same ``start``)."""
     config = config.with_train_examples(dataset.train_size)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
@@ -476,10 +475,9 @@ def train_and_evaluate(
             step, float(schedule(step - 1)), loss, accuracy, *test, sg_loss, 0.0, input_loss
         )
 
-    recording = Recording(make, _chunk_text, _divergence)
-    every = config.resolved_checkpoint_every
+    every = (config.eval_every, config.resolved_checkpoint_every)
     return run_engine(
-        engine, recording, config.num_steps, config.eval_every, every, start,
+        engine, Recording(make, _chunk_text, _divergence), config.num_steps, *every, start,
         on_record=on_record, log=log, save_checkpoint=save_checkpoint,
         stop_requested=stop_requested,
     )  # fmt: skip
