@@ -129,15 +129,13 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 
 
 def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False) -> int:
-
     def prepare() -> Job:
         corpus, header = None, []
         if config.task == "char_lm":
             files = (config.text_file, config.valid_file, config.test_file)
-            fractions = {
-                name: getattr(config, name) for name in ("valid_fraction", "test_fraction")
-            }
-            corpus = load_text_corpus(*files, **fractions)
+            corpus = load_text_corpus(
+                *files, valid_fraction=config.valid_fraction, test_fraction=config.test_fraction
+            )
             text_streams(config, corpus)  # refuse a too-short text before writing anything
             dims = (corpus.vocab_size, corpus.vocab_size)
             header.append(
