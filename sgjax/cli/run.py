@@ -21,13 +21,7 @@ from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.training.architecture import estimated_bytes, network_text, synthesizer_text
 from sgjax.training.checkpoint import Checkpointer, CheckpointError
 from sgjax.training.config import ConfigError, RunConfig, TrainConfig
-from sgjax.training.loop import (
-    EvalRecord,
-    Resume,
-    RunResult,
-    init_train_state,
-    train_and_evaluate,
-)
+from sgjax.training.loop import EvalRecord, Resume, RunResult, init_train_state, train_and_evaluate
 from sgjax.training.records import (
     MetricsWriter,
     OutputError,
