@@ -1,23 +1,13 @@
-"""``--distributed``: one process per host (or several local ones), joined by the public
-``jax.distributed.initialize``.
+"""``--distributed``: one process per host (or several local ones), joined by
+``jax.distributed.initialize``; placement from flags, else ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and ``JAX_LOCAL_DEVICE_IDS`` (``tools/launch_local.sh``
+sets them). CPU collectives go through gloo, so several processes run on one machine.
 
-The coordinator's address, the number of processes and this process's id come from flags or,
-when the flags are not given, from the environment variables ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (what ``tools/launch_local.sh`` sets);
-``--local_device_ids`` (or ``JAX_LOCAL_DEVICE_IDS``) picks this process's accelerators, and a
-cluster JAX detects (SLURM, Open MPI, ...) picks them when neither is given. CPU collectives go
-through gloo, so the same commands run as several processes on one machine.
-
-Every wait is bounded by ``--distributed_timeout`` (T seconds): joining
-(``initialization_timeout``; a process that cannot join ends after about T + 5 s), JAX's
-heartbeats (``heartbeat_timeout_seconds``) and the shutdown barrier at the end
-(``shutdown_timeout_seconds``). When a process dies, the others end within T seconds plus about
-1 (measured in BUILD_NOTES.md): at once when process 0 (which hosts JAX's
-coordination service) dies, since their JAX clients lose the service; when another one dies,
-as soon as a collective with it fails (one line of ours, exit code 1, ``stop_process``), or once
-the service has missed its heartbeats for T seconds. jaxlib ends a process that learns of a
-dead peer through the coordination service itself, with its own fatal message and SIGABRT;
-``tools/launch_local.sh`` prints one line naming the process that failed first.
+``--distributed_timeout`` (T s) bounds joining, JAX's heartbeats and the shutdown barrier. When a
+process dies the others end within about T + 1 s (BUILD_NOTES.md): at once if it is process 0
+(it hosts the coordination service), else when a collective with it fails (``stop_process``, one
+line, exit code 1) or the service misses its heartbeats; jaxlib ends a process that learns of a
+dead peer from the service itself (its own message, SIGABRT).
 """
 
 from __future__ import annotations
@@ -46,46 +36,26 @@ class Cluster(NamedTuple):
 
 def define_distributed_flags(fv: flags.FlagValues, with_switch: bool = True) -> None:
     """``--distributed`` (unless ``with_switch`` is False) and the flags that place a process."""
-    if with_switch:
-        flags.DEFINE_boolean(
-            "distributed",
-            False,
-            "Join a multi-process run with jax.distributed.initialize (see --coordinator_address).",
-            flag_values=fv,
-        )
-    flags.DEFINE_string(
-        "coordinator_address",
-        None,
-        f"host:port of process 0, for --distributed (default: ${ENV_ADDRESS}).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "num_processes",
-        None,
-        f"Processes in the run, for --distributed (default: ${ENV_COUNT}).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "process_id",
-        None,
-        f"This process's id, 0 to --num_processes - 1 (default: ${ENV_ID}).",
-        flag_values=fv,
-    )
-    flags.DEFINE_list(
-        "local_device_ids",
-        None,
-        "This process's accelerators, e.g. 0,1, for --distributed (default: "
-        "$JAX_LOCAL_DEVICE_IDS, else what JAX detects on a cluster, else all of them).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "distributed_timeout",
-        DEFAULT_TIMEOUT_S,
-        "Seconds, for --distributed, to wait for the other processes to join, JAX's heartbeat "
-        "timeout and the shutdown wait: when a process dies, the others end within about this "
-        "long (at once if it is process 0).",
-        flag_values=fv,
-    )
+    defines = [
+        (flags.DEFINE_string, "coordinator_address", None,
+         f"host:port of process 0, for --distributed (default: ${ENV_ADDRESS})."),
+        (flags.DEFINE_integer, "num_processes", None,
+         f"Processes in the run, for --distributed (default: ${ENV_COUNT})."),
+        (flags.DEFINE_integer, "process_id", None,
+         f"This process's id, 0 to --num_processes - 1 (default: ${ENV_ID})."),
+        (flags.DEFINE_list, "local_device_ids", None,
+         "This process's accelerators, e.g. 0,1, for --distributed (default: "
+         "$JAX_LOCAL_DEVICE_IDS, else what JAX detects on a cluster, else all of them)."),
+        (flags.DEFINE_integer, "distributed_timeout", DEFAULT_TIMEOUT_S,
+         "Seconds, for --distributed, to wait for the other processes to join, JAX's heartbeat "
+         "timeout and the shutdown wait: when a process dies, the others end within about this "
+         "long (at once if it is process 0)."),
+    ]  # fmt: skip
+    switch = (flags.DEFINE_boolean, "distributed", False,
+              "Join a multi-process run with jax.distributed.initialize (see "
+              "--coordinator_address).")  # fmt: skip
+    for define, name, default, text in [switch] * with_switch + defines:
+        define(name, default, text, flag_values=fv)
 
 
 def _integer(name: str, value: str) -> int:
@@ -138,11 +108,19 @@ def cluster_from(
     return Cluster(address, num_processes, process_id, timeout_s, ids)
 
 
+def _exit_with(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    os._exit(EXIT_PEER_LOST)
+
+
+def _first_line(error: BaseException, limit: int) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def initialize(cluster: Cluster) -> None:
-    """Join the run with ``jax.distributed.initialize`` (gloo collectives on the CPU). If the
-    others do not join within the timeout, jaxlib 0.10.2 ends the process itself (its fatal
-    message, SIGABRT, about ``timeout_s`` + 5 s after the start); an error it raises instead
-    (e.g. an address it cannot parse) ends it with one line, exit code 1."""
+    """Join the run (gloo collectives on the CPU). If the others do not join in time, jaxlib 0.10.2
+    ends the process itself (SIGABRT, about ``timeout_s`` + 5 s in); an error it raises instead
+    (e.g. an unparsable address) ends it with one line, exit code 1."""
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -157,29 +135,17 @@ def initialize(cluster: Cluster) -> None:
             shutdown_timeout_seconds=cluster.timeout_s,
         )
     except Exception as error:  # noqa: BLE001 (jaxlib raises several kinds)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(
-            f"error: process {cluster.process_id} of {cluster.num_processes} could not join "
-            f"the run at {cluster.address} within {cluster.timeout_s} s: {first[:300]}",
-            file=sys.stderr,
-            flush=True,
+        _exit_with(
+            f"process {cluster.process_id} of {cluster.num_processes} could not join the run at "
+            f"{cluster.address} within {cluster.timeout_s} s: {_first_line(error, 300)}"
         )
-        os._exit(EXIT_PEER_LOST)
 
 
 def initialize_from_flags(fv: flags.FlagValues) -> None:
     """``initialize`` if ``--distributed`` was given (ConfigError for bad placement flags)."""
-    if not fv.distributed:
-        return
-    initialize(
-        cluster_from(
-            fv.coordinator_address,
-            fv.num_processes,
-            fv.process_id,
-            fv.distributed_timeout,
-            fv.local_device_ids,
-        )
-    )
+    if fv.distributed:
+        names = ("coordinator_address", "num_processes", "process_id", "distributed_timeout")
+        initialize(cluster_from(*(fv[name].value for name in names), fv.local_device_ids))
 
 
 def stop_process(error: BaseException) -> None:
@@ -187,13 +153,8 @@ def stop_process(error: BaseException) -> None:
     without waiting for the others at shutdown."""
     import jax
 
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    print(
-        f"error: process {jax.process_index()} stops: {type(error).__name__}: {first[:200]}",
-        file=sys.stderr,
-        flush=True,
-    )
-    os._exit(EXIT_PEER_LOST)
+    name = type(error).__name__
+    _exit_with(f"process {jax.process_index()} stops: {name}: {_first_line(error, 200)}")
 
 
 def is_writer() -> bool:

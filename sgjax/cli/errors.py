@@ -18,9 +18,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
-def make_flags_parser(
-    flag_values: flags.FlagValues,
-) -> Callable[[Sequence[str]], list[str]]:
+def make_flags_parser(flag_values: flags.FlagValues) -> Callable[[Sequence[str]], list[str]]:
     """An absl ``flags_parser`` that turns a bad flag into one line and exit code 2."""
 
     def parse(argv: Sequence[str]) -> list[str]:

@@ -1,5 +1,5 @@
-"""The training flags shared by the scripts (defined once, so their names, defaults and help
-stay identical), and the config they make."""
+"""The training flags the scripts share (defined once: identical names, defaults and help), and
+the config they make."""
 
 from __future__ import annotations
 
@@ -49,13 +49,8 @@ CNN_HELP = {
     "kernel_size": "Square kernel size of every convolution, the synthesizers' too.",
 }
 CNN_FIELDS = tuple(CNN_HELP)
-_KINDS = {
-    "bool": flags.DEFINE_bool,
-    "int": flags.DEFINE_integer,
-    "float": flags.DEFINE_float,
-    "str": flags.DEFINE_string,
-    "tuple": flags.DEFINE_list,
-}
+_KINDS = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float}
+_KINDS |= {"str": flags.DEFINE_string, "tuple": flags.DEFINE_list}
 
 
 def define_fields(
@@ -86,10 +81,11 @@ def define_run_flags(fv: flags.FlagValues, defaults: RunConfig, unit: str, folde
         "output_dir": f"Where results go (default: {folder}).",
     }
     define_fields(fv, defaults, helps)
-    flags.DEFINE_bool(
-        "resume", False, "Continue from the latest checkpoint in --output_dir.", flag_values=fv
-    )
-    flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.", flag_values=fv)
+    for name, text in (
+        ("resume", "Continue from the latest checkpoint in --output_dir."),
+        ("overwrite", "Replace an earlier run in --output_dir."),
+    ):
+        flags.DEFINE_bool(name, False, text, flag_values=fv)
 
 
 def define_train_flags(fv: flags.FlagValues) -> None:
@@ -107,8 +103,7 @@ def define_cnn_flags(fv: flags.FlagValues) -> None:
 def config_from_flags(fv: flags.FlagValues, **fields: Any) -> TrainConfig:
     """A TrainConfig from the shared flags (and the CNN flags where they are defined);
     ``fields`` sets the rest (mode, model, output_dir, ...)."""
-    optional = CNN_FIELDS + DECOUPLING_FIELDS
-    names = SHARED_FIELDS + tuple(name for name in optional if name in fv)
-    values = {name: fv[name].value for name in names}
+    optional = (name for name in CNN_FIELDS + DECOUPLING_FIELDS if name in fv)
+    values = {name: fv[name].value for name in (*SHARED_FIELDS, *optional)}
     values["lr_boundaries"] = parse_int_list("lr_boundaries", values["lr_boundaries"])
     return TrainConfig(**{**values, **fields})

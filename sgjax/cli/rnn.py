@@ -29,7 +29,7 @@ from sgjax.recurrent.plots import plot_run
 from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT
 from sgjax.training.config import ConfigError
 from sgjax.training.loop import RunResult
-from sgjax.training.records import run_results
+from sgjax.training.records import run_results, speed_text
 
 _DEFAULTS = RNNConfig()
 RNN_RUN_FILES = ("results.json", "metrics.csv", "curves.png", "checkpoints")
@@ -73,22 +73,15 @@ def define_rnn_flags(fv: flags.FlagValues) -> None:
 
 _TRAINING_COLUMNS = ("step", "train_bits", "sg_loss", "aux_loss")
 METRICS_COLUMNS = {
-    "copy": (
-        *_TRAINING_COLUMNS,
-        "level_n",
-        "level_r",
-        "episode_error",
-        "max_episode_solved",
-        "elapsed_s",
-    ),
+    "copy": (*_TRAINING_COLUMNS, "level_n", "level_r", "episode_error", "max_episode_solved",
+             "elapsed_s"),
     "char_lm": (*_TRAINING_COLUMNS, "valid_bpc", "test_bpc", "elapsed_s"),
-}
+}  # fmt: skip
 
 
 def build_rnn_results(
     config: RNNConfig, corpus: TextCorpus | None, result: RunResult
 ) -> dict[str, Any]:
-    """The contents of results.json."""
     last = result.records[-1] if result.records else None
     fields: dict[str, Any] = {
         "task": config.task,
@@ -98,19 +91,14 @@ def build_rnn_results(
         "train_bits": last.train_bits if last else None,
     }
     if config.task == "char_lm":
-        assert corpus is not None
         scores = char_lm_scores(result.records)
         fields |= {
             "test_bpc": scores.test_bpc,
             "best_valid_bpc": scores.best_valid_bpc,
             "best_step": scores.best_step,
-            "text": {
-                "source": corpus.source,
-                "train_chars": len(corpus.train),
-                "valid_chars": len(corpus.valid),
-                "test_chars": len(corpus.test),
-                "vocab_size": corpus.vocab_size,
-            },
+            "text": {"source": corpus.source}
+            | {f"{name}_chars": len(getattr(corpus, name)) for name in ("train", "valid", "test")}
+            | {"vocab_size": corpus.vocab_size},
         }
     else:
         curriculum = curriculum_curve(config.copy_task, result.state)
@@ -129,36 +117,24 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         f"{results['task']} {results['mode']} (T={results['truncation']}): {results['status']} "
         f"after {results['steps_done']} of {results['num_steps']} updates"
     )
-    if results["task"] == "char_lm":
-        if results["test_bpc"] is None:
-            score = "no validation was reached"
-        else:
-            score = (
-                f"test {results['test_bpc']:.4f} bits per character at the best validation "
-                f"({results['best_valid_bpc']:.4f}, update {results['best_step']})"
-            )
-    else:
-        score = f"largest episode solved {results['max_episode_solved']}"
-    speed = (
-        f"training {results['train_time_s']:.1f} s ({results['steps_per_s']:.1f} updates/s), "
-        f"compile {results['compile_time_s']:.1f} s"
-    )
-    return [head, score, speed]
+    score = f"largest episode solved {results.get('max_episode_solved')}"
+    if results["task"] == "char_lm" and results["test_bpc"] is None:
+        score = "no validation was reached"
+    elif results["task"] == "char_lm":
+        score = (
+            f"test {results['test_bpc']:.4f} bits per character at the best validation "
+            f"({results['best_valid_bpc']:.4f}, update {results['best_step']})"
+        )
+    return [head, score, speed_text(results, "updates")]
 
 
 def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Validate, load the text, train (resuming if asked), write results; the exit code."""
-
     def prepare() -> Job:
-        corpus = None
-        header = []
+        corpus, header = None, []
         if config.task == "char_lm":
+            files = (config.text_file, config.valid_file, config.test_file)
             corpus = load_text_corpus(
-                config.text_file,
-                config.valid_file,
-                config.test_file,
-                valid_fraction=config.valid_fraction,
-                test_fraction=config.test_fraction,
+                *files, valid_fraction=config.valid_fraction, test_fraction=config.test_fraction
             )
             text_streams(config, corpus)  # refuse a too-short text before writing anything
             dims = (corpus.vocab_size, corpus.vocab_size)
@@ -168,12 +144,10 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
             )
         else:
             dims = (config.copy_task.input_dim, config.copy_task.output_dim)
-        check_memory(
-            "run", config.estimated_bytes(*dims), "--hidden_units, --batch_size or --max_length"
-        )
-        header.append(
-            f"core: LSTM {config.hidden_units} units; {config.mode}, truncation {config.truncation}"
-        )
+        reduce = "--hidden_units, --batch_size or --max_length"
+        check_memory("run", config.estimated_bytes(*dims), reduce)
+        units, mode, truncation = config.hidden_units, config.mode, config.truncation
+        header.append(f"core: LSTM {units} units; {mode}, truncation {truncation}")
         return Job(
             config,
             Path(config.output_dir or f"runs/rnn-{config.task}-{config.mode}"),
@@ -199,8 +173,9 @@ def rnn_main(fv: flags.FlagValues) -> Callable[[list[str]], int]:
 
     def run(argv: list[str]) -> int:
         try:
-            values = {name: fv[name].value for name in CONFIG_FLAGS}
-            config = RNNConfig(**values, output_dir=fv.output_dir)
+            config = RNNConfig(
+                **{name: fv[name].value for name in CONFIG_FLAGS}, output_dir=fv.output_dir
+            )
         except ConfigError as error:
             fail(str(error))
         return run_rnn(config, resume=fv.resume, overwrite=fv.overwrite)

@@ -1,5 +1,5 @@
-"""One run end to end, as the command line does it: output folder, checkpoints, signals, exit
-code. The configuration, the data and the output folder are all checked before the first write."""
+"""One run end to end as the command line does it (output folder, checkpoints, signals, exit
+code); the configuration, data and output folder are all checked before the first write."""
 
 from __future__ import annotations
 
@@ -21,13 +21,7 @@ from sgjax.data.sources import DataError, Dataset, load_dataset
 from sgjax.training.architecture import estimated_bytes, network_text, synthesizer_text
 from sgjax.training.checkpoint import Checkpointer, CheckpointError
 from sgjax.training.config import ConfigError, RunConfig, TrainConfig
-from sgjax.training.loop import (
-    EvalRecord,
-    Resume,
-    RunResult,
-    init_train_state,
-    train_and_evaluate,
-)
+from sgjax.training.loop import EvalRecord, Resume, RunResult, init_train_state, train_and_evaluate
 from sgjax.training.records import (
     MetricsWriter,
     OutputError,
@@ -44,16 +38,13 @@ EXIT_CODE_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handler: the first signal asks the loop to stop after the current chunk,
-    a second SIGINT stops at once."""
+    """SIGINT/SIGTERM: the first asks the loop to stop after the current chunk, a second SIGINT
+    stops at once."""
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
+    signal: int | None = None
 
     def __enter__(self) -> StopRequest:
-        for sig in EXIT_CODE_FOR_SIGNAL:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_CODE_FOR_SIGNAL}
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -93,9 +84,7 @@ def claim_output_dir(
     return folder
 
 
-class Job(NamedTuple):
-    """One run as a script makes it: what ``run_job`` needs that differs between scripts."""
-
+class Job(NamedTuple):  # what ``run_job`` needs that differs between scripts
     config: RunConfig
     output_dir: Path
     header: list[str]  # lines printed before the run (data, network)
@@ -112,9 +101,9 @@ class Job(NamedTuple):
 
 
 def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool = False) -> int:
-    """A run end to end: ``prepare()`` (checking the configuration and data), the output folder,
-    the checkpoint to resume, metrics.csv as the records come, SIGINT/SIGTERM, results.json and
-    the summary; returns the exit code. Nothing is written before ``prepare`` succeeds."""
+    """A run end to end, ``prepare()`` (checks) first, then the output folder, checkpoints,
+    metrics.csv, signals, results.json and summary; the exit code. Nothing is written before
+    ``prepare`` succeeds."""
     try:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
@@ -132,10 +121,8 @@ def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool
             )
     except (ConfigError, DataError, OutputError, CheckpointError) as error:
         fail(str(error))
-    for line in job.header:
-        print(line, flush=True)
     where = f"resuming from step {int(start.state.step)} in" if start else "writing to"
-    print(f"{where} {output_dir}", flush=True)
+    print(*job.header, f"{where} {output_dir}", sep="\n", flush=True)
 
     def save(point: Resume) -> None:
         if job.writer:  # every process gathered the state, as the collectives require
@@ -166,13 +153,11 @@ def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool
         results = job.results(result)
         write_json_atomic(output_dir / "results.json", results)
         job.finish(results, output_dir)
-        for line in job.summary(results):
-            print(line, flush=True)
+        print(*job.summary(results), sep="\n", flush=True)
     return report_status(result.status, result.message, output_dir, stop.signal)
 
 
 def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
-    """Validate, load data, train (resuming if asked), write results; returns the exit code."""
 
     def prepare() -> Job:
         config.validate()
@@ -183,11 +168,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
         dataset = load_dataset(config.dataset, config.data_dir)
         sized = config.with_train_examples(dataset.train_size)
         check_fits(sized, dataset)
-        header = [
-            f"data: {dataset.reason}",
-            f"network: {network_text(sized)}",
-            f"synthesizers: {synthesizer_text(sized)}",
-        ]
+        header = [f"data: {dataset.reason}", f"network: {network_text(sized)}"]
+        header.append(f"synthesizers: {synthesizer_text(sized)}")
         boundaries = sized.hidden_layers * sized.decoupled
         return Job(
             sized,
@@ -204,10 +186,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool =
     return run_job(prepare, resume=resume, overwrite=overwrite)
 
 
-def _train(
-    config: TrainConfig, dataset: Dataset, *, stop_requested: StopRequest, **loop: Any
-) -> RunResult:
-    """The run of ``config``: on one device, or layer-parallel."""
+def _train(config: TrainConfig, dataset: Dataset, *, stop_requested, **loop: Any) -> RunResult:
     if config.parallel != "layers":
         return train_and_evaluate(config, dataset, stop_requested=stop_requested, **loop)
     from sgjax.parallel.layers import parallel_kind, train_layer_parallel
@@ -226,8 +205,7 @@ def _train(
 
 
 def agreed(stop: StopRequest) -> Callable[[], bool]:
-    """``stop`` as process 0 sees it, on every process (a multi-process run must stop after
-    the same chunk); ``stop`` itself in a single process."""
+    """``stop`` as process 0 sees it, on every process (all must stop after the same chunk)."""
     if jax.process_count() == 1:
         return stop
 
@@ -241,13 +219,10 @@ def agreed(stop: StopRequest) -> Callable[[], bool]:
 
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
     """Refuse a network too big for the device or a batch bigger than the training set."""
-    stale = config.mode == "stale_grad"
-    check_memory(
-        "network",
-        estimated_bytes(config.with_train_examples(dataset.train_size)),
-        "--hidden_units, --hidden_layers, --sg_hidden_units or --batch_size"
-        + (" (--mode=stale_grad keeps a row per training image)" if stale else ""),
-    )
+    reduce = "--hidden_units, --hidden_layers, --sg_hidden_units or --batch_size"
+    if config.mode == "stale_grad":
+        reduce += " (--mode=stale_grad keeps a row per training image)"
+    check_memory("network", estimated_bytes(config.with_train_examples(dataset.train_size)), reduce)
     if config.batch_size > dataset.train_size:
         raise ConfigError(
             f"--batch_size={config.batch_size} is larger than the {dataset.train_size} "
@@ -256,12 +231,10 @@ def check_fits(config: TrainConfig, dataset: Dataset) -> None:
 
 
 def check_memory(what: str, needed: int, reduce: str) -> None:
-    """Refuse (one line naming the flags to ``reduce``) a run needing more than the device: its
-    allocator limit, or the host's RAM for the CPU."""
+    """Refuse a run needing more than the device's allocator limit (CPU: the host's RAM)."""
     stats = jax.local_devices()[0].memory_stats() or {}
-    available = int(
-        stats.get("bytes_limit", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    )
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = int(stats.get("bytes_limit", ram))
     if needed > available:
         raise ConfigError(
             f"this {what} needs about {needed / 2**30:.1f} GiB but the device has "
@@ -269,8 +242,7 @@ def check_memory(what: str, needed: int, reduce: str) -> None:
         )
 
 
-def _check_parallel(config: TrainConfig) -> None:
-    """Refuse layer-parallel settings that cannot run, before any file is written."""
+def _check_parallel(config: TrainConfig) -> None:  # before any file is written
     from sgjax.parallel.layers import num_pipeline_stages, parallel_kind, validate_parallel
     from sgjax.parallel.stages import stage_devices
 
@@ -294,7 +266,7 @@ def _parallel_devices(config: TrainConfig) -> int:
 def report_status(
     status: str, message: str, output_dir: Path, signum: int | None, resumable: bool = True
 ) -> int:
-    """Say how a run ended (one line on stderr unless completed); returns the exit code.
+    """Say how a run ended (one line on stderr unless completed); the exit code.
     ``resumable=False`` (the layer-parallel benchmark) says to start again instead."""
     if status == "diverged":
         _say(

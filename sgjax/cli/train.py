@@ -1,5 +1,5 @@
-"""The flags and main of experiments/mnist_mlp.py and mnist_cnn.py: one definition, so both
-take the same flags and write the same files."""
+"""The flags and main of experiments/mnist_mlp.py and mnist_cnn.py (one definition: the same
+flags and files)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from sgjax.cli.distributed import (
-    define_distributed_flags,
-    initialize_from_flags,
-    stop_process,
-)
+from sgjax.cli.distributed import define_distributed_flags, initialize_from_flags, stop_process
 from sgjax.cli.errors import fail
 from sgjax.cli.flags import (
     config_from_flags,
@@ -43,8 +39,7 @@ PARALLEL_HELP = {
 }
 
 
-def define_script_flags(fv: flags.FlagValues, model: str) -> None:
-    """Define the flags of the training script for ``model`` ("mlp" or "cnn") on ``fv``."""
+def define_script_flags(fv: flags.FlagValues, model: str) -> None:  # model: "mlp" or "cnn"
     define_fields(fv, _DEFAULTS, SCRIPT_HELP, {"mode": MODES})
     define_train_flags(fv)
     define_decoupling_flags(fv)
@@ -83,7 +78,7 @@ def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
 
 
 def script_main(fv: flags.FlagValues, model: str) -> Callable[[list[str]], int]:
-    """The ``main`` of the training script for ``model``: config, then one run end to end."""
+    """The script's ``main``: config, then one run end to end."""
 
     def main(argv: list[str]) -> int:
         try:

@@ -11,9 +11,10 @@ from sgjax.tasks.copy import COPY_TASKS, DEFAULT_BITS, CopyTask
 from sgjax.training.config import ConfigError, RunConfig, require_positive
 
 RNN_TASKS = (*COPY_TASKS, "char_lm")
+TEXT_FILES = ("text_file", "valid_file", "test_file")
 PAPER_RNN_LEARNING_RATE = 7e-5
+# The paper validates the language model every 5k iterations.
 DEFAULT_EVAL_EVERY = {"copy": 1_000, "repeat_copy": 1_000, "char_lm": 5_000}
-"""The paper validates the language model every 5k iterations."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,7 @@ class RNNConfig(RunConfig):
     patience: int = 5
 
     # The texts are checked by their sizes instead (``text_identity``).
-    RESUME_FREE: ClassVar[tuple[str, ...]] = (
-        *RunConfig.RESUME_FREE,
-        "text_file",
-        "valid_file",
-        "test_file",
-    )
+    RESUME_FREE: ClassVar[tuple[str, ...]] = (*RunConfig.RESUME_FREE, *TEXT_FILES)
 
     @property
     def resolved_eval_every(self) -> int:
@@ -59,16 +55,14 @@ class RNNConfig(RunConfig):
         return super().identity() | {"model": "lstm"}
 
     def validate(self) -> RNNConfig:
-        """Raise ConfigError (one line, saying what to change) if the run cannot work."""
         for name, allowed in (("task", RNN_TASKS), ("mode", RECURRENT_MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"--{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
-        for name in ("truncation", "hidden_units", "bits"):
-            require_positive(name, getattr(self, name))
-        if self.synthesizer_units is not None:
-            require_positive("synthesizer_units", self.synthesizer_units)
+        for name in ("truncation", "hidden_units", "bits", "synthesizer_units"):
+            if getattr(self, name) is not None:
+                require_positive(name, getattr(self, name))
         super().validate()
         if not (math.isfinite(self.sg_scale) and self.sg_scale > 0):
             raise ConfigError(f"--sg_scale={self.sg_scale} must be a positive number")
@@ -85,7 +79,7 @@ class RNNConfig(RunConfig):
                     "character version, or any text to try it: --text_file=README.md)"
                 )
             return self
-        if self.text_file or self.valid_file or self.test_file:
+        if any(getattr(self, name) for name in TEXT_FILES):
             raise ConfigError(
                 f"--text_file, --valid_file and --test_file are for --task=char_lm, not "
                 f"--task={self.task} (its episodes are generated)"
@@ -101,10 +95,9 @@ class RNNConfig(RunConfig):
         return self
 
     def estimated_bytes(self, input_dim: int, output_dim: int) -> int:
-        """A rough upper estimate of the device memory a run needs (float32): parameters with
-        their gradients and Adam moments, the synthesizer's too, and a segment's activations."""
-        hidden = self.hidden_units
-        units = self.synthesizer_units or hidden
+        """A rough upper estimate of a run's device memory (float32): parameters with gradients and
+        Adam moments, the synthesizer's too, and a segment's activations."""
+        hidden, units = self.hidden_units, self.synthesizer_units or self.hidden_units
         core = 4 * hidden * (input_dim + hidden + 1) + output_dim * (hidden + 1)
         synthesizer = 2 * (2 * hidden * units + units + 2 * hidden) if self.mode != "bptt" else 0
         aux = (2 * hidden) ** 2 if self.mode == "dni_aux" else 0

@@ -72,9 +72,7 @@ class RNNRecord:
         return cls(**(saved | {"level": tuple(saved["level"]) if saved["level"] else None}))
 
 
-class Scores(NamedTuple):
-    """The best validation point of a char_lm run (early stopping)."""
-
+class Scores(NamedTuple):  # the best validation point of a char_lm run (early stopping)
     best_valid_bpc: float | None
     best_step: int | None
     test_bpc: float | None
@@ -83,11 +81,8 @@ class Scores(NamedTuple):
 
 def char_lm_scores(records: list[RNNRecord]) -> Scores:
     """The best validation record and the test bits per character there."""
-    best: RNNRecord | None = None
-    since = 0
-    for record in records:
-        if record.valid_bpc is None:
-            continue
+    best, since = None, 0
+    for record in (r for r in records if r.valid_bpc is not None):
         if best is None or record.valid_bpc < best.valid_bpc:
             best, since = record, 0
         else:
@@ -98,14 +93,12 @@ def char_lm_scores(records: list[RNNRecord]) -> Scores:
 
 
 def program_for(config: RNNConfig, corpus: TextCorpus | None) -> CopyProgram | TextProgram:
-    if config.task != "char_lm":
-        return CopyProgram(config)
-    assert corpus is not None
-    return TextProgram(config, corpus.vocab_size)
+    return (
+        CopyProgram(config) if config.task != "char_lm" else TextProgram(config, corpus.vocab_size)
+    )
 
 
-def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:
-    """The run state's structure, shapes and dtypes (to restore a checkpoint)."""
+def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:  # to restore into
     program = program_for(config, corpus)  # built outside the trace: it reads the levels
     return jax.eval_shape(lambda: program.init(config.seed))
 
@@ -137,10 +130,8 @@ def text_identity(corpus: TextCorpus | None) -> dict[str, Any]:
     """What a resumed char_lm run must match of its texts (their sizes; the files may move)."""
     if corpus is None:
         return {}
-    return {
-        "text_sizes": [len(t) for t in (corpus.train, corpus.valid, corpus.test)],
-        "vocab_size": corpus.vocab_size,
-    }
+    sizes = [len(t) for t in (corpus.train, corpus.valid, corpus.test)]
+    return {"text_sizes": sizes, "vocab_size": corpus.vocab_size}
 
 
 def curriculum_curve(task: CopyTask, state: Any) -> list[tuple[int, int]]:
@@ -153,13 +144,7 @@ class RecurrentEngine(ChunkedEngine):
     """A recurrent program as an ``Engine``; its evaluation is the task's scores. Its
     ``ChunkMetrics.loss`` sums over output elements, counted in ``extra["count"]``."""
 
-    def __init__(
-        self,
-        program: CopyProgram | TextProgram,
-        streams: dict[str, np.ndarray],
-        state: Any,
-        max_chunk: int,
-    ) -> None:
+    def __init__(self, program, streams: dict[str, np.ndarray], state: Any, max_chunk: int) -> None:
         self.texts = {name: jnp.asarray(a) for name, a in streams.items()}
         super().__init__(program.chunk, self.texts.get("train"), state, max_chunk)
         self.program = program
@@ -176,17 +161,13 @@ class RecurrentEngine(ChunkedEngine):
 
     def advance(self, steps: int) -> ChunkMetrics:
         loss, count, sg_loss, aux_loss = (float(x) for x in self.run(steps))
-        return ChunkMetrics(
-            steps, loss, 0.0, (sg_loss,), extra={"count": count, "aux_loss": aux_loss}
-        )
+        extra = {"count": count, "aux_loss": aux_loss}
+        return ChunkMetrics(steps, loss, 0.0, (sg_loss,), extra=extra)
 
     def evaluate(self) -> dict[str, Any]:
-        state = self._state
+        state, scores = self._state, self._scores.items()
         if self._scores:
-            return {
-                f"{name}_bpc": float(score(state, self.texts[name]))
-                for name, score in self._scores.items()
-            }
+            return {f"{name}_bpc": float(score(state, self.texts[name])) for name, score in scores}
         error = float(state.last_error)
         return {
             "level": tuple(int(x) for x in jax.device_get(state.level)),
@@ -213,9 +194,8 @@ def _chunk_text(chunk: ChunkMetrics) -> str:
 
 
 def _divergence(period: PeriodMetrics, step: int) -> str:
-    if math.isfinite(period.loss) and math.isfinite(period.sg_loss[0]):
-        return ""
-    return f"training loss became non-finite by step {step}"
+    finite = math.isfinite(period.loss) and math.isfinite(period.sg_loss[0])
+    return "" if finite else f"training loss became non-finite by step {step}"
 
 
 def train_recurrent(
@@ -239,14 +219,13 @@ def train_recurrent(
     def stop_early(records: list[RNNRecord]) -> str:
         if config.task != "char_lm" or not config.patience:
             return ""
-        if char_lm_scores(records).validations_since_best < config.patience:
-            return ""
-        return f"stopped early after {config.patience} validations without improvement"
+        waited = char_lm_scores(records).validations_since_best >= config.patience
+        return f"stopped early after {config.patience} validations without improvement" * waited
 
     recording = Recording(_record, _chunk_text, _divergence, "updates", stop_early)
-    every = config.resolved_eval_every
+    every = (config.resolved_eval_every, config.resolved_checkpoint_every)
     return run_engine(
-        engine, recording, config.num_steps, every, config.resolved_checkpoint_every, start,
+        engine, recording, config.num_steps, *every, start,
         on_record=on_record, log=log, save_checkpoint=save_checkpoint,
         stop_requested=stop_requested,
     )  # fmt: skip

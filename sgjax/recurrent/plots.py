@@ -18,7 +18,6 @@ def plot_run(results: dict[str, Any], path: Path) -> Path:
     steps = [r["step"] for r in history]
     figure = Figure(figsize=(11, 4), layout="constrained")
     score, loss = figure.subplots(1, 2)
-    title = f"{results['task']} {results['mode']} (T={results['truncation']})"
     if results["task"] == "char_lm":
         for key, label in (("valid_bpc", "validation"), ("test_bpc", "test")):
             score.plot(steps, [r[key] for r in history], marker="o", markersize=3, label=label)
@@ -30,13 +29,10 @@ def plot_run(results: dict[str, Any], path: Path) -> Path:
         ys = [0] + [c["episode_size"] for c in curve] + [results["max_episode_solved"]]
         score.step(xs, ys, where="post")
         score.set_ylabel("largest episode solved (N + 3, N*R + 3)")
-    score.set_title(title)
+    score.set_title(f"{results['task']} {results['mode']} (T={results['truncation']})")
     loss.plot(steps, [r["train_bits"] for r in history], marker="o", markersize=3)
-    loss.set_ylabel(
-        "training loss, bits per element"
-        if results["task"] != "char_lm"
-        else "training loss, bits per character"
-    )
+    per = "character" if results["task"] == "char_lm" else "element"
+    loss.set_ylabel(f"training loss, bits per {per}")
     loss.set_title("training loss (mean over each record's period)")
     for axes in (score, loss):
         axes.set_xlabel("update")

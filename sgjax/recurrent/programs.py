@@ -1,6 +1,5 @@
-"""The compiled programs of recurrent runs: one update per segment of ``truncation`` steps,
-scanned in chunks, for the copy tasks (episodes and curriculum on the device) and character
-language modelling (parallel streams over a text)."""
+"""Compiled recurrent programs, an update per segment of ``truncation`` steps scanned in chunks:
+copy tasks (episodes and curriculum on the device), char_lm (parallel streams over a text)."""
 
 from __future__ import annotations
 
@@ -14,13 +13,7 @@ import optax
 
 from sgjax.core.methods import backprop, dni
 from sgjax.core.optim import adam
-from sgjax.core.recurrent import (
-    Carry,
-    RecurrentState,
-    RecurrentTrainer,
-    Segment,
-    StepLoss,
-)
+from sgjax.core.recurrent import Carry, RecurrentState, RecurrentTrainer, Segment, StepLoss
 from sgjax.core.synthesizers import dense
 from sgjax.models.lstm import LSTMCore, zero_carry
 from sgjax.recurrent.config import RNNConfig
@@ -56,9 +49,7 @@ def _slice(array: jax.Array, start: jax.Array, size: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(array, start, size, axis=0)
 
 
-class ChunkStats(NamedTuple):
-    """Sums over a chunk's updates."""
-
+class ChunkStats(NamedTuple):  # sums over a chunk's updates
     loss_sum: jax.Array
     count: jax.Array
     sg_loss: jax.Array
@@ -70,19 +61,13 @@ class Chunked:
 
     def chunk(self, num_steps: int) -> Callable[[Any, Any], tuple[Any, ChunkStats]]:
         def run(state: Any, data: Any = None) -> tuple[Any, ChunkStats]:
-            scan = jax.lax.scan(lambda s, _: self.step(s, data), state, None, length=num_steps)
-            state, per_step = scan
+            step = lambda s, _: self.step(s, data)  # noqa: E731
+            state, per_step = jax.lax.scan(step, state, None, length=num_steps)
             return state, ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
 
         return run
 
-    def _update(
-        self,
-        state: Any,
-        segment: Segment,
-        before: Callable[[jax.Array], Segment],
-        continues: jax.Array,
-    ):
+    def _update(self, state: Any, segment: Segment, before: Callable, continues: jax.Array):
         """The trainer's step on ``segment``; with ``sg_trains_core`` also on the segment
         before it (``before(start)``), present unless this one starts the stream."""
         batch = continues.shape[0]
@@ -101,9 +86,7 @@ class Chunked:
 # ---------------------------------------------------------------- copy and repeat copy
 
 
-class CopyRunState(NamedTuple):
-    """Everything that changes in a copy-task run."""
-
+class CopyRunState(NamedTuple):  # everything that changes in a copy-task run
     model: RecurrentState
     carry: Carry
     previous_carry: Carry  # at the start of the previous segment (sg_trains_core)
@@ -168,8 +151,7 @@ class CopyProgram(Chunked):
         level = self.task.first_level()
         episode = self._episode(jax.random.fold_in(data_key, 0), level)
         model = self.trainer.init(init_key, carry, episode.inputs[0])
-        zero_i = jnp.zeros((), jnp.int32)
-        zero_f = jnp.zeros((), jnp.float32)
+        zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
         return CopyRunState(
             model, carry, carry, episode, zero_i, level, zero_f, zero_f,
             jnp.full((), jnp.nan, jnp.float32), zero_i,
@@ -179,8 +161,7 @@ class CopyProgram(Chunked):
     def step(self, state: CopyRunState, data: Any = None) -> tuple[CopyRunState, ChunkStats]:
         del data  # the episodes are generated on the device
         config, task, truncation = self.config, self.task, self.config.truncation
-        batch = config.batch_size
-        episode = state.episode
+        batch, episode = config.batch_size, state.episode
         arrays = (episode.inputs, episode.targets, episode.mask)
         cut = lambda start: Segment(*(_slice(a, start, truncation) for a in arrays))  # noqa: E731
         segment = cut(state.position)
@@ -254,8 +235,7 @@ class TextProgram(Chunked):
     one segment of each per update; the state carries over, and restarts where the text does."""
 
     def __init__(self, config: RNNConfig, vocab_size: int) -> None:
-        self.config = config
-        self.vocab_size = vocab_size
+        self.config, self.vocab_size = config, vocab_size
         self.trainer = make_trainer(config, vocab_size, char_loss)
 
     def init(self, seed: int | jax.Array) -> TextRunState:
@@ -275,17 +255,11 @@ class TextProgram(Chunked):
         position = state.position + truncation
         wrap = position + truncation + 1 > length
         zero = zero_carry(batch, config.hidden_units)
-        new_state = TextRunState(
-            model,
-            _where(wrap, zero, end),
-            _where(wrap, zero, state.carry),
-            jnp.where(wrap, 0, position),
-            state.step + 1,
-        )
-        return new_state, stats
+        carries = (_where(wrap, zero, end), _where(wrap, zero, state.carry))
+        return TextRunState(model, *carries, jnp.where(wrap, 0, position), state.step + 1), stats
 
     def bits_per_character(self, state: TextRunState, streams: jax.Array) -> jax.Array:
-        """Bits per character on ``streams`` ([streams, length]), each read whole."""
+        """On ``streams`` ([streams, length]), each read whole."""
         batch, length = streams.shape
         carry = zero_carry(batch, self.config.hidden_units)
         segment = _text_segment(streams, jnp.zeros((), jnp.int32), length - 1, self.vocab_size)

@@ -23,9 +23,8 @@ class CheckpointError(ValueError):
 
 
 class Checkpointer:
-    """Checkpoints of a run (any ``Engine``'s) under ``directory``, one sub-folder per step: the
-    state, an engine's work in flight, and the ``Resume``'s records, period sums and times with
-    the configuration that made them (``RunConfig.identity``)."""
+    """A run's checkpoints under ``directory``, a sub-folder per step: the state, an engine's work
+    in flight, and the records, period sums and times with ``RunConfig.identity``."""
 
     def __init__(self, directory: Path, keep_last: int = KEEP_LAST) -> None:
         self.directory = Path(directory).absolute()
@@ -34,12 +33,8 @@ class Checkpointer:
             index = jax.process_index()  # any process reads without waiting for the others
             if index == 0:
                 self.directory.mkdir(parents=True, exist_ok=True)
-            options = dict(
-                create=False,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    primary_host=index, active_processes={index}
-                ),
-            )
+            only = ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
+            options = dict(create=False, multiprocessing_options=only)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -54,8 +49,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, point: Resume, config: RunConfig, extra: dict[str, Any] | None = None) -> None:
-        """Write ``point``'s checkpoint and wait until it is on disk; ``extra``: more of what a
-        resume must match (e.g. the sizes of a run's texts)."""
+        """Write ``point``, waiting until it is on disk; ``extra``: more a resume must match."""
         meta = {
             "format": CHECKPOINT_FORMAT,
             "config": config.identity() | (extra or {}),
@@ -75,34 +69,26 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(
-        self,
-        config: RunConfig,
-        template: Any,
-        step: int | None = None,
-        *,
-        extra: dict[str, Any] | None = None,
-        record_type: Any = EvalRecord,
-    ) -> Resume:
-        """Restore ``step`` (default: the latest) into ``template``'s structure, shapes and dtypes
-        (``jax.eval_shape`` will do), refusing one made by another ``config.identity() | extra``."""
+        self, config: RunConfig, template: Any, step: int | None = None, *,
+        extra: dict[str, Any] | None = None, record_type: Any = EvalRecord,
+    ) -> Resume:  # fmt: skip
+        """Restore ``step`` (default: the latest) into ``template``'s shapes (``jax.eval_shape``
+        will do), refusing one made by another ``config.identity() | extra``."""
         step, meta = self.read_meta(step)
         _check_compatible(meta, config.identity() | (extra or {}), self.directory / str(step))
         restored = self.read_state(step, template)
         records = [record_type.from_dict(r) for r in meta["records"]]
-        period = PeriodMetrics.from_dict(meta["period"])
         inflight = self.read_inflight(step) if meta.get("inflight") else None
         times = (meta["train_time_s"], meta["eval_time_s"])
-        return Resume(restored, records, period, *times, inflight)
+        return Resume(restored, records, PeriodMetrics.from_dict(meta["period"]), *times, inflight)
 
-    def read_meta(self, step: int | None = None) -> tuple[int, Any]:
-        """``(step, metadata)`` of ``step`` (default: the latest)."""
+    def read_meta(self, step: int | None = None) -> tuple[int, Any]:  # default: the latest
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         return step, self._read(step, "meta", ocp.args.JsonRestore(), "")
 
     def read_state(self, step: int, template: Any) -> Any:
-        """The state of ``step`` with the structure, shapes and dtypes of ``template``."""
         sharding = None
         if jax.process_count() > 1:  # read onto this process's first device
             sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -114,9 +100,8 @@ class Checkpointer:
         )
 
     def read_inflight(self, step: int) -> Any:
-        return self._manager.restore(
-            step, args=ocp.args.Composite(inflight=ocp.args.StandardRestore())
-        )["inflight"]
+        args = ocp.args.Composite(inflight=ocp.args.StandardRestore())
+        return self._manager.restore(step, args=args)["inflight"]
 
     def _read(self, step: int, item: str, args: Any, what: str) -> Any:
         try:

@@ -10,10 +10,8 @@ from typing import ClassVar
 from sgjax.data.sources import IMAGE_SHAPES
 
 MODES = ("bp", "sg", "cdni", "bp_lambda", "dgl", "zero_grad", "stale_grad")
-PAPER_MODES = ("bp", "sg", "cdni")
-"""The paper's modes: the benchmark's default --modes."""
-SYNTHESIZER_MODES = ("sg", "cdni", "bp_lambda")
-"""Modes with synthetic-gradient modules (the others' --sg_hidden_* flags are unused)."""
+PAPER_MODES = ("bp", "sg", "cdni")  # the benchmark's default --modes
+SYNTHESIZER_MODES = ("sg", "cdni", "bp_lambda")  # the others' --sg_hidden_* flags are unused
 LAYER_PARALLEL_MODES = ("bp", "sg", "cdni", "dgl", "zero_grad")
 LAYER_PARALLEL_REFUSALS = {
     "bp_lambda": "BP(lambda) mixes in the backpropagated gradient from above, so a stage waits "
@@ -24,8 +22,7 @@ LAYER_PARALLEL_REFUSALS = {
 MODELS = ("mlp", "cnn")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 PARALLEL = ("none", "layers")
-ENGINES = ("dispatch", "spmd")
-"""How --parallel=layers runs: one call per stage per tick from the host, or one SPMD program."""
+ENGINES = ("dispatch", "spmd")  # --parallel=layers: a call per stage per tick, or one program
 NUM_CLASSES = 10
 CONV_INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 PAPER_FILTERS = {"mnist": 64, "fashion_mnist": 64, "cifar10": 128}
@@ -33,8 +30,8 @@ PAPER_FILTERS = {"mnist": 64, "fashion_mnist": 64, "cifar10": 128}
 PAPER_NUM_STEPS = 500_000
 PAPER_LEARNING_RATE = 3e-5
 PAPER_BOUNDARY_FRACTIONS = (0.6, 0.8)  # divide the rate by 10 at 300k and 400k of 500k steps
+# Configuration fields that do not shape the model's network or synthesizers.
 UNUSED_FIELDS = {"mlp": ("filters", "kernel_size"), "cnn": ("hidden_units", "sg_hidden_units")}
-"""Configuration fields that do not shape the model's network or synthesizers."""
 DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0, "bp_lambda": 2}  # the paper's DNI and cDNI
 MAX_STEPS = 2**31 - 1  # the step counter is an int32 on the device
 MAX_SEED = 2**32 - 1
@@ -57,8 +54,8 @@ class RunConfig:
     checkpoint_every: int | None = None  # None: at every evaluation; 0: never
     output_dir: str | None = None
 
+    # Fields that may differ on resume: they do not change what the run computes.
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("output_dir", "checkpoint_every")
-    """Fields that may differ on resume: they do not change what the run computes."""
 
     def __post_init__(self) -> None:
         self.validate()  # a config that exists is one that can run
@@ -116,9 +113,7 @@ class TrainConfig(RunConfig):
     """Everything one training run needs; defaults are the paper's."""
 
     mode: str = "sg"
-    model: str = "mlp"
-    """"mlp" or "cnn"; for the CNN ``hidden_layers`` counts its convolutional stages (the paper's
-    depth is that plus the classifier)."""
+    model: str = "mlp"  # or "cnn", whose hidden_layers counts conv stages (+ the classifier)
     lr_boundaries: tuple[int, ...] | None = None
     hidden_layers: int = 3
     hidden_units: int = 256
@@ -136,14 +131,12 @@ class TrainConfig(RunConfig):
     update_prob: float = 1.0
     bp_lambda: float = 0.5
     stale_decay: float = 0.9
-    train_examples: int = 0
-    """--mode=stale_grad: the training set's size (a row per example); set from the loaded data
-    (``with_train_examples``), not a flag."""
+    train_examples: int = 0  # stale_grad's rows, one per example: ``with_train_examples``
     synthetic_inputs: bool = False
 
+    # Both layer-parallel engines compute the same schedule and name their work in flight alike;
+    # the data is checked by its contents' description, not its folder.
     RESUME_FREE: ClassVar[tuple[str, ...]] = (*RunConfig.RESUME_FREE, "data_dir", "engine")
-    """The layer-parallel engines compute the same schedule and name their work in flight
-    alike; the data is checked by its contents' description, not its folder."""
 
     @property
     def decoupled(self) -> bool:
@@ -160,36 +153,25 @@ class TrainConfig(RunConfig):
         return DEFAULT_SG_HIDDEN_LAYERS.get(self.mode, 0)
 
     @property
-    def resolved_lr_boundaries(self) -> tuple[int, ...]:
-        """Steps at which the learning rate is divided by 10."""
+    def resolved_lr_boundaries(self) -> tuple[int, ...]:  # the rate is divided by 10 there
         if self.lr_boundaries is not None:
             return tuple(self.lr_boundaries)
         return tuple(int(round(f * self.num_steps)) for f in PAPER_BOUNDARY_FRACTIONS)
 
     def validate(self) -> TrainConfig:
-        """Raise ConfigError, naming the flag and a fix, for settings that cannot run."""
-        for name, allowed in (("mode", MODES), ("dataset", DATASETS), ("model", MODELS)):
-            if getattr(self, name) not in allowed:
-                flag = "model " if name == "model" else f"--{name}="
-                raise ConfigError(
-                    f"unknown {flag}{getattr(self, name)!r}; choose one of {', '.join(allowed)}"
-                )
-        if self.filters is not None:
-            require_positive("filters", self.filters)
-        for name in ("kernel_size", "hidden_layers", "hidden_units"):
-            require_positive(name, getattr(self, name))
+        choices = {"mode": MODES, "dataset": DATASETS, "model": MODELS}
+        _require_choices(self, choices, lambda name: "model " if name == "model" else f"--{name}=")
+        for name in ("filters", "kernel_size", "hidden_layers", "hidden_units"):
+            if getattr(self, name) is not None:
+                require_positive(name, getattr(self, name))
         super().validate()
         if self.sg_hidden_layers is not None and self.sg_hidden_layers < 0:
             raise ConfigError(
                 f"--sg_hidden_layers={self.sg_hidden_layers} is negative; use 0 (linear) or more"
             )
-        require_positive("sg_hidden_units", self.sg_hidden_units)
-        require_positive("microbatches", self.microbatches)
-        for name, allowed in (("parallel", PARALLEL), ("engine", ENGINES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"unknown --{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}"
-                )
+        for name in ("sg_hidden_units", "microbatches"):
+            require_positive(name, getattr(self, name))
+        _require_choices(self, {"parallel": PARALLEL, "engine": ENGINES}, lambda name: f"--{name}=")
         if self.num_devices < 0:
             raise ConfigError(f"--num_devices={self.num_devices} must be 0 (all) or more")
         boundaries = (0, *self.resolved_lr_boundaries)
@@ -200,10 +182,6 @@ class TrainConfig(RunConfig):
                 f"--lr_boundaries={','.join(map(str, boundaries[1:]))} must be increasing steps "
                 f"between 1 and --num_steps={self.num_steps} (exclusive)"
             )
-        self._validate_decoupling()
-        return self
-
-    def _validate_decoupling(self) -> None:
         for name in ("update_prob", "bp_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be between 0 and 1")
@@ -225,6 +203,7 @@ class TrainConfig(RunConfig):
                     "--parallel=layers runs --update_prob only with decoupled modes (sg, cdni, "
                     "dgl, zero_grad); run --mode=bp with --update_prob under --parallel=none"
                 )
+        return self
 
     @property
     def uses_synthesizers(self) -> bool:
@@ -259,6 +238,14 @@ class TrainConfig(RunConfig):
         for name in UNUSED_FIELDS[self.model]:
             values.pop(name, None)
         return values
+
+
+def _require_choices(config: RunConfig, choices: dict, flag) -> None:
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(
+                f"unknown {flag(name)}{getattr(config, name)!r}; choose one of {', '.join(allowed)}"
+            )
 
 
 def require_positive(name: str, value: int) -> None:

@@ -22,9 +22,7 @@ from sgjax.training.engine import ChunkMetrics, Engine
 from sgjax.training.model import sample_shape, trainer_for
 
 
-class TrainState(NamedTuple):
-    """Everything that changes during a run."""
-
+class TrainState(NamedTuple):  # everything that changes during a run
     model: TrainerState  # the initial learning rate is a (traced) hyperparameter in it
     step: jax.Array  # updates done (int32)
     key: jax.Array  # the batch of step t is sampled with fold_in(key, t)
@@ -48,8 +46,7 @@ class EvalRecord:
     elapsed_s: float
     input_loss: tuple[float, ...] = ()  # complete unlock only: input_loss_i columns
 
-    def text(self) -> str:
-        """The record in the progress line."""
+    def text(self) -> str:  # in the progress line
         line = (
             f"loss {self.train_loss:.4f} acc {self.train_accuracy:.4f} | "
             f"test loss {self.test_loss:.4f} acc {self.test_accuracy:.4f}"
@@ -61,7 +58,6 @@ class EvalRecord:
         return line
 
     def cells(self) -> dict[str, str]:
-        """metrics.csv's cells by column."""
         return {
             "step": str(self.step),
             "learning_rate": f"{self.learning_rate:.6g}",
@@ -79,15 +75,12 @@ class EvalRecord:
 EVAL_COLUMNS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
-def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:
-    """A checkpoint's dict with lists as tuples (absent in older checkpoints: empty)."""
+def _tuples(saved: dict[str, Any], *names: str) -> dict[str, Any]:  # absent (older): empty
     return saved | {name: tuple(saved.get(name, ())) for name in names}
 
 
 @dataclasses.dataclass
-class RunResult:
-    """What a finished (or stopped) run produced."""
-
+class RunResult:  # what a finished (or stopped) run produced
     state: TrainState
     records: list[EvalRecord]
     status: str
@@ -118,12 +111,10 @@ class PeriodMetrics:
     def from_dict(cls, saved: dict[str, Any]) -> PeriodMetrics:
         return cls(**_tuples(saved, "sg_loss", "sg_updates", "input_loss"))
 
-    def add(self, steps: int, metrics: StepMetrics) -> None:
-        """Add a chunk's mean metrics, weighted by its number of steps."""
+    def add(self, steps: int, metrics: StepMetrics) -> None:  # a chunk's means, weighted
         self.merge(chunk_sums(steps, metrics))
 
-    def merge(self, chunk: ChunkMetrics) -> None:
-        """Add an engine's sums for one ``advance``."""
+    def merge(self, chunk: ChunkMetrics) -> None:  # an engine's sums for one ``advance``
         self.sg_loss = _add(self.sg_loss, chunk.sg_loss) if self.sg_loss else chunk.sg_loss
         if chunk.input_loss:
             self.input_loss = _add(self.input_loss, chunk.input_loss)
@@ -153,19 +144,15 @@ def _add(sums: tuple, values: tuple) -> tuple:
 
 
 def chunk_sums(steps: int, metrics: StepMetrics) -> ChunkMetrics:
-    """A chunk's mean metrics (as the compiled chunk returns them) as sums over its steps."""
+    """A compiled chunk's mean metrics as sums over its steps."""
+    sums = lambda v: tuple(steps * float(x) for x in np.asarray(v))  # noqa: E731
+    loss, accuracy = steps * float(metrics.loss), steps * float(metrics.accuracy)
     return ChunkMetrics(
-        steps,
-        steps * float(metrics.loss),
-        steps * float(metrics.accuracy),
-        tuple(steps * float(v) for v in np.asarray(metrics.sg_loss)),
-        input_loss=tuple(steps * float(v) for v in np.asarray(metrics.input_loss)),
+        steps, loss, accuracy, sums(metrics.sg_loss), input_loss=sums(metrics.input_loss)
     )
 
 
-class Resume(NamedTuple):
-    """Where a resumed run starts: a checkpoint's state, records, partial period and times."""
-
+class Resume(NamedTuple):  # where a run starts: a checkpoint's state, records, period, times
     state: TrainState
     records: list[EvalRecord]
     period: PeriodMetrics
@@ -175,8 +162,6 @@ class Resume(NamedTuple):
 
 
 SaveCheckpoint = Callable[[Resume], None]
-
-
 ChunkFn = Callable[[TrainState, DeviceData], tuple[TrainState, StepMetrics]]
 
 
@@ -195,11 +180,9 @@ def init_train_state(
 
 
 def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -> ChunkFn:
-    """One pure train step: samples step ``state.step``'s batch on the device and updates.
-
-    ``update_prob`` (traced, e.g. one per vmapped run) makes the updates stochastic; without it
-    ``config.update_prob`` does when it is below 1 (at 1 the step is the plain one, unchanged).
-    The coins of step t come from ``fold_in(fold_in(key, t), UPDATE_KEY)``."""
+    """One pure train step on step ``state.step``'s batch, sampled on the device. ``update_prob``
+    (traced, e.g. per vmapped run), else ``config.update_prob`` below 1, makes updates stochastic
+    (at 1 the step is the plain one); step t's coins: ``fold_in(fold_in(key, t), UPDATE_KEY)``."""
     trainer = trainer_for(config)
     if update_prob is None and config.update_prob != 1.0:
         update_prob = jnp.float32(config.update_prob)
@@ -232,18 +215,13 @@ def make_run_chunk(
     return run_chunk
 
 
-def evaluate_state(
-    config: TrainConfig, state: TrainState, data: DeviceData
-) -> tuple[jax.Array, jax.Array]:
+def evaluate_state(config: TrainConfig, state: TrainState, data: DeviceData):
     """Test loss and accuracy on the whole test split (BatchNorm running averages)."""
-    return trainer_for(config).evaluate(
-        state.model, scale_images(data.test_images), data.test_labels
-    )
+    images = scale_images(data.test_images)
+    return trainer_for(config).evaluate(state.model, images, data.test_labels)
 
 
-class RunHistory(NamedTuple):
-    """Per-evaluation metrics of a whole compiled run (leading axis: evaluations)."""
-
+class RunHistory(NamedTuple):  # per-evaluation metrics of a compiled run (axis 0: evaluations)
     step: jax.Array
     train_loss: jax.Array
     train_accuracy: jax.Array
@@ -271,18 +249,14 @@ def make_train(config: TrainConfig) -> Callable[..., tuple[TrainState, RunHistor
         row = (metrics.loss, metrics.accuracy, test_loss, test_accuracy, metrics.sg_loss)
         return state, RunHistory(state.step, *row, input_loss)
 
-    def train_run(
-        seed: jax.Array, learning_rate: jax.Array, data: DeviceData, update_prob=None
-    ) -> tuple[TrainState, RunHistory]:
+    def train_run(seed, learning_rate, data: DeviceData, update_prob=None):
         sized = config.with_train_examples(data.train_images.shape[0])
         run_full = make_run_chunk(sized, config.eval_every, update_prob)
-        run_rest = None
-        if lengths[-1] != config.eval_every:
-            run_rest = make_run_chunk(sized, lengths[-1], update_prob)
         state = init_train_state(sized, seed, learning_rate)
         step = lambda s, _: chunk_and_evaluate(s, data, run_full, sized)  # noqa: E731
         state, history = jax.lax.scan(step, state, None, length=full_chunks)
-        if run_rest is not None:
+        if lengths[-1] != config.eval_every:
+            run_rest = make_run_chunk(sized, lengths[-1], update_prob)
             state, last = chunk_and_evaluate(state, data, run_rest, sized)
             history = jax.tree_util.tree_map(
                 lambda h, x: jnp.concatenate([h, x[None]]), history, last
@@ -314,26 +288,19 @@ def chunk_plan(start: int, num_steps: int, eval_every: int, max_chunk: int) -> l
     return lengths
 
 
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
 def progress_line(step: int, num_steps: int, text: str, steps_per_s: float, unit: str) -> str:
     """One human line per chunk: step, what ``text`` says, speed and ETA."""
     eta = (num_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
-    return (
-        f"step {step:>7d}/{num_steps} | {text} | {steps_per_s:,.0f} {unit}/s | "
-        f"ETA {_format_eta(eta)}"
-    )
+    if math.isfinite(eta):
+        minutes, secs = divmod(int(round(eta)), 60)
+        hours, minutes = divmod(minutes, 60)
+        eta = f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+    else:
+        eta = "?"
+    return f"step {step:>7d}/{num_steps} | {text} | {steps_per_s:,.0f} {unit}/s | ETA {eta}"
 
 
-class Record(Protocol):
-    """What the loop needs of a record (``EvalRecord``, ``RNNRecord``)."""
-
+class Record(Protocol):  # what the loop needs of a record (``EvalRecord``, ``RNNRecord``)
     step: int
     elapsed_s: float
 
@@ -342,9 +309,7 @@ class Record(Protocol):
     def cells(self) -> dict[str, str]: ...
 
 
-class Recording(NamedTuple):
-    """What a kind of run records, and when it ends early."""
-
+class Recording(NamedTuple):  # what a kind of run records, and when it ends early
     make: Callable[[int, PeriodMetrics, Any], Record]  # (step, period, evaluate()); no elapsed_s
     chunk_text: Callable[[ChunkMetrics], str]  # a chunk between evaluations
     divergence: Callable[[PeriodMetrics, int], str]  # the first non-finite quantity, or ''
@@ -365,14 +330,13 @@ def run_engine(
     save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """The host loop of every run: compile every chunk shape (``chunk_plan``), then train,
-    printing a progress line per chunk and recording at each evaluation.
-
-    ``save_checkpoint`` runs every ``checkpoint_every`` steps (0: never), at the end, and when
-    ``stop_requested()`` turns true after a chunk ("interrupted"). A non-finite loss ends the run
-    after that chunk as "diverged", with a last record and no checkpoint of the bad state;
-    ``recording.stop_early`` ends it as "completed" after a checkpoint; a ``KeyboardInterrupt``
-    (also while compiling) ends it at once as "interrupted"."""
+    """The host loop of every run: compile every chunk shape (``chunk_plan``), then train, with a
+    progress line per chunk and a record per evaluation. ``save_checkpoint`` runs every
+    ``checkpoint_every`` steps (0: never), at the end, and when ``stop_requested()`` turns true
+    after a chunk ("interrupted"). A non-finite loss ends the run after that chunk as "diverged",
+    with a last record and no checkpoint of the bad state; ``recording.stop_early`` ends it as
+    "completed" after a checkpoint; a ``KeyboardInterrupt`` (also while compiling) ends it at once
+    as "interrupted"."""
     period = dataclasses.replace(start.period, extra=dict(start.period.extra))
     records = list(start.records)
     steps_done = int(start.state.step)
@@ -399,10 +363,8 @@ def run_engine(
             begin = time.perf_counter()
             chunk = engine.advance(n)
             elapsed = time.perf_counter() - begin
-            train_time += elapsed
-            session_time += elapsed
-            steps_done += n
-            session_steps += n
+            train_time, session_time = train_time + elapsed, session_time + elapsed
+            steps_done, session_steps = steps_done + n, session_steps + n
             period.merge(chunk)
             speed = session_steps / session_time
 
@@ -429,11 +391,8 @@ def run_engine(
             last = steps_done == num_steps or bool(early)
             due = at_eval and checkpoint_every and steps_done % checkpoint_every == 0
             if save_checkpoint is not None and (last or stopping or due):
-                save_checkpoint(
-                    Resume(
-                        engine.state(), records, period, train_time, eval_time, engine.inflight()
-                    )
-                )
+                times = (train_time, eval_time)
+                save_checkpoint(Resume(engine.state(), records, period, *times, engine.inflight()))
             if early:
                 message = early
                 break
@@ -445,9 +404,7 @@ def run_engine(
     return result(status, message)
 
 
-class ChunkedEngine:
-    """A single-device engine of compiled chunks: ``chunk(n)(state, data) -> (state, metrics)``."""
-
+class ChunkedEngine:  # one device's compiled chunks: ``chunk(n)(state, data) -> (state, metrics)``
     def __init__(self, chunk: Callable[[int], Callable], data: Any, state: Any, max_chunk: int):
         self.chunk, self.data, self._state, self.max_chunk = chunk, data, state, max_chunk
         self._chunks: dict[int, jax.stages.Compiled] = {}
@@ -458,21 +415,18 @@ class ChunkedEngine:
             for n in sorted(set(chunk_lengths))
         }
 
-    def run(self, steps: int) -> Any:
-        """Run the chunk of ``steps``; its metrics, on the host."""
+    def run(self, steps: int) -> Any:  # the chunk of ``steps``; its metrics, on the host
         self._state, metrics = self._chunks[steps](self._state, self.data)
         return jax.device_get(metrics)
 
     def state(self) -> Any:
         return self._state
 
-    def inflight(self) -> dict[str, Any]:
+    def inflight(self) -> dict[str, Any]:  # nothing in flight between chunks
         return {}
 
 
-class ScanEngine(ChunkedEngine):
-    """The single-device engine: compiled ``lax.scan`` chunks of ``config.chunk_steps`` at most."""
-
+class ScanEngine(ChunkedEngine):  # ``lax.scan`` chunks of ``config.chunk_steps`` at most
     def __init__(self, config: TrainConfig, dataset: Dataset, state: TrainState) -> None:
         chunk = lambda n: make_run_chunk(config, n)  # noqa: E731
         super().__init__(chunk, to_device(dataset), state, config.chunk_steps)
@@ -502,8 +456,8 @@ def train_and_evaluate(
     stop_requested: Callable[[], bool] = lambda: False,
     engine: Engine | None = None,
 ) -> RunResult:
-    """Run ``config`` on ``dataset`` with ``run_engine`` (default engine: ``ScanEngine``; a
-    layer-parallel one must be built from the same ``start``, a checkpoint's to resume)."""
+    """Run ``config`` on ``dataset`` with ``run_engine`` (default engine: ``ScanEngine``; another
+    must be built from the same ``start``)."""
     config = config.with_train_examples(dataset.train_size)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
@@ -513,17 +467,17 @@ def train_and_evaluate(
     schedule = piecewise_schedule(config.learning_rate, config.resolved_lr_boundaries)
 
     def make(step: int, period: PeriodMetrics, evaluation: tuple[float, float]) -> EvalRecord:
-        scores = [period.mean(name) for name in ("loss", "accuracy", "sg_loss", "input_loss")]
-        loss, accuracy, sg_loss, input_loss = scores
+        loss, accuracy, sg_loss, input_loss = map(
+            period.mean, ("loss", "accuracy", "sg_loss", "input_loss")
+        )
         test = map(float, evaluation)
         return EvalRecord(
             step, float(schedule(step - 1)), loss, accuracy, *test, sg_loss, 0.0, input_loss
         )
 
-    recording = Recording(make, _chunk_text, _divergence)
-    every = config.resolved_checkpoint_every
+    every = (config.eval_every, config.resolved_checkpoint_every)
     return run_engine(
-        engine, recording, config.num_steps, config.eval_every, every, start,
+        engine, Recording(make, _chunk_text, _divergence), config.num_steps, *every, start,
         on_record=on_record, log=log, save_checkpoint=save_checkpoint,
         stop_requested=stop_requested,
     )  # fmt: skip

@@ -5,15 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from sgjax.core.layers import accuracy, cross_entropy
-from sgjax.core.methods import (
-    Method,
-    backprop,
-    bp_lambda,
-    dgl,
-    dni,
-    stale_gradient,
-    zero_gradient,
-)
+from sgjax.core.methods import Method, backprop, bp_lambda, dgl, dni, stale_gradient, zero_gradient
 from sgjax.core.optim import adam
 from sgjax.core.synthesizers import SynthesizerFactory, conv, dense
 from sgjax.core.trainer import Trainer
@@ -26,13 +18,11 @@ from sgjax.training.config import CONV_INPUT_SHAPES, NUM_CLASSES, ConfigError, T
 def stages_for(config: TrainConfig) -> list[nn.Module]:
     """The configured network as a chain of stages."""
     if config.model == "cnn":
+        shape = CONV_INPUT_SHAPES[config.dataset]
         return cnn_stages(
-            config.hidden_layers + 1,
-            config.resolved_filters,
-            kernel_size=config.kernel_size,
-            input_shape=CONV_INPUT_SHAPES[config.dataset],
-            num_classes=NUM_CLASSES,
-        )
+            config.hidden_layers + 1, config.resolved_filters, kernel_size=config.kernel_size,
+            input_shape=shape, num_classes=NUM_CLASSES,
+        )  # fmt: skip
     return mlp_stages(config.hidden_layers, config.hidden_units, NUM_CLASSES)
 
 
@@ -61,22 +51,16 @@ def method_for(config: TrainConfig) -> Method:
             )
         return stale_gradient(config.train_examples, config.stale_decay)
     return dni(
-        synthesizer_for(config),
-        conditioned=config.conditioned,
-        num_classes=NUM_CLASSES,
-        synthetic_inputs=config.synthetic_inputs,
-        input_units=config.sg_hidden_units,
-    )
+        synthesizer_for(config), conditioned=config.conditioned, num_classes=NUM_CLASSES,
+        synthetic_inputs=config.synthetic_inputs, input_units=config.sg_hidden_units,
+    )  # fmt: skip
 
 
 def trainer_for(config: TrainConfig) -> Trainer:
     """The configured network, method and optimizer (Adam with the paper's decay)."""
+    optimizer = adam(config.learning_rate, config.resolved_lr_boundaries)
     return Trainer(
-        stages_for(config),
-        method_for(config),
-        cross_entropy,
-        adam(config.learning_rate, config.resolved_lr_boundaries),
-        accuracy=accuracy,
+        stages_for(config), method_for(config), cross_entropy, optimizer, accuracy=accuracy
     )
 
 

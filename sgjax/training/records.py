@@ -69,8 +69,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def metrics_columns(num_sg_layers: int, num_input_models: int = 0) -> list[str]:
-    """Header of metrics.csv; one synthetic-gradient loss column per decoupled boundary, and
-    with --synthetic_inputs one synthetic-input loss column per boundary (after elapsed_s)."""
+    """metrics.csv's header: sg_loss_i per decoupled boundary, input_loss_i after elapsed_s."""
     return [
         "step",
         "learning_rate",
@@ -106,8 +105,7 @@ def device_info() -> dict[str, Any]:
     return kind | {"device_count": jax.device_count()}
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries that decide the numbers."""
+def versions() -> dict[str, str]:  # of the libraries that decide the numbers
     import flax
     import jaxlib
     import optax
@@ -136,7 +134,6 @@ def run_results(config: RunConfig, result: RunResult, **fields: Any) -> dict[str
 
 
 def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> dict[str, Any]:
-    """The contents of results.json."""
     last = result.records[-1] if result.records else None
     parallel = None
     if hasattr(result, "stage_devices"):
@@ -145,8 +142,7 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
         parallel |= {"stage_devices": list(result.stage_devices), "stage_ms": list(result.stage_ms)}
     scores = ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "sg_loss", "input_loss")
     last_scores = {name: getattr(last, name) if last else None for name in scores}
-    for name in ("sg_loss", "input_loss"):
-        last_scores[name] = list(last_scores[name]) if last else None
+    last_scores |= {name: list(last_scores[name]) for name in scores[4:] if last}
     return run_results(
         config, result, mode=config.mode, network=network_text(config),
         synthesizers=synthesizer_text(config), **last_scores,
@@ -154,28 +150,32 @@ def build_results(config: TrainConfig, dataset: Dataset, result: RunResult) -> d
     )  # fmt: skip
 
 
+def speed_text(results: dict[str, Any], unit: str) -> str:
+    return (
+        f"training {results['train_time_s']:.1f} s ({results['steps_per_s']:.1f} {unit}/s), "
+        f"compile {results['compile_time_s']:.1f} s"
+    )
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """A short human summary printed at the end of a run."""
-    acc = results["test_accuracy"]
-    return [
+    acc, dataset, parallel = results["test_accuracy"], results["dataset"], results.get("parallel")
+    lines = [
         f"{results['mode']}: {results['status']} after {results['steps_done']} of "
-        f"{results['num_steps']} steps on {results['dataset']['name']} "
-        f"({results['dataset']['source']}, {results['dataset']['train_size']} train images)",
+        f"{results['num_steps']} steps on {dataset['name']} "
+        f"({dataset['source']}, {dataset['train_size']} train images)",
         f"test accuracy {acc:.4f}, test loss {results['test_loss']:.4f}"
         if acc is not None
         else "no evaluation was reached",
-        f"training {results['train_time_s']:.1f} s ({results['steps_per_s']:.1f} steps/s), "
-        f"compile {results['compile_time_s']:.1f} s, evaluation {results['eval_time_s']:.1f} s",
-    ] + _parallel_lines(results.get("parallel"))
-
-
-def _parallel_lines(parallel: dict[str, Any] | None) -> list[str]:
-    if not parallel:
-        return []
-    if not parallel["stage_ms"]:  # not timed
-        return [f"{parallel['kind']} on devices {parallel['stage_devices']}"]
-    stage_ms = " / ".join(f"{ms:.2f}" for ms in parallel["stage_ms"])
-    return [
-        f"{parallel['kind']} on devices {parallel['stage_devices']}: each stage's step alone "
-        f"{stage_ms} ms; ideal speed-up from those times {parallel['ideal_speedup']:.2f}x"
+        f"{speed_text(results, 'steps')}, evaluation {results['eval_time_s']:.1f} s",
     ]
+    if parallel:
+        where = f"{parallel['kind']} on devices {parallel['stage_devices']}"
+        stage_ms = " / ".join(f"{ms:.2f}" for ms in parallel["stage_ms"])
+        lines.append(
+            f"{where}: each stage's step alone {stage_ms} ms; ideal speed-up from those times "
+            f"{parallel['ideal_speedup']:.2f}x"
+            if parallel["stage_ms"]  # else not timed
+            else where
+        )
+    return lines
