@@ -13,8 +13,7 @@ import jax
 import numpy as np
 
 from sgjax.bench.names import MODE_NAMES, TASK_NAMES, device_label, markdown_table, write_report
-from sgjax.bench.programs import run_vmapped
-from sgjax.bench.timing import compiled_flops
+from sgjax.bench.programs import compiled_flops, run_vmapped
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
 from sgjax.recurrent.programs import CopyProgram

@@ -13,8 +13,7 @@ import numpy as np
 
 from sgjax.bench.names import device_label, markdown_table, mode_name, write_report
 from sgjax.bench.plots import plot_sweep
-from sgjax.bench.programs import run_vmapped
-from sgjax.bench.timing import flops_per_step
+from sgjax.bench.programs import flops_per_step, run_vmapped
 from sgjax.data.device import DeviceData
 from sgjax.training.architecture import config_facts
 from sgjax.training.config import TrainConfig
