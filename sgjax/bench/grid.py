@@ -3,7 +3,7 @@ FCN/CNN), depth and method, the paper's cells beside; each row says how its sett
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -139,29 +139,25 @@ def differences(configs: Sequence[TrainConfig], seeds: int) -> str:
     """How ``configs`` (one task's programs) differ from the paper's settings, or 'none'."""
     notes: list[str] = []
     first = configs[0]
-    steps = sorted({c.num_steps for c in configs})
-    if steps != [PAPER_NUM_STEPS]:
-        notes.append(f"{_join(steps)} steps (paper {PAPER_NUM_STEPS:,})")
-    batches = sorted({c.batch_size for c in configs})
-    if batches != [256]:
-        notes.append(f"batch {_join(batches)} (paper 256)")
-    rates = sorted({c.learning_rate for c in configs})
-    if rates != [PAPER_LEARNING_RATE]:
-        notes.append(f"Adam {', '.join(f'{r:g}' for r in rates)} (paper {PAPER_LEARNING_RATE:g})")
+
+    def note(field: str, paper: Any, template: str, join: Callable = _join) -> None:
+        values = sorted({getattr(c, field) for c in configs})
+        if values != [paper]:
+            notes.append(template.format(join(values), paper))
+
+    note("num_steps", PAPER_NUM_STEPS, "{} steps (paper {:,})")
+    note("batch_size", 256, "batch {} (paper {})")
+    rates = lambda values: ", ".join(f"{r:g}" for r in values)  # noqa: E731
+    note("learning_rate", PAPER_LEARNING_RATE, "Adam {} (paper {:g})", rates)
     if any(c.resolved_lr_boundaries != _paper_boundaries(c.num_steps) for c in configs):
         bounds = sorted({c.resolved_lr_boundaries for c in configs})
         shown = "; ".join(",".join(map(str, b)) or "none" for b in bounds)
         notes.append(f"decay at {shown} (paper at 60% and 80%)")
     if first.model == "cnn":
-        filters = sorted({c.resolved_filters for c in configs})
-        if filters != [PAPER_FILTERS[first.dataset]]:
-            notes.append(f"{_join(filters)} filters (paper {PAPER_FILTERS[first.dataset]})")
-        if any(c.kernel_size != 5 for c in configs):
-            notes.append(f"kernel {_join(sorted({c.kernel_size for c in configs}))} (paper 5)")
+        note("resolved_filters", PAPER_FILTERS[first.dataset], "{} filters (paper {})")
+        note("kernel_size", 5, "kernel {} (paper {})")
     else:
-        units = sorted({c.hidden_units for c in configs})
-        if units != [PAPER_FCN_UNITS[first.dataset]]:
-            notes.append(f"{_join(units)} units (paper {PAPER_FCN_UNITS[first.dataset]})")
+        note("hidden_units", PAPER_FCN_UNITS[first.dataset], "{} units (paper {})")
     for c in configs:
         module = _module_difference(c)
         if module and module not in notes:

@@ -20,14 +20,9 @@ from sgjax.training.loop import RunHistory
 from sgjax.training.records import write_json_atomic
 
 OUTPUT_FILES = ("table.md", "benchmark.json", "grid.md", "programs")
-_SCALARS = (
-    "compile_s",
-    "run_s",
-    "step_flops",
-    "eval_flops",
-    "num_devices",
-    "peak_memory_bytes",
-    "program_memory_bytes",
+_SCALARS = tuple(
+    "compile_s run_s step_flops eval_flops num_devices peak_memory_bytes "
+    "program_memory_bytes".split()
 )
 
 
@@ -78,7 +73,7 @@ class ProgramStore:
         if result.separate is not None:
             meta["separate"] = {
                 "compile_s": result.separate.compile_s,
-                "run_s": list(result.separate.run_s),
+                "run_s": result.separate.run_s,
             }
         write_json_atomic(self.folder / f"{index:03d}.json", meta)
 
