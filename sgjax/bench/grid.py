@@ -51,7 +51,6 @@ class GridEntry(NamedTuple):
 
     @property
     def depth(self) -> int:
-        """The paper's layer count: hidden layers (or conv stages) plus the classifier."""
         return self.config.hidden_layers + 1
 
 
@@ -64,7 +63,6 @@ class Cell(NamedTuple):
     paper: float | None
 
     def format(self) -> str:
-        """'2.31 ± 0.05 (paper 2.2)', '2.31 (one seed)', '- (paper 2.2)' or '-'."""
         ours = "-" if self.mean is None else Stat(self.mean, self.std, self.seeds).format(2)
         return ours if self.paper is None else f"{ours} (paper {self.paper:g})"
 
@@ -131,7 +129,6 @@ def grid_applies(sweeps: Sequence[SweepAxis]) -> bool:
 
 
 def task_name(dataset: str, model: str) -> str:
-    """'MNIST FCN', 'CIFAR-10 CNN'."""
     return f"{DATASET_NAMES[dataset]} {MODEL_NAMES[model]}"
 
 
@@ -176,8 +173,7 @@ def _paper_boundaries(num_steps: int) -> tuple[int, ...]:
 
 
 def _module_difference(config: TrainConfig) -> str:
-    """'' when the synthesizer (read off the built model) is the paper's for this task and
-    mode, else what it is and the paper's."""
+    """'' if the synthesizer (read off the built model) is the paper's, else both."""
     if not config.uses_synthesizers:
         return ""
     ours = config_facts(config).synthesizer
@@ -197,10 +193,7 @@ def build_grid(
     device: str,
     modes: Sequence[str] = ("bp", "sg", "cdni"),
 ) -> Grid:
-    """The table of ``entries``: one row per task (in first-seen order), every depth run.
-
-    ``data`` describes each dataset by name; ``device`` is the machine. Cells not run are '-'.
-    """
+    """One row per task (first-seen order), every depth run; cells not run are '-'."""
     depths = tuple(sorted({e.depth for e in entries}))
     modes = tuple(m for m in ("bp", "sg", "cdni") if m in modes)
     tasks: dict[tuple[str, str], list[GridEntry]] = {}
@@ -238,8 +231,7 @@ def build_grid(
 
 
 def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
-    """grid.md: the table, each row's network and differences from the paper, and the paper's
-    quoted cells for tasks not run here."""
+    """grid.md: the table, each row's network and differences, the paper's other cells."""
     headers = grid.headers()
     lines = [
         "# Feed-forward grid: test error % (mean ± std over seeds), the paper's Table 1 shape",
@@ -276,7 +268,6 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
 
 
 def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:
-    """The grid of a benchmark's rows (final test error of every seed)."""
     entries = [GridEntry(row.config, 100 * (1 - row.history.test_accuracy[:, -1])) for row in rows]
     data = {  # 'mnist, 5,000 train / 10,000 test (embedded)'
         name: f"{ds.name}, {len(ds.train_labels):,} train / {len(ds.test_labels):,} test "
@@ -287,7 +278,6 @@ def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:
 
 
 def grid_notes(result: BenchmarkResult) -> list[str]:
-    """The lines under grid.md's title: preset, seeds, status."""
     s = result.settings
     preset = f"{s.preset} ({PRESETS[s.preset].description})" if s.preset else "none"
     lines = [

@@ -173,7 +173,6 @@ PAPER_RESULTS = (
 
 
 def paper_results(num_steps: int) -> tuple[PaperResult, ...]:
-    """The paper's rows for runs of ``num_steps`` (empty for other lengths)."""
     return tuple(r for r in PAPER_RESULTS if r.num_steps == num_steps)
 
 
@@ -185,7 +184,6 @@ def apply_preset(flag_values: flags.FlagValues, name: str) -> None:
 
 
 def preset_overrides(flag_values: flags.FlagValues, name: str) -> tuple[Override, ...]:
-    """Preset ``name``'s per-task values without those of flags the command line gave."""
     overrides = []
     for override in PRESETS[name].overrides:
         values = tuple(

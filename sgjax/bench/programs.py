@@ -46,8 +46,7 @@ MAX_NUM_SEEDS = 1024  # a program's seeds are vmapped together; more is a typo, 
 
 @dataclasses.dataclass(frozen=True)
 class LoopTiming:
-    """Median milliseconds per step over ``repeats`` timed runs, the compile time, and XLA's
-    FLOP count of one step of the timed program (XLA counts a loop body once)."""
+    """Median ms per step of ``repeats`` runs, compile time, XLA's FLOPs of one step."""
 
     ms_per_step: float
     compile_s: float
@@ -68,7 +67,6 @@ def _make_single_step(config: TrainConfig):
 
 
 def compile_timed(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
-    """``jax.jit(fn)`` compiled ahead of time for ``args``, and the seconds that took."""
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
@@ -77,8 +75,7 @@ def compile_timed(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]
 def _timed(
     fn: Callable, state: Any, inputs: Callable[[], tuple], steps: int, repeats: int, calls: int
 ) -> LoopTiming:
-    """Compile ``fn(state, *inputs()) -> (state, ...)`` and time ``calls`` calls of it that
-    carry the state (``steps`` train steps in all; median of ``repeats`` after a warm-up)."""
+    """Compile ``fn(state, *inputs())`` and time ``calls`` calls (median after a warm-up)."""
     compiled, compile_s = compile_timed(fn, state, *inputs())
 
     def run() -> float:
@@ -114,9 +111,7 @@ def time_python_loop(
 def time_host_fed_loop(
     config: TrainConfig, dataset: Dataset, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
-    """The common unoptimised pattern: each step's batch drawn, gathered and scaled with numpy,
-    copied to the device, and the jitted step called from Python (what keeping the data on the
-    device and sampling inside the compiled loop saves)."""
+    """The unoptimised pattern: numpy batches copied to the device every step."""
     config = config.with_train_examples(dataset.train_size)
     trainer = trainer_for(config)
     rng = np.random.default_rng(config.seed)
@@ -142,7 +137,6 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float:
 
 
 def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """XLA's estimate of a compiled program's memory: arguments, outputs and temporaries."""
     try:
         s = compiled.memory_analysis()
     except (NotImplementedError, RuntimeError):
@@ -158,7 +152,6 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
 
 
 def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
-    """XLA's FLOP count for one compiled train step (batch sampling included)."""
     config = config.with_train_examples(data.train_images.shape[0])
     return compiled_flops(
         compile_timed(_make_single_step(config), init_train_state(config), data)[0]
@@ -166,15 +159,13 @@ def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
 
 
 def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
-    """XLA's FLOP count for one evaluation on the whole test split."""
     config = config.with_train_examples(data.train_images.shape[0])
     evaluate = functools.partial(evaluate_state, config)
     return compiled_flops(compile_timed(evaluate, init_train_state(config), data)[0])
 
 
 def peak_memory_bytes() -> int | None:
-    """Peak bytes in use on this process's devices so far (max over them); None where the
-    backend keeps no statistics (the CPU)."""
+    """Peak bytes in use on this process's devices; None without statistics (CPU)."""
     peaks = []
     for device in jax.local_devices():
         stats = device.memory_stats()
@@ -184,8 +175,7 @@ def peak_memory_bytes() -> int | None:
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """The default device's float32 matrix-product rate in GFLOP/s: the best of ``repeats``
-    timed products, i.e. what the device reaches when nothing else competes for it."""
+    """The default device's float32 matmul rate in GFLOP/s (best of ``repeats``)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     product = jax.jit(lambda x: x @ x)
     runs = []
@@ -198,8 +188,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSettings:
-    """What to run: the base configuration, modes, seeds, sweeps and the extra timings."""
-
     base: TrainConfig
     modes: tuple[str, ...] = PAPER_MODES
     num_seeds: int = 1
@@ -215,7 +203,6 @@ class BenchmarkSettings:
         return tuple(range(self.base.seed, self.base.seed + self.num_seeds))
 
     def validate(self) -> BenchmarkSettings:
-        """Raise ConfigError (one line) for settings that cannot run."""
         if not self.modes:
             raise ConfigError(f"--modes is empty; choose from {','.join(BENCHMARK_MODES)}")
         for mode in self.modes:
@@ -270,8 +257,6 @@ class SeparateRuns:
 
 
 class Difference(NamedTuple):
-    """A largest absolute difference and the metric it was found in."""
-
     value: float
     metric: str
 
@@ -281,8 +266,6 @@ class Difference(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ProgramResult:
-    """One compiled program's measurements and per-run metrics."""
-
     spec: ProgramSpec
     history: RunHistory  # numpy, (runs, evaluations[, layers])
     compile_s: float
@@ -300,7 +283,6 @@ class ProgramResult:
 
     @property
     def total_flops(self) -> float:
-        """Every run's steps and evaluations."""
         per_run = self.spec.config.num_steps * self.step_flops + self.num_evals * self.eval_flops
         return self.spec.num_runs * per_run
 
@@ -315,7 +297,6 @@ class ProgramResult:
 
     @property
     def single_run_ms_per_step(self) -> float | None:
-        """Median wall time per step of one run alone."""
         if self.separate is None:
             return None
         return 1e3 * float(np.median(self.separate.run_s)) / self.spec.config.num_steps
@@ -334,8 +315,6 @@ class ProgramResult:
 
 @dataclasses.dataclass(frozen=True)
 class LoopComparison:
-    """The same step timed inside ``lax.scan`` and called from a Python loop."""
-
     mode: str
     config: TrainConfig
     scanned: LoopTiming
@@ -349,8 +328,6 @@ class LoopComparison:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkResult:
-    """Everything a benchmark measured."""
-
     settings: BenchmarkSettings
     programs: list[ProgramResult]
     loops: list[LoopComparison]
@@ -364,20 +341,17 @@ class BenchmarkResult:
 
 
 def run_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh over ``devices`` (default: every device of every process)."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (RUN_AXIS,))
 
 
 def _place(values: Any, mesh: Mesh, *spec: str) -> jax.Array:
-    """``values`` on ``mesh`` with ``PartitionSpec(*spec)`` (works across hosts)."""
     host = np.asarray(values)
     sharding = NamedSharding(mesh, PartitionSpec(*spec))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Split ``values`` along the run axis over ``mesh``, padded (repeating the last run) to a
-    multiple of the device count; the padded runs are dropped from the results."""
+    """``values`` split over ``mesh`` by run, padded by repeating the last run."""
     padded_size = -(-len(values) // mesh.size) * mesh.size
     padded = np.concatenate([values, np.repeat(values[-1:], padded_size - len(values))])
     return _place(padded, mesh, RUN_AXIS)
@@ -387,8 +361,7 @@ def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 class Execution(NamedTuple):
-    """One program run: what the vmapped function returned for every run (numpy, leading run
-    axis) and what it cost."""
+    """One program run: every run's outputs (numpy, leading run axis) and the cost."""
 
     history: Any
     compile_s: float
@@ -405,9 +378,7 @@ def run_vmapped(
     mesh: Mesh | None = None,
     keep: Callable[[Any], Any] = lambda outputs: outputs,
 ) -> Execution:
-    """The runner: ``jax.jit(jax.vmap(fn, in_axes))(*args)`` compiled ahead of time (timed apart),
-    the per-run arguments (``in_axes`` 0) sharded over ``mesh`` (default: every device), the others
-    (None) replicated; returns ``keep(outputs)`` of the runs, gathered to numpy."""
+    """``jax.jit(jax.vmap(fn, in_axes))(*args)``, runs sharded over ``mesh``, timed apart."""
     mesh = mesh or run_mesh()
     num_runs = len(next(a for a, axis in zip(args, in_axes, strict=True) if axis == 0))
     placed = [
@@ -434,9 +405,7 @@ def train_runs(
     data: DeviceData,
     mesh: Mesh | None = None,
 ) -> Execution:
-    """Train one run per (seed, learning rate) pair in one program sharded over ``mesh``; run
-    ``i`` equals ``make_train(config)(seeds[i], learning_rates[i], data)`` up to float
-    reassociation (vmap batches the matrix products differently)."""
+    """One run per (seed, learning rate) in one program sharded over ``mesh``."""
     args = (np.asarray(seeds, np.uint32), np.asarray(learning_rates, np.float32), data)
     return run_vmapped(make_train(config), args, (0, 0, None), mesh, keep=lambda out: out[1])
 
@@ -462,8 +431,7 @@ def run_program(
     separate: bool = False,
     step_flops: float | None = None,
 ) -> ProgramResult:
-    """Compile and run ``spec`` (vmapped, sharded); count its arithmetic (``step_flops`` when
-    already known); optionally rerun every run alone for the vmapped-vs-separate comparison."""
+    """Compile, run and count ``spec``; optionally rerun every run alone."""
     execution = train_runs(spec.config, spec.run_seeds(), spec.run_learning_rates(), data, mesh)
     if jax.process_index() != 0:  # only process 0 writes (--distributed): skip the counting
         step_flops = eval_flops = float("nan")
@@ -491,9 +459,7 @@ def run_benchmark(
     stop_requested: Callable[[], bool] = lambda: False,
     divergence: Callable[[ProgramResult], str] = lambda _: "",
 ) -> BenchmarkResult:
-    """Run and measure every program of ``settings`` but those ``done`` (by index, from an
-    earlier session), passing each new one to ``on_program``; stop between programs when
-    ``stop_requested()`` ("interrupted") or ``divergence(result)`` names a non-finite loss."""
+    """Every program but those ``done``; stop on ``stop_requested()`` or a divergence."""
     done = done or {}
     status, message = "completed", ""
     mesh = run_mesh()

@@ -41,8 +41,6 @@ def mode_label(config: TrainConfig) -> str:
 
 
 class Stat(NamedTuple):
-    """Mean and population standard deviation over seeds."""
-
     mean: float
     std: float
     count: int
@@ -59,8 +57,6 @@ class Stat(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One table row: a mode and swept values, its seeds summarised."""
-
     label: str
     config: TrainConfig
     sweep: tuple[tuple[str, Any], ...]
@@ -71,11 +67,9 @@ class Row:
 
     @property
     def history(self) -> RunHistory:
-        """This row's runs (one per seed)."""
         return jax.tree_util.tree_map(lambda x: x[self.runs], self.program.history)
 
     def final(self, metric: str) -> Stat:
-        """``metric`` (a RunHistory field) at the last evaluation, over seeds."""
         return Stat.of(getattr(self.history, metric)[:, -1])
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,7 +261,6 @@ def vmap_lines(result: BenchmarkResult) -> list[str]:
 
 
 def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
-    """The honest summary: measured time ratio, FLOP ratio and the paper's claim, with a why."""
     lines = []
     by_mode = {}
     for row in rows:
@@ -306,7 +299,6 @@ def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
 
 
 def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
-    """Whether the paper's speed-up holds here, and why, from the time, FLOP and rate ratios."""
     time_ratio, flop_ratio = row.time_ratio_bp, row.flop_ratio_bp
     rate, bp_rate = row.program.achieved_gflops, bp.program.achieved_gflops
     rates = f"{rate:.0f} vs. {bp_rate:.0f} GFLOP/s, matmul {result.matmul_gflops:.0f}"
@@ -417,7 +409,6 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
 
 
 def build_json(result: BenchmarkResult, rows: Sequence[Row]) -> dict[str, Any]:
-    """benchmark.json: every number of the table, settings, device, versions."""
     return {
         "status": result.status,
         "message": result.message,

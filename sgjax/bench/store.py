@@ -27,8 +27,6 @@ _SCALARS = tuple(
 
 
 class ProgramStore:
-    """Reads and writes the finished programs of one benchmark folder."""
-
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder) / "programs"
 
@@ -105,8 +103,7 @@ _RERUN_HINT = "delete it to run that program again, or use --overwrite"
 
 
 def _history(arrays: Any, prefix: str) -> RunHistory:
-    """A stored RunHistory; a store written before the input losses were kept has none (every
-    method but the complete unlock has no columns there anyway)."""
+    """A stored RunHistory (without input losses in older stores: zero columns)."""
     fields = {}
     for name in RunHistory._fields:
         key = f"{prefix}.{name}"

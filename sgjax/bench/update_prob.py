@@ -25,8 +25,6 @@ SWEEP_FILES = ("update_prob.md", "update_prob.json", "update_prob.png")
 
 
 class SweepResult(NamedTuple):
-    """One method's program: every run's p, seed and final test error, and what it cost."""
-
     mode: str
     probs: np.ndarray
     seeds: np.ndarray
@@ -71,7 +69,6 @@ def _table_error(result: SweepResult, p: float) -> float:
 
 
 def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: str) -> str:
-    """The table at ``TABLE_PROBS``, the random runs by bins of p, and the settings."""
     bins = list(zip(BINS[:-1], BINS[1:], strict=True))
 
     def module(mode: str) -> str:
@@ -124,7 +121,6 @@ def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: 
 
 
 def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Path) -> list[Path]:
-    """``update_prob.md`` (error at ``TABLE_PROBS`` and by bins of p), ``.json`` and ``.png``."""
     methods = [
         {
             "mode": r.mode,
