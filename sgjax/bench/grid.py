@@ -1,5 +1,4 @@
-"""The paper's Table 1 shape: final test error % (mean ± std over seeds) per task (dataset x
-FCN/CNN), depth and method, the paper's cells beside; each row says how its settings differ."""
+"""The paper's Table 1 shape: test error % per task, depth and method, the paper's cells beside."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""What every report shares: the one map of method names, the one markdown-table writer, the
-device in words, and the writer of a table with its JSON record."""
+"""Shared by every report: method names, markdown tables, the device in words, report writing."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Benchmark figures: learning curves, synthetic-gradient losses, time and FLOPs per step (drawn
-with matplotlib's object API on the Agg canvas, so importing this changes no global backend)."""
+"""Benchmark figures (matplotlib's object API on Agg: no global backend is changed)."""
 
 from __future__ import annotations
 

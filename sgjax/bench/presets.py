@@ -1,6 +1,4 @@
-"""The benchmark's named flag settings, and the paper's published numbers. A preset sets only
-flags the command line did not give: ``--preset=paper_100k --batch_size=128`` runs the paper's
-100k settings with a batch of 128."""
+"""Named flag settings (set only where the command line gave none) and the paper's numbers."""
 
 from __future__ import annotations
 

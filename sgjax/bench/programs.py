@@ -1,7 +1,5 @@
-"""Benchmark execution: a program (``sweep.ProgramSpec``) trains its runs (seeds x learning rates)
-with ``jax.jit(jax.vmap(make_train(config)))``, the run axis sharded over every device of every
-process. Step timing: the identical step in a ``lax.scan`` or called from a Python loop (or fed
-from the host). Compile time is measured apart, runs are warmed up, every timing ends in a block."""
+"""Benchmark execution: each ``sweep.ProgramSpec`` as one ``jax.jit(jax.vmap(...))`` program
+sharded over every device, and step timing (compile apart, warmed up, blocked)."""
 
 from __future__ import annotations
 

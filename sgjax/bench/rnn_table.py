@@ -1,5 +1,4 @@
-"""The paper's Table 2 (``--preset=paper_rnn[_quick]``): largest Copy / Repeat Copy episode solved
-per truncation, BPTT / DNI / DNI+Aux, every cell one compiled program with its seeds vmapped."""
+"""The paper's Table 2 (``--preset=paper_rnn[_quick]``): largest Copy episode solved per cell."""
 
 from __future__ import annotations
 

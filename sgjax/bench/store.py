@@ -1,7 +1,5 @@
-"""Finished benchmark programs on disk, so a stopped benchmark resumes where it stopped: each
-program's metrics in ``programs/NNN.npz``, its measurements in ``programs/NNN.json`` (both written
-to a temporary name and renamed), beside ``programs/settings.json``; other settings are refused.
-The unit of work is one compiled program: a program stopped midway runs again."""
+"""Finished programs on disk (``programs/NNN.npz`` and ``.json``, written atomically) for
+``--resume``; other settings are refused and a program stopped midway runs again."""
 
 from __future__ import annotations
 

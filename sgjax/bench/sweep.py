@@ -1,6 +1,4 @@
-"""``--sweep=name=v1,v2,...`` parsed and expanded into compiled programs, every combination run:
-traced values (the learning rate) are vmapped in one program with the seeds; every other swept
-flag changes shapes or structure, so each of its values gets a program (a compile) of its own."""
+"""``--sweep=name=v1,v2`` expanded into programs: the learning rate vmapped, other flags static."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""The stochastic-update sweep (Jaderberg et al. 2016, section 3.1, ``--preset=update_prob_sweep``):
-per method one program trains ``num_runs`` runs with p uniform in [0, 1] plus one at each of
-``TABLE_PROBS`` (p traced per run, as the learning rate is; run i has seed ``config.seed + i``)."""
+"""The stochastic-update sweep (``--preset=update_prob_sweep``): error against p per method."""
 
 from __future__ import annotations
 

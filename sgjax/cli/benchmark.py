@@ -1,7 +1,4 @@
-"""The benchmark's command line: flags (presets applied under explicit flags), run, write files.
-
-``experiments/benchmark.py`` only defines these flags on ``absl.flags.FLAGS`` and calls ``main``.
-"""
+"""The benchmark's command line (``experiments/benchmark.py``): flags, presets, run, files."""
 
 from __future__ import annotations
 
