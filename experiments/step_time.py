@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from sgjax.bench.names import device_label, markdown_row, markdown_table
-from sgjax.bench.timing import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
+from sgjax.bench.programs import matmul_gflops, time_host_fed_loop, time_python_loop, time_scanned
 from sgjax.cli.errors import fail, make_flags_parser
 from sgjax.cli.run import check_fits
 from sgjax.data import load_dataset, to_device

@@ -1,9 +1,8 @@
-"""The paper's Table 1 shape: final test error % (mean ± std over seeds) per task (dataset x
-FCN/CNN), depth and method, the paper's cells beside; each row says how its settings differ."""
+"""The paper's Table 1 shape: test error % per task, depth and method, the paper's cells beside."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -51,7 +50,6 @@ class GridEntry(NamedTuple):
 
     @property
     def depth(self) -> int:
-        """The paper's layer count: hidden layers (or conv stages) plus the classifier."""
         return self.config.hidden_layers + 1
 
 
@@ -64,7 +62,6 @@ class Cell(NamedTuple):
     paper: float | None
 
     def format(self) -> str:
-        """'2.31 ± 0.05 (paper 2.2)', '2.31 (one seed)', '- (paper 2.2)' or '-'."""
         ours = "-" if self.mean is None else Stat(self.mean, self.std, self.seeds).format(2)
         return ours if self.paper is None else f"{ours} (paper {self.paper:g})"
 
@@ -131,7 +128,6 @@ def grid_applies(sweeps: Sequence[SweepAxis]) -> bool:
 
 
 def task_name(dataset: str, model: str) -> str:
-    """'MNIST FCN', 'CIFAR-10 CNN'."""
     return f"{DATASET_NAMES[dataset]} {MODEL_NAMES[model]}"
 
 
@@ -139,29 +135,25 @@ def differences(configs: Sequence[TrainConfig], seeds: int) -> str:
     """How ``configs`` (one task's programs) differ from the paper's settings, or 'none'."""
     notes: list[str] = []
     first = configs[0]
-    steps = sorted({c.num_steps for c in configs})
-    if steps != [PAPER_NUM_STEPS]:
-        notes.append(f"{_join(steps)} steps (paper {PAPER_NUM_STEPS:,})")
-    batches = sorted({c.batch_size for c in configs})
-    if batches != [256]:
-        notes.append(f"batch {_join(batches)} (paper 256)")
-    rates = sorted({c.learning_rate for c in configs})
-    if rates != [PAPER_LEARNING_RATE]:
-        notes.append(f"Adam {', '.join(f'{r:g}' for r in rates)} (paper {PAPER_LEARNING_RATE:g})")
+
+    def note(field: str, paper: Any, template: str, join: Callable = _join) -> None:
+        values = sorted({getattr(c, field) for c in configs})
+        if values != [paper]:
+            notes.append(template.format(join(values), paper))
+
+    note("num_steps", PAPER_NUM_STEPS, "{} steps (paper {:,})")
+    note("batch_size", 256, "batch {} (paper {})")
+    rates = lambda values: ", ".join(f"{r:g}" for r in values)  # noqa: E731
+    note("learning_rate", PAPER_LEARNING_RATE, "Adam {} (paper {:g})", rates)
     if any(c.resolved_lr_boundaries != _paper_boundaries(c.num_steps) for c in configs):
         bounds = sorted({c.resolved_lr_boundaries for c in configs})
         shown = "; ".join(",".join(map(str, b)) or "none" for b in bounds)
         notes.append(f"decay at {shown} (paper at 60% and 80%)")
     if first.model == "cnn":
-        filters = sorted({c.resolved_filters for c in configs})
-        if filters != [PAPER_FILTERS[first.dataset]]:
-            notes.append(f"{_join(filters)} filters (paper {PAPER_FILTERS[first.dataset]})")
-        if any(c.kernel_size != 5 for c in configs):
-            notes.append(f"kernel {_join(sorted({c.kernel_size for c in configs}))} (paper 5)")
+        note("resolved_filters", PAPER_FILTERS[first.dataset], "{} filters (paper {})")
+        note("kernel_size", 5, "kernel {} (paper {})")
     else:
-        units = sorted({c.hidden_units for c in configs})
-        if units != [PAPER_FCN_UNITS[first.dataset]]:
-            notes.append(f"{_join(units)} units (paper {PAPER_FCN_UNITS[first.dataset]})")
+        note("hidden_units", PAPER_FCN_UNITS[first.dataset], "{} units (paper {})")
     for c in configs:
         module = _module_difference(c)
         if module and module not in notes:
@@ -180,8 +172,7 @@ def _paper_boundaries(num_steps: int) -> tuple[int, ...]:
 
 
 def _module_difference(config: TrainConfig) -> str:
-    """'' when the synthesizer (read off the built model) is the paper's for this task and
-    mode, else what it is and the paper's."""
+    """'' if the synthesizer (read off the built model) is the paper's, else both."""
     if not config.uses_synthesizers:
         return ""
     ours = config_facts(config).synthesizer
@@ -201,10 +192,7 @@ def build_grid(
     device: str,
     modes: Sequence[str] = ("bp", "sg", "cdni"),
 ) -> Grid:
-    """The table of ``entries``: one row per task (in first-seen order), every depth run.
-
-    ``data`` describes each dataset by name; ``device`` is the machine. Cells not run are '-'.
-    """
+    """One row per task (first-seen order), every depth run; cells not run are '-'."""
     depths = tuple(sorted({e.depth for e in entries}))
     modes = tuple(m for m in ("bp", "sg", "cdni") if m in modes)
     tasks: dict[tuple[str, str], list[GridEntry]] = {}
@@ -242,8 +230,7 @@ def build_grid(
 
 
 def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
-    """grid.md: the table, each row's network and differences from the paper, and the paper's
-    quoted cells for tasks not run here."""
+    """grid.md: the table, each row's network and differences, the paper's other cells."""
     headers = grid.headers()
     lines = [
         "# Feed-forward grid: test error % (mean ± std over seeds), the paper's Table 1 shape",
@@ -280,7 +267,6 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
 
 
 def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:
-    """The grid of a benchmark's rows (final test error of every seed)."""
     entries = [GridEntry(row.config, 100 * (1 - row.history.test_accuracy[:, -1])) for row in rows]
     data = {  # 'mnist, 5,000 train / 10,000 test (embedded)'
         name: f"{ds.name}, {len(ds.train_labels):,} train / {len(ds.test_labels):,} test "
@@ -291,7 +277,6 @@ def grid_of(result: BenchmarkResult, rows: Sequence[Row]) -> Grid:
 
 
 def grid_notes(result: BenchmarkResult) -> list[str]:
-    """The lines under grid.md's title: preset, seeds, status."""
     s = result.settings
     preset = f"{s.preset} ({PRESETS[s.preset].description})" if s.preset else "none"
     lines = [

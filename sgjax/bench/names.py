@@ -1,5 +1,4 @@
-"""What every report shares: the one map of method names, the one markdown-table writer, the
-device in words, and the writer of a table with its JSON record."""
+"""Shared by every report: method names, markdown tables, the device in words, report writing."""
 
 from __future__ import annotations
 
@@ -31,24 +30,20 @@ MODEL_NAMES = {"mlp": "FCN", "cnn": "CNN"}
 
 
 def mode_name(mode: str) -> str:
-    """``MODE_NAMES[mode]``, or ``mode`` itself for a name not in the map."""
     return MODE_NAMES.get(mode, mode)
 
 
 def markdown_row(cells: Iterable[object]) -> str:
-    """One line of a markdown table (cells as str); printed alone it streams a table's rows."""
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Iterable[object]] = ()) -> list[str]:
-    """The lines of a markdown table: header, separator, one line per row."""
     return [markdown_row(headers), "|" + "---|" * len(headers), *map(markdown_row, rows)]
 
 
 def column_table(
     columns: Sequence[tuple[str, Callable[[T], object]]], items: Iterable[T]
 ) -> list[str]:
-    """``markdown_table`` with a column per (header, cell of an item) and a row per item."""
     return markdown_table([h for h, _ in columns], ([f(i) for _, f in columns] for i in items))
 
 
@@ -67,8 +62,7 @@ def device_label() -> str:
 
 
 def write_report(table: Path, text: str, record_path: Path, record: dict[str, Any]) -> list[Path]:
-    """Write ``text`` to ``table`` and ``record`` to ``record_path`` (JSON, replaced whole), with
-    the device and the library versions unless ``record`` gives them; returns both paths."""
+    """Write ``text`` to ``table`` and ``record`` (JSON, with device and versions)."""
     table.write_text(text)
     write_json_atomic(record_path, {"device": device_info(), "versions": versions(), **record})
     return [table, record_path]

@@ -1,5 +1,4 @@
-"""Benchmark figures: learning curves, synthetic-gradient losses, time and FLOPs per step (drawn
-with matplotlib's object API on the Agg canvas, so importing this changes no global backend)."""
+"""Benchmark figures (matplotlib's object API on Agg: no global backend is changed)."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def _band(axes: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: str) -> None:
-    """Mean over seeds (axis 0) as a line, mean +- std as a shaded band."""
     mean, std = values.mean(axis=0), values.std(axis=0)
     axes.plot(steps, mean, marker="o", markersize=3, label=label, color=color)
     if values.shape[0] > 1:
@@ -34,8 +32,7 @@ def _band(axes: Axes, steps: np.ndarray, values: np.ndarray, label: str, color: 
 
 
 def _log_scale(axes: Axes, values: Sequence[Any] = ()) -> None:
-    """A log y axis where the plotted lines (or ``values``) have a finite positive value (a run
-    that diverged has none, and matplotlib refuses to log-scale such data)."""
+    """A log y axis where the lines (or ``values``) have a finite positive value."""
     values = [np.asarray(v, float) for v in values or [x.get_ydata() for x in axes.get_lines()]]
     if any(np.any(np.isfinite(v) & (v > 0)) for v in values):
         axes.set_yscale("log")
@@ -46,7 +43,6 @@ def _colors(count: int) -> list[str]:
 
 
 def plot_curves(rows: Sequence[Row], path: Path) -> Path:
-    """Train and test accuracy and loss against steps, every row on one page (mean +- std)."""
     figure = Figure(figsize=(12, 8.5), layout="constrained")
     grid = figure.subplots(2, 2, sharex=True)
     panels = (
@@ -72,8 +68,7 @@ def plot_curves(rows: Sequence[Row], path: Path) -> Path:
 
 
 def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
-    """Synthetic-gradient loss of every hidden layer's module against steps, per decoupled row;
-    for complete-unlock rows a second row of panels with the synthetic-input models' losses."""
+    """Each decoupled row's module losses per layer (and synthetic-input losses)."""
     decoupled = [r for r in rows if r.config.decoupled]
     unlocked = [r for r in decoupled if r.config.synthetic_inputs]
     layers = max((r.config.hidden_layers for r in decoupled), default=1)
@@ -111,8 +106,7 @@ def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
 def plot_time_per_step(
     rows: Sequence[Row], loops: Sequence[LoopComparison], matmul_gflops: float, path: Path
 ) -> Path:
-    """Bars per row: ms per step (with the Python-loop timing beside it), GFLOP per step, and
-    the achieved GFLOP/s against the measured matmul rate."""
+    """Bars per row: ms per step (and Python loop), GFLOP per step, GFLOP/s."""
     figure = Figure(figsize=(14, 5), layout="constrained")
     time_axes, flop_axes, rate_axes = figure.subplots(1, 3)
     labels = [r.label for r in rows]
@@ -154,7 +148,6 @@ def plot_time_per_step(
 
 
 def plot_sweep(results: Sequence[Any], path: Path) -> Path:
-    """Final test error % against the update probability p per method (``update_prob``)."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
     for r, color in zip(results, _colors(len(results)), strict=True):

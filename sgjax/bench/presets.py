@@ -1,6 +1,4 @@
-"""The benchmark's named flag settings, and the paper's published numbers. A preset sets only
-flags the command line did not give: ``--preset=paper_100k --batch_size=128`` runs the paper's
-100k settings with a batch of 128."""
+"""Named flag settings (set only where the command line gave none) and the paper's numbers."""
 
 from __future__ import annotations
 
@@ -173,7 +171,6 @@ PAPER_RESULTS = (
 
 
 def paper_results(num_steps: int) -> tuple[PaperResult, ...]:
-    """The paper's rows for runs of ``num_steps`` (empty for other lengths)."""
     return tuple(r for r in PAPER_RESULTS if r.num_steps == num_steps)
 
 
@@ -185,7 +182,6 @@ def apply_preset(flag_values: flags.FlagValues, name: str) -> None:
 
 
 def preset_overrides(flag_values: flags.FlagValues, name: str) -> tuple[Override, ...]:
-    """Preset ``name``'s per-task values without those of flags the command line gave."""
     overrides = []
     for override in PRESETS[name].overrides:
         values = tuple(

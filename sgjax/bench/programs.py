@@ -1,10 +1,11 @@
-"""Benchmark execution: a program (``sweep.ProgramSpec``) trains its runs (seeds x learning rates)
-with ``jax.jit(jax.vmap(make_train(config)))``, the run axis sharded over every device of every
-process, so more devices train more runs at once. Compile time is measured apart from run time."""
+"""Benchmark execution: each ``sweep.ProgramSpec`` as one ``jax.jit(jax.vmap(...))`` program
+sharded over every device, and step timing (compile apart, warmed up, blocked)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -15,7 +16,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sgjax.bench import timing
 from sgjax.bench.sweep import (
     BENCHMARK_MODES,
     Override,
@@ -25,20 +25,167 @@ from sgjax.bench.sweep import (
     plan_programs,
     sweep_label,
 )
-from sgjax.bench.timing import LoopTiming, compile_timed
-from sgjax.data.device import DeviceData, to_device
+from sgjax.data.device import DeviceData, sample_batch, to_device
 from sgjax.data.sources import Dataset
 from sgjax.training.config import MAX_SEED, PAPER_MODES, ConfigError, TrainConfig
-from sgjax.training.loop import RunHistory, make_train
+from sgjax.training.loop import (
+    RunHistory,
+    TrainState,
+    evaluate_state,
+    init_train_state,
+    make_run_chunk,
+    make_train,
+)
+from sgjax.training.model import trainer_for
 
 RUN_AXIS = "runs"
 MAX_NUM_SEEDS = 1024  # a program's seeds are vmapped together; more is a typo, not a benchmark
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchmarkSettings:
-    """What to run: the base configuration, modes, seeds, sweeps and the extra timings."""
+class LoopTiming:
+    """Median ms per step of ``repeats`` runs, compile time, XLA's FLOPs of one step."""
 
+    ms_per_step: float
+    compile_s: float
+    steps: int
+    repeats: int
+    flops_per_step: float = float("nan")
+
+
+def _make_single_step(config: TrainConfig):
+    step_fn = trainer_for(config).step
+
+    def single_step(state: TrainState, data: DeviceData) -> tuple[TrainState]:
+        batch = sample_batch(jax.random.fold_in(state.key, state.step), data, config.batch_size)
+        model, _ = step_fn(state.model, batch.images, batch.labels, example_ids=batch.indices)
+        return (state._replace(model=model, step=state.step + 1),)
+
+    return single_step
+
+
+def compile_timed(fn: Callable, *args: Any) -> tuple[jax.stages.Compiled, float]:
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _timed(
+    fn: Callable, state: Any, inputs: Callable[[], tuple], steps: int, repeats: int, calls: int
+) -> LoopTiming:
+    """Compile ``fn(state, *inputs())`` and time ``calls`` calls (median after a warm-up)."""
+    compiled, compile_s = compile_timed(fn, state, *inputs())
+
+    def run() -> float:
+        nonlocal state
+        start = time.perf_counter()
+        for _ in range(calls):
+            state = compiled(state, *inputs())[0]
+        jax.block_until_ready(state)
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    seconds = statistics.median_high([run() for _ in range(repeats)])
+    return LoopTiming(1e3 * seconds / steps, compile_s, steps, repeats, compiled_flops(compiled))
+
+
+def time_scanned(
+    config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
+) -> LoopTiming:
+    config = config.with_train_examples(data.train_images.shape[0])
+    chunk = make_run_chunk(config, steps)
+    return _timed(chunk, init_train_state(config), lambda: (data,), steps, repeats, 1)
+
+
+def time_python_loop(
+    config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
+) -> LoopTiming:
+    """The same step, jitted alone and called ``steps`` times from a Python loop."""
+    config = config.with_train_examples(data.train_images.shape[0])
+    step = _make_single_step(config)
+    return _timed(step, init_train_state(config), lambda: (data,), steps, repeats, steps)
+
+
+def time_host_fed_loop(
+    config: TrainConfig, dataset: Dataset, steps: int = 200, repeats: int = 3
+) -> LoopTiming:
+    """The unoptimised pattern: numpy batches copied to the device every step."""
+    config = config.with_train_examples(dataset.train_size)
+    trainer = trainer_for(config)
+    rng = np.random.default_rng(config.seed)
+
+    def host_batch() -> tuple[jax.Array, jax.Array, jax.Array]:
+        index = rng.integers(0, dataset.train_size, config.batch_size)
+        images = dataset.train_images[index].astype(np.float32) / 255.0
+        return tuple(jax.device_put(a) for a in (images, dataset.train_labels[index], index))
+
+    def step(model: Any, x: jax.Array, labels: jax.Array, ids: jax.Array) -> Any:
+        return trainer.step(model, x, labels, example_ids=ids)
+
+    model = init_train_state(config).model
+    return _timed(step, model, host_batch, steps, repeats, steps)
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+    """XLA's FLOP count of a compiled program (a loop body is counted once); NaN if unknown."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax returns one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
+    try:
+        s = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if s is None:
+        return None
+    return int(
+        s.argument_size_in_bytes
+        + s.output_size_in_bytes
+        + s.temp_size_in_bytes
+        - s.alias_size_in_bytes
+    )
+
+
+def flops_per_step(config: TrainConfig, data: DeviceData) -> float:
+    config = config.with_train_examples(data.train_images.shape[0])
+    return compiled_flops(
+        compile_timed(_make_single_step(config), init_train_state(config), data)[0]
+    )
+
+
+def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
+    config = config.with_train_examples(data.train_images.shape[0])
+    evaluate = functools.partial(evaluate_state, config)
+    return compiled_flops(compile_timed(evaluate, init_train_state(config), data)[0])
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's devices; None without statistics (CPU)."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The default device's float32 matmul rate in GFLOP/s (best of ``repeats``)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    runs = []
+    for _ in range(repeats + 1):  # the first call compiles
+        start = time.perf_counter()
+        jax.block_until_ready(product(a))
+        runs.append(time.perf_counter() - start)
+    return 2 * size**3 / min(runs[1:]) / 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSettings:
     base: TrainConfig
     modes: tuple[str, ...] = PAPER_MODES
     num_seeds: int = 1
@@ -54,7 +201,6 @@ class BenchmarkSettings:
         return tuple(range(self.base.seed, self.base.seed + self.num_seeds))
 
     def validate(self) -> BenchmarkSettings:
-        """Raise ConfigError (one line) for settings that cannot run."""
         if not self.modes:
             raise ConfigError(f"--modes is empty; choose from {','.join(BENCHMARK_MODES)}")
         for mode in self.modes:
@@ -109,8 +255,6 @@ class SeparateRuns:
 
 
 class Difference(NamedTuple):
-    """A largest absolute difference and the metric it was found in."""
-
     value: float
     metric: str
 
@@ -120,8 +264,6 @@ class Difference(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ProgramResult:
-    """One compiled program's measurements and per-run metrics."""
-
     spec: ProgramSpec
     history: RunHistory  # numpy, (runs, evaluations[, layers])
     compile_s: float
@@ -139,7 +281,6 @@ class ProgramResult:
 
     @property
     def total_flops(self) -> float:
-        """Every run's steps and evaluations."""
         per_run = self.spec.config.num_steps * self.step_flops + self.num_evals * self.eval_flops
         return self.spec.num_runs * per_run
 
@@ -154,7 +295,6 @@ class ProgramResult:
 
     @property
     def single_run_ms_per_step(self) -> float | None:
-        """Median wall time per step of one run alone."""
         if self.separate is None:
             return None
         return 1e3 * float(np.median(self.separate.run_s)) / self.spec.config.num_steps
@@ -173,8 +313,6 @@ class ProgramResult:
 
 @dataclasses.dataclass(frozen=True)
 class LoopComparison:
-    """The same step timed inside ``lax.scan`` and called from a Python loop."""
-
     mode: str
     config: TrainConfig
     scanned: LoopTiming
@@ -188,8 +326,6 @@ class LoopComparison:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkResult:
-    """Everything a benchmark measured."""
-
     settings: BenchmarkSettings
     programs: list[ProgramResult]
     loops: list[LoopComparison]
@@ -203,20 +339,17 @@ class BenchmarkResult:
 
 
 def run_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh over ``devices`` (default: every device of every process)."""
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (RUN_AXIS,))
 
 
 def _place(values: Any, mesh: Mesh, *spec: str) -> jax.Array:
-    """``values`` on ``mesh`` with ``PartitionSpec(*spec)`` (works across hosts)."""
     host = np.asarray(values)
     sharding = NamedSharding(mesh, PartitionSpec(*spec))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Split ``values`` along the run axis over ``mesh``, padded (repeating the last run) to a
-    multiple of the device count; the padded runs are dropped from the results."""
+    """``values`` split over ``mesh`` by run, padded by repeating the last run."""
     padded_size = -(-len(values) // mesh.size) * mesh.size
     padded = np.concatenate([values, np.repeat(values[-1:], padded_size - len(values))])
     return _place(padded, mesh, RUN_AXIS)
@@ -226,8 +359,7 @@ def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 class Execution(NamedTuple):
-    """One program run: what the vmapped function returned for every run (numpy, leading run
-    axis) and what it cost."""
+    """One program run: every run's outputs (numpy, leading run axis) and the cost."""
 
     history: Any
     compile_s: float
@@ -244,9 +376,7 @@ def run_vmapped(
     mesh: Mesh | None = None,
     keep: Callable[[Any], Any] = lambda outputs: outputs,
 ) -> Execution:
-    """The runner: ``jax.jit(jax.vmap(fn, in_axes))(*args)`` compiled ahead of time (timed apart),
-    the per-run arguments (``in_axes`` 0) sharded over ``mesh`` (default: every device), the others
-    (None) replicated; returns ``keep(outputs)`` of the runs, gathered to numpy."""
+    """``jax.jit(jax.vmap(fn, in_axes))(*args)``, runs sharded over ``mesh``, timed apart."""
     mesh = mesh or run_mesh()
     num_runs = len(next(a for a, axis in zip(args, in_axes, strict=True) if axis == 0))
     placed = [
@@ -262,8 +392,8 @@ def run_vmapped(
     if jax.process_count() > 1:  # numpy copies of the multi-host sharded arrays
         outputs = multihost_utils.process_allgather(outputs, tiled=True)
     outputs = jax.tree_util.tree_map(lambda x: np.asarray(x)[:num_runs], jax.device_get(outputs))
-    memory = timing.compiled_memory_bytes(compiled)
-    return Execution(outputs, compile_s, run_s, mesh.size, memory, timing.peak_memory_bytes())
+    memory = compiled_memory_bytes(compiled)
+    return Execution(outputs, compile_s, run_s, mesh.size, memory, peak_memory_bytes())
 
 
 def train_runs(
@@ -273,9 +403,7 @@ def train_runs(
     data: DeviceData,
     mesh: Mesh | None = None,
 ) -> Execution:
-    """Train one run per (seed, learning rate) pair in one program sharded over ``mesh``; run
-    ``i`` equals ``make_train(config)(seeds[i], learning_rates[i], data)`` up to float
-    reassociation (vmap batches the matrix products differently)."""
+    """One run per (seed, learning rate) in one program sharded over ``mesh``."""
     args = (np.asarray(seeds, np.uint32), np.asarray(learning_rates, np.float32), data)
     return run_vmapped(make_train(config), args, (0, 0, None), mesh, keep=lambda out: out[1])
 
@@ -301,15 +429,14 @@ def run_program(
     separate: bool = False,
     step_flops: float | None = None,
 ) -> ProgramResult:
-    """Compile and run ``spec`` (vmapped, sharded); count its arithmetic (``step_flops`` when
-    already known); optionally rerun every run alone for the vmapped-vs-separate comparison."""
+    """Compile, run and count ``spec``; optionally rerun every run alone."""
     execution = train_runs(spec.config, spec.run_seeds(), spec.run_learning_rates(), data, mesh)
     if jax.process_index() != 0:  # only process 0 writes (--distributed): skip the counting
         step_flops = eval_flops = float("nan")
     else:
-        eval_flops = timing.flops_per_evaluation(spec.config, data)
+        eval_flops = flops_per_evaluation(spec.config, data)
         if step_flops is None:
-            step_flops = timing.flops_per_step(spec.config, data)
+            step_flops = flops_per_step(spec.config, data)
     separate_runs = run_separately(spec, data) if separate else None
     return ProgramResult(
         spec,
@@ -330,14 +457,12 @@ def run_benchmark(
     stop_requested: Callable[[], bool] = lambda: False,
     divergence: Callable[[ProgramResult], str] = lambda _: "",
 ) -> BenchmarkResult:
-    """Run and measure every program of ``settings`` but those ``done`` (by index, from an
-    earlier session), passing each new one to ``on_program``; stop between programs when
-    ``stop_requested()`` ("interrupted") or ``divergence(result)`` names a non-finite loss."""
+    """Every program but those ``done``; stop on ``stop_requested()`` or a divergence."""
     done = done or {}
     status, message = "completed", ""
     mesh = run_mesh()
     device_data = {name: to_device(ds) for name, ds in datasets.items()}
-    rate = timing.matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
+    rate = matmul_gflops() if jax.process_index() == 0 else float("nan")  # only 0 writes it
     log(f"float32 matmul rate of {jax.devices()[0].device_kind}: {rate:.0f} GFLOP/s")
     programs: list[ProgramResult] = []
     loops: list[LoopComparison] = []
@@ -354,8 +479,8 @@ def run_benchmark(
             loop = LoopComparison(
                 name,
                 config,
-                timing.time_scanned(config, data, steps, repeats),
-                timing.time_python_loop(config, data, steps, repeats),
+                time_scanned(config, data, steps, repeats),
+                time_python_loop(config, data, steps, repeats),
             )
             loops.append(loop)
             estimate_s = loop.scanned.ms_per_step * config.num_steps * spec.num_runs / 1e3

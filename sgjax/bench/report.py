@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -40,8 +41,6 @@ def mode_label(config: TrainConfig) -> str:
 
 
 class Stat(NamedTuple):
-    """Mean and population standard deviation over seeds."""
-
     mean: float
     std: float
     count: int
@@ -58,8 +57,6 @@ class Stat(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One table row: a mode and swept values, its seeds summarised."""
-
     label: str
     config: TrainConfig
     sweep: tuple[tuple[str, Any], ...]
@@ -70,15 +67,13 @@ class Row:
 
     @property
     def history(self) -> RunHistory:
-        """This row's runs (one per seed)."""
         return jax.tree_util.tree_map(lambda x: x[self.runs], self.program.history)
 
     def final(self, metric: str) -> Stat:
-        """``metric`` (a RunHistory field) at the last evaluation, over seeds."""
         return Stat.of(getattr(self.history, metric)[:, -1])
 
     def to_dict(self) -> dict[str, Any]:
-        p = self.program
+        p, metrics = self.program, ("test_accuracy", "test_loss", "train_accuracy", "train_loss")
         return {
             "label": self.label,
             "mode": benchmark_mode(self.config),
@@ -86,26 +81,23 @@ class Row:
             "sweep": dict(self.sweep),
             "learning_rate": self.config.learning_rate,
             "seeds": list(p.spec.seeds),
-            **{
-                f"{metric}_{stat}": getattr(self.final(metric), stat)
-                for metric in ("test_accuracy", "test_loss", "train_accuracy", "train_loss")
-                for stat in ("mean", "std")
-            },
+            **{f"{m}_{s}": getattr(self.final(m), s) for m in metrics for s in ("mean", "std")},
             "test_accuracy_per_seed": self.history.test_accuracy[:, -1].tolist(),
-            "train_time_s": p.run_s,
-            "runs_in_program": p.spec.num_runs,
-            "ms_per_step": p.ms_per_step,
+            **_attrs(p, "train_time_s=run_s runs_in_program=spec.num_runs ms_per_step"),
             "steps_per_s": 1e3 / p.ms_per_step,
             "compile_s": p.compile_s,
             "gflop_per_step": p.step_flops / 1e9,
             "gflop_per_evaluation": p.eval_flops / 1e9,
             "achieved_gflops": p.achieved_gflops,
-            "time_ratio_bp": self.time_ratio_bp,
-            "flop_ratio_bp": self.flop_ratio_bp,
-            "peak_memory_bytes": p.peak_memory_bytes,
-            "program_memory_bytes": p.program_memory_bytes,
-            "num_devices": p.num_devices,
+            **_attrs(self, "time_ratio_bp flop_ratio_bp"),
+            **_attrs(p, "peak_memory_bytes program_memory_bytes num_devices"),
         }
+
+
+def _attrs(obj: Any, names: str) -> dict[str, Any]:
+    """{key: obj.path} for each 'key=path' (or 'path', the key its last name) in ``names``."""
+    pairs = (name.partition("=") for name in names.split())
+    return {k.split(".")[-1]: operator.attrgetter(v or k)(obj) for k, _, v in pairs}
 
 
 def _bp_key(row_sweep: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
@@ -269,7 +261,6 @@ def vmap_lines(result: BenchmarkResult) -> list[str]:
 
 
 def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
-    """The honest summary: measured time ratio, FLOP ratio and the paper's claim, with a why."""
     lines = []
     by_mode = {}
     for row in rows:
@@ -308,7 +299,6 @@ def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
 
 
 def _verdict(row: Row, bp: Row, result: BenchmarkResult) -> str:
-    """Whether the paper's speed-up holds here, and why, from the time, FLOP and rate ratios."""
     time_ratio, flop_ratio = row.time_ratio_bp, row.flop_ratio_bp
     rate, bp_rate = row.program.achieved_gflops, bp.program.achieved_gflops
     rates = f"{rate:.0f} vs. {bp_rate:.0f} GFLOP/s, matmul {result.matmul_gflops:.0f}"
@@ -402,24 +392,15 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
         "config": p.spec.config.to_dict(),
         "learning_rates": list(p.spec.learning_rates),
         "seeds": list(p.spec.seeds),
-        "num_runs": p.spec.num_runs,
-        "num_devices": p.num_devices,
-        "compile_s": p.compile_s,
-        "run_s": p.run_s,
-        "ms_per_step": p.ms_per_step,
-        "flops_per_step": p.step_flops,
-        "flops_per_evaluation": p.eval_flops,
-        "num_evaluations": p.num_evals,
-        "total_flops": p.total_flops,
-        "achieved_gflops": p.achieved_gflops,
-        "peak_memory_bytes": p.peak_memory_bytes,
-        "program_memory_bytes": p.program_memory_bytes,
+        **_attrs(p, "spec.num_runs num_devices compile_s run_s ms_per_step"),
+        **_attrs(p, "flops_per_step=step_flops flops_per_evaluation=eval_flops"),
+        **_attrs(p, "num_evaluations=num_evals total_flops achieved_gflops"),
+        **_attrs(p, "peak_memory_bytes program_memory_bytes"),
         "separate_runs": None
         if separate is None
         else {
-            "compile_s": separate.compile_s,
+            **_attrs(separate, "compile_s total_run_s"),
             "run_s": list(separate.run_s),
-            "total_run_s": separate.total_run_s,
             "vmapped_over_separate": p.run_s / separate.total_run_s,
             "largest_difference": p.separate_difference()._asdict(),
         },
@@ -428,7 +409,6 @@ def _program_dict(p: ProgramResult) -> dict[str, Any]:
 
 
 def build_json(result: BenchmarkResult, rows: Sequence[Row]) -> dict[str, Any]:
-    """benchmark.json: every number of the table, settings, device, versions."""
     return {
         "status": result.status,
         "message": result.message,

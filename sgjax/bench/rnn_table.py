@@ -1,5 +1,4 @@
-"""The paper's Table 2 (``--preset=paper_rnn[_quick]``): largest Copy / Repeat Copy episode solved
-per truncation, BPTT / DNI / DNI+Aux, every cell one compiled program with its seeds vmapped."""
+"""The paper's Table 2 (``--preset=paper_rnn[_quick]``): largest Copy episode solved per cell."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ import jax
 import numpy as np
 
 from sgjax.bench.names import MODE_NAMES, TASK_NAMES, device_label, markdown_table, write_report
-from sgjax.bench.programs import run_vmapped
-from sgjax.bench.timing import compiled_flops
+from sgjax.bench.programs import compiled_flops, run_vmapped
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
 from sgjax.recurrent.programs import CopyProgram
@@ -101,7 +99,6 @@ def cell_config(
 
 
 def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> CellResult:
-    """Train ``config`` for every seed in one vmapped program; the largest episode solved."""
     program = CopyProgram(config)
 
     def whole_run(seed: jax.Array) -> jax.Array:
@@ -133,7 +130,6 @@ def _cell_text(cell: CellResult | None, paper: int | None) -> str:
 def table_markdown(
     preset_name: str, preset: RNNPreset, cells: list[CellResult], seeds: list[int], num_steps: int
 ) -> str:
-    """Table 2's shape: a row per task, a column per mode and truncation."""
     by_key = {(c.task, c.mode, c.truncation): c for c in cells}
     header = ["Task"] + [f"{MODE_NAMES[m]} T={t}" for m in preset.modes for t in preset.truncations]
     body = [
@@ -179,8 +175,7 @@ def run_rnn_table(
     num_steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[str, str]:
-    """Run every cell of ``preset_name``, writing table.md and results.json after each; returns
-    (status, message): "completed", or "interrupted" on Ctrl-C (the cells done are kept)."""
+    """Every cell, writing table.md and results.json after each; (status, message)."""
     preset = RNN_PRESETS[preset_name]
     steps = num_steps or preset.num_steps
     seeds = list(range(seed, seed + (num_seeds or preset.num_seeds)))

@@ -1,7 +1,5 @@
-"""Finished benchmark programs on disk, so a stopped benchmark resumes where it stopped: each
-program's metrics in ``programs/NNN.npz``, its measurements in ``programs/NNN.json`` (both written
-to a temporary name and renamed), beside ``programs/settings.json``; other settings are refused.
-The unit of work is one compiled program: a program stopped midway runs again."""
+"""Finished programs on disk (``programs/NNN.npz`` and ``.json``, written atomically) for
+``--resume``; other settings are refused and a program stopped midway runs again."""
 
 from __future__ import annotations
 
@@ -20,20 +18,13 @@ from sgjax.training.loop import RunHistory
 from sgjax.training.records import write_json_atomic
 
 OUTPUT_FILES = ("table.md", "benchmark.json", "grid.md", "programs")
-_SCALARS = (
-    "compile_s",
-    "run_s",
-    "step_flops",
-    "eval_flops",
-    "num_devices",
-    "peak_memory_bytes",
-    "program_memory_bytes",
+_SCALARS = tuple(
+    "compile_s run_s step_flops eval_flops num_devices peak_memory_bytes "
+    "program_memory_bytes".split()
 )
 
 
 class ProgramStore:
-    """Reads and writes the finished programs of one benchmark folder."""
-
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder) / "programs"
 
@@ -78,7 +69,7 @@ class ProgramStore:
         if result.separate is not None:
             meta["separate"] = {
                 "compile_s": result.separate.compile_s,
-                "run_s": list(result.separate.run_s),
+                "run_s": result.separate.run_s,
             }
         write_json_atomic(self.folder / f"{index:03d}.json", meta)
 
@@ -110,8 +101,7 @@ _RERUN_HINT = "delete it to run that program again, or use --overwrite"
 
 
 def _history(arrays: Any, prefix: str) -> RunHistory:
-    """A stored RunHistory; a store written before the input losses were kept has none (every
-    method but the complete unlock has no columns there anyway)."""
+    """A stored RunHistory (without input losses in older stores: zero columns)."""
     fields = {}
     for name in RunHistory._fields:
         key = f"{prefix}.{name}"

@@ -1,6 +1,4 @@
-"""``--sweep=name=v1,v2,...`` parsed and expanded into compiled programs, every combination run:
-traced values (the learning rate) are vmapped in one program with the seeds; every other swept
-flag changes shapes or structure, so each of its values gets a program (a compile) of its own."""
+"""``--sweep=name=v1,v2`` expanded into programs: the learning rate vmapped, other flags static."""
 
 from __future__ import annotations
 
@@ -20,15 +18,13 @@ BENCHMARK_MODES = (*MODES, *UNLOCK_MODES)  # what --modes accepts
 
 
 def mode_fields(mode: str) -> dict[str, Any]:
-    """The configuration fields of a benchmark method: 'cdni_unlock' -> cdni with synthetic
-    inputs; any other name is the mode itself."""
+    """Config fields of a benchmark method: 'cdni_unlock' -> cdni, synthetic inputs."""
     if mode in UNLOCK_MODES:
         return {"mode": mode.removesuffix("_unlock"), "synthetic_inputs": True}
     return {"mode": mode}
 
 
 def benchmark_mode(config: TrainConfig) -> str:
-    """The benchmark method of ``config``: its mode, with '_unlock' for the complete unlock."""
     return f"{config.mode}_unlock" if config.synthetic_inputs else config.mode
 
 
@@ -38,19 +34,10 @@ def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
 
 
 TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
-STATIC_FIELDS = (
-    "model",
-    "num_steps",
-    "batch_size",
-    "hidden_layers",
-    "hidden_units",
-    "sg_hidden_layers",
-    "sg_hidden_units",
-    "filters",
-    "kernel_size",
-    "eval_every",
-    "dataset",
-)  # one program per value
+STATIC_FIELDS = tuple(  # one program per value
+    "model num_steps batch_size hidden_layers hidden_units sg_hidden_layers sg_hidden_units "
+    "filters kernel_size eval_every dataset".split()
+)
 SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
 _FIELD_TYPES = {
     field.name: field.type
@@ -67,8 +54,6 @@ _NOT_SWEPT = {
 
 @dataclasses.dataclass(frozen=True)
 class SweepAxis:
-    """One swept flag and its values, in the order given."""
-
     name: str
     values: tuple[Any, ...]
 
@@ -98,7 +83,6 @@ def _parse_value(name: str, text: str, spec: str) -> Any:
 
 
 def parse_sweep(spec: str) -> SweepAxis:
-    """Parse ``name=v1,v2,...``; a ConfigError (one line) says what is wrong."""
     name, sep, values_text = spec.partition("=")
     name = name.strip()
     if not sep or not name:
@@ -120,7 +104,6 @@ def parse_sweep(spec: str) -> SweepAxis:
 
 
 def parse_sweeps(specs: Sequence[str]) -> tuple[SweepAxis, ...]:
-    """Parse every ``--sweep`` flag; a flag swept twice is an error."""
     axes = tuple(parse_sweep(spec) for spec in specs)
     names = [axis.name for axis in axes]
     for name in names:
@@ -130,8 +113,7 @@ def parse_sweeps(specs: Sequence[str]) -> tuple[SweepAxis, ...]:
 
 
 class Override(NamedTuple):
-    """Values for the programs whose configuration matches ``when``: a preset's per-task
-    settings, e.g. 1000-unit layers for the CIFAR-10 FCN of a grid that also runs CNNs."""
+    """A preset's per-task values for the programs whose configuration matches ``when``."""
 
     when: tuple[tuple[str, Any], ...]
     values: tuple[tuple[str, Any], ...]
@@ -145,7 +127,6 @@ class Override(NamedTuple):
 def apply_overrides(
     config: TrainConfig, overrides: Sequence[Override], keep: Collection[str] = ()
 ) -> TrainConfig:
-    """``config`` with the values of every matching override, except the fields in ``keep``."""
     for override in overrides:
         if all(getattr(config, name) == value for name, value in override.when):
             values = {k: v for k, v in override.values if k not in keep}
@@ -155,11 +136,7 @@ def apply_overrides(
 
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
-    """One compiled program: a configuration and the (learning rate, seed) runs vmapped in it.
-
-    Runs are ordered learning-rate major: run ``i`` has ``learning_rates[i // len(seeds)]``
-    and ``seeds[i % len(seeds)]``.
-    """
+    """One program: run ``i`` has ``learning_rates[i // len(seeds)], seeds[i % len(seeds)]``."""
 
     config: TrainConfig
     static: tuple[tuple[str, Any], ...]  # values of the statically swept flags
@@ -178,7 +155,6 @@ class ProgramSpec:
         return np.repeat(np.asarray(self.learning_rates, np.float32), len(self.seeds))
 
     def runs_of(self, lr_index: int) -> slice:
-        """The runs (one per seed) of the ``lr_index``-th learning rate."""
         return slice(lr_index * len(self.seeds), (lr_index + 1) * len(self.seeds))
 
 
@@ -189,8 +165,7 @@ def plan_programs(
     seeds: Sequence[int],
     overrides: Sequence[Override] = (),
 ) -> list[ProgramSpec]:
-    """One program per mode and combination of static values (bp ignores the module settings),
-    with the values of matching ``overrides`` (never a swept flag); each configuration validated."""
+    """One program per mode and static values (bp ignores module settings), validated."""
     static_axes = [a for a in axes if not a.traced]
     lr_axis = next((a for a in axes if a.name == "learning_rate"), None)
     learning_rates = lr_axis.values if lr_axis else (base.learning_rate,)

@@ -1,6 +1,4 @@
-"""The stochastic-update sweep (Jaderberg et al. 2016, section 3.1, ``--preset=update_prob_sweep``):
-per method one program trains ``num_runs`` runs with p uniform in [0, 1] plus one at each of
-``TABLE_PROBS`` (p traced per run, as the learning rate is; run i has seed ``config.seed + i``)."""
+"""The stochastic-update sweep (``--preset=update_prob_sweep``): error against p per method."""
 
 from __future__ import annotations
 
@@ -13,8 +11,7 @@ import numpy as np
 
 from sgjax.bench.names import device_label, markdown_table, mode_name, write_report
 from sgjax.bench.plots import plot_sweep
-from sgjax.bench.programs import run_vmapped
-from sgjax.bench.timing import flops_per_step
+from sgjax.bench.programs import flops_per_step, run_vmapped
 from sgjax.data.device import DeviceData
 from sgjax.training.architecture import config_facts
 from sgjax.training.config import TrainConfig
@@ -26,8 +23,6 @@ SWEEP_FILES = ("update_prob.md", "update_prob.json", "update_prob.png")
 
 
 class SweepResult(NamedTuple):
-    """One method's program: every run's p, seed and final test error, and what it cost."""
-
     mode: str
     probs: np.ndarray
     seeds: np.ndarray
@@ -72,7 +67,6 @@ def _table_error(result: SweepResult, p: float) -> float:
 
 
 def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: str) -> str:
-    """The table at ``TABLE_PROBS``, the random runs by bins of p, and the settings."""
     bins = list(zip(BINS[:-1], BINS[1:], strict=True))
 
     def module(mode: str) -> str:
@@ -125,7 +119,6 @@ def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: 
 
 
 def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Path) -> list[Path]:
-    """``update_prob.md`` (error at ``TABLE_PROBS`` and by bins of p), ``.json`` and ``.png``."""
     methods = [
         {
             "mode": r.mode,

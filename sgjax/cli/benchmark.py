@@ -1,7 +1,4 @@
-"""The benchmark's command line: flags (presets applied under explicit flags), run, write files.
-
-``experiments/benchmark.py`` only defines these flags on ``absl.flags.FLAGS`` and calls ``main``.
-"""
+"""The benchmark's command line (``experiments/benchmark.py``): flags, presets, run, files."""
 
 from __future__ import annotations
 
@@ -82,8 +79,7 @@ _FLAGS = (  # (define, name, default, [enum values,] help): the benchmark's own 
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    """Define the benchmark's flags on ``fv``: the training flags of mnist_mlp.py (``--modes``
-    instead of ``--mode``) plus preset, seeds, sweeps and the extra timings."""
+    """The training flags of mnist_mlp.py (``--modes`` for ``--mode``) plus the benchmark's."""
     for define, name, default, *rest in _FLAGS:
         define(name, default, *rest, flag_values=fv)
     define_decoupling_flags(fv)
@@ -93,8 +89,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
-    """Apply ``--preset`` under the explicit flags, then build and validate the settings
-    (ConfigError, one line, for settings that cannot run)."""
+    """``--preset`` under the explicit flags, then settings validated (ConfigError)."""
     if fv.preset:
         apply_preset(fv, fv.preset)
     base = config_from_flags(
@@ -125,7 +120,6 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
 
 
 def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
-    """Every dataset the programs use, checked against their batch sizes."""
     datasets: dict[str, Dataset] = {}
     for spec in settings.programs():
         config = spec.config
@@ -137,8 +131,6 @@ def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkFiles:
-    """Paths of everything a benchmark writes (grid.md only for a grid: ``grid_applies``)."""
-
     table: Path
     json: Path
     curves: Path | None = None
@@ -151,8 +143,7 @@ class BenchmarkFiles:
 
 
 def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
-    """Write table.md, benchmark.json, the plots, and for a grid of models and depths grid.md
-    (also under "grid" in benchmark.json)."""
+    """table.md, benchmark.json, the plots, and grid.md for a grid of models and depths."""
     rows = build_rows(result)
     record = build_json(result, rows)
     grid_path = None
@@ -178,11 +169,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
 def run(
     fv: flags.FlagValues, log: Callable[[str], None] = print
 ) -> tuple[BenchmarkResult | parallel.ParallelBenchmark, BenchmarkFiles | None, int | None]:
-    """Flags -> settings -> data -> programs -> files (written by process 0 only).
-
-    Bad input prints one line and exits with code 2 before any training. Returns the result,
-    the files and the signal that stopped the benchmark (None if none did).
-    """
+    """Flags -> settings -> data -> programs -> files; bad input exits 2 before training."""
     try:
         initialize_from_flags(fv)
         # The layer-parallel flags must make sense even when --parallel=layers is not given.
@@ -234,7 +221,6 @@ def run(
 
 
 def parallel_settings_from_flags(fv: flags.FlagValues) -> parallel.ParallelBenchmarkSettings:
-    """The layer-parallel comparison's settings; raises ConfigError (one line)."""
     if fv.preset:
         apply_preset(fv, fv.preset)
     if fv.resume or fv.sweep or fv.num_seeds != 1:
@@ -265,8 +251,7 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> parallel.ParallelBench
 def run_layer_parallel(
     fv: flags.FlagValues, log: Callable[[str], None]
 ) -> tuple[parallel.ParallelBenchmark, BenchmarkFiles | None, int | None]:
-    """--parallel=layers: run the comparison and write table.md and benchmark.json (with the
-    comparison's status; rows of runs that did not complete are marked, not tabulated)."""
+    """--parallel=layers: run the comparison, write table.md and benchmark.json."""
     try:
         settings = parallel_settings_from_flags(fv)
         dataset = load_dataset(settings.bp.dataset, settings.bp.data_dir)
@@ -308,7 +293,6 @@ RNN_TABLE_FILES = ("table.md", "results.json")
 
 
 def run_recurrent_preset(fv: flags.FlagValues) -> int:
-    """``--preset=paper_rnn`` or ``paper_rnn_quick``: the recurrent table (Table 2's shape)."""
     probe = flags.FlagValues()
     define_flags(probe)
     given = sorted(f"--{n}" for n in probe if fv[n].present and n not in RNN_TABLE_FLAGS)
@@ -335,7 +319,6 @@ def run_recurrent_preset(fv: flags.FlagValues) -> int:
 
 
 def run_update_prob_preset(fv: flags.FlagValues) -> int:
-    """``--preset=update_prob_sweep``: final test error against the update probability."""
     try:
         settings = settings_from_flags(fv)
         for mode in settings.modes:
@@ -363,7 +346,6 @@ _log = functools.partial(print, flush=True)
 
 
 def _show(paths: list[Path], start: float) -> None:
-    """Print the first file (the table), where every file went, and the time taken."""
     if paths:
         _log(paths[0].read_text())
         _log(f"wrote {', '.join(str(p) for p in paths)}")
@@ -371,7 +353,6 @@ def _show(paths: list[Path], start: float) -> None:
 
 
 def main(fv: flags.FlagValues) -> int:
-    """Run the benchmark, print table.md and where the files went; returns the exit code."""
     if fv.preset in RNN_PRESETS:
         return run_recurrent_preset(fv)
     if fv.preset == SWEEP_PRESET:
