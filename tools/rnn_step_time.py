@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sgjax.bench.names import device_label, markdown_row, markdown_table
-from sgjax.bench.timing import compiled_flops
+from sgjax.bench.programs import compiled_flops
 from sgjax.core.recurrent import RECURRENT_MODES, Segment
 from sgjax.models.lstm import zero_carry
 from sgjax.recurrent.config import RNNConfig
