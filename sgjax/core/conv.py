@@ -33,10 +33,6 @@ def _conv_channels_last_grads(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _conv(x, kernel)
 
 
-def _forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _conv(x, kernel), (x, kernel)
-
-
 def _backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
@@ -62,7 +58,7 @@ def _backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[ja
     return dx, dk.transpose(1, 2, 0, 3)
 
 
-_conv_channels_last_grads.defvjp(_forward, _backward)
+_conv_channels_last_grads.defvjp(lambda x, kernel: (_conv(x, kernel), (x, kernel)), _backward)
 
 
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -75,7 +75,6 @@ class CopyTask:
         return Level(jnp.ones((), jnp.int32), jnp.ones((), jnp.int32))
 
     def steps(self, n: jax.Array | int, r: jax.Array | int) -> jax.Array | int:
-        """Time steps of an episode of level (n, r): input phase, then output phase."""
         return n + 2 + n * r + 1 if self.repeats else 2 * n + 2
 
     def episode_size(self, level: Level) -> jax.Array:
@@ -90,7 +89,6 @@ class CopyTask:
         return Level(level.n + grow_n, level.r + (1 - grow_n))
 
     def fits(self, level: Level) -> jax.Array:
-        """Whether an episode of ``level`` fits in ``max_length`` steps."""
         return self.steps(level.n, level.r) <= self.max_length
 
     def generate(self, key: jax.Array, level: Level, batch_size: int) -> Episode:
