@@ -1,10 +1,8 @@
 """A same-padded, stride-1 2-D convolution whose gradients stay fast inside loops on the CPU.
 
-XLA:CPU computes a convolution's gradients 24-78x slower inside a loop body (``lax.scan``, the
-training loop's chunks) than outside one (jax-ml/jax#12868): its gradient convolutions use
-dimension layouts that lose the fast path there. ``same_conv`` writes both gradients as ordinary
-channels-last convolutions instead (a custom VJP), which keep it. Other backends use XLA's own
-gradients.
+XLA:CPU computes a convolution's gradients 24-78x slower inside a loop body (``lax.scan``) than
+outside one (jax-ml/jax#12868): its gradient convolutions lose the fast path there.
+``same_conv`` writes both as ordinary channels-last convolutions (a custom VJP), which keep it.
 """
 
 from __future__ import annotations

@@ -128,11 +128,10 @@ def dni(
 ) -> Method:
     """Synthetic gradients (Jaderberg et al. 2016) at ``boundaries`` (0-based stages after which
     the chain is decoupled; default: every stage but the last). ``synthesizer`` defaults to the
-    paper's (``dense(2, 1024)``; cDNI ``dense(0)``); ``conditioned`` feeds it
-    ``one_hot(label, num_classes)`` (cDNI); ``oracle`` sends the true dLoss/dh instead
-    (``with_oracle``); ``synthetic_inputs`` is the complete unlock (section 3.1): per boundary a
-    model of ``input_units`` hidden units predicts the group above's input from the network's
-    input (L2), and groups above the first train on it; evaluation joins the chain normally."""
+    paper's (``dense(2, 1024)``; cDNI ``dense(0)``); ``conditioned`` feeds it ``one_hot(label,
+    num_classes)`` (cDNI); ``oracle``: see ``with_oracle``; ``synthetic_inputs``: the complete
+    unlock (section 3.1), per boundary a model of ``input_units`` hidden units predicts the group
+    above's input from the network's input (L2), and groups above the first train on it."""
     if synthesizer is None:
         synthesizer = PAPER_CDNI_SYNTHESIZER if conditioned else PAPER_DNI_SYNTHESIZER
     _check_positive(num_classes=num_classes, input_units=input_units)

@@ -159,12 +159,10 @@ class SegmentMetrics(NamedTuple):
 
 class RecurrentTrainer:
     """Trains a recurrent ``core`` segment by segment (arguments in ``Trainer``'s order); pure.
-
     ``sg_scale`` scales M's output before it enters the core; ``sg_trains_core`` backpropagates
     M's loss into the core through the previous segment (``step``'s ``previous``);
     ``aux_weight > 0`` adds DNI+Aux's loss. ``unroll`` is ``lax.scan``'s (``True``: XLA's cost
-    analysis then counts every step, where it counts a loop's body once).
-    """
+    analysis then counts every step, where it counts a loop's body once)."""
 
     def __init__(
         self,

@@ -1,8 +1,6 @@
 """Synthesizers: modules M_k that predict dLoss/dh_k from h_k (and, for cDNI, the label).
-
-A factory (``dense``, ``conv``) builds one per boundary once the activation's shape is known,
-called as ``module(h, context, train=...)`` (``context``: the one-hot label, or None). Its last
-layer starts at zero, so the first synthetic gradients are exactly 0."""
+A factory (``dense``, ``conv``) builds one per boundary for the activation's shape, called as
+``module(h, context, train=...)``; its last layer starts at zero, so the first output is 0."""
 
 from __future__ import annotations
 

@@ -200,8 +200,7 @@ class Trainer:
         return self.method.local
 
     def init(self, key: jax.Array, sample_x: jax.Array) -> TrainerState:
-        """Initial state for batches like ``sample_x``. Stage k is initialised with
-        ``split(key, K)[k]``, so backprop and DNI start from the same network."""
+        """Initial state for batches like ``sample_x`` (stage k from ``split(key, K)[k]``)."""
         keys = jax.random.split(key, len(self.stages))
         stages, outputs = [], []
         h = sample_x
@@ -344,8 +343,8 @@ class Trainer:
     def masked_update(
         self, old: TrainerState, new: TrainerState, stage_mask: jax.Array
     ) -> TrainerState:
-        """``new`` where ``stage_mask`` is set, else ``old``; a boundary module follows the
-        group below it, a synthetic-input model the group above it."""
+        """``new`` where ``stage_mask`` is set, else ``old`` (boundary modules follow the group
+        below, synthetic-input models the group above)."""
 
         def pick(flag: jax.Array, a: Any, b: Any) -> Any:
             return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
@@ -385,8 +384,7 @@ class Trainer:
         labels: jax.Array,
         example_ids: jax.Array | None = None,
     ) -> GroupForward:
-        """Decoupled group ``j`` on a constant input: its output h with its VJP, and its
-        boundary module's prediction on h."""
+        """Decoupled group ``j`` on a constant input: its output h, VJP and boundary's reading."""
         params, collections = self.group_state(stages, j)
         if j == 0:
             output, group_vjp, new_collections = jax.vjp(
@@ -452,8 +450,7 @@ class Trainer:
         h: jax.Array,
         labels: jax.Array,
     ) -> tuple[LocalGradients, jax.Array]:
-        """A local method's group ``j`` on a constant input: its and its boundary module's
-        gradients, and its output."""
+        """A local method's group ``j`` alone: its and its boundary's gradients, its output."""
         fwd = self.group_forward(stages, head_state, j, jax.lax.stop_gradient(h), labels)
         g = self.group_backward(fwd, None)
         local = LocalGradients(
@@ -591,8 +588,7 @@ class Trainer:
     def synthetic_gradient_cosines(
         self, state: TrainerState, x: jax.Array, labels: jax.Array, example_ids: Any = None
     ) -> jax.Array:
-        """Per boundary, the cosine between the boundary's prediction and the true dLoss/dh on
-        this batch (0 where either is zero; 0 at initialisation, 1 for the oracle)."""
+        """Per boundary, the cosine of the prediction with the true dLoss/dh (0 if either is 0)."""
         true = self.boundary_gradients(state, x, labels)
         forwards = self.gradients(state, x, labels, example_ids=example_ids).forwards
         cosines = []

@@ -58,8 +58,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """uint8 images of ``IMAGE_SHAPES`` (another name may use either shape), int32 (N,) labels,
-    and where they came from."""
+    """uint8 images of ``IMAGE_SHAPES``, int32 (N,) labels, and where they came from."""
 
     name: str
     source: str
@@ -115,7 +114,6 @@ class Dataset:
         return tuple(int(n) for n in self.train_images.shape[1:])
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready summary for a run's record."""
         names = ("name", "source", "train_size", "test_size", "reason", "location")
         return {name: getattr(self, name) for name in names}
 
