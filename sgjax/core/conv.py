@@ -1,10 +1,8 @@
 """A same-padded, stride-1 2-D convolution whose gradients stay fast inside loops on the CPU.
 
-XLA:CPU computes a convolution's gradients 24-78x slower inside a loop body (``lax.scan``, the
-training loop's chunks) than outside one (jax-ml/jax#12868): its gradient convolutions use
-dimension layouts that lose the fast path there. ``same_conv`` writes both gradients as ordinary
-channels-last convolutions instead (a custom VJP), which keep it. Other backends use XLA's own
-gradients.
+XLA:CPU computes a convolution's gradients 24-78x slower inside a loop body (``lax.scan``) than
+outside one (jax-ml/jax#12868): its gradient convolutions lose the fast path there.
+``same_conv`` writes both as ordinary channels-last convolutions (a custom VJP), which keep it.
 """
 
 from __future__ import annotations
@@ -33,10 +31,6 @@ def _conv_channels_last_grads(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _conv(x, kernel)
 
 
-def _forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _conv(x, kernel), (x, kernel)
-
-
 def _backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
@@ -62,7 +56,7 @@ def _backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[ja
     return dx, dk.transpose(1, 2, 0, 3)
 
 
-_conv_channels_last_grads.defvjp(_forward, _backward)
+_conv_channels_last_grads.defvjp(lambda x, kernel: (_conv(x, kernel), (x, kernel)), _backward)
 
 
 def same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

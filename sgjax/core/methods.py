@@ -1,30 +1,18 @@
 """Training methods as behaviour: what crosses a decoupled boundary, as pure functions.
 
-A ``Method`` is a NamedTuple of pure functions, in the spirit of optax's
-``GradientTransformation``. ``Trainer.step`` runs every method the same way; a method only says,
-at each decoupled boundary (the output h of the group below it):
+A ``Method`` is a NamedTuple of pure functions, like optax's ``GradientTransformation``. At
+each decoupled boundary (the output h of the group below it) a method says:
 
-* ``init(key, h, labels) -> (params, collections)``: which state the boundary keeps (DNI's
-  synthesizer, DGL's auxiliary head, the stale gradients' table, nothing);
-* ``predict(params, collections, h, labels, example_ids) -> Prediction``: the boundary module's
-  reading of h on the forward pass, before anything is known from above;
+* ``init(key, h, labels) -> (params, collections)``: the state the boundary keeps;
+* ``predict(params, collections, h, labels, example_ids) -> Prediction``: its reading of h on
+  the forward pass, before anything is known from above;
 * ``send(prediction, message, true) -> gradient``: what the group below is updated with, given
-  the message the group above sends down (its VJP at h: the true dLoss/dh for the top boundary,
-  the bootstrapped target below it) and, for methods with ``true_gradients``, the true dLoss/dh;
-* ``learn(prediction, message, true, example_ids) -> Learned``: what the boundary module learns
-  and from what (gradients for its optimizer, its new other variables, a loss to report).
+  the message from above (its VJP at h: dLoss/dh at the top boundary, the bootstrapped target
+  below it) and, with ``true_gradients``, the true dLoss/dh;
+* ``learn(prediction, message, true, example_ids) -> Learned``: what the boundary module learns.
 
-Backprop is the method with no boundaries. The built-in methods:
-
-* ``backprop()``: the true gradient of the loss through every stage.
-* ``dni(...)``: a synthesizer per boundary predicting dLoss/dh (Jaderberg et al. 2016),
-  regressed onto the bootstrapped target; ``conditioned=True`` is cDNI; ``synthetic_inputs=True``
-  is the complete unlock.
-* ``bp_lambda(lam, ...)``: BP(lambda), the group uses lam x the message plus (1 - lam) x g.
-* ``zero_gradient()`` and ``stale_gradient(num_examples, decay)``: the paper's baselines.
-* ``dgl(aux)``: greedy local learning (Belilovsky et al. 2020), an auxiliary classifier per
-  group; nothing crosses a boundary backwards.
-
+Built in: ``backprop()`` (no boundaries), ``dni`` (cDNI, the complete unlock), ``bp_lambda``,
+the baselines ``zero_gradient`` and ``stale_gradient``, and ``dgl`` (greedy local learning).
 A new method is one more such object, e.g. DNI whose synthetic gradient is halved::
 
     half = sgjax.dni(sgjax.synthesizers.dense(1, 64))._replace(
@@ -54,24 +42,17 @@ from sgjax.core.synthesizers import (
 class Prediction(NamedTuple):
     """A boundary module's reading of its group's output h, made on the forward pass."""
 
-    gradient: jax.Array
-    """Its estimate of dLoss/dh: DNI's M(h), DGL's dLoss_aux/dh, the stale table's rows, 0."""
-    backward: Any = None
-    """What ``learn`` needs from the forward pass: DNI's VJP of M (a ``jax.tree_util.Partial``,
-    so it crosses jit boundaries), DGL's head gradients and loss; None otherwise."""
-    collections: Any = None
-    """The module's other variables after the forward pass (BatchNorm statistics, the table)."""
+    gradient: jax.Array  # its estimate of dLoss/dh
+    backward: Any = None  # what ``learn`` needs from the forward pass (DNI: M's VJP, a Partial)
+    collections: Any = None  # the module's other variables after the forward pass
 
 
 class Learned(NamedTuple):
     """What a boundary module learns at one step."""
 
-    grads: Any
-    """Gradients for the boundary's optimizer; None: the boundary has no parameters."""
+    grads: Any  # for the boundary's optimizer; None: the boundary has no parameters
     collections: Any
-    """Its new other variables."""
-    loss: jax.Array
-    """Its loss, reported per boundary as ``sg_loss``."""
+    loss: jax.Array  # reported per boundary as ``sg_loss``
 
 
 Init = Callable[[jax.Array, jax.Array, jax.Array], tuple[Any, Any]]
@@ -88,22 +69,13 @@ class Method(NamedTuple):
     predict: Predict
     send: Send
     learn: Learn
-    boundaries: tuple[int, ...] | None = None
-    """0-based stages after which the chain is decoupled; None: after every stage but the last;
-    (): none (backprop)."""
-    true_gradients: bool = False
-    """``send`` or ``learn`` read the true dLoss/dh (an extra backward pass per step)."""
-    local: bool = False
-    """Nothing crosses a boundary backwards: ``send`` and ``learn`` ignore the message."""
-    locked: bool = False
-    """Backprop's update lock: a stage updates only when every stage above ran its backward
-    pass (``update_prob``)."""
-    synthetic_inputs: bool = False
-    """The complete unlock: groups above the first train on predicted inputs."""
-    input_units: int = 1024
-    """Hidden units of each synthetic-input model (complete unlock)."""
-    options: tuple[tuple[str, Any], ...] = ()
-    """The settings the method was built with, for descriptions and checkpoints."""
+    boundaries: tuple[int, ...] | None = None  # None: after every stage but the last
+    true_gradients: bool = False  # send or learn read the true dLoss/dh (one more backward)
+    local: bool = False  # nothing crosses a boundary backwards
+    locked: bool = False  # backprop's update lock (a stage waits for every stage above)
+    synthetic_inputs: bool = False  # the complete unlock
+    input_units: int = 1024  # hidden units of each synthetic-input model
+    options: tuple[tuple[str, Any], ...] = ()  # the settings it was built with
 
 
 def sg_regression_loss(synthetic: jax.Array, target: jax.Array) -> jax.Array:
@@ -132,7 +104,6 @@ def backprop() -> Method:
 
 
 def _apply(module: nn.Module, params: Any, collections: Any, *args: Any) -> tuple[jax.Array, Any]:
-    """``module(*args, train=True)`` and its updated other variables."""
     variables = {"params": params, **collections}
     if collections:
         out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
@@ -155,26 +126,12 @@ def dni(
     synthetic_inputs: bool = False,
     input_units: int = 1024,
 ) -> Method:
-    """Synthetic gradients at decoupled boundaries.
-
-    Args:
-      synthesizer: builds each boundary's synthesizer (default: the paper's, ``dense(2, 1024)``
-        for DNI and ``dense(0)`` for cDNI).
-      conditioned: feed ``one_hot(label, num_classes)`` to every synthesizer (cDNI).
-      oracle: use the true dLoss/dh_k in place of every synthetic gradient, for the stages'
-        updates and for the bootstrapped targets; one step then equals backprop's step (the
-        upper bound of a perfect synthesizer, and the library's invariant).
-      boundaries: 0-based indices of the stages after which the chain is decoupled (default:
-        after every stage but the last). Stages between two boundaries train by backprop among
-        themselves.
-      num_classes: number of label classes (for ``conditioned``).
-      synthetic_inputs: the complete unlock (Jaderberg et al. 2016, section 3.1): per boundary a
-        synthetic-input model (one hidden layer of ``input_units``, ReLU) predicts the group
-        above's input from the network's input and regresses onto the real one (L2); every group
-        above the first trains on its synthetic input and its synthetic gradient. Evaluation
-        (``Trainer.apply``) joins the chain normally.
-      input_units: hidden units of each synthetic-input model.
-    """
+    """Synthetic gradients (Jaderberg et al. 2016) at ``boundaries`` (0-based stages after which
+    the chain is decoupled; default: every stage but the last). ``synthesizer`` defaults to the
+    paper's (``dense(2, 1024)``; cDNI ``dense(0)``); ``conditioned`` feeds it ``one_hot(label,
+    num_classes)`` (cDNI); ``oracle``: see ``with_oracle``; ``synthetic_inputs``: the complete
+    unlock (section 3.1), per boundary a model of ``input_units`` hidden units predicts the group
+    above's input from the network's input (L2), and groups above the first train on it."""
     if synthesizer is None:
         synthesizer = PAPER_CDNI_SYNTHESIZER if conditioned else PAPER_DNI_SYNTHESIZER
     _check_positive(num_classes=num_classes, input_units=input_units)
@@ -222,16 +179,11 @@ def dni(
 
 
 def with_oracle(method: Method) -> Method:
-    """``method`` whose boundaries send the true dLoss/dh instead of their prediction (so the
-    bootstrapped targets are true gradients too): one step then equals backprop's for any
-    chain and boundaries, the invariant that proves the plumbing."""
-
-    def send_true(prediction: Prediction, message: jax.Array, true: Any) -> jax.Array:
-        del prediction, message
-        return true
+    """``method`` whose boundaries send the true dLoss/dh: one step then equals backprop's for
+    any chain and boundaries, the invariant that proves the plumbing."""
 
     options = tuple((k, True if k == "oracle" else v) for k, v in method.options)
-    return method._replace(send=send_true, true_gradients=True, options=options)
+    return method._replace(send=lambda p, m, true: true, true_gradients=True, options=options)
 
 
 def bp_lambda(
@@ -242,11 +194,8 @@ def bp_lambda(
     boundaries: Sequence[int] | None = None,
     num_classes: int = 10,
 ) -> Method:
-    """BP(lambda): the gradient a decoupled group uses is ``lam`` times the gradient sent down
-    by the group above plus ``1 - lam`` times its synthetic gradient, mixed recursively from the
-    top; the synthesizer's target is what the group above sends down. ``lam=1`` is backprop's
-    update (synthesizers trained on true gradients), ``lam=0`` DNI's. Not update-unlocked for
-    ``lam > 0``: a group waits for the backward pass above it."""
+    """BP(lambda): a group uses ``lam`` x the message from above plus ``1 - lam`` x its synthetic
+    gradient (``lam=1``: backprop's update, ``0``: DNI's); not update-unlocked for ``lam > 0``."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda={lam} must be between 0 and 1")
     lam = float(lam)
@@ -254,16 +203,12 @@ def bp_lambda(
         synthesizer, conditioned=conditioned, boundaries=boundaries, num_classes=num_classes
     )
 
-    def mix(prediction: Prediction, message: jax.Array, true: Any) -> jax.Array:
-        del true
-        return lam * message + (1.0 - lam) * prediction.gradient
-
+    mix = lambda prediction, message, true: lam * message + (1.0 - lam) * prediction.gradient  # noqa: E731
     return method._replace(name="bp_lambda", send=mix, options=(*method.options, ("lam", lam)))
 
 
 def zero_gradient(boundaries: Sequence[int] | None = None) -> Method:
-    """Baseline: decoupled groups get a zero gradient (they keep their initial parameters; their
-    BatchNorm statistics still follow the data); only the last group learns."""
+    """Baseline: decoupled groups get a zero gradient; only the last group learns."""
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
         del params, labels, example_ids
@@ -281,14 +226,9 @@ def zero_gradient(boundaries: Sequence[int] | None = None) -> Method:
 def stale_gradient(
     num_examples: int, decay: float = 0.9, boundaries: Sequence[int] | None = None
 ) -> Method:
-    """Baseline (Jaderberg et al. 2016): each decoupled group is updated with a stale true
-    gradient: per training example, an exponential moving average (``decay``) of the true
-    dLoss/dh at the group's output from the earlier steps that drew that example, never the
-    current step's. The averages are a table with one row per training example
-    (``num_examples``), so ``Trainer.step`` needs ``example_ids``, each batch row's index in
-    the training set; an example's first draw gets a zero gradient. ``decay=0`` is the true
-    gradient of the example's previous draw. ``sg_loss`` is the mean over the batch of
-    ||g - true||^2."""
+    """Baseline: a group is updated with, per training example, the moving average
+    (``decay``) of the true dLoss/dh from the earlier steps that drew that example (a table of
+    ``num_examples`` rows, read by ``example_ids``; a first draw gets zero)."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay={decay} must be in [0, 1)")
     _check_positive(num_examples=num_examples)
@@ -334,11 +274,8 @@ def dgl(
     num_classes: int = 10,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
 ) -> Method:
-    """Greedy local learning (Belilovsky et al. 2020): each decoupled group is trained by the
-    ``loss`` (default: softmax cross-entropy) of its own auxiliary classifier on its output
-    (``aux``; default: linear on flat activations, the DGL paper's small pooled head on (H, W, C)
-    maps), with its own optimizer state (the synthesizers' optimizer); nothing crosses a
-    boundary backwards. The last group learns from the Trainer's loss."""
+    """Greedy local learning (Belilovsky et al. 2020): each decoupled group learns from the
+    ``loss`` of its own auxiliary classifier (``aux``, default ``auto_auxiliary()``)."""
     _check_positive(num_classes=num_classes)
     aux = aux or auto_auxiliary()
 
@@ -390,9 +327,7 @@ def _boundaries(boundaries: Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 PAPER_DNI_SYNTHESIZER = Dense(hidden_layers=2, units=1024)
-"""DNI's synthesizer in the paper: 2 hidden layers of 1024 units."""
 PAPER_CDNI_SYNTHESIZER = Dense(hidden_layers=0)
-"""cDNI's synthesizer in the paper: linear."""
 
 __all__ = [
     "Learned",

@@ -14,14 +14,12 @@ import optax
 def piecewise_schedule(
     learning_rate: float | jax.Array, boundaries: Sequence[int]
 ) -> optax.Schedule:
-    """``learning_rate`` before the first boundary, times 0.1 from each boundary on (update k,
-    0-based, uses ``schedule(k)``)."""
+    """``learning_rate``, times 0.1 from each boundary on (update k uses ``schedule(k)``)."""
     return optax.piecewise_constant_schedule(learning_rate, {int(b): 0.1 for b in boundaries})
 
 
 def adam(learning_rate: float, boundaries: Sequence[int] = ()) -> optax.GradientTransformation:
-    """Adam with the paper's piecewise-constant decay; the initial rate is a hyperparameter in
-    the state (``learning_rate_of``, ``with_learning_rate``)."""
+    """Adam with the paper's piecewise-constant decay; the rate is a hyperparameter in the state."""
     decay_at = tuple(int(b) for b in boundaries)
     factory = lambda learning_rate: optax.adam(piecewise_schedule(learning_rate, decay_at))  # noqa: E731
     return optax.inject_hyperparams(factory)(learning_rate=learning_rate)

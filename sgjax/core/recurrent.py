@@ -1,24 +1,15 @@
 """Recurrent DNI: truncated BPTT whose gradient from beyond each segment is synthetic.
 
-Notation (Jaderberg et al. 2016, section 3.2): a core ``(carry, x) -> (carry, logits)`` is
-unrolled over segments of T steps; the carry at the end of one segment starts the next. The
-methods are the feed-forward ones (``sgjax.core.methods``); per update:
+Jaderberg et al. 2016, section 3.2: a core ``(carry, x) -> (carry, logits)`` is unrolled over
+segments of T steps, each starting from the previous one's end carry. ``backprop()`` (mode
+``bptt``): the gradient from beyond a segment's end is zero. ``dni(dense(1, units))`` (``dni``):
+it is ``scale * M(carry_T)`` (zero where the sequence ends), and M regresses ``M(carry_0)`` onto
+the gradient that then reaches the segment's start (one backward pass gives both). With
+``aux_weight > 0`` (``dni_aux``) a head reads the carry after the first step and predicts
+``M(carry_T)``; its loss trains the core too.
 
-* ``backprop()`` (truncated BPTT, mode ``bptt``): the segment's loss is backpropagated to the
-  segment's start; the gradient from beyond the segment's end is zero.
-* ``dni(dense(1, units))`` (mode ``dni``): the gradient at the segment's end is
-  ``scale * M(carry_T)`` (zero where the sequence ends there), M a synthesizer shared over
-  time. M regresses ``M(carry_0)`` onto the gradient that reaches the segment's start when the
-  segment is backpropagated with that scaled synthetic gradient (bootstrapping; one backward
-  pass gives the core's gradient and the target).
-* DNI with ``aux_weight > 0`` (mode ``dni_aux``): an auxiliary head reads the carry after the
-  segment's first step and predicts ``M(carry_T)``, the synthetic gradient produced T steps
-  on; its loss trains the core too.
-
-Losses are sums over the segment's (masked) steps and means over the batch, so the segments'
-gradients of a sequence add up to the gradient of its whole loss (the plumbing invariant, with
-the true gradient in place of the synthetic one: ``segment_gradients``). Synthesizer targets
-are per example (the gradient of the example's own loss), independent of the batch size.
+Losses are sums over the masked steps and means over the batch, so the segments' gradients add
+up to the whole sequence's; synthesizer targets are per example, independent of the batch size.
 """
 
 from __future__ import annotations
@@ -38,36 +29,29 @@ from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import Dense
 
 RECURRENT_MODES = ("bptt", "dni", "dni_aux")
-PAPER_SG_SCALE = 0.1
-"""The paper scales the synthetic gradient by 0.1 before it enters the core."""
+PAPER_SG_SCALE = 0.1  # the paper scales the synthetic gradient by 0.1 before the core
 
-Carry = Any
-"""The core's state: a pytree of ``[batch, ...]`` arrays (the LSTM's is ``(c, h)``)."""
-StepLoss = Callable[[jax.Array, jax.Array], jax.Array]
-"""``loss(logits, targets) -> [batch]``: each example's loss at one time step."""
+Carry = Any  # the core's state: a pytree of [batch, ...] arrays
+StepLoss = Callable[[jax.Array, jax.Array], jax.Array]  # each example's loss at one step
 
 
 class Segment(NamedTuple):
-    """T time steps of a batch, time-major."""
+    """T time steps of a batch, time-major: inputs and targets ``[T, batch, ...]``, mask
+    ``[T, batch]`` (1 where the step's loss counts)."""
 
     inputs: jax.Array
-    """``[T, batch, ...]``."""
     targets: jax.Array
-    """``[T, batch, ...]``."""
     mask: jax.Array
-    """``[T, batch]``: 1 where the step's loss counts (0 on padding and where nothing is due)."""
 
 
 class RecurrentOptions(NamedTuple):
     """How a recurrent core uses its synthetic gradients (see ``RecurrentTrainer``)."""
 
-    synthetic: bool
-    """DNI (``sgjax.dni``) or truncated BPTT (``sgjax.backprop``)."""
+    synthetic: bool  # DNI, else truncated BPTT
     synthesizer_units: int | None
     sg_scale: float
     sg_trains_core: bool
-    aux_weight: float
-    """DNI+Aux when positive."""
+    aux_weight: float  # DNI+Aux when positive
 
 
 def recurrent_options(
@@ -77,9 +61,7 @@ def recurrent_options(
     sg_trains_core: bool = False,
     aux_weight: float = 0.0,
 ) -> RecurrentOptions:
-    """Checks a method for a recurrent core: ``sgjax.backprop()`` (truncated BPTT) or
-    ``sgjax.dni()`` with a one-hidden-layer dense synthesizer (``sgjax.synthesizers.dense(1,
-    units)``; ``sgjax.dni()`` alone: as wide as the core)."""
+    """Checks a method for a recurrent core: ``backprop()`` or ``dni(dense(1, units))``."""
     synthesizer = dict(method.options).get("synthesizer")
     if method.boundaries == ():
         units = None
@@ -102,9 +84,8 @@ def recurrent_options(
 
 
 class CarryPredictor(nn.Module):
-    """Maps a carry (flattened per example) to a carry-shaped prediction: ``hidden_layers`` x
-    (Dense ``units``, ReLU), then a zero-initialised Dense, so its first outputs are exactly 0.
-    The synthesizer M has one hidden layer; the auxiliary head is linear."""
+    """A carry-shaped prediction from a carry: ``hidden_layers`` x (Dense, ReLU), then a
+    zero-initialised Dense (M has one hidden layer; the auxiliary head is linear)."""
 
     units: int
     hidden_layers: int
@@ -150,23 +131,8 @@ def carry_sq_error(prediction: Carry, target: Carry) -> jax.Array:
     return total / jax.tree_util.tree_leaves(prediction)[0].shape[0]
 
 
-def _where_batch(flag: jax.Array, a: Carry, b: Carry) -> Carry:
-    """Per example: ``a`` where ``flag`` else ``b``."""
-
-    def pick(x: jax.Array, y: jax.Array) -> jax.Array:
-        return jnp.where(flag.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
-
-    return jax.tree_util.tree_map(pick, a, b)
-
-
-def _scale_batch(flag: jax.Array, tree: Carry) -> Carry:
-    return jax.tree_util.tree_map(
-        lambda x: x * flag.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), tree
-    )
-
-
 class RecurrentState(NamedTuple):
-    """The parameters (``core``, and for DNI ``synthesizer`` and ``aux``) and their Adam state."""
+    """The parameters (``core``; for DNI ``synthesizer``, ``aux``) and their optimizer state."""
 
     params: dict[str, Any]
     opt_state: optax.OptState
@@ -175,43 +141,28 @@ class RecurrentState(NamedTuple):
 class SegmentGradients(NamedTuple):
     """What backpropagating one segment gives."""
 
-    core: Any
-    """Gradient of the core's parameters (mean over the batch)."""
-    start_grad: Carry
-    """Per-example gradient at the segment's start carry: the bootstrapped target."""
+    core: Any  # the core's gradient (mean over the batch)
+    start_grad: Carry  # per example, at the start carry: the bootstrapped target
     end_carry: Carry
-    loss_sum: jax.Array
-    """Sum over the batch and the counted steps of the step losses."""
-    count: jax.Array
-    """Number of counted (example, step) pairs."""
-    outputs: jax.Array
-    """``[T, batch, ...]`` logits."""
+    loss_sum: jax.Array  # over the batch and the counted steps
+    count: jax.Array  # counted (example, step) pairs
+    outputs: jax.Array  # [T, batch, ...] logits
 
 
 class SegmentMetrics(NamedTuple):
     loss_sum: jax.Array
     count: jax.Array
-    sg_loss: jax.Array
-    """M's regression loss at the segment's start (0 for bptt)."""
-    aux_loss: jax.Array
-    """The auxiliary head's loss (0 unless dni_aux)."""
+    sg_loss: jax.Array  # M's regression loss at the segment's start (0 for bptt)
+    aux_loss: jax.Array  # 0 unless dni_aux
     outputs: jax.Array
 
 
 class RecurrentTrainer:
-    """Trains a recurrent ``core`` segment by segment with ``method`` and ``optimizer``, the
-    arguments in ``Trainer``'s order.
-
-    ``method`` is ``sgjax.backprop()`` (truncated BPTT) or ``sgjax.dni(dense(1, units))``;
-    ``sg_scale`` scales M's output before it enters the core (paper: 0.1); ``sg_trains_core``
-    backpropagates M's regression loss into the core through the previous segment recomputed
-    with the current parameters (``step``'s ``previous``); ``aux_weight > 0`` adds DNI+Aux's
-    auxiliary loss with that weight. ``loss(logits, targets)`` is each example's loss at one
-    step. Everything is pure:
-    ``init`` and ``step`` can be jitted, scanned and vmapped. ``unroll`` is ``lax.scan``'s over
-    a segment's steps (``True``: fully unrolled; XLA's cost analysis then counts every step,
-    where it counts a loop's body once).
-    """
+    """Trains a recurrent ``core`` segment by segment (arguments in ``Trainer``'s order); pure.
+    ``sg_scale`` scales M's output before it enters the core; ``sg_trains_core`` backpropagates
+    M's loss into the core through the previous segment (``step``'s ``previous``);
+    ``aux_weight > 0`` adds DNI+Aux's loss. ``unroll`` is ``lax.scan``'s (``True``: XLA's cost
+    analysis then counts every step, where it counts a loop's body once)."""
 
     def __init__(
         self,
@@ -252,7 +203,7 @@ class RecurrentTrainer:
     def unroll(
         self, core_params: Any, carry: Carry, segment: Segment
     ) -> tuple[tuple[jax.Array, Carry], tuple[jax.Array, jax.Array]]:
-        """Run the core over the segment: ``((loss_sum, end_carry), (count, logits))``."""
+        """``((loss_sum, end_carry), (count, logits))`` over the segment."""
 
         def one_step(c: Carry, step: tuple[jax.Array, ...]) -> tuple[Carry, tuple]:
             x, target, mask = step
@@ -267,8 +218,7 @@ class RecurrentTrainer:
     def segment_gradients(
         self, core_params: Any, carry: Carry, segment: Segment, end_grad: Carry
     ) -> SegmentGradients:
-        """Backpropagate the segment's loss plus ``<end_grad, end_carry>`` (``end_grad`` per
-        example, a constant): gradients of the core (mean over the batch) and of the start."""
+        """Backpropagate the segment's loss plus ``<end_grad, end_carry>`` (per example)."""
         batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
         (loss_sum, end), vjp, (count, logits) = jax.vjp(
             lambda p, c: self.unroll(p, c, segment), core_params, carry, has_aux=True
@@ -289,13 +239,9 @@ class RecurrentTrainer:
         continues: jax.Array,
         previous: tuple[Carry, Segment, jax.Array] | None = None,
     ) -> tuple[RecurrentState, Carry, SegmentMetrics]:
-        """One update on ``segment`` from ``carry``; returns the new state and end carry.
-
-        ``continues[b]``: example b's sequence goes on after this segment (else the gradient at
-        its end is zero). ``previous = (carry, segment, present)``: the segment before this one
-        and its start carry, needed when ``sg_trains_core`` (``present[b]`` false: there was
-        none, e.g. at an episode's start).
-        """
+        """One update on ``segment`` from ``carry``: the new state and end carry.
+        ``continues[b]``: example b's sequence goes on after it. ``previous = (carry, segment,
+        present)``: the segment before, for ``sg_trains_core`` (``present[b]``: there was one)."""
         method, params = self.options, state.params
         batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
         zero_metric = jnp.zeros((), jnp.float32)
@@ -307,7 +253,10 @@ class RecurrentTrainer:
         end_sg = None
         ones = jnp.ones_like(loss_sum) / batch
         if method.synthetic:
-            end_sg = _scale_batch(continues, self.synthetic_gradient(params, end))
+            end_sg = jax.tree_util.tree_map(
+                lambda x: x * continues.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype),
+                self.synthetic_gradient(params, end),
+            )
             # The segment is backpropagated with the scaled synthetic gradient at its end; what
             # reaches its start is M's bootstrapped target (so M learns a gradient whose part
             # from beyond each further boundary is discounted by ``sg_scale``).
@@ -327,7 +276,11 @@ class RecurrentTrainer:
                 if method.sg_trains_core and previous is not None:
                     prev_carry, prev_segment, present = previous
                     (_, recomputed), _ = self.unroll(core_params, prev_carry, prev_segment)
-                    at = _where_batch(present, recomputed, at)
+                    at = jax.tree_util.tree_map(
+                        lambda x, y: jnp.where(present.reshape((-1,) + (1,) * (x.ndim - 1)), x, y),
+                        recomputed,
+                        at,
+                    )
                 prediction = synthesizer.apply({"params": synth_params}, at)
                 return carry_sq_error(prediction, target)
 

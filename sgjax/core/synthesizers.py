@@ -1,8 +1,6 @@
 """Synthesizers: modules M_k that predict dLoss/dh_k from h_k (and, for cDNI, the label).
-
-A factory (``dense``, ``conv``) builds one per boundary once the activation's shape is known,
-called as ``module(h, context, train=...)`` (``context``: the one-hot label, or None). Its last
-layer starts at zero, so the first synthetic gradients are exactly 0."""
+A factory (``dense``, ``conv``) builds one per boundary for the activation's shape, called as
+``module(h, context, train=...)``; its last layer starts at zero, so the first output is 0."""
 
 from __future__ import annotations
 
@@ -125,8 +123,7 @@ def conv(hidden_layers: int = 2, filters: int = 64, kernel_size: int = 5) -> Con
 
 
 class InputModel(nn.Module):
-    """A synthetic-input model (complete unlock): Dense(units) -> ReLU -> Dense to ``shape``,
-    from the network's input flattened per example."""
+    """A synthetic-input model (complete unlock): Dense -> ReLU -> Dense to ``shape``."""
 
     shape: tuple[int, ...]
     units: int
@@ -150,9 +147,8 @@ class LinearAuxiliary(nn.Module):
 
 
 class PooledAuxiliary(nn.Module):
-    """DGL's small head for (H, W, C) maps: average pooling to ``pooled`` x ``pooled``
-    (approximately, by a window of ceil(H / pooled)), ``hidden_layers`` x (Dense -> ReLU) of
-    ``units``, then a linear classifier."""
+    """DGL's head for (H, W, C) maps: average pooling to about ``pooled`` x ``pooled`` (window
+    ceil(H / pooled)), ``hidden_layers`` x (Dense -> ReLU), then a linear classifier."""
 
     num_classes: int
     pooled: int
@@ -198,6 +194,5 @@ class Auxiliary:
 
 
 def auto_auxiliary(pooled: int = 2, hidden_layers: int = 0, units: int = 256) -> Auxiliary:
-    """DGL heads: a linear classifier on flat activations; on (H, W, C) maps average pooling
-    to ``pooled`` x ``pooled``, ``hidden_layers`` Dense-ReLU layers, a linear classifier."""
+    """DGL heads: linear on flat activations, ``PooledAuxiliary`` on (H, W, C) maps."""
     return Auxiliary(pooled, hidden_layers, units)

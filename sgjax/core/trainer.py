@@ -1,24 +1,16 @@
 """``Trainer``: any chain of Flax modules trained by backprop or with synthetic gradients.
 
-Notation (Jaderberg et al. 2016, for any chain): stages f_1..f_K; decoupled boundaries split
-them into groups; the group below boundary k ends with h_k, where the method's boundary module
-reads it (DNI: the synthesizer M_k, g_k = M_k(h_k [, label])).
+Stages f_1..f_K; decoupled boundaries split them into groups; the group below boundary k ends
+with h_k, read by the method's boundary module (DNI: g_k = M_k(h_k [, label])). Each group but
+the last is updated with its VJP at its (constant) input with what its boundary sends it (DNI:
+g_k); the last group gets the true loss gradient. That VJP at a group's input is the message sent
+down, the bootstrapped target of the boundary below, from which every boundary module learns
+(DNI: M_k regresses g_k onto it, mean over the batch of ||g_k - t_k||^2).
 
-* every group but the last is updated with the VJP of the group at its (constant) input with
-  what its boundary sends it (DNI: g_k); the last group gets the true loss gradient;
-* that VJP at the group's input is the message sent down: the bootstrapped target of the
-  boundary below; the last group sends dLoss/dh down;
-* every boundary module learns from the message it received (DNI: M_k regresses g_k onto it,
-  mean over the batch of ||g_k - t_k||^2, with its own optimizer state).
-
-``step`` (with ``gradients``) is the whole algorithm on one screen; what differs between methods
-(backprop, DNI, cDNI, BP(lambda), the baselines, DGL) is in the ``Method`` object
-(``sgjax.core.methods``). The complete unlock feeds every group above the first a synthetic
-input; ``step(..., key=, update_prob=)`` makes every update stochastic.
-
-Every stage and boundary module keeps its own optimizer state. The per-group pieces
-(``group_forward``, ``group_backward``, ``last_group_gradients``, ``synthesizer_gradients``)
-are public so that engines can run groups on separate devices.
+``step`` (with ``gradients``) is the algorithm on one screen; what differs between methods is
+in the ``Method`` (``sgjax.core.methods``). Every stage and boundary module keeps its own
+optimizer state; the per-group pieces are public so that engines can run groups on separate
+devices.
 """
 
 from __future__ import annotations
@@ -45,8 +37,7 @@ class StageState(NamedTuple):
     """A stage's (or boundary module's) parameters, other variables and optimizer state."""
 
     params: Any
-    collections: Any
-    """Non-parameter variables, e.g. ``{"batch_stats": ...}``; ``{}`` when there are none."""
+    collections: Any  # non-parameter variables, e.g. {"batch_stats": ...}; {} when none
     opt_state: optax.OptState
 
 
@@ -54,11 +45,8 @@ class TrainerState(NamedTuple):
     """Everything a ``Trainer`` updates: one ``StageState`` per stage and per boundary."""
 
     stages: tuple[StageState, ...]
-    synthesizers: tuple[StageState, ...]
-    """One per decoupled boundary, bottom to top; empty for backprop: what the method keeps
-    there (DNI's synthesizers, DGL's heads, the stale-gradient table, nothing)."""
-    inputs: tuple[StageState, ...] = ()
-    """Complete unlock only: per boundary the synthetic-input model of the group above it."""
+    synthesizers: tuple[StageState, ...]  # per decoupled boundary: what the method keeps there
+    inputs: tuple[StageState, ...] = ()  # complete unlock: per boundary, a synthetic-input model
 
 
 class StepMetrics(NamedTuple):
@@ -67,9 +55,7 @@ class StepMetrics(NamedTuple):
     loss: jax.Array
     accuracy: jax.Array
     sg_loss: jax.Array
-    input_loss: Any = ()
-    """Complete unlock: per boundary the synthetic-input model's regression loss (mean over the
-    batch of the squared error summed over units); ``()`` for every other method."""
+    input_loss: Any = ()  # complete unlock: per boundary the synthetic-input model's loss
 
 
 class GroupForward(NamedTuple):
@@ -79,8 +65,7 @@ class GroupForward(NamedTuple):
     output: jax.Array
     group_vjp: Callable
     collections: tuple[Any, ...]
-    prediction: Prediction
-    """The boundary module's reading of ``output`` (``Method.predict``)."""
+    prediction: Prediction  # the boundary module's reading of ``output``
 
     @property
     def synthetic_grad(self) -> jax.Array:
@@ -95,14 +80,10 @@ class GroupGradients(NamedTuple):
     """Gradients of a decoupled group (per stage) and of its boundary module."""
 
     stages: tuple[Any, ...]
-    synthesizer: Any
-    """The boundary module's gradients (None: it has no parameters)."""
-    input_grad: jax.Array | None
-    """VJP at the group's input: the bootstrapped target of the boundary below (None for the
-    first group)."""
+    synthesizer: Any  # None: the boundary module has no parameters
+    input_grad: jax.Array | None  # the boundary below's target (None for the first group)
     sg_loss: jax.Array
     synthesizer_collections: Any = None
-    """The boundary module's new other variables."""
 
 
 class LastGroupGradients(NamedTuple):
@@ -121,8 +102,7 @@ class StepGradients(NamedTuple):
     forwards: list[GroupForward]
     groups: list[GroupGradients]
     last: LastGroupGradients
-    messages: list[jax.Array]
-    """What each boundary received from the group above (its module's target)."""
+    messages: list[jax.Array]  # what each boundary received from the group above
 
 
 class LocalGradients(NamedTuple):
@@ -143,8 +123,7 @@ class SynthesizerGradients(NamedTuple):
 def apply_module(
     module: nn.Module, params: Any, collections: Any, *args: Any, train: bool
 ) -> tuple[jax.Array, Any]:
-    """``module(*args, train=train)``; returns the output and the (updated, if training) other
-    variables. BatchNorm statistics are updated only in training and only when present."""
+    """``module(*args, train=train)`` and its other variables (updated only in training)."""
     variables = {"params": params, **collections}
     if train and collections:
         out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
@@ -159,23 +138,11 @@ def init_module(key: jax.Array, module: nn.Module, *args: Any) -> tuple[Any, Any
     return params, variables
 
 
-def _zero_accuracy(output: jax.Array, labels: jax.Array) -> jax.Array:
-    del output, labels
-    return jnp.zeros((), jnp.float32)
-
-
 class Trainer:
-    """Train a chain of Flax modules with ``method`` (``backprop()``, ``dni(...)``, ...).
-
-    Args:
-      stages: Flax modules, each called as ``module(x, train=...)``; the last one produces the
-        output that ``loss`` reads.
-      method: a ``sgjax.Method``: ``sgjax.backprop()``, ``sgjax.dni(...)`` or another.
-      loss: ``loss(output, labels) -> scalar``.
-      optimizer: an optax optimizer; every stage gets its own state of it.
-      synthesizer_optimizer: the boundary modules' optimizer (default: ``optimizer``).
-      accuracy: optional ``accuracy(output, labels) -> scalar`` reported in the metrics.
-    """
+    """Train a chain of Flax modules (each called as ``module(x, train=...)``) with a
+    ``sgjax.Method``; ``loss(output, labels)`` and optional ``accuracy(output, labels)`` read the
+    last stage's output; every stage gets its own state of ``optimizer``, every boundary module
+    of ``synthesizer_optimizer`` (default: ``optimizer``)."""
 
     def __init__(
         self,
@@ -199,10 +166,17 @@ class Trainer:
         self.loss = loss
         self.optimizer = optimizer
         self.synthesizer_optimizer = synthesizer_optimizer or optimizer
-        self.accuracy = accuracy or _zero_accuracy
-        self.groups = self._groups()
-
-    # ------------------------------------------------------------------ structure
+        self.accuracy = accuracy or (lambda output, labels: jnp.zeros((), jnp.float32))
+        last = len(self.stages) - 1
+        for b in self.boundaries:
+            if not 0 <= b < last:
+                raise ValueError(
+                    f"boundary {b} is not after a stage that has a stage above it; choose "
+                    f"indices between 0 and {last - 1}"
+                )
+        starts = [0, *(b + 1 for b in self.boundaries)]
+        ends = [*(b + 1 for b in self.boundaries), len(self.stages)]
+        self.groups = tuple(tuple(range(s, e)) for s, e in zip(starts, ends, strict=True))
 
     @property
     def boundaries(self) -> tuple[int, ...]:
@@ -217,35 +191,16 @@ class Trainer:
 
     @property
     def unlocked(self) -> bool:
-        """Whether the method is the complete unlock (groups train on synthetic inputs)."""
+        """The complete unlock: groups train on synthetic inputs."""
         return self.method.synthetic_inputs
 
     @property
     def local(self) -> bool:
-        """Whether no feedback crosses a decoupled boundary backwards (greedy local learning,
-        zero gradient): each decoupled group learns from what it computes itself."""
+        """No feedback crosses a decoupled boundary backwards (DGL, zero gradient)."""
         return self.method.local
 
-    def _groups(self) -> tuple[tuple[int, ...], ...]:
-        last = len(self.stages) - 1
-        for b in self.boundaries:
-            if not 0 <= b < last:
-                raise ValueError(
-                    f"boundary {b} is not after a stage that has a stage above it; choose "
-                    f"indices between 0 and {last - 1}"
-                )
-        starts = [0, *(b + 1 for b in self.boundaries)]
-        ends = [*(b + 1 for b in self.boundaries), len(self.stages)]
-        return tuple(tuple(range(s, e)) for s, e in zip(starts, ends, strict=True))
-
-    # ------------------------------------------------------------------ init and apply
-
     def init(self, key: jax.Array, sample_x: jax.Array) -> TrainerState:
-        """Initial state; ``sample_x`` is an example batch (only its shape matters).
-
-        Stage k is initialised with ``split(key, K)[k]``, boundary j with
-        ``split(fold_in(key, 1), J)[j]``, so backprop and DNI start from the same network.
-        """
+        """Initial state for batches like ``sample_x`` (stage k from ``split(key, K)[k]``)."""
         keys = jax.random.split(key, len(self.stages))
         stages, outputs = [], []
         h = sample_x
@@ -270,12 +225,7 @@ class Trainer:
         return TrainerState(tuple(stages), tuple(synthesizers), tuple(inputs))
 
     def apply_group(
-        self,
-        j: int,
-        params: Sequence[Any],
-        collections: Sequence[Any],
-        h: jax.Array,
-        train: bool,
+        self, j: int, params: Sequence[Any], collections: Sequence[Any], h: jax.Array, train: bool
     ) -> tuple[jax.Array, tuple[Any, ...]]:
         """Group ``j``'s output and its stages' (updated, if training) other variables."""
         new = []
@@ -298,8 +248,6 @@ class Trainer:
         output = self.apply(state, x)
         return self.loss(output, labels), self.accuracy(output, labels)
 
-    # ------------------------------------------------------------------ the step
-
     def step(
         self,
         state: TrainerState,
@@ -311,13 +259,8 @@ class Trainer:
         example_ids: jax.Array | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
         """One update of every stage and boundary module; pure, jittable, vmappable.
-
-        ``example_ids`` (int, one per batch row: its index in the training set) is what the
-        stale gradient's per-example table is read and written by; other methods ignore it.
-        With ``update_prob`` p (a float or a traced scalar; needs ``key``) the update is
-        stochastic (``stochastic_update_mask``): stages and boundary modules that do not update
-        keep their whole state; the masked updates are computed and discarded.
-        """
+        ``example_ids`` (each row's index in the training set) feed the stale-gradient table.
+        With ``update_prob`` (needs ``key``) stages that do not update keep their whole state."""
         inputs = self.synthetic_inputs(state, x) if self.unlocked else None
         grads = self.gradients(state, x, labels, group_inputs=inputs, example_ids=example_ids)
         last = grads.last
@@ -363,12 +306,9 @@ class Trainer:
         group_inputs: Sequence[jax.Array] | None = None,
         example_ids: jax.Array | None = None,
     ) -> StepGradients:
-        """Every gradient of one synchronous step: forwards bottom to top, the last group's
-        true gradients, then each group's gradients top to bottom with what its boundary sends
-        it and the message it sends down. ``synthetic_override`` replaces what every boundary
-        sends (for the groups' updates and so for the bootstrapped targets); ``group_inputs``
-        gives the input of every group above the first (the complete unlock's synthetic
-        inputs) instead of the output of the group below."""
+        """Every gradient of one synchronous step: forwards bottom to top, the last group's true
+        gradients, then the other groups top to bottom. ``synthetic_override`` replaces what
+        every boundary sends; ``group_inputs`` the input of every group above the first."""
         true = self.boundary_gradients(state, x, labels) if self.method.true_gradients else None
         forwards, h = [], x
         for j in range(len(self.groups) - 1):
@@ -391,14 +331,9 @@ class Trainer:
         return StepGradients(forwards, groups, last, messages)
 
     def stochastic_update_mask(self, key: jax.Array, update_prob: float | jax.Array) -> jax.Array:
-        """Which stages update this step (bool, one per stage), each with probability p.
-
-        Decoupled methods: every group (its stages, the module at its top boundary and, for the
-        complete unlock, its synthetic-input model) updates with probability p, independently of
-        the others. Backprop (a locked method): every stage runs its backward pass with
-        probability p and a stage updates only when it and every stage above it ran theirs
-        (stage k of K updates with probability p^(K - k), 0-based).
-        """
+        """Which stages update this step (bool per stage). Decoupled: each group independently
+        with probability p. Locked (backprop): a stage updates only when it and every stage above
+        it ran their backward pass (each with probability p), so stage k with p^(K - k)."""
         if self.method.locked:
             coins = jax.random.bernoulli(key, update_prob, (len(self.stages),))
             return jnp.flip(jnp.cumprod(jnp.flip(coins).astype(jnp.int32))).astype(bool)
@@ -408,8 +343,8 @@ class Trainer:
     def masked_update(
         self, old: TrainerState, new: TrainerState, stage_mask: jax.Array
     ) -> TrainerState:
-        """``new`` where ``stage_mask`` (one bool per stage) is set, else ``old``; a boundary's
-        module follows the group below it, a synthetic-input model the group above it."""
+        """``new`` where ``stage_mask`` is set, else ``old`` (boundary modules follow the group
+        below, synthetic-input models the group above)."""
 
         def pick(flag: jax.Array, a: Any, b: Any) -> Any:
             return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
@@ -430,17 +365,13 @@ class Trainer:
     def group_coin(
         self, key: jax.Array, step: jax.Array, j: int, update_prob: float | jax.Array
     ) -> jax.Array:
-        """Whether group ``j`` (and its boundary module) updates at step ``step`` of the
-        single-device loop whose batch key is ``key``: the same draw as ``step(...,
-        key=fold_in(fold_in(key, step), UPDATE_KEY), update_prob=)`` makes for it."""
+        """Whether group ``j`` updates at step ``step`` of the single-device loop with batch
+        key ``key`` (the draw ``step`` makes with ``fold_in(fold_in(key, step), UPDATE_KEY)``)."""
         step_key = jax.random.fold_in(jax.random.fold_in(key, step), UPDATE_KEY)
         return self.stochastic_update_mask(step_key, update_prob)[self.groups[j][0]]
 
-    # ------------------------------------------------------------------ per-group pieces
-
     def group_state(self, stages: Sequence[StageState], j: int) -> tuple[tuple, tuple]:
-        """Group ``j``'s parameters and other variables, per stage (``stages``: every stage's
-        state, or a mapping from stage index to state holding at least group ``j``'s)."""
+        """Group ``j``'s parameters and other variables (``stages``: a sequence or mapping)."""
         chosen = [stages[k] for k in self.groups[j]]
         return tuple(s.params for s in chosen), tuple(s.collections for s in chosen)
 
@@ -453,9 +384,7 @@ class Trainer:
         labels: jax.Array,
         example_ids: jax.Array | None = None,
     ) -> GroupForward:
-        """Decoupled group ``j`` (not the last) on a constant input: its output h with its VJP,
-        and its boundary module's prediction on h. ``stages`` is the whole tuple of stage
-        states (only group ``j``'s are read)."""
+        """Decoupled group ``j`` on a constant input: its output h, VJP and boundary's reading."""
         params, collections = self.group_state(stages, j)
         if j == 0:
             output, group_vjp, new_collections = jax.vjp(
@@ -481,9 +410,8 @@ class Trainer:
         true: jax.Array | None = None,
         example_ids: jax.Array | None = None,
     ) -> GroupGradients:
-        """Group gradients from what its boundary sends it (``Method.send``, or
-        ``synthetic_grad``, e.g. the oracle's) and its boundary module's learning from
-        ``target``, the message from above (``Method.learn``)."""
+        """Group gradients from what its boundary sends (or ``synthetic_grad``) and its
+        boundary module's learning from ``target``, the message from above."""
         g = (
             self.method.send(fwd.prediction, target, true)
             if synthetic_grad is None
@@ -522,8 +450,7 @@ class Trainer:
         h: jax.Array,
         labels: jax.Array,
     ) -> tuple[LocalGradients, jax.Array]:
-        """A local method's (greedy local learning, zero gradient) decoupled group ``j`` alone
-        (its input a constant): its gradients and its boundary module's, and the group's output."""
+        """A local method's group ``j`` alone: its and its boundary's gradients, its output."""
         fwd = self.group_forward(stages, head_state, j, jax.lax.stop_gradient(h), labels)
         g = self.group_backward(fwd, None)
         local = LocalGradients(
@@ -534,8 +461,7 @@ class Trainer:
     def synthesizer_gradients(
         self, synthesizer: StageState, h: jax.Array, labels: jax.Array, target: jax.Array
     ) -> SynthesizerGradients:
-        """The boundary module's gradients towards a constant target on a (stored) h, with its
-        current parameters: ``Method.learn``, as in ``group_backward``."""
+        """The boundary module's gradients towards a constant target on a (stored) h."""
         prediction = self.method.predict(
             synthesizer.params, synthesizer.collections, h, labels, None
         )
@@ -561,8 +487,7 @@ class Trainer:
     def update_synthesizer(
         self, synthesizer: StageState, grads: Any, collections: Any
     ) -> StageState:
-        """A boundary module's optimizer step (none when ``grads`` is None) and its new other
-        variables."""
+        """A boundary module's optimizer step (none when ``grads`` is None)."""
         if grads is None:
             return synthesizer._replace(collections=collections)
         params, opt_state = apply_optimizer(
@@ -571,8 +496,6 @@ class Trainer:
         return StageState(params, collections, opt_state)
 
     update_head = update_synthesizer
-
-    # ------------------------------------------------------------------ the complete unlock
 
     def synthetic_inputs(self, state: TrainerState, x: jax.Array) -> tuple[jax.Array, ...]:
         """Complete unlock: per boundary the predicted input of the group above it."""
@@ -591,9 +514,8 @@ class Trainer:
     def input_model_update(
         self, model: StageState, x: jax.Array, target: jax.Array
     ) -> tuple[StageState, jax.Array]:
-        """One optimizer step of a synthetic-input model's L2 regression (mean over the batch of
-        the squared error summed over units) onto ``target``, the output of the group below on
-        the same minibatch; the new state and the loss before the step."""
+        """One optimizer step of a synthetic-input model's L2 regression onto ``target`` (the
+        group below's output); the new state and the loss before the step."""
         module = self._input_model(tuple(target.shape[1:]))
         loss, grads = jax.value_and_grad(
             lambda p: sg_regression_loss(module.apply({"params": p}, x), target)
@@ -602,8 +524,7 @@ class Trainer:
         return StageState(params, {}, opt_state), loss
 
     def boundary_shapes(self, x: Any) -> list[jax.ShapeDtypeStruct]:
-        """Shape and dtype of every decoupled group's output (the input of the group above it)
-        for a batch like ``x`` (an array or a ``jax.ShapeDtypeStruct``); nothing is computed."""
+        """Shape and dtype of every decoupled group's output for a batch like ``x``."""
 
         def outputs(x: jax.Array) -> list[jax.Array]:
             stages = self.init(jax.random.PRNGKey(0), x).stages
@@ -615,8 +536,6 @@ class Trainer:
             return hs
 
         return jax.eval_shape(outputs, x)
-
-    # ------------------------------------------------------------------ true gradients, probes
 
     def backprop_gradients(
         self, state: TrainerState, x: jax.Array, labels: jax.Array
@@ -637,8 +556,7 @@ class Trainer:
     def boundary_gradients(
         self, state: TrainerState, x: jax.Array, labels: jax.Array
     ) -> tuple[jax.Array, ...]:
-        """True dLoss/dh_k at every decoupled boundary (training mode): the oracle, and the
-        reference for probes such as the cosine with the synthetic gradients."""
+        """True dLoss/dh_k at every decoupled boundary (training mode)."""
         num_groups = len(self.groups)
 
         def forward(offsets: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
@@ -656,9 +574,8 @@ class Trainer:
         return tuple(jax.grad(lambda o: forward(o)[0])(zeros))
 
     def frozen_control(self) -> Trainer:
-        """This trainer with boundary modules that never learn: every synthetic gradient stays
-        0, so decoupled stages keep their initialisation and only the last group trains. The
-        control a decoupled method must beat to show that its synthetic gradients teach."""
+        """This trainer with boundary modules that never learn (synthetic gradients stay 0):
+        the control a decoupled method must beat to show that its synthetic gradients teach."""
         return Trainer(
             self.stages,
             self.method,
@@ -671,11 +588,7 @@ class Trainer:
     def synthetic_gradient_cosines(
         self, state: TrainerState, x: jax.Array, labels: jax.Array, example_ids: Any = None
     ) -> jax.Array:
-        """Per decoupled boundary, the cosine between the boundary's prediction and the true
-        dLoss/dh on this batch (both flattened over the batch); 0 where either is zero.
-
-        The control that tells learning synthesizers from moving ones: 0 at initialisation,
-        about 0 for random directions, 1 for the oracle."""
+        """Per boundary, the cosine of the prediction with the true dLoss/dh (0 if either is 0)."""
         true = self.boundary_gradients(state, x, labels)
         forwards = self.gradients(state, x, labels, example_ids=example_ids).forwards
         cosines = []

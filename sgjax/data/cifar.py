@@ -47,8 +47,7 @@ except ImportError:  # numpy 1.x
 
 
 def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """numpy's reconstructor, for plain ndarrays with a placeholder shape (``__setstate__`` then
-    sets the real shape and bytes)."""
+    """numpy's reconstructor, for plain ndarrays with a placeholder shape (set by __setstate__)."""
     if subtype is not np.ndarray:
         raise pickle.UnpicklingError(f"refusing to build {subtype!r}, not a numpy array")
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and 0 <= n <= 1 for n in shape):
@@ -57,7 +56,7 @@ def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
 
 
 def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    """numpy's protocol-5 reconstructor (a copy, so the result owns its memory)."""
+    """numpy's protocol-5 reconstructor, copied so that the result owns its memory."""
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
 
 
@@ -147,7 +146,6 @@ def parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _labels_array(labels: Any, where: str) -> np.ndarray:
-    """The ``b"labels"`` entry (a list of ints or an integer array) as int32 in 0..9."""
     if isinstance(labels, np.ndarray):
         array = labels
     elif isinstance(labels, (list, tuple)) and all(
@@ -170,7 +168,6 @@ def _labels_array(labels: Any, where: str) -> np.ndarray:
 
 
 def _archive_members(archive: Path) -> Iterator[tuple[str, str, bytes]]:
-    """(batch name, where, raw bytes) for each batch file in the archive, in archive order."""
     wanted = set(TRAIN_BATCHES) | {TEST_BATCH}
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
@@ -192,7 +189,7 @@ def _archive_members(archive: Path) -> Iterator[tuple[str, str, bytes]]:
 
 
 def _read_archive(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    batches = {}
     try:
         for base, where, raw in _archive_members(archive):
             batches.setdefault(base, parse_batch(raw, where))
@@ -207,7 +204,7 @@ def _read_archive(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _read_folder(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     present = {name: folder / name for name in (*TRAIN_BATCHES, TEST_BATCH)}
     _require_all({k: v for k, v in present.items() if v.is_file()}, str(folder))
-    batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    batches = {}
     for name, path in present.items():
         try:
             size = path.stat().st_size
@@ -234,7 +231,6 @@ def _require_all(found: dict[str, Any], where: str) -> None:
 
 
 def _locate(directory: Path) -> tuple[str, Path]:
-    """("folder" | "archive", path) for the first CIFAR-10 copy found in ``directory``."""
     if directory.is_file():
         return "archive", directory
     if not directory.is_dir():
@@ -252,9 +248,8 @@ def _locate(directory: Path) -> tuple[str, Path]:
 
 
 def load_cifar10_dir(data_dir: str | os.PathLike[str], *, reason: str | None = None) -> Dataset:
-    """Load CIFAR-10 from ``data_dir``: its batch files, its ``cifar-10-batches-py`` folder or
-    its ``cifar-10-python.tar.gz`` (in that order of preference; ``data_dir`` may also be the
-    archive itself)."""
+    """CIFAR-10 from the batch files, ``cifar-10-batches-py`` or ``cifar-10-python.tar.gz`` in
+    ``data_dir`` (in that order), or from ``data_dir`` as the archive itself."""
     kind, location = _locate(Path(data_dir).expanduser())
     batches = _read_archive(location) if kind == "archive" else _read_folder(location)
     sizes = {name: batches[name][1].shape[0] for name in TRAIN_BATCHES}

@@ -32,13 +32,9 @@ class Batch(NamedTuple):
 
 def to_device(ds: Dataset, device: Any = None) -> DeviceData:
     """Copy the dataset's arrays to ``device`` (default device if None) in one transfer."""
-    host = DeviceData(
-        np.asarray(ds.train_images, np.uint8),
-        np.asarray(ds.train_labels, np.int32),
-        np.asarray(ds.test_images, np.uint8),
-        np.asarray(ds.test_labels, np.int32),
-    )
-    return jax.device_put(host, device)
+    dtypes = (np.uint8, np.int32, np.uint8, np.int32)
+    host = (np.asarray(getattr(ds, f), t) for f, t in zip(DeviceData._fields, dtypes, strict=True))
+    return jax.device_put(DeviceData(*host), device)
 
 
 def scale_images(images_uint8: jax.Array) -> jax.Array:

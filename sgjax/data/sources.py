@@ -39,9 +39,8 @@ IDX_FILES = {  # each may also end in ".gz"
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # dataset-fashion-mnist's
 EMBEDDED_MNIST = ("assets", "mnist_embedded.npz")  # tools/build_embedded_mnist.py makes it
 TFDS_PROBE_HOST = ("storage.googleapis.com", 443)
-NO_TFDS_ENV = "SGJAX_NO_TFDS"
-"""Set to anything but "" or "0", ``load_dataset`` skips TFDS (no import, no network probe); the
-tests set it (tests/conftest.py) so that every machine runs them on the same data."""
+NO_TFDS_ENV = "SGJAX_NO_TFDS"  # set (not "" or "0"): skip TFDS; the tests set it, so every
+# machine runs them on the same data
 
 _IDX_HINT = (
     "pass a folder holding the four MNIST-format IDX files "
@@ -59,8 +58,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """uint8 images of ``IMAGE_SHAPES`` (another name may use either shape), int32 (N,) labels,
-    and where they came from."""
+    """uint8 images of ``IMAGE_SHAPES``, int32 (N,) labels, and where they came from."""
 
     name: str
     source: str
@@ -116,13 +114,11 @@ class Dataset:
         return tuple(int(n) for n in self.train_images.shape[1:])
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready summary for a run's record."""
         names = ("name", "source", "train_size", "test_size", "reason", "location")
         return {name: getattr(self, name) for name in names}
 
 
 def _read_bytes(path: Path) -> bytes:
-    """Read a file, gunzipping it when it starts with the gzip magic."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -195,8 +191,7 @@ def read_idx_labels(path: str | os.PathLike[str]) -> np.ndarray:
 
 def _find_idx_files(data_dir: Path) -> dict[str, Path] | list[str]:
     """The four IDX paths in ``data_dir``, or the names of those missing."""
-    found: dict[str, Path] = {}
-    missing: list[str] = []
+    found, missing = {}, []
     for key, base in IDX_FILES.items():
         for candidate in (data_dir / base, data_dir / f"{base}.gz"):
             if candidate.is_file():
@@ -242,24 +237,11 @@ def _tfds_data_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
 
 
-def _tfds_prepared_copy(name: str) -> Path | None:
-    """A ``<name>/<version>/dataset_info.json`` in the TFDS data dir, if any."""
-    try:
-        matches = sorted(_tfds_data_dir().glob(f"{name}/*/dataset_info.json"))
-    except OSError:
-        return None
-    return matches[-1].parent if matches else None
-
-
-def _tfds_turned_off() -> bool:
-    return os.environ.get(NO_TFDS_ENV, "").strip() not in ("", "0")
-
-
 def _network_available(
     host: tuple[str, int] = TFDS_PROBE_HOST, timeout: float = 2.0, join_timeout: float = 3.0
 ) -> bool:
     """Whether a TCP connection to ``host`` opens; bounded by ``join_timeout`` even if DNS hangs."""
-    result: list[bool] = []
+    result = []
 
     def probe() -> None:
         try:
@@ -281,7 +263,6 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 
 
 def _load_tfds(name: str, download: bool) -> Dataset:
-    """Load both splits through TFDS (lazy import); exceptions propagate to the caller."""
     import tensorflow_datasets as tfds  # noqa: PLC0415  (optional, heavy: import only when used)
 
     splits = tfds.load(
@@ -323,12 +304,8 @@ def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> D
 
 def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) -> Dataset:
     """Load ``name`` from the best source reachable; ``Dataset.reason`` says which and why.
-
-    Order: ``data_dir`` (IDX files, or CIFAR-10's python version; errors raise, no fallback);
-    TFDS (optional) when it holds a prepared copy or the network answers (unless ``allow_tfds``
-    is False or ``SGJAX_NO_TFDS`` is set); Debian's Fashion-MNIST folder; the embedded MNIST
-    subset; for cifar10, a ``DataError`` saying where to get the archive. Offline, the choice
-    takes a few seconds at most."""
+    Order: ``data_dir`` (errors raise); TFDS when it holds a prepared copy or the network
+    answers; Debian's Fashion-MNIST; the embedded MNIST subset (cifar10: a ``DataError``)."""
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
     if data_dir is not None:
@@ -340,10 +317,14 @@ def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) ->
 
     if not allow_tfds:
         why_not = "TFDS was not allowed (allow_tfds=False)"
-    elif _tfds_turned_off():
+    elif os.environ.get(NO_TFDS_ENV, "").strip() not in ("", "0"):
         why_not = f"TFDS is turned off ({NO_TFDS_ENV}={os.environ[NO_TFDS_ENV].strip()})"
     else:
-        prepared = _tfds_prepared_copy(name)
+        try:  # a <name>/<version>/dataset_info.json in the TFDS data dir
+            copies = sorted(_tfds_data_dir().glob(f"{name}/*/dataset_info.json"))
+        except OSError:
+            copies = []
+        prepared = copies[-1].parent if copies else None
         online = _network_available()
         if prepared is None and not online:
             why_not = (

@@ -89,20 +89,12 @@ def load_text_corpus(
                 "text; pass a longer text, a --valid_file/--test_file, or a larger fraction"
             )
     vocabulary = "".join(sorted(set(text)))
-    source = f"{text_file}"
-    if held:
-        source += f" ({', '.join(held)})"
-    if valid_file:
-        source += f", validation {valid_file}"
-    if test_file:
-        source += f", test {test_file}"
-    return TextCorpus(
-        vocabulary,
-        encode(text, vocabulary),
-        encode(valid_text, vocabulary),
-        encode(test_text, vocabulary),
-        source,
+    source = f"{text_file}" + (f" ({', '.join(held)})" if held else "")
+    source += (f", validation {valid_file}" if valid_file else "") + (
+        f", test {test_file}" if test_file else ""
     )
+    parts = (encode(t, vocabulary) for t in (text, valid_text, test_text))
+    return TextCorpus(vocabulary, *parts, source)
 
 
 def as_streams(ids: np.ndarray, streams: int) -> np.ndarray:

@@ -1,12 +1,10 @@
 """Copy and Repeat Copy (Graves et al. 2014), generated on the device inside the compiled loop.
 
-Per time step, for a pattern of N random ``bits``-bit vectors: step 0 sets the start channel
-(``bits``); steps 1..N carry the pattern; step N+1 sets the delimiter channel (``bits + 1``) and,
-for Repeat Copy, R * 0.1 on channel ``bits + 2``. Then the output phase (inputs zero, the only
-steps the loss counts): the pattern (Copy), or the pattern R times and one end-marker step on
-output channel ``bits`` (Repeat Copy). Episodes are padded to ``max_length`` steps, so the
-compiled program never changes as N and R grow. A level's size is the paper's: N + 3 (Copy),
-N*R + 3 (Repeat Copy)."""
+For N random ``bits``-bit vectors: step 0 sets the start channel (``bits``), steps 1..N carry
+the pattern, step N+1 the delimiter (``bits + 1``; Repeat Copy: R * 0.1 on ``bits + 2``). The
+output phase (the only steps the loss counts) repeats the pattern (R times and an end marker on
+output channel ``bits`` for Repeat Copy). Episodes are padded to ``max_length`` steps, so the
+compiled program never changes as N and R grow."""
 
 from __future__ import annotations
 
@@ -75,7 +73,6 @@ class CopyTask:
         return Level(jnp.ones((), jnp.int32), jnp.ones((), jnp.int32))
 
     def steps(self, n: jax.Array | int, r: jax.Array | int) -> jax.Array | int:
-        """Time steps of an episode of level (n, r): input phase, then output phase."""
         return n + 2 + n * r + 1 if self.repeats else 2 * n + 2
 
     def episode_size(self, level: Level) -> jax.Array:
@@ -90,7 +87,6 @@ class CopyTask:
         return Level(level.n + grow_n, level.r + (1 - grow_n))
 
     def fits(self, level: Level) -> jax.Array:
-        """Whether an episode of ``level`` fits in ``max_length`` steps."""
         return self.steps(level.n, level.r) <= self.max_length
 
     def generate(self, key: jax.Array, level: Level, batch_size: int) -> Episode:
