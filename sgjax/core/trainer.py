@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sgjax.core.methods import Method, Prediction, sg_regression_loss
+from sgjax.core.methods import Learned, Method, Prediction, sg_regression_loss
 from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import InputModel
 
@@ -103,21 +103,6 @@ class StepGradients(NamedTuple):
     groups: list[GroupGradients]
     last: LastGroupGradients
     messages: list[jax.Array]  # what each boundary received from the group above
-
-
-class LocalGradients(NamedTuple):
-    """Greedy local learning: a group's and its auxiliary head's gradients of the head's loss."""
-
-    stages: tuple[Any, ...]
-    head: Any
-    collections: tuple[Any, ...]
-    head_collections: Any
-    loss: jax.Array
-
-
-class SynthesizerGradients(NamedTuple):
-    grads: Any
-    sg_loss: jax.Array
 
 
 def apply_module(
@@ -442,31 +427,15 @@ class Trainer:
         input_grad = grads[1] if j > 0 else None
         return LastGroupGradients(grads[0], input_grad, new, loss, output)
 
-    def local_group_gradients(
-        self,
-        stages: Sequence[StageState],
-        head_state: StageState,
-        j: int,
-        h: jax.Array,
-        labels: jax.Array,
-    ) -> tuple[LocalGradients, jax.Array]:
-        """A local method's group ``j`` alone: its and its boundary's gradients, its output."""
-        fwd = self.group_forward(stages, head_state, j, jax.lax.stop_gradient(h), labels)
-        g = self.group_backward(fwd, None)
-        local = LocalGradients(
-            g.stages, g.synthesizer, fwd.collections, g.synthesizer_collections, g.sg_loss
-        )
-        return local, fwd.output
-
     def synthesizer_gradients(
         self, synthesizer: StageState, h: jax.Array, labels: jax.Array, target: jax.Array
-    ) -> SynthesizerGradients:
-        """The boundary module's gradients towards a constant target on a (stored) h."""
+    ) -> Learned:
+        """The boundary module's learning (``Method.learn``) towards a constant target on a
+        (stored) h, with its current parameters."""
         prediction = self.method.predict(
             synthesizer.params, synthesizer.collections, h, labels, None
         )
-        learned = self.method.learn(prediction, target, None, None)
-        return SynthesizerGradients(learned.grads, learned.loss)
+        return self.method.learn(prediction, target, None, None)
 
     def update_stages(
         self,
@@ -494,8 +463,6 @@ class Trainer:
             self.synthesizer_optimizer, grads, synthesizer.opt_state, synthesizer.params
         )
         return StageState(params, collections, opt_state)
-
-    update_head = update_synthesizer
 
     def synthetic_inputs(self, state: TrainerState, x: jax.Array) -> tuple[jax.Array, ...]:
         """Complete unlock: per boundary the predicted input of the group above it."""

@@ -299,16 +299,15 @@ class SgProgram(DecoupledProgram):
         return batches + self.num_stages - 1 + (batches == self.schedule.num_steps)
 
     def _local_update(self, stage: PipeStage, x: jax.Array, y: jax.Array, j: int) -> tuple:
-        """A group that learns from what it computes itself (``Trainer.local``): greedy local
-        learning (its auxiliary head's loss) or the zero gradient, as ``Trainer.step`` does
-        (``Trainer.local_group_gradients``: the method's own prediction and learning)."""
-        trainer, head = self.trainer, stage.boundary
+        """A group that learns from what it computes itself (``Trainer.local``: greedy local
+        learning, the zero gradient), by ``Trainer.step``'s forward and backward."""
+        trainer = self.trainer
         indexed = indexed_group(trainer, j, stage.stages)
-        local, out = trainer.local_group_gradients(indexed, head, j, x, y)
-        grads, collections, loss = local.stages, local.collections, local.loss
-        head = trainer.update_head(head, local.head, local.head_collections)
-        new = trainer.update_stages(indexed, trainer.groups[j], grads, collections)
-        return PipeStage(tuple(new[i] for i in trainer.groups[j]), head), out, loss
+        fwd = trainer.group_forward(indexed, stage.boundary, j, jax.lax.stop_gradient(x), y)
+        g = trainer.group_backward(fwd, None)
+        head = trainer.update_synthesizer(stage.boundary, g.synthesizer, g.synthesizer_collections)
+        new = trainer.update_stages(indexed, trainer.groups[j], g.stages, fwd.collections)
+        return PipeStage(tuple(new[i] for i in trainer.groups[j]), head), fwd.output, g.sg_loss
 
     def _branch(self, k: int) -> Callable:
         trainer, n = self.trainer, self.schedule.num_steps
@@ -371,7 +370,7 @@ class SgProgram(DecoupledProgram):
                 synth = kept(learn, learnt, synth._replace(collections=statistics))
                 up = with_labels(pad_rows(fwd.output, self.width), y)
                 down = self._zeros() if k == 0 else pad_rows(grads.input_grad, self.width)
-                return PipeStage(stages, synth), up, down, zero, regression.sg_loss
+                return PipeStage(stages, synth), up, down, zero, regression.loss
 
             def idle() -> tuple:
                 return stage, self._zeros(1), self._zeros(), zero, zero
@@ -448,7 +447,7 @@ class UnlockedProgram(DecoupledProgram):
                     target = unpad_rows(mail.target[j], self.shapes[j])
                     regression = trainer.synthesizer_gradients(synth, stored, y, target)
                     learnt = trainer.update_synthesizer(synth, regression.grads, synth.collections)
-                    synth, sg_loss = kept(learn, learnt, synth), regression.sg_loss
+                    synth, sg_loss = kept(learn, learnt, synth), regression.loss
                 return PipeStage(stage.stages, synth, input_model), sg_loss, input_loss
 
             def train(stage: PipeStage) -> tuple:
