@@ -38,7 +38,6 @@ SG = dict(
     learning_rate=1e-2,
     **TINY,
 )
-BP = dict(mode="bp", num_steps=4, eval_every=2, learning_rate=1e-2, **TINY)
 # The complete unlock (3 groups on 3 devices), with --update_prob's coins; chunks of 4.
 UNLOCK = dict(
     mode="cdni",
@@ -92,10 +91,6 @@ def _records(result) -> list[dict]:
     return [dataclasses.asdict(r) | {"elapsed_s": 0.0} for r in result.records]
 
 
-def _train_metrics(result) -> list[list[float]]:
-    return [[r.train_loss, r.train_accuracy, *r.sg_loss] for r in result.records]
-
-
 def unlock_results(mnist: Any) -> dict[str, Any]:
     """The complete unlock on 3 devices against its stages grouped on one device (its
     independent reference, ``Trainer.step``, is tests/test_parallel_unlock.py's), and the run
@@ -139,16 +134,11 @@ def unlock_results(mnist: Any) -> dict[str, Any]:
 def four_device_results() -> dict[str, Any]:
     """Everything the tests check, computed under 4 simulated devices."""
     from optax import tree_utils as otu
-    from test_parallel import stale_module_reference  # this file runs as a script from tests/
 
-    from sgjax.data import load_dataset, sample_batch, to_device
+    from sgjax.data import load_dataset
     from sgjax.parallel import spmd
     from sgjax.parallel.layers import train_layer_parallel
-    from sgjax.parallel.schedules import accumulated_backprop_step
-    from sgjax.training.checkpoint import Checkpointer
     from sgjax.training.config import TrainConfig
-    from sgjax.training.loop import init_train_state
-    from sgjax.training.model import trainer_for
 
     assert len(jax.devices()) == 4, jax.devices()
     mnist = load_dataset("mnist", None)
@@ -162,87 +152,24 @@ def four_device_results() -> dict[str, Any]:
 
     spmd.PipelineEngine.compile = counting_compile
 
-    # sg: chunks of 4 ticks at most (the first chunk fills, the last drains), one program.
+    # sg: chunks of 20 ticks (the first fills, the last drains), one program; its records are
+    # what 2 processes x 2 devices must reproduce. The schedule's references (staleness, stages
+    # sharing devices, resume, backprop, the decoupled modes) are tests/test_parallel.py's.
     sg = TrainConfig(**SG)
-    common = dict(kind="sg_pipeline", num_devices=4, log=quiet)
-    ours = train_layer_parallel(sg, mnist, engine="spmd", stage_timing_repeats=2, **common)
-    # The same schedule with two stages per device (messages between them stay on the device).
-    theirs = train_layer_parallel(sg, mnist, **(common | dict(num_devices=2)))
+    ours = train_layer_parallel(
+        sg, mnist, kind="sg_pipeline", num_devices=4, log=quiet, stage_timing_repeats=2
+    )
     counts = [s.opt_state for s in (*ours.state.model.stages, *ours.state.model.synthesizers)]
     out["sg"] = {
         "placement": list(ours.stage_devices),
-        "difference": differences(ours.state.model, theirs.state.model),
-        # The independent reference: synchronous sg with synthesizers two updates old; one
-        # update old must differ.
-        "stale": {
-            lag: differences(ours.state.model, stale_module_reference(sg, mnist, lag))["rest"]
-            for lag in (1, 2)
-        },
-        "train_metrics": [_train_metrics(ours), _train_metrics(theirs)],
-        "test_accuracy": [[r.test_accuracy for r in x.records] for x in (ours, theirs)],
         "records": _records(ours),
         "stage_ms": list(ours.stage_ms),
         "ideal_speedup": ours.ideal_speedup,
-        "traces": list(traces),
         "update_counts": sorted(
             {int(c) for opt in counts for _, c in otu.tree_get_all_with_path(opt, "count")}
         ),
     }
-
-    # Stopped after the first chunk, checkpointed with the minibatches in flight, resumed.
-    with tempfile.TemporaryDirectory() as folder:
-        checkpointer = Checkpointer(Path(folder))
-        stopped = train_layer_parallel(
-            sg,
-            mnist,
-            engine="spmd",
-            stop_requested=lambda: True,
-            save_checkpoint=lambda point: checkpointer.save(point, sg),
-            **common,
-        )
-        start = checkpointer.restore(sg, jax.eval_shape(lambda: init_train_state(sg)))
-        checkpointer.close()
-    resumed = train_layer_parallel(sg, mnist, engine="spmd", start=start, **common)
-    out["sg"]["resume"] = {
-        "stopped_at": stopped.steps_done,
-        "inflight": sorted(start.inflight or {}),
-        "difference": differences(resumed.state.model, ours.state.model)["every"],
-        "records_equal": _records(resumed) == _records(ours),
-    }
-
-    # Backprop: model parallelism and GPipe against single-device backprop (accumulated over
-    # the same microbatches).
-    bp = TrainConfig(**BP)
-    trainer = trainer_for(bp)
-    initial = jax.jit(init_train_state, static_argnums=0)(bp)
-    data = to_device(mnist)
-    out["bp"] = {}
-    for micro in (1, 2):
-        step = jax.jit(lambda s, x, y, m=micro: accumulated_backprop_step(trainer, s, x, y, m))
-        state, losses = initial.model, []
-        for b in range(bp.num_steps):
-            batch = sample_batch(jax.random.fold_in(initial.key, b), data, bp.batch_size)
-            state, metrics = step(state, batch.images, batch.labels)
-            losses.append(float(metrics.loss))
-        kind = "bp_gpipe" if micro > 1 else "bp_model_parallel"
-        run = train_layer_parallel(
-            bp, mnist, kind=kind, num_devices=4, microbatches=micro, engine="spmd", log=quiet
-        )
-        out["bp"][kind] = {
-            "difference": differences(run.state.model, state),
-            "losses": [r.train_loss for r in run.records],
-            "reference_losses": [
-                float(np.mean(losses[i : i + bp.eval_every]))
-                for i in range(0, bp.num_steps, bp.eval_every)
-            ],
-        }
     out["traces"] = traces
-
-    # The decoupled modes against their single-device references (the cases test_parallel.py
-    # does not run on the dispatch engine, and cdni at p = 0.5).
-    from test_parallel import decoupled_mode_results
-
-    out["decoupled_modes"] = decoupled_mode_results(mnist, "spmd", ("dgl_p", "zero_grad", "cdni_p"))
     out["unlock"] = unlock_results(mnist)
     return out
 
@@ -260,22 +187,11 @@ def run_four_devices() -> dict[str, Any]:
 
 
 def check_sg_pipeline(four_devices: dict[str, Any]) -> None:
-    """The sg pipeline on 4 devices computes synchronous sg with synthesizers two updates old,
-    and what the same schedule computes with two stages per device."""
+    """The sg pipeline on 4 devices: a stage per device, every layer and module updated once
+    per minibatch, each stage timed alone (results.json's ideal speed-up)."""
     sg = four_devices["sg"]
     assert sg["placement"] == [0, 1, 2, 3]
-    # Two compilations of the same arithmetic round differently, and 120 steps at a learning
-    # rate of 1e-2 grow that; a schedule off by one update differs by more than 1e-3.
-    assert sg["stale"]["2"] < 2e-4, sg["stale"]
-    assert sg["stale"]["1"] > 1e-3, sg["stale"]
-    assert sg["difference"]["rest"] < 2e-4, sg["difference"]
-    ours, theirs = sg["train_metrics"]
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
-    # Adam turns the pre-BatchNorm biases' rounding noise into steps of about the learning
-    # rate, and the running means carry them into evaluation.
-    np.testing.assert_allclose(*sg["test_accuracy"], atol=6e-3)
-    assert sg["update_counts"] == [120]  # every layer and module, once per minibatch
-    # Each stage timed alone, so results.json has the ideal speed-up for the SPMD engine too.
+    assert sg["update_counts"] == [120]
     assert len(sg["stage_ms"]) == 4 and min(sg["stage_ms"]) > 0, sg["stage_ms"]
     assert sg["ideal_speedup"] > 1
 
@@ -284,14 +200,6 @@ def check_one_program(four_devices: dict[str, Any]) -> None:
     """Chunks of 20 ticks, 3 periods, fill and drain: the chunk program is traced once per
     engine (the evaluation is a separate program)."""
     assert set(four_devices["traces"]) == {1}, four_devices["traces"]
-
-
-def check_resume(four_devices: dict[str, Any]) -> None:
-    """Stopped, checkpointed, resumed: bitwise the uninterrupted run."""
-    resume = four_devices["sg"]["resume"]
-    assert resume["stopped_at"] == 20  # a stop request is honoured after the first chunk
-    assert {name.split("_")[0] for name in resume["inflight"]} == {"fifo", "inbox", "target"}
-    assert resume["difference"] == 0.0 and resume["records_equal"], resume
 
 
 def check_unlock(four_devices: dict[str, Any]) -> None:
@@ -308,22 +216,6 @@ def check_unlock(four_devices: dict[str, Any]) -> None:
     assert {name.rsplit("_", 1)[0] for name in unlock["inflight"]} == {"below", "stored", "target"}
     assert unlock["resume_difference"] == 0.0 and unlock["resume_records_equal"], unlock
     assert len(unlock["stage_ms"]) == 3 and min(unlock["stage_ms"]) > 0, unlock["stage_ms"]
-
-
-def check_backprop(four_devices: dict[str, Any], kind: str) -> None:
-    """SPMD model-parallel and GPipe backprop equal single-device backprop (accumulated)."""
-    run = four_devices["bp"][kind]
-    assert run["difference"]["rest"] < 1e-5, run["difference"]
-    np.testing.assert_allclose(run["losses"], run["reference_losses"], rtol=1e-5)
-
-
-def check_decoupled_modes(four_devices: dict[str, Any]) -> None:
-    """dgl and zero_grad equal the single-device steps, cdni at --update_prob=0.5 the
-    single-device coins (tests/test_parallel.py's ``check_decoupled_modes``). Measured: at most
-    7.5e-9; the pre-BatchNorm biases' rounding noise can reach about 1e-4 (a 4-stage dgl run)."""
-    from test_parallel import check_decoupled_modes as check
-
-    check(four_devices["decoupled_modes"], 5e-4)
 
 
 # --------------------------------------------------------------------------- two processes
@@ -416,11 +308,7 @@ def test_spmd_engine_on_four_devices_and_across_two_processes(tmp_path):
         four_devices, two_processes = four.result(), two.result()
     check_sg_pipeline(four_devices)
     check_one_program(four_devices)
-    check_resume(four_devices)
-    check_decoupled_modes(four_devices)
     check_unlock(four_devices)
-    for kind in ("bp_model_parallel", "bp_gpipe"):
-        check_backprop(four_devices, kind)
     check_two_processes(two_processes, four_devices)
 
 
