@@ -17,7 +17,13 @@ from sgjax.cli.benchmark import define_flags, parallel_settings_from_flags
 from sgjax.training.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--modes=bp,cdni", "--batch_size=32", "--hidden_units=16", "--parallel_devices=1"]
+SMALL = [
+    "--modes=bp,cdni",
+    "--batch_size=32",
+    "--hidden_layers=1",
+    "--hidden_units=16",
+    "--parallel_devices=1",
+]
 
 
 def _command(tmp_path: Path, *flags: str) -> list[str]:
@@ -108,7 +114,7 @@ def test_the_comparison_needs_a_decoupled_mode():
 
 def test_a_diverging_run_makes_the_comparison_exit_3_and_its_row_is_marked(tmp_path):
     done = subprocess.run(
-        _command(tmp_path, "--learning_rate=1e8", "--num_steps=6", "--eval_every=2"),
+        _command(tmp_path, "--learning_rate=1e38", "--num_steps=6", "--eval_every=2"),
         capture_output=True,
         text=True,
         timeout=300,
