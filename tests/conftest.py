@@ -66,31 +66,9 @@ SLOW_FILES = frozenset(
 tasks, reports) in about a minute."""
 
 
-LONGEST_FIRST = (
-    "test_parallel_spmd.py",
-    "test_parallel.py",
-    "test_cnn.py",
-    "test_benchmark_parallel.py",
-    "test_distributed_benchmark.py",
-    "test_recurrent_learning.py",
-    "test_readme.py",
-    "test_benchmark_resume.py",
-    "test_benchmark_grid.py",
-    "test_benchmark.py",
-    "test_decoupling_runs.py",
-    "test_parallel_unlock.py",
-    "test_parallel_cnn.py",
-    "test_resume.py",
-)
-"""The files whose tests take longest (measured with ``--durations``), collected first so that
-the two pytest-xdist workers do not end on them one after the other."""
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     import pytest
 
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
