@@ -13,10 +13,10 @@ import optax
 import pytest
 
 from sgjax.core import synthesizers
-from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy
+from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, apply_module, cross_entropy
 from sgjax.core.methods import backprop, bp_lambda, dgl, dni, stale_gradient, zero_gradient
 from sgjax.core.optim import adam
-from sgjax.core.trainer import Trainer, apply_module
+from sgjax.core.trainer import Trainer
 
 BATCH, IN, UNITS, CLASSES = 16, 20, 12, 10
 SYNTH = synthesizers.dense(1, 8)

@@ -194,7 +194,7 @@ def test_zero_initialised_synthesizers_leave_decoupled_stages_unchanged(
 
 def _independent_dni_step(stages, state, x, y, lr):
     """DNI written out by hand for a chain of one-stage groups (no Trainer code), one Adam step."""
-    from sgjax.core.trainer import apply_module
+    from sgjax.core.layers import apply_module
 
     hs, vjps = [x], []
     new_colls = []

@@ -1,12 +1,33 @@
-"""Layers of the paper's networks as Flax modules (called as ``module(x, train=...)``), and the
-classification loss and accuracy."""
+"""Layers of the paper's networks as Flax modules (called as ``module(x, train=...)``), how any
+such module is initialised and applied with explicit variables, and the classification loss and
+accuracy."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+
+def apply_module(
+    module: nn.Module, params: Any, collections: Any, *args: Any, train: bool
+) -> tuple[jax.Array, Any]:
+    """``module(*args, train=train)`` and its other variables (updated only in training)."""
+    variables = {"params": params, **collections}
+    if train and collections:
+        out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
+        return out, {**collections, **mutated}
+    return module.apply(variables, *args, train=train), collections
+
+
+def init_module(key: jax.Array, module: nn.Module, *args: Any) -> tuple[Any, Any]:
+    """Parameters and other variables of ``module`` initialised on example ``args``."""
+    variables = dict(module.init(key, *args, train=False))
+    params = variables.pop("params", {})
+    return params, variables
 
 
 def batch_norm(train: bool) -> nn.BatchNorm:

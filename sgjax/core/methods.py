@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgjax.core.layers import cross_entropy
+from sgjax.core.layers import apply_module, cross_entropy, init_module
 from sgjax.core.synthesizers import (
     AuxiliaryFactory,
     Dense,
@@ -103,19 +102,6 @@ def backprop() -> Method:
     return Method("bp", _nothing, _unused, _unused, _unused, boundaries=(), locked=True)
 
 
-def _apply(module: nn.Module, params: Any, collections: Any, *args: Any) -> tuple[jax.Array, Any]:
-    variables = {"params": params, **collections}
-    if collections:
-        out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
-        return out, {**collections, **mutated}
-    return module.apply(variables, *args, train=True), collections
-
-
-def _initialised(module: nn.Module, key: jax.Array, *args: Any) -> tuple[Any, Any]:
-    variables = dict(module.init(key, *args, train=False))
-    return variables.pop("params", {}), variables
-
-
 def dni(
     synthesizer: SynthesizerFactory | None = None,
     *,
@@ -142,7 +128,7 @@ def dni(
         return jax.nn.one_hot(labels, num_classes, dtype=dtype) if conditioned else None
 
     def init(key: jax.Array, h: jax.Array, labels: jax.Array) -> tuple[Any, Any]:
-        return _initialised(synthesizer.build(h.shape[1:]), key, h, context(labels, h.dtype))
+        return init_module(key, synthesizer.build(h.shape[1:]), h, context(labels, h.dtype))
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
         del example_ids
@@ -150,7 +136,7 @@ def dni(
         # M's input is a constant for M: its loss must not reach the group.
         h = jax.lax.stop_gradient(h)
         g, vjp, new = jax.vjp(
-            lambda p: _apply(module, p, collections, h, context(labels, h.dtype)),
+            lambda p: apply_module(module, p, collections, h, context(labels, h.dtype), train=True),
             params,
             has_aux=True,
         )
@@ -281,14 +267,14 @@ def dgl(
 
     def init(key: jax.Array, h: jax.Array, labels: jax.Array) -> tuple[Any, Any]:
         del labels
-        return _initialised(aux.build(h.shape[1:], num_classes), key, h)
+        return init_module(key, aux.build(h.shape[1:], num_classes), h)
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
         del example_ids
         head = aux.build(h.shape[1:], num_classes)
 
         def head_loss(p: Any, x: jax.Array) -> tuple[jax.Array, Any]:
-            logits, new = _apply(head, p, collections, x)
+            logits, new = apply_module(head, p, collections, x, train=True)
             return loss(logits, labels), new
 
         (value, new), (g_head, g_h) = jax.value_and_grad(head_loss, (0, 1), has_aux=True)(

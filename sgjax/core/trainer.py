@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgjax.core.layers import apply_module, init_module
 from sgjax.core.methods import Learned, Method, Prediction, sg_regression_loss
 from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import InputModel
@@ -103,24 +104,6 @@ class StepGradients(NamedTuple):
     groups: list[GroupGradients]
     last: LastGroupGradients
     messages: list[jax.Array]  # what each boundary received from the group above
-
-
-def apply_module(
-    module: nn.Module, params: Any, collections: Any, *args: Any, train: bool
-) -> tuple[jax.Array, Any]:
-    """``module(*args, train=train)`` and its other variables (updated only in training)."""
-    variables = {"params": params, **collections}
-    if train and collections:
-        out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
-        return out, {**collections, **mutated}
-    return module.apply(variables, *args, train=train), collections
-
-
-def init_module(key: jax.Array, module: nn.Module, *args: Any) -> tuple[Any, Any]:
-    """Parameters and other variables of ``module`` initialised on example ``args``."""
-    variables = dict(module.init(key, *args, train=False))
-    params = variables.pop("params", {})
-    return params, variables
 
 
 class Trainer:

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState, apply_module
+from sgjax.core.layers import apply_module
+from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
 from sgjax.parallel.stages import (
     STAGE_AXIS,
     indexed_group,

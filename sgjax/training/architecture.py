@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sgjax.core.trainer import Trainer, apply_module
+from sgjax.core.layers import apply_module
+from sgjax.core.trainer import Trainer
 from sgjax.training.config import CONV_INPUT_SHAPES, TrainConfig
 from sgjax.training.model import sample_shape, trainer_for
 
