@@ -4,8 +4,10 @@
 
 Prints one tab-separated line per mode, ``mode num_steps eval_every note``: the full run when its
 measured time per step fits the budget, else the longest run (a multiple of 10 evaluation
-periods) that does, with a note saying so. The schedule keeps its shape (decays at 60% and
-80% of the run).
+periods) that does, with a note saying so. With ``--together`` it prints one line,
+``all num_steps eval_every note``: one step count for every mode, so that all the modes' runs
+together fit the budget (the seed's tables compare methods at equal steps). The schedule keeps
+its shape (decays at 60% and 80% of the run).
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ def main() -> int:
     parser.add_argument("benchmark_json", type=Path)
     parser.add_argument("--budget_s", type=float, default=70.0)
     parser.add_argument("--full_steps", type=int, default=500_000)
+    parser.add_argument("--together", action="store_true", help="one step count for all modes")
     args = parser.parse_args()
     try:
         programs = json.loads(args.benchmark_json.read_text())["programs"]
     except (OSError, ValueError, KeyError) as error:
         print(f"error: cannot read calibration {args.benchmark_json}: {error}", file=sys.stderr)
         return 2
+    if args.together:
+        programs = [
+            {
+                "mode": "all",
+                "ms_per_step": sum(float(p["ms_per_step"]) for p in programs),
+                "num_runs": "+".join(str(p["num_runs"]) for p in programs),
+            }
+        ]
     for program in programs:
         ms = float(program["ms_per_step"])
         steps, every = steps_for(ms, args.budget_s, args.full_steps)

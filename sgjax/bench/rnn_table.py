@@ -55,6 +55,17 @@ RNN_PRESETS: Mapping[str, RNNPreset] = MappingProxyType(
             num_steps=100_000,
             num_seeds=3,
         ),
+        "paper_rnn_t3": RNNPreset(
+            "the cell the paper quotes, Repeat Copy at T = 3, at its size (LSTM 256, batch 256, "
+            "Adam 7e-5): BPTT, DNI, DNI+Aux, 100k updates, 3 seeds vmapped (a GPU job)",
+            hidden_units=256,
+            batch_size=256,
+            learning_rate=PAPER_RNN_LEARNING_RATE,
+            num_steps=100_000,
+            num_seeds=3,
+            truncations=(3,),
+            tasks=("repeat_copy",),
+        ),
         "paper_rnn_quick": RNNPreset(
             "Table 2's shape in about 15 minutes on a 2-core CPU: LSTM 32, batch 16, 4-bit "
             "patterns, episodes of at most 64 steps, Adam 1e-3, 20k updates, 2 seeds vmapped",
