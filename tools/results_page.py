@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from sgjax.bench.grid import PAPER_GRID
 from sgjax.bench.names import DATASET_NAMES, MODE_NAMES, TASK_NAMES, markdown_table
 from sgjax.bench.presets import PAPER_DEVICE, PAPER_RESULTS
 from sgjax.bench.rnn_table import PAPER_CELLS
@@ -45,7 +44,7 @@ def load(path: Path, record_name: str) -> Folder | None:
     try:
         data = json.loads(record.read_text())
     except json.JSONDecodeError as error:
-        raise SystemExit(f"results_page: {record} is not JSON ({error}); rerun its experiment")
+        raise SystemExit(f"results_page: {record} is not JSON ({error}); rerun it") from None
     text = command.read_text().strip() if command.exists() else "(command.txt missing)"
     return Folder(path, data, text)
 
@@ -239,7 +238,8 @@ def grid(runs: Path, out: Path, scale: str) -> list[str]:
     lines = _header(folder, bench_scale(folder, scale))
     modes, depths = table["modes"], table["depths"]
     fig = Figure(figsize=(4.0 * len(table["rows"]), 3.6))
-    for axes, row in zip(np.atleast_1d(fig.subplots(1, len(table["rows"]))), table["rows"]):
+    plots = np.atleast_1d(fig.subplots(1, len(table["rows"])))
+    for axes, row in zip(plots, table["rows"], strict=True):
         cells = {(c["depth"], c["mode"]): c["test_error_percent"] for c in row["cells"]}
         body = []
         for d in depths:
@@ -289,7 +289,7 @@ def rnn(runs: Path, out: Path, scale: str) -> list[str]:
     truncations = sorted({t for _, _, t in cells})
     fig = Figure(figsize=(8.0, 3.4))
     plots = np.atleast_1d(fig.subplots(1, len(s["tasks"])))
-    for axes, task in zip(plots, s["tasks"]):
+    for axes, task in zip(plots, s["tasks"], strict=True):
         body = []
         for t in truncations:
             row = [t]
@@ -302,7 +302,7 @@ def rnn(runs: Path, out: Path, scale: str) -> list[str]:
         lines += [f"**{TASK_NAMES.get(task, task)}**: largest episode solved", ""]
         lines += markdown_table(["T", *(MODE_NAMES.get(m, m) for m in modes)], body) + [""]
         for m in modes:
-            ys = [np.mean(cells[(task, m, t)]) if (task, m, t) in cells else np.nan for t in truncations]
+            ys = [np.mean(cells.get((task, m, t), [np.nan])) for t in truncations]
             axes.plot(truncations, ys, marker="o", label=MODE_NAMES.get(m, m))
         axes.set_title(TASK_NAMES.get(task, task))
         axes.set_xlabel("truncation T")
@@ -335,7 +335,7 @@ def update_prob(runs: Path, out: Path, scale: str) -> list[str]:
     body = []
     for m in rec["methods"]:
         error = np.asarray(m["test_error_percent"])
-        at = error[len(error) - len(probs):]
+        at = error[len(error) - len(probs) :]
         body.append([MODE_NAMES.get(m["mode"], m["mode"]), *(f"{e:.2f}" for e in at)])
     lines += markdown_table(["method (test error %)", *(f"p = {p}" for p in probs)], body)
     lines += [
