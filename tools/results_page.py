@@ -59,13 +59,14 @@ def device_text(device: dict[str, Any] | None) -> str:
     return f"{kind} x{device.get('device_count', 1)}"
 
 
-def pm(values: Sequence[float], digits: int = 2) -> str:
+def pm(values: Sequence[float], digits: int = 2, ddof: int = 0) -> str:
+    """Mean ± std (ddof as the source's own table computes it)."""
     values = np.asarray(values, np.float64)
     if values.size == 0:
         return "-"
     if values.size == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=ddof):.{digits}f}"
 
 
 def figure(out: Path, name: str, source: Path) -> str:
@@ -296,7 +297,7 @@ def rnn(runs: Path, out: Path, scale: str) -> list[str]:
             for m in modes:
                 solved = cells.get((task, m, t))
                 paper = PAPER_CELLS.get((task, m, t))
-                text = "-" if solved is None else pm(solved, 1)
+                text = "-" if solved is None else pm(solved, 1, ddof=1)
                 row.append(text + (f" (paper {paper})" if paper is not None else ""))
             body.append(row)
         lines += [f"**{TASK_NAMES.get(task, task)}**: largest episode solved", ""]
