@@ -66,34 +66,38 @@ class Reached(NamedTuple):
     @classmethod
     def of(cls, fraction: float, threshold: float, steps: Any, seconds: Any, accuracy: Any):
         """From (seeds, evaluations) arrays of steps, seconds and test accuracies."""
-        first = [np.flatnonzero(np.asarray(a) >= threshold)[:1] for a in accuracy]
-        found = [
+        first = [np.flatnonzero(np.asarray(a) >= threshold) for a in accuracy]
+        at = [
             (int(s[i[0]]), float(t[i[0]])) if i.size else (None, None)
             for i, s, t in zip(first, steps, seconds, strict=True)
         ]
-        return cls(fraction, threshold, *map(tuple, zip(*found, strict=True)))
+        return cls(fraction, threshold, *map(tuple, zip(*at, strict=True)))
 
     @staticmethod
-    def median(values: Sequence[float | None]) -> float | None:
-        """The median over seeds, one that never reached counting as never (then None)."""
+    def median(values: Sequence[float | None]) -> float | None:  # never counts as never: None
         median = float(np.median([np.inf if v is None else v for v in values]))
         return None if np.isinf(median) else median
 
-    def cell(self) -> str:
-        """'1.23 s, 150 steps' (medians) or 'not reached'; '(reached by k/n seeds)' if not all."""
-        seconds, count = self.median(self.seconds), sum(s is not None for s in self.steps)
+    def cell(self) -> str:  # '1.23 s, 150 steps' or 'not reached' (medians), and who reached
+        seconds, n, missed = self.median(self.seconds), len(self.steps), self.steps.count(None)
         text = (
             "not reached"
             if seconds is None
             else f"{seconds:.2f} s, {self.median(self.steps):g} steps"
         )
-        return text + (
-            f" (reached by {count}/{len(self.steps)} seeds)" if 0 < count < len(self.steps) else ""
-        )
+        return text + (f" (reached by {n - missed}/{n} seeds)" if 0 < missed < n else "")
 
     def to_dict(self) -> dict[str, Any]:
         medians = {f"median_{k}": self.median(getattr(self, k)) for k in ("steps", "seconds")}
         return {**self._asdict(), **medians}
+
+
+def reached_columns(
+    fractions: Sequence[float], reached: Callable[[T], Sequence[Reached]]
+) -> list[tuple[str, Callable[[T], str]]]:
+    """A 'to f x bp acc' column per fraction: its ``Reached.cell()``, 'n/a' without any."""
+    cell = lambda i: lambda item: reached(item)[i].cell() if reached(item) else "n/a"  # noqa: E731
+    return [(f"to {f:g} x bp acc", cell(i)) for i, f in enumerate(fractions)]
 
 
 def device_label() -> str:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import jax
 
-from sgjax.bench.names import Reached, markdown_row, markdown_table
+from sgjax.bench.names import Reached, markdown_table, reached_columns
 from sgjax.bench.sweep import benchmark_mode
 from sgjax.data.sources import Dataset
 from sgjax.parallel.layers import ParallelRunResult, train_layer_parallel
@@ -217,47 +217,29 @@ def _number(value: float, digits: int = 2) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def table_lines(rows: Sequence[BenchmarkRow], settings: ParallelBenchmarkSettings) -> list[str]:
-    """A markdown table of the rows."""
-    fractions = settings.tta_fractions
-    headers = [
-        *"variant|devices|stage -> device|examples/s|test acc".split("|"),
-        *(f"to {f:g} x bp acc" for f in fractions),
-        *"stage ms (each alone)|ideal speed-up|measured speed-up|vs 1-device scanned".split("|"),
-        "compile s",
+def table_lines(rows: Sequence[BenchmarkRow], fractions: Sequence[float]) -> list[str]:
+    """A markdown table of the rows (dashes for a run that did not complete)."""
+    columns: list[tuple[str, Callable[[BenchmarkRow], str]]] = [
+        ("variant", lambda r: r.variant),
+        ("devices", lambda r: str(r.devices)),
+        ("stage -> device", lambda r: ",".join(map(str, r.stage_devices)) or "-"),
+        ("examples/s", lambda r: f"{r.examples_per_s:,.0f}"),
+        ("test acc", lambda r: f"{r.test_accuracy:.4f}"),
+        *reached_columns(fractions, lambda r: r.time_to_accuracy),
+        ("stage ms (each alone)", lambda r: " / ".join(f"{t:.2f}" for t in r.stage_ms) or "-"),
+        ("ideal speed-up", lambda r: _number(r.ideal_speedup)),
+        ("measured speed-up", lambda r: _number(r.measured_speedup)),
+        ("vs 1-device scanned", lambda r: _number(r.vs_single)),
+        ("compile s", lambda r: f"{r.compile_s:.1f}"),
     ]
-    lines = markdown_table(headers)
-    for r in rows:
-        if r.status != "completed":
-            lines.append(
-                markdown_row(
-                    [f"{r.variant} ({r.status}: {r.message})"] + ["-"] * (len(headers) - 1)
-                )
-            )
-            continue
-        reached = [t.cell() for t in r.time_to_accuracy] or ["n/a"] * len(fractions)
-        cells = [
-            r.variant,
-            str(r.devices),
-            ",".join(map(str, r.stage_devices)) or "-",
-            f"{r.examples_per_s:,.0f}",
-            f"{r.test_accuracy:.4f}",
-            *reached,
-            " / ".join(f"{t:.2f}" for t in r.stage_ms) or "-",
-            _number(r.ideal_speedup),
-            _number(r.measured_speedup),
-            _number(r.vs_single),
-            f"{r.compile_s:.1f}",
-        ]
-        lines.append(markdown_row(cells))
-    return lines
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    dashes = ["-"] * (len(columns) - 1)
+    cells = (
+        [f(r) for _, f in columns]
+        if r.status == "completed"
+        else [f"{r.variant} ({r.status}: {r.message})", *dashes]
+        for r in rows
+    )
+    return markdown_table([name for name, _ in columns], cells)
 
 
 def notes(settings: ParallelBenchmarkSettings) -> list[str]:
@@ -274,10 +256,13 @@ def notes(settings: ParallelBenchmarkSettings) -> list[str]:
         "model-parallel bp: one minibatch crosses the devices one after another). Transfers and "
         "the devices' per-tick rendezvous are left out. measured speed-up: examples/s over the "
         "same schedule's on 1 device; vs 1-device scanned: over the single-device lax.scan loop.",
+        "to f x bp acc: the seconds (measured at each evaluation, compile excluded, evaluations "
+        "included) and steps to the first evaluation at f x the bp single-device run's accuracy.",
     ]
     if devices[0].platform == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         lines.append(
-            f"CPU: the {len(devices)} simulated devices share this machine's {_cores()} "
+            f"CPU: the {len(devices)} simulated devices share this machine's {cores} "
             "cores, so the measured speed-up is bounded by the cores (and by XLA's own threads "
             "inside one device), not by the ideal, which assumes a processor per device."
         )

@@ -285,12 +285,10 @@ def run_layer_parallel(
     lines = [f"# Layer-parallel training: backprop vs. {sweep.benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
+    table = parallel.table_lines(result.rows, settings.tta_fractions)
     paths = write_report(
         folder / "table.md",
-        "\n".join(
-            [*lines, *parallel.table_lines(result.rows, settings), "", *parallel.notes(settings)]
-        )
-        + "\n",
+        "\n".join([*lines, *table, "", *parallel.notes(settings)]) + "\n",
         folder / "benchmark.json",
         {
             "status": result.status,
