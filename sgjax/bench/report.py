@@ -346,11 +346,11 @@ def _time_to_accuracy_lines(by_mode: dict[str, Row]) -> list[str]:
     if firsts == {"bp"} and ref is not None and ref.thresholds:
         a, b = (r.time_to_accuracy()[-1] for r in (ref, bp))
         a, b = a.median(a.steps), b.median(b.steps)
-        steps = f"and {a / b:.2f}x its steps to" if a else "and never reaches"
+        steps = f"and {a / b:.2f}x its steps to" if a else "and its median seed never reaches"
         lines.append(
             f"- Backprop gets there first: {ref.label} takes {ref.time_ratio_bp:.2f}x its time "
-            f"per step {steps} the last threshold (on one device a DNI step does backprop's "
-            "arithmetic and then its modules', one after the other)."
+            f"per step {steps} the last threshold (its step does backprop's arithmetic and then "
+            "its modules', one after the other: no layer here has a device of its own)."
         )
     return lines
 
