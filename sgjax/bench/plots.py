@@ -77,8 +77,9 @@ def plot_accuracy_time(rows: Sequence[Row], path: Path) -> Path:
         _band(axes, seconds, row.history.test_accuracy, row.label, color)
     for fraction, threshold in next((r.thresholds for r in rows if r.thresholds), ()):
         axes.axhline(threshold, color="gray", linestyle="--", linewidth=0.8)
-        axes.annotate(f"{fraction:g} x bp", (0, threshold), fontsize="small", color="gray")
-    axes.set(xlabel="wall-clock seconds (compile excluded)", ylabel="test accuracy")
+        where = dict(xycoords=("axes fraction", "data"), color="gray")
+        axes.annotate(f"{fraction:g} x bp", (0.01, threshold), **where)
+    axes.set(xlabel="wall-clock seconds (compile excluded)", ylabel="test accuracy", xlim=(0, None))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.suptitle("Test accuracy against wall-clock time (mean over seeds, band: +- 1 std)")
