@@ -67,7 +67,13 @@ def main(argv: list[str]) -> int:
     print(
         "\n".join(
             markdown_table(
-                ["mode", "run s", "largest |measured - pro-rated| / run", "evaluations / run"]
+                [
+                    "mode",
+                    "run s",
+                    "measured s at each evaluation",
+                    "largest |measured - pro-rated| / run",
+                    "evaluations / run",
+                ]
             )
         )
     )
@@ -98,7 +104,8 @@ def main(argv: list[str]) -> int:
         measured = np.array([first["eval", s] for s in steps])
         gap = np.max(np.abs(measured - run_s * steps / FLAGS.num_steps)) / run_s
         evals = sum(first["eval", s] - first["train", s] for s in steps) / run_s
-        print(markdown_row([mode, f"{run_s:.2f}", f"{gap:.3f}", f"{evals:.3f}"]), flush=True)
+        at = " ".join(f"{t:.1f}" for t in measured)
+        print(markdown_row([mode, f"{run_s:.2f}", at, f"{gap:.3f}", f"{evals:.3f}"]), flush=True)
     return 0
 
 
