@@ -80,12 +80,9 @@ class Reached(NamedTuple):
 
     def cell(self) -> str:  # '1.23 s, 150 steps' or 'not reached' (medians), and who reached
         seconds, n, missed = self.median(self.seconds), len(self.steps), self.steps.count(None)
-        text = (
-            "not reached"
-            if seconds is None
-            else f"{seconds:.2f} s, {self.median(self.steps):g} steps"
-        )
-        return text + (f" (reached by {n - missed}/{n} seeds)" if 0 < missed < n else "")
+        seeds = f" (reached by {n - missed}/{n} seeds)" if 0 < missed < n else ""
+        steps = self.median(self.steps)
+        return ("not reached" if seconds is None else f"{seconds:.2f} s, {steps:g} steps") + seeds
 
     def to_dict(self) -> dict[str, Any]:
         medians = {f"median_{k}": self.median(getattr(self, k)) for k in ("steps", "seconds")}
