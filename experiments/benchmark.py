@@ -4,7 +4,8 @@
   python experiments/benchmark.py --preset=paper_100k --num_seeds=4
   python experiments/benchmark.py --preset=quick --sweep=learning_rate=3e-4,1e-3
 
-Writes table.md, benchmark.json, curves.png, sg_loss.png and time_per_step.png to --output_dir.
+Writes table.md, benchmark.json, curves.png, sg_loss.png, time_per_step.png and accuracy_time.png
+to --output_dir.
 """
 
 from __future__ import annotations

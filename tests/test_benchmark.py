@@ -24,8 +24,9 @@ import pytest
 from absl import flags
 from shared_fixture import computed_once, session_folder
 
+from sgjax.bench.names import Reached
 from sgjax.bench.programs import BenchmarkSettings, run_program
-from sgjax.bench.report import TABLE_HEADERS
+from sgjax.bench.report import table_columns
 from sgjax.bench.sweep import parse_sweep
 from sgjax.cli.benchmark import BenchmarkFiles, define_flags, run, settings_from_flags
 from sgjax.data import load_dataset, to_device
@@ -114,6 +115,9 @@ def _main_table(text: str) -> tuple[list[str], list[list[str]]]:
     return table[0], table[2:]
 
 
+TABLE_HEADERS = tuple(name for name, _ in table_columns((0.9, 0.99)))
+
+
 def test_tiny_benchmark_writes_every_file_and_column(tiny):
     programs, files = tiny
     assert files.grid is None  # no model or depth sweep
@@ -131,10 +135,17 @@ def test_tiny_benchmark_writes_every_file_and_column(tiny):
     assert "±" in rows[0][1]  # mean ± std over 2 seeds
     bp_row = next(row for row in rows if row[0].startswith("bp"))
     assert bp_row[TABLE_HEADERS.index("time / bp")] == "1.00"
+    for name in ("to 0.9 x bp acc", "to 0.99 x bp acc"):  # '0.12 s, 10 steps' or 'not reached'
+        assert all(
+            " s, " in row[TABLE_HEADERS.index(name)]
+            or "not reached" in row[TABLE_HEADERS.index(name)]
+            for row in rows
+        )
     for section in ("lax.scan loop vs.", "Arithmetic rate", "Runs vmapped", "## Summary"):
         assert section in text
     summary = text.split("## Summary")[1]
     assert "FLOP ratio" in summary and "paper" in summary
+    assert "Time to 0.99 x bp's final test accuracy" in summary and "3x faster" in summary
 
     record = json.loads(files.json.read_text())
     assert record["table_columns"] == list(TABLE_HEADERS)
@@ -146,13 +157,46 @@ def test_tiny_benchmark_writes_every_file_and_column(tiny):
     for row in record["rows"]:
         assert row["gflop_per_step"] > 0 and row["ms_per_step"] > 0
         assert len(row["test_accuracy_per_seed"]) == 2
+    assert record["settings"]["tta_fractions"] == [0.9, 0.99]
+    for row in record["rows"]:
+        bp = next(r for r in record["rows"] if r["mode"] == "bp" and r["sweep"] == row["sweep"])
+        for reached, fraction in zip(row["time_to_accuracy"], (0.9, 0.99), strict=True):
+            assert reached["fraction"] == fraction
+            assert reached["threshold"] == pytest.approx(fraction * bp["test_accuracy_mean"])
+            assert len(reached["steps"]) == len(reached["seconds"]) == 2  # per seed
+            for steps, seconds in zip(reached["steps"], reached["seconds"], strict=True):
+                assert (steps is None) == (seconds is None)
+                if steps is not None:  # the program's time pro-rated to that evaluation's step
+                    assert steps in (10, 20)
+                    assert seconds == pytest.approx(row["train_time_s"] * steps / 20)
     sg = next(r for r in record["rows"] if r["mode"] == "sg")
     assert sg["flop_ratio_bp"] > 1  # the modules add arithmetic
     assert len(record["loop_comparison"]) == 2
     assert len(programs) == 2  # learning rates share one program per mode
 
 
-@pytest.mark.parametrize("name", ["curves", "sg_loss", "time_per_step"])
+def test_time_to_accuracy_is_the_first_evaluation_at_or_above_the_threshold():
+    steps = np.array([[100, 200, 300, 400]] * 3)
+    accuracy = [[0.5, 0.8, 0.92, 0.95], [0.91, 0.93, 0.94, 0.96], [0.5, 0.6, 0.7, 0.8]]
+    reached = [Reached.of(f, t, steps, steps / 100, accuracy) for f, t in ((0.9, 0.9), (1, 0.93))]
+    assert reached[0].steps == (300, 100, None) and reached[0].seconds == (3.0, 1.0, None)
+    assert reached[1].steps == (400, 200, None)  # equal to the threshold counts
+    assert reached[0].cell() == "3.00 s, 300 steps (reached by 2/3 seeds)"  # never counts as never
+    assert reached[1].to_dict()["median_seconds"] == 4.0
+    assert reached[1].to_dict()["threshold"] == 0.93
+    two = Reached.of(0.9, 0.9, steps[:2], steps[:2], [accuracy[0], accuracy[2]])
+    assert two.cell() == "not reached (reached by 1/2 seeds)"
+    assert two.to_dict()["median_steps"] is None
+    assert Reached.of(0.99, 0.99, steps, steps, accuracy).cell() == "not reached"
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "0.9,x", ""])
+def test_bad_tta_fractions_are_a_config_error(value):
+    with pytest.raises(ConfigError, match="--tta_fractions=.* in \\(0, 1\\]"):
+        settings_from_flags(_parse([f"--tta_fractions={value}"]))
+
+
+@pytest.mark.parametrize("name", ["curves", "sg_loss", "time_per_step", "accuracy_time"])
 def test_plots_are_real_images_with_drawn_content(tiny, name):
     _, files = tiny
     image = matplotlib.image.imread(getattr(files, name))

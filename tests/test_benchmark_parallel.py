@@ -82,6 +82,16 @@ def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
     assert all(r["examples_per_s"] > 0 for r in rows)
     table = (tmp_path / "table.md").read_text()
     assert "cdni layer-parallel pipeline" in table and "share" in table
+    assert "| to 0.9 x bp acc | to 0.99 x bp acc |" in table
+    bp_accuracy = rows[0]["test_accuracy"]
+    for row in rows:  # one evaluation (step 10): reached there or never, at its elapsed time
+        (step, elapsed, accuracy), *_ = row["evaluations"]
+        for reached, fraction in zip(row["time_to_accuracy"], (0.9, 0.99), strict=True):
+            assert reached["threshold"] == pytest.approx(fraction * bp_accuracy)
+            crossed = accuracy >= reached["threshold"]
+            assert reached["steps"] == [step if crossed else None]
+            assert reached["median_seconds"] == (elapsed if crossed else None)
+    assert rows[0]["time_to_accuracy"][1]["steps"] == [10]  # bp reaches its own accuracy
 
 
 @pytest.mark.parametrize(

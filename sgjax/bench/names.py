@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
 
 from sgjax.training.records import device_info, versions, write_json_atomic
 
@@ -50,6 +52,49 @@ def column_table(
 def section(title: str, table: list[str], *notes: str) -> list[str]:
     """A report section: a blank line, '## title', the table, then each note after a blank."""
     return ["", f"## {title}", "", *table, *(line for note in notes for line in ("", note))]
+
+
+class Reached(NamedTuple):
+    """Per seed, the step and seconds of the first evaluation whose test accuracy reached
+    ``threshold`` (``fraction`` of bp's final), None where none did."""
+
+    fraction: float
+    threshold: float
+    steps: tuple[int | None, ...]
+    seconds: tuple[float | None, ...]
+
+    @classmethod
+    def of(cls, fraction: float, threshold: float, steps: Any, seconds: Any, accuracy: Any):
+        """From (seeds, evaluations) arrays of steps, seconds and test accuracies."""
+        first = [np.flatnonzero(np.asarray(a) >= threshold) for a in accuracy]
+        at = [
+            (int(s[i[0]]), float(t[i[0]])) if i.size else (None, None)
+            for i, s, t in zip(first, steps, seconds, strict=True)
+        ]
+        return cls(fraction, threshold, *map(tuple, zip(*at, strict=True)))
+
+    @staticmethod
+    def median(values: Sequence[float | None]) -> float | None:  # never counts as never: None
+        median = float(np.median([np.inf if v is None else v for v in values]))
+        return None if np.isinf(median) else median
+
+    def cell(self) -> str:  # '1.23 s, 150 steps' or 'not reached' (medians), and who reached
+        seconds, n, missed = self.median(self.seconds), len(self.steps), self.steps.count(None)
+        seeds = f" (reached by {n - missed}/{n} seeds)" if 0 < missed < n else ""
+        steps = self.median(self.steps)
+        return ("not reached" if seconds is None else f"{seconds:.2f} s, {steps:g} steps") + seeds
+
+    def to_dict(self) -> dict[str, Any]:
+        medians = {f"median_{k}": self.median(getattr(self, k)) for k in ("steps", "seconds")}
+        return {**self._asdict(), **medians}
+
+
+def reached_columns(
+    fractions: Sequence[float], reached: Callable[[T], Sequence[Reached]]
+) -> list[tuple[str, Callable[[T], str]]]:
+    """A 'to f x bp acc' column per fraction: its ``Reached.cell()``, 'n/a' without any."""
+    cell = lambda i: lambda item: reached(item)[i].cell() if reached(item) else "n/a"  # noqa: E731
+    return [(f"to {f:g} x bp acc", cell(i)) for i, f in enumerate(fractions)]
 
 
 def device_label() -> str:

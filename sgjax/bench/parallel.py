@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 
+from sgjax.bench.names import Reached, markdown_table, reached_columns
 from sgjax.bench.sweep import benchmark_mode
 from sgjax.data.sources import Dataset
 from sgjax.parallel.layers import ParallelRunResult, train_layer_parallel
@@ -35,6 +36,8 @@ class ParallelBenchmarkSettings:
     """GPipe's microbatches per minibatch."""
     timing_repeats: int = 20
     """Calls per stage when timing each stage alone."""
+    tta_fractions: tuple[float, ...] = (0.9, 0.99)
+    """Time to accuracy: to these fractions of the single-device bp run's final accuracy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +53,25 @@ class BenchmarkRow:
     examples_per_s: float
     test_accuracy: float
     compile_s: float
+    evaluations: tuple[tuple[int, float, float], ...] = ()
+    """(step, seconds since the start, compile excluded, test accuracy) of each evaluation."""
+    status: str = "completed"
+    """The run's status: a row that is not "completed" is no result (its numbers cover a
+    partial or diverged run and are left out of the speed-ups and the table)."""
+    message: str = ""
     stage_ms: tuple[float, ...] = ()
     ideal_speedup: float = math.nan
     measured_speedup: float = math.nan
     """Examples/s over the same schedule's examples/s on one device."""
     vs_single: float = math.nan
     """Examples/s over the scanned single-device loop of the same algorithm."""
-    status: str = "completed"
-    """The run's status: a row that is not "completed" is no result (its numbers cover a
-    partial or diverged run and are left out of the speed-ups and the table)."""
-    message: str = ""
+    time_to_accuracy: tuple[Reached, ...] = ()
+    """To each fraction of the single-device bp run's final test accuracy (compile excluded,
+    evaluations included: the records' ``elapsed_s``)."""
+
+    def to_dict(self) -> dict:
+        reached = [r.to_dict() for r in self.time_to_accuracy]
+        return {**dataclasses.asdict(self), "time_to_accuracy": reached}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +97,7 @@ def _row(variant: str, schedule: str, config: TrainConfig, result: RunResult) ->
         examples_per_s=examples / result.train_time_s if result.train_time_s > 0 else math.nan,
         test_accuracy=result.records[-1].test_accuracy if result.records else math.nan,
         compile_s=result.compile_time_s,
+        evaluations=tuple((r.step, r.elapsed_s, r.test_accuracy) for r in result.records),
         stage_ms=result.stage_ms if parallel else (),
         ideal_speedup=result.ideal_speedup if parallel else math.nan,
         status=result.status,
@@ -94,18 +107,10 @@ def _row(variant: str, schedule: str, config: TrainConfig, result: RunResult) ->
 
 def _interrupted_row(variant: str, schedule: str, config: TrainConfig) -> BenchmarkRow:
     """A run stopped before it trained (Ctrl-C while compiling)."""
+    nan, message = math.nan, f"{variant}: interrupted before training"
+    mode = benchmark_mode(config)
     return BenchmarkRow(
-        variant,
-        benchmark_mode(config),
-        schedule,
-        0,
-        (),
-        0,
-        math.nan,
-        math.nan,
-        math.nan,
-        status="interrupted",
-        message=f"{variant}: interrupted before training",
+        variant, mode, schedule, 0, (), 0, nan, nan, nan, (), "interrupted", message
     )
 
 
@@ -145,7 +150,7 @@ def run_parallel_benchmark(
     for variant, kind, config, microbatches, devices in plans:
         if stop_requested():
             return ParallelBenchmark(
-                _with_speedups(rows),
+                _with_speedups(rows, settings.tta_fractions),
                 "interrupted",
                 f"stopped before {variant} on {devices} device(s)",
             )
@@ -174,7 +179,7 @@ def run_parallel_benchmark(
             log(f"{variant}: {result.status}: {result.message}")
         if result.status == "interrupted":
             break
-    return ParallelBenchmark(_with_speedups(rows), *_status(rows))
+    return ParallelBenchmark(_with_speedups(rows, settings.tta_fractions), *_status(rows))
 
 
 def _status(rows: Sequence[BenchmarkRow]) -> tuple[str, str]:
@@ -186,22 +191,25 @@ def _status(rows: Sequence[BenchmarkRow]) -> tuple[str, str]:
     return "completed", ""
 
 
-def _with_speedups(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
+def _with_speedups(rows: list[BenchmarkRow], fractions: Sequence[float]) -> list[BenchmarkRow]:
+    """Speed-ups over one device and the scanned loop; time to ``fractions`` of bp's accuracy."""
     done = [r for r in rows if r.status == "completed"]
     single = {r.algorithm: r.examples_per_s for r in done if r.schedule == "single"}
     one_device = {r.schedule: r.examples_per_s for r in done if r.devices == 1}
+    bp = next((r.test_accuracy for r in done if (r.algorithm, r.schedule) == ("bp", "single")), 0)
     out = []
     for r in rows:
-        if r.schedule == "single" or r.status != "completed":
-            out.append(r)
-            continue
-        out.append(
-            dataclasses.replace(
+        if r.status == "completed" and r.evaluations:
+            steps, seconds, accuracy = ([v] for v in zip(*r.evaluations, strict=True))
+            reached = tuple(Reached.of(f, f * bp, steps, seconds, accuracy) for f in fractions)
+            r = dataclasses.replace(r, time_to_accuracy=reached if bp else ())
+        if r.schedule != "single" and r.status == "completed":
+            r = dataclasses.replace(
                 r,
                 measured_speedup=r.examples_per_s / one_device.get(r.schedule, math.nan),
                 vs_single=r.examples_per_s / single.get(r.algorithm, math.nan),
             )
-        )
+        out.append(r)
     return out
 
 
@@ -209,46 +217,29 @@ def _number(value: float, digits: int = 2) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def table_lines(rows: Sequence[BenchmarkRow]) -> list[str]:
-    """A markdown table of the rows."""
-    headers = [
-        "variant",
-        "devices",
-        "stage -> device",
-        "examples/s",
-        "test acc",
-        "stage ms (each alone)",
-        "ideal speed-up",
-        "measured speed-up",
-        "vs 1-device scanned",
-        "compile s",
+def table_lines(rows: Sequence[BenchmarkRow], fractions: Sequence[float]) -> list[str]:
+    """A markdown table of the rows (dashes for a run that did not complete)."""
+    columns: list[tuple[str, Callable[[BenchmarkRow], str]]] = [
+        ("variant", lambda r: r.variant),
+        ("devices", lambda r: str(r.devices)),
+        ("stage -> device", lambda r: ",".join(map(str, r.stage_devices)) or "-"),
+        ("examples/s", lambda r: f"{r.examples_per_s:,.0f}"),
+        ("test acc", lambda r: f"{r.test_accuracy:.4f}"),
+        *reached_columns(fractions, lambda r: r.time_to_accuracy),
+        ("stage ms (each alone)", lambda r: " / ".join(f"{t:.2f}" for t in r.stage_ms) or "-"),
+        ("ideal speed-up", lambda r: _number(r.ideal_speedup)),
+        ("measured speed-up", lambda r: _number(r.measured_speedup)),
+        ("vs 1-device scanned", lambda r: _number(r.vs_single)),
+        ("compile s", lambda r: f"{r.compile_s:.1f}"),
     ]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for r in rows:
-        if r.status != "completed":
-            lines.append(f"| {r.variant} ({r.status}: {r.message}) |" + " - |" * 9)
-            continue
-        cells = [
-            r.variant,
-            str(r.devices),
-            ",".join(map(str, r.stage_devices)) or "-",
-            f"{r.examples_per_s:,.0f}",
-            f"{r.test_accuracy:.4f}",
-            " / ".join(f"{t:.2f}" for t in r.stage_ms) or "-",
-            _number(r.ideal_speedup),
-            _number(r.measured_speedup),
-            _number(r.vs_single),
-            f"{r.compile_s:.1f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    dashes = ["-"] * (len(columns) - 1)
+    cells = (
+        [f(r) for _, f in columns]
+        if r.status == "completed"
+        else [f"{r.variant} ({r.status}: {r.message})", *dashes]
+        for r in rows
+    )
+    return markdown_table([name for name, _ in columns], cells)
 
 
 def notes(settings: ParallelBenchmarkSettings) -> list[str]:
@@ -265,10 +256,13 @@ def notes(settings: ParallelBenchmarkSettings) -> list[str]:
         "model-parallel bp: one minibatch crosses the devices one after another). Transfers and "
         "the devices' per-tick rendezvous are left out. measured speed-up: examples/s over the "
         "same schedule's on 1 device; vs 1-device scanned: over the single-device lax.scan loop.",
+        "to f x bp acc: the seconds (measured at each evaluation, compile excluded, evaluations "
+        "included) and steps to the first evaluation at f x the bp single-device run's accuracy.",
     ]
     if devices[0].platform == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         lines.append(
-            f"CPU: the {len(devices)} simulated devices share this machine's {_cores()} "
+            f"CPU: the {len(devices)} simulated devices share this machine's {cores} "
             "cores, so the measured speed-up is bounded by the cores (and by XLA's own threads "
             "inside one device), not by the ideal, which assumes a processor per device."
         )

@@ -67,6 +67,25 @@ def plot_curves(rows: Sequence[Row], path: Path) -> Path:
     return _save(figure, path)
 
 
+def plot_accuracy_time(rows: Sequence[Row], path: Path) -> Path:
+    """Test accuracy against the program's wall-clock seconds (pro-rated by steps, compile
+    excluded), every row; dashed: the time-to-accuracy thresholds of the first row with any."""
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
+    axes = figure.subplots()
+    for row, color in zip(rows, _colors(len(rows)), strict=True):
+        seconds = row.history.step[0] * row.program.run_s / row.program.spec.config.num_steps
+        _band(axes, seconds, row.history.test_accuracy, row.label, color)
+    for fraction, threshold in next((r.thresholds for r in rows if r.thresholds), ()):
+        axes.axhline(threshold, color="gray", linestyle="--", linewidth=0.8)
+        where = dict(xycoords=("axes fraction", "data"), color="gray")
+        axes.annotate(f"{fraction:g} x bp", (0.01, threshold), **where)
+    axes.set(xlabel="wall-clock seconds (compile excluded)", ylabel="test accuracy", xlim=(0, None))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.suptitle("Test accuracy against wall-clock time (mean over seeds, band: +- 1 std)")
+    return _save(figure, path)
+
+
 def plot_sg_loss(rows: Sequence[Row], path: Path) -> Path:
     """Each decoupled row's module losses per layer (and synthetic-input losses)."""
     decoupled = [r for r in rows if r.config.decoupled]

@@ -195,6 +195,7 @@ class BenchmarkSettings:
     compare_separate: bool = True  # with several runs per program, also run each alone
     preset: str | None = None
     overrides: tuple[Override, ...] = ()  # the preset's per-task values
+    tta_fractions: tuple[float, ...] = (0.9, 0.99)  # time to these fractions of bp's accuracy
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -237,6 +238,7 @@ class BenchmarkSettings:
             "loop_steps": self.loop_steps,
             "loop_repeats": self.loop_repeats,
             "compare_separate": self.compare_separate,
+            "tta_fractions": list(self.tta_fractions),
             "base_config": self.base.to_dict(),
         }
 

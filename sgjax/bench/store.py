@@ -33,6 +33,7 @@ class ProgramStore:
         wanted = json.loads(json.dumps(settings.to_dict(), default=str))
         for name in ("output_dir", "data_dir"):  # where files are is no setting
             wanted["base_config"].pop(name, None)
+        wanted.pop("tta_fractions")  # what the report reads off the runs, not how they ran
         path = self.folder / "settings.json"
         if resume and path.exists():
             saved = _read_json(path, "resume is impossible; use --overwrite")

@@ -14,7 +14,7 @@ from absl import flags
 from sgjax.bench import parallel, sweep
 from sgjax.bench.grid import grid_applies, grid_markdown, grid_notes, grid_of
 from sgjax.bench.names import write_report
-from sgjax.bench.plots import plot_curves, plot_sg_loss, plot_time_per_step
+from sgjax.bench.plots import plot_accuracy_time, plot_curves, plot_sg_loss, plot_time_per_step
 from sgjax.bench.presets import PRESETS, SWEEP_PRESET, apply_preset, preset_overrides
 from sgjax.bench.programs import BenchmarkResult, BenchmarkSettings, run_benchmark
 from sgjax.bench.report import build_json, build_rows, table_markdown
@@ -59,6 +59,9 @@ _FLAGS = (  # (define, name, default, [enum values,] help): the benchmark's own 
     (flags.DEFINE_integer, "loop_steps", 200,
      "Steps per timing of the lax.scan loop vs. the jitted step from a Python loop (0: skip)."),
     (flags.DEFINE_integer, "loop_repeats", 3, "Timed repeats (median)."),
+    (flags.DEFINE_list, "tta_fractions", ["0.9", "0.99"],
+     "Time to accuracy: seconds and steps of each mode to these fractions of bp's final test "
+     "accuracy (table columns 'to f x bp acc', benchmark.json rows' time_to_accuracy)."),
     (flags.DEFINE_boolean, "compare_separate", True,
      "With several runs per program, also run each alone (time ratio and equality check)."),
     (flags.DEFINE_enum, "parallel", "none", ["none", "layers"],
@@ -116,7 +119,21 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
         compare_separate=fv.compare_separate,
         preset=fv.preset,
         overrides=overrides,
+        tta_fractions=tta_fractions(fv),
     ).validate()
+
+
+def tta_fractions(fv: flags.FlagValues) -> tuple[float, ...]:
+    try:
+        fractions = tuple(map(float, fv.tta_fractions))
+    except ValueError:
+        fractions = ()
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ConfigError(
+            f"--tta_fractions={','.join(fv.tta_fractions)} must list fractions of bp's final "
+            "test accuracy in (0, 1], e.g. 0.9,0.99"
+        )
+    return fractions
 
 
 def load_datasets(settings: BenchmarkSettings) -> dict[str, Dataset]:
@@ -137,6 +154,7 @@ class BenchmarkFiles:
     sg_loss: Path | None = None
     time_per_step: Path | None = None
     grid: Path | None = None
+    accuracy_time: Path | None = None
 
     def paths(self) -> list[Path]:
         return [p for p in dataclasses.astuple(self) if p is not None]
@@ -163,6 +181,7 @@ def write_outputs(result: BenchmarkResult, folder: Path) -> BenchmarkFiles:
             rows, result.loops, result.matmul_gflops, folder / "time_per_step.png"
         ),
         grid=grid_path,
+        accuracy_time=plot_accuracy_time(rows, folder / "accuracy_time.png"),
     )
 
 
@@ -243,6 +262,7 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> parallel.ParallelBench
         bp=config_from_flags(fv, mode="bp", synthetic_inputs=False, **base).validate(),
         device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
         microbatches=fv.microbatches,
+        tta_fractions=tta_fractions(fv),
     )
     validate_parallel(settings.bp, "bp_gpipe", settings.microbatches)
     return settings
@@ -265,10 +285,10 @@ def run_layer_parallel(
     lines = [f"# Layer-parallel training: backprop vs. {sweep.benchmark_mode(settings.sg)}", ""]
     if result.status != "completed":
         lines += [f"Status: {result.status} ({result.message})", ""]
+    table = parallel.table_lines(result.rows, settings.tta_fractions)
     paths = write_report(
         folder / "table.md",
-        "\n".join([*lines, *parallel.table_lines(result.rows), "", *parallel.notes(settings)])
-        + "\n",
+        "\n".join([*lines, *table, "", *parallel.notes(settings)]) + "\n",
         folder / "benchmark.json",
         {
             "status": result.status,
@@ -279,9 +299,10 @@ def run_layer_parallel(
                 "bp": settings.bp.to_dict(),
                 "device_counts": list(settings.device_counts),
                 "microbatches": settings.microbatches,
+                "tta_fractions": list(settings.tta_fractions),
             },
             "dataset": dataset.describe(),
-            "rows": [dataclasses.asdict(row) for row in result.rows],
+            "rows": [row.to_dict() for row in result.rows],
         },
     )
     return result, BenchmarkFiles(*paths), stop.signal
