@@ -103,11 +103,19 @@ def bench_scale(folder: Folder, scale: str) -> str:
 
 
 def tta_header(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Time-to-accuracy columns if the benchmark recorded them (``time_to_accuracy`` rows)."""
+    """Time-to-accuracy columns where the benchmark recorded them (rows' ``time_to_accuracy``)."""
     for row in rows:
-        for target in row.get("time_to_accuracy", []) or []:
-            return [str(t["label"]) for t in row["time_to_accuracy"]] if target else []
+        if row.get("time_to_accuracy"):
+            return [f"{t['fraction']:g} x bp" for t in row["time_to_accuracy"]]
     return []
+
+
+def tta_cell(entry: dict[str, Any]) -> str:
+    """Median over seeds of the seconds and steps to the threshold; 'not reached' otherwise."""
+    if entry.get("median_seconds") is None:
+        reached = sum(s is not None for s in entry.get("steps", []))
+        return f"not reached ({reached}/{len(entry.get('steps', []))} seeds)"
+    return f"{entry['median_seconds']:.1f} s, {entry['median_steps']:,.0f} steps"
 
 
 def bench_rows(folder: Folder, modes: Sequence[str]) -> list[dict[str, Any]]:
@@ -120,14 +128,13 @@ def bench_table(folder: Folder, modes: Sequence[str], paper: dict[str, str]) -> 
     rows = bench_rows(folder, modes)
     tta = tta_header(rows)
     headers = ["method", "test accuracy", "test error %", "run s (all seeds)", "ms/step"]
-    headers += ["compile s", *(f"time to {t}" for t in tta), "published"]
+    headers += ["compile s", *(f"time to {t} accuracy" for t in tta), "published"]
     body = []
     for r in rows:
         acc = np.asarray(r["test_accuracy_per_seed"])
         cells = [r["label"], pm(acc, 4), pm(100 * (1 - acc)), f"{r['train_time_s']:.1f}"]
         cells += [f"{r['ms_per_step']:.2f}", f"{r['compile_s']:.1f}"]
-        for t in r.get("time_to_accuracy", []) or []:
-            cells.append(t.get("text", "-"))
+        cells += [tta_cell(t) for t in r.get("time_to_accuracy") or []] or ["-"] * len(tta)
         body.append([*cells, paper.get(r["mode"], "-")])
     return markdown_table(headers, body)
 
@@ -141,8 +148,8 @@ def seed_published() -> dict[str, str]:
     return {mode: "; ".join(v) for mode, v in text.items()}
 
 
-def curves_figure(folder: Folder, out: Path, name: str, modes: Sequence[str], by: str) -> str:
-    """Mean test accuracy over seeds against steps (by='steps') or run seconds (by='time')."""
+def curves_figure(folder: Folder, out: Path, name: str, modes: Sequence[str]) -> str:
+    """Mean test accuracy over seeds against steps."""
     fig = Figure(figsize=(6.4, 4.0))
     axes = fig.subplots()
     for program in folder.record["programs"]:
@@ -152,9 +159,8 @@ def curves_figure(folder: Folder, out: Path, name: str, modes: Sequence[str], by
         steps = np.asarray(program["history"]["step"], np.float64)
         if acc.ndim == 2:
             acc, steps = acc.mean(axis=0), steps[0]
-        x = steps if by == "steps" else steps * program["ms_per_step"] / 1e3
-        axes.plot(x, acc, marker=".", label=MODE_NAMES.get(program["mode"], program["mode"]))
-    axes.set_xlabel("step" if by == "steps" else "run seconds (all seeds vmapped, compile apart)")
+        axes.plot(steps, acc, marker=".", label=MODE_NAMES.get(program["mode"], program["mode"]))
+    axes.set_xlabel("step")
     axes.set_ylabel("test accuracy (mean over seeds)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -189,8 +195,12 @@ def tables_1_2(runs: Path, out: Path, scale: str) -> list[str]:
         "control: the same network whose hidden layers never train (only the output layer "
         "learns); a method that does not beat it has not learnt through its boundaries.",
         "",
-        curves_figure(folder, out, f"{runs.name}_tables_steps.png", modes, "steps"),
-        curves_figure(folder, out, f"{runs.name}_tables_time.png", modes, "time"),
+        curves_figure(folder, out, f"{runs.name}_tables_steps.png", modes),
+        *(
+            [figure(out, f"{runs.name}_accuracy_time.png", folder.path / "accuracy_time.png")]
+            if (folder.path / "accuracy_time.png").exists()
+            else []
+        ),
     ]
     return lines
 
