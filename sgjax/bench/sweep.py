@@ -36,9 +36,18 @@ def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
 TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
 STATIC_FIELDS = tuple(  # one program per value
     "model num_steps batch_size hidden_layers hidden_units sg_hidden_layers sg_hidden_units "
-    "filters kernel_size eval_every dataset".split()
+    "filters kernel_size eval_every dataset stale_decay".split()
 )
 SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
+
+
+def reads(mode: str, name: str) -> bool:
+    """Whether ``mode``'s programs depend on the swept flag ``name`` (else one runs for all)."""
+    if name == "stale_decay":
+        return mode.startswith("stale_grad")
+    return mode != "bp" or name not in SG_FIELDS
+
+
 _FIELD_TYPES = {
     field.name: field.type
     for field in dataclasses.fields(TrainConfig)
@@ -165,7 +174,7 @@ def plan_programs(
     seeds: Sequence[int],
     overrides: Sequence[Override] = (),
 ) -> list[ProgramSpec]:
-    """One program per mode and static values (bp ignores module settings), validated."""
+    """One program per mode and static values (those it ``reads``), validated."""
     static_axes = [a for a in axes if not a.traced]
     lr_axis = next((a for a in axes if a.name == "learning_rate"), None)
     learning_rates = lr_axis.values if lr_axis else (base.learning_rate,)
@@ -176,7 +185,7 @@ def plan_programs(
             static = tuple(
                 (a.name, v)
                 for a, v in zip(static_axes, combination, strict=True)
-                if mode != "bp" or a.name not in SG_FIELDS
+                if reads(mode, a.name)
             )
             if (mode, static) in seen:
                 continue
