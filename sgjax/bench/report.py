@@ -266,9 +266,8 @@ def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
         by_mode.setdefault(benchmark_mode(row.config), []).append(row)
     for mode, tried in by_mode.items():  # a swept mode's best run (e.g. of --stale_decay's)
         best = max(tried, key=lambda r: r.final("test_accuracy").mean)
-        if len(tried) > 1:
-            accuracy = best.final("test_accuracy").format()
-            lines.append(f"- Best of the {len(tried)} {mode} runs: {best.label} ({accuracy}).")
+        text = f"- Best of the {len(tried)} {mode} runs: {best.label}"
+        lines += [f"{text} ({best.final('test_accuracy').format()})."] * (len(tried) > 1)
     by_mode = {mode: tried[0] for mode, tried in by_mode.items()}
     bp = by_mode.get("bp")
     for mode in ("sg", "cdni", "sg_unlock", "cdni_unlock"):

@@ -43,9 +43,8 @@ SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs 
 
 def reads(mode: str, name: str) -> bool:
     """Whether ``mode``'s programs depend on the swept flag ``name`` (else one runs for all)."""
-    if name == "stale_decay":
-        return mode.startswith("stale_grad")
-    return mode != "bp" or name not in SG_FIELDS
+    stale = name != "stale_decay" or mode.startswith("stale_grad")
+    return stale and (mode != "bp" or name not in SG_FIELDS)
 
 
 _FIELD_TYPES = {

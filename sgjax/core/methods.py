@@ -198,11 +198,9 @@ def zero_gradient(boundaries: Sequence[int] | None = None) -> Method:
     """Baseline: decoupled groups get a zero gradient; only the last group learns."""
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
-        del params, labels, example_ids
         return Prediction(jnp.zeros_like(h), None, collections)
 
     def learn(prediction: Prediction, message: Any, true: Any, example_ids: Any) -> Learned:
-        del message, true, example_ids
         return Learned(None, prediction.collections, jnp.zeros((), prediction.gradient.dtype))
 
     return Method(
@@ -214,7 +212,7 @@ def stale_gradient(decay: float = 0.9, boundaries: Sequence[int] | None = None) 
     """Baseline, the paper's (arXiv v1 section 3.1): a group is updated with past gradients of
     other examples, the exponential moving average (``decay``, no bias correction) over steps of
     the batch mean of the true dLoss/dh, the same for every row (state: h's per-example shape,
-    zero at first)."""
+    zero at first). Into Dense->BatchNorm that mean is zero but for rounding."""
     return _stale("stale_grad", decay, boundaries, None)
 
 
@@ -234,7 +232,6 @@ def _stale(name: str, decay: float, boundaries: Any, rows: int | None) -> Method
     decay = float(decay)
 
     def init(key: jax.Array, h: jax.Array, labels: jax.Array) -> tuple[Any, Any]:
-        del key, labels
         return {}, {"stale": jnp.zeros((rows, *h.shape[1:]) if rows else h.shape[1:], h.dtype)}
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
