@@ -33,20 +33,18 @@ def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
     return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
 
 
-TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
-STATIC_FIELDS = tuple(  # one program per value
-    "model num_steps batch_size hidden_layers hidden_units sg_hidden_layers sg_hidden_units "
-    "filters kernel_size eval_every dataset stale_decay".split()
-)
-SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
-
-
 def reads(mode: str, name: str) -> bool:
     """Whether ``mode``'s programs depend on the swept flag ``name`` (else one runs for all)."""
     stale = name != "stale_decay" or mode.startswith("stale_grad")
     return stale and (mode != "bp" or name not in SG_FIELDS)
 
 
+TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
+STATIC_FIELDS = tuple(  # one program per value
+    "model num_steps batch_size hidden_layers hidden_units sg_hidden_layers sg_hidden_units "
+    "filters kernel_size eval_every dataset stale_decay".split()
+)
+SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
 _FIELD_TYPES = {
     field.name: field.type
     for field in dataclasses.fields(TrainConfig)
