@@ -7,6 +7,7 @@ worker to need it, ``shared_fixture.computed_once``) and shared by the tests tha
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import chex
@@ -26,7 +28,7 @@ from shared_fixture import computed_once, session_folder
 
 from sgjax.bench.names import Reached
 from sgjax.bench.programs import BenchmarkSettings, run_program
-from sgjax.bench.report import table_columns
+from sgjax.bench.report import Row, summary_lines, table_columns
 from sgjax.bench.sweep import parse_sweep
 from sgjax.cli.benchmark import BenchmarkFiles, define_flags, run, settings_from_flags
 from sgjax.data import load_dataset, to_device
@@ -324,6 +326,34 @@ def test_traced_sweep_shares_a_program_and_static_sweep_does_not():
         ("cdni", {"sg_hidden_units": 128}),
     ]
     assert all(p.learning_rates == (1e-4, 3e-4) and p.num_runs == 2 for p in programs)
+
+
+def test_stale_decay_sweep_runs_the_stale_modes_per_decay_and_names_the_best():
+    decays = "--sweep=stale_decay=0.9,0.9999"
+    fv = _parse(["--modes=bp,zero_grad,stale_grad,stale_grad_example", decays])
+    programs = settings_from_flags(fv).programs()
+    # Only the stale modes read the decay: the others run once.
+    assert [(p.config.mode, dict(p.static)) for p in programs] == [
+        ("bp", {}),
+        ("zero_grad", {}),
+        *[
+            (m, {"stale_decay": d})
+            for m in ("stale_grad", "stale_grad_example")
+            for d in (0.9, 0.9999)
+        ],
+    ]
+    assert [p.config.stale_decay for p in programs[2:4]] == [0.9, 0.9999]
+    with pytest.raises(ConfigError, match="must be in"):
+        settings_from_flags(_parse(["--modes=stale_grad", "--sweep=stale_decay=0.9,1"]))
+    # The summary names each swept mode's best run (by mean test accuracy over seeds).
+    history = collections.namedtuple("History", "test_accuracy")
+    rows = [
+        Row(f"stale {p.config.stale_decay}", p.config, p.static,
+            SimpleNamespace(history=history(np.array(accuracy))), slice(None), None, None)
+        for p, accuracy in zip(programs[2:4], ([[0.5], [0.7]], [[0.4], [0.9]]), strict=True)
+    ]  # fmt: skip
+    best = [line for line in summary_lines(None, rows) if line.startswith("- Best")]
+    assert best == ["- Best of the 2 stale_grad runs: stale 0.9999 (0.6500 ± 0.2500)."], best
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,15 @@ import pytest
 
 from sgjax.core import synthesizers
 from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, apply_module, cross_entropy
-from sgjax.core.methods import backprop, bp_lambda, dgl, dni, stale_gradient, zero_gradient
+from sgjax.core.methods import (
+    backprop,
+    bp_lambda,
+    dgl,
+    dni,
+    per_example_stale_gradient,
+    stale_gradient,
+    zero_gradient,
+)
 from sgjax.core.optim import adam
 from sgjax.core.trainer import Trainer
 
@@ -213,7 +221,7 @@ def test_dgl_gradient_is_its_own_auxiliary_loss_alone():
     chex.assert_trees_all_equal(other.stages[0], new.stages[0])
 
 
-def test_baselines_zero_gradient_freezes_and_stale_gradient_averages():
+def test_baselines_zero_gradient_freezes_and_per_example_stale_gradient_averages():
     x, y = _batch(6)
     zero = _trainer(zero_gradient())
     state = jax.jit(zero.init)(jax.random.PRNGKey(4), x)
@@ -226,7 +234,7 @@ def test_baselines_zero_gradient_freezes_and_stale_gradient_averages():
 
     # The stale gradient is kept per training example: the first BATCH rows hold the examples
     # of x, the next BATCH the same images under other ids (never drawn yet).
-    stale = _trainer(stale_gradient(2 * BATCH, 0.5))
+    stale = _trainer(per_example_stale_gradient(2 * BATCH, 0.5))
     state = jax.jit(stale.init)(jax.random.PRNGKey(4), x)
     step = jax.jit(stale.step)
     ids, others = jnp.arange(BATCH), jnp.arange(BATCH, 2 * BATCH)
@@ -249,3 +257,50 @@ def test_baselines_zero_gradient_freezes_and_stale_gradient_averages():
     )
     with pytest.raises(ValueError, match="needs example_ids"):
         stale.step(state, x, y)
+
+
+def test_stale_gradient_is_a_moving_average_over_steps_of_the_batch_mean():
+    """The paper's baseline: every row of every batch gets the same average of past steps'
+    batch-mean true dLoss/dh (other examples'), checked against numpy over four steps."""
+    decay = 0.75
+    stale = _trainer(stale_gradient(decay))
+    state = jax.jit(stale.init)(jax.random.PRNGKey(4), _batch(6)[0])
+    step, true_of, grads_of = (
+        jax.jit(stale.step),
+        jax.jit(stale.boundary_gradients),
+        jax.jit(stale.gradients),
+    )
+    expected = [np.zeros(UNITS), np.zeros(UNITS)]
+    for t in range(4):
+        x, y = _batch(10 + t)  # new examples every step: the average is not theirs
+        # What each group is updated with: the average so far, broadcast to every row.
+        sent = [
+            jnp.broadcast_to(s.collections["stale"], (BATCH, UNITS)) for s in state.synthesizers
+        ]
+        got = grads_of(state, x, y)
+        chex.assert_trees_all_close(
+            [g.stages for g in got.groups],
+            [g.stages for g in grads_of(state, x, y, synthetic_override=sent).groups],
+            rtol=1e-5, atol=1e-9,
+        )  # fmt: skip
+        new, _ = step(state, x, y)
+        moved = not np.array_equal(
+            new.stages[1].params["Dense_0"]["kernel"], state.stages[1].params["Dense_0"]["kernel"]
+        )
+        assert moved == (t > 0), t  # a zero average at first: the group below the top stays
+        true = true_of(state, x, y)
+        expected = [
+            decay * e + (1 - decay) * np.mean(g, axis=0)
+            for e, g in zip(expected, true, strict=True)
+        ]
+        for j in range(2):
+            stored = new.synthesizers[j].collections["stale"]
+            assert stored.shape == (UNITS,), stored.shape
+            np.testing.assert_allclose(stored, expected[j], rtol=1e-4, atol=1e-9)
+        state = new
+    # Into the output layer the batch mean is real; into Dense->BatchNorm it is zero up to
+    # rounding (BatchNorm ignores a shift common to the batch): the paper's FCN has BatchNorm.
+    assert np.abs(expected[1]).max() > 1e-4, expected[1]
+    assert np.abs(expected[0]).max() < 1e-4 * np.abs(expected[1]).max(), expected[0]
+    with pytest.raises(ValueError, match="must be in"):
+        stale_gradient(1.0)

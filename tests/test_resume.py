@@ -249,7 +249,7 @@ def test_stop_checkpoint_restore_resume_is_bitwise_the_uninterrupted_run(mode: s
 
 
 def test_the_riskiest_decoupling_modes_stop_and_resume_bitwise(tmp_path):
-    """Issue 12's modes keep state beyond the stages: the stale gradient's moving averages, the
+    """Issue 12's modes keep state beyond the stages: the per-example stale gradient's table, the
     complete unlock's synthetic-input models, and --update_prob's coins (drawn from the step's
     key). Stopped mid-period, restored from disk and finished, each run is the uninterrupted one
     exactly, records (the input models' losses included) and state."""
@@ -268,7 +268,7 @@ def test_the_riskiest_decoupling_modes_stop_and_resume_bitwise(tmp_path):
     dataset = load_dataset("mnist", None)
     quiet = dict(log=lambda _: None)
     for name, extra in {
-        "stale": dict(mode="stale_grad"),
+        "stale": dict(mode="stale_grad_example"),
         "unlock": dict(mode="cdni", synthetic_inputs=True),
     }.items():
         # (The command line sizes the stale gradient's table from the data before it restores.)

@@ -21,6 +21,7 @@ MODE_NAMES = {
     "dgl": "greedy local",
     "zero_grad": "zero gradient",
     "stale_grad": "stale gradient",
+    "stale_grad_example": "per-example stale gradient",
     "bptt": "BPTT",
     "dni": "DNI",
     "dni_aux": "DNI+Aux",

@@ -22,7 +22,7 @@ from sgjax.bench.names import (
 )
 from sgjax.bench.presets import PAPER_DEVICE, PAPER_RESULTS, PaperResult, paper_results
 from sgjax.bench.programs import BenchmarkResult, LoopComparison, ProgramResult
-from sgjax.bench.sweep import SG_FIELDS, benchmark_mode, sweep_label
+from sgjax.bench.sweep import benchmark_mode, reads, sweep_label
 from sgjax.training.architecture import config_facts, merge_depths
 from sgjax.training.config import TrainConfig
 from sgjax.training.loop import RunHistory
@@ -37,7 +37,7 @@ def mode_label(config: TrainConfig) -> str:
     name = MODE_NAMES[config.mode]
     if config.mode == "bp_lambda":
         name = f"BP({config.bp_lambda:g})"
-    elif config.mode == "stale_grad":
+    elif config.mode.startswith("stale_grad"):
         name += f" decay {config.stale_decay:g}"
     if config.synthetic_inputs:
         name += " + synthetic inputs"
@@ -118,7 +118,7 @@ def _attrs(obj: Any, names: str) -> dict[str, Any]:
 
 
 def _bp_key(row_sweep: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, v) for k, v in row_sweep if k not in SG_FIELDS)
+    return tuple((k, v) for k, v in row_sweep if reads("bp", k))
 
 
 def build_rows(result: BenchmarkResult) -> list[Row]:
@@ -291,10 +291,14 @@ def vmap_lines(result: BenchmarkResult) -> list[str]:
 
 
 def summary_lines(result: BenchmarkResult, rows: Sequence[Row]) -> list[str]:
-    lines = []
-    by_mode = {}
+    lines, by_mode = [], {}
     for row in rows:
-        by_mode.setdefault(benchmark_mode(row.config), row)
+        by_mode.setdefault(benchmark_mode(row.config), []).append(row)
+    for mode, tried in by_mode.items():  # a swept mode's best run (e.g. of --stale_decay's)
+        best = max(tried, key=lambda r: r.final("test_accuracy").mean)
+        text = f"- Best of the {len(tried)} {mode} runs: {best.label}"
+        lines += [f"{text} ({best.final('test_accuracy').format()})."] * (len(tried) > 1)
+    by_mode = {mode: tried[0] for mode, tried in by_mode.items()}
     bp = by_mode.get("bp")
     for mode in ("sg", "cdni", "sg_unlock", "cdni_unlock"):
         row = by_mode.get(mode)

@@ -33,10 +33,16 @@ def sweep_label(sweep: Sequence[tuple[str, Any]]) -> str:
     return "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in sweep)
 
 
+def reads(mode: str, name: str) -> bool:
+    """Whether ``mode``'s programs depend on the swept flag ``name`` (else one runs for all)."""
+    stale = name != "stale_decay" or mode.startswith("stale_grad")
+    return stale and (mode != "bp" or name not in SG_FIELDS)
+
+
 TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
 STATIC_FIELDS = tuple(  # one program per value
     "model num_steps batch_size hidden_layers hidden_units sg_hidden_layers sg_hidden_units "
-    "filters kernel_size eval_every dataset".split()
+    "filters kernel_size eval_every dataset stale_decay".split()
 )
 SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
 _FIELD_TYPES = {
@@ -165,7 +171,7 @@ def plan_programs(
     seeds: Sequence[int],
     overrides: Sequence[Override] = (),
 ) -> list[ProgramSpec]:
-    """One program per mode and static values (bp ignores module settings), validated."""
+    """One program per mode and static values (those it ``reads``), validated."""
     static_axes = [a for a in axes if not a.traced]
     lr_axis = next((a for a in axes if a.name == "learning_rate"), None)
     learning_rates = lr_axis.values if lr_axis else (base.learning_rate,)
@@ -176,7 +182,7 @@ def plan_programs(
             static = tuple(
                 (a.name, v)
                 for a, v in zip(static_axes, combination, strict=True)
-                if mode != "bp" or a.name not in SG_FIELDS
+                if reads(mode, a.name)
             )
             if (mode, static) in seen:
                 continue

@@ -37,7 +37,8 @@ DECOUPLING_HELP = {
     "layer updates only when every layer above it ran its backward pass (1: every step).",
     "bp_lambda": "--mode=bp_lambda: weight of the backpropagated gradient against the synthetic "
     "one (1: backprop, 0: DNI).",
-    "stale_decay": "--mode=stale_grad: decay of the moving average of past true gradients.",
+    "stale_decay": "--mode=stale_grad(_example): decay of the moving average of past true "
+    "gradients (over steps of the batch mean; per example).",
     "synthetic_inputs": "With --mode=sg or cdni: the complete unlock, every layer also trains "
     "on its input as predicted from the image by a one-hidden-layer model (--sg_hidden_units "
     "units).",

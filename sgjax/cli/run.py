@@ -220,8 +220,8 @@ def agreed(stop: StopRequest) -> Callable[[], bool]:
 def check_fits(config: TrainConfig, dataset: Dataset) -> None:
     """Refuse a network too big for the device or a batch bigger than the training set."""
     reduce = "--hidden_units, --hidden_layers, --sg_hidden_units or --batch_size"
-    if config.mode == "stale_grad":
-        reduce += " (--mode=stale_grad keeps a row per training image)"
+    if config.mode == "stale_grad_example":
+        reduce += " (--mode=stale_grad_example keeps a row per training image)"
     check_memory("network", estimated_bytes(config.with_train_examples(dataset.train_size)), reduce)
     if config.batch_size > dataset.train_size:
         raise ConfigError(

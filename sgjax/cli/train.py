@@ -26,7 +26,8 @@ CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")  # the CNN's widths are -
 
 SCRIPT_HELP = {
     "mode": "bp: backprop; sg: DNI; cdni: label-conditioned DNI; bp_lambda: BP(lambda); dgl: "
-    "greedy local learning; zero_grad, stale_grad: the zero and stale gradient baselines.",
+    "greedy local learning; zero_grad, stale_grad, stale_grad_example: the zero, stale (the "
+    "paper's) and per-example stale gradient baselines.",
 }
 PARALLEL_HELP = {
     "parallel": "none: one device; layers: every layer (block with its module, output layer) on "

@@ -12,7 +12,8 @@ each decoupled boundary (the output h of the group below it) a method says:
 * ``learn(prediction, message, true, example_ids) -> Learned``: what the boundary module learns.
 
 Built in: ``backprop()`` (no boundaries), ``dni`` (cDNI, the complete unlock), ``bp_lambda``,
-the baselines ``zero_gradient`` and ``stale_gradient``, and ``dgl`` (greedy local learning).
+the baselines ``zero_gradient``, ``stale_gradient`` (the paper's) and
+``per_example_stale_gradient``, and ``dgl`` (greedy local learning).
 A new method is one more such object, e.g. DNI whose synthetic gradient is halved::
 
     half = sgjax.dni(sgjax.synthesizers.dense(1, 64))._replace(
@@ -197,11 +198,9 @@ def zero_gradient(boundaries: Sequence[int] | None = None) -> Method:
     """Baseline: decoupled groups get a zero gradient; only the last group learns."""
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
-        del params, labels, example_ids
         return Prediction(jnp.zeros_like(h), None, collections)
 
     def learn(prediction: Prediction, message: Any, true: Any, example_ids: Any) -> Learned:
-        del message, true, example_ids
         return Learned(None, prediction.collections, jnp.zeros((), prediction.gradient.dtype))
 
     return Method(
@@ -209,48 +208,52 @@ def zero_gradient(boundaries: Sequence[int] | None = None) -> Method:
     )
 
 
-def stale_gradient(
+def stale_gradient(decay: float = 0.9, boundaries: Sequence[int] | None = None) -> Method:
+    """Baseline, the paper's (arXiv v1 section 3.1): a group is updated with past gradients of
+    other examples, the exponential moving average (``decay``, no bias correction) over steps of
+    the batch mean of the true dLoss/dh, the same for every row (state: h's per-example shape,
+    zero at first). Into Dense->BatchNorm that mean is zero but for rounding."""
+    return _stale("stale_grad", decay, boundaries, None)
+
+
+def per_example_stale_gradient(
     num_examples: int, decay: float = 0.9, boundaries: Sequence[int] | None = None
 ) -> Method:
-    """Baseline: a group is updated with, per training example, the moving average
-    (``decay``) of the true dLoss/dh from the earlier steps that drew that example (a table of
-    ``num_examples`` rows, read by ``example_ids``; a first draw gets zero)."""
+    """Baseline stronger than the paper's (which set it aside as stale by an epoch): per
+    training example, the moving average (``decay``) of the true dLoss/dh from the earlier steps
+    that drew it (a table of ``num_examples`` rows read by ``example_ids``; a first draw gets 0)."""
+    _check_positive(num_examples=num_examples)
+    return _stale("stale_grad_example", decay, boundaries, int(num_examples))
+
+
+def _stale(name: str, decay: float, boundaries: Any, rows: int | None) -> Method:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay={decay} must be in [0, 1)")
-    _check_positive(num_examples=num_examples)
     decay = float(decay)
 
     def init(key: jax.Array, h: jax.Array, labels: jax.Array) -> tuple[Any, Any]:
-        del key, labels
-        return {}, {"stale": jnp.zeros((num_examples, *h.shape[1:]), h.dtype)}
+        return {}, {"stale": jnp.zeros((rows, *h.shape[1:]) if rows else h.shape[1:], h.dtype)}
 
     def predict(params, collections, h, labels, example_ids) -> Prediction:  # noqa: ANN001
-        del params, h, labels
+        if not rows:
+            return Prediction(jnp.broadcast_to(collections["stale"], h.shape), None, collections)
         if example_ids is None:
-            raise ValueError(
-                "stale_gradient needs example_ids: each batch row's index in the training set"
-            )
+            raise ValueError(f"{name} needs example_ids: each row's index in the training set")
         return Prediction(jnp.take(collections["stale"], example_ids, axis=0), None, collections)
 
     def learn(prediction: Prediction, message: Any, true: Any, example_ids: Any) -> Learned:
-        del message
-        # Rows repeated in a batch hold one example twice: equal g and true gradient, so the
-        # scatter writes equal values.
+        loss, table = sg_regression_loss(prediction.gradient, true), prediction.collections["stale"]
+        if not rows:
+            return Learned(None, {"stale": decay * table + (1.0 - decay) * true.mean(0)}, loss)
+        # Rows repeated in a batch hold one example twice: equal values are scattered.
         average = decay * prediction.gradient + (1.0 - decay) * true
-        table = prediction.collections["stale"].at[example_ids].set(average)
-        loss = sg_regression_loss(prediction.gradient, true)
-        return Learned(None, {"stale": table}, loss)
+        return Learned(None, {"stale": table.at[example_ids].set(average)}, loss)
 
+    options = (("num_examples", rows),) * bool(rows) + (("decay", decay),)
     return Method(
-        "stale_grad",
-        init,
-        predict,
-        _own_prediction,
-        learn,
-        _boundaries(boundaries),
-        true_gradients=True,
-        options=(("num_examples", int(num_examples)), ("decay", decay)),
-    )
+        name, init, predict, _own_prediction, learn, _boundaries(boundaries),
+        true_gradients=True, options=options,
+    )  # fmt: skip
 
 
 def dgl(
@@ -324,6 +327,7 @@ __all__ = [
     "dense",
     "dgl",
     "dni",
+    "per_example_stale_gradient",
     "sg_regression_loss",
     "stale_gradient",
     "with_oracle",

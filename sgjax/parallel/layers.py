@@ -91,7 +91,7 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
         raise ConfigError(f"unknown layer-parallel schedule {kind!r}; choose one of {KINDS}")
     if microbatches < 1:
         raise ConfigError(f"--microbatches={microbatches} must be a positive integer")
-    # What --parallel=layers refuses (bp_lambda, stale_grad, bp with --update_prob:
+    # What --parallel=layers refuses (bp_lambda, stale_grad(_example), bp with --update_prob:
     # TrainConfig.validate), also for a config built with --parallel=none (the benchmark's).
     dataclasses.replace(config, parallel="layers")
     if kind == "sg_pipeline" and not config.decoupled:

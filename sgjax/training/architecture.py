@@ -92,8 +92,7 @@ def synthesizer_text(config: TrainConfig) -> str:
 @functools.lru_cache(maxsize=256)
 def config_facts(config: TrainConfig) -> Facts:
     """``facts`` of the run configuration's trainer (built once per configuration)."""
-    if config.mode == "stale_grad" and config.train_examples < 1:
-        config = config.with_train_examples(1)  # a placeholder count: the table's rows
+    config = config.with_train_examples(max(config.train_examples, 1))  # a placeholder count
     sample = jax.ShapeDtypeStruct(sample_shape(config), jnp.float32)
     return facts(trainer_for(config), sample)
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from sgjax.data.sources import IMAGE_SHAPES
 
-MODES = ("bp", "sg", "cdni", "bp_lambda", "dgl", "zero_grad", "stale_grad")
+MODES = ("bp", "sg", "cdni", "bp_lambda", "dgl", "zero_grad", "stale_grad", "stale_grad_example")
 PAPER_MODES = ("bp", "sg", "cdni")  # the benchmark's default --modes
 SYNTHESIZER_MODES = ("sg", "cdni", "bp_lambda")  # the others' --sg_hidden_* flags are unused
 LAYER_PARALLEL_MODES = ("bp", "sg", "cdni", "dgl", "zero_grad")
@@ -19,6 +19,7 @@ LAYER_PARALLEL_REFUSALS = {
     "stale_grad": "the stale gradient averages each layer's true gradient, which needs a "
     "backward pass through every stage above (a pipeline passes synthetic-gradient targets)",
 }
+LAYER_PARALLEL_REFUSALS["stale_grad_example"] = LAYER_PARALLEL_REFUSALS["stale_grad"]
 MODELS = ("mlp", "cnn")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 PARALLEL = ("none", "layers")
@@ -131,7 +132,7 @@ class TrainConfig(RunConfig):
     update_prob: float = 1.0
     bp_lambda: float = 0.5
     stale_decay: float = 0.9
-    train_examples: int = 0  # stale_grad's rows, one per example: ``with_train_examples``
+    train_examples: int = 0  # stale_grad_example's rows, one per example: ``with_train_examples``
     synthetic_inputs: bool = False
 
     # Both layer-parallel engines compute the same schedule and name their work in flight alike;
@@ -219,8 +220,8 @@ class TrainConfig(RunConfig):
         return math.prod(IMAGE_SHAPES[self.dataset])
 
     def with_train_examples(self, count: int) -> TrainConfig:
-        """This configuration for ``count`` training examples (only stale_grad depends on it)."""
-        if self.mode != "stale_grad" or self.train_examples == count:
+        """This configuration for ``count`` training examples (only stale_grad_example uses it)."""
+        if self.mode != "stale_grad_example" or self.train_examples == count:
             return self
         return dataclasses.replace(self, train_examples=int(count))
 

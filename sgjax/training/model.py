@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from sgjax.core import methods
 from sgjax.core.layers import accuracy, cross_entropy
-from sgjax.core.methods import Method, backprop, bp_lambda, dgl, dni, stale_gradient, zero_gradient
 from sgjax.core.optim import adam
 from sgjax.core.synthesizers import SynthesizerFactory, conv, dense
 from sgjax.core.trainer import Trainer
@@ -33,24 +33,26 @@ def synthesizer_for(config: TrainConfig) -> SynthesizerFactory:
     return dense(depth, config.sg_hidden_units)
 
 
-def method_for(config: TrainConfig) -> Method:
+def method_for(config: TrainConfig) -> methods.Method:
     """``--mode`` as a method (the complete unlock's input models: ``--sg_hidden_units``)."""
     if not config.decoupled:
-        return backprop()
+        return methods.backprop()
     if config.mode == "bp_lambda":
-        return bp_lambda(config.bp_lambda, synthesizer_for(config), num_classes=NUM_CLASSES)
+        return methods.bp_lambda(config.bp_lambda, synthesizer_for(config), num_classes=NUM_CLASSES)
     if config.mode == "dgl":
-        return dgl(num_classes=NUM_CLASSES)
+        return methods.dgl(num_classes=NUM_CLASSES)
     if config.mode == "zero_grad":
-        return zero_gradient()
+        return methods.zero_gradient()
     if config.mode == "stale_grad":
+        return methods.stale_gradient(config.stale_decay)
+    if config.mode == "stale_grad_example":
         if config.train_examples < 1:
             raise ConfigError(
-                "--mode=stale_grad keeps a row per training example: build it with "
+                "--mode=stale_grad_example keeps a row per training example: build it with "
                 "config.with_train_examples(number of training images) (the scripts do)"
             )
-        return stale_gradient(config.train_examples, config.stale_decay)
-    return dni(
+        return methods.per_example_stale_gradient(config.train_examples, config.stale_decay)
+    return methods.dni(
         synthesizer_for(config), conditioned=config.conditioned, num_classes=NUM_CLASSES,
         synthetic_inputs=config.synthetic_inputs, input_units=config.sg_hidden_units,
     )  # fmt: skip
