@@ -27,6 +27,8 @@ CNN_UNUSED_FLAGS = ("hidden_units", "sg_hidden_units")  # the CNN's widths are -
 SCRIPT_HELP = {
     "mode": "bp: backprop; sg: DNI; cdni: label-conditioned DNI; bp_lambda: BP(lambda); dgl: "
     "greedy local learning; zero_grad, stale_grad: the zero and stale gradient baselines.",
+    "sg_warmup_steps": "sg, cdni: the first steps train by backprop while the synthesizers "
+    "regress onto its gradients (0: none).",
 }
 PARALLEL_HELP = {
     "parallel": "none: one device; layers: every layer (block with its module, output layer) on "
@@ -73,7 +75,7 @@ def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
                 f"{' and '.join(given)} {verb} not apply to the CNN: every convolution, the "
                 "synthesizers' too, has --filters filters"
             )
-    names = ("mode", "chunk_steps", *PARALLEL_HELP, "checkpoint_every", "output_dir")
+    names = (*SCRIPT_HELP, "chunk_steps", *PARALLEL_HELP, "checkpoint_every", "output_dir")
     return config_from_flags(fv, model=model, **{name: fv[name].value for name in names})
 
 

@@ -133,6 +133,7 @@ class TrainConfig(RunConfig):
     stale_decay: float = 0.9
     train_examples: int = 0  # stale_grad's rows, one per example: ``with_train_examples``
     synthetic_inputs: bool = False
+    sg_warmup_steps: int = 0  # sg, cdni: steps of backprop while the synthesizers fit its gradient
 
     # Both layer-parallel engines compute the same schedule and name their work in flight alike;
     # the data is checked by its contents' description, not its folder.
@@ -191,6 +192,14 @@ class TrainConfig(RunConfig):
             raise ConfigError(
                 f"--synthetic_inputs needs --mode=sg or --mode=cdni, not --mode={self.mode}"
             )
+        if self.sg_warmup_steps and (
+            self.sg_warmup_steps < 0 or self.mode not in ("sg", "cdni") or self.synthetic_inputs
+            or self.parallel != "none"
+        ):  # fmt: skip
+            raise ConfigError(
+                f"--sg_warmup_steps={self.sg_warmup_steps} must be 0 or more steps of --mode=sg "
+                "or cdni with --parallel=none, without --synthetic_inputs (it trains by backprop)"
+            )
         if self.parallel == "layers":
             if self.mode not in LAYER_PARALLEL_MODES:
                 why = LAYER_PARALLEL_REFUSALS.get(self.mode, "not built for the pipeline")
@@ -233,9 +242,10 @@ class TrainConfig(RunConfig):
         return values
 
     def recorded(self) -> dict:
-        """``to_dict()`` without the fields its model does not use (``UNUSED_FIELDS``)."""
+        """``to_dict()`` without the fields its model does not use (``UNUSED_FIELDS``), nor a
+        zero ``sg_warmup_steps`` (so records and checkpoints from before it still match)."""
         values = self.to_dict()
-        for name in UNUSED_FIELDS[self.model]:
+        for name in UNUSED_FIELDS[self.model] + ("sg_warmup_steps",) * (not self.sg_warmup_steps):
             values.pop(name, None)
         return values
 
