@@ -8,7 +8,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
+from sgjax.cli.train import define_script_flags, script_config
 from sgjax.core import synthesizers
 from sgjax.core.layers import accuracy, cross_entropy
 from sgjax.core.methods import backprop, dni
@@ -110,6 +112,10 @@ def test_warmup_refusals_and_records() -> None:
             TrainConfig(sg_warmup_steps=5, **fields)
     with pytest.raises(ConfigError, match="--sg_warmup_steps=-1"):
         TrainConfig(sg_warmup_steps=-1)
+    fv = flags.FlagValues()
+    define_script_flags(fv, "mlp")
+    fv(["mnist_mlp.py", "--mode=cdni", "--sg_warmup_steps=7"])
+    assert script_config(fv, "mlp").sg_warmup_steps == 7
     # Records (results.json, checkpoints) name it only when it is set: older ones still match.
     assert "sg_warmup_steps" not in TrainConfig().recorded()
     assert TrainConfig(mode="cdni", sg_warmup_steps=5).recorded()["sg_warmup_steps"] == 5

@@ -232,10 +232,7 @@ class Trainer:
         With ``update_prob`` (needs ``key``) stages that do not update keep their whole state.
         ``step`` (may be traced): the update's index, for a method's ``warmup_steps``."""
         if self.method.warmup_steps and step is None:
-            raise ValueError(
-                f"{self.method.name} warms up for {self.method.warmup_steps} steps: pass "
-                "step=<the update's index> to Trainer.step"
-            )
+            raise ValueError("the method warms up: pass step=<the update's index> to Trainer.step")
         inputs = self.synthetic_inputs(state, x) if self.unlocked else None
         grads = self.gradients(state, x, labels, None, inputs, example_ids, step)
         last = grads.last
@@ -541,13 +538,9 @@ class Trainer:
         """This trainer with boundary modules that never learn (synthetic gradients stay 0):
         the control a decoupled method must beat to show that its synthetic gradients teach."""
         return Trainer(
-            self.stages,
-            self.method,
-            self.loss,
-            self.optimizer,
-            synthesizer_optimizer=optax.set_to_zero(),
-            accuracy=self.accuracy,
-        )
+            self.stages, self.method, self.loss, self.optimizer,
+            synthesizer_optimizer=optax.set_to_zero(), accuracy=self.accuracy,
+        )  # fmt: skip
 
     def synthetic_gradient_cosines(
         self, state: TrainerState, x: jax.Array, labels: jax.Array, example_ids: Any = None

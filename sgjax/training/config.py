@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import ClassVar
-
-from sgjax.data.sources import IMAGE_SHAPES
 
 MODES = ("bp", "sg", "cdni", "bp_lambda", "dgl", "zero_grad", "stale_grad")
 PAPER_MODES = ("bp", "sg", "cdni")  # the benchmark's default --modes
@@ -192,13 +189,11 @@ class TrainConfig(RunConfig):
             raise ConfigError(
                 f"--synthetic_inputs needs --mode=sg or --mode=cdni, not --mode={self.mode}"
             )
-        if self.sg_warmup_steps and (
-            self.sg_warmup_steps < 0 or self.mode not in ("sg", "cdni") or self.synthetic_inputs
-            or self.parallel != "none"
-        ):  # fmt: skip
+        unfit = self.mode not in ("sg", "cdni") or self.synthetic_inputs or self.parallel != "none"
+        if self.sg_warmup_steps < 0 or (self.sg_warmup_steps and unfit):
             raise ConfigError(
-                f"--sg_warmup_steps={self.sg_warmup_steps} must be 0 or more steps of --mode=sg "
-                "or cdni with --parallel=none, without --synthetic_inputs (it trains by backprop)"
+                f"--sg_warmup_steps={self.sg_warmup_steps} must be 0, or steps of --mode=sg or "
+                "cdni with --parallel=none and no --synthetic_inputs (they train by backprop)"
             )
         if self.parallel == "layers":
             if self.mode not in LAYER_PARALLEL_MODES:
@@ -221,11 +216,6 @@ class TrainConfig(RunConfig):
     @property
     def resolved_filters(self) -> int:
         return self.filters if self.filters is not None else PAPER_FILTERS[self.dataset]
-
-    @property
-    def input_dim(self) -> int:
-        """Values per example as the data arrives (784 for MNIST, 3072 for CIFAR-10)."""
-        return math.prod(IMAGE_SHAPES[self.dataset])
 
     def with_train_examples(self, count: int) -> TrainConfig:
         """This configuration for ``count`` training examples (only stale_grad depends on it)."""
