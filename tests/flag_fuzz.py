@@ -125,6 +125,7 @@ def mnist_mlp_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
         "num_devices": NEGATIVE,
         "microbatches": NOT_POSITIVE,
         "checkpoint_every": NEGATIVE | st.integers(1, 10**6).filter(lambda n: n % 5).map(str),
+        "sg_warmup_steps": NEGATIVE,
     }
     return cases, base
 

@@ -1,12 +1,14 @@
 """Does DNI learn, or only the output layer? Test accuracy and synthetic-gradient alignment.
 
   python tools/sg_alignment.py --mode=sg --num_steps=3000 --learning_rate=1e-3 \
-      --sg_hidden_layers=1 --sg_hidden_units=256
+      --sg_hidden_layers=1 --sg_hidden_units=256 [--dataset=fashion_mnist] [--sg_warmup_steps=30]
 
 Trains the paper's MLP on the default data with the given method, and the same run with frozen
 hidden layers (synthesizers that never learn, so every synthetic gradient stays 0 and only the
 output layer trains), printing at 10 points: training loss, test accuracy, and each boundary's
 cosine between the synthetic gradient and the true dLoss/dh on a fixed probe batch of 512.
+``--sg_warmup_steps``: the first steps train by backprop while the synthesizers fit its gradients;
+``--nofrozen_control`` skips the control run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ flags.DEFINE_float("learning_rate", 1e-3, "Initial Adam learning rate.")
 flags.DEFINE_integer("sg_hidden_layers", 1, "Synthesizer hidden layers.")
 flags.DEFINE_integer("sg_hidden_units", 256, "Synthesizer width.")
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist"], "Dataset (default data).")
+flags.DEFINE_integer("sg_warmup_steps", 0, "Steps of backprop that warm the synthesizers up.")
+flags.DEFINE_bool("frozen_control", True, "Also run the frozen-hidden-layers control.")
 FLAGS = flags.FLAGS
 POINTS = 10
 
@@ -43,7 +48,7 @@ def run(trainer: Trainer, config: TrainConfig, label: str) -> None:
     def chunk(state: TrainerState, start: jax.Array) -> tuple[TrainerState, jax.Array]:
         def body(s: TrainerState, i: jax.Array) -> tuple[TrainerState, jax.Array]:
             batch = sample_batch(jax.random.fold_in(data_key, i), data, config.batch_size)
-            s, metrics = trainer.step(s, batch.images, batch.labels)
+            s, metrics = trainer.step(s, batch.images, batch.labels, step=i)
             return s, metrics.loss
 
         return jax.lax.scan(body, state, start + jnp.arange(per_point))
@@ -74,12 +79,15 @@ def main(argv: list[str]) -> int:
             sg_hidden_layers=FLAGS.sg_hidden_layers,
             sg_hidden_units=FLAGS.sg_hidden_units,
             seed=FLAGS.seed,
+            dataset=FLAGS.dataset,
+            sg_warmup_steps=FLAGS.sg_warmup_steps,
         )
     except ConfigError as error:
         fail(str(error))
     trained = trainer_for(config)
     run(trained, config, config.mode)
-    run(trained.frozen_control(), config, "frozen")
+    if FLAGS.frozen_control:
+        run(trained.frozen_control(), config, "frozen")
     return 0
 
 

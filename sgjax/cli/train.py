@@ -28,6 +28,8 @@ SCRIPT_HELP = {
     "mode": "bp: backprop; sg: DNI; cdni: label-conditioned DNI; bp_lambda: BP(lambda); dgl: "
     "greedy local learning; zero_grad, stale_grad, stale_grad_example: the zero, stale (the "
     "paper's) and per-example stale gradient baselines.",
+    "sg_warmup_steps": "sg, cdni: the first steps train by backprop while the synthesizers "
+    "regress onto its gradients (0: none).",
 }
 PARALLEL_HELP = {
     "parallel": "none: one device; layers: every layer (block with its module, output layer) on "
@@ -74,7 +76,7 @@ def script_config(fv: flags.FlagValues, model: str) -> TrainConfig:
                 f"{' and '.join(given)} {verb} not apply to the CNN: every convolution, the "
                 "synthesizers' too, has --filters filters"
             )
-    names = ("mode", "chunk_steps", *PARALLEL_HELP, "checkpoint_every", "output_dir")
+    names = (*SCRIPT_HELP, "chunk_steps", *PARALLEL_HELP, "checkpoint_every", "output_dir")
     return config_from_flags(fv, model=model, **{name: fv[name].value for name in names})
 
 

@@ -76,6 +76,7 @@ class Method(NamedTuple):
     synthetic_inputs: bool = False  # the complete unlock
     input_units: int = 1024  # hidden units of each synthetic-input model
     options: tuple[tuple[str, Any], ...] = ()  # the settings it was built with
+    warmup_steps: int = 0  # steps before ``Trainer.step(..., step=t)`` sends ``send``'s output
 
 
 def sg_regression_loss(synthetic: jax.Array, target: jax.Array) -> jax.Array:
@@ -112,18 +113,23 @@ def dni(
     num_classes: int = 10,
     synthetic_inputs: bool = False,
     input_units: int = 1024,
+    warmup_steps: int = 0,
 ) -> Method:
     """Synthetic gradients (Jaderberg et al. 2016) at ``boundaries`` (0-based stages after which
     the chain is decoupled; default: every stage but the last). ``synthesizer`` defaults to the
     paper's (``dense(2, 1024)``; cDNI ``dense(0)``); ``conditioned`` feeds it ``one_hot(label,
     num_classes)`` (cDNI); ``oracle``: see ``with_oracle``; ``synthetic_inputs``: the complete
     unlock (section 3.1), per boundary a model of ``input_units`` hidden units predicts the group
-    above's input from the network's input (L2), and groups above the first train on it."""
+    above's input from the network's input (L2), and groups above the first train on it;
+    ``warmup_steps``: steps t < N train by backprop (every group gets the message from above, the
+    true dLoss/dh) while the synthesizers regress onto it, then DNI."""
     if synthesizer is None:
         synthesizer = PAPER_CDNI_SYNTHESIZER if conditioned else PAPER_DNI_SYNTHESIZER
     _check_positive(num_classes=num_classes, input_units=input_units)
-    if synthetic_inputs and oracle:
-        raise ValueError("oracle=True needs the true inputs; drop synthetic_inputs")
+    if synthetic_inputs and (oracle or warmup_steps):
+        raise ValueError("oracle=True and warmup_steps need the true inputs; drop synthetic_inputs")
+    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        raise ValueError(f"warmup_steps={warmup_steps} must be a non-negative integer")
 
     def context(labels: jax.Array, dtype: Any) -> jax.Array | None:
         return jax.nn.one_hot(labels, num_classes, dtype=dtype) if conditioned else None
@@ -161,6 +167,7 @@ def dni(
         synthetic_inputs=synthetic_inputs,
         input_units=input_units,
         options=(*options, ("num_classes", num_classes)),
+        warmup_steps=warmup_steps,
     )
     return with_oracle(method) if oracle else method
 

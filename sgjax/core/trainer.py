@@ -225,12 +225,16 @@ class Trainer:
         key: jax.Array | None = None,
         update_prob: float | jax.Array | None = None,
         example_ids: jax.Array | None = None,
+        step: jax.Array | int | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
         """One update of every stage and boundary module; pure, jittable, vmappable.
         ``example_ids`` (each row's index in the training set) feed the stale-gradient table.
-        With ``update_prob`` (needs ``key``) stages that do not update keep their whole state."""
+        With ``update_prob`` (needs ``key``) stages that do not update keep their whole state.
+        ``step`` (may be traced): the update's index, for a method's ``warmup_steps``."""
+        if self.method.warmup_steps and step is None:
+            raise ValueError("the method warms up: pass step=<the update's index> to Trainer.step")
         inputs = self.synthetic_inputs(state, x) if self.unlocked else None
-        grads = self.gradients(state, x, labels, group_inputs=inputs, example_ids=example_ids)
+        grads = self.gradients(state, x, labels, None, inputs, example_ids, step)
         last = grads.last
         new = self.update_stages(state.stages, self.groups[-1], last.stages, last.collections)
         boundaries = []
@@ -273,10 +277,14 @@ class Trainer:
         synthetic_override: Sequence[jax.Array] | None = None,
         group_inputs: Sequence[jax.Array] | None = None,
         example_ids: jax.Array | None = None,
+        step: jax.Array | int | None = None,
     ) -> StepGradients:
         """Every gradient of one synchronous step: forwards bottom to top, the last group's true
         gradients, then the other groups top to bottom. ``synthetic_override`` replaces what
-        every boundary sends; ``group_inputs`` the input of every group above the first."""
+        every boundary sends; ``group_inputs`` the input of every group above the first. At a
+        ``step`` below the method's ``warmup_steps`` every boundary sends the message from above
+        (backprop's update; one program for both phases)."""
+        warmup = 0 if step is None else self.method.warmup_steps
         true = self.boundary_gradients(state, x, labels) if self.method.true_gradients else None
         forwards, h = [], x
         for j in range(len(self.groups) - 1):
@@ -293,6 +301,9 @@ class Trainer:
         for j in reversed(range(len(forwards))):
             override = None if synthetic_override is None else synthetic_override[j]
             truth = None if true is None else true[j]
+            if warmup and override is None:
+                sent = self.method.send(forwards[j].prediction, message, truth)
+                override = jnp.where(step < warmup, message, sent)
             messages[j] = message
             groups[j] = self.group_backward(forwards[j], message, override, truth, example_ids)
             message = groups[j].input_grad
@@ -527,13 +538,9 @@ class Trainer:
         """This trainer with boundary modules that never learn (synthetic gradients stay 0):
         the control a decoupled method must beat to show that its synthetic gradients teach."""
         return Trainer(
-            self.stages,
-            self.method,
-            self.loss,
-            self.optimizer,
-            synthesizer_optimizer=optax.set_to_zero(),
-            accuracy=self.accuracy,
-        )
+            self.stages, self.method, self.loss, self.optimizer,
+            synthesizer_optimizer=optax.set_to_zero(), accuracy=self.accuracy,
+        )  # fmt: skip
 
     def synthetic_gradient_cosines(
         self, state: TrainerState, x: jax.Array, labels: jax.Array, example_ids: Any = None

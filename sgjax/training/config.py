@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import ClassVar
-
-from sgjax.data.sources import IMAGE_SHAPES
 
 MODES = ("bp", "sg", "cdni", "bp_lambda", "dgl", "zero_grad", "stale_grad", "stale_grad_example")
 PAPER_MODES = ("bp", "sg", "cdni")  # the benchmark's default --modes
@@ -134,6 +131,7 @@ class TrainConfig(RunConfig):
     stale_decay: float = 0.9
     train_examples: int = 0  # stale_grad_example's rows, one per example: ``with_train_examples``
     synthetic_inputs: bool = False
+    sg_warmup_steps: int = 0  # sg, cdni: steps of backprop while the synthesizers fit its gradient
 
     # Both layer-parallel engines compute the same schedule and name their work in flight alike;
     # the data is checked by its contents' description, not its folder.
@@ -192,6 +190,12 @@ class TrainConfig(RunConfig):
             raise ConfigError(
                 f"--synthetic_inputs needs --mode=sg or --mode=cdni, not --mode={self.mode}"
             )
+        unfit = self.mode not in ("sg", "cdni") or self.synthetic_inputs or self.parallel != "none"
+        if self.sg_warmup_steps < 0 or (self.sg_warmup_steps and unfit):
+            raise ConfigError(
+                f"--sg_warmup_steps={self.sg_warmup_steps} must be 0, or steps of --mode=sg or "
+                "cdni with --parallel=none and no --synthetic_inputs (they train by backprop)"
+            )
         if self.parallel == "layers":
             if self.mode not in LAYER_PARALLEL_MODES:
                 why = LAYER_PARALLEL_REFUSALS.get(self.mode, "not built for the pipeline")
@@ -214,11 +218,6 @@ class TrainConfig(RunConfig):
     def resolved_filters(self) -> int:
         return self.filters if self.filters is not None else PAPER_FILTERS[self.dataset]
 
-    @property
-    def input_dim(self) -> int:
-        """Values per example as the data arrives (784 for MNIST, 3072 for CIFAR-10)."""
-        return math.prod(IMAGE_SHAPES[self.dataset])
-
     def with_train_examples(self, count: int) -> TrainConfig:
         """This configuration for ``count`` training examples (only stale_grad_example uses it)."""
         if self.mode != "stale_grad_example" or self.train_examples == count:
@@ -234,9 +233,10 @@ class TrainConfig(RunConfig):
         return values
 
     def recorded(self) -> dict:
-        """``to_dict()`` without the fields its model does not use (``UNUSED_FIELDS``)."""
+        """``to_dict()`` without the fields its model does not use (``UNUSED_FIELDS``), nor a
+        zero ``sg_warmup_steps`` (so records and checkpoints from before it still match)."""
         values = self.to_dict()
-        for name in UNUSED_FIELDS[self.model]:
+        for name in UNUSED_FIELDS[self.model] + ("sg_warmup_steps",) * (not self.sg_warmup_steps):
             values.pop(name, None)
         return values
 

@@ -193,7 +193,7 @@ def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -
         coins = None if update_prob is None else jax.random.fold_in(step_key, UPDATE_KEY)
         model, metrics = trainer.step(
             state.model, batch.images, batch.labels, key=coins, update_prob=update_prob,
-            example_ids=batch.indices,
+            example_ids=batch.indices, step=state.step,
         )  # fmt: skip
         return state._replace(model=model, step=state.step + 1), metrics
 

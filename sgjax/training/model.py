@@ -55,6 +55,7 @@ def method_for(config: TrainConfig) -> methods.Method:
     return methods.dni(
         synthesizer_for(config), conditioned=config.conditioned, num_classes=NUM_CLASSES,
         synthetic_inputs=config.synthetic_inputs, input_units=config.sg_hidden_units,
+        warmup_steps=config.sg_warmup_steps,
     )  # fmt: skip
 
 
