@@ -26,17 +26,28 @@ LN2 = math.log(2.0)
 def make_trainer(
     config: RNNConfig, output_dim: int, loss: StepLoss, unroll: int | bool = 1
 ) -> RecurrentTrainer:
-    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate."""
+    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate; with
+    ``synthesizer_learning_rate`` or ``clip_norm``, M has its own Adam, each one clipped."""
     units = config.synthesizer_units or config.hidden_units
     method = backprop() if config.mode == "bptt" else dni(dense(1, units))
+    optimizer = adam(config.learning_rate)
+    if config.synthesizer_learning_rate or config.clip_norm:
+        clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
+        rates = {"core": config.learning_rate}
+        rates["synthesizer"] = config.synthesizer_learning_rate or config.learning_rate
+        optimizer = optax.multi_transform(
+            {k: optax.chain(clip, adam(rate)) for k, rate in rates.items()},
+            lambda params: {k: "synthesizer" if k == "synthesizer" else "core" for k in params},
+        )
     return RecurrentTrainer(
         LSTMCore(config.hidden_units, output_dim),
         method,
         loss,
-        adam(config.learning_rate),
+        optimizer,
         sg_scale=config.sg_scale,
         sg_trains_core=config.sg_trains_core,
         aux_weight=1.0 if config.mode == "dni_aux" else 0.0,
+        unscaled_target=config.unscaled_target,
         unroll=unroll,
     )
 
@@ -66,6 +77,16 @@ class Chunked:
             return state, ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
 
         return run
+
+    def _init_model(self, key: jax.Array, carry: Carry, x: jax.Array) -> RecurrentState:
+        """The trainer's initial state, ``forget_bias`` added to the LSTM's forget-gate bias."""
+        model = self.trainer.init(key, carry, x)
+        if not self.config.forget_bias:
+            return model
+        lstm = model.params["core"]["lstm"]
+        hf = {**lstm["hf"], "bias": lstm["hf"]["bias"] + self.config.forget_bias}
+        core = {**model.params["core"], "lstm": {**lstm, "hf": hf}}
+        return model._replace(params={**model.params, "core": core})
 
     def _update(self, state: Any, segment: Segment, before: Callable, continues: jax.Array):
         """The trainer's step on ``segment``; with ``sg_trains_core`` also on the segment
@@ -150,7 +171,7 @@ class CopyProgram(Chunked):
         carry = zero_carry(config.batch_size, config.hidden_units)
         level = self.task.first_level()
         episode = self._episode(jax.random.fold_in(data_key, 0), level)
-        model = self.trainer.init(init_key, carry, episode.inputs[0])
+        model = self._init_model(init_key, carry, episode.inputs[0])
         zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
         return CopyRunState(
             model, carry, carry, episode, zero_i, level, zero_f, zero_f,
@@ -242,7 +263,7 @@ class TextProgram(Chunked):
         config = self.config
         carry = zero_carry(config.batch_size, config.hidden_units)
         x = jnp.zeros((config.batch_size, self.vocab_size), jnp.float32)
-        model = self.trainer.init(jax.random.PRNGKey(seed), carry, x)
+        model = self._init_model(jax.random.PRNGKey(seed), carry, x)
         zero = jnp.zeros((), jnp.int32)
         return TextRunState(model, carry, carry, zero, zero)
 
