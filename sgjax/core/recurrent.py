@@ -162,11 +162,11 @@ class SegmentMetrics(NamedTuple):
 
 class RecurrentTrainer:
     """Trains a recurrent ``core`` segment by segment (arguments in ``Trainer``'s order); pure.
-    ``sg_scale`` scales M's output before it enters the core; ``sg_trains_core`` backpropagates
-    M's loss into the core through the previous segment (``step``'s ``previous``);
-    ``aux_weight > 0`` adds DNI+Aux's loss; ``unscaled_target`` bootstraps M's target from its
-    unscaled output. ``unroll`` is ``lax.scan``'s (``True``: XLA's cost analysis then counts
-    every step, where it counts a loop's body once)."""
+    ``options`` (``recurrent_options``'): ``sg_scale`` scales M's output before it enters the
+    core; ``sg_trains_core`` backpropagates M's loss into the core through the previous segment
+    (``step``'s ``previous``); ``aux_weight > 0`` adds DNI+Aux's loss; ``unscaled_target``
+    bootstraps M's target from its unscaled output. ``unroll`` is ``lax.scan``'s (``True``:
+    XLA's cost analysis then counts every step, where it counts a loop's body once)."""
 
     def __init__(
         self,
@@ -175,21 +175,12 @@ class RecurrentTrainer:
         loss: StepLoss,
         optimizer: optax.GradientTransformation,
         *,
-        sg_scale: float = PAPER_SG_SCALE,
-        sg_trains_core: bool = False,
-        aux_weight: float = 0.0,
-        unscaled_target: bool = False,
         unroll: int | bool = 1,
+        **options: Any,
     ) -> None:
         self.core = core
         self.method = method
-        self.options = recurrent_options(
-            method,
-            sg_scale=sg_scale,
-            sg_trains_core=sg_trains_core,
-            aux_weight=aux_weight,
-            unscaled_target=unscaled_target,
-        )
+        self.options = recurrent_options(method, **options)
         self.loss = loss
         self.optimizer = optimizer
         self.scan_unroll = unroll
@@ -253,13 +244,11 @@ class RecurrentTrainer:
         present)``: the segment before, for ``sg_trains_core`` (``present[b]``: there was one)."""
         method, params = self.options, state.params
         batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
-        zero_metric = jnp.zeros((), jnp.float32)
         grads: dict[str, Any] = {}
 
         (loss_sum, end), vjp, (count, logits) = jax.vjp(
             lambda p, c: self.unroll(p, c, segment), params["core"], carry, has_aux=True
         )
-        end_sg = None
         ones = jnp.ones_like(loss_sum) / batch
         if method.synthetic:
             end_sg = jax.tree_util.tree_map(
@@ -271,13 +260,11 @@ class RecurrentTrainer:
             # from beyond each further boundary is discounted by ``sg_scale``).
             core_grad, start = vjp((ones, _div(_mul(end_sg, method.sg_scale), batch)))
             if method.unscaled_target:  # add what the rest of M's output brings to the start
-                rest = (jnp.zeros_like(loss_sum), _div(_mul(end_sg, 1 - method.sg_scale), batch))
-                start = _add(start, vjp(rest)[1])
+                start = _add(start, vjp((0 * ones, _mul(end_sg, (1 - method.sg_scale) / batch)))[1])
         else:
-            end_grad = jax.tree_util.tree_map(jnp.zeros_like, end)
-            core_grad, start = vjp((ones, end_grad))
+            core_grad, start = vjp((ones, jax.tree_util.tree_map(jnp.zeros_like, end)))
         grads["core"] = core_grad
-        sg_loss = aux_loss = zero_metric
+        sg_loss = aux_loss = jnp.zeros((), jnp.float32)
 
         if method.synthetic:
             target = jax.lax.stop_gradient(_mul(start, batch))

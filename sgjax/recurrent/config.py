@@ -74,6 +74,8 @@ class RNNConfig(RunConfig):
                 raise ConfigError(f"--{name}={value} must be a positive number")
         if not math.isfinite(self.forget_bias):
             raise ConfigError(f"--forget_bias={self.forget_bias} must be a finite number")
+        if self.mode == "bptt" and (self.sg_trains_core or self.unscaled_target):
+            raise ConfigError("--sg_trains_core and --unscaled_target need --mode=dni or dni_aux")
         if self.patience < 0:
             raise ConfigError(f"--patience={self.patience} must be 0 (never stop) or more")
         for name in ("valid_fraction", "test_fraction"):

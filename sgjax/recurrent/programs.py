@@ -21,22 +21,21 @@ from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT, CopyTask, Episode, Level, 
 from sgjax.tasks.copy import sigmoid_loss as copy_loss
 
 LN2 = math.log(2.0)
+FORGET_BIAS = tuple(map(jax.tree_util.DictKey, ("core", "lstm", "hf", "bias")))
 
 
 def make_trainer(
     config: RNNConfig, output_dim: int, loss: StepLoss, unroll: int | bool = 1
 ) -> RecurrentTrainer:
-    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate; with
-    ``synthesizer_learning_rate`` or ``clip_norm``, M has its own Adam, each one clipped."""
+    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate (M's own)."""
     units = config.synthesizer_units or config.hidden_units
     method = backprop() if config.mode == "bptt" else dni(dense(1, units))
     optimizer = adam(config.learning_rate)
-    if config.synthesizer_learning_rate or config.clip_norm:
+    if config.synthesizer_learning_rate or config.clip_norm:  # M's own Adam; each one clipped
         clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
-        rates = {"core": config.learning_rate}
-        rates["synthesizer"] = config.synthesizer_learning_rate or config.learning_rate
+        rates = {"core": config.learning_rate, "synthesizer": config.synthesizer_learning_rate}
         optimizer = optax.multi_transform(
-            {k: optax.chain(clip, adam(rate)) for k, rate in rates.items()},
+            {k: optax.chain(clip, adam(rate or config.learning_rate)) for k, rate in rates.items()},
             lambda params: {k: "synthesizer" if k == "synthesizer" else "core" for k in params},
         )
     return RecurrentTrainer(
@@ -80,13 +79,9 @@ class Chunked:
 
     def _init_model(self, key: jax.Array, carry: Carry, x: jax.Array) -> RecurrentState:
         """The trainer's initial state, ``forget_bias`` added to the LSTM's forget-gate bias."""
-        model = self.trainer.init(key, carry, x)
-        if not self.config.forget_bias:
-            return model
-        lstm = model.params["core"]["lstm"]
-        hf = {**lstm["hf"], "bias": lstm["hf"]["bias"] + self.config.forget_bias}
-        core = {**model.params["core"], "lstm": {**lstm, "hf": hf}}
-        return model._replace(params={**model.params, "core": core})
+        model, bias = self.trainer.init(key, carry, x), self.config.forget_bias
+        hf = lambda path, x: x + bias if path == FORGET_BIAS else x  # noqa: E731
+        return model._replace(params=jax.tree_util.tree_map_with_path(hf, model.params))
 
     def _update(self, state: Any, segment: Segment, before: Callable, continues: jax.Array):
         """The trainer's step on ``segment``; with ``sg_trains_core`` also on the segment
