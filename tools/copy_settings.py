@@ -4,6 +4,7 @@ target, a forget-gate bias of 1, a wider core), alone and combined; seeds vmappe
 
   python tools/copy_settings.py --steps=10000 --seeds=3 --only=base,dni,sg_trains_core
   python tools/copy_settings.py --list
+  python tools/copy_settings.py --table=copy_settings.jsonl  # the results as a markdown table
 
 Prints one line per configuration (largest Copy episode solved per seed, the paper's count) and
 appends it as JSON to --out."""
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import time
 
+from sgjax.bench.names import markdown_table
 from sgjax.bench.rnn_table import run_cell
 from sgjax.recurrent.config import RNNConfig
 
@@ -43,6 +45,18 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+def table_row(row: dict) -> list:
+    c = row["config"]
+    shown = {"sg_trains_core": "sg_trains_core", "unscaled_target": "unscaled target",
+             "synthesizer_learning_rate": "M's Adam {:g}", "clip_norm": "clip {:g}",
+             "forget_bias": "forget bias {:g}", "sg_scale": "sg_scale {:g}"}  # fmt: skip
+    settings = ", ".join(text.format(c[k]) for k, text in shown.items() if k in c) or "-"
+    solved = ", ".join(map(str, row["solved"]))
+    mode = c["mode"].replace("bptt", "BPTT").replace("dni", "DNI")
+    return [c["hidden_units"], c["bits"], c["truncation"], row["steps"], mode, settings, solved,
+            row["run_s"]]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10_000)
@@ -51,9 +65,16 @@ def main() -> None:
     parser.add_argument("--set", default="", help="overrides of BASE, e.g. bits=8,truncation=3")
     parser.add_argument("--out", default="copy_settings.jsonl")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--table", default="", help="print the rows of these jsonl files")
     args = parser.parse_args()
     if args.list:
         print("\n".join(f"{k}: {v}" for k, v in CONFIGS.items()))
+        return
+    if args.table:
+        print("\n".join(markdown_table(
+            ["LSTM", "bits", "T", "updates", "mode", "settings", "solved (seeds 0-2)", "run s"],
+            map(table_row, (json.loads(line) for f in args.table.split(",") for line in open(f))),
+        )))  # fmt: skip
         return
     base = dict(BASE)
     for item in filter(None, args.set.split(",")):
