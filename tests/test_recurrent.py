@@ -3,6 +3,8 @@ synthesizers make the first DNI update the BPTT update; the synthesizer learns t
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,11 @@ import optax
 
 from sgjax.core import synthesizers
 from sgjax.core.methods import backprop, dni
+from sgjax.core.optim import apply_optimizer
 from sgjax.core.recurrent import RecurrentTrainer, Segment, carry_sq_error
 from sgjax.models.lstm import LSTMCore, zero_carry
+from sgjax.recurrent.config import RNNConfig
+from sgjax.recurrent.programs import CopyProgram
 from sgjax.tasks.copy import CopyTask, Level, sigmoid_loss
 
 BATCH, UNITS, T = 4, 12, 3
@@ -242,3 +247,74 @@ def test_sg_trains_core_backpropagates_the_synthesizer_loss_into_the_core():
     for got, want in zip(_leaves(results[True]), _leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert _max_gap(results[False], expected) > 1e-4
+
+
+def test_unscaled_target_regresses_m_onto_what_its_unscaled_output_brings_to_the_start():
+    """Against a reference: with ``unscaled_target`` M's second update regresses onto the start
+    gradient of the segment backpropagated with M(end carry) unscaled, while the core's update
+    stays the scaled one. Control: the default (scaled) target's M update is far from it."""
+    segment = _episode_segments()[1]
+    carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
+    continues = jnp.ones((BATCH,))
+    seconds = {}
+    for unscaled in (False, True):
+        trainer = _trainer("dni", optax.sgd(LR), unscaled_target=unscaled)
+        state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
+        step = jax.jit(trainer.step)
+        first, _, _ = step(state, carry, segment, continues)
+        seconds[unscaled], _, _ = step(first, carry, segment, continues)
+
+    core = first.params["core"]
+    (_, end), _ = trainer.unroll(core, carry, segment)
+    full = trainer.synthetic_gradient(first.params, end)
+    target = trainer.segment_gradients(core, carry, segment, full).start_grad
+
+    def m_loss(m):
+        return carry_sq_error(trainer.synthetic_gradient({"synthesizer": m}, carry), target)
+
+    m = first.params["synthesizer"]
+    expected = _sgd_step(m, jax.grad(m_loss)(m))
+    got = seconds[True].params
+    for a, b in zip(_leaves(got["synthesizer"]), _leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert _max_gap(seconds[False].params["synthesizer"], expected) > 1e-4
+    for a, b in zip(_leaves(got["core"]), _leaves(seconds[False].params["core"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_config_gives_m_its_own_clipped_adam_and_the_lstm_a_forget_bias():
+    """``synthesizer_learning_rate`` and ``clip_norm``: two updates with gradients of norms above
+    the clip equal, per group, Adam (core 1e-3, M 1e-5) on the gradient clipped to 0.5; Adam
+    without the clip is far. ``forget_bias``: only the forget gate's bias starts at 1; without
+    it the initial parameters are the trainer's."""
+    base = RNNConfig(task="copy", mode="dni", hidden_units=UNITS, batch_size=BATCH, bits=2,
+                     max_length=12, truncation=T, learning_rate=1e-3)  # fmt: skip
+    config = dataclasses.replace(base, synthesizer_learning_rate=1e-5, clip_norm=0.5)
+    program = CopyProgram(config)
+    params = program.init(0).model.params
+    grads = [jax.tree_util.tree_map(lambda x, k=k: jnp.full_like(x, k), params) for k in (3, 7)]
+
+    def two_updates(optimizer, params):
+        opt_state = optimizer.init(params)
+        for g in grads:
+            g = {k: g[k] for k in params}
+            params, opt_state = apply_optimizer(optimizer, g, opt_state, params)
+        return params
+
+    got = two_updates(program.trainer.optimizer, params)
+    for key, rate in (("core", 1e-3), ("synthesizer", 1e-5)):
+        clipped = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(rate))
+        want = two_updates(clipped, {key: params[key]})[key]
+        for a, b in zip(_leaves(got[key]), _leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+        assert _max_gap(two_updates(optax.adam(rate), {key: params[key]})[key], want) > rate / 100
+
+    biased = CopyProgram(dataclasses.replace(base, forget_bias=1.0)).init(0).model.params["core"]
+    plain = CopyProgram(base)
+    carry = zero_carry(BATCH, UNITS)
+    x = jnp.zeros((BATCH, plain.task.input_dim))
+    untouched = plain.trainer.init(jax.random.split(jax.random.PRNGKey(0))[0], carry, x).params
+    assert _max_gap(plain.init(0).model.params, untouched) == 0
+    for gate in ("hi", "hf", "hg", "ho"):
+        want = untouched["core"]["lstm"][gate]["bias"] + (gate == "hf")
+        np.testing.assert_array_equal(biased["lstm"][gate]["bias"], want)

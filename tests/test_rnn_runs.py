@@ -120,6 +120,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
         RNNConfig(task="copy", text_file="x.txt")
     with pytest.raises(ConfigError, match="max_length=3"):
         RNNConfig(task="copy", max_length=3)
+    with pytest.raises(ConfigError, match="need --mode=dni or dni_aux"):
+        RNNConfig(task="copy", mode="bptt", sg_trains_core=True)
     short = tmp_path / "short.txt"
     short.write_text("abcdefghij" * 5)
     cases = {

@@ -53,6 +53,10 @@ RNN_HELP = {
     "synthesizer_units": "Width of the synthesizer's hidden layer (default: --hidden_units).",
     "sg_trains_core": "Backpropagate the synthesizer's regression loss into the core too "
     "(through the previous segment, recomputed).",
+    "unscaled_target": "Bootstrap the synthesizer's target from its unscaled output.",
+    "synthesizer_learning_rate": "The synthesizer's Adam rate (default: --learning_rate).",
+    "clip_norm": "Clip the core's and the synthesizer's gradients each to this global norm.",
+    "forget_bias": "Added to the LSTM's forget-gate bias at initialisation (e.g. 1).",
     "bits": "Copy tasks: bits per pattern vector.",
     "max_length": "Copy tasks: episodes are padded to this many time steps; the curriculum "
     "stops at the largest level that fits.",

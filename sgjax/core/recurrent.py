@@ -52,6 +52,7 @@ class RecurrentOptions(NamedTuple):
     sg_scale: float
     sg_trains_core: bool
     aux_weight: float  # DNI+Aux when positive
+    unscaled_target: bool  # M's target from its unscaled output (the core still gets it scaled)
 
 
 def recurrent_options(
@@ -60,6 +61,7 @@ def recurrent_options(
     sg_scale: float = PAPER_SG_SCALE,
     sg_trains_core: bool = False,
     aux_weight: float = 0.0,
+    unscaled_target: bool = False,
 ) -> RecurrentOptions:
     """Checks a method for a recurrent core: ``backprop()`` or ``dni(dense(1, units))``."""
     synthesizer = dict(method.options).get("synthesizer")
@@ -78,9 +80,10 @@ def recurrent_options(
     if not (math.isfinite(aux_weight) and aux_weight >= 0):
         raise ValueError(f"aux_weight={aux_weight} must be 0 or more")
     synthetic = method.boundaries != ()
-    if not synthetic and (sg_trains_core or aux_weight > 0):
-        raise ValueError("sg_trains_core and aux_weight need sgjax.dni(), not backprop()")
-    return RecurrentOptions(synthetic, units, float(sg_scale), sg_trains_core, float(aux_weight))
+    if not synthetic and (sg_trains_core or aux_weight > 0 or unscaled_target):
+        raise ValueError("sg_trains_core, aux_weight and unscaled_target need sgjax.dni()")
+    options = (float(sg_scale), sg_trains_core, float(aux_weight), unscaled_target)
+    return RecurrentOptions(synthetic, units, *options)
 
 
 class CarryPredictor(nn.Module):
@@ -159,10 +162,11 @@ class SegmentMetrics(NamedTuple):
 
 class RecurrentTrainer:
     """Trains a recurrent ``core`` segment by segment (arguments in ``Trainer``'s order); pure.
-    ``sg_scale`` scales M's output before it enters the core; ``sg_trains_core`` backpropagates
-    M's loss into the core through the previous segment (``step``'s ``previous``);
-    ``aux_weight > 0`` adds DNI+Aux's loss. ``unroll`` is ``lax.scan``'s (``True``: XLA's cost
-    analysis then counts every step, where it counts a loop's body once)."""
+    ``options`` (``recurrent_options``'): ``sg_scale`` scales M's output before it enters the
+    core; ``sg_trains_core`` backpropagates M's loss into the core through the previous segment
+    (``step``'s ``previous``); ``aux_weight > 0`` adds DNI+Aux's loss; ``unscaled_target``
+    bootstraps M's target from its unscaled output. ``unroll`` is ``lax.scan``'s (``True``:
+    XLA's cost analysis then counts every step, where it counts a loop's body once)."""
 
     def __init__(
         self,
@@ -171,16 +175,12 @@ class RecurrentTrainer:
         loss: StepLoss,
         optimizer: optax.GradientTransformation,
         *,
-        sg_scale: float = PAPER_SG_SCALE,
-        sg_trains_core: bool = False,
-        aux_weight: float = 0.0,
         unroll: int | bool = 1,
+        **options: Any,
     ) -> None:
         self.core = core
         self.method = method
-        self.options = recurrent_options(
-            method, sg_scale=sg_scale, sg_trains_core=sg_trains_core, aux_weight=aux_weight
-        )
+        self.options = recurrent_options(method, **options)
         self.loss = loss
         self.optimizer = optimizer
         self.scan_unroll = unroll
@@ -244,13 +244,11 @@ class RecurrentTrainer:
         present)``: the segment before, for ``sg_trains_core`` (``present[b]``: there was one)."""
         method, params = self.options, state.params
         batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
-        zero_metric = jnp.zeros((), jnp.float32)
         grads: dict[str, Any] = {}
 
         (loss_sum, end), vjp, (count, logits) = jax.vjp(
             lambda p, c: self.unroll(p, c, segment), params["core"], carry, has_aux=True
         )
-        end_sg = None
         ones = jnp.ones_like(loss_sum) / batch
         if method.synthetic:
             end_sg = jax.tree_util.tree_map(
@@ -261,11 +259,12 @@ class RecurrentTrainer:
             # reaches its start is M's bootstrapped target (so M learns a gradient whose part
             # from beyond each further boundary is discounted by ``sg_scale``).
             core_grad, start = vjp((ones, _div(_mul(end_sg, method.sg_scale), batch)))
+            if method.unscaled_target:  # add what the rest of M's output brings to the start
+                start = _add(start, vjp((0 * ones, _mul(end_sg, (1 - method.sg_scale) / batch)))[1])
         else:
-            end_grad = jax.tree_util.tree_map(jnp.zeros_like, end)
-            core_grad, start = vjp((ones, end_grad))
+            core_grad, start = vjp((ones, jax.tree_util.tree_map(jnp.zeros_like, end)))
         grads["core"] = core_grad
-        sg_loss = aux_loss = zero_metric
+        sg_loss = aux_loss = jnp.zeros((), jnp.float32)
 
         if method.synthetic:
             target = jax.lax.stop_gradient(_mul(start, batch))

@@ -31,6 +31,10 @@ class RNNConfig(RunConfig):
     sg_scale: float = PAPER_SG_SCALE
     synthesizer_units: int | None = None  # default: hidden_units
     sg_trains_core: bool = False
+    unscaled_target: bool = False
+    synthesizer_learning_rate: float | None = None  # default: learning_rate
+    clip_norm: float | None = None  # each optimizer's gradient clipped to this global norm
+    forget_bias: float = 0.0  # added to the LSTM's forget-gate bias at initialisation
     bits: int = DEFAULT_BITS
     max_length: int = 256  # copy tasks: episodes are padded to this many time steps
     text_file: str | None = None
@@ -64,8 +68,14 @@ class RNNConfig(RunConfig):
             if getattr(self, name) is not None:
                 require_positive(name, getattr(self, name))
         super().validate()
-        if not (math.isfinite(self.sg_scale) and self.sg_scale > 0):
-            raise ConfigError(f"--sg_scale={self.sg_scale} must be a positive number")
+        for name in ("sg_scale", "synthesizer_learning_rate", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name}={value} must be a positive number")
+        if not math.isfinite(self.forget_bias):
+            raise ConfigError(f"--forget_bias={self.forget_bias} must be a finite number")
+        if self.mode == "bptt" and (self.sg_trains_core or self.unscaled_target):
+            raise ConfigError("--sg_trains_core and --unscaled_target need --mode=dni or dni_aux")
         if self.patience < 0:
             raise ConfigError(f"--patience={self.patience} must be 0 (never stop) or more")
         for name in ("valid_fraction", "test_fraction"):

@@ -21,22 +21,32 @@ from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT, CopyTask, Episode, Level, 
 from sgjax.tasks.copy import sigmoid_loss as copy_loss
 
 LN2 = math.log(2.0)
+FORGET_BIAS = tuple(map(jax.tree_util.DictKey, ("core", "lstm", "hf", "bias")))
 
 
 def make_trainer(
     config: RNNConfig, output_dim: int, loss: StepLoss, unroll: int | bool = 1
 ) -> RecurrentTrainer:
-    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate."""
+    """The LSTM core of ``config`` trained with its mode, Adam at its learning rate (M's own)."""
     units = config.synthesizer_units or config.hidden_units
     method = backprop() if config.mode == "bptt" else dni(dense(1, units))
+    optimizer = adam(config.learning_rate)
+    if config.synthesizer_learning_rate or config.clip_norm:  # M's own Adam; each one clipped
+        clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm else optax.identity()
+        rates = {"core": config.learning_rate, "synthesizer": config.synthesizer_learning_rate}
+        optimizer = optax.multi_transform(
+            {k: optax.chain(clip, adam(rate or config.learning_rate)) for k, rate in rates.items()},
+            lambda params: {k: "synthesizer" if k == "synthesizer" else "core" for k in params},
+        )
     return RecurrentTrainer(
         LSTMCore(config.hidden_units, output_dim),
         method,
         loss,
-        adam(config.learning_rate),
+        optimizer,
         sg_scale=config.sg_scale,
         sg_trains_core=config.sg_trains_core,
         aux_weight=1.0 if config.mode == "dni_aux" else 0.0,
+        unscaled_target=config.unscaled_target,
         unroll=unroll,
     )
 
@@ -66,6 +76,12 @@ class Chunked:
             return state, ChunkStats(*(jnp.sum(x, axis=0) for x in per_step))
 
         return run
+
+    def _init_model(self, key: jax.Array, carry: Carry, x: jax.Array) -> RecurrentState:
+        """The trainer's initial state, ``forget_bias`` added to the LSTM's forget-gate bias."""
+        model, bias = self.trainer.init(key, carry, x), self.config.forget_bias
+        hf = lambda path, x: x + bias if path == FORGET_BIAS else x  # noqa: E731
+        return model._replace(params=jax.tree_util.tree_map_with_path(hf, model.params))
 
     def _update(self, state: Any, segment: Segment, before: Callable, continues: jax.Array):
         """The trainer's step on ``segment``; with ``sg_trains_core`` also on the segment
@@ -150,7 +166,7 @@ class CopyProgram(Chunked):
         carry = zero_carry(config.batch_size, config.hidden_units)
         level = self.task.first_level()
         episode = self._episode(jax.random.fold_in(data_key, 0), level)
-        model = self.trainer.init(init_key, carry, episode.inputs[0])
+        model = self._init_model(init_key, carry, episode.inputs[0])
         zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
         return CopyRunState(
             model, carry, carry, episode, zero_i, level, zero_f, zero_f,
@@ -242,7 +258,7 @@ class TextProgram(Chunked):
         config = self.config
         carry = zero_carry(config.batch_size, config.hidden_units)
         x = jnp.zeros((config.batch_size, self.vocab_size), jnp.float32)
-        model = self.trainer.init(jax.random.PRNGKey(seed), carry, x)
+        model = self._init_model(jax.random.PRNGKey(seed), carry, x)
         zero = jnp.zeros((), jnp.int32)
         return TextRunState(model, carry, carry, zero, zero)
 
