@@ -7,6 +7,7 @@ Run as a script (``python tests/test_cnn.py 0 1 2``) it prints the measured valu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import NamedTuple
@@ -124,6 +125,27 @@ def test_an_mlp_checkpoint_is_refused_by_a_cnn_run(tmp_path):
         checkpointer.close()
     # The network is named, not each field the other network lacks.
     assert "was made with the mlp network (now cnn); resume" in str(error.value)
+
+
+def test_a_checkpoint_older_than_a_field_resumes_while_that_field_is_off(tmp_path, monkeypatch):
+    """Fields added later (here synthetic_inputs) are absent from older checkpoints: such a
+    checkpoint resumes a run that leaves the field off, and is refused by one that turns it on."""
+    config = TrainConfig(mode="sg", hidden_units=16, num_steps=10, eval_every=5)
+    identity = TrainConfig.identity
+    checkpointer = Checkpointer(tmp_path)
+    try:
+        with monkeypatch.context() as patch:  # write it as a checkpoint from before the field
+            older = {k: v for k, v in identity(config).items() if k != "synthetic_inputs"}
+            patch.setattr(TrainConfig, "identity", lambda _: older)
+            resume = Resume(init_train_state(config), [], PeriodMetrics(), 0.0, 0.0)
+            checkpointer.save(resume, config)
+        template = jax.eval_shape(lambda: init_train_state(config))
+        assert checkpointer.restore(config, template) is not None
+        unlocked = dataclasses.replace(config, synthetic_inputs=True)
+        with pytest.raises(CheckpointError, match=r"--synthetic_inputs=None \(now True\)"):
+            checkpointer.restore(unlocked, template)
+    finally:
+        checkpointer.close()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ def _check_compatible(meta: Any, now: dict[str, Any], where: Path) -> None:
     # Checkpoints from before the CNN hold MLPs and no CNN fields.
     saved = {"model": "mlp"} | meta.get("config", {})
     saved = {k: v for k, v in saved.items() if k not in UNUSED_FIELDS.get(saved["model"], ())}
+    # A field newer than the checkpoint and off now (False, 0, None) is how it was made.
+    saved |= {k: v for k, v in now.items() if k not in saved and not v}
     differences = [
         f"the {saved.get(key)} network (now {now.get(key)})"
         if key == "model"
