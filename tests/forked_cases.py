@@ -8,6 +8,8 @@ runs SCRIPT as ``__main__`` (``runpy``) with a fresh ``sys.argv``, its own stdou
 files (file descriptors 1 and 2, so output from C++ counts too), and the exit status Python's
 own handling of ``SystemExit`` or of an uncaught exception would give; no flag, module state
 or JAX backend is shared between cases (the parent only imports; it initialises no backend).
+What a child does not do that a fresh interpreter would: run ``atexit`` handlers and wait for
+non-daemon threads before it exits (``os._exit``); meant for runs that stop at their input.
 """
 
 from __future__ import annotations
