@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from forked_cases import forked_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
@@ -176,13 +177,36 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """Every run that must stop with a one-line error (bad inputs, bad data folders, a late
+    error, output folders that cannot be made), each case with its own folder under the
+    returned one (``input/<case>/out``, ``data/<kind>/out``, ...), forked from one Python start
+    (tests/forked_cases.py)."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = {}
+    for case, (extra, _) in BAD_INPUTS.items():
+        (root / "input" / case).mkdir(parents=True)
+        cases[f"input {case}"] = [*TINY, f"--output_dir={root / 'input' / case / 'out'}", *extra]
+    for kind in BAD_DATA:
+        (root / "data" / kind).mkdir(parents=True)
+        folder = _bad_data(root / "data" / kind, kind)
+        out = root / "data" / kind / "out"
+        cases[f"data {kind}"] = [*TINY, f"--data_dir={folder}", f"--output_dir={out}"]
+        cases[f"data {kind}"].append("--batch_size=8")
+    (root / "late" / "out").mkdir(parents=True)  # an existing folder a late error must not touch
+    cases["late"] = [*TINY, f"--output_dir={root / 'late' / 'out'}", "--batch_size=6000"]
+    (root / "a_file").write_text("")  # root ignores permission bits: a file blocks the folder
+    cases["unwritable"] = [*TINY, f"--output_dir={root / 'a_file' / 'out'}"]
+    cases["proc"] = [*TINY, f"--output_dir={PROC_OUTPUT}"]
+    return root, forked_runs(SCRIPT, cases, root, os.environ | {"JAX_PLATFORMS": "cpu"})
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path):
-    extra, keyword = BAD_INPUTS[case]
-    output_dir = tmp_path / "out"
-    done = _run(*TINY, f"--output_dir={output_dir}", *extra)
-    _assert_one_line_error(done, keyword)
-    assert not output_dir.exists()
+def test_bad_input_is_one_line_and_exit_2(case: str, bad_runs):
+    root, runs = bad_runs
+    _assert_one_line_error(runs[f"input {case}"], BAD_INPUTS[case][1])
+    assert not (root / "input" / case / "out").exists()
 
 
 # What each broken --data_dir must name: the file (or folder) at fault and what is wrong with it.
@@ -202,21 +226,17 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_DATA))
-def test_bad_data_dir_names_the_file(kind: str, tmp_path):
-    folder = _bad_data(tmp_path, kind)
-    output_dir = tmp_path / "out"
-    done = _run(*TINY, f"--data_dir={folder}", f"--output_dir={output_dir}", "--batch_size=8")
-    _assert_one_line_error(done, *BAD_DATA[kind])
-    assert not output_dir.exists()
+def test_bad_data_dir_names_the_file(kind: str, bad_runs):
+    root, runs = bad_runs
+    _assert_one_line_error(runs[f"data {kind}"], *BAD_DATA[kind])
+    assert not (root / "data" / kind / "out").exists()
 
 
-def test_a_late_error_leaves_an_existing_output_folder_as_it_was(tmp_path):
+def test_a_late_error_leaves_an_existing_output_folder_as_it_was(bad_runs):
     # The batch check needs the data loaded: the last check before the folder is claimed.
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    done = _run(*TINY, f"--output_dir={output_dir}", "--batch_size=6000")
-    _assert_one_line_error(done, "--batch_size", "5000")
-    assert list(output_dir.iterdir()) == []
+    root, runs = bad_runs
+    _assert_one_line_error(runs["late"], "--batch_size", "5000")
+    assert list((root / "late" / "out").iterdir()) == []
 
 
 def test_valid_idx_folder_is_used(tmp_path):
@@ -272,20 +292,19 @@ def test_layer_parallel_run_on_four_devices(tmp_path):
     assert "ideal speed-up" in done.stdout
 
 
-def test_unwritable_output_folder(tmp_path):
-    # Root ignores permission bits, so block the folder with a regular file instead.
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    done = _run(*TINY, f"--output_dir={blocker / 'out'}")
-    _assert_one_line_error(done, str(blocker / "out"))
+def test_unwritable_output_folder(bad_runs):
+    root, runs = bad_runs
+    blocker = root / "a_file"
+    _assert_one_line_error(runs["unwritable"], str(blocker / "out"))
     assert blocker.is_file() and blocker.read_text() == ""
 
 
-def test_output_folder_under_proc(tmp_path):
-    output_dir = Path("/proc") / f"sgjax-test-{os.getpid()}" / "out"
-    done = _run(*TINY, f"--output_dir={output_dir}")
-    _assert_one_line_error(done, str(output_dir), "--output_dir")
-    assert not output_dir.exists()
+PROC_OUTPUT = Path("/proc") / f"sgjax-test-{os.getpid()}" / "out"
+
+
+def test_output_folder_under_proc(bad_runs):
+    _assert_one_line_error(bad_runs[1]["proc"], str(PROC_OUTPUT), "--output_dir")
+    assert not PROC_OUTPUT.exists()
 
 
 def _assert_one_line_error(done: subprocess.CompletedProcess, *keywords: str) -> None:

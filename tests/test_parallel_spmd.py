@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from forked_cases import forked_runs
 from local_processes import start_processes
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
@@ -342,25 +343,21 @@ def test_stages_share_devices_and_bad_counts_are_refused():
 
 
 def test_spmd_flags_refused_in_one_line(tmp_path):
-    """Bad --engine/--distributed input: one line, exit code 2, nothing written."""
-    for extra, words in [
-        (["--engine=spmd"], "--parallel=layers only"),
-        (["--parallel=layers", "--engine=spmd", "--num_devices=2"], "--num_devices=2 must be"),
-        (["--distributed", "--process_id=3", "--num_processes=2"], "--process_id=3"),
-    ]:
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "experiments" / "mnist_mlp.py"),
-                *extra,
-                f"--output_dir={tmp_path / 'out'}",
-            ],
-            env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS="127.0.0.1:1"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 2, (extra, done.stderr[-2000:])
+    """Bad --engine/--distributed input: one line, exit code 2, nothing written (each case its
+    own process, forked from one Python start: tests/forked_cases.py)."""
+    cases = {
+        "--parallel=layers only": ["--engine=spmd"],
+        "--num_devices=2 must be": ["--parallel=layers", "--engine=spmd", "--num_devices=2"],
+        "--process_id=3": ["--distributed", "--process_id=3", "--num_processes=2"],
+    }
+    runs = forked_runs(
+        str(REPO / "experiments" / "mnist_mlp.py"),
+        {words: [*extra, f"--output_dir={tmp_path / 'out'}"] for words, extra in cases.items()},
+        tmp_path,
+        dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS="127.0.0.1:1"),
+    )
+    for words, done in runs.items():
+        assert done.returncode == 2, (words, done.stderr[-2000:])
         assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
         assert words in done.stderr, (words, done.stderr)
     assert not (tmp_path / "out").exists()

@@ -48,9 +48,9 @@ def _clipping_changes_dni_only_when_it_clips(ns: dict) -> None:
         trainer = sgjax.Trainer(stages, method, sgjax.cross_entropy, optax.adam(1e-2))
         x = jax.random.uniform(jax.random.PRNGKey(1), (32, 20))
         y = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)
-        state = trainer.init(jax.random.PRNGKey(0), x)
+        state, step = trainer.init(jax.random.PRNGKey(0), x), jax.jit(trainer.step)
         for _ in range(3):
-            state, _ = jax.jit(trainer.step)(state, x, y)
+            state, _ = step(state, x, y)
         return np.asarray(jax.tree_util.tree_leaves(state.stages[0].params)[-1])
 
     synthesizer = sgjax.synthesizers.dense(1, 16)

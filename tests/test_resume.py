@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,19 @@ def _final_state(output_dir: Path):
     return restored
 
 
+SHORT = dict(num_steps=40, eval_every=20)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    """A finished short run's folder, run once for the tests that copy it (its output folder is
+    free to change on --resume: ``TrainConfig.RESUME_FREE``)."""
+    output_dir = tmp_path_factory.mktemp("short")
+    done = _run(_args(output_dir, **SHORT))
+    assert done.returncode == 0, done.stderr
+    return output_dir
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -164,9 +178,9 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tm
     assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
-def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path):
-    short = dict(num_steps=40, eval_every=20)
-    assert _run(_args(tmp_path, **short)).returncode == 0
+def test_an_earlier_run_is_refused_without_resume_or_overwrite(short_run, tmp_path):
+    short, tmp_path = SHORT, tmp_path / "run"
+    shutil.copytree(short_run, tmp_path)
     before = (tmp_path / "results.json").read_text()
 
     refused = _run(_args(tmp_path, **short))
@@ -184,9 +198,9 @@ def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path):
     assert _results(tmp_path)["config"]["hidden_units"] == 32
 
 
-def test_a_corrupt_checkpoint_is_refused_with_a_message(tmp_path):
-    short = dict(num_steps=40, eval_every=20)
-    assert _run(_args(tmp_path, **short)).returncode == 0
+def test_a_corrupt_checkpoint_is_refused_with_a_message(short_run, tmp_path):
+    short, tmp_path = SHORT, tmp_path / "run"
+    shutil.copytree(short_run, tmp_path)
     latest = tmp_path / "checkpoints" / "40"
     for path in (latest / "state").rglob("*"):
         if path.is_file():
