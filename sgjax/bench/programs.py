@@ -93,8 +93,9 @@ def time_scanned(
     config: TrainConfig, data: DeviceData, steps: int = 200, repeats: int = 3
 ) -> LoopTiming:
     config = config.with_train_examples(data.train_images.shape[0])
-    chunk = make_run_chunk(config, steps)
-    return _timed(chunk, init_train_state(config), lambda: (data,), steps, repeats, 1)
+    return _timed(
+        make_run_chunk(config, steps), init_train_state(config), lambda: (data,), steps, repeats, 1
+    )
 
 
 def time_python_loop(
@@ -141,11 +142,8 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
         return None
     if s is None:
         return None
-    return int(
-        s.argument_size_in_bytes
-        + s.output_size_in_bytes
-        + s.temp_size_in_bytes
-        - s.alias_size_in_bytes
+    return int(s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes) - int(
+        s.alias_size_in_bytes
     )
 
 
@@ -164,11 +162,8 @@ def flops_per_evaluation(config: TrainConfig, data: DeviceData) -> float:
 
 def peak_memory_bytes() -> int | None:
     """Peak bytes in use on this process's devices; None without statistics (CPU)."""
-    peaks = []
-    for device in jax.local_devices():
-        stats = device.memory_stats()
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
+    stats = [device.memory_stats() or {} for device in jax.local_devices()]
+    peaks = [int(s["peak_bytes_in_use"]) for s in stats if "peak_bytes_in_use" in s]
     return max(peaks) if peaks else None
 
 
@@ -202,13 +197,12 @@ class BenchmarkSettings:
         return tuple(range(self.base.seed, self.base.seed + self.num_seeds))
 
     def validate(self) -> BenchmarkSettings:
+        choices = ",".join(BENCHMARK_MODES)
         if not self.modes:
-            raise ConfigError(f"--modes is empty; choose from {','.join(BENCHMARK_MODES)}")
+            raise ConfigError(f"--modes is empty; choose from {choices}")
         for mode in self.modes:
             if mode not in BENCHMARK_MODES:
-                raise ConfigError(
-                    f"unknown mode {mode!r} in --modes; choose from {','.join(BENCHMARK_MODES)}"
-                )
+                raise ConfigError(f"unknown mode {mode!r} in --modes; choose from {choices}")
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"--modes={','.join(self.modes)} names a mode twice")
         if not 1 <= self.num_seeds <= MAX_NUM_SEEDS:
@@ -345,8 +339,7 @@ def run_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def _place(values: Any, mesh: Mesh, *spec: str) -> jax.Array:
-    host = np.asarray(values)
-    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    host, sharding = np.asarray(values), NamedSharding(mesh, PartitionSpec(*spec))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
@@ -440,13 +433,8 @@ def run_program(
         if step_flops is None:
             step_flops = flops_per_step(spec.config, data)
     separate_runs = run_separately(spec, data) if separate else None
-    return ProgramResult(
-        spec,
-        **execution._asdict(),
-        step_flops=step_flops,
-        eval_flops=eval_flops,
-        separate=separate_runs,
-    )
+    counts = dict(step_flops=step_flops, eval_flops=eval_flops, separate=separate_runs)
+    return ProgramResult(spec, **execution._asdict(), **counts)
 
 
 def run_benchmark(
@@ -478,12 +466,8 @@ def run_benchmark(
         loop = next((t for t in loops if t.config == config), None)
         if settings.loop_steps and all(t.mode != name for t in loops):
             steps, repeats = settings.loop_steps, settings.loop_repeats
-            loop = LoopComparison(
-                name,
-                config,
-                time_scanned(config, data, steps, repeats),
-                time_python_loop(config, data, steps, repeats),
-            )
+            timings = (f(config, data, steps, repeats) for f in (time_scanned, time_python_loop))
+            loop = LoopComparison(name, config, *timings)
             loops.append(loop)
             estimate_s = loop.scanned.ms_per_step * config.num_steps * spec.num_runs / 1e3
             log(
