@@ -1,24 +1,18 @@
 """Training methods as behaviour: what crosses a decoupled boundary, as pure functions.
 
 A ``Method`` is a NamedTuple of pure functions, like optax's ``GradientTransformation``. At
-each decoupled boundary (the output h of the group below it) a method says:
+each decoupled boundary (the output h of the group below it):
 
 * ``init(key, h, labels) -> (params, collections)``: the state the boundary keeps;
-* ``predict(params, collections, h, labels, example_ids) -> Prediction``: its reading of h on
-  the forward pass, before anything is known from above;
+* ``predict(params, collections, h, labels, example_ids) -> Prediction``: its forward reading;
 * ``send(prediction, message, true) -> gradient``: what the group below is updated with, given
   the message from above (its VJP at h: dLoss/dh at the top boundary, the bootstrapped target
   below it) and, with ``true_gradients``, the true dLoss/dh;
 * ``learn(prediction, message, true, example_ids) -> Learned``: what the boundary module learns.
 
-Built in: ``backprop()`` (no boundaries), ``dni`` (cDNI, the complete unlock), ``bp_lambda``,
-the baselines ``zero_gradient``, ``stale_gradient`` (the paper's) and
-``per_example_stale_gradient``, and ``dgl`` (greedy local learning).
-A new method is one more such object, e.g. DNI whose synthetic gradient is halved::
-
-    half = sgjax.dni(sgjax.synthesizers.dense(1, 64))._replace(
-        name="dni_half", send=lambda prediction, message, true: 0.5 * prediction.gradient
-    )
+Built in: ``backprop``, ``dni`` (cDNI, the complete unlock), ``bp_lambda``, ``dgl`` and the
+baselines ``zero_gradient``, ``stale_gradient``, ``per_example_stale_gradient``. A new method is
+one more such object, e.g. ``sgjax.dni()._replace(send=lambda p, m, t: 0.5 * p.gradient)``.
 """
 
 from __future__ import annotations
@@ -158,24 +152,17 @@ def dni(
 
     options = (("synthesizer", synthesizer), ("conditioned", conditioned), ("oracle", oracle))
     method = Method(
-        "cdni" if conditioned else "sg",
-        init,
-        predict,
-        _own_prediction,
-        learn,
-        boundaries=_boundaries(boundaries),
-        synthetic_inputs=synthetic_inputs,
-        input_units=input_units,
-        options=(*options, ("num_classes", num_classes)),
+        "cdni" if conditioned else "sg", init, predict, _own_prediction, learn,
+        boundaries=_boundaries(boundaries), synthetic_inputs=synthetic_inputs,
+        input_units=input_units, options=(*options, ("num_classes", num_classes)),
         warmup_steps=warmup_steps,
-    )
+    )  # fmt: skip
     return with_oracle(method) if oracle else method
 
 
 def with_oracle(method: Method) -> Method:
     """``method`` whose boundaries send the true dLoss/dh: one step then equals backprop's for
     any chain and boundaries, the invariant that proves the plumbing."""
-
     options = tuple((k, True if k == "oracle" else v) for k, v in method.options)
     return method._replace(send=lambda p, m, true: true, true_gradients=True, options=options)
 
@@ -196,7 +183,6 @@ def bp_lambda(
     method = dni(
         synthesizer, conditioned=conditioned, boundaries=boundaries, num_classes=num_classes
     )
-
     mix = lambda prediction, message, true: lam * message + (1.0 - lam) * prediction.gradient  # noqa: E731
     return method._replace(name="bp_lambda", send=mix, options=(*method.options, ("lam", lam)))
 
@@ -297,16 +283,11 @@ def dgl(
         g_head, value = prediction.backward
         return Learned(g_head, prediction.collections, value)
 
+    options = (("aux", aux), ("num_classes", num_classes))
     return Method(
-        "dgl",
-        init,
-        predict,
-        _own_prediction,
-        learn,
-        _boundaries(boundaries),
-        local=True,
-        options=(("aux", aux), ("num_classes", num_classes)),
-    )
+        "dgl", init, predict, _own_prediction, learn, _boundaries(boundaries),
+        local=True, options=options,
+    )  # fmt: skip
 
 
 def _check_positive(**values: int) -> None:
