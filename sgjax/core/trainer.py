@@ -1,16 +1,12 @@
 """``Trainer``: any chain of Flax modules trained by backprop or with synthetic gradients.
 
-Stages f_1..f_K; decoupled boundaries split them into groups; the group below boundary k ends
-with h_k, read by the method's boundary module (DNI: g_k = M_k(h_k [, label])). Each group but
-the last is updated with its VJP at its (constant) input with what its boundary sends it (DNI:
-g_k); the last group gets the true loss gradient. That VJP at a group's input is the message sent
-down, the bootstrapped target of the boundary below, from which every boundary module learns
-(DNI: M_k regresses g_k onto it, mean over the batch of ||g_k - t_k||^2).
-
-``step`` (with ``gradients``) is the algorithm on one screen; what differs between methods is
-in the ``Method`` (``sgjax.core.methods``). Every stage and boundary module keeps its own
-optimizer state; the per-group pieces are public so that engines can run groups on separate
-devices.
+Decoupled boundaries split stages f_1..f_K into groups; the group below boundary k ends with h_k,
+read by the method's boundary module (DNI: g_k = M_k(h_k [, label])). Each group but the last is
+updated with its VJP at its (constant) input of what its boundary sends (DNI: g_k); the last group
+gets the true loss gradient. A group's VJP at its input is the message sent down, the target from
+which the boundary below learns (DNI: M_k regresses g_k onto it). ``step`` is the algorithm on one
+screen; what differs between methods is in the ``Method``. The per-group pieces are public so that
+engines can run groups on separate devices.
 """
 
 from __future__ import annotations
@@ -130,9 +126,7 @@ class Trainer:
                 "method must be a sgjax.Method such as sgjax.backprop(), dni(...), "
                 f"bp_lambda(...), zero_gradient(), stale_gradient(...) or dgl(...), got {method!r}"
             )
-        self.method = method
-        self.loss = loss
-        self.optimizer = optimizer
+        self.method, self.loss, self.optimizer = method, loss, optimizer
         self.synthesizer_optimizer = synthesizer_optimizer or optimizer
         self.accuracy = accuracy or (lambda output, labels: jnp.zeros((), jnp.float32))
         last = len(self.stages) - 1
@@ -240,11 +234,8 @@ class Trainer:
         boundaries = []
         for j, (fwd, g) in enumerate(zip(grads.forwards, grads.groups, strict=True)):
             new.update(self.update_stages(state.stages, self.groups[j], g.stages, fwd.collections))
-            boundaries.append(
-                self.update_synthesizer(
-                    state.synthesizers[j], g.synthesizer, g.synthesizer_collections
-                )
-            )
+            sg = state.synthesizers[j]
+            boundaries.append(self.update_synthesizer(sg, g.synthesizer, g.synthesizer_collections))
         sg_loss = [g.sg_loss for g in grads.groups]
         metrics = StepMetrics(
             last.loss,
@@ -365,17 +356,9 @@ class Trainer:
     ) -> GroupForward:
         """Decoupled group ``j`` on a constant input: its output h, VJP and boundary's reading."""
         params, collections = self.group_state(stages, j)
-        if j == 0:
-            output, group_vjp, new_collections = jax.vjp(
-                lambda p: self.apply_group(j, p, collections, h_in, True), params, has_aux=True
-            )
-        else:
-            output, group_vjp, new_collections = jax.vjp(
-                lambda p, x: self.apply_group(j, p, collections, x, True),
-                params,
-                h_in,
-                has_aux=True,
-            )
+        apply = lambda p, x=h_in: self.apply_group(j, p, collections, x, True)  # noqa: E731
+        args = (params,) if j == 0 else (params, h_in)  # the first group's input is the data
+        output, group_vjp, new_collections = jax.vjp(apply, *args, has_aux=True)
         prediction = self.method.predict(
             synthesizer.params, synthesizer.collections, output, labels, example_ids
         )
@@ -391,12 +374,9 @@ class Trainer:
     ) -> GroupGradients:
         """Group gradients from what its boundary sends (or ``synthetic_grad``) and its
         boundary module's learning from ``target``, the message from above."""
-        g = (
-            self.method.send(fwd.prediction, target, true)
-            if synthetic_grad is None
-            else synthetic_grad
-        )
-        cotangents = fwd.group_vjp(jax.lax.stop_gradient(g))
+        if synthetic_grad is None:
+            synthetic_grad = self.method.send(fwd.prediction, target, true)
+        cotangents = fwd.group_vjp(jax.lax.stop_gradient(synthetic_grad))
         input_grad = cotangents[1] if len(cotangents) == 2 else None
         learned = self.method.learn(fwd.prediction, target, true, example_ids)
         return GroupGradients(
@@ -426,10 +406,10 @@ class Trainer:
     ) -> Learned:
         """The boundary module's learning (``Method.learn``) towards a constant target on a
         (stored) h, with its current parameters."""
-        prediction = self.method.predict(
-            synthesizer.params, synthesizer.collections, h, labels, None
+        s = synthesizer
+        return self.method.learn(
+            self.method.predict(s.params, s.collections, h, labels, None), target, None, None
         )
-        return self.method.learn(prediction, target, None, None)
 
     def update_stages(
         self,
@@ -441,9 +421,8 @@ class Trainer:
         """New states of stages ``indices`` after one optimizer step each."""
         new = {}
         for k, g, c in zip(indices, grads, collections, strict=True):
-            params, opt_state = apply_optimizer(
-                self.optimizer, g, stages[k].opt_state, stages[k].params
-            )
+            s = stages[k]
+            params, opt_state = apply_optimizer(self.optimizer, g, s.opt_state, s.params)
             new[k] = StageState(params, c, opt_state)
         return new
 
