@@ -1,19 +1,12 @@
 """Layer-parallel training of the paper's networks (``--parallel=layers``): a ``TrainConfig`` run
-through ``sgjax.parallel.spmd.PipelineEngine``.
+by ``train_and_evaluate`` through ``sgjax.parallel.spmd.PipelineEngine``, from the single-device
+loop's initial state and minibatches. Schedules (``KINDS``, in ``sgjax.parallel.schedules``):
 
-Three schedules (``KINDS``), all started from the single-device loop's initial state and fed the
-same minibatches (minibatch b is ``sample_batch(fold_in(key, b), ...)``):
-
-* ``sg_pipeline``: decoupled training (sg/cdni, dgl, zero_grad, the complete unlock; any
-  --update_prob), pipelined: at every tick every stage works on a different minibatch
-  (the complete unlock: on the same one);
+* ``sg_pipeline``: decoupled training (any decoupled mode and --update_prob), pipelined: at every
+  tick every stage works on a different minibatch (the complete unlock: on the same one);
 * ``bp_model_parallel``: backprop with the layers on the devices, one minibatch at a time;
-* ``bp_gpipe``: backprop with each minibatch split into microbatches that flow through the
-  stages as a pipeline, gradients accumulated, one update per minibatch.
-
-The schedules themselves are in ``sgjax.parallel.schedules``; any ``Trainer`` can be pipelined
-with ``PipelineEngine`` directly. The run is the single-device loop's (``train_and_evaluate``)
-driving the engine: the same records, stop requests and checkpoints.
+* ``bp_gpipe``: backprop with each minibatch split into microbatches flowing through the stages,
+  gradients accumulated, one update per minibatch.
 """
 
 from __future__ import annotations
@@ -109,14 +102,10 @@ def validate_parallel(config: TrainConfig, kind: str, microbatches: int) -> None
 
 
 def image_batches(dataset: Dataset, batch_size: int) -> BatchSource:
-    """The single-device loop's minibatches of ``dataset`` (``sample_batch``) and its test
-    split, as a ``BatchSource``."""
-    data = DeviceData(
-        train_images=np.asarray(dataset.train_images, np.uint8),
-        train_labels=np.asarray(dataset.train_labels, np.int32),
-        test_images=np.asarray(dataset.test_images, np.uint8),
-        test_labels=np.asarray(dataset.test_labels, np.int32),
-    )
+    """The single-device loop's minibatches of ``dataset`` and its test split (``BatchSource``)."""
+    d, types = dataset, (np.uint8, np.int32) * 2
+    arrays = (d.train_images, d.train_labels, d.test_images, d.test_labels)
+    data = DeviceData(*(np.asarray(a, t) for a, t in zip(arrays, types, strict=True)))
 
     def sample(d: DeviceData, key: jax.Array, index: jax.Array) -> tuple:
         batch = sample_batch(jax.random.fold_in(key, index), d, batch_size)
@@ -144,16 +133,11 @@ def train_layer_parallel(
     devices: Sequence[jax.Device] | None = None,
     engine: str = "spmd",
 ) -> ParallelRunResult:
-    """Train ``config`` with the layer-parallel schedule ``kind`` on ``num_devices`` devices of
-    ``devices`` (default: every process's; 0: one per stage, as many as there are).
-
-    The loop is ``sgjax.training.loop.train_and_evaluate`` driving a ``PipelineEngine``: the
-    same records (every ``eval_every`` minibatches that reached the last stage), statuses, stop
-    requests and checkpoints (``start`` resumes one; the minibatches in flight are saved with it,
-    so a resumed run computes exactly what an uninterrupted one does).
-    ``stage_timing_repeats`` > 0 times each stage alone afterwards (``stage_ms``). ``engine``:
-    ``spmd`` or ``dispatch``, the same engine.
-    """
+    """Train ``config`` with schedule ``kind`` on ``num_devices`` devices of ``devices`` (default:
+    every process's; 0: one per stage) by ``train_and_evaluate`` driving a ``PipelineEngine``:
+    the same records, statuses, stop requests and checkpoints (saved with the minibatches in
+    flight, so a resumed run computes what an uninterrupted one does). ``stage_timing_repeats``
+    > 0 times each stage alone afterwards (``stage_ms``)."""
     config.validate()
     validate_parallel(config, kind, microbatches)
     if engine not in ENGINES:
@@ -184,15 +168,9 @@ def train_layer_parallel(
         "process(es))"
     )
     result = train_and_evaluate(
-        config,
-        dataset,
-        on_record=on_record,
-        log=log,
-        start=start,
-        save_checkpoint=save_checkpoint,
-        stop_requested=stop_requested,
-        engine=pipeline,
-    )
+        config, dataset, on_record=on_record, log=log, start=start,
+        save_checkpoint=save_checkpoint, stop_requested=stop_requested, engine=pipeline,
+    )  # fmt: skip
     return ParallelRunResult(
         **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)},
         kind=kind,
