@@ -1,10 +1,7 @@
 """What every layer-parallel schedule shares: pipeline stages placed on the devices of a one-axis
-mesh, the messages between them, and the ideal speed-up.
-
-A *pipeline stage* is what one device tick works on: for backprop one of the ``Trainer``'s
-stages, for the decoupled methods one of its groups (with its boundary module). Pipeline stages
-are placed on devices in contiguous, even groups; a device runs all of its stages every tick.
-"""
+mesh, the messages between them, and the ideal speed-up. A *pipeline stage* is one of the
+``Trainer``'s stages (backprop) or groups (decoupled); they are placed on devices in contiguous,
+even groups, and a device runs all of its stages every tick."""
 
 from __future__ import annotations
 
@@ -67,15 +64,10 @@ def device_groups(device_ids: Sequence[int]) -> list[list[int]]:
 def ideal_speedup(
     stage_ms: Sequence[float], device_ids: Sequence[int], microbatches: int | None
 ) -> float:
-    """Speed-up over running every stage on one device, if devices overlapped perfectly and
-    transfers were free, from each stage's own time.
-
-    Device loads are the summed times of their stages; S is their sum and B the busiest load.
-    ``microbatches=None`` (the decoupled pipelines, every stage busy every tick): S / B.
-    Backprop with M microbatches (GPipe; M = 1 is plain model parallelism): M microbatches pass
-    the devices like identical jobs through a flow shop, S / M + (M - 1) B / M per minibatch, so
-    M S / (S + (M - 1) B): exactly 1 for M = 1, towards S / B as M grows.
-    """
+    """Speed-up over one device with perfect overlap and free transfers, from each stage's time.
+    S: the sum of the device loads, B: the busiest. Decoupled (``microbatches=None``): S / B.
+    Backprop with M microbatches (GPipe; M = 1: model parallel) passes the devices like identical
+    jobs through a flow shop: M S / (S + (M - 1) B), 1 for M = 1, towards S / B as M grows."""
     loads = [sum(stage_ms[s] for s in group) for group in device_groups(device_ids)]
     total, busiest = sum(loads), max(loads)
     if microbatches is None:
@@ -95,9 +87,11 @@ def indexed_group(
 
 def kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
     """``new`` where ``flag`` is set (or when there is no flag), else ``old``."""
-    if flag is None:
-        return new
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
+    return (
+        new
+        if flag is None
+        else jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
+    )
 
 
 # --------------------------------------------------------------------------- inside a program
@@ -113,16 +107,10 @@ def run_own_stages(
     only: int | None = None,
 ) -> tuple[tuple, list]:
     """Each device runs ``branches[k](states[k], extras[k], *args)`` for every stage ``k`` it
-    owns (``owner[k]`` is the stage's index on the mesh axis) and keeps the other stages' states
-    as they are; the outputs of stages it does not own are zeros. ``only``: no other stage runs
-    (timing one stage alone).
-
-    One ``lax.cond`` per stage, each on that stage's state alone, so XLA updates a stage's
-    state in place. (A ``lax.switch`` over the stages' states packed into one padded buffer,
-    the first version, made XLA copy the whole buffer two or three times per tick: measured
-    1.1x to 1.8x slower on 4 CPU devices.) The price is memory: every device holds a slot for
-    every stage's state (only its own are read or written).
-    """
+    owns (``owner[k]``: its index on the mesh axis), keeps the other states, and outputs zeros
+    for them; ``only``: no other stage runs. One ``lax.cond`` per stage state lets XLA update it
+    in place (a ``lax.switch`` over one padded buffer of all states copied it 2-3 times per
+    tick, 1.1x-1.8x slower on 4 CPU devices); the price: every device holds every stage's slot."""
     extras = [None] * len(branches) if extras is None else extras
     new_states, outputs = [], []
     for k, branch in enumerate(branches):
@@ -173,8 +161,7 @@ def unpad_rows(padded: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def with_labels(h: jax.Array, labels: jax.Array) -> jax.Array:
-    """``h`` and its labels as one array (labels bit-cast into a float32 column), so one
-    collective carries both."""
+    """``h`` and its labels bit-cast into a float32 column: one collective carries both."""
     return jnp.concatenate([h, lax.bitcast_convert_type(labels, jnp.float32)[:, None]], axis=1)
 
 
