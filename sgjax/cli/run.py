@@ -158,7 +158,6 @@ def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool
 
 
 def run_training(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> int:
-
     def prepare() -> Job:
         config.validate()
         if config.parallel == "layers":
@@ -192,16 +191,11 @@ def _train(config: TrainConfig, dataset: Dataset, *, stop_requested, **loop: Any
     from sgjax.parallel.layers import parallel_kind, train_layer_parallel
 
     return train_layer_parallel(
-        config,
-        dataset,
-        kind=parallel_kind(config.mode, config.microbatches),
-        num_devices=_parallel_devices(config),
-        microbatches=config.microbatches,
-        stop_requested=agreed(stop_requested),
-        stage_timing_repeats=STAGE_TIMING_REPEATS,
-        engine=config.engine,
-        **loop,
-    )
+        config, dataset, kind=parallel_kind(config.mode, config.microbatches),
+        num_devices=_parallel_devices(config), microbatches=config.microbatches,
+        stop_requested=agreed(stop_requested), stage_timing_repeats=STAGE_TIMING_REPEATS,
+        engine=config.engine, **loop,
+    )  # fmt: skip
 
 
 def agreed(stop: StopRequest) -> Callable[[], bool]:
