@@ -76,10 +76,9 @@ class Dataset:
             )
         known = IMAGE_SHAPES.get(self.name)
         allowed = [known] if known else list(dict.fromkeys(IMAGE_SHAPES.values()))
+        where = self.location or self.source
         for split in ("train", "test"):
-            images = getattr(self, f"{split}_images")
-            labels = getattr(self, f"{split}_labels")
-            where = self.location or self.source
+            images, labels = (getattr(self, f"{split}_{kind}") for kind in ("images", "labels"))
             if images.dtype != np.uint8 or images.shape[1:] not in allowed:
                 expected = " or ".join(f"(N, {', '.join(map(str, s))})" for s in allowed)
                 raise DataError(
@@ -93,7 +92,7 @@ class Dataset:
                 )
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
             raise DataError(
-                f"{self.location or self.source}: train images are {self.train_images.shape[1:]} "
+                f"{where}: train images are {self.train_images.shape[1:]} "
                 f"but test images {self.test_images.shape[1:]}; give both splits one shape"
             )
 
@@ -222,8 +221,7 @@ def load_idx_dir(
                 f"{files[f'{split}_labels']} holds {labels.shape[0]} labels; "
                 f"replace them with a matching pair"
             )
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = labels
+        arrays |= {f"{split}_images": images, f"{split}_labels": labels}
     n_train, n_test = arrays["train_images"].shape[0], arrays["test_images"].shape[0]
     if reason is None:
         reason = (
@@ -269,9 +267,8 @@ def _load_tfds(name: str, download: bool) -> Dataset:
         name, split=["train", "test"], batch_size=-1, as_supervised=True, download=download
     )
     shape = IMAGE_SHAPES[name]
-    accepted = (
-        [shape] if len(shape) > 1 else [(IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE, 1)]
-    )
+    side = (IMAGE_SIDE, IMAGE_SIDE)
+    accepted = [shape] if len(shape) > 1 else [side, (*side, 1)]
     arrays: dict[str, np.ndarray] = {}
     for split, (images, labels) in zip(("train", "test"), tfds.as_numpy(splits), strict=True):
         images = np.asarray(images)
@@ -284,9 +281,7 @@ def _load_tfds(name: str, download: bool) -> Dataset:
 
 def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> Dataset:
     """The 5,000-train / 10,000-test real MNIST images shipped inside the package."""
-    resource = importlib.resources.files("sgjax")
-    for part in EMBEDDED_MNIST:
-        resource = resource / part
+    resource = importlib.resources.files("sgjax").joinpath(*EMBEDDED_MNIST)
     try:
         with importlib.resources.as_file(resource) as path, np.load(path) as npz:
             arrays = {key: npz[key] for key in IDX_FILES}
