@@ -307,17 +307,7 @@ PAPER_DNI_SYNTHESIZER = Dense(hidden_layers=2, units=1024)
 PAPER_CDNI_SYNTHESIZER = Dense(hidden_layers=0)
 
 __all__ = [
-    "Learned",
-    "Method",
-    "Prediction",
-    "backprop",
-    "bp_lambda",
-    "dense",
-    "dgl",
-    "dni",
-    "per_example_stale_gradient",
-    "sg_regression_loss",
-    "stale_gradient",
-    "with_oracle",
+    "Learned", "Method", "Prediction", "backprop", "bp_lambda", "dense", "dgl", "dni",
+    "per_example_stale_gradient", "sg_regression_loss", "stale_gradient", "with_oracle",
     "zero_gradient",
-]
+]  # fmt: skip

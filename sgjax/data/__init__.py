@@ -5,12 +5,6 @@ from sgjax.data.device import Batch, DeviceData, sample_batch, scale_images, to_
 from sgjax.data.sources import DataError, Dataset, load_dataset
 
 __all__ = [
-    "Batch",
-    "DataError",
-    "Dataset",
-    "DeviceData",
-    "load_dataset",
-    "sample_batch",
-    "scale_images",
+    "Batch", "DataError", "Dataset", "DeviceData", "load_dataset", "sample_batch", "scale_images",
     "to_device",
-]
+]  # fmt: skip

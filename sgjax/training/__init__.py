@@ -8,10 +8,5 @@ from sgjax.training.loop import make_train, train_and_evaluate
 from sgjax.training.model import trainer_for
 
 __all__ = [
-    "ConfigError",
-    "TrainConfig",
-    "make_train",
-    "mlp_stages",
-    "train_and_evaluate",
-    "trainer_for",
-]
+    "ConfigError", "TrainConfig", "make_train", "mlp_stages", "train_and_evaluate", "trainer_for",
+]  # fmt: skip
