@@ -1,11 +1,7 @@
 """Layer-parallel benchmark: examples/s, accuracy and per-stage times of bp and sg schedules on
-1, 2, 4... devices, with the ideal speed-up the stage times allow beside the measured one.
-
-Every run trains the same number of minibatches from the same initial state on the same
-minibatches, so test accuracies compare at an equal number of examples. Compile time is excluded
-from examples/s (see ``sgjax.parallel.layers.train_layer_parallel`` and
-``sgjax.training.loop.train_and_evaluate``).
-"""
+1, 2, 4... devices, with the ideal speed-up the stage times allow beside the measured one. Every
+run trains on the same minibatches from the same initial state, so test accuracies compare at an
+equal number of examples; compile time is excluded from examples/s."""
 
 from __future__ import annotations
 
@@ -27,47 +23,33 @@ from sgjax.training.loop import RunResult, train_and_evaluate
 
 @dataclasses.dataclass(frozen=True)
 class ParallelBenchmarkSettings:
-    sg: TrainConfig
-    """The synthetic-gradient runs (mode sg or cdni)."""
-    bp: TrainConfig
-    """The backprop runs (mode bp), same network and steps."""
+    sg: TrainConfig  # the synthetic-gradient runs (a decoupled mode)
+    bp: TrainConfig  # the backprop runs (mode bp), same network and steps
     device_counts: tuple[int, ...] = (1, 2, 4)
-    microbatches: int = 4
-    """GPipe's microbatches per minibatch."""
-    timing_repeats: int = 20
-    """Calls per stage when timing each stage alone."""
-    tta_fractions: tuple[float, ...] = (0.9, 0.99)
-    """Time to accuracy: to these fractions of the single-device bp run's final accuracy."""
+    microbatches: int = 4  # GPipe's microbatches per minibatch
+    timing_repeats: int = 20  # calls per stage when timing each stage alone
+    tta_fractions: tuple[float, ...] = (0.9, 0.99)  # of the single-device bp run's accuracy
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkRow:
     variant: str
-    algorithm: str
-    """``bp``, ``sg`` or ``cdni``."""
-    schedule: str
-    """``single`` (the scanned single-device loop) or a ``sgjax.parallel.layers.KINDS`` entry."""
+    algorithm: str  # the benchmark mode: bp, sg, cdni, ...
+    schedule: str  # ``single`` (the scanned single-device loop) or a ``layers.KINDS`` entry
     devices: int
     stage_devices: tuple[int, ...]
     examples: int
     examples_per_s: float
     test_accuracy: float
     compile_s: float
-    evaluations: tuple[tuple[int, float, float], ...] = ()
-    """(step, seconds since the start, compile excluded, test accuracy) of each evaluation."""
-    status: str = "completed"
-    """The run's status: a row that is not "completed" is no result (its numbers cover a
-    partial or diverged run and are left out of the speed-ups and the table)."""
+    evaluations: tuple[tuple[int, float, float], ...] = ()  # (step, seconds, test accuracy)
+    status: str = "completed"  # otherwise no result: left out of the speed-ups and the table
     message: str = ""
     stage_ms: tuple[float, ...] = ()
     ideal_speedup: float = math.nan
-    measured_speedup: float = math.nan
-    """Examples/s over the same schedule's examples/s on one device."""
-    vs_single: float = math.nan
-    """Examples/s over the scanned single-device loop of the same algorithm."""
-    time_to_accuracy: tuple[Reached, ...] = ()
-    """To each fraction of the single-device bp run's final test accuracy (compile excluded,
-    evaluations included: the records' ``elapsed_s``)."""
+    measured_speedup: float = math.nan  # examples/s over the same schedule's on one device
+    vs_single: float = math.nan  # examples/s over the same algorithm's scanned loop
+    time_to_accuracy: tuple[Reached, ...] = ()  # per fraction, from the records' elapsed_s
 
     def to_dict(self) -> dict:
         reached = [r.to_dict() for r in self.time_to_accuracy]
@@ -129,12 +111,9 @@ def run_parallel_benchmark(
     log: Callable[[str], None] = print,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> ParallelBenchmark:
-    """Train every variant once; rows in the order bp single, sg single, then model-parallel,
-    GPipe and the sg pipeline (device counts ascending), with speed-ups filled in.
-
-    ``stop_requested()`` stops the run in progress after its current period and starts no
-    further run; Ctrl-C (``KeyboardInterrupt``, also while compiling) does the same at once.
-    """
+    """Train every variant once (bp and sg single, then model-parallel, GPipe and the sg pipeline
+    by device count), speed-ups filled in. ``stop_requested()`` stops the run in progress after
+    its period and starts no further run; Ctrl-C (also while compiling) does so at once."""
     counts = sorted({n for n in settings.device_counts if n <= len(jax.local_devices())})
     quiet: Callable[[str], None] = lambda _: None  # noqa: E731
     sg, bp, micro = settings.sg, settings.bp, settings.microbatches
@@ -149,10 +128,9 @@ def run_parallel_benchmark(
     rows: list[BenchmarkRow] = []
     for variant, kind, config, microbatches, devices in plans:
         if stop_requested():
+            message = f"stopped before {variant} on {devices} device(s)"
             return ParallelBenchmark(
-                _with_speedups(rows, settings.tta_fractions),
-                "interrupted",
-                f"stopped before {variant} on {devices} device(s)",
+                _with_speedups(rows, settings.tta_fractions), "interrupted", message
             )
         try:
             log(f"{variant} on {devices} device(s) ...")
@@ -162,15 +140,10 @@ def run_parallel_benchmark(
                 )
             else:
                 result = train_layer_parallel(
-                    config,
-                    dataset,
-                    kind=kind,
-                    num_devices=devices,
-                    microbatches=microbatches,
-                    log=quiet,
-                    stop_requested=stop_requested,
+                    config, dataset, kind=kind, num_devices=devices, microbatches=microbatches,
+                    log=quiet, stop_requested=stop_requested,
                     stage_timing_repeats=settings.timing_repeats,
-                )
+                )  # fmt: skip
         except KeyboardInterrupt:
             rows.append(_interrupted_row(variant, kind, config))
             break
@@ -204,11 +177,9 @@ def _with_speedups(rows: list[BenchmarkRow], fractions: Sequence[float]) -> list
             reached = tuple(Reached.of(f, f * bp, steps, seconds, accuracy) for f in fractions)
             r = dataclasses.replace(r, time_to_accuracy=reached if bp else ())
         if r.schedule != "single" and r.status == "completed":
-            r = dataclasses.replace(
-                r,
-                measured_speedup=r.examples_per_s / one_device.get(r.schedule, math.nan),
-                vs_single=r.examples_per_s / single.get(r.algorithm, math.nan),
-            )
+            measured = r.examples_per_s / one_device.get(r.schedule, math.nan)
+            vs_single = r.examples_per_s / single.get(r.algorithm, math.nan)
+            r = dataclasses.replace(r, measured_speedup=measured, vs_single=vs_single)
         out.append(r)
     return out
 
