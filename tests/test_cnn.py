@@ -7,6 +7,7 @@ Run as a script (``python tests/test_cnn.py 0 1 2``) it prints the measured valu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import NamedTuple
@@ -17,10 +18,11 @@ import pytest
 
 from sgjax.core.trainer import TrainerState
 from sgjax.data import load_dataset, sample_batch, scale_images, to_device
+from sgjax.training.architecture import config_facts
 from sgjax.training.checkpoint import Checkpointer, CheckpointError
-from sgjax.training.config import TrainConfig
+from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import PeriodMetrics, Resume, init_train_state
-from sgjax.training.model import sample_shape, trainer_for
+from sgjax.training.model import sample_shape, stages_for, trainer_for
 
 # Two conv stages (depth 3) of 4 filters, 3x3 kernels, batch 32, Adam 3e-3, 300 steps; test
 # accuracy on the first 2000 test images; cosines on a fixed probe batch of 256 training images.
@@ -110,6 +112,26 @@ def test_cdni_hidden_layers_learn(outcomes):
     frozen = outcomes["frozen"]
     assert frozen.cosines == [0.0, 0.0]
     assert outcomes["cdni"].accuracy >= frozen.accuracy + FROZEN_MARGIN, (outcomes["cdni"], frozen)
+
+
+@pytest.mark.parametrize(
+    ("depth", "pool_min_size", "side"), [(6, 0, 1), (6, 7, 7), (6, 4, 4), (3, 7, 7)]
+)
+def test_pool_min_size_stops_the_pooling(depth, pool_min_size, side):
+    """Stages pool (28 -> 14 -> 7 -> 4 -> 2 -> 1) only while their map is larger than the floor."""
+    config = TrainConfig(
+        mode="bp", model="cnn", hidden_layers=depth - 1, filters=2, pool_min_size=pool_min_size
+    )
+    h = jax.ShapeDtypeStruct((2, 784), jnp.float32)
+    for stage in stages_for(config)[:-1]:
+        h, _ = jax.eval_shape(lambda x, s=stage: s.init_with_output(jax.random.key(0), x, False), h)
+    assert h.shape == (2, side, side, 2)
+    unpooled = depth - 1 - {28: 0, 14: 1, 7: 2, 4: 3, 2: 4, 1: 5}[side]
+    description = config_facts(config).description
+    assert description.count("(Conv-BN-ReLU)") == (unpooled > 0), description
+    assert f"+ {unpooled}x2 filters 5x5 (Conv-BN-ReLU) +" in description or not unpooled
+    with pytest.raises(ConfigError, match="--pool_min_size=-1 is negative; use 0 or more"):
+        dataclasses.replace(config, pool_min_size=-1).validate()
 
 
 def test_an_mlp_checkpoint_is_refused_by_a_cnn_run(tmp_path):

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sgjax.bench.names import DATASET_NAMES, MODE_NAMES, MODEL_NAMES, device_label, markdown_table
-from sgjax.bench.presets import PRESETS
+from sgjax.bench.presets import GRID_MODES, PRESETS
 from sgjax.bench.programs import BenchmarkResult
 from sgjax.bench.report import Row, Stat
 from sgjax.bench.sweep import SweepAxis, benchmark_mode
@@ -190,11 +190,11 @@ def build_grid(
     entries: Sequence[GridEntry],
     data: Mapping[str, str],
     device: str,
-    modes: Sequence[str] = ("bp", "sg", "cdni"),
+    modes: Sequence[str] = GRID_MODES,
 ) -> Grid:
     """One row per task (first-seen order), every depth run; cells not run are '-'."""
     depths = tuple(sorted({e.depth for e in entries}))
-    modes = tuple(m for m in ("bp", "sg", "cdni") if m in modes)
+    modes = tuple(m for m in GRID_MODES if m in modes)
     tasks: dict[tuple[str, str], list[GridEntry]] = {}
     for entry in entries:
         tasks.setdefault((entry.config.dataset, entry.config.model), []).append(entry)
@@ -241,8 +241,10 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
         "",
         "Depth is the paper's layer count: hidden layers (conv stages for the CNN) plus the "
         "classifier. DNI: synthesizers with 2 hidden layers (1 for the CIFAR-10 FCN), cDNI: "
-        "linear and label-conditioned; convolutional for the CNN. '(paper x)' is the test error "
-        "the paper's text quotes for that cell at 500k steps; '-' is a cell not run.",
+        "linear and label-conditioned; convolutional for the CNN. Zero gradient: the control, "
+        "hidden layers frozen at initialisation and only the classifier trained: a method "
+        "learns its hidden layers only where its cell is below this one. '(paper x)' is the "
+        "test error the paper's text quotes for that cell at 500k steps; '-' is a cell not run.",
         "",
         *markdown_table(
             ("task", "network", "differs from the paper's settings"),

@@ -39,6 +39,8 @@ _PAPER_NETWORK = MappingProxyType(
     }
 )
 
+GRID_MODES = ("bp", "sg", "cdni", "zero_grad")
+"""The grid's methods; zero_grad is the control: hidden layers stay at their initialisation."""
 _GRID_SWEEPS = ["model=mlp,cnn", "hidden_layers=2,3,4,5"]
 """FCN and CNN of depth 3 to 6 (hidden layers or conv stages, plus the classifier)."""
 _CIFAR_FCN = (("model", "mlp"), ("dataset", "cifar10"))
@@ -79,6 +81,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             "(CIFAR-10: 128), DNI modules 2 hidden layers (2x1024 or conv), cDNI linear, 3 seeds",
             {
                 **{k: v for k, v in _PAPER_NETWORK.items() if k != "dataset"},  # --dataset's
+                "modes": list(GRID_MODES),
                 "num_steps": PAPER_NUM_STEPS,
                 "eval_every": 25_000,
                 "filters": None,
@@ -99,7 +102,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             "at Adam 1e-3 (divided by 10 at 60% and 80%), FCN 256 units with DNI modules 2x256, "
             "CNN 8 filters evaluated once at the end, 2 seeds",
             {
-                "modes": ["bp", "sg", "cdni"],
+                "modes": list(GRID_MODES),
                 "num_steps": _QUICK_FCN_STEPS,
                 "eval_every": _QUICK_FCN_STEPS // 4,  # 4 evaluations
                 "batch_size": 64,
