@@ -150,6 +150,7 @@ def test_paper_grid_preset_is_the_papers_grid():
         assert (c.num_steps, c.batch_size, c.learning_rate) == (500_000, 256, 3e-5)
         assert c.resolved_lr_boundaries == (300_000, 400_000)
         assert c.resolved_filters == 64 and c.kernel_size == 5 and c.dataset == "mnist"
+        assert c.pool_min_size == 0  # every stage pools, down to 1x1 at depth 6
         assert c.resolved_sg_hidden_layers == {"bp": 0, "sg": 2, "cdni": 0, "zero_grad": 0}[c.mode]
         if c.model == "mlp":
             assert (c.hidden_units, c.sg_hidden_units) == (256, 1024)
@@ -173,6 +174,8 @@ def test_explicit_flags_win_over_the_grid_presets_per_task_values():
     quick = settings_from_flags(_parse(["--preset=paper_grid_quick"])).programs()
     steps = {p.config.model: p.config.num_steps for p in quick}
     assert steps["cnn"] < steps["mlp"]  # the CNN's steps cost more
+    cnn = {p.config.pool_min_size for p in quick if p.config.model == "cnn"}
+    assert cnn == {7} and {p.config.mode for p in quick} == {"bp", "sg", "cdni", "zero_grad"}
     toy = settings_from_flags(_parse(["--preset=paper_grid_quick", "--num_steps=7"])).programs()
     assert {p.config.num_steps for p in toy} == {7}
 

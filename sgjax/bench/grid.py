@@ -200,16 +200,14 @@ def build_grid(
         tasks.setdefault((entry.config.dataset, entry.config.model), []).append(entry)
     rows = []
     for (dataset, model), task_entries in tasks.items():
-        by_cell = {(e.depth, benchmark_mode(e.config)): e for e in task_entries}
-        cells = {}
-        for depth in depths:
-            for mode in modes:
-                entry = by_cell.get((depth, mode))
-                paper = PAPER_GRID.get((dataset, model, depth, mode))
-                if entry is None:
-                    cells[(depth, mode)] = Cell(None, None, 0, paper)
-                else:
-                    cells[(depth, mode)] = Cell(*Stat.of(entry.errors), paper)
+        stats = {(e.depth, benchmark_mode(e.config)): Stat.of(e.errors) for e in task_entries}
+        cells = {
+            (d, m): Cell(
+                *stats.get((d, m), (None, None, 0)), PAPER_GRID.get((dataset, model, d, m))
+            )
+            for d in depths
+            for m in modes
+        }
         configs = [e.config for e in task_entries]
         steps = sorted({c.num_steps for c in configs})
         seeds = min(int(np.asarray(e.errors).size) for e in task_entries)

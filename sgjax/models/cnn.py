@@ -19,7 +19,7 @@ POOL_STRIDES = (2, 2)
 
 
 class ConvBlock(nn.Module):
-    """Conv -> BatchNorm -> ReLU -> pooling (``max``, ``avg`` or ``none``); ``input_shape``
+    """Conv -> BatchNorm -> ReLU -> pooling (``max``, ``avg`` or none: ''); ``input_shape``
     (H, W, C) reshapes flat inputs (MNIST's 784 values) first."""
 
     filters: int
@@ -34,10 +34,8 @@ class ConvBlock(nn.Module):
         # Named as nn.Conv would be, so initialisation (keyed by the path) matches it.
         conv = SameConv(self.filters, self.kernel_size, name="Conv_0")
         x = nn.relu(batch_norm(train)(conv(x)))
-        if self.pooling == "none":
-            return x
-        pool = nn.max_pool if self.pooling == "max" else nn.avg_pool
-        return pool(x, POOL_WINDOW, strides=POOL_STRIDES, padding="SAME")
+        pool = {"max": nn.max_pool, "avg": nn.avg_pool}.get(self.pooling)
+        return x if pool is None else pool(x, POOL_WINDOW, strides=POOL_STRIDES, padding="SAME")
 
 
 def cnn_stages(
@@ -53,10 +51,10 @@ def cnn_stages(
     if depth < 2:
         raise ValueError(f"depth={depth} must be at least 2 (a convolution and the classifier)")
     stages: list[nn.Module] = []
-    size = int(input_shape[0])
+    size = int(input_shape[0])  # the map's side; pooling (stride 2, same padding) halves it
     for i in range(depth - 1):
-        pooling = ("avg" if i else "max") if size > pool_min_size else "none"
+        pooled = size > pool_min_size
         shape = None if i else tuple(int(d) for d in input_shape)
-        stages.append(ConvBlock(filters, kernel_size, pooling, shape))
-        size = -(-size // 2) if pooling != "none" else size
+        stages.append(ConvBlock(filters, kernel_size, ("avg" if i else "max") * pooled, shape))
+        size = -(-size // 2) if pooled else size
     return [*stages, OutputLayer(num_classes)]
