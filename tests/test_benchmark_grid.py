@@ -59,6 +59,7 @@ def test_grid_builder_on_synthetic_numbers():
         for model in ("mlp", "cnn")
         for depth in (3, 4, 5, 6)
         for mode in ("bp", "sg", "cdni", "zero_grad")
+        if mode != "zero_grad" or dataset == "mnist"  # each config is traced once: keep it cheap
     ]
     grid = build_grid(entries, {"mnist": "MNIST data", "cifar10": "CIFAR data"}, "a device")
     headers = grid.headers()
@@ -75,6 +76,7 @@ def test_grid_builder_on_synthetic_numbers():
     # mean and population std of (d, d + 2): d + 1 ± 1
     assert body["MNIST CNN"]["4 layers backprop"] == "5.00 ± 1.00"
     assert body["MNIST CNN"]["6 layers zero gradient"] == "7.00 ± 1.00"
+    assert body["CIFAR-10 CNN"]["6 layers zero gradient"] == "-"
     # the paper's cells beside ours, exactly where its text quotes them
     assert body["MNIST FCN"]["3 layers cDNI"] == "4.00 ± 1.00 (paper 2.2)"
     assert body["MNIST FCN"]["6 layers cDNI"].endswith("(paper 1.6)")
