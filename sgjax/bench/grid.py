@@ -90,16 +90,9 @@ class Grid(NamedTuple):
         return ["task", *cells, "steps", "data", "device"]
 
     def body(self) -> list[list[str]]:
-        return [
-            [
-                row.task,
-                *(row.cells[(d, m)].format() for d in self.depths for m in self.modes),
-                row.steps,
-                row.data,
-                row.device,
-            ]
-            for row in self.rows
-        ]
+        keys = [(d, m) for d in self.depths for m in self.modes]
+        cells = lambda row: [row.cells[k].format() for k in keys]  # noqa: E731
+        return [[r.task, *cells(r), r.steps, r.data, r.device] for r in self.rows]
 
     def to_dict(self) -> dict[str, Any]:
         cells = [
@@ -211,19 +204,10 @@ def build_grid(
         configs = [e.config for e in task_entries]
         steps = sorted({c.num_steps for c in configs})
         seeds = min(int(np.asarray(e.errors).size) for e in task_entries)
-        rows.append(
-            GridRow(
-                task=task_name(dataset, model),
-                dataset=dataset,
-                model=model,
-                steps=_join(steps),
-                network=merge_depths([config_facts(c).description for c in configs]),
-                data=data.get(dataset, dataset),
-                device=device,
-                differences_from_paper=differences(configs, seeds),
-                cells=cells,
-            )
-        )
+        network = merge_depths([config_facts(c).description for c in configs])
+        data_name, notes = data.get(dataset, dataset), differences(configs, seeds)
+        row = (task_name(dataset, model), dataset, model, _join(steps), network, data_name)
+        rows.append(GridRow(*row, device, notes, cells))
     return Grid(depths, modes, tuple(rows))
 
 
