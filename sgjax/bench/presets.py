@@ -76,9 +76,10 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
         ),
         "paper_grid": Preset(
             "the paper's feed-forward grid (its Table 1) for a GPU: FCN and CNN of depth 3 to 6 "
-            "with bp, DNI and cDNI on --dataset, 500k steps of batch 256, Adam 3e-5 divided by 10 "
-            "at 60% and 80%, FCN 256 units (CIFAR-10: 1000, DNI module 1x4000), CNN filters 64 "
-            "(CIFAR-10: 128), DNI modules 2 hidden layers (2x1024 or conv), cDNI linear, 3 seeds",
+            "with bp, DNI, cDNI and the zero-gradient control (hidden layers frozen) on "
+            "--dataset, 500k steps of batch 256, Adam 3e-5 divided by 10 at 60% and 80%, FCN 256 "
+            "units (CIFAR-10: 1000, DNI module 1x4000), CNN filters 64 (CIFAR-10: 128), DNI "
+            "modules 2 hidden layers (2x1024 or conv), cDNI linear, 3 seeds",
             {
                 **{k: v for k, v in _PAPER_NETWORK.items() if k != "dataset"},  # --dataset's
                 "modes": list(GRID_MODES),
@@ -97,7 +98,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             ),
         ),
         "paper_grid_quick": Preset(
-            "paper_grid cut to about 15 minutes on a 2-core CPU: FCN "
+            "paper_grid cut to about 18 minutes on a 2-core CPU: FCN "
             f"{_QUICK_FCN_STEPS} steps of batch 64 and CNN {_QUICK_CNN_STEPS} steps of batch 32 "
             "at Adam 1e-3 (divided by 10 at 60% and 80%), FCN 256 units with DNI modules 2x256, "
             "CNN 8 filters pooled down to 7x7 (no deeper), evaluated once at the end, 2 seeds",
