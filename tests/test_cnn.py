@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -19,7 +20,12 @@ import pytest
 from sgjax.core.trainer import TrainerState
 from sgjax.data import load_dataset, sample_batch, scale_images, to_device
 from sgjax.training.architecture import config_facts
-from sgjax.training.checkpoint import Checkpointer, CheckpointError
+from sgjax.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpointer,
+    CheckpointError,
+    _check_compatible,
+)
 from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import PeriodMetrics, Resume, init_train_state
 from sgjax.training.model import sample_shape, stages_for, trainer_for
@@ -146,6 +152,15 @@ def test_an_mlp_checkpoint_is_refused_by_a_cnn_run(tmp_path):
         checkpointer.close()
     # The network is named, not each field the other network lacks.
     assert "was made with the mlp network (now cnn); resume" in str(error.value)
+
+
+def test_a_cnn_checkpoint_from_before_pool_min_size_counts_as_0():
+    cnn = TrainConfig(mode="cdni", model="cnn", filters=4)
+    old = {"format": CHECKPOINT_FORMAT, "config": cnn.identity()}
+    del old["config"]["pool_min_size"]
+    _check_compatible(old, cnn.identity(), Path("ckpt"))  # resumes
+    with pytest.raises(CheckpointError, match=r"--pool_min_size=0 \(now 7\)"):
+        _check_compatible(old, dataclasses.replace(cnn, pool_min_size=7).identity(), Path("ckpt"))
 
 
 if __name__ == "__main__":
