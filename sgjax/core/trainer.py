@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sgjax.core.layers import apply_module, init_module
+from sgjax.core.layers import apply_module, as_stage, init_module
 from sgjax.core.methods import Learned, Method, Prediction, sg_regression_loss
 from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import InputModel
@@ -114,7 +114,7 @@ class Trainer:
 
     def __init__(
         self,
-        stages: Sequence[nn.Module],
+        stages: Sequence[Any],
         method: Method,
         loss: LossFn,
         optimizer: optax.GradientTransformation,
@@ -122,7 +122,7 @@ class Trainer:
         synthesizer_optimizer: optax.GradientTransformation | None = None,
         accuracy: LossFn | None = None,
     ) -> None:
-        self.stages = tuple(stages)
+        self.stages = tuple(as_stage(s) for s in stages)
         if not self.stages:
             raise ValueError("a Trainer needs at least one stage")
         if not all(callable(getattr(method, f, None)) for f in ("init", "predict", "learn")):
@@ -174,7 +174,7 @@ class Trainer:
         h = sample_x
         for module, k in zip(self.stages, keys, strict=True):
             params, collections = init_module(k, module, h)
-            h = module.apply({"params": params, **collections}, h, train=False)
+            h, _ = apply_module(module, params, collections, h, train=False)
             outputs.append(h)
             stages.append(StageState(params, collections, self.optimizer.init(params)))
         synthesizers, inputs = [], []
