@@ -5,86 +5,70 @@ loss and accuracy."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-
-STAGES = (
-    "a stage is a flax.linen Module called as stage(x, train=...), an nnx.Module called as "
-    "stage(x) (training or evaluation mode from .train() and .eval()), or a function rngs -> "
-    "nnx.Module"
-)
 
 
-def _collections(module: nnx.Module) -> dict[str, Any]:
-    """An NNX module's variables as Linen-style collections of plain arrays (RNG keys as key
-    data); the empty ones left out, bar ``params``."""
-    states = nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[1:]
+def _collections(module: Any) -> dict[str, Any]:
+    """An NNX module's variables as Linen-style collections (RNG keys as key data; the empty
+    ones left out, bar ``params``)."""
+    from flax import nnx  # (only for NNX stages: it takes a while to import)
+
     keys = jax.dtypes.prng_key
     data = lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, keys) else a  # noqa: E731
+    states = nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState, ...)[1:]
+    pure = [jax.tree_util.tree_map(data, nnx.to_pure_dict(s)) for s in states]
     names = ("params", "batch_stats", "rngs", "other")
-    pure = {
-        n: jax.tree_util.tree_map(data, nnx.to_pure_dict(s))
-        for n, s in zip(names, states, strict=True)
-    }
-    return {n: v for n, v in pure.items() if v or n == "params"}
+    return {n: v for n, v in zip(names, pure, strict=True) if v or n == "params"}
 
 
 class NNXStage:
-    """An ``nnx.Module`` as a stage through NNX's functional API: ``nnx.merge`` of its graph
-    definition with its variables (``nnx.Param``: the params; the collections ``batch_stats``,
-    ``rngs`` and ``other``), called as ``module(x)`` after ``.train()`` or ``.eval()``. Given an
-    instance, ``init`` returns its variables whatever the key; given a function ``rngs ->
-    nnx.Module``, builds it from the key (a different network per seed, also under vmap)."""
+    """An ``nnx.Module`` with Linen's ``init`` and ``apply`` through NNX's functional API:
+    ``nnx.merge`` of its graph definition with its variables (``nnx.Param``s: ``params``; the
+    ``batch_stats``, ``rngs`` and ``other`` collections), called as ``module(x)`` after
+    ``.train()`` or ``.eval()``. Given an instance, ``init`` returns its variables whatever the
+    key; given a function ``rngs -> nnx.Module``, builds it from the key (one per vmapped seed)."""
 
-    def __init__(self, stage: nnx.Module | Callable[[nnx.Rngs], nnx.Module]) -> None:
+    def __init__(self, stage: Any) -> None:  # an nnx.Module or a function rngs -> nnx.Module
+        from flax import nnx
+
         self.make = None if isinstance(stage, nnx.Module) else stage
-        module = stage
-        if self.make is not None:
-            if not callable(stage):
-                raise TypeError(f"{STAGES}; got {stage!r}")
-            try:
-                module = nnx.eval_shape(lambda: stage(nnx.Rngs(0)))
-            except Exception as error:
-                raise TypeError(f"{STAGES}; {stage!r} is none of them") from error
-        if not isinstance(module, nnx.Module):
-            raise TypeError(f"{STAGES}; {stage!r} made {module!r}")
         try:
+            module = nnx.eval_shape(lambda: stage(nnx.Rngs(0))) if self.make else stage
+            if not isinstance(module, nnx.Module):
+                raise TypeError(f"it made {module}")
             inspect.signature(module).bind(None)
-        except (TypeError, ValueError):
-            raise TypeError(f"{STAGES}; {type(module).__name__} is not callable so") from None
+        except Exception as error:
+            raise TypeError(
+                "a stage is a flax.linen Module called as stage(x, train=...), an nnx.Module called"
+                " as stage(x) (mode from .train() and .eval()) or a function rngs -> nnx.Module; "
+                f"got {repr(stage).partition(chr(10))[0]}"
+            ) from error
         self.graphdef = nnx.graphdef(module)
         self.variables = None if self.make else _collections(module)
 
-    def init(self, key: jax.Array) -> tuple[Any, Any]:
-        variables = dict(self.variables or _collections(self.make(nnx.Rngs(key))))
-        return variables.pop("params"), variables
+    def init(self, key: jax.Array, *args: Any, train: bool = False) -> dict[str, Any]:
+        from flax import nnx
 
-    def apply(self, params: Any, collections: Any, *args: Any, train: bool) -> tuple[Any, Any]:
-        module = nnx.merge(self.graphdef, params, *collections.values())
+        return self.variables or _collections(self.make(nnx.Rngs(key)))
+
+    def apply(self, variables: Any, *args: Any, train: bool, mutable: Any = False) -> Any:
+        from flax import nnx
+
+        module = nnx.merge(self.graphdef, *variables.values())
         (module.train if train else module.eval)()
         out = module(*args)
-        if not train:
-            return out, collections
-        return out, {k: v for k, v in _collections(module).items() if k != "params"}
-
-
-def as_stage(stage: Any) -> nn.Module | NNXStage:
-    """A ``Trainer``'s stage: a Linen module as it is, an NNX one (or maker) as an ``NNXStage``."""
-    return stage if isinstance(stage, nn.Module | NNXStage) else NNXStage(stage)
+        return (out, {k: _collections(module)[k] for k in mutable}) if mutable else out
 
 
 def apply_module(
     module: nn.Module | NNXStage, params: Any, collections: Any, *args: Any, train: bool
 ) -> tuple[jax.Array, Any]:
     """``module(*args, train=train)`` and its other variables (updated only in training)."""
-    if isinstance(module, NNXStage):
-        return module.apply(params, collections, *args, train=train)
     variables = {"params": params, **collections}
     if train and collections:
         out, mutated = module.apply(variables, *args, train=True, mutable=list(collections))
@@ -94,8 +78,6 @@ def apply_module(
 
 def init_module(key: jax.Array, module: nn.Module | NNXStage, *args: Any) -> tuple[Any, Any]:
     """Parameters and other variables of ``module`` initialised on example ``args``."""
-    if isinstance(module, NNXStage):
-        return module.init(key)
     variables = dict(module.init(key, *args, train=False))
     params = variables.pop("params", {})
     return params, variables
