@@ -185,9 +185,8 @@ def test_vmap_over_seeds_equals_separate_runs() -> None:
 
     def run(seed: jax.Array) -> tuple[jax.Array, Any]:
         state = trainer.init(jax.random.PRNGKey(seed), x)
-        for _ in range(3):
-            state, metrics = trainer.step(state, x, y)
-        return metrics.loss, state
+        state, losses = jax.lax.scan(lambda s, _: trainer.step(s, x, y), state, length=3)
+        return losses.loss[-1], state
 
     seeds = jnp.arange(3)
     losses, states = jax.jit(jax.vmap(run))(seeds)
