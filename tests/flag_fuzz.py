@@ -166,6 +166,7 @@ def benchmark_cases(tmp: Path) -> tuple[dict[str, st.SearchStrategy[str]], list[
         "model": LETTERS.filter(lambda v: v not in ("mlp", "cnn")),
         "filters": NOT_POSITIVE,
         "kernel_size": NOT_POSITIVE,
+        "pool_min_size": NEGATIVE,
         "modes": LETTERS.filter(lambda v: not _valid_modes(v)),
         "num_seeds": NOT_POSITIVE | st.integers(1025, 10**12).map(str),
         "sweep": LETTERS | bad_sweeps,

@@ -58,17 +58,25 @@ def test_grid_builder_on_synthetic_numbers():
         for dataset in ("mnist", "cifar10")
         for model in ("mlp", "cnn")
         for depth in (3, 4, 5, 6)
-        for mode in ("bp", "sg", "cdni")
+        for mode in ("bp", "sg", "cdni", "zero_grad")
+        if mode != "zero_grad" or dataset == "mnist"  # each config is traced once: keep it cheap
     ]
     grid = build_grid(entries, {"mnist": "MNIST data", "cifar10": "CIFAR data"}, "a device")
     headers = grid.headers()
     assert headers[0] == "task" and headers[-3:] == ["steps", "data", "device"]
-    assert headers[1:4] == ["3 layers backprop", "3 layers DNI", "3 layers cDNI"]
-    assert len(headers) == 1 + 4 * 3 + 3
+    assert headers[1:5] == [
+        "3 layers backprop",
+        "3 layers DNI",
+        "3 layers cDNI",
+        "3 layers zero gradient",  # the control: hidden layers frozen, the classifier trained
+    ]
+    assert len(headers) == 1 + 4 * 4 + 3
     body = {row[0]: dict(zip(headers, row, strict=True)) for row in grid.body()}
     assert list(body) == ["MNIST FCN", "MNIST CNN", "CIFAR-10 FCN", "CIFAR-10 CNN"]
     # mean and population std of (d, d + 2): d + 1 ± 1
     assert body["MNIST CNN"]["4 layers backprop"] == "5.00 ± 1.00"
+    assert body["MNIST CNN"]["6 layers zero gradient"] == "7.00 ± 1.00"
+    assert body["CIFAR-10 CNN"]["6 layers zero gradient"] == "-"
     # the paper's cells beside ours, exactly where its text quotes them
     assert body["MNIST FCN"]["3 layers cDNI"] == "4.00 ± 1.00 (paper 2.2)"
     assert body["MNIST FCN"]["6 layers cDNI"].endswith("(paper 1.6)")
@@ -85,6 +93,7 @@ def test_grid_builder_on_synthetic_numbers():
     assert "| CIFAR-10 FCN | 2/3/4/5x256 (Dense-BN-ReLU) + Dense 10 |" in text
     assert "1,000 steps (paper 500,000)" in text
     assert "not run here" not in text  # every quoted task ran
+    assert "Zero gradient: the control" in text
     record = grid.to_dict()
     assert record["headers"] == headers and len(record["rows"]) == 4
     cell = record["rows"][0]["cells"][0]
@@ -134,15 +143,17 @@ def test_grid_applies_to_model_and_depth_sweeps_only(sweeps, applies):
 def test_paper_grid_preset_is_the_papers_grid():
     settings = settings_from_flags(_parse(["--preset=paper_grid"]))
     programs = settings.programs()
-    assert len(programs) == 2 * 4 * 3 and settings.num_seeds >= 3
+    assert len(programs) == 2 * 4 * 4 and settings.num_seeds >= 3
     cells = {(p.config.model, p.config.hidden_layers + 1, p.config.mode) for p in programs}
-    assert len(cells) == 24 and {d for _, d, _ in cells} == {3, 4, 5, 6}
+    assert len(cells) == 32 and {d for _, d, _ in cells} == {3, 4, 5, 6}
+    assert {m for _, _, m in cells} == {"bp", "sg", "cdni", "zero_grad"}  # with the control
     for p in programs:
         c = p.config
         assert (c.num_steps, c.batch_size, c.learning_rate) == (500_000, 256, 3e-5)
         assert c.resolved_lr_boundaries == (300_000, 400_000)
         assert c.resolved_filters == 64 and c.kernel_size == 5 and c.dataset == "mnist"
-        assert c.resolved_sg_hidden_layers == {"bp": 0, "sg": 2, "cdni": 0}[c.mode]
+        assert c.pool_min_size == 0  # every stage pools, down to 1x1 at depth 6
+        assert c.resolved_sg_hidden_layers == {"bp": 0, "sg": 2, "cdni": 0, "zero_grad": 0}[c.mode]
         if c.model == "mlp":
             assert (c.hidden_units, c.sg_hidden_units) == (256, 1024)
 
@@ -165,6 +176,8 @@ def test_explicit_flags_win_over_the_grid_presets_per_task_values():
     quick = settings_from_flags(_parse(["--preset=paper_grid_quick"])).programs()
     steps = {p.config.model: p.config.num_steps for p in quick}
     assert steps["cnn"] < steps["mlp"]  # the CNN's steps cost more
+    cnn = {p.config.pool_min_size for p in quick if p.config.model == "cnn"}
+    assert cnn == {7} and {p.config.mode for p in quick} == {"bp", "sg", "cdni", "zero_grad"}
     toy = settings_from_flags(_parse(["--preset=paper_grid_quick", "--num_steps=7"])).programs()
     assert {p.config.num_steps for p in toy} == {7}
 

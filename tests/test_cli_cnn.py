@@ -140,6 +140,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     return {
         "zero filters": (["--filters=0"], ("--filters=0",)),
         "zero kernel": (["--kernel_size=0"], ("--kernel_size=0",)),
+        "negative pooling floor": (["--pool_min_size=-1"], ("--pool_min_size=-1", "0 or more")),
         "text filters": (["--filters=many"], ("--filters",)),
         "cifar10 without data": (["--dataset=cifar10"], ("cifar-10-python.tar.gz", "--data_dir")),
         "corrupt cifar archive": (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -18,10 +19,16 @@ import pytest
 
 from sgjax.core.trainer import TrainerState
 from sgjax.data import load_dataset, sample_batch, scale_images, to_device
-from sgjax.training.checkpoint import Checkpointer, CheckpointError
-from sgjax.training.config import TrainConfig
+from sgjax.training.architecture import config_facts
+from sgjax.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpointer,
+    CheckpointError,
+    _check_compatible,
+)
+from sgjax.training.config import ConfigError, TrainConfig
 from sgjax.training.loop import PeriodMetrics, Resume, init_train_state
-from sgjax.training.model import sample_shape, trainer_for
+from sgjax.training.model import sample_shape, stages_for, trainer_for
 
 # Two conv stages (depth 3) of 4 filters, 3x3 kernels, batch 32, Adam 3e-3, 300 steps; test
 # accuracy on the first 2000 test images; cosines on a fixed probe batch of 256 training images.
@@ -113,6 +120,26 @@ def test_cdni_hidden_layers_learn(outcomes):
     assert outcomes["cdni"].accuracy >= frozen.accuracy + FROZEN_MARGIN, (outcomes["cdni"], frozen)
 
 
+@pytest.mark.parametrize(
+    ("depth", "pool_min_size", "side"), [(6, 0, 1), (6, 7, 7), (6, 4, 4), (3, 7, 7)]
+)
+def test_pool_min_size_stops_the_pooling(depth, pool_min_size, side):
+    """Stages pool (28 -> 14 -> 7 -> 4 -> 2 -> 1) only while their map is larger than the floor."""
+    config = TrainConfig(
+        mode="bp", model="cnn", hidden_layers=depth - 1, filters=2, pool_min_size=pool_min_size
+    )
+    h = jax.ShapeDtypeStruct((2, 784), jnp.float32)
+    for stage in stages_for(config)[:-1]:
+        h, _ = jax.eval_shape(lambda x, s=stage: s.init_with_output(jax.random.key(0), x, False), h)
+    assert h.shape == (2, side, side, 2)
+    unpooled = depth - 1 - {28: 0, 14: 1, 7: 2, 4: 3, 2: 4, 1: 5}[side]
+    description = config_facts(config).description
+    assert description.count("(Conv-BN-ReLU)") == (unpooled > 0), description
+    assert f"+ {unpooled}x2 filters 5x5 (Conv-BN-ReLU) +" in description or not unpooled
+    with pytest.raises(ConfigError, match="--pool_min_size=-1 is negative; use 0 or more"):
+        dataclasses.replace(config, pool_min_size=-1).validate()
+
+
 def test_an_mlp_checkpoint_is_refused_by_a_cnn_run(tmp_path):
     mlp = TrainConfig(mode="cdni", hidden_units=16, num_steps=10, eval_every=5)
     cnn = TrainConfig(mode="cdni", model="cnn", filters=4, num_steps=10, eval_every=5)
@@ -127,25 +154,25 @@ def test_an_mlp_checkpoint_is_refused_by_a_cnn_run(tmp_path):
     assert "was made with the mlp network (now cnn); resume" in str(error.value)
 
 
-def test_a_checkpoint_older_than_a_field_resumes_while_that_field_is_off(tmp_path, monkeypatch):
-    """Fields added later (here synthetic_inputs) are absent from older checkpoints: such a
-    checkpoint resumes a run that leaves the field off, and is refused by one that turns it on."""
-    config = TrainConfig(mode="sg", hidden_units=16, num_steps=10, eval_every=5)
-    identity = TrainConfig.identity
-    checkpointer = Checkpointer(tmp_path)
-    try:
-        with monkeypatch.context() as patch:  # write it as a checkpoint from before the field
-            older = {k: v for k, v in identity(config).items() if k != "synthetic_inputs"}
-            patch.setattr(TrainConfig, "identity", lambda _: older)
-            resume = Resume(init_train_state(config), [], PeriodMetrics(), 0.0, 0.0)
-            checkpointer.save(resume, config)
-        template = jax.eval_shape(lambda: init_train_state(config))
-        assert checkpointer.restore(config, template) is not None
-        unlocked = dataclasses.replace(config, synthetic_inputs=True)
-        with pytest.raises(CheckpointError, match=r"--synthetic_inputs=None \(now True\)"):
-            checkpointer.restore(unlocked, template)
-    finally:
-        checkpointer.close()
+def test_a_cnn_checkpoint_from_before_pool_min_size_counts_as_0():
+    cnn = TrainConfig(mode="cdni", model="cnn", filters=4)
+    old = {"format": CHECKPOINT_FORMAT, "config": cnn.identity()}
+    del old["config"]["pool_min_size"]
+    _check_compatible(old, cnn.identity(), Path("ckpt"))  # resumes
+    with pytest.raises(CheckpointError, match=r"--pool_min_size=0 \(now 7\)"):
+        _check_compatible(old, dataclasses.replace(cnn, pool_min_size=7).identity(), Path("ckpt"))
+
+
+def test_a_checkpoint_older_than_a_field_resumes_while_that_field_is_off():
+    """Any field added later (here synthetic_inputs) and off now (False, 0, None) matches a
+    checkpoint that lacks it; turning it on is refused."""
+    config = TrainConfig(mode="sg", hidden_units=16)
+    old = {"format": CHECKPOINT_FORMAT, "config": config.identity()}
+    del old["config"]["synthetic_inputs"]
+    _check_compatible(old, config.identity(), Path("ckpt"))  # resumes
+    unlocked = dataclasses.replace(config, synthetic_inputs=True).identity()
+    with pytest.raises(CheckpointError, match=r"--synthetic_inputs=None \(now True\)"):
+        _check_compatible(old, unlocked, Path("ckpt"))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ def test_library_examples_run() -> None:
     text = README.read_text()
     section = text[text.index("## As a library") : text.index("## Data")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     exec(compile("\n".join(blocks), str(README), "exec"), namespace)  # noqa: S102
     assert namespace["logits"].shape == (32, 10)
+    _nnx_stages_trained(namespace)
     _clipping_changes_dni_only_when_it_clips(namespace)
     assert namespace["history"].test_accuracy.shape == (4, 2)
     assert float(namespace["history"].test_accuracy[:, -1].min()) > 0.5
@@ -31,6 +32,21 @@ def test_recurrent_library_example_runs() -> None:
     exec(compile(prelude + blocks[0], str(README), "exec"), namespace)  # noqa: S102
     assert namespace["carry"][1].shape == (8, 16)
     assert float(namespace["seg_metrics"].count) == 32  # 4 steps x 8 sequences
+
+
+def _nnx_stages_trained(ns: dict) -> None:
+    """The NNX example's claims: the stage given as a function is built from the init key, the
+    instance keeps its own parameters whatever the key (the control: it does differ from the
+    function-built one), the BatchNorm statistics are the stages' collections."""
+    import jax
+    import numpy as np
+
+    a, b = (ns["nnx_trainer"].init(jax.random.PRNGKey(k), ns["x"]).stages for k in (0, 1))
+    kernels = lambda stages, k: np.asarray(stages[k].params["conv"]["kernel"])  # noqa: E731
+    assert np.max(np.abs(kernels(a, 0) - kernels(b, 0))) > 1e-3
+    np.testing.assert_array_equal(kernels(a, 1), kernels(b, 1))
+    assert set(a[0].collections) == set(a[1].collections) == {"batch_stats"}
+    assert ns["nnx_logits"].shape == (32, 10) and float(ns["nnx_metrics"].loss) > 0
 
 
 def _clipping_changes_dni_only_when_it_clips(ns: dict) -> None:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from sgjax.bench.names import DATASET_NAMES, MODE_NAMES, MODEL_NAMES, device_label, markdown_table
-from sgjax.bench.presets import PRESETS
+from sgjax.bench.presets import GRID_MODES, PRESETS
 from sgjax.bench.programs import BenchmarkResult
 from sgjax.bench.report import Row, Stat
 from sgjax.bench.sweep import SweepAxis, benchmark_mode
@@ -90,16 +90,9 @@ class Grid(NamedTuple):
         return ["task", *cells, "steps", "data", "device"]
 
     def body(self) -> list[list[str]]:
-        return [
-            [
-                row.task,
-                *(row.cells[(d, m)].format() for d in self.depths for m in self.modes),
-                row.steps,
-                row.data,
-                row.device,
-            ]
-            for row in self.rows
-        ]
+        keys = [(d, m) for d in self.depths for m in self.modes]
+        cells = lambda row: [row.cells[k].format() for k in keys]  # noqa: E731
+        return [[r.task, *cells(r), r.steps, r.data, r.device] for r in self.rows]
 
     def to_dict(self) -> dict[str, Any]:
         cells = [
@@ -190,42 +183,31 @@ def build_grid(
     entries: Sequence[GridEntry],
     data: Mapping[str, str],
     device: str,
-    modes: Sequence[str] = ("bp", "sg", "cdni"),
+    modes: Sequence[str] = GRID_MODES,
 ) -> Grid:
     """One row per task (first-seen order), every depth run; cells not run are '-'."""
     depths = tuple(sorted({e.depth for e in entries}))
-    modes = tuple(m for m in ("bp", "sg", "cdni") if m in modes)
+    modes = tuple(m for m in GRID_MODES if m in modes)
     tasks: dict[tuple[str, str], list[GridEntry]] = {}
     for entry in entries:
         tasks.setdefault((entry.config.dataset, entry.config.model), []).append(entry)
     rows = []
     for (dataset, model), task_entries in tasks.items():
-        by_cell = {(e.depth, benchmark_mode(e.config)): e for e in task_entries}
-        cells = {}
-        for depth in depths:
-            for mode in modes:
-                entry = by_cell.get((depth, mode))
-                paper = PAPER_GRID.get((dataset, model, depth, mode))
-                if entry is None:
-                    cells[(depth, mode)] = Cell(None, None, 0, paper)
-                else:
-                    cells[(depth, mode)] = Cell(*Stat.of(entry.errors), paper)
+        stats = {(e.depth, benchmark_mode(e.config)): Stat.of(e.errors) for e in task_entries}
+        cells = {
+            (d, m): Cell(
+                *stats.get((d, m), (None, None, 0)), PAPER_GRID.get((dataset, model, d, m))
+            )
+            for d in depths
+            for m in modes
+        }
         configs = [e.config for e in task_entries]
         steps = sorted({c.num_steps for c in configs})
         seeds = min(int(np.asarray(e.errors).size) for e in task_entries)
-        rows.append(
-            GridRow(
-                task=task_name(dataset, model),
-                dataset=dataset,
-                model=model,
-                steps=_join(steps),
-                network=merge_depths([config_facts(c).description for c in configs]),
-                data=data.get(dataset, dataset),
-                device=device,
-                differences_from_paper=differences(configs, seeds),
-                cells=cells,
-            )
-        )
+        network = merge_depths([config_facts(c).description for c in configs])
+        data_name, notes = data.get(dataset, dataset), differences(configs, seeds)
+        row = (task_name(dataset, model), dataset, model, _join(steps), network, data_name)
+        rows.append(GridRow(*row, device, notes, cells))
     return Grid(depths, modes, tuple(rows))
 
 
@@ -241,8 +223,10 @@ def grid_markdown(grid: Grid, title_notes: Sequence[str] = ()) -> str:
         "",
         "Depth is the paper's layer count: hidden layers (conv stages for the CNN) plus the "
         "classifier. DNI: synthesizers with 2 hidden layers (1 for the CIFAR-10 FCN), cDNI: "
-        "linear and label-conditioned; convolutional for the CNN. '(paper x)' is the test error "
-        "the paper's text quotes for that cell at 500k steps; '-' is a cell not run.",
+        "linear and label-conditioned; convolutional for the CNN. Zero gradient: the control, "
+        "hidden layers frozen at initialisation and only the classifier trained: a method "
+        "learns its hidden layers only where its cell is below this one. '(paper x)' is the "
+        "test error the paper's text quotes for that cell at 500k steps; '-' is a cell not run.",
         "",
         *markdown_table(
             ("task", "network", "differs from the paper's settings"),

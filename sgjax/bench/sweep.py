@@ -42,7 +42,7 @@ def reads(mode: str, name: str) -> bool:
 TRACED_FIELDS = ("learning_rate",)  # swept inside one program (TrainState holds them as arrays)
 STATIC_FIELDS = tuple(  # one program per value
     "model num_steps batch_size hidden_layers hidden_units sg_hidden_layers sg_hidden_units "
-    "filters kernel_size eval_every dataset stale_decay".split()
+    "filters kernel_size pool_min_size eval_every dataset stale_decay".split()
 )
 SG_FIELDS = ("sg_hidden_layers", "sg_hidden_units")  # bp ignores them: it runs once for all
 _FIELD_TYPES = {

@@ -48,6 +48,8 @@ CNN_HELP = {
     "filters": "Filters of every convolution, the synthesizers' too (default: the paper's, 64 "
     "for MNIST and Fashion-MNIST, 128 for CIFAR-10).",
     "kernel_size": "Square kernel size of every convolution, the synthesizers' too.",
+    "pool_min_size": "Conv stages pool (stride 2) only while their map is larger than this; "
+    "later ones keep its size (0: every stage pools).",
 }
 CNN_FIELDS = tuple(CNN_HELP)
 _KINDS = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float}

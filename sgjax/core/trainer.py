@@ -11,6 +11,7 @@ engines can run groups on separate devices.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sgjax.core.layers import apply_module, init_module
+from sgjax.core.layers import NNXStage, apply_module, init_module
 from sgjax.core.methods import Learned, Method, Prediction, sg_regression_loss
 from sgjax.core.optim import apply_optimizer
 from sgjax.core.synthesizers import InputModel
@@ -103,14 +104,14 @@ class StepGradients(NamedTuple):
 
 
 class Trainer:
-    """Train a chain of Flax modules (each called as ``module(x, train=...)``) with a
-    ``sgjax.Method``; ``loss(output, labels)`` and optional ``accuracy(output, labels)`` read the
-    last stage's output; every stage gets its own state of ``optimizer``, every boundary module
-    of ``synthesizer_optimizer`` (default: ``optimizer``)."""
+    """Train a chain of Flax modules (Linen ones called as ``module(x, train=...)``, NNX ones
+    as ``NNXStage``s) with a ``sgjax.Method``; ``loss(output, labels)`` and optional
+    ``accuracy(output, labels)`` read the last stage's output; every stage gets its own state of
+    ``optimizer``, every boundary module of ``synthesizer_optimizer`` (default: ``optimizer``)."""
 
     def __init__(
         self,
-        stages: Sequence[nn.Module],
+        stages: Sequence[Any],
         method: Method,
         loss: LossFn,
         optimizer: optax.GradientTransformation,
@@ -118,7 +119,9 @@ class Trainer:
         synthesizer_optimizer: optax.GradientTransformation | None = None,
         accuracy: LossFn | None = None,
     ) -> None:
-        self.stages = tuple(stages)
+        self.stages = tuple(
+            s if isinstance(s, nn.Module | NNXStage) else NNXStage(s) for s in stages
+        )
         if not self.stages:
             raise ValueError("a Trainer needs at least one stage")
         if not all(callable(getattr(method, f, None)) for f in ("init", "predict", "learn")):
@@ -516,10 +519,9 @@ class Trainer:
     def frozen_control(self) -> Trainer:
         """This trainer with boundary modules that never learn (synthetic gradients stay 0):
         the control a decoupled method must beat to show that its synthetic gradients teach."""
-        return Trainer(
-            self.stages, self.method, self.loss, self.optimizer,
-            synthesizer_optimizer=optax.set_to_zero(), accuracy=self.accuracy,
-        )  # fmt: skip
+        frozen = copy.copy(self)
+        frozen.synthesizer_optimizer = optax.set_to_zero()
+        return frozen
 
     def synthetic_gradient_cosines(
         self, state: TrainerState, x: jax.Array, labels: jax.Array, example_ids: Any = None

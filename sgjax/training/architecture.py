@@ -121,7 +121,8 @@ def _stage_label(module: Any, params: Any) -> tuple[str, bool]:
     kernels, name = _kernels(params), type(module).__name__
     if name == "OutputLayer":
         return f"Dense {kernels[0][-1]}", False
-    word = BLOCK_WORDS.get(name, name)
+    unpooled = getattr(module, "pooling", None) == ""
+    word = BLOCK_WORDS.get(name, name).removesuffix("-pool" * unpooled)
     if not kernels:
         return f"({word})", True
     k = kernels[0]

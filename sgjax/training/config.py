@@ -29,7 +29,10 @@ PAPER_NUM_STEPS = 500_000
 PAPER_LEARNING_RATE = 3e-5
 PAPER_BOUNDARY_FRACTIONS = (0.6, 0.8)  # divide the rate by 10 at 300k and 400k of 500k steps
 # Configuration fields that do not shape the model's network or synthesizers.
-UNUSED_FIELDS = {"mlp": ("filters", "kernel_size"), "cnn": ("hidden_units", "sg_hidden_units")}
+UNUSED_FIELDS = {
+    "mlp": ("filters", "kernel_size", "pool_min_size"),
+    "cnn": ("hidden_units", "sg_hidden_units"),
+}
 DEFAULT_SG_HIDDEN_LAYERS = {"sg": 2, "cdni": 0, "bp_lambda": 2}  # the paper's DNI and cDNI
 MAX_STEPS = 2**31 - 1  # the step counter is an int32 on the device
 MAX_SEED = 2**32 - 1
@@ -119,6 +122,7 @@ class TrainConfig(RunConfig):
     sg_hidden_units: int = 1024
     filters: int | None = None  # CNN filters, the synthesizers' too (default: PAPER_FILTERS)
     kernel_size: int = 5
+    pool_min_size: int = 0  # CNN stages pool only while their map is larger than this
     dataset: str = "mnist"
     data_dir: str | None = None
     eval_every: int = 10_000
@@ -164,10 +168,9 @@ class TrainConfig(RunConfig):
             if getattr(self, name) is not None:
                 require_positive(name, getattr(self, name))
         super().validate()
-        if self.sg_hidden_layers is not None and self.sg_hidden_layers < 0:
-            raise ConfigError(
-                f"--sg_hidden_layers={self.sg_hidden_layers} is negative; use 0 (linear) or more"
-            )
+        for name in ("sg_hidden_layers", "pool_min_size"):  # 0: linear modules, pool every stage
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)} is negative; use 0 or more")
         for name in ("sg_hidden_units", "microbatches"):
             require_positive(name, getattr(self, name))
         _require_choices(self, {"parallel": PARALLEL, "engine": ENGINES}, lambda name: f"--{name}=")

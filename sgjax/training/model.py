@@ -21,7 +21,7 @@ def stages_for(config: TrainConfig) -> list[nn.Module]:
         shape = CONV_INPUT_SHAPES[config.dataset]
         return cnn_stages(
             config.hidden_layers + 1, config.resolved_filters, kernel_size=config.kernel_size,
-            input_shape=shape, num_classes=NUM_CLASSES,
+            input_shape=shape, num_classes=NUM_CLASSES, pool_min_size=config.pool_min_size,
         )  # fmt: skip
     return mlp_stages(config.hidden_layers, config.hidden_units, NUM_CLASSES)
 
