@@ -3,12 +3,10 @@
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and ``JAX_LOCAL_DEVICE_IDS`` (``tools/launch_local.sh``
 sets them). CPU collectives go through gloo, so several processes run on one machine.
 
-``--distributed_timeout`` (T s) bounds joining, JAX's heartbeats and the shutdown barrier. When a
-process dies the others end within about T + 1 s (BUILD_NOTES.md): at once if it is process 0
-(it hosts the coordination service), else when a collective with it fails (``stop_process``, one
-line, exit code 1) or the service misses its heartbeats; jaxlib ends a process that learns of a
-dead peer from the service itself (its own message, SIGABRT).
-"""
+``--distributed_timeout`` (T s) bounds joining, JAX's heartbeats and the shutdown barrier: when a
+process dies the others end within about T + 1 s, at once if it is process 0 (the coordination
+service), else when a collective with it fails (``stop_process``) or its heartbeats stop (jaxlib
+ends the process itself, SIGABRT). See BUILD_NOTES.md."""
 
 from __future__ import annotations
 
@@ -96,9 +94,9 @@ def cluster_from(
     if num_processes < 1:
         raise ConfigError(f"--num_processes={num_processes} must be positive")
     if not 0 <= process_id < num_processes:
+        last = num_processes - 1
         raise ConfigError(
-            f"--process_id={process_id} must be between 0 and --num_processes - 1 "
-            f"({num_processes - 1})"
+            f"--process_id={process_id} must be between 0 and --num_processes - 1 ({last})"
         )
     if timeout_s < 1:
         raise ConfigError(f"--distributed_timeout={timeout_s} must be at least 1 second")
@@ -155,10 +153,3 @@ def stop_process(error: BaseException) -> None:
 
     name = type(error).__name__
     _exit_with(f"process {jax.process_index()} stops: {name}: {_first_line(error, 200)}")
-
-
-def is_writer() -> bool:
-    """Whether this process writes results (process 0; every process when not distributed)."""
-    import jax
-
-    return jax.process_index() == 0
