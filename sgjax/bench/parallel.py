@@ -58,8 +58,7 @@ class BenchmarkRow:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelBenchmark:
-    """The rows and how the comparison ended: "completed", "diverged" (a run diverged; the
-    others still ran) or "interrupted" (no further run was started)."""
+    """The rows and the status: "completed", "diverged" (by one run) or "interrupted"."""
 
     rows: list[BenchmarkRow]
     status: str

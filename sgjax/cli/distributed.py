@@ -70,8 +70,7 @@ def cluster_from(
     timeout_s: int,
     local_device_ids: Sequence[str | int] | None = None,
 ) -> Cluster:
-    """The run's placement from flags, else the environment; ConfigError (one line) if
-    something is missing or impossible."""
+    """The run's placement from flags, else the environment; ConfigError if missing or bad."""
     address = address or os.environ.get(ENV_ADDRESS)
     if num_processes is None and os.environ.get(ENV_COUNT):
         num_processes = _integer(f"${ENV_COUNT}", os.environ[ENV_COUNT])
@@ -147,8 +146,7 @@ def initialize_from_flags(fv: flags.FlagValues) -> None:
 
 
 def stop_process(error: BaseException) -> None:
-    """End this process of a multi-process run with one line about ``error`` (exit code 1),
-    without waiting for the others at shutdown."""
+    """End this process with one line about ``error`` (exit 1), not waiting for the others."""
     import jax
 
     name = type(error).__name__

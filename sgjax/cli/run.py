@@ -38,8 +38,7 @@ EXIT_CODE_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class StopRequest:
-    """SIGINT/SIGTERM: the first asks the loop to stop after the current chunk, a second SIGINT
-    stops at once."""
+    """SIGINT/SIGTERM: the first stops the loop after the chunk, a second SIGINT at once."""
 
     signal: int | None = None
 
@@ -101,9 +100,8 @@ class Job(NamedTuple):  # what ``run_job`` needs that differs between scripts
 
 
 def run_job(prepare: Callable[[], Job], *, resume: bool = False, overwrite: bool = False) -> int:
-    """A run end to end, ``prepare()`` (checks) first, then the output folder, checkpoints,
-    metrics.csv, signals, results.json and summary; the exit code. Nothing is written before
-    ``prepare`` succeeds."""
+    """A run end to end: ``prepare()`` (checks; nothing is written before), the output folder,
+    checkpoints, metrics.csv, signals, results.json and summary; the exit code."""
     try:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")

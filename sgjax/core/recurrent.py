@@ -36,8 +36,7 @@ StepLoss = Callable[[jax.Array, jax.Array], jax.Array]  # each example's loss at
 
 
 class Segment(NamedTuple):
-    """T time steps of a batch, time-major: inputs and targets ``[T, batch, ...]``, mask
-    ``[T, batch]`` (1 where the step's loss counts)."""
+    """T steps of a batch: inputs, targets ``[T, batch, ...]``, mask ``[T, batch]`` (1: counts)."""
 
     inputs: jax.Array
     targets: jax.Array
@@ -162,11 +161,8 @@ class SegmentMetrics(NamedTuple):
 
 class RecurrentTrainer:
     """Trains a recurrent ``core`` segment by segment (arguments in ``Trainer``'s order); pure.
-    ``options`` (``recurrent_options``'): ``sg_scale`` scales M's output before it enters the
-    core; ``sg_trains_core`` backpropagates M's loss into the core through the previous segment
-    (``step``'s ``previous``); ``aux_weight > 0`` adds DNI+Aux's loss; ``unscaled_target``
-    bootstraps M's target from its unscaled output. ``unroll`` is ``lax.scan``'s (``True``:
-    XLA's cost analysis then counts every step, where it counts a loop's body once)."""
+    ``options``: see ``recurrent_options`` (``sg_trains_core`` uses ``step``'s ``previous``).
+    ``unroll`` is ``lax.scan``'s (``True``: XLA's cost analysis counts every step)."""
 
     def __init__(
         self,

@@ -273,11 +273,9 @@ class Trainer:
         example_ids: jax.Array | None = None,
         step: jax.Array | int | None = None,
     ) -> StepGradients:
-        """Every gradient of one synchronous step: forwards bottom to top, the last group's true
-        gradients, then the other groups top to bottom. ``synthetic_override`` replaces what
-        every boundary sends; ``group_inputs`` the input of every group above the first. At a
-        ``step`` below the method's ``warmup_steps`` every boundary sends the message from above
-        (backprop's update; one program for both phases)."""
+        """Every gradient of one synchronous step: forwards bottom to top, then backwards.
+        ``synthetic_override`` replaces what every boundary sends; ``group_inputs`` the input of
+        every group above the first. Before ``warmup_steps`` boundaries send the message."""
         warmup = 0 if step is None else self.method.warmup_steps
         true = self.boundary_gradients(state, x, labels) if self.method.true_gradients else None
         forwards, h = [], x
@@ -316,8 +314,7 @@ class Trainer:
     def masked_update(
         self, old: TrainerState, new: TrainerState, stage_mask: jax.Array
     ) -> TrainerState:
-        """``new`` where ``stage_mask`` is set, else ``old`` (boundary modules follow the group
-        below, synthetic-input models the group above)."""
+        """``new`` where ``stage_mask`` is set, else ``old`` (boundaries: the group below's)."""
 
         def pick(flag: jax.Array, a: Any, b: Any) -> Any:
             return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
@@ -375,8 +372,7 @@ class Trainer:
         true: jax.Array | None = None,
         example_ids: jax.Array | None = None,
     ) -> GroupGradients:
-        """Group gradients from what its boundary sends (or ``synthetic_grad``) and its
-        boundary module's learning from ``target``, the message from above."""
+        """Group gradients from what its boundary sends (or ``synthetic_grad``), learning."""
         if synthetic_grad is None:
             synthetic_grad = self.method.send(fwd.prediction, target, true)
         cotangents = fwd.group_vjp(jax.lax.stop_gradient(synthetic_grad))
@@ -407,8 +403,7 @@ class Trainer:
     def synthesizer_gradients(
         self, synthesizer: StageState, h: jax.Array, labels: jax.Array, target: jax.Array
     ) -> Learned:
-        """The boundary module's learning (``Method.learn``) towards a constant target on a
-        (stored) h, with its current parameters."""
+        """The boundary module's learning towards a constant target on a (stored) h."""
         s = synthesizer
         return self.method.learn(
             self.method.predict(s.params, s.collections, h, labels, None), target, None, None
@@ -457,8 +452,7 @@ class Trainer:
     def input_model_update(
         self, model: StageState, x: jax.Array, target: jax.Array
     ) -> tuple[StageState, jax.Array]:
-        """One optimizer step of a synthetic-input model's L2 regression onto ``target`` (the
-        group below's output); the new state and the loss before the step."""
+        """One step of a synthetic-input model's L2 regression on ``target``; state, loss."""
         module = self._input_model(tuple(target.shape[1:]))
         loss, grads = jax.value_and_grad(
             lambda p: sg_regression_loss(module.apply({"params": p}, x), target)

@@ -98,7 +98,6 @@ def load_text_corpus(
 
 
 def as_streams(ids: np.ndarray, streams: int) -> np.ndarray:
-    """``[streams, len(ids) // streams]``: the text cut into contiguous streams, read in
-    parallel (the remainder is dropped)."""
+    """``[streams, len(ids) // streams]``: the text cut into contiguous streams (rest dropped)."""
     length = len(ids) // streams
     return ids[: streams * length].reshape(streams, length)

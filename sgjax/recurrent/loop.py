@@ -104,8 +104,7 @@ def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:  # to r
 
 
 def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]:
-    """Training streams (``batch_size`` of them) and evaluation streams; ConfigError when the
-    training text is too short for one segment per stream."""
+    """Training streams (``batch_size``) and evaluation streams; ConfigError: text too short."""
     train = as_streams(corpus.train, config.batch_size)
     if train.shape[1] < 2 * config.truncation + 1:
         need = config.batch_size * (2 * config.truncation + 1)
@@ -208,8 +207,7 @@ def train_recurrent(
     save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """Run ``config`` (with ``corpus`` for char_lm) with ``run_engine``; char_lm stops early
-    after ``patience`` records without a better validation score."""
+    """Run ``config`` (``corpus``: char_lm's, which stops after ``patience`` worse validations)."""
     program = program_for(config, corpus)
     streams = text_streams(config, corpus) if config.task == "char_lm" else {}
     if start is None:

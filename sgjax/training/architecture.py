@@ -61,10 +61,9 @@ def _stage_outputs(trainer: Trainer, state: Any, x: jax.Array) -> list[jax.Array
 
 
 def estimated_bytes(config: TrainConfig) -> int:
-    """Rough device memory a run needs, from the built model: the whole training state (every
-    parameter with its Adam moments, BatchNorm statistics, the stale-gradient table), one
-    gradient per parameter, and a batch's activations (input plus 8 values per stage output:
-    the forward values, their gradients and what BatchNorm and the synthesizers keep)."""
+    """Rough device memory of a run: the training state (Adam moments, BatchNorm statistics, the
+    stale-gradient table), one gradient per parameter, and a batch's activations (the input plus
+    8 values per stage output: forward values, gradients, what BatchNorm and synthesizers keep)."""
     facts_ = config_facts(config)
     per_example = math.prod(sample_shape(config)) + 8 * sum(
         math.prod(s) for s in facts_.stage_shapes

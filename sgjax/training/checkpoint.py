@@ -23,8 +23,8 @@ class CheckpointError(ValueError):
 
 
 class Checkpointer:
-    """A run's checkpoints under ``directory``, a sub-folder per step: the state, an engine's work
-    in flight, and the records, period sums and times with ``RunConfig.identity``."""
+    """A run's checkpoints under ``directory``, a sub-folder per step (state, work in flight,
+    records, period sums, times, ``RunConfig.identity``)."""
 
     def __init__(self, directory: Path, keep_last: int = KEEP_LAST) -> None:
         self.directory = Path(directory).absolute()

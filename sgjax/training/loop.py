@@ -180,9 +180,8 @@ def init_train_state(
 
 
 def make_train_step(config: TrainConfig, update_prob: jax.Array | None = None) -> ChunkFn:
-    """One pure train step on step ``state.step``'s batch, sampled on the device. ``update_prob``
-    (traced, e.g. per vmapped run), else ``config.update_prob`` below 1, makes updates stochastic
-    (at 1 the step is the plain one); step t's coins: ``fold_in(fold_in(key, t), UPDATE_KEY)``."""
+    """One pure train step on step ``state.step``'s batch; ``update_prob`` (traced), else
+    ``config.update_prob`` below 1, draws step t's coins from ``fold_in(batch key, UPDATE_KEY)``."""
     trainer = trainer_for(config)
     if update_prob is None and config.update_prob != 1.0:
         update_prob = jnp.float32(config.update_prob)
@@ -232,9 +231,8 @@ class RunHistory(NamedTuple):  # per-evaluation metrics of a compiled run (axis 
 
 
 def make_train(config: TrainConfig) -> Callable[..., tuple[TrainState, RunHistory]]:
-    """``train(seed, learning_rate, data, update_prob=None)``: the whole run, evaluations too, as
-    one pure function, so ``jax.jit(jax.vmap(train, (0, 0, None)))`` trains many seeds or rates at
-    once. It equals the host loop to float rounding (which averages sub-chunks on the host)."""
+    """``train(seed, learning_rate, data, update_prob=None)``: the whole run, evaluations too, one
+    pure function (vmap it over seeds or rates); the host loop's results to float rounding."""
     lengths = chunk_lengths(config.num_steps, config.eval_every)
     full_chunks = lengths.count(config.eval_every)
 
@@ -273,9 +271,8 @@ def chunk_lengths(num_steps: int, eval_every: int) -> list[int]:
 
 
 def chunk_plan(start: int, num_steps: int, eval_every: int, max_chunk: int) -> list[int]:
-    """Scanned chunk lengths from step ``start`` on: each evaluation period cut into pieces of
-    ``max_chunk`` from the period's start, so a run resumed at any chunk boundary continues with
-    exactly the same chunks (and at most four shapes to compile)."""
+    """Chunk lengths from step ``start``: each evaluation period cut into ``max_chunk`` pieces from
+    its start, so a resumed run continues with the same chunks (at most four shapes)."""
     lengths = []
     step = start
     while step < num_steps:
@@ -330,13 +327,10 @@ def run_engine(
     save_checkpoint: SaveCheckpoint | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """The host loop of every run: compile every chunk shape (``chunk_plan``), then train, with a
-    progress line per chunk and a record per evaluation. ``save_checkpoint`` runs every
-    ``checkpoint_every`` steps (0: never), at the end, and when ``stop_requested()`` turns true
-    after a chunk ("interrupted"). A non-finite loss ends the run after that chunk as "diverged",
-    with a last record and no checkpoint of the bad state; ``recording.stop_early`` ends it as
-    "completed" after a checkpoint; a ``KeyboardInterrupt`` (also while compiling) ends it at once
-    as "interrupted"."""
+    """The host loop of every run: compile every chunk shape, then train, a progress line per chunk
+    and a record per evaluation; ``save_checkpoint`` every ``checkpoint_every`` steps (0: never),
+    at the end and on ``stop_requested()`` ("interrupted"). A non-finite loss ends it "diverged"
+    (a last record, no checkpoint), ``recording.stop_early`` "completed", Ctrl-C "interrupted"."""
     period = dataclasses.replace(start.period, extra=dict(start.period.extra))
     records = list(start.records)
     steps_done = int(start.state.step)
@@ -456,8 +450,7 @@ def train_and_evaluate(
     stop_requested: Callable[[], bool] = lambda: False,
     engine: Engine | None = None,
 ) -> RunResult:
-    """Run ``config`` on ``dataset`` with ``run_engine`` (default engine: ``ScanEngine``; another
-    must be built from the same ``start``)."""
+    """Run ``config`` on ``dataset`` with ``run_engine`` (an ``engine`` built from ``start``)."""
     config = config.with_train_examples(dataset.train_size)
     if start is None:
         initial = jax.jit(init_train_state, static_argnums=0)(config)
