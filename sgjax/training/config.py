@@ -68,9 +68,8 @@ class RunConfig:
 
     @property
     def resolved_checkpoint_every(self) -> int:
-        if self.checkpoint_every is None:
-            return self.resolved_eval_every
-        return self.checkpoint_every
+        every = self.checkpoint_every
+        return self.resolved_eval_every if every is None else every
 
     def validate(self) -> RunConfig:
         """Raise ConfigError, naming the flag and a fix, for settings that cannot run."""
@@ -103,10 +102,7 @@ class RunConfig:
 
     def identity(self) -> dict:
         """What a checkpoint records of the run, and a resume must match."""
-        values = self.recorded()
-        for key in self.RESUME_FREE:
-            values.pop(key, None)
-        return values
+        return {k: v for k, v in self.recorded().items() if k not in self.RESUME_FREE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +147,8 @@ class TrainConfig(RunConfig):
 
     @property
     def resolved_sg_hidden_layers(self) -> int:
-        if self.sg_hidden_layers is not None:
-            return self.sg_hidden_layers
-        return DEFAULT_SG_HIDDEN_LAYERS.get(self.mode, 0)
+        layers = self.sg_hidden_layers
+        return DEFAULT_SG_HIDDEN_LAYERS.get(self.mode, 0) if layers is None else layers
 
     @property
     def resolved_lr_boundaries(self) -> tuple[int, ...]:  # the rate is divided by 10 there
