@@ -69,21 +69,17 @@ def _row(variant: str, schedule: str, config: TrainConfig, result: RunResult) ->
     examples = result.steps_done * config.batch_size
     parallel = isinstance(result, ParallelRunResult)
     return BenchmarkRow(
-        variant=variant,
-        algorithm=benchmark_mode(config),
-        schedule=schedule,
+        variant=variant, algorithm=benchmark_mode(config), schedule=schedule,
         devices=result.num_devices if parallel else 1,
-        stage_devices=result.stage_devices if parallel else (),
-        examples=examples,
+        stage_devices=result.stage_devices if parallel else (), examples=examples,
         examples_per_s=examples / result.train_time_s if result.train_time_s > 0 else math.nan,
         test_accuracy=result.records[-1].test_accuracy if result.records else math.nan,
         compile_s=result.compile_time_s,
         evaluations=tuple((r.step, r.elapsed_s, r.test_accuracy) for r in result.records),
         stage_ms=result.stage_ms if parallel else (),
-        ideal_speedup=result.ideal_speedup if parallel else math.nan,
-        status=result.status,
+        ideal_speedup=result.ideal_speedup if parallel else math.nan, status=result.status,
         message=result.message,
-    )
+    )  # fmt: skip
 
 
 def _interrupted_row(variant: str, schedule: str, config: TrainConfig) -> BenchmarkRow:

@@ -97,16 +97,10 @@ def cell_config(
     preset: RNNPreset, task: str, mode: str, truncation: int, num_steps: int | None = None
 ) -> RNNConfig:
     return RNNConfig(
-        task=task,
-        mode=mode,
-        truncation=truncation,
-        hidden_units=preset.hidden_units,
-        batch_size=preset.batch_size,
-        learning_rate=preset.learning_rate,
-        num_steps=num_steps or preset.num_steps,
-        bits=preset.bits,
-        max_length=preset.max_length,
-    )
+        task=task, mode=mode, truncation=truncation, hidden_units=preset.hidden_units,
+        batch_size=preset.batch_size, learning_rate=preset.learning_rate,
+        num_steps=num_steps or preset.num_steps, bits=preset.bits, max_length=preset.max_length,
+    )  # fmt: skip
 
 
 def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> CellResult:

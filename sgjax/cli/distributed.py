@@ -123,14 +123,11 @@ def initialize(cluster: Cluster) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
-            cluster.address,
-            cluster.num_processes,
-            cluster.process_id,
+            cluster.address, cluster.num_processes, cluster.process_id,
             local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None,
-            initialization_timeout=cluster.timeout_s,
-            heartbeat_timeout_seconds=cluster.timeout_s,
+            initialization_timeout=cluster.timeout_s, heartbeat_timeout_seconds=cluster.timeout_s,
             shutdown_timeout_seconds=cluster.timeout_s,
-        )
+        )  # fmt: skip
     except Exception as error:  # noqa: BLE001 (jaxlib raises several kinds)
         _exit_with(
             f"process {cluster.process_id} of {cluster.num_processes} could not join the run at "

@@ -38,21 +38,15 @@ def _backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[ja
     # Input gradient: dy correlated with the spatially flipped kernel, in/out channels swapped.
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     dx = jax.lax.conv_general_dilated(
-        dy,
-        flipped,
-        (1, 1),
-        [(kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)],
+        dy, flipped, (1, 1), [(kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)],
         dimension_numbers=CHANNELS_LAST,
-    )
+    )  # fmt: skip
     # Kernel gradient: x's channels as the batch and the batch as channels, dy as the kernel.
     padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     dk = jax.lax.conv_general_dilated(
-        padded.transpose(3, 1, 2, 0),
-        dy.transpose(1, 2, 0, 3),
-        (1, 1),
-        "VALID",
+        padded.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), "VALID",
         dimension_numbers=CHANNELS_LAST,
-    )
+    )  # fmt: skip
     return dx, dk.transpose(1, 2, 0, 3)
 
 

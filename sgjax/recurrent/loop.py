@@ -178,12 +178,10 @@ class RecurrentEngine(ChunkedEngine):
 def _record(step: int, period: PeriodMetrics, scores: dict[str, Any]) -> RNNRecord:
     count = period.extra.get("count", 0.0)
     return RNNRecord(
-        step=step,
-        train_bits=period.loss / count / LN2 if count else math.nan,
+        step=step, train_bits=period.loss / count / LN2 if count else math.nan,
         sg_loss=period.sg_loss[0] / max(period.steps, 1),
-        aux_loss=period.extra["aux_loss"] / max(period.steps, 1),
-        **scores,
-    )
+        aux_loss=period.extra["aux_loss"] / max(period.steps, 1), **scores,
+    )  # fmt: skip
 
 
 def _chunk_text(chunk: ChunkMetrics) -> str:

@@ -39,16 +39,11 @@ def make_trainer(
             lambda params: {k: "synthesizer" if k == "synthesizer" else "core" for k in params},
         )
     return RecurrentTrainer(
-        LSTMCore(config.hidden_units, output_dim),
-        method,
-        loss,
-        optimizer,
-        sg_scale=config.sg_scale,
-        sg_trains_core=config.sg_trains_core,
-        aux_weight=1.0 if config.mode == "dni_aux" else 0.0,
-        unscaled_target=config.unscaled_target,
+        LSTMCore(config.hidden_units, output_dim), method, loss, optimizer,
+        sg_scale=config.sg_scale, sg_trains_core=config.sg_trains_core,
+        aux_weight=1.0 if config.mode == "dni_aux" else 0.0, unscaled_target=config.unscaled_target,
         unroll=unroll,
-    )
+    )  # fmt: skip
 
 
 def _where(flag: jax.Array, a: Any, b: Any) -> Any:
@@ -206,22 +201,15 @@ class CopyProgram(Chunked):
         )
         zero = zero_carry(batch, config.hidden_units)
         new_state = CopyRunState(
-            model=model,
-            carry=_where(done, zero, end),
-            previous_carry=_where(done, zero, state.carry),
-            episode=episode,
-            position=jnp.where(done, 0, position),
-            level=level,
-            error_bits=jnp.where(done, 0.0, error_bits),
-            elements=jnp.where(done, 0.0, elements),
+            model=model, carry=_where(done, zero, end),
+            previous_carry=_where(done, zero, state.carry), episode=episode,
+            position=jnp.where(done, 0, position), level=level,
+            error_bits=jnp.where(done, 0.0, error_bits), elements=jnp.where(done, 0.0, elements),
             last_error=jnp.where(done, error, state.last_error),
-            solved=jnp.where(solved_now, size, state.solved),
-            solved_steps=solved_steps,
-            levels_solved=state.levels_solved + solved_now.astype(jnp.int32),
-            episodes=episodes,
-            step=state.step + 1,
-            key=state.key,
-        )
+            solved=jnp.where(solved_now, size, state.solved), solved_steps=solved_steps,
+            levels_solved=state.levels_solved + solved_now.astype(jnp.int32), episodes=episodes,
+            step=state.step + 1, key=state.key,
+        )  # fmt: skip
         return new_state, stats
 
 
