@@ -31,6 +31,11 @@ UPDATE_KEY = 0x55504450
 """Folded into step t's batch key for the stochastic updates' coins (``--update_prob``)."""
 
 
+def tree_where(flag: jax.Array, a: Any, b: Any) -> Any:
+    """``a`` where ``flag`` is set, else ``b``, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
 class StageState(NamedTuple):
     """A stage's (or boundary module's) parameters, other variables and optimizer state."""
 
@@ -315,19 +320,15 @@ class Trainer:
         self, old: TrainerState, new: TrainerState, stage_mask: jax.Array
     ) -> TrainerState:
         """``new`` where ``stage_mask`` is set, else ``old`` (boundaries: the group below's)."""
-
-        def pick(flag: jax.Array, a: Any, b: Any) -> Any:
-            return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
-
         pairs = zip(new.stages, old.stages, strict=True)
-        stages = tuple(pick(stage_mask[k], n, o) for k, (n, o) in enumerate(pairs))
+        stages = tuple(tree_where(stage_mask[k], n, o) for k, (n, o) in enumerate(pairs))
         tops = [g[-1] for g in self.groups[:-1]]
         synthesizers = tuple(
-            pick(stage_mask[k], n, o)
+            tree_where(stage_mask[k], n, o)
             for k, n, o in zip(tops, new.synthesizers, old.synthesizers, strict=True)
         )
         inputs = tuple(
-            pick(stage_mask[k + 1], n, o)
+            tree_where(stage_mask[k + 1], n, o)
             for k, n, o in zip(tops[: len(new.inputs)], new.inputs, old.inputs, strict=True)
         )
         return TrainerState(stages, synthesizers, inputs)

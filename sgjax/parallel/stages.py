@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from sgjax.core.trainer import StageState, Trainer
+from sgjax.core.trainer import StageState, Trainer, tree_where
 from sgjax.training.config import ConfigError
 
 STAGE_AXIS = "stages"
@@ -87,11 +87,7 @@ def indexed_group(
 
 def kept(flag: jax.Array | None, new: Any, old: Any) -> Any:
     """``new`` where ``flag`` is set (or when there is no flag), else ``old``."""
-    return (
-        new
-        if flag is None
-        else jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
-    )
+    return new if flag is None else tree_where(flag, new, old)
 
 
 # --------------------------------------------------------------------------- inside a program

@@ -15,6 +15,7 @@ from sgjax.core.methods import backprop, dni
 from sgjax.core.optim import adam
 from sgjax.core.recurrent import Carry, RecurrentState, RecurrentTrainer, Segment, StepLoss
 from sgjax.core.synthesizers import dense
+from sgjax.core.trainer import tree_where
 from sgjax.models.lstm import LSTMCore, zero_carry
 from sgjax.recurrent.config import RNNConfig
 from sgjax.tasks.copy import SOLVED_BITS_PER_ELEMENT, CopyTask, Episode, Level, bit_errors
@@ -44,14 +45,6 @@ def make_trainer(
         aux_weight=1.0 if config.mode == "dni_aux" else 0.0, unscaled_target=config.unscaled_target,
         unroll=unroll,
     )  # fmt: skip
-
-
-def _where(flag: jax.Array, a: Any, b: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
-
-
-def _slice(array: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(array, start, size, axis=0)
 
 
 class ChunkStats(NamedTuple):  # sums over a chunk's updates
@@ -174,7 +167,10 @@ class CopyProgram(Chunked):
         config, task, truncation = self.config, self.task, self.config.truncation
         batch, episode = config.batch_size, state.episode
         arrays = (episode.inputs, episode.targets, episode.mask)
-        cut = lambda start: Segment(*(_slice(a, start, truncation) for a in arrays))  # noqa: E731
+
+        def cut(start: jax.Array) -> Segment:
+            return Segment(*(jax.lax.dynamic_slice_in_dim(a, start, truncation) for a in arrays))
+
         segment = cut(state.position)
         continues = jnp.broadcast_to(state.position + truncation < episode.length, (batch,))
         model, end, metrics, stats = self._update(state, segment, cut, continues)
@@ -192,7 +188,7 @@ class CopyProgram(Chunked):
             jnp.where(solved_now, state.step + 1, state.solved_steps[index])
         )
         following = task.next_level(state.level)
-        level = _where(solved_now & task.fits(following), following, state.level)
+        level = tree_where(solved_now & task.fits(following), following, state.level)
         episodes = state.episodes + done.astype(jnp.int32)
         episode = jax.lax.cond(
             done,
@@ -201,8 +197,8 @@ class CopyProgram(Chunked):
         )
         zero = zero_carry(batch, config.hidden_units)
         new_state = CopyRunState(
-            model=model, carry=_where(done, zero, end),
-            previous_carry=_where(done, zero, state.carry), episode=episode,
+            model=model, carry=tree_where(done, zero, end),
+            previous_carry=tree_where(done, zero, state.carry), episode=episode,
             position=jnp.where(done, 0, position), level=level,
             error_bits=jnp.where(done, 0.0, error_bits), elements=jnp.where(done, 0.0, elements),
             last_error=jnp.where(done, error, state.last_error),
@@ -259,7 +255,7 @@ class TextProgram(Chunked):
         position = state.position + truncation
         wrap = position + truncation + 1 > length
         zero = zero_carry(batch, config.hidden_units)
-        carries = (_where(wrap, zero, end), _where(wrap, zero, state.carry))
+        carries = (tree_where(wrap, zero, end), tree_where(wrap, zero, state.carry))
         return TextRunState(model, *carries, jnp.where(wrap, 0, position), state.step + 1), stats
 
     def bits_per_character(self, state: TextRunState, streams: jax.Array) -> jax.Array:
