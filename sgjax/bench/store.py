@@ -38,9 +38,7 @@ class ProgramStore:
         if resume and path.exists():
             saved = _read_json(path, "resume is impossible; use --overwrite")
             if saved != wanted:
-                changed = sorted(
-                    k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)
-                )
+                changed = sorted(k for k in {*saved, *wanted} if saved.get(k) != wanted.get(k))
                 raise ConfigError(
                     f"the benchmark in {self.folder.parent} was run with other settings "
                     f"({', '.join(changed)} differ); resume with the same flags or use --overwrite"
@@ -67,11 +65,8 @@ class ProgramStore:
             os.fsync(handle.fileno())
         os.replace(tmp, self.folder / f"{index:03d}.npz")
         meta: dict[str, Any] = {name: getattr(result, name) for name in _SCALARS}
-        if result.separate is not None:
-            meta["separate"] = {
-                "compile_s": result.separate.compile_s,
-                "run_s": result.separate.run_s,
-            }
+        if (separate := result.separate) is not None:
+            meta["separate"] = {"compile_s": separate.compile_s, "run_s": separate.run_s}
         write_json_atomic(self.folder / f"{index:03d}.json", meta)
 
     def _load(self, index: int, spec: ProgramSpec) -> ProgramResult:

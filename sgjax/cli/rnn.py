@@ -33,7 +33,7 @@ from sgjax.training.records import run_results, speed_text
 
 _DEFAULTS = RNNConfig()
 RNN_RUN_FILES = ("results.json", "metrics.csv", "curves.png", "checkpoints")
-CONFIG_FLAGS = tuple(f.name for f in dataclasses.fields(RNNConfig) if f.name not in ("output_dir",))
+CONFIG_FLAGS = tuple(f.name for f in dataclasses.fields(RNNConfig))  # each a flag of that name
 
 
 RNN_HELP = {
@@ -177,9 +177,7 @@ def rnn_main(fv: flags.FlagValues) -> Callable[[list[str]], int]:
 
     def run(argv: list[str]) -> int:
         try:
-            config = RNNConfig(
-                **{name: fv[name].value for name in CONFIG_FLAGS}, output_dir=fv.output_dir
-            )
+            config = RNNConfig(**{name: fv[name].value for name in CONFIG_FLAGS})
         except ConfigError as error:
             fail(str(error))
         return run_rnn(config, resume=fv.resume, overwrite=fv.overwrite)
