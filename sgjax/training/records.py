@@ -70,14 +70,9 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 def metrics_columns(num_sg_layers: int, num_input_models: int = 0) -> list[str]:
     """metrics.csv's header: sg_loss_i per decoupled boundary, input_loss_i after elapsed_s."""
-    return [
-        "step",
-        "learning_rate",
-        *EVAL_COLUMNS,
-        *[f"sg_loss_{i}" for i in range(1, num_sg_layers + 1)],
-        "elapsed_s",
-        *[f"input_loss_{i}" for i in range(1, num_input_models + 1)],
-    ]
+    sg, inputs = (range(1, n + 1) for n in (num_sg_layers, num_input_models))
+    sg_columns, input_columns = [f"sg_loss_{i}" for i in sg], [f"input_loss_{i}" for i in inputs]
+    return ["step", "learning_rate", *EVAL_COLUMNS, *sg_columns, "elapsed_s", *input_columns]
 
 
 class MetricsWriter:
