@@ -110,17 +110,11 @@ def settings_from_flags(fv: flags.FlagValues) -> BenchmarkSettings:
         unlock = (("synthetic_inputs", True),)
         overrides += tuple(sweep.Override((("mode", m),), unlock) for m in ("sg", "cdni"))
     return BenchmarkSettings(
-        base=base,
-        modes=tuple(fv.modes),
-        num_seeds=fv.num_seeds,
-        sweeps=sweep.parse_sweeps(fv.sweep),
-        loop_steps=fv.loop_steps,
-        loop_repeats=fv.loop_repeats,
-        compare_separate=fv.compare_separate,
-        preset=fv.preset,
-        overrides=overrides,
-        tta_fractions=tta_fractions(fv),
-    ).validate()
+        base=base, modes=tuple(fv.modes), num_seeds=fv.num_seeds,
+        sweeps=sweep.parse_sweeps(fv.sweep), loop_steps=fv.loop_steps,
+        loop_repeats=fv.loop_repeats, compare_separate=fv.compare_separate, preset=fv.preset,
+        overrides=overrides, tta_fractions=tta_fractions(fv),
+    ).validate()  # fmt: skip
 
 
 def tta_fractions(fv: flags.FlagValues) -> tuple[float, ...]:
@@ -227,14 +221,10 @@ def run(
         log(f"preset {settings.preset}: {PRESETS[settings.preset].description}")
     with StopRequest() as stop:
         result = run_benchmark(
-            settings,
-            datasets,
-            log=log,
-            done=done,
+            settings, datasets, log=log, done=done,
             on_program=store.save if writer else lambda index, program: None,
-            stop_requested=agreed(stop),
-            divergence=divergence,
-        )
+            stop_requested=agreed(stop), divergence=divergence,
+        )  # fmt: skip
     files = write_outputs(result, folder) if writer else None
     return result, files, stop.signal
 
@@ -261,9 +251,8 @@ def parallel_settings_from_flags(fv: flags.FlagValues) -> parallel.ParallelBench
         sg=config_from_flags(fv, **fields, **base).validate(),
         bp=config_from_flags(fv, mode="bp", synthetic_inputs=False, **base).validate(),
         device_counts=parse_int_list("parallel_devices", fv.parallel_devices) or (1,),
-        microbatches=fv.microbatches,
-        tta_fractions=tta_fractions(fv),
-    )
+        microbatches=fv.microbatches, tta_fractions=tta_fractions(fv),
+    )  # fmt: skip
     validate_parallel(settings.bp, "bp_gpipe", settings.microbatches)
     return settings
 
@@ -294,13 +283,8 @@ def run_layer_parallel(
             "status": result.status,
             "message": result.message,
             "parallel": True,
-            "settings": {
-                "sg": settings.sg.to_dict(),
-                "bp": settings.bp.to_dict(),
-                "device_counts": list(settings.device_counts),
-                "microbatches": settings.microbatches,
-                "tta_fractions": list(settings.tta_fractions),
-            },
+            "settings": {"sg": settings.sg.to_dict(), "bp": settings.bp.to_dict()}
+            | {k: getattr(settings, k) for k in ("device_counts", "microbatches", "tta_fractions")},
             "dataset": dataset.describe(),
             "rows": [row.to_dict() for row in result.rows],
         },

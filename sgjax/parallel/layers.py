@@ -172,9 +172,7 @@ def train_layer_parallel(
         save_checkpoint=save_checkpoint, stop_requested=stop_requested, engine=pipeline,
     )  # fmt: skip
     return ParallelRunResult(
-        **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)},
-        kind=kind,
-        stage_devices=pipeline.stage_devices(),
-        microbatches=microbatches,
+        **{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)}, kind=kind,
+        stage_devices=pipeline.stage_devices(), microbatches=microbatches,
         stage_ms=pipeline.stage_ms(stage_timing_repeats) if stage_timing_repeats > 0 else (),
-    )
+    )  # fmt: skip
