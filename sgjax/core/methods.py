@@ -109,14 +109,11 @@ def dni(
     input_units: int = 1024,
     warmup_steps: int = 0,
 ) -> Method:
-    """Synthetic gradients (Jaderberg et al. 2016) at ``boundaries`` (0-based stages after which
-    the chain is decoupled; default: every stage but the last). ``synthesizer`` defaults to the
-    paper's (``dense(2, 1024)``; cDNI ``dense(0)``); ``conditioned`` feeds it ``one_hot(label,
-    num_classes)`` (cDNI); ``oracle``: see ``with_oracle``; ``synthetic_inputs``: the complete
-    unlock (section 3.1), per boundary a model of ``input_units`` hidden units predicts the group
-    above's input from the network's input (L2), and groups above the first train on it;
-    ``warmup_steps``: steps t < N train by backprop (every group gets the message from above, the
-    true dLoss/dh) while the synthesizers regress onto it, then DNI."""
+    """Synthetic gradients (Jaderberg et al. 2016) after the 0-based stages ``boundaries``
+    (default: all but the last). ``synthesizer``: the paper's by default; ``conditioned``: cDNI
+    (it reads ``one_hot(label)``); ``synthetic_inputs``: the complete unlock (section 3.1), groups
+    above the first train on inputs an L2 model of ``input_units`` predicts from the network's
+    input; ``warmup_steps``: steps of backprop while the synthesizers fit its gradient."""
     if synthesizer is None:
         synthesizer = PAPER_CDNI_SYNTHESIZER if conditioned else PAPER_DNI_SYNTHESIZER
     _check_positive(num_classes=num_classes, input_units=input_units)
@@ -202,10 +199,9 @@ def zero_gradient(boundaries: Sequence[int] | None = None) -> Method:
 
 
 def stale_gradient(decay: float = 0.9, boundaries: Sequence[int] | None = None) -> Method:
-    """Baseline, the paper's (arXiv v1 section 3.1): a group is updated with past gradients of
-    other examples, the exponential moving average (``decay``, no bias correction) over steps of
-    the batch mean of the true dLoss/dh, the same for every row (state: h's per-example shape,
-    zero at first). Into Dense->BatchNorm that mean is zero but for rounding."""
+    """Baseline, the paper's (arXiv v1 section 3.1): every row gets the moving average (``decay``,
+    zero at first, no bias correction) of the batch mean of the true dLoss/dh over past steps.
+    Into Dense->BatchNorm that mean is zero but for rounding."""
     return _stale("stale_grad", decay, boundaries, None)
 
 

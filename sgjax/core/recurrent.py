@@ -235,9 +235,8 @@ class RecurrentTrainer:
         continues: jax.Array,
         previous: tuple[Carry, Segment, jax.Array] | None = None,
     ) -> tuple[RecurrentState, Carry, SegmentMetrics]:
-        """One update on ``segment`` from ``carry``: the new state and end carry.
-        ``continues[b]``: example b's sequence goes on after it. ``previous = (carry, segment,
-        present)``: the segment before, for ``sg_trains_core`` (``present[b]``: there was one)."""
+        """One update on ``segment`` from ``carry`` (``continues[b]``: b's sequence goes on);
+        ``previous = (carry, segment, present)``: the segment before, for ``sg_trains_core``."""
         method, params = self.options, state.params
         batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
         grads: dict[str, Any] = {}

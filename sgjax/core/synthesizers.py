@@ -66,9 +66,8 @@ def dense(hidden_layers: int = 0, units: int = 1024) -> Dense:
 
 
 class ConvSynthesizer(nn.Module):
-    """``hidden_layers`` x (Conv -> BatchNorm -> ReLU), then a zero-initialised convolution to
-    the activation's channels; same padding, no pooling. cDNI's one-hot label enters as extra
-    input planes, all ones for the label (Jaderberg et al.'s cDNI for maps)."""
+    """``hidden_layers`` x (Conv -> BatchNorm -> ReLU), then a zero-initialised convolution to the
+    activation's channels (same padding); cDNI's one-hot label enters as constant input planes."""
 
     channels: int
     hidden_layers: int

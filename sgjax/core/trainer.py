@@ -229,10 +229,9 @@ class Trainer:
         example_ids: jax.Array | None = None,
         step: jax.Array | int | None = None,
     ) -> tuple[TrainerState, StepMetrics]:
-        """One update of every stage and boundary module; pure, jittable, vmappable.
-        ``example_ids`` (each row's index in the training set) feed the stale-gradient table.
-        With ``update_prob`` (needs ``key``) stages that do not update keep their whole state.
-        ``step`` (may be traced): the update's index, for a method's ``warmup_steps``."""
+        """One update of every stage and boundary module; pure, jittable, vmappable. ``example_ids``
+        (rows' indices in the training set) feed the stale-gradient table; ``update_prob`` (with
+        ``key``): stochastic updates; ``step`` (may be traced): the index, for ``warmup_steps``."""
         if self.method.warmup_steps and step is None:
             raise ValueError("the method warms up: pass step=<the update's index> to Trainer.step")
         inputs = self.synthetic_inputs(state, x) if self.unlocked else None

@@ -298,9 +298,8 @@ def load_embedded_mnist(*, reason: str = "using the embedded MNIST subset") -> D
 
 
 def load_dataset(name: str, data_dir: str | None, *, allow_tfds: bool = True) -> Dataset:
-    """Load ``name`` from the best source reachable; ``Dataset.reason`` says which and why.
-    Order: ``data_dir`` (errors raise); TFDS when it holds a prepared copy or the network
-    answers; Debian's Fashion-MNIST; the embedded MNIST subset (cifar10: a ``DataError``)."""
+    """``name`` from the first source reachable of ``data_dir``, TFDS (a prepared copy or the
+    network), Debian's Fashion-MNIST, the embedded MNIST; ``Dataset.reason`` says which and why."""
     if name not in NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
     if data_dir is not None:
