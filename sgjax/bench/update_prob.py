@@ -86,16 +86,13 @@ def sweep_markdown(results: Sequence[SweepResult], config: TrainConfig, device: 
         + [f"{1e3 * r.run_s / config.num_steps:.1f}", f"{r.step_flops / 1e9:.3f}"]
         for r in results
     ]
+    errors = [
+        [mode_name(r.mode), *(f"{_table_error(r, p):.2f}" for p in TABLE_PROBS)] for r in results
+    ]
     lines = [
         "# Stochastic updates: final test error % against the update probability p",
         "",
-        *markdown_table(
-            ["method", *(f"p = {p}" for p in TABLE_PROBS)],
-            (
-                [mode_name(r.mode), *(f"{_table_error(r, p):.2f}" for p in TABLE_PROBS)]
-                for r in results
-            ),
-        ),
+        *markdown_table(["method", *(f"p = {p}" for p in TABLE_PROBS)], errors),
         "",
         "Random-p runs by bin (mean test error %, number of runs):",
         "",
@@ -131,10 +128,7 @@ def write_sweep(results: Sequence[SweepResult], config: TrainConfig, folder: Pat
         }
         for r in results
     ]
-    table, record, figure = (folder / name for name in SWEEP_FILES)
+    table, path, figure = (folder / name for name in SWEEP_FILES)
     text = sweep_markdown(results, config, device_label())
     record = {"config": config.to_dict(), "table_probs": list(TABLE_PROBS), "methods": methods}
-    return [
-        *write_report(table, text, folder / SWEEP_FILES[1], record),
-        plot_sweep(results, figure),
-    ]
+    return [*write_report(table, text, path, record), plot_sweep(results, figure)]
