@@ -411,16 +411,10 @@ def _paper_rate_line(row: Row, bp: Row) -> str:
 def table_markdown(result: BenchmarkResult, rows: Sequence[Row]) -> str:
     columns = table_columns(result.settings.tta_fractions)
     headers = [name for name, _ in columns]
-    paper = [
-        markdown_row(_paper_row(p, headers)) for p in paper_results(result.settings.base.num_steps)
-    ]
-    status = []
-    if result.status != "completed":
-        status = [
-            f"**Status: {result.status}** ({result.message}); the rows below are the "
-            "programs that finished.",
-            "",
-        ]
+    papers = paper_results(result.settings.base.num_steps)
+    paper = [markdown_row(_paper_row(p, headers)) for p in papers]
+    stopped = f"**Status: {result.status}** ({result.message}); the rows below are the programs"
+    status = [] if result.status == "completed" else [f"{stopped} that finished.", ""]
     lines = [
         "# Backprop vs. synthetic gradients: one table",
         "",
