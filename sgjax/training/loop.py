@@ -460,13 +460,9 @@ def train_and_evaluate(
     schedule = piecewise_schedule(config.learning_rate, config.resolved_lr_boundaries)
 
     def make(step: int, period: PeriodMetrics, evaluation: tuple[float, float]) -> EvalRecord:
-        loss, accuracy, sg_loss, input_loss = map(
-            period.mean, ("loss", "accuracy", "sg_loss", "input_loss")
-        )
-        test = map(float, evaluation)
-        return EvalRecord(
-            step, float(schedule(step - 1)), loss, accuracy, *test, sg_loss, 0.0, input_loss
-        )
+        loss, accuracy, sg, inputs = map(period.mean, ("loss", "accuracy", "sg_loss", "input_loss"))
+        rate = float(schedule(step - 1))
+        return EvalRecord(step, rate, loss, accuracy, *map(float, evaluation), sg, 0.0, inputs)
 
     every = (config.eval_every, config.resolved_checkpoint_every)
     return run_engine(
