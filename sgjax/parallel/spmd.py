@@ -34,6 +34,7 @@ from sgjax.parallel.stages import (
     STAGE_AXIS,
     owners,
     pad_rows,
+    slots,
     stage_devices,
     stage_mesh,
     unpad_rows,
@@ -65,7 +66,7 @@ def _window(valid: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 class _Placed:
     """A program's compiled chunk on a mesh, with every stage's state in a slot on every
-    device (``run_own_stages``) and the mailboxes likewise."""
+    device (``run_own_stages``) and each device's mailboxes for its own stages (``slots``)."""
 
     def __init__(self, program: Program, mesh: Mesh, only: int | None = None) -> None:
         self.program, self.mesh, self.only = program, mesh, only
@@ -84,6 +85,19 @@ class _Placed:
         return jax.tree_util.tree_map(
             lambda leaf: global_array(np.stack([np.asarray(leaf)] * num), self.sharded), tree
         )
+
+    def place_mail(self, inflight: Mapping[str, Any]) -> Any:
+        """The mailboxes (zeros, or the per-stage values in ``inflight``: [stages, ...]), each
+        stage's in its owner's slot (``slots``)."""
+        slot, fields = list(slots(self.owner)), self.program.mail_fields
+
+        def placed(name: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+            host = np.zeros((self.mesh.devices.size, max(slot) + 1, *shape), dtype)
+            if name in inflight:
+                host[list(self.owner), slot] = np.asarray(inflight[name])
+            return global_array(host, self.sharded)
+
+        return self.program.mail_type(**{n: placed(n, *f) for n, f in fields.items()})  # bp: ()
 
     def shard_map(self, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
         return jax.shard_map(
@@ -108,14 +122,12 @@ class _Placed:
         stop = global_array(np.int32(stop), self.replicated)
         return self.chunk(states, mail, data, key, t0, stop)
 
-    def slots(self, tree: Any) -> list:
-        """Stage k's part of per-stage ``tree`` (leading axes: device, stage), from its
-        owner's slot, on the host."""
+    def per_stage(self, tree: Any) -> Any:
+        """Per-slot ``tree`` (leading axes: device, slot) per stage, from each stage's owner's
+        slot, on the host."""
         gather = jax.jit(lambda x: x, out_shardings=self.replicated)
-        host = jax.tree_util.tree_map(lambda a: host_value(gather(a)), tree)
-        return jax.tree_util.tree_map(
-            lambda a: np.stack([a[o, k] for k, o in enumerate(self.owner)]), host
-        )
+        where = list(self.owner), list(slots(self.owner))
+        return jax.tree_util.tree_map(lambda a: host_value(gather(a))[where], tree)
 
 
 class PipelineEngine:
@@ -150,11 +162,7 @@ class PipelineEngine:
         self.key = self.placed.replicate(jax.device_get(start.key))
         self._done = int(start.step)
         self.tick = self.program.tick_after(self._done)
-        mail = self.program.empty_mail()
-        for name, value in (inflight or {}).items():
-            if name in mail:
-                mail[name][...] = np.asarray(value)
-        self.mail = self.placed.place(self.program.mail_type(**mail) if mail else ())
+        self.mail = self.placed.place_mail(inflight or {})
         self.states = self.placed.place(tuple(self.program.split(jax.device_get(start.model))))
         self._evaluate: jax.stages.Compiled | None = None
 
@@ -261,7 +269,7 @@ class PipelineEngine:
         """The mailboxes of every stage (from its device), by field: [stages, ...]."""
         if not self.mail:
             return {}
-        return dict(self.placed.slots(self.mail)._asdict())
+        return dict(self.placed.per_stage(self.mail)._asdict())
 
     def stage_ms(self, repeats: int) -> tuple[float, ...]:
         """Each stage's milliseconds per tick (decoupled) or per minibatch (backprop), timed
@@ -278,11 +286,10 @@ class PipelineEngine:
             placed = _Placed(program, mesh, only=k)
             data = placed.replicate(self.host_data)
             key = placed.replicate(jax.device_get(self._key))
-            mail = program.empty_mail()
             fresh = []
             for _ in range(2):  # the program takes its buffers: one copy per run
                 states = placed.place(tuple(program.split(jax.device_get(model))))
-                fresh.append((states, placed.place(program.mail_type(**mail) if mail else ())))
+                fresh.append((states, placed.place_mail({})))
             placed.compile(repeats, *fresh[0], data, key)
             t0 = program.steady_tick
             jax.block_until_ready(placed.run(*fresh[0], data, key, t0, t0 + repeats))
