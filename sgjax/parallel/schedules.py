@@ -234,7 +234,6 @@ class DecoupledProgram(Program):
         raise NotImplementedError
 
     def _deliver(self, mail: Any, sends: list[Sends], me: jax.Array, owner, t) -> Any:
-        """The device's mailboxes (per slot) after a tick's ``sends`` (per stage)."""
         raise NotImplementedError
 
     def chunk_fn(self, ticks: int, owner: Sequence[int], only: int | None = None) -> Callable:
@@ -265,8 +264,7 @@ class DecoupledProgram(Program):
 
 
 class SgMail(NamedTuple):
-    """A device's mailboxes, one per slot of its own stages (``slots``): [slots, ...] (a
-    stage's own: without that axis; a checkpoint's: [stages, ...])."""
+    """A device's mailboxes, per own stage (``slots``): [slots, ...]; one stage's as below."""
 
     inbox: jax.Array
     """Activations (with their labels, ``with_labels``) from the stage below: [B, F+1]."""

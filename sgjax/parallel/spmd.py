@@ -122,11 +122,9 @@ class _Placed:
         stop = global_array(np.int32(stop), self.replicated)
         return self.chunk(states, mail, data, key, t0, stop)
 
-    def per_stage(self, tree: Any) -> Any:
-        """Per-slot ``tree`` (leading axes: device, slot) per stage, from each stage's owner's
-        slot, on the host."""
+    def host(self, tree: Any, where: Any) -> Any:
+        """``tree``'s values (gathered from every process) on the host, indexed by ``where``."""
         gather = jax.jit(lambda x: x, out_shardings=self.replicated)
-        where = list(self.owner), list(slots(self.owner))
         return jax.tree_util.tree_map(lambda a: host_value(gather(a))[where], tree)
 
 
@@ -248,18 +246,12 @@ class PipelineEngine:
 
     def state(self) -> TrainState:
         """The whole state, gathered (every process gets it), on this host's first device."""
-        host = [
-            jax.tree_util.tree_map(lambda a, o=o: a[o], stage)
-            for o, stage in zip(self.placed.owner, self._host_states(), strict=True)
-        ]
+        owner = self.placed.owner
+        host = [self.placed.host(s, o) for o, s in zip(owner, self.states, strict=True)]
         device = jax.local_devices()[0]
         model = jax.device_put(self.program.join(host), device)
         step = jnp.asarray(self._done, jnp.int32)
         return TrainState(model, step, jax.device_put(self._key, device))
-
-    def _host_states(self) -> list:
-        gather = jax.jit(lambda x: x, out_shardings=self.placed.replicated)
-        return [jax.tree_util.tree_map(lambda a: host_value(gather(a)), s) for s in self.states]
 
     def evaluate(self) -> tuple[float, float]:
         loss, accuracy = self._evaluate(self.states, self.data)
@@ -269,7 +261,8 @@ class PipelineEngine:
         """The mailboxes of every stage (from its device), by field: [stages, ...]."""
         if not self.mail:
             return {}
-        return dict(self.placed.per_stage(self.mail)._asdict())
+        where = list(self.placed.owner), list(slots(self.placed.owner))
+        return dict(self.placed.host(self.mail, where)._asdict())
 
     def stage_ms(self, repeats: int) -> tuple[float, ...]:
         """Each stage's milliseconds per tick (decoupled) or per minibatch (backprop), timed
@@ -286,10 +279,8 @@ class PipelineEngine:
             placed = _Placed(program, mesh, only=k)
             data = placed.replicate(self.host_data)
             key = placed.replicate(jax.device_get(self._key))
-            fresh = []
-            for _ in range(2):  # the program takes its buffers: one copy per run
-                states = placed.place(tuple(program.split(jax.device_get(model))))
-                fresh.append((states, placed.place_mail({})))
+            split = tuple(program.split(jax.device_get(model)))  # a run takes its buffers:
+            fresh = [(placed.place(split), placed.place_mail({})) for _ in range(2)]  # 2 copies
             placed.compile(repeats, *fresh[0], data, key)
             t0 = program.steady_tick
             jax.block_until_ready(placed.run(*fresh[0], data, key, t0, t0 + repeats))

@@ -123,10 +123,9 @@ def run_own_stages(
     (timing one stage alone).
 
     One ``lax.cond`` per stage, each on that stage's state alone, so XLA updates a stage's
-    state in place. (A ``lax.switch`` over the stages' states packed into one padded buffer,
-    the first version, made XLA copy the whole buffer two or three times per tick: measured
-    1.1x to 1.8x slower on 4 CPU devices.) The price is memory: every device holds a slot for
-    every stage's state (only its own are read or written); messages go ``by_slot``.
+    state in place (a ``lax.switch`` over packed states copied them: 1.1-1.8x slower). The
+    price is memory: every device holds a slot for every stage's state (only its own are
+    read or written); messages go ``by_slot``.
     """
     extras = [None] * len(branches) if extras is None else extras
     new_states, outputs = [], []
