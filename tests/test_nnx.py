@@ -122,7 +122,10 @@ METHODS = {
     "cdni": (sgjax.dni(sgjax.synthesizers.dense(1, 8), conditioned=True), {}),
     "bp_lambda": (sgjax.bp_lambda(0.5, sgjax.synthesizers.dense(0)), {}),
     "zero_grad": (sgjax.zero_gradient(), {}),
-    "stale_grad": (sgjax.stale_gradient(BATCH, 0.5), {"example_ids": jnp.arange(BATCH)}),
+    "stale_grad_example": (
+        sgjax.per_example_stale_gradient(BATCH, 0.5),
+        {"example_ids": jnp.arange(BATCH)},
+    ),
     "dgl": (sgjax.dgl(), {}),
     "dni_p": (sgjax.dni(sgjax.synthesizers.dense(0)), {"update_prob": 0.5}),
     "unlock": (sgjax.dni(sgjax.synthesizers.dense(0), synthetic_inputs=True, input_units=8), {}),

@@ -178,7 +178,12 @@ class Section(NamedTuple):
 def _header(folder: Folder | None, scale_line: str) -> list[str]:
     if folder is None:
         return ["Not run yet."]
-    return [f"Command: `{folder.command}`", "", f"Scale: {scale_line}", ""]
+    lines = [f"Command: `{folder.command}`", "", f"Scale: {scale_line}", ""]
+    status = folder.record.get("status", "completed")
+    if status != "completed":  # an interrupted benchmark: its finished programs only
+        message = folder.record.get("message") or ""
+        lines += [f"**Status: {status}** ({message}); add `--resume` to the command to finish.", ""]
+    return lines
 
 
 def tables_1_2(runs: Path, out: Path, scale: str) -> list[str]:

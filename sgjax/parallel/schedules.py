@@ -52,11 +52,13 @@ from sgjax.core.layers import apply_module
 from sgjax.core.trainer import StageState, StepMetrics, Trainer, TrainerState
 from sgjax.parallel.stages import (
     STAGE_AXIS,
+    by_slot,
     indexed_group,
     kept,
     pad_rows,
     run_own_stages,
     shifted,
+    slots,
     unpad_rows,
     with_labels,
     without_labels,
@@ -207,13 +209,6 @@ class Program:
             h, _ = apply_module(self.trainer.stages[i], s.params, s.collections, h, train=False)
         return h
 
-    def empty_mail(self) -> dict[str, np.ndarray]:
-        """The mailboxes of every stage, zeros: name -> [stages, ...]."""
-        return {
-            name: np.zeros((self.num_stages, *shape), dtype)
-            for name, (shape, dtype) in self.mail_fields.items()
-        }
-
     def tick_after(self, batches: int) -> int:
         """The next tick once the last stage has trained on ``batches`` minibatches."""
         return batches
@@ -243,7 +238,7 @@ class DecoupledProgram(Program):
 
     def chunk_fn(self, ticks: int, owner: Sequence[int], only: int | None = None) -> Callable:
         branches = [self._branch(k) for k in range(self.num_stages)]
-        mail_type = self.mail_type
+        mail_type, slot = self.mail_type, slots(owner)
 
         def program(states, mail, data, key, t0, stop):
             states, mail = local_states(states), mail_type(*(m[0] for m in mail))
@@ -252,8 +247,9 @@ class DecoupledProgram(Program):
             def tick(carry, i):
                 states, mail = carry
                 t = t0 + i
-                args = (mail, t, stop, data, key)
-                new, sends = run_own_stages(me, owner, branches, states, *args, only=only)
+                own = [mail_type(*(m[slot[k]] for m in mail)) for k in range(len(branches))]
+                args = (states, t, stop, data, key)
+                new, sends = run_own_stages(me, owner, branches, *args, extras=own, only=only)
                 received = self._deliver(mail, sends, me, owner, t)
                 mail = kept(t < stop, received, mail)
                 return (new, mail), tick_metrics(sends)
@@ -268,14 +264,14 @@ class DecoupledProgram(Program):
 
 
 class SgMail(NamedTuple):
-    """A device's mailboxes, per stage: [stages, ...]."""
+    """A device's mailboxes, per own stage (``slots``): [slots, ...]; one stage's as below."""
 
     inbox: jax.Array
-    """Activations (with their labels, ``with_labels``) from the stage below: [K, B, F+1]."""
+    """Activations (with their labels, ``with_labels``) from the stage below: [B, F+1]."""
     target: jax.Array
-    """The synthesizer's target from the stage above: [K, B, F]."""
+    """The synthesizer's target from the stage above: [B, F]."""
     fifo: jax.Array
-    """The stage's last two outputs (with labels), slot ``tick % 2``: [K, 2, B, F+1]."""
+    """The stage's last two outputs (with labels), slot ``tick % 2``: [2, B, F+1]."""
 
 
 class SgProgram(DecoupledProgram):
@@ -320,7 +316,7 @@ class SgProgram(DecoupledProgram):
         def both(a: jax.Array | None, b: jax.Array) -> jax.Array:
             return b if a is None else a & b
 
-        def branch(stage: PipeStage, _: None, mail: SgMail, t, stop, data, key):
+        def branch(stage: PipeStage, mail: SgMail, t, stop, data, key):
             active = t < stop
             has_input = active & (t - k >= 0) & (t - k < n)
             has_target = active & (t - k - 2 >= 0) & (t - k - 2 < n)
@@ -334,7 +330,7 @@ class SgProgram(DecoupledProgram):
             def inputs() -> tuple[jax.Array, jax.Array]:
                 if k == 0:
                     return self.sample(data, key, t)
-                h, y = without_labels(mail.inbox[k])
+                h, y = without_labels(mail.inbox)
                 return unpad_rows(h, shape_in), y
 
             def work() -> tuple:
@@ -362,8 +358,8 @@ class SgProgram(DecoupledProgram):
                 stages = kept(update, tuple(new[i] for i in trainer.groups[k]), stage.stages)
                 statistics = kept(update, fwd.synthesizer_collections, synth.collections)
                 # The regression on the output of two ticks ago, with the current parameters.
-                stored_h, stored_y = without_labels(mail.fifo[k, t % 2])
-                target = unpad_rows(mail.target[k], shape_out)
+                stored_h, stored_y = without_labels(mail.fifo[t % 2])
+                target = unpad_rows(mail.target, shape_out)
                 regression = trainer.synthesizer_gradients(
                     synth, unpad_rows(stored_h, shape_out), stored_y, target
                 )
@@ -385,12 +381,11 @@ class SgProgram(DecoupledProgram):
         return branch
 
     def _deliver(self, mail: SgMail, sends: list[Sends], me, owner, t) -> SgMail:
-        up = [s.up for s in sends]
-        store = jnp.stack([s.store for s in sends])[:, None, None]
-        slot = t % 2
-        fifo = mail.fifo.at[:, slot].set(jnp.where(store, jnp.stack(up), mail.fifo[:, slot]))
+        up, down, store = (by_slot(me, owner, [s[i] for s in sends]) for i in range(3))
+        store = jnp.stack(store)[:, None, None]
+        fifo = mail.fifo.at[:, t % 2].set(jnp.where(store, jnp.stack(up), mail.fifo[:, t % 2]))
         inbox = jnp.stack(shifted(me, owner, up, 1))
-        target = jnp.stack(shifted(me, owner, [s.down for s in sends], -1))
+        target = jnp.stack(shifted(me, owner, down, -1))
         return SgMail(inbox, target, fifo)
 
 
@@ -398,7 +393,7 @@ class SgProgram(DecoupledProgram):
 
 
 class UnlockedMail(NamedTuple):
-    """The previous tick's messages, per stage (padded): [stages, B, F]."""
+    """The previous tick's messages (padded), per slot as ``SgMail``: [B, F]."""
 
     below: jax.Array
     """o_{j-1}^{t-1} from the stage below: the input model's target."""
@@ -429,7 +424,7 @@ class UnlockedProgram(DecoupledProgram):
         last = j == self.num_stages - 1
         zero = jnp.zeros((), jnp.float32)
 
-        def branch(stage: PipeStage, _: None, mail: UnlockedMail, t, stop, data, key):
+        def branch(stage: PipeStage, mail: UnlockedMail, t, stop, data, key):
             active = t < stop
             regress = active & (t > 0) & (t <= n)
             forward = active & (t < n)
@@ -440,12 +435,12 @@ class UnlockedProgram(DecoupledProgram):
                 input_model, synth = stage.input_model, stage.boundary
                 input_loss = sg_loss = zero
                 if j > 0:
-                    below = unpad_rows(mail.below[j], self.shapes[j - 1])
+                    below = unpad_rows(mail.below, self.shapes[j - 1])
                     learnt, input_loss = trainer.input_model_update(input_model, x, below)
                     input_model = kept(learn, learnt, input_model)
                 if not last:
-                    stored = unpad_rows(mail.stored[j], self.shapes[j])
-                    target = unpad_rows(mail.target[j], self.shapes[j])
+                    stored = unpad_rows(mail.stored, self.shapes[j])
+                    target = unpad_rows(mail.target, self.shapes[j])
                     regression = trainer.synthesizer_gradients(synth, stored, y, target)
                     learnt = trainer.update_synthesizer(synth, regression.grads, synth.collections)
                     synth, sg_loss = kept(learn, learnt, synth), regression.loss
@@ -495,12 +490,9 @@ class UnlockedProgram(DecoupledProgram):
         return branch
 
     def _deliver(self, mail: UnlockedMail, sends: list[Sends], me, owner, t) -> UnlockedMail:
-        up = [s.up for s in sends]
-        return UnlockedMail(
-            jnp.stack(shifted(me, owner, up, 1)),
-            jnp.stack(up),
-            jnp.stack(shifted(me, owner, [s.down for s in sends], -1)),
-        )
+        up, down = (by_slot(me, owner, [s[i] for s in sends]) for i in range(2))
+        shifts = shifted(me, owner, up, 1), up, shifted(me, owner, down, -1)
+        return UnlockedMail(*(jnp.stack(m) for m in shifts))
 
 
 # --------------------------------------------------------------------------- backprop
@@ -535,7 +527,7 @@ class BpProgram(Program):
 
     def chunk_fn(self, ticks: int, owner: Sequence[int], only: int | None = None) -> Callable:
         trainer, micro, num = self.trainer, self.schedule.microbatches, self.num_stages
-        size, width = self.micro_shape[0], self.width
+        size, width, slot = self.micro_shape[0], self.width, slots(owner)
         zero = jnp.zeros((), jnp.float32)
 
         def forward_branch(k: int) -> Callable:
@@ -543,7 +535,7 @@ class BpProgram(Program):
                 m = s - k
                 has = (m >= 0) & (m < micro)
                 m = jnp.clip(m, 0, micro - 1)
-                h = xs[m] if k == 0 else unpad_rows(inbox[k], (size, *self.shapes[k - 1][1:]))
+                h = xs[m] if k == 0 else unpad_rows(inbox[slot[k]], (size, *self.shapes[k - 1][1:]))
 
                 def work() -> tuple:
                     out, new = apply_module(trainer.stages[k], params, collections, h, train=True)
@@ -589,12 +581,13 @@ class BpProgram(Program):
                             me, owner, forwards, collections, inbox, s, xs, ys,
                             extras=params, only=only,
                         )  # fmt: skip
-                        inbox = tuple(shifted(me, owner, [o[0] for o in outs], 1))
+                        sent = by_slot(me, owner, [o[0] for o in outs])
+                        inbox = tuple(shifted(me, owner, sent, 1))
                         return (collections, inbox), outs[-1][1:]
 
                     start = (
                         tuple(st.stages[0].collections for st in states),
-                        tuple(jnp.zeros((size, width)) for _ in range(num)),
+                        tuple(jnp.zeros((size, width)) for _ in range(max(slot) + 1)),
                     )
                     (collections, _), out = lax.scan(tick, start, jnp.arange(micro + num - 1))
                     return jnp.sum(out[0]), (collections, out)

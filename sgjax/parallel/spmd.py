@@ -34,6 +34,7 @@ from sgjax.parallel.stages import (
     STAGE_AXIS,
     owners,
     pad_rows,
+    slots,
     stage_devices,
     stage_mesh,
     unpad_rows,
@@ -65,7 +66,7 @@ def _window(valid: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 class _Placed:
     """A program's compiled chunk on a mesh, with every stage's state in a slot on every
-    device (``run_own_stages``) and the mailboxes likewise."""
+    device (``run_own_stages``) and each device's mailboxes for its own stages (``slots``)."""
 
     def __init__(self, program: Program, mesh: Mesh, only: int | None = None) -> None:
         self.program, self.mesh, self.only = program, mesh, only
@@ -84,6 +85,19 @@ class _Placed:
         return jax.tree_util.tree_map(
             lambda leaf: global_array(np.stack([np.asarray(leaf)] * num), self.sharded), tree
         )
+
+    def place_mail(self, inflight: Mapping[str, Any]) -> Any:
+        """The mailboxes (zeros, or the per-stage values in ``inflight``: [stages, ...]), each
+        stage's in its owner's slot (``slots``)."""
+        slot, fields = list(slots(self.owner)), self.program.mail_fields
+
+        def placed(name: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+            host = np.zeros((self.mesh.devices.size, max(slot) + 1, *shape), dtype)
+            if name in inflight:
+                host[list(self.owner), slot] = np.asarray(inflight[name])
+            return global_array(host, self.sharded)
+
+        return self.program.mail_type(**{n: placed(n, *f) for n, f in fields.items()})  # bp: ()
 
     def shard_map(self, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
         return jax.shard_map(
@@ -108,14 +122,10 @@ class _Placed:
         stop = global_array(np.int32(stop), self.replicated)
         return self.chunk(states, mail, data, key, t0, stop)
 
-    def slots(self, tree: Any) -> list:
-        """Stage k's part of per-stage ``tree`` (leading axes: device, stage), from its
-        owner's slot, on the host."""
+    def host(self, tree: Any, where: Any) -> Any:
+        """``tree``'s values (gathered from every process) on the host, indexed by ``where``."""
         gather = jax.jit(lambda x: x, out_shardings=self.replicated)
-        host = jax.tree_util.tree_map(lambda a: host_value(gather(a)), tree)
-        return jax.tree_util.tree_map(
-            lambda a: np.stack([a[o, k] for k, o in enumerate(self.owner)]), host
-        )
+        return jax.tree_util.tree_map(lambda a: host_value(gather(a))[where], tree)
 
 
 class PipelineEngine:
@@ -150,11 +160,7 @@ class PipelineEngine:
         self.key = self.placed.replicate(jax.device_get(start.key))
         self._done = int(start.step)
         self.tick = self.program.tick_after(self._done)
-        mail = self.program.empty_mail()
-        for name, value in (inflight or {}).items():
-            if name in mail:
-                mail[name][...] = np.asarray(value)
-        self.mail = self.placed.place(self.program.mail_type(**mail) if mail else ())
+        self.mail = self.placed.place_mail(inflight or {})
         self.states = self.placed.place(tuple(self.program.split(jax.device_get(start.model))))
         self._evaluate: jax.stages.Compiled | None = None
 
@@ -240,18 +246,12 @@ class PipelineEngine:
 
     def state(self) -> TrainState:
         """The whole state, gathered (every process gets it), on this host's first device."""
-        host = [
-            jax.tree_util.tree_map(lambda a, o=o: a[o], stage)
-            for o, stage in zip(self.placed.owner, self._host_states(), strict=True)
-        ]
+        owner = self.placed.owner
+        host = [self.placed.host(s, o) for o, s in zip(owner, self.states, strict=True)]
         device = jax.local_devices()[0]
         model = jax.device_put(self.program.join(host), device)
         step = jnp.asarray(self._done, jnp.int32)
         return TrainState(model, step, jax.device_put(self._key, device))
-
-    def _host_states(self) -> list:
-        gather = jax.jit(lambda x: x, out_shardings=self.placed.replicated)
-        return [jax.tree_util.tree_map(lambda a: host_value(gather(a)), s) for s in self.states]
 
     def evaluate(self) -> tuple[float, float]:
         loss, accuracy = self._evaluate(self.states, self.data)
@@ -261,7 +261,8 @@ class PipelineEngine:
         """The mailboxes of every stage (from its device), by field: [stages, ...]."""
         if not self.mail:
             return {}
-        return dict(self.placed.slots(self.mail)._asdict())
+        where = list(self.placed.owner), list(slots(self.placed.owner))
+        return dict(self.placed.host(self.mail, where)._asdict())
 
     def stage_ms(self, repeats: int) -> tuple[float, ...]:
         """Each stage's milliseconds per tick (decoupled) or per minibatch (backprop), timed
@@ -278,11 +279,8 @@ class PipelineEngine:
             placed = _Placed(program, mesh, only=k)
             data = placed.replicate(self.host_data)
             key = placed.replicate(jax.device_get(self._key))
-            mail = program.empty_mail()
-            fresh = []
-            for _ in range(2):  # the program takes its buffers: one copy per run
-                states = placed.place(tuple(program.split(jax.device_get(model))))
-                fresh.append((states, placed.place(program.mail_type(**mail) if mail else ())))
+            split = tuple(program.split(jax.device_get(model)))  # a run takes its buffers:
+            fresh = [(placed.place(split), placed.place_mail({})) for _ in range(2)]  # 2 copies
             placed.compile(repeats, *fresh[0], data, key)
             t0 = program.steady_tick
             jax.block_until_ready(placed.run(*fresh[0], data, key, t0, t0 + repeats))

@@ -53,6 +53,11 @@ def owners(num_stages: int, num_devices: int) -> tuple[int, ...]:
     return tuple(stage * num_devices // num_stages for stage in range(num_stages))
 
 
+def slots(owner: Sequence[int]) -> tuple[int, ...]:
+    """Each stage's place among its device's stages: a device keeps mailboxes for these."""
+    return tuple(k - list(owner).index(o) for k, o in enumerate(owner))
+
+
 def device_groups(device_ids: Sequence[int]) -> list[list[int]]:
     """Stage indices grouped by device (given each stage's device id), in order of first use."""
     groups: dict[int, list[int]] = {}
@@ -105,8 +110,8 @@ def run_own_stages(
     """Each device runs ``branches[k](states[k], extras[k], *args)`` for every stage ``k`` it
     owns (``owner[k]``: its index on the mesh axis), keeps the other states, and outputs zeros
     for them; ``only``: no other stage runs. One ``lax.cond`` per stage state lets XLA update it
-    in place (a ``lax.switch`` over one padded buffer of all states copied it 2-3 times per
-    tick, 1.1x-1.8x slower on 4 CPU devices); the price: every device holds every stage's slot."""
+    in place (a ``lax.switch`` over packed states copied them: 1.1-1.8x slower); the price: every
+    device holds a slot for every stage's state (only its own are used); messages go ``by_slot``."""
     extras = [None] * len(branches) if extras is None else extras
     new_states, outputs = [], []
     for k, branch in enumerate(branches):
@@ -123,26 +128,43 @@ def run_own_stages(
     return tuple(new_states), outputs
 
 
+def _pick(me: jax.Array, owner: Sequence[int], stages: Sequence[int], value: Callable) -> Any:
+    """``value(k)`` on the device of each of ``stages`` (the first one's on the others)."""
+    picked = value(stages[0])
+    for k in stages[1:]:
+        if value(k) is not picked:
+            picked = jnp.where(me == owner[k], value(k), picked)
+    return picked
+
+
+def by_slot(me: jax.Array, owner: Sequence[int], values: Sequence[jax.Array]) -> list:
+    """Per-stage ``values`` (zeros where a device does not own the stage, as ``run_own_stages``
+    returns them) as one value per device slot (``slots``): each device's own stages'."""
+    slot = slots(owner)
+    return [
+        _pick(me, owner, [k for k in range(len(owner)) if slot[k] == j], values.__getitem__)
+        for j in range(max(slot) + 1)
+    ]
+
+
 def shifted(
     me: jax.Array, owner: Sequence[int], values: Sequence[jax.Array], step: int
 ) -> list[jax.Array]:
-    """What each stage receives when stage k sends ``values[k]`` to stage k + ``step`` (+1: up,
-    -1: down); zeros for the stage that nobody sends to. Between stages of one device the value
-    stays; between devices one ``lax.ppermute`` carries every crossing message (each device
-    sends at most one way: its groups are contiguous)."""
-    num = len(values)
+    """What each device slot receives when stage k sends its slot's value (``values``, per
+    slot) to stage k + ``step`` (+1: up, -1: down); zeros (or any value) for a slot no message
+    is for. Between stages of one device the value stays; between devices one ``lax.ppermute``
+    carries every crossing message (each device sends at most one way: its groups are
+    contiguous)."""
+    num, slot = len(owner), slots(owner)
     senders = [k for k in range(num) if 0 <= k + step < num]
     crossing = [k for k in senders if owner[k] != owner[k + step]]
-    received = [jnp.zeros_like(values[0]) for _ in values]
     if crossing:
-        payload = values[crossing[0]]
-        for k in crossing[1:]:
-            payload = jnp.where(me == owner[k], values[k], payload)
+        payload = _pick(me, owner, crossing, lambda k: values[slot[k]])
         pairs = [(owner[k], owner[k + step]) for k in crossing]
         got = lax.ppermute(payload, STAGE_AXIS, pairs)
-    for k in senders:
-        received[k + step] = got if k in crossing else values[k]
-    return received
+    source = lambda r: got if r - step in crossing else values[slot[r - step]]  # noqa: E731
+    into = [[k + step for k in senders if slot[k + step] == j] for j in range(len(values))]
+    return [_pick(me, owner, r, source) if r else jnp.zeros_like(values[0]) for r in into]
 
 
 def pad_rows(h: jax.Array, width: int) -> jax.Array:
