@@ -1,15 +1,13 @@
 """Recurrent DNI: truncated BPTT whose gradient from beyond each segment is synthetic.
 
 Jaderberg et al. 2016, section 3.2: a core ``(carry, x) -> (carry, logits)`` is unrolled over
-segments of T steps, each starting from the previous one's end carry. ``backprop()`` (mode
-``bptt``): the gradient from beyond a segment's end is zero. ``dni(dense(1, units))`` (``dni``):
-it is ``scale * M(carry_T)`` (zero where the sequence ends), and M regresses ``M(carry_0)`` onto
-the gradient that then reaches the segment's start (one backward pass gives both). With
-``aux_weight > 0`` (``dni_aux``) a head reads the carry after the first step and predicts
-``M(carry_T)``; its loss trains the core too.
-
-Losses are sums over the masked steps and means over the batch, so the segments' gradients add
-up to the whole sequence's; synthesizer targets are per example, independent of the batch size.
+segments of T steps, each from the previous one's end carry. ``bptt`` (``backprop()``): the
+gradient from beyond a segment's end is zero; ``dni`` (``dni(dense(1, units))``): it is
+``scale * M(carry_T)`` (zero where the sequence ends), and M regresses ``M(carry_0)`` onto the
+gradient reaching the segment's start (one backward pass gives both); ``dni_aux``: a head reads
+the carry after the first step and predicts ``M(carry_T)``, its loss training the core too.
+Losses sum over masked steps and average over the batch, so the segments' gradients add up to
+the sequence's; synthesizer targets are per example, independent of the batch size.
 """
 
 from __future__ import annotations
