@@ -124,8 +124,8 @@ def _check_compatible(meta: Any, now: dict[str, Any], where: Path) -> None:
             f"{where} is not an sgjax checkpoint of format {CHECKPOINT_FORMAT}; "
             "start again with --overwrite"
         )
-    # Checkpoints from before the CNN hold MLPs and no CNN fields; before pool_min_size, 0.
-    saved = {"model": "mlp", "pool_min_size": 0} | meta.get("config", {})
+    # Checkpoints from before the CNN hold MLPs and no CNN fields.
+    saved = {"model": "mlp"} | meta.get("config", {})
     saved = {k: v for k, v in saved.items() if k not in UNUSED_FIELDS.get(saved["model"], ())}
     # A field newer than the checkpoint and off now (False, 0, None) is how it was made.
     saved |= {k: v for k, v in now.items() if k not in saved and not v}
