@@ -76,6 +76,12 @@ def figure(out: Path, name: str, source: Path) -> str:
     return f"![{name}](figures/{name})"
 
 
+def label(axes: Any, title: str, x: str, y: str) -> None:
+    axes.set(title=title, xlabel=x, ylabel=y)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+
+
 def save(fig: Figure, out: Path, name: str) -> str:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "figures" / name, dpi=110, bbox_inches="tight")
@@ -160,10 +166,7 @@ def curves_figure(folder: Folder, out: Path, name: str, modes: Sequence[str]) ->
         if acc.ndim == 2:
             acc, steps = acc.mean(axis=0), steps[0]
         axes.plot(steps, acc, marker=".", label=MODE_NAMES.get(program["mode"], program["mode"]))
-    axes.set_xlabel("step")
-    axes.set_ylabel("test accuracy (mean over seeds)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    label(axes, "", "step", "test accuracy (mean over seeds)")
     return save(fig, out, name)
 
 
@@ -266,12 +269,8 @@ def grid(runs: Path, out: Path, scale: str) -> list[str]:
         for m in modes:
             ys = [cells.get((d, m), {}).get("mean") for d in depths]
             axes.plot(depths, [np.nan if y is None else y for y in ys], marker="o", label=m)
-        axes.set_title(row["task"])
-        axes.set_xlabel("layers")
-        axes.set_ylabel("test error %")
+        label(axes, row["task"], "layers", "test error %")
         axes.set_yscale("log")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
     lines += [
         f"Published cells (in brackets): {JADERBERG}, Table 1 as its text quotes it (500k steps of "
         "batch 256). The zero-gradient column is the control: the same network with frozen "
@@ -320,11 +319,7 @@ def rnn(runs: Path, out: Path, scale: str) -> list[str]:
         for m in modes:
             ys = [np.mean(cells.get((task, m, t), [np.nan])) for t in truncations]
             axes.plot(truncations, ys, marker="o", label=MODE_NAMES.get(m, m))
-        axes.set_title(TASK_NAMES.get(task, task))
-        axes.set_xlabel("truncation T")
-        axes.set_ylabel("largest episode solved")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        label(axes, TASK_NAMES.get(task, task), "truncation T", "largest episode solved")
     lines += [
         f"Published (in brackets): {JADERBERG}, Table 2 (LSTM 256, batch 256, Adam 7e-5): Repeat "
         "Copy at T = 3. BPTT is the control: DNI must solve longer episodes than the truncation "
