@@ -381,7 +381,10 @@ def page(runs: Path, gpu: Path | None, out: Path) -> str:
         "numbers, the scale it ran at, mean ± std over seeds, the control a broken method "
         "would not beat, and the published number beside ours where one exists. CPU-scale runs "
         "are far shorter than the papers' (500k steps on a GPU): compare their order, not their "
-        "digits, with the published ones. BUILD_NOTES.md is the lab record behind them.",
+        "digits, with the published ones. Seconds are each run's own on its machine, which may "
+        "have been shared with other jobs: BUILD_NOTES.md, the lab record behind this page, says "
+        "under what load each stored run was made. Time to accuracy is read at evaluations, so its "
+        "resolution is the run's evaluation period.",
     ]
     same = gpu is not None and gpu.resolve() == runs.resolve()
     for where, scale in ((None if same else runs, "CPU-scale"), (gpu, "GPU")):
