@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from seed_checks import assert_vmap_equals_separate_runs
 
 import sgjax
 from sgjax.core.layers import HiddenBlock, OutputLayer, apply_module
@@ -191,15 +192,7 @@ def test_vmap_over_seeds_equals_separate_runs() -> None:
         state, losses = jax.lax.scan(lambda s, _: trainer.step(s, x, y), state, length=3)
         return losses.loss[-1], state
 
-    seeds = jnp.arange(3)
-    losses, states = jax.jit(jax.vmap(run))(seeds)
-    for i in range(3):
-        loss, state = jax.jit(run)(seeds[i])
-        np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
-        chex.assert_trees_all_close(
-            jax.tree_util.tree_map(lambda a, i=i: a[i], states), state, rtol=1e-4, atol=1e-6
-        )
-    assert float(jnp.std(losses)) > 0
+    assert_vmap_equals_separate_runs(run)
     first = jax.vmap(trainer.init, (0, None))(jax.random.split(jax.random.PRNGKey(0), 2), x)
     assert (
         _difference(
