@@ -273,7 +273,7 @@ def check_two_processes(two_processes: dict[str, Any], four_devices: dict[str, A
     """2 processes x 2 devices: a killed process stops the other with one line within the
     timeout; resumed with tools/launch_local.sh, the run ends with what 4 devices of one
     process compute, and only process 0 wrote it, with each stage timed alone (a stage per
-    device; results.json's ideal speed-up)."""
+    device, ids 0, 1 and process 1's; results.json's ideal speed-up)."""
     assert two_processes["killed_code"] == 1, two_processes["stderr"][-2000:]
     lines = [line for line in two_processes["stderr"].splitlines() if line.strip()]
     assert "Traceback" not in two_processes["stderr"]
@@ -287,7 +287,7 @@ def check_two_processes(two_processes: dict[str, Any], four_devices: dict[str, A
     assert results["status"] == "completed"
     assert results["config"]["engine"] == "spmd"
     parallel = results["parallel"]
-    assert parallel["kind"] == "sg_pipeline" and parallel["stage_devices"] == [0, 1, 2, 3]
+    assert parallel["kind"] == "sg_pipeline" and len(set(parallel["stage_devices"])) == 4, parallel
     assert len(parallel["stage_ms"]) == 4 and min(parallel["stage_ms"]) > 0, parallel
     assert parallel["ideal_speedup"] > 1, parallel
     expected = four_devices["sg"]["records"]
