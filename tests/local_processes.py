@@ -11,13 +11,25 @@ import subprocess
 import sys
 from typing import Any
 
+# Test processes compile with LLVM's optimisations off (XLA's own passes still run): their
+# programs are tiny, so this cuts XLA's compile, most of what these tests cost, by about a
+# quarter. It rounds some sums differently from a default build, so every comparison of two
+# runs in these tests is between processes started with the same flags (``xla_flags``).
+COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
-def script_json(path: str, devices: int) -> dict[str, Any]:
+
+def xla_flags(devices: int, compile_flags: str = COMPILE_FLAGS) -> str:
+    """XLA_FLAGS of a test process with ``devices`` simulated CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {compile_flags}".strip()
+
+
+def script_json(path: str, devices: int, compile_flags: str = "") -> dict[str, Any]:
     """Run the test file ``path`` as a script with ``devices`` simulated CPU devices (the flag
-    must be set before JAX starts); the JSON object it prints on its last line."""
+    must be set before JAX starts) and ``compile_flags`` (``COMPILE_FLAGS``: the fast compile);
+    the JSON object it prints on its last line."""
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices, compile_flags),
         JAX_PLATFORMS="cpu",
     )
     done = subprocess.run(
@@ -43,7 +55,7 @@ def start_processes(command: list[str], count: int, devices: int) -> list[subpro
             command,
             env=dict(
                 os.environ,
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=xla_flags(devices),
                 JAX_PLATFORMS="cpu",
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                 JAX_NUM_PROCESSES=str(count),

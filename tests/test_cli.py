@@ -265,6 +265,8 @@ def test_library_logging_stays_off_stderr(tmp_path):
 
 
 def test_layer_parallel_run_on_four_devices(tmp_path):
+    from local_processes import xla_flags  # the fast compile of the multi-device tests
+
     done = subprocess.run(
         [
             sys.executable,
@@ -278,8 +280,7 @@ def test_layer_parallel_run_on_four_devices(tmp_path):
         text=True,
         timeout=300,
         cwd=REPO,
-        env=os.environ
-        | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env=os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4)},
     )
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from local_processes import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -34,7 +35,7 @@ TINY = [
 ENV = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    XLA_FLAGS=xla_flags(1),
 )
 RTOL, ATOL = 1e-5, 1e-7
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from local_processes import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 8  # --distributed_timeout: joining, JAX's heartbeats, the shutdown wait
@@ -54,7 +55,7 @@ def test_a_dead_process_ends_the_other_and_launch_local_names_it(tmp_path, victi
         env=dict(
             os.environ,
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            XLA_FLAGS=xla_flags(1),
             SGJAX_LAUNCH_GRACE="60",  # longer than the bound: the survivor must end by itself
         ),
         stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 from forked_cases import forked_runs
-from local_processes import start_processes
+from local_processes import start_processes, xla_flags
 
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 # Linear label-conditioned modules; chunks of 20 ticks (the first fills, the last drains), an
@@ -172,9 +172,7 @@ def four_device_results() -> dict[str, Any]:
 
 def run_four_devices() -> dict[str, Any]:
     """``four_device_results`` in a subprocess with 4 simulated devices."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=400
     )
@@ -235,7 +233,7 @@ def run_two_processes(folder: Path) -> dict[str, Any]:
         *SG_FLAGS,
         f"--output_dir={folder}",
     ]
-    devices = "--xla_force_host_platform_device_count=2"
+    devices = xla_flags(2)  # the flags of start_processes, for the same programs
     processes = start_processes(command, 2, 2)
     guard = threading.Timer(300, lambda: [p.kill() for p in processes])  # bounded, whatever
     guard.start()
