@@ -159,19 +159,15 @@ def test_synthesizer_regression_is_group_backwards_synthesizer_half():
     chex.assert_trees_all_close(got.grads, reference.synthesizer, atol=1e-6)
 
 
-def test_one_microbatch_is_backprop_and_four_are_not(mnist):
-    config = TrainConfig(mode="bp", **TINY)
-    trainer = trainer_for(config)
-    initial = init_train_state(config)
-    batch = sample_batch(initial.key, to_device(mnist), 32)
-    plain, plain_metrics = jax.jit(trainer.step)(initial.model, batch.images, batch.labels)
-    accumulated = jax.jit(accumulated_backprop_step, static_argnums=(0, 4))
-    one, one_metrics = accumulated(trainer, initial.model, batch.images, batch.labels, 1)
-    four, _ = accumulated(trainer, initial.model, batch.images, batch.labels, 4)
-    assert max_difference(one, plain) < 1e-6
-    assert float(one_metrics.loss) == pytest.approx(float(plain_metrics.loss), rel=1e-6)
+def test_one_microbatch_is_backprop_and_four_are_not(four_devices):
+    """``accumulated_backprop_step`` with 1 microbatch is ``Trainer.step``: the first step of
+    the 4-device script's single-device backprop references (``_reference_bp``, whose compiled
+    steps it shares) against one ``Trainer.step`` from the same state and minibatch."""
+    got = four_devices["bp"]["first_step"]
+    assert got["one_vs_plain"] < 1e-6
+    assert got["one_loss"] == pytest.approx(got["plain_loss"], rel=1e-6)
     # BatchNorm over 8 examples instead of 32: a different step (the GPipe tests rely on it).
-    assert max_difference(four, plain) > 1e-3
+    assert got["four_vs_plain"] > 1e-3
 
 
 # --------------------------------------------------------------------------- staleness
@@ -410,18 +406,29 @@ def check_decoupled_modes(results: dict[str, Any], tolerance: float) -> None:
 
 def _reference_bp(
     config: TrainConfig, dataset: Dataset, microbatches: int
-) -> tuple[TrainerState, list[float]]:
-    """Single-device backprop (gradients accumulated over ``microbatches``), per-step losses."""
+) -> tuple[TrainerState, list[float], TrainerState]:
+    """Single-device backprop (gradients accumulated over ``microbatches``), per-step losses,
+    and the state after the first step."""
     trainer = trainer_for(config)
     initial = jax.jit(init_train_state, static_argnums=0)(config)
     data = to_device(dataset)
     step = jax.jit(lambda s, x, y: accumulated_backprop_step(trainer, s, x, y, microbatches))
-    state, losses = initial.model, []
+    state, losses, states = initial.model, [], []
     for b in range(config.num_steps):
         batch = sample_batch(jax.random.fold_in(initial.key, b), data, config.batch_size)
         state, metrics = step(state, batch.images, batch.labels)
         losses.append(float(metrics.loss))
-    return state, losses
+        states.append(state)
+    return state, losses, states[0]
+
+
+def _first_bp_step(config: TrainConfig, dataset: Dataset) -> tuple[TrainerState, float]:
+    """One ``Trainer.step`` from ``_reference_bp``'s initial state on its first minibatch."""
+    initial = jax.jit(init_train_state, static_argnums=0)(config)
+    key = jax.random.fold_in(initial.key, 0)
+    batch = sample_batch(key, to_device(dataset), config.batch_size)
+    state, metrics = jax.jit(trainer_for(config).step)(initial.model, batch.images, batch.labels)
+    return state, float(metrics.loss)
 
 
 def _pre_batchnorm(path: tuple, last_stage: int) -> bool:
@@ -613,8 +620,9 @@ def four_device_results() -> dict[str, Any]:
     }
 
     bp = TrainConfig(mode="bp", num_steps=6, eval_every=3, learning_rate=1e-2, **TINY)
-    plain, plain_losses = _reference_bp(bp, mnist, 1)
-    accumulated, accumulated_losses = _reference_bp(bp, mnist, 4)
+    plain, plain_losses, one_first = _reference_bp(bp, mnist, 1)
+    accumulated, accumulated_losses, four_first = _reference_bp(bp, mnist, 4)
+    plain_first, plain_first_loss = _first_bp_step(bp, mnist)
     model_parallel = train_layer_parallel(
         bp, mnist, kind="bp_model_parallel", num_devices=4, log=quiet
     )
@@ -624,6 +632,12 @@ def four_device_results() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         resumed, inflight = resumed_run(bp, mnist, Path(folder), "bp_gpipe", 4)
     out["bp"] = {
+        "first_step": {
+            "one_vs_plain": max_difference(one_first, plain_first),
+            "one_loss": plain_losses[0],
+            "plain_loss": plain_first_loss,
+            "four_vs_plain": max_difference(four_first, plain_first),
+        },
         "resume": {
             "difference": max_difference(resumed.state.model, gpipe.state.model),
             "records_equal": _strip(resumed.records) == _strip(gpipe.records),
