@@ -21,6 +21,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from forked_cases import forked_runs
 
 from sgjax.data.sources import load_dataset
 from sgjax.training.checkpoint import Checkpointer
@@ -29,11 +30,13 @@ from sgjax.training.loop import Resume, init_train_state, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
-# Long enough (200 chunks) that a signal lands mid-run; small enough to take seconds. Chunks of
-# 10 steps in evaluation periods of 40: most chunk boundaries fall between evaluations.
+# Long enough (60 chunks) that a signal sent after the 17th progress line lands mid-run (the
+# signalled runs write unbuffered: a line is seen when it is printed); small enough to take
+# seconds. Chunks of 10 steps in evaluation periods of 40: most chunk boundaries fall between
+# evaluations.
 RUN = dict(
     mode="cdni",
-    num_steps=2000,
+    num_steps=600,
     eval_every=40,
     chunk_steps=10,
     hidden_units=64,
@@ -60,7 +63,12 @@ def _start_and_signal(args: list[str], log_dir: Path, sig: int, after_lines: int
     stdout_path = log_dir / "stdout.txt"
     with stdout_path.open("w") as stdout:
         process = subprocess.Popen(
-            args, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+            args,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV | {"PYTHONUNBUFFERED": "1"},  # each progress line reaches the file at once
+            cwd=REPO,
         )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -178,37 +186,53 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tm
     assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
-def test_an_earlier_run_is_refused_without_resume_or_overwrite(short_run, tmp_path):
-    short, tmp_path = SHORT, tmp_path / "run"
-    shutil.copytree(short_run, tmp_path)
-    before = (tmp_path / "results.json").read_text()
+@pytest.fixture(scope="module")
+def on_the_short_run(short_run, tmp_path_factory) -> tuple[Path, dict]:
+    """Runs on copies of the short run's folder, forked from one Python start
+    (tests/forked_cases.py), one after another: without --resume or --overwrite and with another
+    width on --resume (folder ``refused``), --resume on a corrupted checkpoint (``corrupt``), and
+    --overwrite with another width (``replaced``). Returns the root and the runs."""
+    root = tmp_path_factory.mktemp("on_short")
+    for name in ("refused", "corrupt", "replaced"):
+        shutil.copytree(short_run, root / name)
+    for path in (root / "corrupt" / "checkpoints" / "40" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    flags = lambda name, **extra: _args(root / name, **SHORT, **extra)[2:]  # noqa: E731
+    cases = {
+        "refused": flags("refused"),
+        "mismatched": [*flags("refused", hidden_units=32), "--resume"],
+        "corrupt": [*flags("corrupt"), "--resume"],
+        "replaced": [*flags("replaced", hidden_units=32), "--overwrite"],
+    }
+    return root, forked_runs(SCRIPT, cases, root, ENV)
 
-    refused = _run(_args(tmp_path, **short))
+
+def test_an_earlier_run_is_refused_without_resume_or_overwrite(short_run, on_the_short_run):
+    root, runs = on_the_short_run
+    before = (short_run / "results.json").read_text()
+
+    refused = runs["refused"]
     assert refused.returncode == 2
     assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
-    assert (tmp_path / "results.json").read_text() == before
 
-    mismatched = _run(_args(tmp_path, **short, hidden_units=32), ("--resume",))
+    mismatched = runs["mismatched"]
     assert mismatched.returncode == 2
     assert "--hidden_units=64 (now 32)" in mismatched.stderr
     assert "Traceback" not in mismatched.stderr
+    assert (root / "refused" / "results.json").read_text() == before  # neither run wrote
 
-    replaced = _run(_args(tmp_path, **short, hidden_units=32), ("--overwrite",))
+    replaced = runs["replaced"]
     assert replaced.returncode == 0, replaced.stderr
-    assert _results(tmp_path)["config"]["hidden_units"] == 32
+    assert _results(root / "replaced")["config"]["hidden_units"] == 32
 
 
-def test_a_corrupt_checkpoint_is_refused_with_a_message(short_run, tmp_path):
-    short, tmp_path = SHORT, tmp_path / "run"
-    shutil.copytree(short_run, tmp_path)
-    latest = tmp_path / "checkpoints" / "40"
-    for path in (latest / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
-    refused = _run(_args(tmp_path, **short), ("--resume",))
+def test_a_corrupt_checkpoint_is_refused_with_a_message(on_the_short_run):
+    root, runs = on_the_short_run
+    refused = runs["corrupt"]
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr
-    assert str(latest) in refused.stderr
+    assert str(root / "corrupt" / "checkpoints" / "40") in refused.stderr
 
 
 @pytest.mark.parametrize("mode", ["bp", "sg"])
