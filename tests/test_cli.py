@@ -19,19 +19,9 @@ SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
 TINY = ["--num_steps=20", "--eval_every=10", "--hidden_units=32", "--sg_hidden_units=32"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env=os.environ | {"JAX_PLATFORMS": "cpu"},
-    )
-
-
-def test_a_tiny_run_writes_results_and_metrics(tmp_path):
-    done = _run("--mode=sg", *TINY, f"--output_dir={tmp_path}")
+def test_a_tiny_run_writes_results_and_metrics(bad_runs):
+    root, runs = bad_runs
+    done, tmp_path = runs["tiny"], root / "tiny"
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == ""
     results = json.loads((tmp_path / "results.json").read_text())
@@ -181,8 +171,8 @@ BAD_INPUTS = {
 def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     """Every run that must stop with a one-line error (bad inputs, bad data folders, a late
     error, output folders that cannot be made), each case with its own folder under the
-    returned one (``input/<case>/out``, ``data/<kind>/out``, ...), forked from one Python start
-    (tests/forked_cases.py)."""
+    returned one (``input/<case>/out``, ``data/<kind>/out``, ...), and two runs that complete
+    (``tiny``, ``idx``), forked from one Python start (tests/forked_cases.py)."""
     root = tmp_path_factory.mktemp("bad")
     cases = {}
     for case, (extra, _) in BAD_INPUTS.items():
@@ -199,6 +189,11 @@ def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     (root / "a_file").write_text("")  # root ignores permission bits: a file blocks the folder
     cases["unwritable"] = [*TINY, f"--output_dir={root / 'a_file' / 'out'}"]
     cases["proc"] = [*TINY, f"--output_dir={PROC_OUTPUT}"]
+    # Two runs that complete, forked from the same start (tests that read their folders).
+    cases["tiny"] = ["--mode=sg", *TINY, f"--output_dir={root / 'tiny'}"]
+    folder = _idx_folder(root / "idx" / "idx")
+    cases["idx"] = [*TINY, f"--data_dir={folder}", f"--output_dir={root / 'idx' / 'out'}"]
+    cases["idx"].append("--batch_size=8")
     return root, forked_runs(SCRIPT, cases, root, os.environ | {"JAX_PLATFORMS": "cpu"})
 
 
@@ -239,9 +234,9 @@ def test_a_late_error_leaves_an_existing_output_folder_as_it_was(bad_runs):
     assert list((root / "late" / "out").iterdir()) == []
 
 
-def test_valid_idx_folder_is_used(tmp_path):
-    folder = _idx_folder(tmp_path / "idx")
-    done = _run(*TINY, f"--data_dir={folder}", f"--output_dir={tmp_path / 'out'}", "--batch_size=8")
+def test_valid_idx_folder_is_used(bad_runs):
+    root, runs = bad_runs
+    done, tmp_path = runs["idx"], root / "idx"
     assert done.returncode == 0, done.stderr
     dataset = json.loads((tmp_path / "out" / "results.json").read_text())["dataset"]
     assert (dataset["source"], dataset["train_size"], dataset["test_size"]) == ("idx", 20, 10)
