@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 from forked_cases import forked_runs
+from shared_fixture import computed_once, session_folder
 
 from sgjax.data.sources import load_dataset
 from sgjax.training.checkpoint import Checkpointer
@@ -103,16 +105,6 @@ SHORT = dict(num_steps=40, eval_every=20)
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory) -> Path:
-    """A finished short run's folder, run once for the tests that copy it (its output folder is
-    free to change on --resume: ``TrainConfig.RESUME_FREE``)."""
-    output_dir = tmp_path_factory.mktemp("short")
-    done = _run(_args(output_dir, **SHORT))
-    assert done.returncode == 0, done.stderr
-    return output_dir
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("uninterrupted")
     done = _run(_args(output_dir))
@@ -187,30 +179,44 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tm
 
 
 @pytest.fixture(scope="module")
-def on_the_short_run(short_run, tmp_path_factory) -> tuple[Path, dict]:
-    """Runs on copies of the short run's folder, forked from one Python start
-    (tests/forked_cases.py), one after another: without --resume or --overwrite and with another
-    width on --resume (folder ``refused``), --resume on a corrupted checkpoint (``corrupt``), and
-    --overwrite with another width (``replaced``). Returns the root and the runs."""
-    root = tmp_path_factory.mktemp("on_short")
-    for name in ("refused", "corrupt", "replaced"):
-        shutil.copytree(short_run, root / name)
-    for path in (root / "corrupt" / "checkpoints" / "40" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
-    flags = lambda name, **extra: _args(root / name, **SHORT, **extra)[2:]  # noqa: E731
-    cases = {
-        "refused": flags("refused"),
-        "mismatched": [*flags("refused", hidden_units=32), "--resume"],
-        "corrupt": [*flags("corrupt"), "--resume"],
-        "replaced": [*flags("replaced", hidden_units=32), "--overwrite"],
-    }
-    return root, forked_runs(SCRIPT, cases, root, ENV)
+def on_the_short_run(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """A finished short run (folder ``short``), then runs on copies of its folder (its output
+    folder is free to change on --resume: ``TrainConfig.RESUME_FREE``), forked from one Python
+    start (tests/forked_cases.py), one after another: without --resume or --overwrite and with
+    another width on --resume (folder ``refused``), --resume on a corrupted checkpoint
+    (``corrupt``), and --overwrite with another width (``replaced``). Once per session, also
+    under pytest-xdist (``shared_fixture.computed_once``). Returns the root and the runs."""
+
+    def compute() -> dict:
+        root = Path(tempfile.mkdtemp(prefix="on_short", dir=session_folder(tmp_path_factory)))
+        done = _run(_args(root / "short", **SHORT))
+        assert done.returncode == 0, done.stderr
+        for name in ("refused", "corrupt", "replaced"):
+            shutil.copytree(root / "short", root / name)
+        for path in (root / "corrupt" / "checkpoints" / "40" / "state").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"garbage")
+        flags = lambda name, **extra: _args(root / name, **SHORT, **extra)[2:]  # noqa: E731
+        cases = {
+            "refused": flags("refused"),
+            "mismatched": [*flags("refused", hidden_units=32), "--resume"],
+            "corrupt": [*flags("corrupt"), "--resume"],
+            "replaced": [*flags("replaced", hidden_units=32), "--overwrite"],
+        }
+        runs = forked_runs(SCRIPT, cases, root, ENV)
+        return {
+            "root": str(root),
+            "runs": {k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()},
+        }
+
+    record = computed_once(tmp_path_factory, "resume_refusals", compute)
+    runs = {k: subprocess.CompletedProcess([SCRIPT], *r) for k, r in record["runs"].items()}
+    return Path(record["root"]), runs
 
 
-def test_an_earlier_run_is_refused_without_resume_or_overwrite(short_run, on_the_short_run):
+def test_an_earlier_run_is_refused_without_resume_or_overwrite(on_the_short_run):
     root, runs = on_the_short_run
-    before = (short_run / "results.json").read_text()
+    before = (root / "short" / "results.json").read_text()
 
     refused = runs["refused"]
     assert refused.returncode == 2
