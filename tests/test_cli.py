@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from forked_cases import forked_runs
+from shared_fixture import computed_once, session_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
@@ -172,8 +175,25 @@ def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     """Every run that must stop with a one-line error (bad inputs, bad data folders, a late
     error, output folders that cannot be made), each case with its own folder under the
     returned one (``input/<case>/out``, ``data/<kind>/out``, ...), and two runs that complete
-    (``tiny``, ``idx``), forked from one Python start (tests/forked_cases.py)."""
-    root = tmp_path_factory.mktemp("bad")
+    (``tiny``, ``idx``), forked from one Python start (tests/forked_cases.py), once per session
+    also under pytest-xdist (in the session's folder: ``shared_fixture.computed_once``)."""
+
+    def compute() -> dict[str, Any]:
+        root = Path(tempfile.mkdtemp(prefix="bad", dir=session_folder(tmp_path_factory)))
+        env = os.environ | {"JAX_PLATFORMS": "cpu"}
+        runs = forked_runs(SCRIPT, _forked_cases(root), root, env)
+        return {
+            "root": str(root),
+            "runs": {k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()},
+        }
+
+    record = computed_once(tmp_path_factory, "cli_forked_runs", compute)
+    runs = {k: subprocess.CompletedProcess([SCRIPT], *r) for k, r in record["runs"].items()}
+    return Path(record["root"]), runs
+
+
+def _forked_cases(root: Path) -> dict[str, list[str]]:
+    """The fixture's cases (name -> arguments), their folders made under ``root``."""
     cases = {}
     for case, (extra, _) in BAD_INPUTS.items():
         (root / "input" / case).mkdir(parents=True)
@@ -194,7 +214,7 @@ def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     folder = _idx_folder(root / "idx" / "idx")
     cases["idx"] = [*TINY, f"--data_dir={folder}", f"--output_dir={root / 'idx' / 'out'}"]
     cases["idx"].append("--batch_size=8")
-    return root, forked_runs(SCRIPT, cases, root, os.environ | {"JAX_PLATFORMS": "cpu"})
+    return cases
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -294,7 +314,7 @@ def test_unwritable_output_folder(bad_runs):
     assert blocker.is_file() and blocker.read_text() == ""
 
 
-PROC_OUTPUT = Path("/proc") / f"sgjax-test-{os.getpid()}" / "out"
+PROC_OUTPUT = Path("/proc") / "sgjax-test-no-such-folder" / "out"  # /proc takes no new folder
 
 
 def test_output_folder_under_proc(bad_runs):

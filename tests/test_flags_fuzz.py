@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from forked_cases import forked_runs
+from shared_fixture import computed_once, session_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [("mnist_mlp.py", 200), ("benchmark.py", 200), ("step_time.py", 60), ("rnn.py", 120)]
@@ -17,14 +19,18 @@ SCRIPTS = [("mnist_mlp.py", 200), ("benchmark.py", 200), ("step_time.py", 60), (
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """``python tests/flag_fuzz.py experiments/SCRIPT EXAMPLES``, for every script."""
+    """``python tests/flag_fuzz.py experiments/SCRIPT EXAMPLES``, for every script, once per
+    session also under pytest-xdist (``shared_fixture.computed_once``)."""
     cases = {script: [f"experiments/{script}", str(examples)] for script, examples in SCRIPTS}
-    return forked_runs(
-        str(REPO / "tests" / "flag_fuzz.py"),
-        cases,
-        tmp_path_factory.mktemp("fuzz"),
-        os.environ | {"JAX_PLATFORMS": "cpu"},
-    )
+
+    def compute() -> dict[str, list]:
+        folder = Path(tempfile.mkdtemp(prefix="fuzz", dir=session_folder(tmp_path_factory)))
+        env = os.environ | {"JAX_PLATFORMS": "cpu"}
+        runs = forked_runs(str(REPO / "tests" / "flag_fuzz.py"), cases, folder, env)
+        return {name: [r.returncode, r.stdout, r.stderr] for name, r in runs.items()}
+
+    record = computed_once(tmp_path_factory, "flag_fuzz", compute)
+    return {name: subprocess.CompletedProcess(cases[name], *r) for name, r in record.items()}
 
 
 @pytest.mark.parametrize(("script", "examples"), SCRIPTS)
