@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from forked_cases import forked_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "benchmark.py")
@@ -70,13 +72,21 @@ def test_sigint_after_a_program_then_resume(tmp_path):
     assert finished[0] == "bp" and len(finished) < 3
     assert (output_dir / "table.md").read_text().count("Status: interrupted") == 1
 
-    refused = _run(_args(output_dir))
+    # Three runs forked from one Python start (tests/forked_cases.py), one after another.
+    runs = forked_runs(
+        SCRIPT,
+        {
+            "refused": _args(output_dir)[2:],
+            "other": _args(output_dir, "--resume", "--num_steps=30")[2:],
+            "resumed": _args(output_dir, "--resume")[2:],
+        },
+        tmp_path,
+        ENV,
+    )
+    refused, other, resumed = runs["refused"], runs["other"], runs["resumed"]
     assert refused.returncode == 2 and "--resume" in refused.stderr
-
-    other = _run(_args(output_dir, "--resume", "--num_steps=30"))
     assert other.returncode == 2 and "other settings" in other.stderr, other.stderr
 
-    resumed = _run(_args(output_dir, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "bp: done in an earlier session, not run again" in resumed.stdout
     complete = _benchmark(output_dir)
@@ -99,30 +109,34 @@ def test_a_diverging_benchmark_stops_with_exit_3(tmp_path):
 
 
 def test_corrupt_program_files_on_resume_are_one_line_and_exit_2(tmp_path):
-    quick = [*TINY[1:], "--modes=bp", f"--output_dir={tmp_path}"]
+    output_dir = tmp_path / "bench"
+    quick = [*TINY[1:], "--modes=bp", f"--output_dir={output_dir}"]
     assert _run([sys.executable, SCRIPT, *quick]).returncode == 0
-    for name, payload in [
-        ("000.json", '{"compile_s": 1.'),
-        ("000.json", "[]"),
-        ("settings.json", ""),
-    ]:
-        path = tmp_path / "programs" / name
-        original = path.read_text()
-        path.write_text(payload)
-        done = _run([sys.executable, SCRIPT, *quick, "--resume"])
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert done.returncode == 2, done.stderr
-        assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], lines
-        path.write_text(original)
+    # Each resume on its own copy of the folder, forked from one Python start
+    # (tests/forked_cases.py): three with a corrupted file, one with an older program file.
+    broken = [("000.json", '{"compile_s": 1.'), ("000.json", "[]"), ("settings.json", "")]
+    cases = {}
+    for i, (name, payload) in enumerate(broken):
+        copy = tmp_path / f"broken{i}"
+        shutil.copytree(output_dir, copy)
+        (copy / "programs" / name).write_text(payload)
+        cases[f"broken{i}"] = [*quick[:-1], f"--output_dir={copy}", "--resume"]
     # A program stored before the input losses were kept (no history.input_loss) still loads,
     # with no input-loss columns.
-    npz = tmp_path / "programs" / "000.npz"
+    npz = output_dir / "programs" / "000.npz"
     with np.load(npz) as arrays:
         kept = {k: arrays[k] for k in arrays.files if not k.endswith(".input_loss")}
     assert len(kept) < len(np.load(npz).files)
     np.savez(npz, **kept)
-    done = _run([sys.executable, SCRIPT, *quick, "--resume"])
+    cases["older"] = [*quick, "--resume"]
+    runs = forked_runs(SCRIPT, cases, tmp_path, ENV)
+    for i, (name, _) in enumerate(broken):
+        done, path = runs[f"broken{i}"], tmp_path / f"broken{i}" / "programs" / name
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, done.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], lines
+    done = runs["older"]
     assert done.returncode == 0, done.stderr
-    history = _benchmark(tmp_path)["programs"][0]["history"]
+    history = _benchmark(output_dir)["programs"][0]["history"]
     assert np.asarray(history["input_loss"]).size == 0
     assert len(history["test_loss"][0]) == 2

@@ -8,30 +8,23 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from forked_cases import forked_runs
+from shared_fixture import computed_once, session_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
 TINY = ["--num_steps=20", "--eval_every=10", "--hidden_units=32", "--sg_hidden_units=32"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env=os.environ | {"JAX_PLATFORMS": "cpu"},
-    )
-
-
-def test_a_tiny_run_writes_results_and_metrics(tmp_path):
-    done = _run("--mode=sg", *TINY, f"--output_dir={tmp_path}")
+def test_a_tiny_run_writes_results_and_metrics(bad_runs):
+    root, runs = bad_runs
+    done, tmp_path = runs["tiny"], root / "tiny"
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == ""
     results = json.loads((tmp_path / "results.json").read_text())
@@ -181,9 +174,26 @@ BAD_INPUTS = {
 def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     """Every run that must stop with a one-line error (bad inputs, bad data folders, a late
     error, output folders that cannot be made), each case with its own folder under the
-    returned one (``input/<case>/out``, ``data/<kind>/out``, ...), forked from one Python start
-    (tests/forked_cases.py)."""
-    root = tmp_path_factory.mktemp("bad")
+    returned one (``input/<case>/out``, ``data/<kind>/out``, ...), and two runs that complete
+    (``tiny``, ``idx``), forked from one Python start (tests/forked_cases.py), once per session
+    also under pytest-xdist (in the session's folder: ``shared_fixture.computed_once``)."""
+
+    def compute() -> dict[str, Any]:
+        root = Path(tempfile.mkdtemp(prefix="bad", dir=session_folder(tmp_path_factory)))
+        env = os.environ | {"JAX_PLATFORMS": "cpu"}
+        runs = forked_runs(SCRIPT, _forked_cases(root), root, env)
+        return {
+            "root": str(root),
+            "runs": {k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()},
+        }
+
+    record = computed_once(tmp_path_factory, "cli_forked_runs", compute)
+    runs = {k: subprocess.CompletedProcess([SCRIPT], *r) for k, r in record["runs"].items()}
+    return Path(record["root"]), runs
+
+
+def _forked_cases(root: Path) -> dict[str, list[str]]:
+    """The fixture's cases (name -> arguments), their folders made under ``root``."""
     cases = {}
     for case, (extra, _) in BAD_INPUTS.items():
         (root / "input" / case).mkdir(parents=True)
@@ -199,7 +209,12 @@ def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     (root / "a_file").write_text("")  # root ignores permission bits: a file blocks the folder
     cases["unwritable"] = [*TINY, f"--output_dir={root / 'a_file' / 'out'}"]
     cases["proc"] = [*TINY, f"--output_dir={PROC_OUTPUT}"]
-    return root, forked_runs(SCRIPT, cases, root, os.environ | {"JAX_PLATFORMS": "cpu"})
+    # Two runs that complete, forked from the same start (tests that read their folders).
+    cases["tiny"] = ["--mode=sg", *TINY, f"--output_dir={root / 'tiny'}"]
+    folder = _idx_folder(root / "idx" / "idx")
+    cases["idx"] = [*TINY, f"--data_dir={folder}", f"--output_dir={root / 'idx' / 'out'}"]
+    cases["idx"].append("--batch_size=8")
+    return cases
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -239,9 +254,9 @@ def test_a_late_error_leaves_an_existing_output_folder_as_it_was(bad_runs):
     assert list((root / "late" / "out").iterdir()) == []
 
 
-def test_valid_idx_folder_is_used(tmp_path):
-    folder = _idx_folder(tmp_path / "idx")
-    done = _run(*TINY, f"--data_dir={folder}", f"--output_dir={tmp_path / 'out'}", "--batch_size=8")
+def test_valid_idx_folder_is_used(bad_runs):
+    root, runs = bad_runs
+    done, tmp_path = runs["idx"], root / "idx"
     assert done.returncode == 0, done.stderr
     dataset = json.loads((tmp_path / "out" / "results.json").read_text())["dataset"]
     assert (dataset["source"], dataset["train_size"], dataset["test_size"]) == ("idx", 20, 10)
@@ -300,7 +315,7 @@ def test_unwritable_output_folder(bad_runs):
     assert blocker.is_file() and blocker.read_text() == ""
 
 
-PROC_OUTPUT = Path("/proc") / f"sgjax-test-{os.getpid()}" / "out"
+PROC_OUTPUT = Path("/proc") / "sgjax-test-no-such-folder" / "out"  # /proc takes no new folder
 
 
 def test_output_folder_under_proc(bad_runs):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import chex
 import jax
 import numpy as np
 import pytest
+from forked_cases import forked_runs
+from shared_fixture import computed_once, session_folder
 
 from sgjax.data.sources import load_dataset
 from sgjax.training.checkpoint import Checkpointer
@@ -29,11 +32,13 @@ from sgjax.training.loop import Resume, init_train_state, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
-# Long enough (200 chunks) that a signal lands mid-run; small enough to take seconds. Chunks of
-# 10 steps in evaluation periods of 40: most chunk boundaries fall between evaluations.
+# Long enough (60 chunks) that a signal sent after the 17th progress line lands mid-run (the
+# signalled runs write unbuffered: a line is seen when it is printed); small enough to take
+# seconds. Chunks of 10 steps in evaluation periods of 40: most chunk boundaries fall between
+# evaluations.
 RUN = dict(
     mode="cdni",
-    num_steps=2000,
+    num_steps=600,
     eval_every=40,
     chunk_steps=10,
     hidden_units=64,
@@ -60,7 +65,12 @@ def _start_and_signal(args: list[str], log_dir: Path, sig: int, after_lines: int
     stdout_path = log_dir / "stdout.txt"
     with stdout_path.open("w") as stdout:
         process = subprocess.Popen(
-            args, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+            args,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV | {"PYTHONUNBUFFERED": "1"},  # each progress line reaches the file at once
+            cwd=REPO,
         )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -92,16 +102,6 @@ def _final_state(output_dir: Path):
 
 
 SHORT = dict(num_steps=40, eval_every=20)
-
-
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory) -> Path:
-    """A finished short run's folder, run once for the tests that copy it (its output folder is
-    free to change on --resume: ``TrainConfig.RESUME_FREE``)."""
-    output_dir = tmp_path_factory.mktemp("short")
-    done = _run(_args(output_dir, **SHORT))
-    assert done.returncode == 0, done.stderr
-    return output_dir
 
 
 @pytest.fixture(scope="module")
@@ -178,37 +178,67 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tm
     assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
-def test_an_earlier_run_is_refused_without_resume_or_overwrite(short_run, tmp_path):
-    short, tmp_path = SHORT, tmp_path / "run"
-    shutil.copytree(short_run, tmp_path)
-    before = (tmp_path / "results.json").read_text()
+@pytest.fixture(scope="module")
+def on_the_short_run(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """A finished short run (folder ``short``), then runs on copies of its folder (its output
+    folder is free to change on --resume: ``TrainConfig.RESUME_FREE``), forked from one Python
+    start (tests/forked_cases.py), one after another: without --resume or --overwrite and with
+    another width on --resume (folder ``refused``), --resume on a corrupted checkpoint
+    (``corrupt``), and --overwrite with another width (``replaced``). Once per session, also
+    under pytest-xdist (``shared_fixture.computed_once``). Returns the root and the runs."""
 
-    refused = _run(_args(tmp_path, **short))
+    def compute() -> dict:
+        root = Path(tempfile.mkdtemp(prefix="on_short", dir=session_folder(tmp_path_factory)))
+        done = _run(_args(root / "short", **SHORT))
+        assert done.returncode == 0, done.stderr
+        for name in ("refused", "corrupt", "replaced"):
+            shutil.copytree(root / "short", root / name)
+        for path in (root / "corrupt" / "checkpoints" / "40" / "state").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"garbage")
+        flags = lambda name, **extra: _args(root / name, **SHORT, **extra)[2:]  # noqa: E731
+        cases = {
+            "refused": flags("refused"),
+            "mismatched": [*flags("refused", hidden_units=32), "--resume"],
+            "corrupt": [*flags("corrupt"), "--resume"],
+            "replaced": [*flags("replaced", hidden_units=32), "--overwrite"],
+        }
+        runs = forked_runs(SCRIPT, cases, root, ENV)
+        return {
+            "root": str(root),
+            "runs": {k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()},
+        }
+
+    record = computed_once(tmp_path_factory, "resume_refusals", compute)
+    runs = {k: subprocess.CompletedProcess([SCRIPT], *r) for k, r in record["runs"].items()}
+    return Path(record["root"]), runs
+
+
+def test_an_earlier_run_is_refused_without_resume_or_overwrite(on_the_short_run):
+    root, runs = on_the_short_run
+    before = (root / "short" / "results.json").read_text()
+
+    refused = runs["refused"]
     assert refused.returncode == 2
     assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
-    assert (tmp_path / "results.json").read_text() == before
 
-    mismatched = _run(_args(tmp_path, **short, hidden_units=32), ("--resume",))
+    mismatched = runs["mismatched"]
     assert mismatched.returncode == 2
     assert "--hidden_units=64 (now 32)" in mismatched.stderr
     assert "Traceback" not in mismatched.stderr
+    assert (root / "refused" / "results.json").read_text() == before  # neither run wrote
 
-    replaced = _run(_args(tmp_path, **short, hidden_units=32), ("--overwrite",))
+    replaced = runs["replaced"]
     assert replaced.returncode == 0, replaced.stderr
-    assert _results(tmp_path)["config"]["hidden_units"] == 32
+    assert _results(root / "replaced")["config"]["hidden_units"] == 32
 
 
-def test_a_corrupt_checkpoint_is_refused_with_a_message(short_run, tmp_path):
-    short, tmp_path = SHORT, tmp_path / "run"
-    shutil.copytree(short_run, tmp_path)
-    latest = tmp_path / "checkpoints" / "40"
-    for path in (latest / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
-    refused = _run(_args(tmp_path, **short), ("--resume",))
+def test_a_corrupt_checkpoint_is_refused_with_a_message(on_the_short_run):
+    root, runs = on_the_short_run
+    refused = runs["corrupt"]
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr
-    assert str(latest) in refused.stderr
+    assert str(root / "corrupt" / "checkpoints" / "40") in refused.stderr
 
 
 @pytest.mark.parametrize("mode", ["bp", "sg"])
