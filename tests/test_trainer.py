@@ -91,6 +91,14 @@ def _stage_params(state):
     return [s.params for s in state.stages]
 
 
+def _steps(trainers):
+    """One step of each trainer from its own state, compiled as one program (one compile instead
+    of one per trainer)."""
+    return jax.jit(
+        lambda states, x, y: [t.step(s, x, y) for t, s in zip(trainers, states, strict=True)]
+    )
+
+
 # Label conditioning changes only the synthesizers' inputs: checked on the MLP and on both CNNs
 # (label channels), not on every chain, to keep the suite short.
 ORACLE_CASES = [(chain, False) for chain in sorted(CHAINS)] + [
@@ -113,9 +121,9 @@ def test_oracle_step_equals_backprop_step(chain: str, conditioned: bool) -> None
     # Same network for the same key whatever the method.
     chex.assert_trees_all_equal(_stage_params(state_bp), _stage_params(state_sg))
 
-    after_bp, m_bp = jax.jit(bp.step)(state_bp, x, y)
-    after_oracle, m_or = jax.jit(oracle.step)(state_sg, x, y)
-    after_sg, _ = jax.jit(sg.step)(state_sg, x, y)
+    (after_bp, m_bp), (after_oracle, m_or), (after_sg, _) = _steps((bp, oracle, sg))(
+        (state_bp, state_sg, state_sg), x, y
+    )
     chex.assert_trees_all_close(
         _stage_params(after_oracle), _stage_params(after_bp), rtol=1e-5, atol=1e-6
     )
@@ -154,8 +162,7 @@ def test_oracle_with_two_stages_coupled() -> None:
     key = jax.random.PRNGKey(4)
     state = _make_synthesizers_nonzero(oracle.init(key, x), jax.random.PRNGKey(5))
     assert len(state.synthesizers) == 2
-    after_bp, _ = jax.jit(bp.step)(bp.init(key, x), x, y)
-    after_oracle, _ = jax.jit(oracle.step)(state, x, y)
+    (after_bp, _), (after_oracle, _) = _steps((bp, oracle))((bp.init(key, x), state), x, y)
     chex.assert_trees_all_close(
         _stage_params(after_oracle), _stage_params(after_bp), rtol=1e-5, atol=1e-6
     )
