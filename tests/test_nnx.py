@@ -169,9 +169,13 @@ def test_a_mixed_chain_trains_as_its_linen_twin(name: str) -> None:
     poured = jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(own), jax.tree_util.tree_leaves(start)
     )
-    want, want_logits = jax.jit(run, static_argnums=0)(linen, start)
-    got, got_logits = jax.jit(run, static_argnums=0)(mixed, poured)
-    control, _ = jax.jit(run, static_argnums=0)(mixed, own)
+    # One program: the Linen run, and the mixed chain's runs from both starts in a loop.
+    both = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), poured, own)
+    (want, want_logits), (runs, logits) = jax.jit(
+        lambda start, both: (run(linen, start), jax.lax.map(lambda s: run(mixed, s), both))
+    )(start, both)
+    got, control = (jax.tree_util.tree_map(lambda a, i=i: a[i], runs) for i in (0, 1))
+    got_logits = logits[0]
     assert _difference(got, want) < 2e-5
     assert _difference(got_logits, want_logits) < 2e-5
     assert _difference(control, want) > 1e-2

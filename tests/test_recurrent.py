@@ -124,19 +124,24 @@ def test_zero_initialised_modules_make_the_first_update_the_bptt_update():
     segment = _episode_segments()[1]  # mid-episode, with outputs and a boundary after it
     carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
     continues = jnp.ones((BATCH,))
-    firsts, seconds = {}, {}
-    for mode in ("bptt", "dni", "dni_aux"):
-        trainer = _trainer(mode)
-        state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
+    modes = ("bptt", "dni", "dni_aux")
+    trainers = {mode: _trainer(mode) for mode in modes}
+    states = {
+        m: t.init(jax.random.PRNGKey(1), carry, segment.inputs[0]) for m, t in trainers.items()
+    }
 
-        @jax.jit
-        def two_updates(state, trainer=trainer):
-            first, _, metrics = trainer.step(state, carry, segment, continues)
-            second, _, _ = trainer.step(first, carry, segment, continues)
-            return first, second, metrics.sg_loss
+    def two_updates(state, trainer):
+        first, _, metrics = trainer.step(state, carry, segment, continues)
+        second, _, _ = trainer.step(first, carry, segment, continues)
+        return first, second, metrics.sg_loss
 
-        first, second, sg_loss = two_updates(state)
-        firsts[mode], seconds[mode] = first.params["core"], second.params["core"]
+    # The three modes' updates compiled as one program.
+    results = jax.jit(lambda states: {m: two_updates(states[m], trainers[m]) for m in modes})(
+        states
+    )
+    firsts = {}
+    for mode, (first, _, sg_loss) in results.items():
+        firsts[mode] = first.params["core"]
         if mode != "bptt":
             assert float(sg_loss) > 0  # the synthesizer did learn from this update
     for mode in ("dni", "dni_aux"):
@@ -256,13 +261,20 @@ def test_unscaled_target_regresses_m_onto_what_its_unscaled_output_brings_to_the
     segment = _episode_segments()[1]
     carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
     continues = jnp.ones((BATCH,))
-    seconds = {}
-    for unscaled in (False, True):
-        trainer = _trainer("dni", optax.sgd(LR), unscaled_target=unscaled)
-        state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
-        step = jax.jit(trainer.step)
-        first, _, _ = step(state, carry, segment, continues)
-        seconds[unscaled], _, _ = step(first, carry, segment, continues)
+    trainers = {u: _trainer("dni", optax.sgd(LR), unscaled_target=u) for u in (False, True)}
+
+    @jax.jit  # both trainers' two updates as one program
+    def two_updates(states):
+        firsts = {u: trainers[u].step(states[u], carry, segment, continues)[0] for u in states}
+        return firsts, {
+            u: trainers[u].step(firsts[u], carry, segment, continues)[0] for u in states
+        }
+
+    states = {
+        u: t.init(jax.random.PRNGKey(1), carry, segment.inputs[0]) for u, t in trainers.items()
+    }
+    firsts, seconds = two_updates(states)
+    trainer, first = trainers[True], firsts[True]
 
     core = first.params["core"]
     (_, end), _ = trainer.unroll(core, carry, segment)
