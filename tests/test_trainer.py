@@ -311,16 +311,23 @@ def test_same_conv_gradients_equal_xla_gradients() -> None:
     from sgjax.core.conv import _conv, same_conv
 
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 6, 4))
-    for size in (3, 4, 5):
-        kernel = jax.random.normal(jax.random.PRNGKey(size), (size, size, 4, 5))
+    kernels = [jax.random.normal(jax.random.PRNGKey(k), (k, k, 4, 5)) for k in (3, 4, 5)]
 
-        def loss(conv, x, k):
-            return jnp.sum(jnp.sin(conv(x, k)))
+    def loss(conv, x, k):
+        return jnp.sum(jnp.sin(conv(x, k)))
 
-        ours = jax.grad(lambda x, k: loss(same_conv, x, k), argnums=(0, 1))(x, kernel)
-        xla = jax.grad(lambda x, k: loss(_conv, x, k), argnums=(0, 1))(x, kernel)
+    @jax.jit  # every size's gradients and outputs, ours and XLA's, as one program
+    def both(x, kernels):
+        return [
+            [jax.grad(lambda x, k, c=c: loss(c, x, k), argnums=(0, 1))(x, k), c(x, k)]
+            for k in kernels
+            for c in (same_conv, _conv)
+        ]
+
+    results = both(x, kernels)
+    for (ours, ours_out), (xla, xla_out) in zip(results[::2], results[1::2], strict=True):
         chex.assert_trees_all_close(ours, xla, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(same_conv(x, kernel), _conv(x, kernel), rtol=1e-6)
+        np.testing.assert_allclose(ours_out, xla_out, rtol=1e-6)
 
 
 def test_synthetic_gradient_cosines_rise_when_synthesizers_learn() -> None:
