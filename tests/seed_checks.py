@@ -15,12 +15,9 @@ def assert_vmap_equals_separate_runs(run: Callable[[jax.Array], tuple[jax.Array,
     """``run(seed) -> (loss, state)`` for seeds 0-2, vmapped and alone: equal to rounding, and
     the seeds' losses differ (so equal runs are not a seed that is ignored)."""
     seeds = jnp.arange(3)
-    # One program (one compile): the vmapped run, and each seed's own unbatched run in a loop.
-    (losses, states), (alone_losses, alone_states) = jax.jit(
-        lambda seeds: (jax.vmap(run)(seeds), jax.lax.map(run, seeds))
-    )(seeds)
+    losses, states = jax.jit(jax.vmap(run))(seeds)
     for i in range(3):
-        loss, state = alone_losses[i], jax.tree_util.tree_map(lambda a, i=i: a[i], alone_states)
+        loss, state = jax.jit(run)(seeds[i])
         np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
         chex.assert_trees_all_close(
             jax.tree_util.tree_map(lambda a, i=i: a[i], states), state, rtol=1e-4, atol=1e-6
