@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 from sgjax.core.trainer import TrainerState
-from sgjax.data import load_dataset, sample_batch, scale_images, to_device
+from sgjax.data import DeviceData, load_dataset, sample_batch, scale_images, to_device
 from sgjax.training.architecture import config_facts
 from sgjax.training.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -65,39 +66,56 @@ class Outcome(NamedTuple):
     initial_cosines: list[float]
 
 
-def train(mode: str, seed: int, frozen: bool = False) -> Outcome:
-    """Train the tiny CNN with ``mode`` (``frozen``: synthesizers never learn, so the hidden
-    layers get zero gradients and only the classifier trains)."""
+def _program(mode: str, seed: int, frozen: bool = False) -> tuple[Callable, TrainerState]:
+    """The whole run of the tiny CNN with ``mode`` (``frozen``: synthesizers never learn, so the
+    hidden layers get zero gradients and only the classifier trains) as a traceable function of
+    its initial state and the data: (test accuracy, final and initial cosines)."""
     config = TrainConfig(mode=mode, seed=seed, **TINY)
     trainer = trainer_for(config)
     if frozen:
         trainer = trainer.frozen_control()
-    data = to_device(load_dataset("mnist", None))
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     state = trainer.init(init_key, jnp.zeros(sample_shape(config)))
-    probe = sample_batch(jax.random.PRNGKey(12345), data, PROBE)
-    measure = jax.jit(lambda s: trainer.synthetic_gradient_cosines(s, probe.images, probe.labels))
-    initial = measure(state) if config.decoupled else jnp.zeros(0)
 
-    @jax.jit
-    def run(state: TrainerState) -> TrainerState:
+    def whole(state: TrainerState, data: DeviceData) -> tuple[jax.Array, ...]:
+        probe = sample_batch(jax.random.PRNGKey(12345), data, PROBE)
+
+        def measure(s: TrainerState) -> jax.Array:
+            if not config.decoupled:
+                return jnp.zeros(0)
+            return trainer.synthetic_gradient_cosines(s, probe.images, probe.labels)
+
         def body(s: TrainerState, i: jax.Array) -> tuple[TrainerState, None]:
             batch = sample_batch(jax.random.fold_in(data_key, i), data, config.batch_size)
             return trainer.step(s, batch.images, batch.labels)[0], None
 
-        return jax.lax.scan(body, state, jnp.arange(config.num_steps))[0]
+        final = jax.lax.scan(body, state, jnp.arange(config.num_steps))[0]
+        x = scale_images(data.test_images[:TEST_IMAGES])
+        accuracy = trainer.evaluate(final, x, data.test_labels[:TEST_IMAGES])[1]
+        return accuracy, measure(final), measure(state)
 
-    state = run(state)
-    x = scale_images(data.test_images[:TEST_IMAGES])
-    accuracy = jax.jit(trainer.evaluate)(state, x, data.test_labels[:TEST_IMAGES])[1]
-    final = measure(state) if config.decoupled else jnp.zeros(0)
+    return whole, state
+
+
+def _outcome(accuracy: jax.Array, final: jax.Array, initial: jax.Array) -> Outcome:
     return Outcome(float(accuracy), final.tolist(), initial.tolist())
+
+
+def train(mode: str, seed: int, frozen: bool = False) -> Outcome:
+    """Train the tiny CNN with ``mode`` (see ``_program``)."""
+    whole, state = _program(mode, seed, frozen)
+    return _outcome(*jax.jit(whole)(state, to_device(load_dataset("mnist", None))))
 
 
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, Outcome]:
-    runs = {mode: train(mode, SEED) for mode in ("bp", "sg", "cdni")}
-    return runs | {"frozen": train("sg", SEED, frozen=True)}
+    """The four runs of ``train`` (bp, sg, cdni, frozen sg), compiled as one program."""
+    runs = {mode: _program(mode, SEED) for mode in ("bp", "sg", "cdni")}
+    runs["frozen"] = _program("sg", SEED, frozen=True)
+    results = jax.jit(
+        lambda states, data: {name: runs[name][0](states[name], data) for name in runs}
+    )({name: run[1] for name, run in runs.items()}, to_device(load_dataset("mnist", None)))
+    return {name: _outcome(*result) for name, result in results.items()}
 
 
 @pytest.mark.parametrize("mode", ["bp", "sg", "cdni"])

@@ -130,11 +130,12 @@ def test_bp_lambda_one_is_backprop_and_zero_is_dni(setups):
     _, bp_state, _, bp_plain = setups["bp"]
     x, y = _batch(3)
     dni_step, _ = dni_plain(state, x, y)
-    bp0_step, _ = jax.jit(_trainer(bp_lambda(0.0, SYNTH)).step)(state, x, y)
+    lambdas = [_trainer(bp_lambda(value, SYNTH)) for value in (0.0, 1.0)]
+    # Both BP(lambda) steps compiled as one program.
+    bp0_step, bp1_step = jax.jit(lambda s, x, y: [t.step(s, x, y)[0] for t in lambdas])(state, x, y)
     chex.assert_trees_all_equal(bp0_step, dni_step)
     reference, _ = bp_plain(bp_state, x, y)  # the same stages (same key)
     chex.assert_trees_all_equal(bp_state.stages, state.stages)
-    bp1_step, _ = jax.jit(_trainer(bp_lambda(1.0, SYNTH)).step)(state, x, y)
     chex.assert_trees_all_close(bp1_step.stages, reference.stages, rtol=1e-5, atol=1e-6)
     # the A/B is real: with these synthesizers DNI's first stage moves differently from bp's
     diff = jax.tree.map(
@@ -150,13 +151,15 @@ def test_complete_unlock_with_true_inputs_is_the_dni_step(setups):
     x, y = _batch(4)
     cdni = _trainer(dni(SYNTH, conditioned=True))
     plain_state = state._replace(inputs=())
-    reference, ref_metrics = jax.jit(cdni.step)(plain_state, x, y)
     # The unlocked trainer fed the chain's own outputs in place of its synthetic inputs.
     fed_true = copy.copy(trainer)
     fed_true.synthetic_inputs = lambda s, x: tuple(
         fwd.output for fwd in trainer.gradients(s, x, y).forwards
     )
-    with_true, metrics = jax.jit(fed_true.step)(state, x, y)
+    # Both steps compiled as one program.
+    (reference, ref_metrics), (with_true, metrics) = jax.jit(
+        lambda plain_state, state, x: (cdni.step(plain_state, x, y), fed_true.step(state, x, y))
+    )(plain_state, state, x)
     chex.assert_trees_all_equal(with_true.stages, reference.stages)
     chex.assert_trees_all_equal(with_true.synthesizers, reference.synthesizers)
     chex.assert_trees_all_equal(metrics._replace(input_loss=()), ref_metrics)
@@ -265,11 +268,20 @@ def test_stale_gradient_is_a_moving_average_over_steps_of_the_batch_mean():
     decay = 0.75
     stale = _trainer(stale_gradient(decay))
     state = jax.jit(stale.init)(jax.random.PRNGKey(4), _batch(6)[0])
-    step, true_of, grads_of = (
-        jax.jit(stale.step),
-        jax.jit(stale.boundary_gradients),
-        jax.jit(stale.gradients),
-    )
+
+    @jax.jit
+    def one_step(state, x, y, sent):
+        """Everything a step checks, compiled as one program."""
+        got, sent_in = (
+            stale.gradients(state, x, y, synthetic_override=o).groups for o in (None, sent)
+        )
+        return (
+            [g.stages for g in got],
+            [g.stages for g in sent_in],
+            stale.step(state, x, y)[0],
+            stale.boundary_gradients(state, x, y),
+        )
+
     expected = [np.zeros(UNITS), np.zeros(UNITS)]
     for t in range(4):
         x, y = _batch(10 + t)  # new examples every step: the average is not theirs
@@ -277,18 +289,12 @@ def test_stale_gradient_is_a_moving_average_over_steps_of_the_batch_mean():
         sent = [
             jnp.broadcast_to(s.collections["stale"], (BATCH, UNITS)) for s in state.synthesizers
         ]
-        got = grads_of(state, x, y)
-        chex.assert_trees_all_close(
-            [g.stages for g in got.groups],
-            [g.stages for g in grads_of(state, x, y, synthetic_override=sent).groups],
-            rtol=1e-5, atol=1e-9,
-        )  # fmt: skip
-        new, _ = step(state, x, y)
+        got, with_sent, new, true = one_step(state, x, y, sent)
+        chex.assert_trees_all_close(got, with_sent, rtol=1e-5, atol=1e-9)
         moved = not np.array_equal(
             new.stages[1].params["Dense_0"]["kernel"], state.stages[1].params["Dense_0"]["kernel"]
         )
         assert moved == (t > 0), t  # a zero average at first: the group below the top stays
-        true = true_of(state, x, y)
         expected = [
             decay * e + (1 - decay) * np.mean(g, axis=0)
             for e, g in zip(expected, true, strict=True)

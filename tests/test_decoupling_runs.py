@@ -117,12 +117,21 @@ MARGIN = 0.2
 
 def test_short_runs_reach_their_floors_and_beat_the_zero_gradient_control():
     data = to_device(load_dataset("mnist", None))
-    seeds = jnp.arange(2)
+    configs = {
+        name: dataclasses.replace(FLOOR_CONFIG, mode=name.removesuffix("_unlock"), **extra)
+        for name, extra in RUNS.items()
+    }
+    # Every run's 2 seeds vmapped, and all the runs compiled as one program: the same runs as
+    # one program each (the same accuracies, measured), in under half the CPU time.
+    histories = jax.jit(
+        lambda seeds, rate, data: {
+            name: jax.vmap(make_train(config), in_axes=(0, None, None))(seeds, rate, data)[1]
+            for name, config in configs.items()
+        }
+    )(jnp.arange(2), jnp.float32(FLOOR_CONFIG.learning_rate), data)
     accuracy = {}
-    for name, extra in RUNS.items():
-        config = dataclasses.replace(FLOOR_CONFIG, mode=name.removesuffix("_unlock"), **extra)
-        program = jax.jit(jax.vmap(make_train(config), in_axes=(0, None, None)))
-        _, history = program(seeds, jnp.float32(config.learning_rate), data)
+    for name, config in configs.items():
+        history = histories[name]
         accuracy[name] = np.asarray(history.test_accuracy)[:, -1]
         # The run's history carries the input models' losses (the benchmark's JSON and
         # sg_loss.png read them): one column per boundary for the unlock, none otherwise.

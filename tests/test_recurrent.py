@@ -124,19 +124,24 @@ def test_zero_initialised_modules_make_the_first_update_the_bptt_update():
     segment = _episode_segments()[1]  # mid-episode, with outputs and a boundary after it
     carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
     continues = jnp.ones((BATCH,))
-    firsts, seconds = {}, {}
-    for mode in ("bptt", "dni", "dni_aux"):
-        trainer = _trainer(mode)
-        state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
+    modes = ("bptt", "dni", "dni_aux")
+    trainers = {mode: _trainer(mode) for mode in modes}
+    states = {
+        m: t.init(jax.random.PRNGKey(1), carry, segment.inputs[0]) for m, t in trainers.items()
+    }
 
-        @jax.jit
-        def two_updates(state, trainer=trainer):
-            first, _, metrics = trainer.step(state, carry, segment, continues)
-            second, _, _ = trainer.step(first, carry, segment, continues)
-            return first, second, metrics.sg_loss
+    def two_updates(state, trainer):
+        first, _, metrics = trainer.step(state, carry, segment, continues)
+        second, _, _ = trainer.step(first, carry, segment, continues)
+        return first, second, metrics.sg_loss
 
-        first, second, sg_loss = two_updates(state)
-        firsts[mode], seconds[mode] = first.params["core"], second.params["core"]
+    # The three modes' updates compiled as one program.
+    results = jax.jit(lambda states: {m: two_updates(states[m], trainers[m]) for m in modes})(
+        states
+    )
+    firsts = {}
+    for mode, (first, _, sg_loss) in results.items():
+        firsts[mode] = first.params["core"]
         if mode != "bptt":
             assert float(sg_loss) > 0  # the synthesizer did learn from this update
     for mode in ("dni", "dni_aux"):
@@ -158,14 +163,18 @@ def test_a_dni_update_backpropagates_the_scaled_synthetic_gradient_from_the_segm
     first, _, _ = step(state, carry, segment, continues)
     second, _, _ = step(first, carry, segment, continues)
 
-    core = first.params["core"]
-    (_, end), _ = trainer.unroll(core, carry, segment)
-    synthetic = jax.tree_util.tree_map(
-        lambda g: 0.1 * g, trainer.synthetic_gradient(first.params, end)
-    )
-    zero = jax.tree_util.tree_map(jnp.zeros_like, end)
-    expected = _sgd_step(core, trainer.segment_gradients(core, carry, segment, synthetic).core)
-    bptt = _sgd_step(core, trainer.segment_gradients(core, carry, segment, zero).core)
+    @jax.jit  # the reference and its control as one program (faster than op by op)
+    def references(first):
+        core = first.params["core"]
+        (_, end), _ = trainer.unroll(core, carry, segment)
+        synthetic = jax.tree_util.tree_map(
+            lambda g: 0.1 * g, trainer.synthetic_gradient(first.params, end)
+        )
+        zero = jax.tree_util.tree_map(jnp.zeros_like, end)
+        expected = _sgd_step(core, trainer.segment_gradients(core, carry, segment, synthetic).core)
+        return expected, _sgd_step(core, trainer.segment_gradients(core, carry, segment, zero).core)
+
+    expected, bptt = references(first)
     for got, want in zip(_leaves(second.params["core"]), _leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert _max_gap(expected, bptt) > 1e-4
@@ -256,13 +265,20 @@ def test_unscaled_target_regresses_m_onto_what_its_unscaled_output_brings_to_the
     segment = _episode_segments()[1]
     carry = jax.tree_util.tree_map(lambda x: x + 0.3, zero_carry(BATCH, UNITS))
     continues = jnp.ones((BATCH,))
-    seconds = {}
-    for unscaled in (False, True):
-        trainer = _trainer("dni", optax.sgd(LR), unscaled_target=unscaled)
-        state = trainer.init(jax.random.PRNGKey(1), carry, segment.inputs[0])
-        step = jax.jit(trainer.step)
-        first, _, _ = step(state, carry, segment, continues)
-        seconds[unscaled], _, _ = step(first, carry, segment, continues)
+    trainers = {u: _trainer("dni", optax.sgd(LR), unscaled_target=u) for u in (False, True)}
+
+    @jax.jit  # both trainers' two updates as one program
+    def two_updates(states):
+        firsts = {u: trainers[u].step(states[u], carry, segment, continues)[0] for u in states}
+        return firsts, {
+            u: trainers[u].step(firsts[u], carry, segment, continues)[0] for u in states
+        }
+
+    states = {
+        u: t.init(jax.random.PRNGKey(1), carry, segment.inputs[0]) for u, t in trainers.items()
+    }
+    firsts, seconds = two_updates(states)
+    trainer, first = trainers[True], firsts[True]
 
     core = first.params["core"]
     (_, end), _ = trainer.unroll(core, carry, segment)
@@ -291,7 +307,22 @@ def test_config_gives_m_its_own_clipped_adam_and_the_lstm_a_forget_bias():
                      max_length=12, truncation=T, learning_rate=1e-3)  # fmt: skip
     config = dataclasses.replace(base, synthesizer_learning_rate=1e-5, clip_norm=0.5)
     program = CopyProgram(config)
-    params = program.init(0).model.params
+    biased_program = CopyProgram(dataclasses.replace(base, forget_bias=1.0))
+    plain = CopyProgram(base)
+    carry = zero_carry(BATCH, UNITS)
+    x = jnp.zeros((BATCH, plain.task.input_dim))
+
+    @jax.jit  # every initialisation as one program (faster than op by op)
+    def inits(seed):
+        untouched = plain.trainer.init(jax.random.split(jax.random.PRNGKey(seed))[0], carry, x)
+        return (
+            program.init(seed).model.params,
+            biased_program.init(seed).model.params["core"],
+            plain.init(seed).model.params,
+            untouched.params,
+        )
+
+    params, biased, plain_params, untouched = inits(0)
     grads = [jax.tree_util.tree_map(lambda x, k=k: jnp.full_like(x, k), params) for k in (3, 7)]
 
     def two_updates(optimizer, params):
@@ -301,20 +332,23 @@ def test_config_gives_m_its_own_clipped_adam_and_the_lstm_a_forget_bias():
             params, opt_state = apply_optimizer(optimizer, g, opt_state, params)
         return params
 
-    got = two_updates(program.trainer.optimizer, params)
+    @jax.jit  # every optimizer's two updates as one program
+    def updates(params):
+        rates = (("core", 1e-3), ("synthesizer", 1e-5))
+        clipped = {k: optax.chain(optax.clip_by_global_norm(0.5), optax.adam(r)) for k, r in rates}
+        return two_updates(program.trainer.optimizer, params), {
+            key: [two_updates(o, {key: params[key]})[key] for o in (clipped[key], optax.adam(r))]
+            for key, r in rates
+        }
+
+    got, references = updates(params)
     for key, rate in (("core", 1e-3), ("synthesizer", 1e-5)):
-        clipped = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(rate))
-        want = two_updates(clipped, {key: params[key]})[key]
+        want, unclipped = references[key]
         for a, b in zip(_leaves(got[key]), _leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-        assert _max_gap(two_updates(optax.adam(rate), {key: params[key]})[key], want) > rate / 100
+        assert _max_gap(unclipped, want) > rate / 100
 
-    biased = CopyProgram(dataclasses.replace(base, forget_bias=1.0)).init(0).model.params["core"]
-    plain = CopyProgram(base)
-    carry = zero_carry(BATCH, UNITS)
-    x = jnp.zeros((BATCH, plain.task.input_dim))
-    untouched = plain.trainer.init(jax.random.split(jax.random.PRNGKey(0))[0], carry, x).params
-    assert _max_gap(plain.init(0).model.params, untouched) == 0
+    assert _max_gap(plain_params, untouched) == 0
     for gate in ("hi", "hf", "hg", "ho"):
         want = untouched["core"]["lstm"][gate]["bias"] + (gate == "hf")
         np.testing.assert_array_equal(biased["lstm"][gate]["bias"], want)

@@ -91,6 +91,14 @@ def _stage_params(state):
     return [s.params for s in state.stages]
 
 
+def _steps(trainers):
+    """One step of each trainer from its own state, compiled as one program (one compile instead
+    of one per trainer)."""
+    return jax.jit(
+        lambda states, x, y: [t.step(s, x, y) for t, s in zip(trainers, states, strict=True)]
+    )
+
+
 # Label conditioning changes only the synthesizers' inputs: checked on the MLP and on both CNNs
 # (label channels), not on every chain, to keep the suite short.
 ORACLE_CASES = [(chain, False) for chain in sorted(CHAINS)] + [
@@ -113,9 +121,9 @@ def test_oracle_step_equals_backprop_step(chain: str, conditioned: bool) -> None
     # Same network for the same key whatever the method.
     chex.assert_trees_all_equal(_stage_params(state_bp), _stage_params(state_sg))
 
-    after_bp, m_bp = jax.jit(bp.step)(state_bp, x, y)
-    after_oracle, m_or = jax.jit(oracle.step)(state_sg, x, y)
-    after_sg, _ = jax.jit(sg.step)(state_sg, x, y)
+    (after_bp, m_bp), (after_oracle, m_or), (after_sg, _) = _steps((bp, oracle, sg))(
+        (state_bp, state_sg, state_sg), x, y
+    )
     chex.assert_trees_all_close(
         _stage_params(after_oracle), _stage_params(after_bp), rtol=1e-5, atol=1e-6
     )
@@ -154,8 +162,7 @@ def test_oracle_with_two_stages_coupled() -> None:
     key = jax.random.PRNGKey(4)
     state = _make_synthesizers_nonzero(oracle.init(key, x), jax.random.PRNGKey(5))
     assert len(state.synthesizers) == 2
-    after_bp, _ = jax.jit(bp.step)(bp.init(key, x), x, y)
-    after_oracle, _ = jax.jit(oracle.step)(state, x, y)
+    (after_bp, _), (after_oracle, _) = _steps((bp, oracle))((bp.init(key, x), state), x, y)
     chex.assert_trees_all_close(
         _stage_params(after_oracle), _stage_params(after_bp), rtol=1e-5, atol=1e-6
     )
@@ -167,10 +174,18 @@ def test_bootstrapped_targets_are_true_gradients_under_the_oracle() -> None:
     state = _make_synthesizers_nonzero(
         trainer.init(jax.random.PRNGKey(0), x), jax.random.PRNGKey(7)
     )
-    true = trainer.boundary_gradients(state, x, y)
-    _, _, _, targets = trainer.gradients(state, x, y, synthetic_override=true)
+
+    @jax.jit  # the three computations as one program (faster than op by op)
+    def targets_of(state):
+        true = trainer.boundary_gradients(state, x, y)
+        return (
+            true,
+            trainer.gradients(state, x, y, synthetic_override=true)[3],
+            trainer.gradients(state, x, y)[3],
+        )
+
+    true, targets, own = targets_of(state)
     chex.assert_trees_all_close(list(targets), list(true), rtol=1e-5, atol=1e-7)
-    _, _, _, own = trainer.gradients(state, x, y)
     assert float(jnp.max(jnp.abs(own[0] - true[0]))) > 1e-4
 
 
@@ -182,14 +197,16 @@ def test_zero_initialised_synthesizers_leave_decoupled_stages_unchanged(
     x, y = _batch(8)
     trainer = _trainer(CHAINS[chain](), dni(_synthesizer(chain), conditioned=conditioned))
     state = trainer.init(jax.random.PRNGKey(0), x)
-    forwards, grads, last, _ = trainer.gradients(state, x, y)
+    # The gradients and the step as one program (faster than op by op).
+    (forwards, grads, last, _), (after, _) = jax.jit(
+        lambda s: (trainer.gradients(s, x, y), trainer.step(s, x, y))
+    )(state)
     for fwd, g in zip(forwards, grads, strict=True):
         assert float(jnp.max(jnp.abs(fwd.synthetic_grad))) == 0.0
         for leaf in jax.tree_util.tree_leaves(g.stages):
             assert float(jnp.max(jnp.abs(leaf))) == 0.0
     # The last stage does learn from the true loss gradient.
     assert max(float(jnp.max(jnp.abs(v))) for v in jax.tree_util.tree_leaves(last.stages)) > 0
-    after, _ = jax.jit(trainer.step)(state, x, y)
     chex.assert_trees_all_equal(_stage_params(after)[:-1], _stage_params(state)[:-1])
 
 
@@ -304,16 +321,23 @@ def test_same_conv_gradients_equal_xla_gradients() -> None:
     from sgjax.core.conv import _conv, same_conv
 
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 6, 4))
-    for size in (3, 4, 5):
-        kernel = jax.random.normal(jax.random.PRNGKey(size), (size, size, 4, 5))
+    kernels = [jax.random.normal(jax.random.PRNGKey(k), (k, k, 4, 5)) for k in (3, 4, 5)]
 
-        def loss(conv, x, k):
-            return jnp.sum(jnp.sin(conv(x, k)))
+    def loss(conv, x, k):
+        return jnp.sum(jnp.sin(conv(x, k)))
 
-        ours = jax.grad(lambda x, k: loss(same_conv, x, k), argnums=(0, 1))(x, kernel)
-        xla = jax.grad(lambda x, k: loss(_conv, x, k), argnums=(0, 1))(x, kernel)
+    @jax.jit  # every size's gradients and outputs, ours and XLA's, as one program
+    def both(x, kernels):
+        return [
+            [jax.grad(lambda x, k, c=c: loss(c, x, k), argnums=(0, 1))(x, k), c(x, k)]
+            for k in kernels
+            for c in (same_conv, _conv)
+        ]
+
+    results = both(x, kernels)
+    for (ours, ours_out), (xla, xla_out) in zip(results[::2], results[1::2], strict=True):
         chex.assert_trees_all_close(ours, xla, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(same_conv(x, kernel), _conv(x, kernel), rtol=1e-6)
+        np.testing.assert_allclose(ours_out, xla_out, rtol=1e-6)
 
 
 def test_synthetic_gradient_cosines_rise_when_synthesizers_learn() -> None:

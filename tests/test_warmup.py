@@ -50,9 +50,13 @@ def _run(step, state, start: int, stop: int):
     return state
 
 
-def _reference(method):
-    trainer = _trainer(method)
-    return jax.jit(lambda state, x, y, t: trainer.step(state, x, y))
+def _references(*methods):
+    """One step of each method's trainer from its own state, compiled as one program."""
+    trainers = [_trainer(m) for m in methods]
+    step = jax.jit(
+        lambda states, x, y: [t.step(s, x, y)[0] for t, s in zip(trainers, states, strict=True)]
+    )
+    return lambda states, x, y, t: (step(states, x, y), None)
 
 
 def test_warmup_is_backprop_fitting_the_synthesizers_then_dni_in_one_program() -> None:
@@ -64,13 +68,12 @@ def test_warmup_is_backprop_fitting_the_synthesizers_then_dni_in_one_program() -
         return warm.step(state, x, y, step=t)
 
     warm_step = jax.jit(traced)
-    bp, oracle, sg = (
-        _reference(m) for m in (backprop(), dni(SYNTHESIZER, oracle=True), dni(SYNTHESIZER))
-    )
+    # backprop, the oracle and DNI stepped side by side (one compiled program)
+    references = _references(backprop(), dni(SYNTHESIZER, oracle=True), dni(SYNTHESIZER))
     start = warm.init(jax.random.PRNGKey(0), _batch(0)[0])
 
     warmed = _run(warm_step, start, 0, WARMUP)
-    by_bp, by_oracle, by_sg = (_run(step, start, 0, WARMUP) for step in (bp, oracle, sg))
+    by_bp, by_oracle, by_sg = _run(references, [start] * 3, 0, WARMUP)
     chex.assert_trees_all_close(_stages(warmed), _stages(by_bp), **CLOSE)
     chex.assert_trees_all_close(warmed.synthesizers, by_oracle.synthesizers, **CLOSE)
     # Teeth: DNI's steps (zero-initialised synthesizers) give other stages, and the synthesizers
@@ -80,8 +83,9 @@ def test_warmup_is_backprop_fitting_the_synthesizers_then_dni_in_one_program() -
 
     # From step N on the same compiled function takes DNI's step, not backprop's.
     after = _run(warm_step, warmed, WARMUP, WARMUP + 2)
-    chex.assert_trees_all_close(after, _run(sg, warmed, WARMUP, WARMUP + 2), **CLOSE)
-    assert _distance(_stages(after), _stages(_run(bp, warmed, WARMUP, WARMUP + 2))) > 1e-4
+    then_bp, _, then_sg = _run(references, [warmed] * 3, WARMUP, WARMUP + 2)
+    chex.assert_trees_all_close(after, then_sg, **CLOSE)
+    assert _distance(_stages(after), _stages(then_bp)) > 1e-4
     assert len(traces) == 1
 
 
@@ -127,10 +131,12 @@ def test_the_training_loop_warms_up_by_its_step_counter() -> None:
         hidden_units=16, sg_hidden_units=16, batch_size=32, num_steps=10, learning_rate=0.01
     )
 
-    def run(steps: int, **fields):
-        config = TrainConfig(**tiny, **fields)
-        return jax.jit(make_run_chunk(config, steps))(init_train_state(config), data)[0].model
+    warm, bp = TrainConfig(**tiny, mode="sg", sg_warmup_steps=4), TrainConfig(**tiny, mode="bp")
+    chunks = [make_run_chunk(config, 4) for config in (warm, bp)]
 
-    # Without the step counter it would refuse; DNI's steps differ (the first test's control).
-    warmed = run(4, mode="sg", sg_warmup_steps=4)
-    chex.assert_trees_all_close(_stages(warmed), _stages(run(4, mode="bp")), **CLOSE)
+    # Both runs compiled as one program. Without the step counter it would refuse; DNI's steps
+    # differ (the first test's control).
+    warmed, by_bp = jax.jit(
+        lambda states, data: [c(s, data)[0].model for c, s in zip(chunks, states, strict=True)]
+    )([init_train_state(warm), init_train_state(bp)], data)
+    chex.assert_trees_all_close(_stages(warmed), _stages(by_bp), **CLOSE)
