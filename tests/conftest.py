@@ -27,6 +27,17 @@ if _OWN_CACHE:  # the session's first process (xdist workers inherit the control
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="sgjax-test-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# Every test process compiles with LLVM's optimisations off (XLA's own passes still run), set here
+# before JAX starts and inherited by the xdist workers and every subprocess: the suite's programs
+# are tiny, so compilation is most of what it costs, and this cut the fast core's CPU time by a
+# third (BUILD_NOTES.md). It rounds some sums differently from a default build, so every
+# comparison of two runs is between processes with the same flags. Give XLA_FLAGS an
+# optimisation level of your own to run the suite at it.
+from local_processes import FAST_COMPILE  # noqa: E402
+
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 from sgjax.data.sources import NO_TFDS_ENV  # noqa: E402 (after the cache folder is set)
 
 os.environ[NO_TFDS_ENV] = "1"

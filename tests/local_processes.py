@@ -11,27 +11,20 @@ import subprocess
 import sys
 from typing import Any
 
-# Test processes compile with LLVM's optimisations off (XLA's own passes still run): their
-# programs are tiny, so this cuts XLA's compile, most of what these tests cost, by about a
-# quarter. It rounds some sums differently from a default build, so every comparison of two
-# runs in these tests is between processes started with the same flags (``xla_flags``).
-COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # every test process's (tests/conftest.py)
 
 
-def xla_flags(devices: int, compile_flags: str = COMPILE_FLAGS) -> str:
-    """XLA_FLAGS of a test process with ``devices`` simulated CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices} {compile_flags}".strip()
+def xla_flags(devices: int) -> str:
+    """The session's XLA_FLAGS (tests/conftest.py: the fast compile) with ``devices`` simulated
+    CPU devices."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
-def script_json(path: str, devices: int, compile_flags: str = "") -> dict[str, Any]:
+def script_json(path: str, devices: int) -> dict[str, Any]:
     """Run the test file ``path`` as a script with ``devices`` simulated CPU devices (the flag
-    must be set before JAX starts) and ``compile_flags`` (``COMPILE_FLAGS``: the fast compile);
-    the JSON object it prints on its last line."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS=xla_flags(devices, compile_flags),
-        JAX_PLATFORMS="cpu",
-    )
+    must be set before JAX starts); the JSON object it prints on its last line."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     done = subprocess.run(
         [sys.executable, path], env=env, capture_output=True, text=True, timeout=600
     )

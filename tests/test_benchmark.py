@@ -24,6 +24,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 from absl import flags
+from local_processes import xla_flags
 from shared_fixture import computed_once, session_folder
 
 from sgjax.bench.names import Reached
@@ -247,7 +248,7 @@ def test_sharded_run_axis_over_two_devices_equals_unsharded(tiny, tmp_path):
     runs = slice(0, 3)  # 3 runs over 2 devices: also exercises the padding
     seeds, lrs = program["seeds"][runs], program["learning_rates"][runs]
     out = tmp_path / "sharded.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     env["JAX_PLATFORMS"] = "cpu"
     completed = subprocess.run(
         [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from local_processes import COMPILE_FLAGS
+from local_processes import FAST_COMPILE
 
 from sgjax.cli.benchmark import define_flags, parallel_settings_from_flags
 from sgjax.training.config import ConfigError
@@ -38,13 +38,14 @@ def _command(tmp_path: Path, *flags: str) -> list[str]:
     ]
 
 
-ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
-# The fast compile of tests/local_processes.py (the script adds its simulated devices).
-FAST_ENV = ENV | {"XLA_FLAGS": COMPILE_FLAGS}
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}  # the fast compile of tests/conftest.py
 # For a signal that must land while the command compiles: no executables from the session's
 # compilation cache (tests/conftest.py), so every program compiles as in a fresh session (and
 # at full length: not the fast compile).
-COMPILING_ENV = ENV | {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+COMPILING_ENV = ENV | {
+    "JAX_ENABLE_COMPILATION_CACHE": "false",
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE, ""),
+}
 
 
 def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
@@ -66,7 +67,7 @@ def test_layer_parallel_benchmark_writes_every_variant(tmp_path):
         text=True,
         timeout=300,
         cwd=REPO,
-        env=FAST_ENV,  # the script asks for simulated devices
+        env=ENV,  # the script asks for simulated devices
     )
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
@@ -134,7 +135,7 @@ def test_a_diverging_run_makes_the_comparison_exit_3_and_its_row_is_marked(tmp_p
         text=True,
         timeout=300,
         cwd=REPO,
-        env=FAST_ENV,
+        env=ENV,
     )
     assert done.returncode == 3, done.stderr
     result = json.loads((tmp_path / "benchmark.json").read_text())

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from local_processes import COMPILE_FLAGS, script_json
+from local_processes import script_json
 from optax import tree_utils as otu
 from shared_fixture import computed_once
 
@@ -675,7 +675,7 @@ def four_device_results() -> dict[str, Any]:
 
 
 def _four_device_subprocess() -> dict[str, Any]:
-    return script_json(__file__, 4, COMPILE_FLAGS)
+    return script_json(__file__, 4)
 
 
 @pytest.fixture(scope="module")

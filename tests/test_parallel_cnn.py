@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from local_processes import COMPILE_FLAGS, script_json
+from local_processes import script_json
 
 from sgjax.data.sources import Dataset, load_dataset
 from sgjax.parallel.layers import train_layer_parallel
@@ -92,7 +92,7 @@ def four_device_results() -> dict[str, Any]:
 
 
 def test_cnn_sg_pipeline_on_four_devices_equals_one_device():
-    out = script_json(__file__, 4, COMPILE_FLAGS)
+    out = script_json(__file__, 4)
     assert out["placement"] == {"4": [0, 1, 2, 3], "1": [0, 0, 0, 0]}
     assert out["status"] == ["completed", "completed"]
     assert out["difference"] <= 1e-6, out

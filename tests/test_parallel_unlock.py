@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from local_processes import COMPILE_FLAGS, script_json
+from local_processes import script_json
 from test_parallel import SMALL, Block, _strip, max_difference, quiet, resumed_run
 
 import sgjax
@@ -120,7 +120,7 @@ def mlp_results(mnist: sgjax.Dataset) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def four_devices() -> dict[str, Any]:
-    return script_json(__file__, 4, COMPILE_FLAGS)
+    return script_json(__file__, 4)
 
 
 def test_unlocked_pipeline_computes_the_synchronous_complete_unlock(four_devices):
