@@ -33,10 +33,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # third (BUILD_NOTES.md). It rounds some sums differently from a default build, so every
 # comparison of two runs is between processes with the same flags. Give XLA_FLAGS an
 # optimisation level of your own to run the suite at it.
-from local_processes import FAST_COMPILE  # noqa: E402
+#
+# And with single-threaded Eigen: XLA's multi-threaded Eigen pool can wedge a vmapped program on
+# the CPU, every thread waiting and the process idle in block_until_ready (seen here on the
+# recurrent learning test's 6-seed program; the likely cause of a CI run that never finished;
+# upstream report and workaround: github.com/PyAutoLabs/PyAutoFit/issues/1528). Same numbers,
+# bitwise (BUILD_NOTES.md, "XLA flags").
+from local_processes import FAST_COMPILE, ONE_EIGEN_THREAD  # noqa: E402
 
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+for flag in (FAST_COMPILE, ONE_EIGEN_THREAD):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 from sgjax.data.sources import NO_TFDS_ENV  # noqa: E402 (after the cache folder is set)
 

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from typing import Any
 
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # every test process's (tests/conftest.py)
+# Every test process's XLA flags (tests/conftest.py sets them).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+ONE_EIGEN_THREAD = "--xla_cpu_multi_thread_eigen=false"
 
 
 def xla_flags(devices: int) -> str:
@@ -21,13 +23,32 @@ def xla_flags(devices: int) -> str:
     return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
-def script_json(path: str, devices: int) -> dict[str, Any]:
+def script_json(
+    path: str, devices: int, full_compile: bool = False, timeout_s: float = 600, tries: int = 1
+) -> dict[str, Any]:
     """Run the test file ``path`` as a script with ``devices`` simulated CPU devices (the flag
-    must be set before JAX starts); the JSON object it prints on its last line."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, path], env=env, capture_output=True, text=True, timeout=600
+    must be set before JAX starts); the JSON object it prints on its last line. With
+    ``full_compile``, XLA's default optimisation instead of the fast compile: for a script
+    whose run, not its compile, is most of its time. A script still running after
+    ``timeout_s`` is killed and, up to ``tries`` times in all, started again: for a program
+    that XLA's CPU runtime has been seen to wedge (every thread idle on a futex; see
+    tests/conftest.py), not for one that is merely slow."""
+    flags = xla_flags(devices)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=flags.replace(FAST_COMPILE, "").strip() if full_compile else flags,
+        JAX_PLATFORMS="cpu",
     )
+    for attempt in range(1, tries + 1):
+        try:
+            done = subprocess.run(
+                [sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout_s
+            )
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == tries:
+                raise
+            print(f"{path}: no result after {timeout_s} s; started again", file=sys.stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
