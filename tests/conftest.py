@@ -81,7 +81,7 @@ SLOW_FILES = frozenset(
 )
 """Learning runs, subprocesses, multi-device and multi-process scripts: marked ``slow``, so
 ``pytest -m "not slow"`` runs the fast core (the Trainer, the methods, recurrent DNI, data,
-tasks, reports) in about 2 minutes."""
+tasks, reports) in about 1.5 minutes."""
 
 
 def pytest_collection_modifyitems(config, items) -> None:
