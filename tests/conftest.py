@@ -34,11 +34,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # comparison of two runs is between processes with the same flags. Give XLA_FLAGS an
 # optimisation level of your own to run the suite at it.
 #
-# And with single-threaded Eigen: XLA's multi-threaded Eigen pool can wedge a vmapped program on
-# the CPU, every thread waiting and the process idle in block_until_ready (seen here on the
-# recurrent learning test's 6-seed program; the likely cause of a CI run that never finished;
-# upstream report and workaround: github.com/PyAutoLabs/PyAutoFit/issues/1528). Same numbers,
-# bitwise (BUILD_NOTES.md, "XLA flags").
+# And with single-threaded Eigen (the same numbers, bitwise: BUILD_NOTES.md, "XLA flags"), one
+# thread a process for two xdist workers on two cores. It was tried against jaxlib 0.10.2's CPU
+# deadlock of a vmapped recurrent program (others' workaround for similar hangs:
+# github.com/PyAutoLabs/PyAutoFit/issues/1528) and does not prevent it: see
+# BUILD_NOTES.md.
 from local_processes import FAST_COMPILE, ONE_EIGEN_THREAD  # noqa: E402
 
 for flag in (FAST_COMPILE, ONE_EIGEN_THREAD):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,29 @@ def forked_runs(
         )
         for name, r in runs.items()
     }
+
+
+def forked_runs_once(
+    tmp_path_factory: Any,
+    name: str,
+    script: str,
+    make_cases: Callable[[Path], dict[str, list[str]]],
+    env: dict[str, str],
+) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """``forked_runs`` once per pytest session, also under pytest-xdist
+    (``shared_fixture.computed_once``): ``make_cases(folder)`` prepares a new folder of the
+    session and names the cases. Returns that folder and the runs."""
+    from shared_fixture import computed_once, session_folder  # pytest's, not the forking parent's
+
+    def compute() -> dict[str, Any]:
+        folder = Path(tempfile.mkdtemp(prefix=name, dir=session_folder(tmp_path_factory)))
+        runs = forked_runs(script, make_cases(folder), folder, env)
+        record = {k: [r.args, r.returncode, r.stdout, r.stderr] for k, r in runs.items()}
+        return {"folder": str(folder), "runs": record}
+
+    record = computed_once(tmp_path_factory, name, compute)
+    runs = {k: subprocess.CompletedProcess(*r) for k, r in record["runs"].items()}
+    return Path(record["folder"]), runs
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def script_json(
     whose run, not its compile, is most of its time. A script still running after
     ``timeout_s`` is killed and, up to ``tries`` times in all, started again: for a program
     that XLA's CPU runtime has been seen to wedge (every thread idle on a futex; see
-    tests/conftest.py), not for one that is merely slow."""
+    BUILD_NOTES.md), not for one that is merely slow."""
     flags = xla_flags(devices)
     env = dict(
         os.environ,

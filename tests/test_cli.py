@@ -8,14 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from forked_cases import forked_runs
-from shared_fixture import computed_once, session_folder
+from forked_cases import forked_runs_once
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "experiments" / "mnist_mlp.py")
@@ -178,18 +175,8 @@ def bad_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     (``tiny``, ``idx``), forked from one Python start (tests/forked_cases.py), once per session
     also under pytest-xdist (in the session's folder: ``shared_fixture.computed_once``)."""
 
-    def compute() -> dict[str, Any]:
-        root = Path(tempfile.mkdtemp(prefix="bad", dir=session_folder(tmp_path_factory)))
-        env = os.environ | {"JAX_PLATFORMS": "cpu"}
-        runs = forked_runs(SCRIPT, _forked_cases(root), root, env)
-        return {
-            "root": str(root),
-            "runs": {k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()},
-        }
-
-    record = computed_once(tmp_path_factory, "cli_forked_runs", compute)
-    runs = {k: subprocess.CompletedProcess([SCRIPT], *r) for k, r in record["runs"].items()}
-    return Path(record["root"]), runs
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    return forked_runs_once(tmp_path_factory, "cli_forked_runs", SCRIPT, _forked_cases, env)
 
 
 def _forked_cases(root: Path) -> dict[str, list[str]]:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
-from forked_cases import forked_runs
-from shared_fixture import computed_once, session_folder
+from forked_cases import forked_runs_once
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [("mnist_mlp.py", 200), ("benchmark.py", 200), ("step_time.py", 60), ("rnn.py", 120)]
@@ -23,14 +21,8 @@ def fuzzed(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     session also under pytest-xdist (``shared_fixture.computed_once``)."""
     cases = {script: [f"experiments/{script}", str(examples)] for script, examples in SCRIPTS}
 
-    def compute() -> dict[str, list]:
-        folder = Path(tempfile.mkdtemp(prefix="fuzz", dir=session_folder(tmp_path_factory)))
-        env = os.environ | {"JAX_PLATFORMS": "cpu"}
-        runs = forked_runs(str(REPO / "tests" / "flag_fuzz.py"), cases, folder, env)
-        return {name: [r.returncode, r.stdout, r.stderr] for name, r in runs.items()}
-
-    record = computed_once(tmp_path_factory, "flag_fuzz", compute)
-    return {name: subprocess.CompletedProcess(cases[name], *r) for name, r in record.items()}
+    script, env = str(REPO / "tests" / "flag_fuzz.py"), os.environ | {"JAX_PLATFORMS": "cpu"}
+    return forked_runs_once(tmp_path_factory, "flag_fuzz", script, lambda _: cases, env)[1]
 
 
 @pytest.mark.parametrize(("script", "examples"), SCRIPTS)

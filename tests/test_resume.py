@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from forked_cases import forked_runs
-from shared_fixture import computed_once, session_folder
+from forked_cases import forked_runs_once
 
 from sgjax.data.sources import load_dataset
 from sgjax.training.checkpoint import Checkpointer
@@ -187,8 +185,7 @@ def on_the_short_run(tmp_path_factory) -> tuple[Path, dict[str, subprocess.Compl
     (``corrupt``), and --overwrite with another width (``replaced``). Once per session, also
     under pytest-xdist (``shared_fixture.computed_once``). Returns the root and the runs."""
 
-    def compute() -> dict:
-        root = Path(tempfile.mkdtemp(prefix="on_short", dir=session_folder(tmp_path_factory)))
+    def make_cases(root: Path) -> dict[str, list[str]]:
         done = _run(_args(root / "short", **SHORT))
         assert done.returncode == 0, done.stderr
         for name in ("refused", "corrupt", "replaced"):
@@ -197,21 +194,14 @@ def on_the_short_run(tmp_path_factory) -> tuple[Path, dict[str, subprocess.Compl
             if path.is_file():
                 path.write_bytes(b"garbage")
         flags = lambda name, **extra: _args(root / name, **SHORT, **extra)[2:]  # noqa: E731
-        cases = {
+        return {
             "refused": flags("refused"),
             "mismatched": [*flags("refused", hidden_units=32), "--resume"],
             "corrupt": [*flags("corrupt"), "--resume"],
             "replaced": [*flags("replaced", hidden_units=32), "--overwrite"],
         }
-        runs = forked_runs(SCRIPT, cases, root, ENV)
-        return {
-            "root": str(root),
-            "runs": {k: [r.returncode, r.stdout, r.stderr] for k, r in runs.items()},
-        }
 
-    record = computed_once(tmp_path_factory, "resume_refusals", compute)
-    runs = {k: subprocess.CompletedProcess([SCRIPT], *r) for k, r in record["runs"].items()}
-    return Path(record["root"]), runs
+    return forked_runs_once(tmp_path_factory, "resume_refusals", SCRIPT, make_cases, ENV)
 
 
 def test_an_earlier_run_is_refused_without_resume_or_overwrite(on_the_short_run):
