@@ -35,10 +35,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # optimisation level of your own to run the suite at it.
 #
 # And with single-threaded Eigen (the same numbers, bitwise: BUILD_NOTES.md, "XLA flags"), one
-# thread a process for two xdist workers on two cores. It was tried against jaxlib 0.10.2's CPU
-# deadlock of a vmapped recurrent program (others' workaround for similar hangs:
-# github.com/PyAutoLabs/PyAutoFit/issues/1528) and does not prevent it: see
-# BUILD_NOTES.md.
+# thread a process for two xdist workers on two cores.
 from local_processes import FAST_COMPILE, ONE_EIGEN_THREAD  # noqa: E402
 
 for flag in (FAST_COMPILE, ONE_EIGEN_THREAD):

@@ -24,31 +24,21 @@ def xla_flags(devices: int) -> str:
 
 
 def script_json(
-    path: str, devices: int, full_compile: bool = False, timeout_s: float = 600, tries: int = 1
+    path: str, devices: int, full_compile: bool = False, timeout_s: float = 600
 ) -> dict[str, Any]:
     """Run the test file ``path`` as a script with ``devices`` simulated CPU devices (the flag
     must be set before JAX starts); the JSON object it prints on its last line. With
     ``full_compile``, XLA's default optimisation instead of the fast compile: for a script
-    whose run, not its compile, is most of its time. A script still running after
-    ``timeout_s`` is killed and, up to ``tries`` times in all, started again: for a program
-    that XLA's CPU runtime has been seen to wedge (every thread idle on a futex; see
-    BUILD_NOTES.md), not for one that is merely slow."""
+    whose run, not its compile, is most of its time."""
     flags = xla_flags(devices)
     env = dict(
         os.environ,
         XLA_FLAGS=flags.replace(FAST_COMPILE, "").strip() if full_compile else flags,
         JAX_PLATFORMS="cpu",
     )
-    for attempt in range(1, tries + 1):
-        try:
-            done = subprocess.run(
-                [sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout_s
-            )
-            break
-        except subprocess.TimeoutExpired:
-            if attempt == tries:
-                raise
-            print(f"{path}: no result after {timeout_s} s; started again", file=sys.stderr)
+    done = subprocess.run(
+        [sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

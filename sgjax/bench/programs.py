@@ -346,7 +346,7 @@ def _place(values: Any, mesh: Mesh, *spec: str) -> jax.Array:
 def shard_runs(values: np.ndarray, mesh: Mesh) -> jax.Array:
     """``values`` split over ``mesh`` by run, padded by repeating the last run."""
     padded_size = -(-len(values) // mesh.size) * mesh.size
-    padded = np.concatenate([values, np.repeat(values[-1:], padded_size - len(values))])
+    padded = np.concatenate([values, np.repeat(values[-1:], padded_size - len(values), axis=0)])
     return _place(padded, mesh, RUN_AXIS)
 
 
@@ -371,13 +371,17 @@ def run_vmapped(
     mesh: Mesh | None = None,
     keep: Callable[[Any], Any] = lambda outputs: outputs,
 ) -> Execution:
-    """``jax.jit(jax.vmap(fn, in_axes))(*args)``, runs sharded over ``mesh``, timed apart."""
+    """``jax.jit(jax.vmap(fn, in_axes))(*args)``, runs sharded over ``mesh``, timed apart; an
+    argument on axis 0 is an array or a pytree of arrays with a leading run axis."""
     mesh = mesh or run_mesh()
-    num_runs = len(next(a for a, axis in zip(args, in_axes, strict=True) if axis == 0))
+    by_run = next(a for a, axis in zip(args, in_axes, strict=True) if axis == 0)
+    num_runs = len(jax.tree_util.tree_leaves(by_run)[0])
+    by_run_or_whole = {
+        0: lambda x: shard_runs(np.asarray(x), mesh),
+        None: lambda x: _place(x, mesh),
+    }
     placed = [
-        shard_runs(np.asarray(a), mesh)
-        if axis == 0
-        else jax.tree_util.tree_map(lambda x: _place(x, mesh), a)
+        jax.tree_util.tree_map(by_run_or_whole[axis], a)
         for a, axis in zip(args, in_axes, strict=True)
     ]
     compiled, compile_s = compile_timed(jax.vmap(fn, in_axes=tuple(in_axes)), *placed)

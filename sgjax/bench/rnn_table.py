@@ -15,7 +15,7 @@ from sgjax.bench.names import MODE_NAMES, TASK_NAMES, device_label, markdown_tab
 from sgjax.bench.programs import compiled_flops, run_vmapped
 from sgjax.core.recurrent import RECURRENT_MODES
 from sgjax.recurrent.config import PAPER_RNN_LEARNING_RATE, RNNConfig
-from sgjax.recurrent.programs import CopyProgram
+from sgjax.recurrent.programs import CopyProgram, CopyRunState
 from sgjax.tasks.copy import COPY_TASKS
 
 PAPER_CELLS: Mapping[tuple[str, str, int], int] = MappingProxyType(
@@ -106,12 +106,14 @@ def cell_config(
 def run_cell(config: RNNConfig, seeds: list[int], count_flops: bool = True) -> CellResult:
     program = CopyProgram(config)
 
-    def whole_run(seed: jax.Array) -> jax.Array:
-        state = program.init(seed)
-        state, _ = program.chunk(config.num_steps)(state, None)
-        return state.solved
+    def whole_run(state: CopyRunState) -> jax.Array:
+        return program.chunk(config.num_steps)(state, None)[0].solved
 
-    run = run_vmapped(whole_run, (np.asarray(seeds, np.uint32),), (0,))
+    # Each seed initialised in turn, not vmapped: the LSTM's orthogonal init vmapped over seeds
+    # is a batched QR that can deadlock jaxlib 0.10.2's CPU thread pool (BUILD_NOTES.md, "The
+    # deadlock"); lax.map gives the vmapped values bitwise.
+    starts = jax.jit(lambda s: jax.lax.map(program.init, s))(np.asarray(seeds, np.uint32))
+    run = run_vmapped(whole_run, (starts,), (0,))
     flops = float("nan")
     if count_flops:  # one update of one seed, the segment unrolled (XLA counts a loop body once)
         unrolled = CopyProgram(config, unroll=True)
