@@ -127,6 +127,9 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
     cases = {
         _config(tmp_path / "missing.txt"): "does not exist",
         _config(short, batch_size=64): "fewer than --batch_size",
+        RNNConfig(task="copy", hidden_units=200_000, output_dir=str(tmp_path / "huge")): (
+            "reduce --hidden_units"
+        ),
     }
     for config, words in cases.items():
         with pytest.raises(SystemExit) as stopped:
@@ -134,6 +137,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
         assert stopped.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "huge").exists()  # refused before anything is written
 
 
 def test_a_copy_run_stopped_mid_period_resumes_to_the_uninterrupted_run(tmp_path):

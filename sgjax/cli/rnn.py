@@ -20,6 +20,7 @@ from sgjax.recurrent.loop import (
     RNNRecord,
     char_lm_scores,
     curriculum_curve,
+    estimated_bytes,
     state_template,
     text_identity,
     text_streams,
@@ -141,15 +142,12 @@ def run_rnn(config: RNNConfig, *, resume: bool = False, overwrite: bool = False)
                 *files, valid_fraction=config.valid_fraction, test_fraction=config.test_fraction
             )
             text_streams(config, corpus)  # refuse a too-short text before writing anything
-            dims = (corpus.vocab_size, corpus.vocab_size)
             header.append(
                 f"text: {corpus.source}; {len(corpus.train)} training characters, "
                 f"vocabulary {corpus.vocab_size}"
             )
-        else:
-            dims = (config.copy_task.input_dim, config.copy_task.output_dim)
         reduce = "--hidden_units, --batch_size or --max_length"
-        check_memory("run", config.estimated_bytes(*dims), reduce)
+        check_memory("run", estimated_bytes(config, corpus), reduce)
         units, mode, truncation = config.hidden_units, config.mode, config.truncation
         header.append(f"core: LSTM {units} units; {mode}, truncation {truncation}")
         return Job(

@@ -103,15 +103,3 @@ class RNNConfig(RunConfig):
                 f"--max_length={self.max_length} must be at least --truncation={self.truncation}"
             )
         return self
-
-    def estimated_bytes(self, input_dim: int, output_dim: int) -> int:
-        """A rough upper estimate of a run's device memory (float32): parameters with gradients and
-        Adam moments, the synthesizer's too, and a segment's activations."""
-        hidden, units = self.hidden_units, self.synthesizer_units or self.hidden_units
-        core = 4 * hidden * (input_dim + hidden + 1) + output_dim * (hidden + 1)
-        synthesizer = 2 * (2 * hidden * units + units + 2 * hidden) if self.mode != "bptt" else 0
-        aux = (2 * hidden) ** 2 if self.mode == "dni_aux" else 0
-        params = core + synthesizer + aux
-        activations = self.batch_size * self.truncation * (12 * hidden + 2 * output_dim)
-        episode = self.batch_size * self.max_length * (input_dim + output_dim + 1)
-        return 4 * (4 * params + 4 * activations + 2 * episode)

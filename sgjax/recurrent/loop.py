@@ -103,6 +103,20 @@ def state_template(config: RNNConfig, corpus: TextCorpus | None) -> Any:  # to r
     return jax.eval_shape(lambda: program.init(config.seed))
 
 
+def estimated_bytes(config: RNNConfig, corpus: TextCorpus | None) -> int:
+    """Rough device memory of a run, read off the program's state (``jax.eval_shape``: nothing
+    allocated): the state (parameters, Adam moments, carries, a copy task's episodes), one
+    gradient per parameter, and a segment's activations (per step, 6 values per carry element:
+    the gates, cell and output with their gradients; the logits and their gradients)."""
+    program = program_for(config, corpus)
+    state = jax.eval_shape(lambda: program.init(config.seed))
+    size = lambda tree: sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(state))
+    logits = config.batch_size * program.trainer.core.output_dim
+    activations = config.truncation * (6 * size(state.carry) + 2 * logits)
+    return state_bytes + 4 * size(state.model.params) + 4 * activations
+
+
 def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]:
     """Training streams (``batch_size``) and evaluation streams; ConfigError: text too short."""
     train = as_streams(corpus.train, config.batch_size)
