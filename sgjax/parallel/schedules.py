@@ -23,13 +23,13 @@ on every device of every process, so it spans hosts (``jax.distributed``).
   and the input model below it on minibatch t-1 (from the previous tick's messages), then
   trains on minibatch t with the parameters that left, so every update starts from the versions
   ``Trainer.step`` starts from: the synchronous steps exactly. N minibatches take N + 1 ticks.
-* ``BpProgram`` (model-parallel backprop, M = 1, and GPipe): per minibatch, the forward
-  schedule (stage k runs microbatch m at tick m + k; M + K - 1 ticks) is a ``lax.scan`` whose
-  loss, the sum over microbatches, is differentiated with ``jax.value_and_grad``: the backward
-  pipeline is the transpose of the forward one (``ppermute`` transposes to the reverse
-  ``ppermute``), as in maxtext's pipeline. Every stage then updates with the mean of its
-  microbatches' gradients. BatchNorm normalises per microbatch and its running statistics are
-  updated once per microbatch, in order, as ``accumulated_backprop_step`` does on one device.
+* ``BpProgram`` (model-parallel backprop, M = 1, and GPipe): per minibatch, one ``lax.scan`` of
+  M + 2(K - 1) ticks: stage k runs microbatch m forward at tick m + k, keeping its input, and
+  backward at tick m + 2(K - 1) - k (its forward recomputed from that input, then its VJP, whose
+  input cotangent goes one stage down), adding only its own gradients (the last stage does both
+  on one tick). Every stage then updates with the mean of its microbatches' gradients. BatchNorm
+  normalises per microbatch and its running statistics are updated once per microbatch, in
+  order, as ``accumulated_backprop_step`` does on one device.
 
 Every device keeps a slot for every stage's state (a leading device axis on the global arrays)
 and reads and writes only its own (one ``lax.cond`` per stage, which XLA runs in place). Messages
@@ -499,8 +499,8 @@ class UnlockedProgram(DecoupledProgram):
 
 
 class BpProgram(Program):
-    """Model-parallel (M = 1) and GPipe backprop: the forward schedule of each minibatch, its
-    backward from ``jax.value_and_grad`` of it, then every stage's update."""
+    """Model-parallel (M = 1) and GPipe backprop: per minibatch, the forward and backward
+    schedule in one scan of ticks, then every stage's update with its own summed gradients."""
 
     mail_type = tuple
 
@@ -509,98 +509,98 @@ class BpProgram(Program):
         self.members = [(k,) for k in range(len(trainer.stages))]
         micro = schedule.microbatches
         self.micro_shape = (schedule.batch_size // micro, *self.input_shape[1:])
-        model = jax.eval_shape(
-            lambda: trainer.init(jax.random.PRNGKey(0), jnp.zeros(self.micro_shape))
-        )
-        h, shapes = jax.ShapeDtypeStruct(self.micro_shape, jnp.float32), []
-        for k in range(len(trainer.stages) - 1):
-            s = model.stages[k]
-            h = jax.eval_shape(
-                lambda x, s, k=k: apply_module(
-                    trainer.stages[k], s.params, s.collections, x, train=True
-                )[0],
-                h,
-                s,
-            )
-            shapes.append(tuple(h.shape))
-        self._set_shapes(shapes)
+
+        def outputs(x: jax.Array) -> list[jax.Array]:  # every stage's but the last's
+            hs, stages = [x], trainer.init(jax.random.PRNGKey(0), x).stages
+            for module, s in zip(trainer.stages[:-1], stages, strict=False):
+                hs.append(apply_module(module, s.params, s.collections, hs[-1], train=True)[0])
+            return hs[1:]
+
+        x = jax.ShapeDtypeStruct(self.micro_shape, jnp.float32)
+        self._set_shapes([h.shape for h in jax.eval_shape(outputs, x)])
 
     def chunk_fn(self, ticks: int, owner: Sequence[int], only: int | None = None) -> Callable:
         trainer, micro, num = self.trainer, self.schedule.microbatches, self.num_stages
         size, width, slot = self.micro_shape[0], self.width, slots(owner)
-        zero = jnp.zeros((), jnp.float32)
+        zero, nothing = jnp.zeros((), jnp.float32), jnp.zeros((size, width))
+        span = jnp.arange(micro + 2 * num - 2)  # a minibatch's ticks
 
-        def forward_branch(k: int) -> Callable:
-            def branch(collections, params, inbox, s, xs, ys):
-                m = s - k
-                has = (m >= 0) & (m < micro)
-                m = jnp.clip(m, 0, micro - 1)
-                h = xs[m] if k == 0 else unpad_rows(inbox[slot[k]], (size, *self.shapes[k - 1][1:]))
+        def zeros(tree: Any, *n: int) -> Any:  # [*n, ...] zeros per leaf
+            return jax.tree_util.tree_map(lambda a: jnp.zeros((*n, *a.shape), a.dtype), tree)
 
-                def work() -> tuple:
-                    out, new = apply_module(trainer.stages[k], params, collections, h, train=True)
-                    if k < num - 1:
-                        return new, pad_rows(out, width), zero, zero
-                    loss, accuracy = trainer.loss(out, ys[m]), trainer.accuracy(out, ys[m])
-                    return new, jnp.zeros((size, width)), loss, accuracy
+        def branch(k: int, own: tuple, params, up, down, s, xs, ys) -> tuple:
+            last, shape, (collections, grads, inputs, saved) = k == num - 1, self.shapes[k - 1], own
+            f, b = s - k, s - 2 * (num - 1) + k  # the microbatches of its forward, backward
+            h_of = lambda m, got: xs[m] if k == 0 else unpad_rows(got, shape)  # noqa: E731
 
-                idle = (collections, jnp.zeros((size, width)), zero, zero)
-                new, sent, loss, accuracy = lax.cond(has, work, lambda: idle)
-                return new, (sent, loss, accuracy, has & (k == num - 1))
+            def stage(params, collections, h, y) -> tuple:
+                out, new = apply_module(trainer.stages[k], params, collections, h, train=True)
+                if last:  # the output differentiated, and (collections, loss, accuracy)
+                    loss = trainer.loss(out, y)
+                    return loss, (new, loss, trainer.accuracy(out, y))
+                return pad_rows(out, width), (new, zero, zero)
 
-            return branch
+            def forward() -> tuple:  # keeps its input and the collections it ran with
+                out, (new, *_) = stage(params, collections, h_of(f, up[slot[k]]), None)
+                saving = jax.tree_util.tree_map(lambda a, c: a.at[f].set(c), saved, collections)
+                return new, inputs.at[f].set(up[slot[k]]), saving, out
 
-        def update_branch(k: int) -> Callable:
-            def branch(state: PipeStage, accumulated: tuple, active: jax.Array) -> tuple:
-                collections, grads = accumulated
-                mean = jax.tree_util.tree_map(lambda g: g / micro, grads)
-                new = trainer.update_stages({k: state.stages[0]}, [k], [mean], [collections])[k]
-                return kept(active, PipeStage((new,)), state), ()
+            def backward() -> tuple:  # the stage recomputed from its input, then its VJP
+                h = h_of(b, up[slot[k]] if last else inputs[b])
+                ran = collections if last else jax.tree_util.tree_map(lambda a: a[b], saved)
+                fn = lambda p, h=h: stage(p, ran, h, ys[b])  # noqa: E731
+                _, vjp, (new, loss, accuracy) = jax.vjp(fn, params, *[h][: k > 0], has_aux=True)
+                g, *g_in = vjp(jnp.ones(()) if last else down[slot[k]])
+                total = jax.tree_util.tree_map(jnp.add, grads, g)
+                message = pad_rows(g_in[0], width) if k > 0 else nothing
+                return new if last else collections, total, message, loss, accuracy
 
-            return branch
+            sent, idle = nothing, (collections, inputs, saved, nothing)
+            if not last:  # the last stage's forward is in its backward, on the same tick
+                has = (f >= 0) & (f < micro)
+                collections, inputs, saved, sent = lax.cond(has, forward, lambda: idle)
+            has, idle = (b >= 0) & (b < micro), (collections, grads, nothing, zero, zero)
+            collections, grads, message, loss, accuracy = lax.cond(has, backward, lambda: idle)
+            return (collections, grads, inputs, saved), (sent, message, loss, accuracy, has)
 
-        # Rematerialised: the backward recomputes a stage's forward from its input. Saving
-        # every tick's residuals instead made the chunk 3-5x slower (BUILD_NOTES).
-        forwards = [jax.checkpoint(forward_branch(k), prevent_cse=False) for k in range(num)]
-        updates = [update_branch(k) for k in range(num)]
+        def update(k: int, state: PipeStage, summed: tuple, active: jax.Array) -> tuple:
+            mean = jax.tree_util.tree_map(lambda g: g / micro, summed[1])
+            new = trainer.update_stages({k: state.stages[0]}, [k], [mean], [summed[0]])[k]
+            return kept(active, PipeStage((new,)), state), ()
+
+        branches = [lambda *a, k=k: branch(k, *a) for k in range(num)]
+        updates = [lambda *a, k=k: update(k, *a) for k in range(num)]
 
         def program(states, mail, data, key, t0, stop):
             states = local_states(states)
             me = lax.axis_index(STAGE_AXIS)
 
             def minibatch(states, i):
-                b = t0 + i
-                active = b < stop
+                b, active = t0 + i, t0 + i < stop
                 x, y = self.sample(data, key, b)
                 xs, ys = x.reshape(micro, *self.micro_shape), y.reshape(micro, size)
-
-                def schedule(params: tuple) -> tuple:
-                    def tick(carry, s):
-                        collections, inbox = carry
-                        collections, outs = run_own_stages(
-                            me, owner, forwards, collections, inbox, s, xs, ys,
-                            extras=params, only=only,
-                        )  # fmt: skip
-                        sent = by_slot(me, owner, [o[0] for o in outs])
-                        inbox = tuple(shifted(me, owner, sent, 1))
-                        return (collections, inbox), outs[-1][1:]
-
-                    start = (
-                        tuple(st.stages[0].collections for st in states),
-                        tuple(jnp.zeros((size, width)) for _ in range(max(slot) + 1)),
-                    )
-                    (collections, _), out = lax.scan(tick, start, jnp.arange(micro + num - 1))
-                    return jnp.sum(out[0]), (collections, out)
-
                 params = tuple(st.stages[0].params for st in states)
-                (_, (collections, out)), grads = jax.value_and_grad(schedule, has_aux=True)(params)
-                accumulated = list(zip(collections, grads, strict=True))
-                states, _ = run_own_stages(
-                    me, owner, updates, states, active, extras=accumulated, only=only
+
+                def tick(carry, s):
+                    own, up, down = carry
+                    own, outs = run_own_stages(
+                        me, owner, branches, own, up, down, s, xs, ys, extras=params, only=only
+                    )
+                    up, down = (by_slot(me, owner, [o[i] for o in outs]) for i in range(2))
+                    up, down = tuple(shifted(me, owner, up, 1)), tuple(shifted(me, owner, down, -1))
+                    return (own, up, down), outs[-1][2:]
+
+                own = tuple(
+                    (s.collections, zeros(s.params), *zeros((nothing, s.collections), micro))
+                    for s in (st.stages[0] for st in states)
                 )
-                loss, accuracy, valid = out
-                k = jnp.zeros((loss.shape[0], num), jnp.float32)
-                return states, TickMetrics(loss, accuracy, valid & active, k, k > 0, k)
+                mails = tuple(nothing for _ in range(max(slot) + 1))
+                (own, _, _), out = lax.scan(tick, (own, mails, mails), span)
+                states, _ = run_own_stages(
+                    me, owner, updates, states, active, extras=[o[:2] for o in own], only=only
+                )
+                k = jnp.zeros((span.size, num), jnp.float32)
+                return states, TickMetrics(*out[:2], out[2] & active, k, k > 0, k)
 
             states, metrics = lax.scan(minibatch, states, jnp.arange(ticks))
             metrics = jax.tree_util.tree_map(lambda m: m.reshape(-1, *m.shape[2:]), metrics)
