@@ -46,18 +46,29 @@ TINY = dict(
 TEST_IMAGES = 2000
 PROBE = 256
 SEED = 0
-# Measured 2026-11-26 on the 2-core CPU, shared with a benchmark (python tests/test_cnn.py 0 1):
-#   seed 0: test accuracy bp 0.912, sg 0.773, cdni 0.863, frozen hidden layers 0.826;
-#           cosine (boundary 1, 2) sg 0.000, 0.047; cdni -0.011, 0.056
-#   seed 1: bp 0.908, sg 0.855, cdni 0.861, frozen 0.841; cosine sg 0.004, 0.017; cdni 0.074, 0.277
-# Initial cosines are exactly 0 (zero-initialised synthesizers). In 300 steps only the top
-# boundary (trained on the classifier's true gradient) aligns clearly; the lower one bootstraps
-# from it and is still near 0. cdni beats the frozen control by 3.7 and 2.0 points; sg does not
-# (seed 0: 0.773 < 0.826), so only cdni is held to the margin (half the smaller measured gap).
-FLOORS = {"bp": 0.88, "sg": 0.74, "cdni": 0.84}
-COSINE_FLOOR = {"sg": 0.01, "cdni": 0.02}
-"""For the top boundary's synthetic gradient."""
-FROZEN_MARGIN = 0.01
+# Measured on the 2-core CPU over seeds 0-7 (BUILD_NOTES.md, "Learning floors across seeds"; the
+# seeds vmapped, test accuracy on 2000 images; seeds 0 and 1 as measured one at a time):
+#   bp     0.912 0.909 0.785 0.904 0.780 0.898 0.892 0.901
+#   sg     0.775 0.854 0.792 0.804 0.841 0.735 0.832 0.818
+#   cdni   0.865 0.859 0.796 0.840 0.855 0.735 0.826 0.813
+#   frozen 0.826 0.841 0.800 0.779 0.798 0.769 0.813 0.790  (hidden layers never learn)
+#   top-boundary cosine sg 0.047 0.017 0.027 0.033 0.047 0.065 0.023 0.021;
+#                       cdni 0.056 0.277 0.294 0.118 0.050 0.333 0.165 0.112
+# Per-seed figures change with the CPU's floating-point kernels, and this short run is unstable
+# (bp lands at 0.78 on 2 seeds of 8), so seed 0 is one draw from that spread: each floor sits
+# below the lowest of the 8 seeds. Initial cosines are exactly 0 (zero-initialised
+# synthesizers), and a broken method (zero or frozen synthetic gradients) stays at 0, while
+# every seed's top boundary aligned: the cosine floors sit below half the lowest seed.
+# cdni - frozen was -0.035 to 0.061 (median 0.021, below 0 on seeds 2 and 5), so "cdni beats the
+# frozen control" does not hold per seed at this length; holding it on the median over 6 seeds
+# costs 6 times this module's runs (measured: 4.7 s a seed-run, 27 s for 6 of cdni). The test
+# holds what does hold on every seed: cdni's accuracy differs from the control's (a cdni with
+# zero synthetic gradients is the control, bitwise) and is within FROZEN_MARGIN below it.
+FLOORS = {"bp": 0.75, "sg": 0.70, "cdni": 0.70}
+COSINE_FLOOR = {"sg": 0.008, "cdni": 0.02}
+"""For the top boundary's synthetic gradient; a random direction gives about 0.002."""
+FROZEN_MARGIN = 0.06
+"""How far below the frozen control cdni may land (measured at most 0.035 below)."""
 
 
 class Outcome(NamedTuple):
@@ -131,11 +142,14 @@ def test_synthetic_gradients_align_with_the_true_ones(outcomes, mode: str):
 
 
 def test_cdni_hidden_layers_learn(outcomes):
-    """Beating the control whose hidden layers stay at their initialisation shows the synthetic
-    gradients trained the convolutions, not just the classifier."""
+    """The control whose hidden layers stay at their initialisation: its synthetic gradients are
+    exactly 0, and cdni's differ from it (the cosine test shows they align with the true ones).
+    Beating it on accuracy is seed-dependent at this length (see FROZEN_MARGIN)."""
     frozen = outcomes["frozen"]
     assert frozen.cosines == [0.0, 0.0]
-    assert outcomes["cdni"].accuracy >= frozen.accuracy + FROZEN_MARGIN, (outcomes["cdni"], frozen)
+    cdni = outcomes["cdni"]
+    assert cdni.accuracy != frozen.accuracy, (cdni, frozen)  # zero gradients give the control
+    assert cdni.accuracy > frozen.accuracy - FROZEN_MARGIN, (cdni, frozen)
 
 
 @pytest.mark.parametrize(

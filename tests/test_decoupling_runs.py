@@ -76,12 +76,18 @@ def test_a_stochastic_bp_lambda_run_from_the_command_line(tmp_path):
     assert {"sg_loss_1", "sg_loss_2", "sg_loss_3"} <= set(rows[0])
 
 
-# Measured on the 2-core CPU (BUILD_NOTES.md, "Decoupling measured", 2026-11-26): final test
-# accuracy after 300 steps of FLOOR_CONFIG, seeds 0, 1, 2: zero_grad 0.586 0.563 0.550; cdni
-# 0.898 0.897 0.896; bp_lambda 0.891 0.903 0.901; dgl 0.892 0.896 0.895; cdni with synthetic
-# inputs 0.865 0.877 0.859 (sg 1x64 0.789 0.793 0.808, bp 0.910 0.913 0.906, not run here);
-# stale_grad_example (per-example averages, decay 0.9; 2026-11-27) 0.860 0.855 (the per-position
-# version it replaced: 0.485 0.525 0.526). Floors sit 0.02 to 0.03 below the lowest.
+# Measured on the 2-core CPU: final test accuracy after 300 steps of FLOOR_CONFIG, seeds 0-7
+# (BUILD_NOTES.md, "Learning floors across seeds"; the test's program with 8 seeds):
+#   zero_grad          0.586 0.563 0.550 0.554 0.585 0.570 0.555 0.572
+#   cdni               0.897 0.899 0.894 0.894 0.897 0.898 0.901 0.899
+#   bp_lambda          0.892 0.903 0.901 0.887 0.895 0.893 0.886 0.893
+#   dgl                0.892 0.896 0.895 0.889 0.888 0.895 0.895 0.893
+#   cdni_unlock        0.864 0.874 0.859 0.860 0.863 0.861 0.855 0.852  (synthetic inputs)
+#   stale_grad_example 0.860 0.855 0.862 0.846 0.833 0.839 0.854 0.849
+# (sg 1x64 0.789 0.793 0.808, bp 0.910 0.913 0.906 on seeds 0-2, not run here.) Per-seed figures
+# change with the CPU's floating-point kernels; the test runs seeds 0 and 1, so each floor sits
+# 0.02 to 0.04 below the lowest of the 8 seeds, the control's ceiling 0.034 above its highest,
+# and the medians must beat the control's by MARGIN (measured 0.285 to 0.331 on 8 seeds).
 FLOOR_CONFIG = TrainConfig(
     mode="sg",
     num_steps=300,
@@ -104,15 +110,15 @@ RUNS = {
 }
 FLOORS = {
     "cdni": 0.87,
-    "bp_lambda": 0.87,
-    "dgl": 0.87,
+    "bp_lambda": 0.86,
+    "dgl": 0.86,
     "cdni_unlock": 0.83,
-    "stale_grad_example": 0.83,
+    "stale_grad_example": 0.80,
 }
 ZERO_CEILING = 0.62
 """The control's highest measured accuracy (0.586) plus a little: a broken control fails."""
 MARGIN = 0.2
-"""How far each method above beats the zero-gradient control (seed means; measured 0.28-0.33)."""
+"""How far each method's median over seeds beats the control's (measured 0.285-0.331 on 8 seeds)."""
 
 
 def test_short_runs_reach_their_floors_and_beat_the_zero_gradient_control():
@@ -144,4 +150,4 @@ def test_short_runs_reach_their_floors_and_beat_the_zero_gradient_control():
     assert control.max() < ZERO_CEILING, control
     for name, floor in FLOORS.items():
         assert accuracy[name].min() >= floor, (name, accuracy[name])
-        assert accuracy[name].mean() >= control.mean() + MARGIN, (name, accuracy[name], control)
+        assert np.median(accuracy[name]) >= np.median(control) + MARGIN, (name, accuracy, control)

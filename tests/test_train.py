@@ -21,24 +21,31 @@ from sgjax.training.loop import (
 )
 from sgjax.training.model import trainer_for
 
-# Floors measured on the embedded MNIST (BUILD_NOTES.md, "Accuracy floors"): 300 steps at
-# learning rate 1e-3, seeds 0-2 reached bp 0.946-0.950, sg 0.827-0.847, cdni 0.836-0.857.
+# Floors measured on the embedded MNIST: 300 steps at learning rate 1e-3, test accuracy after 300
+# steps over seeds 0-7 (BUILD_NOTES.md, "Learning floors across seeds"): bp 0.945-0.950, sg
+# 0.826-0.859, cdni 0.837-0.858. Per-seed figures change with the CPU's floating-point kernels, so
+# each floor sits well below the lowest of 8 seeds (0.015 to 0.057), and the seed-0 run is one
+# draw from that spread on any machine.
 FLOOR_CONFIG = dict(num_steps=300, eval_every=150, learning_rate=1e-3, sg_hidden_units=256)
 ACCURACY_FLOORS = {"bp": 0.93, "sg": 0.78, "cdni": 0.78}
 
-# Controls that can fail, measured on the same 300-step runs (seeds 0 and 1), on the first 512
-# training images:
+# Controls that can fail, measured on the same 300-step runs, seeds 0-7, on the first 512 training
+# images:
 # * Cosine between each boundary's synthetic gradient and the true dLoss/dh (bottom to top):
-#   exactly 0 at step 0 (zero-initialised synthesizers); after 300 steps
-#   cdni [-0.018, 0.039, 0.172] (seed 0), [-0.015, 0.011, 0.120] (seed 1);
-#   sg   [-0.001, 0.009, -0.025] (seed 0), [-0.005, -0.005, -0.011] (seed 1).
-#   Only cdni's top boundary, which regresses onto the true gradient itself, rises clearly at
-#   this learning rate (1e-3 drives Adam's steps far past targets of size ~1e-4; at 1e-4 cdni
-#   reached [0.09, 0.13, 0.98] while sg stayed at [-0.06, -0.09, -0.05]).
+#   exactly 0 at step 0 (zero-initialised synthesizers); after 300 steps cdni's top boundary
+#   0.172, 0.103, 0.101, 0.157, 0.054, 0.074, -0.021, 0.078 (median 0.090; seed 6 is below 0),
+#   its lower boundaries -0.018 to 0.040; sg's every boundary -0.022 to 0.014. Only cdni's top
+#   boundary, which regresses onto the true gradient itself, rises clearly at this learning rate
+#   (1e-3 drives Adam's steps far past targets of size ~1e-4; at 1e-4 cdni reached
+#   [0.09, 0.13, 0.98] while sg stayed at [-0.06, -0.09, -0.05]). One seed can land below 0, so
+#   the test holds the median over seeds 0-5 (0.102 measured) above less than half of it; a
+#   broken cdni (zero or frozen synthetic gradients) gives exactly 0.
 # * Test accuracy against the same run with frozen hidden layers (synthesizers that never learn,
-#   so every synthetic gradient stays 0 and only the output layer trains): sg 0.827 vs 0.758 and
-#   0.847 vs 0.745; cdni 0.836 vs 0.758 and 0.857 vs 0.745 (margins 0.070 to 0.112).
-COSINE_FLOOR = {"cdni": (None, None, 0.06)}
+#   so every synthetic gradient stays 0 and only the output layer trains; the same run, bitwise,
+#   for sg and cdni): margins over seeds 0-7 sg 0.065-0.109, cdni 0.076-0.113. The seed-0 run
+#   must beat its control by 0.035, about half the smallest measured margin.
+COSINE_SEEDS = 6
+MEDIAN_COSINE_FLOOR = {"cdni": (None, None, 0.04)}
 FROZEN_MARGIN = 0.035
 
 
@@ -59,6 +66,36 @@ def floor_runs(mnist):
         return done[mode]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def frozen_run(mnist, floor_runs):
+    """The floor run with frozen hidden layers (synthesizers that never learn, so synthetic
+    gradients stay 0 and only the output layer trains): the control of both sg and cdni, whose
+    frozen runs are the same run (one initial network, zero hidden-layer updates)."""
+    config = TrainConfig(mode="sg", seed=0, **FLOOR_CONFIG)
+    # The sg run first: the loop's jitted init is keyed on the config, so the frozen run after it
+    # starts from that cached state, while a frozen-first init would be reused by the sg run.
+    floor_runs("sg")
+    frozen = trainer_for(config).frozen_control()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "trainer_for", lambda _: frozen)
+        return train_and_evaluate(config, mnist, log=lambda _: None)
+
+
+def _final_cosines(mode: str, mnist, seeds: jax.Array, images, labels) -> np.ndarray:
+    """Per seed and boundary, the cosine after the floor run of ``mode`` (the seeds' training
+    vmapped in one program, no evaluations)."""
+    config = TrainConfig(mode=mode, seed=0, **FLOOR_CONFIG)
+    trainer, data = trainer_for(config), to_device(mnist)
+    sized = config.with_train_examples(data.train_images.shape[0])
+    run = make_run_chunk(sized, config.num_steps)
+
+    def final_cosines(seed: jax.Array) -> jax.Array:
+        state, _ = run(init_train_state(sized, seed), data)
+        return trainer.synthetic_gradient_cosines(state.model, images, labels)
+
+    return np.asarray(jax.jit(jax.vmap(final_cosines))(seeds))
 
 
 @pytest.mark.parametrize("mode", ["bp", "sg", "cdni"])
@@ -88,7 +125,7 @@ def _cosines(trainer: Trainer, models: list[TrainerState], images, labels) -> li
 
 @pytest.mark.parametrize("mode", ["sg", "cdni"])
 def test_synthetic_gradients_learn_and_beat_frozen_hidden_layers(
-    mode: str, mnist, floor_runs, monkeypatch
+    mode: str, mnist, floor_runs, frozen_run
 ):
     config = TrainConfig(mode=mode, seed=0, **FLOOR_CONFIG)
     trainer = trainer_for(config)
@@ -100,18 +137,21 @@ def test_synthetic_gradients_learn_and_beat_frozen_hidden_layers(
     )
     assert at_start == [0.0] * config.hidden_layers
     print(f"{mode} cosines after {config.num_steps} steps: {[round(c, 3) for c in after]}")
-    for floor, cosine in zip(COSINE_FLOOR.get(mode, ()), after, strict=False):
-        assert floor is None or cosine > floor, after
+    if mode in MEDIAN_COSINE_FLOOR:
+        # Seed 0 is the run above; seeds 1 to COSINE_SEEDS-1 vmapped.
+        others = _final_cosines(mode, mnist, jnp.arange(1, COSINE_SEEDS), images, labels)
+        per_seed = [after, *others.tolist()]
+        print(f"{mode} cosines per seed: {np.round(per_seed, 3).tolist()}")
+        median = np.median(per_seed, axis=0).tolist()
+        for floor, cosine in zip(MEDIAN_COSINE_FLOOR[mode], median, strict=True):
+            assert floor is None or cosine > floor, median
 
     # Control: the same run whose synthesizers never learn (synthetic gradients stay 0, so the
     # hidden layers stay at their initialisation and only the output layer trains).
-    frozen = trainer.frozen_control()
-    monkeypatch.setattr(loop, "trainer_for", lambda _: frozen)
-    control = train_and_evaluate(config, mnist, log=lambda _: None)
-    hidden_now = [s.params for s in control.state.model.stages[:-1]]
+    hidden_now = [s.params for s in frozen_run.state.model.stages[:-1]]
     hidden_then = [s.params for s in init_train_state(config).model.stages[:-1]]
     chex.assert_trees_all_equal(hidden_now, hidden_then)  # the control is what it claims
-    ours, theirs = trained.records[-1].test_accuracy, control.records[-1].test_accuracy
+    ours, theirs = trained.records[-1].test_accuracy, frozen_run.records[-1].test_accuracy
     print(f"{mode}: test accuracy {ours:.4f}, frozen hidden layers {theirs:.4f}")
     assert ours > theirs + FROZEN_MARGIN
 
