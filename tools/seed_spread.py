@@ -1,0 +1,137 @@
+"""The spread over seeds of the feed-forward learning tests' runs, from which their floors and
+margins are set (BUILD_NOTES.md, "Learning floors across seeds"). Seeds vmapped, one program per
+run; the tests' own configurations. Run from the repository root with the suite's flags:
+
+  XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false" \\
+      python tools/seed_spread.py train --seeds=8   # or cnn, decoupling
+
+Prints one line per run (final test accuracy per seed, the top boundary's cosine with the true
+gradient) and, last, all of it as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import sgjax.training.loop as loop  # noqa: E402
+from sgjax.data import load_dataset, sample_batch, scale_images, to_device  # noqa: E402
+from sgjax.training.config import TrainConfig  # noqa: E402
+from sgjax.training.model import sample_shape, trainer_for  # noqa: E402
+
+Runs = dict[str, Callable[[jax.Array, object], tuple[jax.Array, jax.Array]]]
+
+
+def train_runs(mnist) -> Runs:
+    """tests/test_train.py: the 300-step MLP floor runs and the frozen-hidden-layer control."""
+    from test_train import FLOOR_CONFIG
+
+    images = scale_images(mnist.train_images[:512])
+    labels = jnp.asarray(mnist.train_labels[:512])
+
+    def run(mode: str, frozen: bool) -> Callable:
+        config = TrainConfig(mode=mode, seed=0, **FLOOR_CONFIG)
+        trainer = trainer_for(config)
+        used = trainer.frozen_control() if frozen else trainer
+
+        def whole(seeds: jax.Array, data: object) -> tuple[jax.Array, jax.Array]:
+            original, loop.trainer_for = loop.trainer_for, lambda _: used  # traced here, once
+            try:
+                train = jax.vmap(loop.make_train(config), in_axes=(0, None, None))
+                state, history = train(seeds, jnp.float32(config.learning_rate), data)
+            finally:
+                loop.trainer_for = original
+            cosines = jnp.zeros((len(seeds), 0))
+            if config.decoupled:
+                cosine = lambda m: trainer.synthetic_gradient_cosines(m, images, labels)  # noqa: E731
+                cosines = jax.vmap(cosine)(state.model)
+            return history.test_accuracy[:, -1], cosines
+
+        return whole
+
+    modes = {"bp": ("bp", False), "sg": ("sg", False), "cdni": ("cdni", False)}
+    return {name: run(*how) for name, how in (modes | {"frozen": ("sg", True)}).items()}
+
+
+def cnn_runs(mnist) -> Runs:
+    """tests/test_cnn.py: the tiny CNN's 300-step runs and the frozen-hidden-layer control."""
+    from test_cnn import PROBE, TEST_IMAGES, TINY
+
+    def run(mode: str, frozen: bool) -> Callable:
+        config = TrainConfig(mode=mode, seed=0, **TINY)
+        trainer = trainer_for(config)
+        trainer = trainer.frozen_control() if frozen else trainer
+
+        def one(seed: jax.Array, data) -> tuple[jax.Array, jax.Array]:
+            init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+            state = trainer.init(init_key, jnp.zeros(sample_shape(config)))
+
+            def body(s, i):
+                batch = sample_batch(jax.random.fold_in(data_key, i), data, config.batch_size)
+                return trainer.step(s, batch.images, batch.labels)[0], None
+
+            final = jax.lax.scan(body, state, jnp.arange(config.num_steps))[0]
+            x = scale_images(data.test_images[:TEST_IMAGES])
+            accuracy = trainer.evaluate(final, x, data.test_labels[:TEST_IMAGES])[1]
+            if not config.decoupled:
+                return accuracy, jnp.zeros(0)
+            probe = sample_batch(jax.random.PRNGKey(12345), data, PROBE)
+            return accuracy, trainer.synthetic_gradient_cosines(final, probe.images, probe.labels)
+
+        return jax.vmap(one, in_axes=(0, None))
+
+    modes = {"bp": ("bp", False), "sg": ("sg", False), "cdni": ("cdni", False)}
+    return {name: run(*how) for name, how in (modes | {"frozen": ("sg", True)}).items()}
+
+
+def decoupling_runs(mnist) -> Runs:
+    """tests/test_decoupling_runs.py: every method's short run and the zero-gradient control."""
+    from test_decoupling_runs import FLOOR_CONFIG, RUNS
+
+    def run(name: str, extra: dict) -> Callable:
+        config = dataclasses.replace(FLOOR_CONFIG, mode=name.removesuffix("_unlock"), **extra)
+
+        def whole(seeds: jax.Array, data) -> tuple[jax.Array, jax.Array]:
+            train = jax.vmap(loop.make_train(config), in_axes=(0, None, None))
+            history = train(seeds, jnp.float32(config.learning_rate), data)[1]
+            return history.test_accuracy[:, -1], jnp.zeros((len(seeds), 0))
+
+        return whole
+
+    return {name: run(name, extra) for name, extra in RUNS.items()}
+
+
+TESTS = {"train": train_runs, "cnn": cnn_runs, "decoupling": decoupling_runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("test", choices=sorted(TESTS))
+    parser.add_argument("--seeds", type=int, default=8, help="seeds 0 to N-1")
+    args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds={args.seeds} must be at least 1")
+    mnist = load_dataset("mnist", None)
+    data, seeds, spread = to_device(mnist), jnp.arange(args.seeds), {}
+    for name, run in TESTS[args.test](mnist).items():
+        start = time.perf_counter()
+        accuracy, cosines = (np.asarray(a) for a in jax.jit(run)(seeds, data))
+        top = cosines[:, -1].round(3).tolist() if cosines.size else []
+        spread[name] = {"accuracy": accuracy.round(4).tolist(), "top_cosine": top}
+        seconds = time.perf_counter() - start
+        print(f"{name} ({seconds:.0f} s): accuracy {spread[name]['accuracy']}, top cosine {top}")
+    print(json.dumps(spread))
+
+
+if __name__ == "__main__":
+    main()
