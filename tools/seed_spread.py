@@ -125,7 +125,7 @@ def main() -> None:
     data, seeds, spread = to_device(mnist), jnp.arange(args.seeds), {}
     for name, run in TESTS[args.test](mnist).items():
         start = time.perf_counter()
-        accuracy, cosines = (np.asarray(a) for a in jax.jit(run)(seeds, data))
+        accuracy, cosines = (np.asarray(a, np.float64) for a in jax.jit(run)(seeds, data))
         top = cosines[:, -1].round(3).tolist() if cosines.size else []
         spread[name] = {"accuracy": accuracy.round(4).tolist(), "top_cosine": top}
         seconds = time.perf_counter() - start
