@@ -44,13 +44,18 @@ from sgjax.training.model import trainer_for
 TINY = dict(hidden_layers=3, hidden_units=32, sg_hidden_units=32, batch_size=32)
 
 # Measured on the embedded MNIST (3x256 network, 2x256 modules, 300 steps, learning rate 1e-3),
-# sg_pipeline on 4 simulated CPU devices, seeds 0-2: test accuracy 0.835, 0.835, 0.851
-# (synchronous sg with the same settings: 0.827-0.847, tests/test_train.py).
+# sg_pipeline on 4 simulated CPU devices with the suite's XLA flags, seeds 0-7
+# (`tools/seed_spread.py pipeline`, BUILD_NOTES.md "Layer-parallel floors across seeds"): test
+# accuracy 0.815-0.851, seed 0 0.835 (synchronous sg with the same settings: 0.826-0.859,
+# tests/test_train.py). Per-seed figures depend on the machine; the floors hold across seeds.
 FLOOR_CONFIG = dict(num_steps=300, eval_every=150, learning_rate=1e-3, sg_hidden_units=256)
 PIPELINE_FLOOR = 0.78
 # Cosine of the synthesizers' g_k with the true dLoss/dh_k after that run, on 512 training
-# examples (tests/test_parallel.py measured 0.016, 0.026, 0.047 for boundaries 1-3; random
-# directions in these 131072 dimensions give about 0.003). Zero-initialised synthesizers give 0.
+# examples; random directions in these 131072 dimensions give about 0.003, zero-initialised (or
+# zero) synthesizers exactly 0. Seeds 0-7: boundary 1 0.002-0.022 (no floor holds there: seed 4
+# 0.0023), boundary 2 0.017-0.033, the top boundary 0.046-0.068. Asserted: the top boundary's
+# above TOP_COSINE_FLOOR and the median over the 3 boundaries above COSINE_FLOOR.
+TOP_COSINE_FLOOR = 0.03
 COSINE_FLOOR = 0.008
 
 
@@ -785,9 +790,11 @@ def test_layer_parallel_sg_trains_on_mnist(four_devices):
     assert floor["placement"] == [0, 1, 2, 3]
     assert floor["accuracy"][-1] >= PIPELINE_FLOOR
     assert floor["accuracy"][-1] > floor["accuracy"][0] - 0.02
-    # The synthesizers learnt dLoss/dh (they start at exactly zero, cosine 0).
+    # The synthesizers learnt dLoss/dh (they start at exactly zero, cosine 0): the top one and
+    # at least two of the three (the lowest boundary's cosine is near chance on some seeds).
     assert floor["initial_cosine"] == [0.0, 0.0, 0.0]
-    assert min(floor["cosine"]) > COSINE_FLOOR, floor["cosine"]
+    assert floor["cosine"][-1] > TOP_COSINE_FLOOR, floor["cosine"]
+    assert float(np.median(floor["cosine"])) > COSINE_FLOOR, floor["cosine"]
 
 
 if __name__ == "__main__":

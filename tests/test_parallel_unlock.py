@@ -29,7 +29,9 @@ from sgjax.training.config import TrainConfig
 from sgjax.training.loop import UPDATE_KEY, TrainState, train_and_evaluate
 
 # A short run of the paper's MLP, pipelined and synchronous (measured, 4 simulated CPU devices,
-# embedded MNIST, seed 0: test accuracy 0.392 then 0.462 pipelined, 0.468 synchronous).
+# embedded MNIST, the suite's XLA flags, seeds 0-7, `tools/seed_spread.py unlock`: test accuracy
+# 0.233-0.427 after 50 steps, 0.317-0.475 after 100 (seed 0 0.403 then 0.463), gains 0.048-0.147;
+# synchronous the same on every seed). Per-seed figures depend on the machine.
 FLOOR = dict(
     num_steps=100,
     eval_every=50,
@@ -147,9 +149,13 @@ def test_unlocked_pipeline_records_resume_and_learn(four_devices):
     # In flight at the checkpoint: the previous tick's messages of every stage.
     assert set(mlp["inflight"]) == {"below", "stored", "target"}
     # The same training as the synchronous complete unlock (up to the rounding noise that
-    # BatchNorm's pre-normalisation biases and Adam amplify), and it learnt.
+    # BatchNorm's pre-normalisation biases and Adam amplify; measured equal on seeds 0-7: a
+    # rounding bound, not a seed's spread), and it learnt: above chance (0.1) and still rising
+    # (a run that does not train gains exactly 0). Seeds 0-7 reach 0.317 or more and gain 0.048
+    # or more from step 50 to 100.
     assert abs(mlp["accuracy"][-1] - mlp["synchronous_accuracy"]) < 0.02, mlp
-    assert mlp["accuracy"][-1] > mlp["accuracy"][0] + 0.05, mlp
+    assert mlp["accuracy"][-1] > 0.25, mlp
+    assert mlp["accuracy"][-1] > mlp["accuracy"][0] + 0.01, mlp
     assert len(mlp["stage_ms"]) == 3 and min(mlp["stage_ms"]) > 0
 
 
