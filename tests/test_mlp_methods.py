@@ -57,7 +57,7 @@ def _max_abs_difference(a, b) -> float:
     )
 
 
-@pytest.mark.parametrize("hidden_layers", [1, 4])
+@pytest.mark.parametrize("hidden_layers", [1, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["sg", "cdni"])
 def test_oracle_step_of_the_configured_mlp_equals_backprop(hidden_layers: int, mode: str):
     config = TrainConfig(mode=mode, hidden_layers=hidden_layers, sg_hidden_layers=1, **TINY)

@@ -3,6 +3,8 @@ synthesizers, vmap over seeds, and an independent reference for the synchronous 
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
 import flax.linen as nn
 import jax
@@ -100,11 +102,15 @@ def _steps(trainers):
 
 
 # Label conditioning changes only the synthesizers' inputs: checked on the MLP and on both CNNs
-# (label channels), not on every chain, to keep the suite short.
-ORACLE_CASES = [(chain, False) for chain in sorted(CHAINS)] + [
-    ("mlp_batchnorm", True),
-    ("cnn_depth3", True),
-    ("cnn_depth4", True),
+# (label channels), not on every chain, to keep the suite short. The CNN cases are the costliest
+# (about 3-5 s each): marked slow, so the fast core (-m "not slow") checks the dense chains.
+def _case(chain: str, conditioned: bool) -> Any:
+    marks = (pytest.mark.slow,) if chain.startswith("cnn") else ()
+    return pytest.param(chain, conditioned, marks=marks, id=f"{chain}-{conditioned}")
+
+
+ORACLE_CASES = [_case(chain, False) for chain in sorted(CHAINS)] + [
+    _case(chain, True) for chain in ("mlp_batchnorm", "cnn_depth3", "cnn_depth4")
 ]
 
 
@@ -189,7 +195,7 @@ def test_bootstrapped_targets_are_true_gradients_under_the_oracle() -> None:
     assert float(jnp.max(jnp.abs(own[0] - true[0]))) > 1e-4
 
 
-@pytest.mark.parametrize("chain", ["layernorm", "cnn_depth4"])
+@pytest.mark.parametrize("chain", ["layernorm", pytest.param("cnn_depth4", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_zero_initialised_synthesizers_leave_decoupled_stages_unchanged(
     chain: str, conditioned: bool
