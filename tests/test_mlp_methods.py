@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from program_checks import value_types
 
 from sgjax.core.methods import with_oracle
 from sgjax.core.trainer import Trainer, TrainerState
@@ -144,15 +145,12 @@ def test_train_step_returns_a_state_of_the_types_it_was_given(mode: str):
     """One compiled step serves every step: it maps the state to one of the same structure,
     shapes, dtypes and weak types (a drifting dtype would make each step compile again)."""
     trainer = trainer_for(TrainConfig(mode=mode, hidden_layers=2, **TINY))
-    types = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: (x.shape, x.dtype, x.weak_type), jax.eval_shape(lambda: tree)
-    )
     step = jax.jit(trainer.step)
     state = trainer.init(jax.random.PRNGKey(0), _batch()[0])
     losses = []
     for seed in range(3):
         new, metrics = step(state, *_batch(seed))
-        assert types(new) == types(state)
+        assert value_types(new) == value_types(state)
         state = new
         losses.append(float(metrics.loss))
     assert len(set(losses)) == 3

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from seed_checks import assert_vmap_equals_separate_runs
+from program_checks import assert_vmap_equals_separate_runs
 
 import sgjax
 from sgjax.core.layers import HiddenBlock, OutputLayer, apply_module

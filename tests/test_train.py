@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from program_checks import value_types
 
 import sgjax.training.loop as loop
 from sgjax.core.trainer import Trainer, TrainerState
@@ -189,11 +190,6 @@ def test_chunk_lengths_cover_the_run():
     assert chunk_lengths(5, 10) == [5]
 
 
-def _types(tree):
-    """Shape, dtype and weak type of every leaf: what decides whether jit compiles again."""
-    return jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), jax.eval_shape(lambda: tree))
-
-
 @pytest.mark.parametrize("mode", ["bp", "sg"])
 def test_a_chunk_returns_a_state_of_the_types_it_was_given(mode: str, mnist):
     """One compiled chunk serves the whole run: a chunk maps the state to one of the same
@@ -205,7 +201,7 @@ def test_a_chunk_returns_a_state_of_the_types_it_was_given(mode: str, mnist):
     losses = []
     for _ in range(3):
         new, metrics = run_chunk(state, data)
-        assert _types(new) == _types(state)
+        assert value_types(new) == value_types(state)
         state = new
         losses.append(float(metrics.loss))
     assert int(state.step) == 30

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from seed_checks import assert_vmap_equals_separate_runs
+from program_checks import assert_vmap_equals_separate_runs
 
 from sgjax.core import synthesizers
 from sgjax.core.layers import HiddenBlock, OutputLayer, accuracy, cross_entropy

@@ -1,6 +1,7 @@
 """The spread over seeds of the feed-forward learning tests' runs, from which their floors and
 margins are set (BUILD_NOTES.md, "Learning floors across seeds"). Seeds vmapped, one program per
-run; the tests' own configurations. Run from the repository root with the suite's flags:
+run (the CNN's seed by seed, as its test trains them); the tests' own configurations. Run from
+the repository root with the suite's flags:
 
   XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false" \\
       python tools/seed_spread.py train --seeds=8   # or cnn, decoupling
@@ -31,12 +32,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import sgjax.training.loop as loop  # noqa: E402
-from sgjax.data import load_dataset, sample_batch, scale_images, to_device  # noqa: E402
+from sgjax.data import load_dataset, scale_images, to_device  # noqa: E402
 from sgjax.parallel.layers import train_layer_parallel  # noqa: E402
 from sgjax.training.config import TrainConfig  # noqa: E402
-from sgjax.training.model import sample_shape, trainer_for  # noqa: E402
+from sgjax.training.model import trainer_for  # noqa: E402
 
 Runs = dict[str, Callable[[jax.Array, object], tuple[jax.Array, jax.Array]]]
+WITH_CONTROL = {"bp": ("bp", False), "sg": ("sg", False), "cdni": ("cdni", False)} | {
+    "frozen": ("sg", True)  # hidden layers that never learn: sg's and cdni's control
+}
+"""Run name: (mode, frozen)."""
 
 
 def train_runs(mnist) -> Runs:
@@ -66,39 +71,23 @@ def train_runs(mnist) -> Runs:
 
         return whole
 
-    modes = {"bp": ("bp", False), "sg": ("sg", False), "cdni": ("cdni", False)}
-    return {name: run(*how) for name, how in (modes | {"frozen": ("sg", True)}).items()}
+    return {name: run(*how) for name, how in WITH_CONTROL.items()}
 
 
 def cnn_runs(mnist) -> Runs:
-    """tests/test_cnn.py: the tiny CNN's 300-step runs and the frozen-hidden-layer control."""
-    from test_cnn import PROBE, TEST_IMAGES, TINY
+    """tests/test_cnn.py: the tiny CNN's 300-step runs and the frozen-hidden-layer control, each
+    seed trained as the test trains it (``test_cnn.train``)."""
+    from test_cnn import train
 
     def run(mode: str, frozen: bool) -> Callable:
-        config = TrainConfig(mode=mode, seed=0, **TINY)
-        trainer = trainer_for(config)
-        trainer = trainer.frozen_control() if frozen else trainer
+        def each(seeds: jax.Array, _) -> tuple[jax.Array, jax.Array]:
+            outcomes = [train(mode, seed, frozen) for seed in seeds.tolist()]
+            cosines = [o.cosines for o in outcomes]
+            return jnp.asarray([o.accuracy for o in outcomes]), jnp.asarray(cosines)
 
-        def one(seed: jax.Array, data) -> tuple[jax.Array, jax.Array]:
-            init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-            state = trainer.init(init_key, jnp.zeros(sample_shape(config)))
+        return each
 
-            def body(s, i):
-                batch = sample_batch(jax.random.fold_in(data_key, i), data, config.batch_size)
-                return trainer.step(s, batch.images, batch.labels)[0], None
-
-            final = jax.lax.scan(body, state, jnp.arange(config.num_steps))[0]
-            x = scale_images(data.test_images[:TEST_IMAGES])
-            accuracy = trainer.evaluate(final, x, data.test_labels[:TEST_IMAGES])[1]
-            if not config.decoupled:
-                return accuracy, jnp.zeros(0)
-            probe = sample_batch(jax.random.PRNGKey(12345), data, PROBE)
-            return accuracy, trainer.synthetic_gradient_cosines(final, probe.images, probe.labels)
-
-        return jax.vmap(one, in_axes=(0, None))
-
-    modes = {"bp": ("bp", False), "sg": ("sg", False), "cdni": ("cdni", False)}
-    return {name: run(*how) for name, how in (modes | {"frozen": ("sg", True)}).items()}
+    return {name: run(*how) for name, how in WITH_CONTROL.items()}
 
 
 def decoupling_runs(mnist) -> Runs:
@@ -159,8 +148,9 @@ def unlock_runs(mnist) -> Runs:
     return {"pipelined": run(True), "synchronous": run(False)}
 
 
-TESTS = {"train": train_runs, "cnn": cnn_runs, "decoupling": decoupling_runs}
-LOOPED = {"pipeline": pipeline_runs, "unlock": unlock_runs}  # one seed after another, not jitted
+TESTS = {"train": train_runs, "decoupling": decoupling_runs}
+LOOPED = {"cnn": cnn_runs, "pipeline": pipeline_runs, "unlock": unlock_runs}  # seed by seed
+FOUR_DEVICES = {"pipeline", "unlock"}
 
 
 def main() -> None:
@@ -171,7 +161,7 @@ def main() -> None:
     if args.seeds < 1:
         parser.error(f"--seeds={args.seeds} must be at least 1")
     mnist = load_dataset("mnist", None)
-    if args.test in LOOPED and len(jax.devices()) != 4:
+    if args.test in FOUR_DEVICES and len(jax.devices()) != 4:
         parser.error(f"{args.test} needs 4 devices; XLA_FLAGS gave {len(jax.devices())}")
     data, seeds, spread = to_device(mnist), jnp.arange(args.seeds), {}
     for name, run in (TESTS | LOOPED)[args.test](mnist).items():

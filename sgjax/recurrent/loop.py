@@ -16,6 +16,7 @@ from sgjax.data.text import TextCorpus, as_streams
 from sgjax.recurrent.config import RNNConfig
 from sgjax.recurrent.programs import LN2, CopyProgram, TextProgram, level_sizes
 from sgjax.tasks.copy import CopyTask
+from sgjax.training.architecture import byte_count, value_count
 from sgjax.training.config import ConfigError
 from sgjax.training.engine import ChunkMetrics
 from sgjax.training.loop import (
@@ -110,11 +111,9 @@ def estimated_bytes(config: RNNConfig, corpus: TextCorpus | None) -> int:
     the gates, cell and output with their gradients; the logits and their gradients)."""
     program = program_for(config, corpus)
     state = jax.eval_shape(lambda: program.init(config.seed))
-    size = lambda tree: sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(state))
     logits = config.batch_size * program.trainer.core.output_dim
-    activations = config.truncation * (6 * size(state.carry) + 2 * logits)
-    return state_bytes + 4 * size(state.model.params) + 4 * activations
+    activations = config.truncation * (6 * value_count(state.carry) + 2 * logits)
+    return byte_count(state) + 4 * value_count(state.model.params) + 4 * activations
 
 
 def text_streams(config: RNNConfig, corpus: TextCorpus) -> dict[str, np.ndarray]:

@@ -33,18 +33,28 @@ class Facts(NamedTuple):
     stage_shapes: tuple[tuple[int, ...], ...] = ()  # per example, every stage's output
 
 
+def value_count(tree: Any) -> int:
+    """How many values the arrays (or ShapeDtypeStructs) of ``tree`` hold."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def byte_count(tree: Any) -> int:
+    """How many bytes the arrays (or ShapeDtypeStructs) of ``tree`` take."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves)
+
+
 def facts(trainer: Trainer, sample_x: Any) -> Facts:
     """The facts of ``trainer`` for inputs like ``sample_x`` (an array or ShapeDtypeStruct)."""
     state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0), sample_x)
     params = [s.params for s in (*state.stages, *state.synthesizers, *state.inputs)]
-    leaves = jax.tree_util.tree_leaves(state)
     outputs = jax.eval_shape(lambda st, x: _stage_outputs(trainer, st, x), state, sample_x)
     synthesizer = "-"
     if "synthesizer" in dict(trainer.method.options) and state.synthesizers:
         synthesizer = _synthesizer_label(state.synthesizers[0].params)
     return Facts(
-        param_count=sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)),
-        state_bytes=sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in leaves),
+        param_count=value_count(params),
+        state_bytes=byte_count(state),
         boundary_shapes=tuple(s.shape[1:] for s in trainer.boundary_shapes(sample_x)),
         description=_describe(trainer.stages, [s.params for s in state.stages]),
         synthesizer=synthesizer,

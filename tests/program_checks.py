@@ -1,4 +1,5 @@
-"""The check that a program vmapped over seeds computes what each seed's own run computes."""
+"""Checks of compiled programs shared by the test files: a program vmapped over seeds computes
+what each seed's own run computes; the types that decide whether jit compiles again."""
 
 from __future__ import annotations
 
@@ -23,3 +24,8 @@ def assert_vmap_equals_separate_runs(run: Callable[[jax.Array], tuple[jax.Array,
             jax.tree_util.tree_map(lambda a, i=i: a[i], states), state, rtol=1e-4, atol=1e-6
         )
     assert float(jnp.std(losses)) > 0  # different seeds really differ
+
+
+def value_types(tree: Any) -> Any:
+    """Shape, dtype and weak type of every leaf: what decides whether jit compiles again."""
+    return jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), jax.eval_shape(lambda: tree))
